@@ -1,0 +1,45 @@
+"""Run a typer app so that bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import click
+import typer
+
+from shared.errors import EXIT_USAGE, SaltUsageError
+
+
+def run_app(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None) -> int:
+    """Invoke ``app`` and turn every kind of usage error into ``prog: error: ...`` and 2."""
+    try:
+        result = app(args=list(argv) if argv is not None else None, prog_name=prog_name, standalone_mode=False)
+    except SaltUsageError as err:
+        _error_line(prog_name, str(err))
+        return EXIT_USAGE
+    except click.UsageError as err:
+        _error_line(prog_name, err.format_message())
+        return EXIT_USAGE
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print(f"{prog_name}: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def _error_line(prog_name: str, message: str) -> None:
+    one_line = " ".join(message.split())
+    print(f"{prog_name}: error: {one_line}", file=sys.stderr)
+
+
+def make_app(help_text: str) -> typer.Typer:
+    """A typer app with plain (non-rich) errors so the one-line rule holds."""
+    return typer.Typer(
+        help=help_text,
+        add_completion=False,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )

@@ -1,0 +1,186 @@
+"""The pipeline schema: one pydantic model per component, loaded from YAML.
+
+A recipe in ``pipelines/*.yaml`` fills these models; CLI flags override single
+fields afterwards (``override``). Unknown keys and out-of-range values are
+refused with one readable line (:class:`SaltUsageError`, exit 2).
+The defaults are the production recipe (``pipelines/ssv2.yaml``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import SaltUsageError
+
+PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+DEFAULT_PIPELINE = "ssv2"
+
+DEFAULT_TEACHER = "MCG-NJU/videomae-huge-finetuned-kinetics"
+TINY_TEACHER = "builtin:tiny-videomae"
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos in a recipe: refuse them rather than ignore them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(_Section):
+    name: str = Field(DEFAULT_TEACHER, description="hub id, local save_pretrained dir, or builtin:tiny-videomae")
+    # auto: float32 on CPU, float16 autocast on CUDA (closest to fp32, see EXPERIMENTS.md).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(16, gt=0, description="clips per teacher forward")
+
+
+class ViewConfig(_Section):
+    """How a clip becomes the 16x224x224 view (geometry itself is fixed by contract)."""
+
+    sampling: Literal["segment-jitter", "segment-center"] = "segment-jitter"
+    interpolation: Literal["bicubic", "bilinear", "area"] = "bicubic"
+
+
+class StoreConfig(_Section):
+    shard_rows: int = Field(16, gt=0, le=4096, description="rows per shard file")
+    pixels_zstd_level: int = Field(1, ge=0, le=22, description="0 stores pixels uncompressed")
+
+
+class LoaderConfig(_Section):
+    num_workers: int = Field(8, ge=0)
+    prefetch_factor: int = Field(2, gt=0)
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    multiprocessing_context: Literal["forkserver", "spawn", "fork"] = "forkserver"
+
+
+class CacheConfig(_Section):
+    """`salt-cache build` settings."""
+
+    split: Literal["train", "validation", "test"] = "train"
+    limit: int | None = Field(None, gt=0, description="first N clips of the split only")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrainConfig(_Section):
+    """Optimisation schedule (DESIGN.md seed hyperparameters)."""
+
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    warmup_steps: int = Field(300, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int = Field(32, gt=0)
+    epochs: int = Field(10, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(500, gt=0)
+    log_every: int = Field(20, gt=0)
+
+    @model_validator(mode="after")
+    def _floor_below_peak(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class MaskConfig(_Section):
+    kind: Literal["multiblock", "random", "tube"] = "multiblock"
+    ratio: float = Field(0.75, gt=0, lt=1)
+
+
+class ModelConfig(_Section):
+    """The student and its predictor."""
+
+    student: str = "vit_base_patch16_224"
+    mode: Literal["salt", "mask-token"] = "salt"
+    predictor_width: int = Field(384, gt=0)
+    predictor_depth: int = Field(12, gt=0)
+    predictor_heads: int = Field(12, gt=0)
+    loss: Literal["mse", "l1"] = "mse"
+    compile_mode: Literal["off", "default", "reduce-overhead", "max-autotune"] = "max-autotune"
+    grad_checkpointing: bool = False
+
+
+class PipelineConfig(_Section):
+    name: str = DEFAULT_PIPELINE
+    teacher: TeacherConfig = TeacherConfig()
+    view: ViewConfig = ViewConfig()
+    store: StoreConfig = StoreConfig()
+    loader: LoaderConfig = LoaderConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+    mask: MaskConfig = MaskConfig()
+    model: ModelConfig = ModelConfig()
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    """All of a pydantic error's problems on one line: ``source: a.b: msg; c: msg``."""
+    parts = []
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        parts.append(f"{where}: {message}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def resolve_pipeline_path(pipeline: str | Path | None) -> Path | None:
+    """A recipe file, or a bare name from ``pipelines/`` (``demo`` -> ``pipelines/demo.yaml``)."""
+    if pipeline is None:
+        default = PIPELINES_DIR / f"{DEFAULT_PIPELINE}.yaml"
+        return default if default.is_file() else None
+    path = Path(pipeline)
+    if path.is_file():
+        return path
+    named = PIPELINES_DIR / f"{pipeline}.yaml"
+    if named.is_file():
+        return named
+    if path.exists():
+        raise SaltUsageError(f"pipeline {path} is not a file")
+    raise SaltUsageError(f"pipeline {pipeline} not found (a YAML file, or a name in {PIPELINES_DIR})")
+
+
+def load_pipeline(pipeline: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a recipe and apply dotted overrides such as ``{"teacher.batch_size": 4}``.
+
+    ``None`` values in ``overrides`` mean "flag not given" and are ignored.
+    """
+    path = resolve_pipeline_path(pipeline)
+    raw: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path is not None:
+        source = f"pipeline {path}"
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SaltUsageError(f"{source}: cannot read YAML ({first_line})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SaltUsageError(f"{source}: top level must be a mapping of sections")
+        raw = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise SaltUsageError(f"{source}: {key} must be a mapping")
+            node = child
+        node[leaf] = value
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise SaltUsageError(describe_validation_error(err, source)) from None
+
+
+def dump_pipeline(config: PipelineConfig) -> str:
+    """The resolved recipe as YAML, for run folders and store attributes."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,54 @@
+"""Token geometry shared by teacher, store and student (DESIGN.md: contract).
+
+16 frames of 224x224, cut into 2x16x16 tubelets: a grid of T'=8, H'=W'=14,
+N=1568 tokens, token index ``i = t*196 + h*14 + w``.
+"""
+
+from __future__ import annotations
+
+NUM_FRAMES = 16
+IMAGE_SIZE = 224
+TUBELET_SIZE = 2
+PATCH_SIZE = 16
+
+GRID_T = NUM_FRAMES // TUBELET_SIZE  # 8
+GRID_H = IMAGE_SIZE // PATCH_SIZE  # 14
+GRID_W = IMAGE_SIZE // PATCH_SIZE  # 14
+TOKENS_PER_FRAME = GRID_H * GRID_W  # 196
+NUM_TOKENS = GRID_T * TOKENS_PER_FRAME  # 1568
+
+TEACHER_WIDTH_HUGE = 1280
+STUDENT_WIDTH_BASE = 768
+
+# ImageNet statistics on [0, 1] values, for teacher and student alike.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+def token_index(t: int, h: int, w: int) -> int:
+    """Flat index of the token at tubelet slot ``t``, patch row ``h``, patch column ``w``."""
+    if not (0 <= t < GRID_T and 0 <= h < GRID_H and 0 <= w < GRID_W):
+        raise ValueError(f"token position out of grid: t={t} h={h} w={w}")
+    return t * TOKENS_PER_FRAME + h * GRID_W + w
+
+
+def token_position(index: int) -> tuple[int, int, int]:
+    """Inverse of :func:`token_index`: ``(t, h, w)`` of a flat token index."""
+    if not 0 <= index < NUM_TOKENS:
+        raise ValueError(f"token index {index} outside [0, {NUM_TOKENS})")
+    t, rest = divmod(index, TOKENS_PER_FRAME)
+    h, w = divmod(rest, GRID_W)
+    return t, h, w
+
+
+def as_dict() -> dict[str, object]:
+    """The geometry as recorded in a store's attributes."""
+    return {
+        "num_frames": NUM_FRAMES,
+        "image_size": IMAGE_SIZE,
+        "tubelet_size": TUBELET_SIZE,
+        "patch_size": PATCH_SIZE,
+        "grid": [GRID_T, GRID_H, GRID_W],
+        "num_tokens": NUM_TOKENS,
+        "token_index": "t*196 + h*14 + w",
+    }

@@ -1,0 +1,297 @@
+"""The latent-cache store: one Zarr v3 group, one row per clip view (DESIGN.md).
+
+Layout: every per-row array is cut into shards of ``shard_rows`` rows; the two
+big arrays (``pixels``, ``latents``) hold one chunk per row inside each shard
+file, so a shard is one file and a row is one cheap range read.
+
+Commit protocol (why a row is never half-written): the writer writes a whole
+shard at a time. Zarr's LocalStore writes every file to a temporary name and
+renames it into place, so a file is either the old or the new one. We write all
+data arrays of the shard, fsync them, and only then write the shard's ``status``
+chunk (committed or failed per row) and fsync it. A crash at any point leaves
+the shard's rows pending, and a resumed build redoes the whole shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from shared import geometry
+from shared.errors import SaltUsageError
+
+STORE_FORMAT = "salt-latent-cache"
+SCHEMA_VERSION = 1
+ATTRS_KEY = "salt"
+CHECKSUM_ALGORITHM = "blake2b-64 of the row's C-order bytes"
+
+# Arrays written shard by shard, status last (it is the commit record).
+DATA_ARRAYS = ("pixels", "latents", "frame_index", "pixels_checksum", "latents_checksum", "error")
+SOURCE_ARRAYS = ("clip_id", "label")
+CONTRACT_ARRAYS = ("pixels", "latents", "clip_id", "label", "frame_index", "status")
+
+
+class RowStatus(IntEnum):
+    PENDING = 0
+    COMMITTED = 1
+    FAILED = 2
+
+
+def row_checksum(row: np.ndarray) -> int:
+    """A 64-bit digest of one row's bytes, stored beside the row and re-checked by verify."""
+    digest = hashlib.blake2b(np.ascontiguousarray(row).data, digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def pixels_shape(rows: int) -> tuple[int, ...]:
+    return (rows, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3)
+
+
+def latents_shape(rows: int, width: int) -> tuple[int, ...]:
+    return (rows, geometry.NUM_TOKENS, width)
+
+
+@dataclass
+class ShardPayload:
+    """Everything the writer needs for one shard. Failed rows carry zeros and a reason."""
+
+    index: int
+    pixels: np.ndarray  # uint8 [n, 16, 224, 224, 3]
+    latents: np.ndarray  # float16 [n, 1568, D]
+    frame_index: np.ndarray  # int32 [n, 16]
+    status: np.ndarray  # uint8 [n], COMMITTED or FAILED, never PENDING
+    error: list[str]  # "" for committed rows
+
+    def __post_init__(self) -> None:
+        n = len(self.status)
+        if not (len(self.pixels) == len(self.latents) == len(self.frame_index) == len(self.error) == n):
+            raise ValueError("shard payload arrays disagree on row count")
+        if np.any(self.status == RowStatus.PENDING):
+            raise ValueError("a shard is written only once every row is committed or failed")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LatentStore:
+    """Reader and writer of one store. Open with :meth:`open` or :func:`create_store`."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self.group = group
+        self.attrs: dict[str, Any] = dict(group.attrs.get(ATTRS_KEY, {}))
+        self.shard_rows = int(self.attrs.get("shard_rows", 0)) or int(self.group["status"].chunks[0])
+
+    # ---- opening -----------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, writable: bool = False) -> "LatentStore":
+        """Open an existing store; a missing path or a non-SALT group is a usage error."""
+        path = Path(path)
+        if not path.exists():
+            raise SaltUsageError(f"store {path} does not exist")
+        if not path.is_dir():
+            raise SaltUsageError(f"store {path} is not a directory (a Zarr store is a folder)")
+        try:
+            group = zarr.open_group(zarr.storage.LocalStore(path, read_only=not writable), mode="r+" if writable else "r")
+        except Exception as exc:  # zarr raises several types for "not a group"
+            raise SaltUsageError(f"store {path} is not a Zarr v3 group ({type(exc).__name__}: {exc})") from None
+        attrs = group.attrs.get(ATTRS_KEY)
+        if not isinstance(attrs, dict) or attrs.get("format") != STORE_FORMAT:
+            raise SaltUsageError(f"store {path} is a Zarr group but not a SALT latent cache (no '{ATTRS_KEY}' attributes)")
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise SaltUsageError(
+                f"store {path} has schema version {attrs.get('schema_version')}, this SALT reads {SCHEMA_VERSION}"
+            )
+        missing = [name for name in CONTRACT_ARRAYS + DATA_ARRAYS if name not in group]
+        if missing:
+            raise SaltUsageError(f"store {path} lacks arrays: {', '.join(missing)}")
+        store = cls(path, group)
+        if writable:
+            store.remove_partial_files()
+        return store
+
+    # ---- geometry of rows and shards ---------------------------------------------
+    @property
+    def rows(self) -> int:
+        return int(self.group["status"].shape[0])
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.rows // self.shard_rows)
+
+    @property
+    def teacher_width(self) -> int:
+        return int(self.group["latents"].shape[2])
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_rows
+        return start, min(start + self.shard_rows, self.rows)
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    # ---- reading ------------------------------------------------------------------
+    def status(self) -> np.ndarray:
+        return np.asarray(self.group["status"][:])
+
+    def clip_ids(self) -> np.ndarray:
+        return np.asarray(self.group["clip_id"][:])
+
+    def read_rows(self, start: int, stop: int, names: tuple[str, ...] = ("pixels", "latents")) -> dict[str, np.ndarray]:
+        """Contiguous rows ``[start, stop)``: one range read per array and shard."""
+        return {name: np.asarray(self.group[name][start:stop]) for name in names}
+
+    def pending_shards(self) -> list[int]:
+        """Shards that still hold a pending row (the work a resumed build must do)."""
+        status = self.status()
+        return [k for k in range(self.num_shards) if np.any(status[slice(*self.shard_range(k))] == RowStatus.PENDING)]
+
+    def counts(self) -> dict[str, int]:
+        status = self.status()
+        return {
+            "rows": len(status),
+            "committed": int(np.sum(status == RowStatus.COMMITTED)),
+            "failed": int(np.sum(status == RowStatus.FAILED)),
+            "pending": int(np.sum(status == RowStatus.PENDING)),
+        }
+
+    def failures(self) -> list[tuple[int, str, str]]:
+        """``(row, clip_id, reason)`` of every failed row."""
+        status = self.status()
+        rows = np.flatnonzero(status == RowStatus.FAILED)
+        if len(rows) == 0:
+            return []
+        ids = self.clip_ids()
+        errors = np.asarray(self.group["error"][:])
+        return [(int(r), str(ids[r]), str(errors[r])) for r in rows]
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    # ---- writing ------------------------------------------------------------------
+    def write_shard(self, payload: ShardPayload) -> None:
+        """Write one whole shard durably; the status chunk goes last (the commit)."""
+        start, stop = self.shard_range(payload.index)
+        if len(payload.status) != stop - start:
+            raise ValueError(f"shard {payload.index} holds rows [{start}, {stop}), payload has {len(payload.status)}")
+        committed = payload.status == RowStatus.COMMITTED
+        pixels_sums = np.array([row_checksum(p) if ok else 0 for p, ok in zip(payload.pixels, committed)], np.uint64)
+        latents_sums = np.array([row_checksum(x) if ok else 0 for x, ok in zip(payload.latents, committed)], np.uint64)
+        values = {
+            "pixels": payload.pixels,
+            "latents": payload.latents,
+            "frame_index": payload.frame_index,
+            "pixels_checksum": pixels_sums,
+            "latents_checksum": latents_sums,
+            "error": np.array(payload.error, dtype=str),
+        }
+        for name in DATA_ARRAYS:
+            self.group[name][start:stop] = values[name]
+        self._fsync_shard(payload.index, DATA_ARRAYS)
+        self.group["status"][start:stop] = payload.status.astype(np.uint8)
+        self._fsync_shard(payload.index, ("status",))
+
+    def _fsync_shard(self, shard: int, names: tuple[str, ...]) -> None:
+        for name in names:
+            array = self.group[name]
+            coords = (shard,) + (0,) * (array.ndim - 1)
+            path = self.path / name / array.metadata.encode_chunk_key(coords)
+            if path.exists():  # an all-fill chunk may not be written at all
+                _fsync_path(path)
+                _fsync_path(path.parent)
+
+    def update_attrs(self, **fields: Any) -> None:
+        self.attrs.update(fields)
+        self.group.attrs.update({ATTRS_KEY: self.attrs})
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary files a killed writer left behind (never part of the store)."""
+        leftovers = list(self.path.rglob("*.partial"))
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        return len(leftovers)
+
+    def iter_shards(self) -> Iterator[tuple[int, int, int]]:
+        for shard in range(self.num_shards):
+            yield (shard, *self.shard_range(shard))
+
+
+def create_store(
+    path: str | Path,
+    *,
+    clip_ids: list[str],
+    labels: list[int],
+    teacher_width: int,
+    shard_rows: int,
+    pixels_zstd_level: int,
+    attrs: dict[str, Any],
+) -> LatentStore:
+    """Create an empty store (every row pending) atomically: built aside, then renamed into place."""
+    path = Path(path)
+    if path.exists():
+        raise SaltUsageError(f"store {path} already exists")
+    if not clip_ids:
+        raise SaltUsageError("no clips to store")
+    rows = len(clip_ids)
+    staging = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        group = zarr.open_group(zarr.storage.LocalStore(staging), mode="w", zarr_format=3)
+        pixel_compressors = [zarr.codecs.ZstdCodec(level=pixels_zstd_level)] if pixels_zstd_level > 0 else None
+        group.create_array(
+            "pixels", shape=pixels_shape(rows), dtype="uint8",
+            chunks=pixels_shape(1), shards=pixels_shape(shard_rows),
+            compressors=pixel_compressors, fill_value=0,
+            dimension_names=("row", "frame", "height", "width", "channel"),
+        )
+        # fp16 latents compress ~1.06x (DESIGN.md): stored raw, no codec CPU cost.
+        group.create_array(
+            "latents", shape=latents_shape(rows, teacher_width), dtype="float16",
+            chunks=latents_shape(1, teacher_width), shards=latents_shape(shard_rows, teacher_width),
+            compressors=None, fill_value=0.0, dimension_names=("row", "token", "channel"),
+        )
+        small = {"chunks": (shard_rows,), "compressors": None}
+        group.create_array("frame_index", shape=(rows, geometry.NUM_FRAMES), dtype="int32",
+                           chunks=(shard_rows, geometry.NUM_FRAMES), fill_value=-1, compressors=None)
+        group.create_array("status", shape=(rows,), dtype="uint8", fill_value=int(RowStatus.PENDING), **small)
+        group.create_array("pixels_checksum", shape=(rows,), dtype="uint64", fill_value=0, **small)
+        group.create_array("latents_checksum", shape=(rows,), dtype="uint64", fill_value=0, **small)
+        group.create_array("error", shape=(rows,), dtype=str, fill_value="", chunks=(shard_rows,))
+        group.create_array("clip_id", shape=(rows,), dtype=str, fill_value="", chunks=(max(shard_rows, 4096),))
+        group.create_array("label", shape=(rows,), dtype="int32", fill_value=-1,
+                           chunks=(max(shard_rows, 4096),), compressors=None)
+        group["clip_id"][:] = np.array(clip_ids, dtype=str)
+        group["label"][:] = np.asarray(labels, dtype=np.int32)
+        group.attrs.update({ATTRS_KEY: {
+            "format": STORE_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "shard_rows": shard_rows,
+            "geometry": geometry.as_dict(),
+            "latent_dtype": "float16",
+            "checksums": {
+                "algorithm": CHECKSUM_ALGORITHM,
+                "arrays": {"pixels": "pixels_checksum", "latents": "latents_checksum"},
+            },
+            "row_status": {s.name.lower(): int(s) for s in RowStatus},
+            **attrs,
+        }})
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return LatentStore.open(path, writable=True)
