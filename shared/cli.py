@@ -11,6 +11,23 @@ import typer
 from shared.errors import EXIT_USAGE, SaltUsageError
 
 
+def _click_flavours(name: str) -> tuple[type[BaseException], ...]:
+    """The class from click and from the copy of click that newer typer releases vendor."""
+    classes = [getattr(click.exceptions, name), getattr(typer, name, None)]
+    try:
+        from typer._click import exceptions as vendored  # newer typer releases ship their own click
+        classes.append(getattr(vendored, name, None))
+    except ImportError:
+        pass
+    return tuple({c for c in classes if isinstance(c, type)})
+
+
+_USAGE_ERRORS = _click_flavours("UsageError")
+_CLICK_ERRORS = _click_flavours("ClickException")
+_EXITS = _click_flavours("Exit")
+_ABORTS = _click_flavours("Abort")
+
+
 def run_app(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None) -> int:
     """Invoke ``app`` and turn every kind of usage error into ``prog: error: ...`` and 2."""
     try:
@@ -18,12 +35,18 @@ def run_app(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None)
     except SaltUsageError as err:
         _error_line(prog_name, str(err))
         return EXIT_USAGE
-    except click.UsageError as err:
+    except _USAGE_ERRORS as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare command: show its help as is
+            print(err.format_message())
+        else:
+            _error_line(prog_name, err.format_message())
+        return EXIT_USAGE
+    except _CLICK_ERRORS as err:
         _error_line(prog_name, err.format_message())
         return EXIT_USAGE
-    except click.exceptions.Exit as err:
+    except _EXITS as err:
         return err.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*_ABORTS, KeyboardInterrupt):
         print(f"{prog_name}: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0

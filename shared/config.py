@@ -116,7 +116,7 @@ class PipelineConfig(_Section):
     model: ModelConfig = ModelConfig()
 
 
-def describe_validation_error(err: ValidationError, source: str) -> str:
+def describe_validation_error(err: ValidationError, source: str, from_flags: set[str] = frozenset()) -> str:
     """All of a pydantic error's problems on one line: ``source: a.b: msg; c: msg``."""
     parts = []
     for problem in err.errors():
@@ -124,6 +124,8 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
+        if where in from_flags:
+            where += " (from the command line)"
         parts.append(f"{where}: {message}")
     return f"{source}: " + "; ".join(parts)
 
@@ -164,9 +166,8 @@ def load_pipeline(pipeline: str | Path | None = None, overrides: dict[str, Any] 
         if not isinstance(loaded, dict):
             raise SaltUsageError(f"{source}: top level must be a mapping of sections")
         raw = loaded
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    for dotted, value in given.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
@@ -178,7 +179,7 @@ def load_pipeline(pipeline: str | Path | None = None, overrides: dict[str, Any] 
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        raise SaltUsageError(describe_validation_error(err, source)) from None
+        raise SaltUsageError(describe_validation_error(err, source, set(given))) from None
 
 
 def dump_pipeline(config: PipelineConfig) -> str:

@@ -72,7 +72,7 @@ class ShardPayload:
     status: np.ndarray  # uint8 [n], COMMITTED or FAILED, never PENDING
     error: list[str]  # "" for committed rows
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         n = len(self.status)
         if not (len(self.pixels) == len(self.latents) == len(self.frame_index) == len(self.error) == n):
             raise ValueError("shard payload arrays disagree on row count")
@@ -186,6 +186,7 @@ class LatentStore:
     # ---- writing ------------------------------------------------------------------
     def write_shard(self, payload: ShardPayload) -> None:
         """Write one whole shard durably; the status chunk goes last (the commit)."""
+        payload.check()
         start, stop = self.shard_range(payload.index)
         if len(payload.status) != stop - start:
             raise ValueError(f"shard {payload.index} holds rows [{start}, {stop}), payload has {len(payload.status)}")

@@ -1,0 +1,148 @@
+"""The frozen VideoMAE teacher: load it, fingerprint it, and turn views into latents."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import VideoMAEConfig, VideoMAEModel
+
+from shared import geometry
+from shared.config import TINY_TEACHER
+from shared.errors import SaltUsageError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Closest to fp32 of the two half types on VideoMAE (EXPERIMENTS.md): 10 mantissa bits vs 7.
+CUDA_DEFAULT_DTYPE = "float16"
+
+
+def tiny_teacher_config() -> VideoMAEConfig:
+    """A VideoMAE with the contract's geometry (1568 tokens) but a 64-wide, 2-layer body."""
+    return VideoMAEConfig(
+        image_size=geometry.IMAGE_SIZE, patch_size=geometry.PATCH_SIZE, num_channels=3,
+        num_frames=geometry.NUM_FRAMES, tubelet_size=geometry.TUBELET_SIZE,
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        use_mean_pooling=True,  # like the released checkpoints: no final layernorm on last_hidden_state
+    )
+
+
+def build_tiny_teacher(seed: int = 0) -> VideoMAEModel:
+    """The seeded tiny teacher of the demo and tests (the same weights on every run)."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = VideoMAEModel(tiny_teacher_config())
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A fingerprint of every tensor in the state dict (names, shapes, dtypes, bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def _check_geometry(config: VideoMAEConfig, name: str) -> None:
+    expected = {"image_size": geometry.IMAGE_SIZE, "patch_size": geometry.PATCH_SIZE,
+                "num_frames": geometry.NUM_FRAMES, "tubelet_size": geometry.TUBELET_SIZE}
+    wrong = {k: getattr(config, k, None) for k, v in expected.items() if getattr(config, k, None) != v}
+    if wrong:
+        raise SaltUsageError(f"teacher {name} has geometry {wrong}; SALT needs {expected}")
+
+
+def load_teacher_model(name: str) -> VideoMAEModel:
+    """A hub id, a local ``save_pretrained`` folder, or ``builtin:tiny-videomae``."""
+    if name == TINY_TEACHER:
+        return build_tiny_teacher()
+    if name.startswith("builtin:"):
+        raise SaltUsageError(f"unknown built-in teacher {name}; the only one is {TINY_TEACHER}")
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise SaltUsageError(f"--teacher {name} is a file; pass a save_pretrained folder or a hub id")
+    try:
+        model = VideoMAEModel.from_pretrained(str(local) if local.is_dir() else name,
+                                              attn_implementation="sdpa", dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SaltUsageError(f"cannot load teacher {name}: {first}") from None
+    return model
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher on a device; ``encode`` maps uint8 views to fp16 latents."""
+
+    model: VideoMAEModel
+    name: str
+    device: torch.device
+    compute_dtype: str
+    weights_hash: str
+
+    @property
+    def width(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def identity(self) -> dict[str, object]:
+        config = self.model.config
+        return {
+            "name": self.name,
+            "weights_hash": self.weights_hash,
+            "width": self.width,
+            "compute_dtype": self.compute_dtype,
+            "model_type": config.model_type,
+            "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads,
+        }
+
+    @torch.inference_mode()
+    def encode(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 16, 224, 224, 3]`` -> float16 ``[B, 1568, D]`` last_hidden_state."""
+        pixels = views.to(self.device, non_blocking=True)
+        # VideoMAE takes (B, T, C, H, W) floats normalised with ImageNet statistics.
+        pixels = pixels.permute(0, 1, 4, 2, 3).float().div_(255.0)
+        mean = torch.tensor(geometry.PIXEL_MEAN, device=self.device).view(1, 1, 3, 1, 1)
+        std = torch.tensor(geometry.PIXEL_STD, device=self.device).view(1, 1, 3, 1, 1)
+        pixels = (pixels - mean) / std
+        dtype = DTYPES[self.compute_dtype]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            latents = self.model(pixel_values=pixels).last_hidden_state
+        if latents.shape[1] != geometry.NUM_TOKENS:
+            raise SaltUsageError(f"teacher {self.name} gave {latents.shape[1]} tokens, not {geometry.NUM_TOKENS}")
+        return latents.to(torch.float16)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SaltUsageError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    if device.type == "cpu":
+        if dtype not in ("auto", "float32"):
+            log.warning("teacher dtype %s ignored on CPU: half-precision matmuls are slow there; using float32", dtype)
+        return "float32"
+    return CUDA_DEFAULT_DTYPE if dtype == "auto" else dtype
+
+
+def load_teacher(name: str, device: str = "auto", dtype: str = "auto") -> Teacher:
+    """Load, freeze and fingerprint the teacher, ready for ``encode``."""
+    torch_device = resolve_device(device)
+    model = load_teacher_model(name)
+    _check_geometry(model.config, name)
+    model.requires_grad_(False).eval()
+    fingerprint = weights_hash(model)
+    model.to(torch_device)
+    return Teacher(model, name, torch_device, resolve_dtype(dtype, torch_device), fingerprint)

@@ -1,0 +1,171 @@
+"""`salt-cache verify`: prove a store is whole, or name what is wrong with it.
+
+Checks, in order: the schema (arrays, shapes, dtypes, attributes); every row,
+shard by shard (committed rows: checksums recomputed, latents finite, frame
+indices valid; failed rows: a reason; pending rows: a problem); and with
+``--deep K`` the recorded teacher re-run on K rows' stored pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from shared import geometry
+from shared.console import progress
+from shared.store import DATA_ARRAYS, LatentStore, RowStatus, row_checksum
+
+log = logging.getLogger(__name__)
+
+REQUIRED_ATTRS = ("schema_version", "geometry", "teacher", "latent_dtype", "view", "source", "checksums", "identity")
+# Relative L2 error allowed between stored latents and a re-run: fp16 storage
+# alone gives ~5e-4; a half-precision build re-checked in fp32 a few 1e-3.
+DEEP_TOLERANCE = {"float32": 1e-2, "float16": 3e-2, "bfloat16": 6e-2}
+
+
+@dataclass
+class Problem:
+    what: str
+    row: int | None = None
+    clip_id: str | None = None
+
+    def line(self) -> str:
+        where = f"row {self.row} (clip {self.clip_id}): " if self.row is not None else ""
+        return where + self.what
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    rows: int = 0
+    committed: int = 0
+    failed: int = 0
+    pending: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    deep: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def check_schema(store: LatentStore, report: VerifyReport) -> bool:
+    """Array shapes and dtypes against the contract; False when rows cannot be read safely."""
+    rows, width = store.rows, store.teacher_width
+    expected = {
+        "pixels": ((rows, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3), "uint8"),
+        "latents": ((rows, geometry.NUM_TOKENS, width), "float16"),
+        "frame_index": ((rows, geometry.NUM_FRAMES), "int32"),
+        "status": ((rows,), "uint8"),
+        "label": ((rows,), "int32"),
+        "pixels_checksum": ((rows,), "uint64"),
+        "latents_checksum": ((rows,), "uint64"),
+    }
+    sound = True
+    for name, (shape, dtype) in expected.items():
+        array = store.array(name)
+        if tuple(array.shape) != shape or str(array.dtype) != dtype:
+            report.problems.append(Problem(f"array {name} is {array.dtype}{tuple(array.shape)}, expected {dtype}{shape}"))
+            sound = False
+    for name in ("clip_id", "error"):
+        if store.array(name).shape != (rows,):
+            report.problems.append(Problem(f"array {name} has shape {store.array(name).shape}, expected ({rows},)"))
+            sound = False
+    missing = [key for key in REQUIRED_ATTRS if key not in store.attrs]
+    if missing:
+        report.problems.append(Problem(f"attributes missing: {', '.join(missing)}"))
+    recorded_width = store.attrs.get("teacher", {}).get("width")
+    if recorded_width is not None and recorded_width != width:
+        report.problems.append(Problem(f"latents width {width} differs from the recorded teacher width {recorded_width}"))
+    return sound
+
+
+def _read_shard(store: LatentStore, start: int, stop: int) -> tuple[dict[str, np.ndarray] | None, str]:
+    try:
+        return store.read_rows(start, stop, ("pixels", "latents", "frame_index", "pixels_checksum",
+                                             "latents_checksum", "error")), ""
+    except Exception as exc:  # a damaged shard file: fall back to reading row by row
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _check_row(row: int, status: int, data: dict[str, np.ndarray], i: int) -> str | None:
+    """The first problem of one row, or None."""
+    if status == RowStatus.FAILED:
+        return None if str(data["error"][i]).strip() else "failed without a recorded reason"
+    if status == RowStatus.PENDING:
+        return "pending: never committed (rerun the build to finish it)"
+    if status != RowStatus.COMMITTED:
+        return f"unknown status {status}"
+    if row_checksum(data["pixels"][i]) != int(data["pixels_checksum"][i]):
+        return "pixels checksum mismatch"
+    if row_checksum(data["latents"][i]) != int(data["latents_checksum"][i]):
+        return "latents checksum mismatch"
+    if not np.isfinite(data["latents"][i]).all():
+        return "latents hold NaN or inf"
+    frames = data["frame_index"][i]
+    if frames.min() < 0 or np.any(np.diff(frames) < 0):
+        return f"frame indices invalid: {frames.tolist()}"
+    return None
+
+
+def check_rows(store: LatentStore, report: VerifyReport) -> None:
+    status = store.status()
+    ids = store.clip_ids()
+    bar = progress(store.rows, "verify", unit="row")
+    for _, start, stop in store.iter_shards():
+        data, read_error = _read_shard(store, start, stop)
+        for row in range(start, stop):
+            if data is None:  # damaged shard: find which rows still read
+                row_data, row_error = _read_shard(store, row, row + 1)
+                problem = f"unreadable ({row_error})" if row_data is None else _check_row(row, status[row], row_data, 0)
+            else:
+                problem = _check_row(row, status[row], data, row - start)
+            if problem:
+                report.problems.append(Problem(problem, row, str(ids[row])))
+        bar.update(stop - start)
+    bar.close()
+
+
+def deep_check(store: LatentStore, k: int, device: str, report: VerifyReport) -> None:
+    """Re-run the recorded teacher on ``k`` committed rows and compare with the stored latents."""
+    from salt_cache.teacher import load_teacher  # only deep checks need torch models
+
+    recorded = store.attrs.get("teacher", {})
+    teacher = load_teacher(recorded.get("name", ""), device=device)
+    if teacher.weights_hash != recorded.get("weights_hash"):
+        report.problems.append(Problem(
+            f"teacher {teacher.name} now has weights {teacher.weights_hash[:12]}, the store recorded "
+            f"{str(recorded.get('weights_hash'))[:12]}: cannot deep-check"))
+        return
+    committed = np.flatnonzero(store.status() == RowStatus.COMMITTED)
+    if len(committed) == 0 or k <= 0:
+        return
+    chosen = committed[np.linspace(0, len(committed) - 1, min(k, len(committed))).round().astype(int)]
+    ids = store.clip_ids()
+    tolerance = DEEP_TOLERANCE.get(str(recorded.get("compute_dtype")), 6e-2)
+    for row in np.unique(chosen):
+        data = store.read_rows(int(row), int(row) + 1)
+        again = teacher.encode(torch.from_numpy(data["pixels"])).float().cpu()
+        stored = torch.from_numpy(data["latents"]).float()
+        relative = float((again - stored).norm() / stored.norm().clamp_min(1e-12))
+        max_abs = float((again - stored).abs().max())
+        report.deep.append({"row": int(row), "clip_id": str(ids[row]), "relative_l2": relative, "max_abs": max_abs})
+        if not relative <= tolerance:
+            report.problems.append(Problem(
+                f"teacher re-run differs: relative L2 {relative:.2e} > {tolerance:.0e}", int(row), str(ids[row])))
+
+
+def verify_store(path: str, deep: int = 0, device: str = "auto") -> VerifyReport:
+    store = LatentStore.open(path)
+    report = VerifyReport(store=str(path), **store.counts())
+    if check_schema(store, report):
+        check_rows(store, report)
+        if deep > 0:
+            deep_check(store, deep, device, report)
+    return report
