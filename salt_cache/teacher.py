@@ -11,7 +11,7 @@ import torch
 from transformers import VideoMAEConfig, VideoMAEModel
 
 from shared import geometry
-from shared.config import TINY_TEACHER
+from shared.config import HUGE_RANDOM_TEACHER, TINY_TEACHER
 from shared.errors import SaltUsageError
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,28 @@ def tiny_teacher_config() -> VideoMAEConfig:
     )
 
 
+def huge_teacher_config() -> VideoMAEConfig:
+    """VideoMAE v1-Huge's shape (1280 wide, 32 layers): random weights, for benchmarks only."""
+    config = tiny_teacher_config()
+    config.update({"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16,
+                   "intermediate_size": 5120})
+    return config
+
+
+BUILTIN_CONFIGS = {TINY_TEACHER: tiny_teacher_config, HUGE_RANDOM_TEACHER: huge_teacher_config}
+
+
 def build_tiny_teacher(seed: int = 0) -> VideoMAEModel:
     """The seeded tiny teacher of the demo and tests (the same weights on every run)."""
+    return build_builtin_teacher(TINY_TEACHER, seed)
+
+
+def build_builtin_teacher(name: str, seed: int = 0) -> VideoMAEModel:
+    """A built-in teacher from its config with weights seeded by ``seed`` (no download)."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = VideoMAEModel(tiny_teacher_config())
+        model = VideoMAEModel(BUILTIN_CONFIGS[name]())
     finally:
         torch.random.set_rng_state(generator_state)
     return model
@@ -62,10 +78,10 @@ def _check_geometry(config: VideoMAEConfig, name: str) -> None:
 
 def load_teacher_model(name: str) -> VideoMAEModel:
     """A hub id, a local ``save_pretrained`` folder, or ``builtin:tiny-videomae``."""
-    if name == TINY_TEACHER:
-        return build_tiny_teacher()
+    if name in BUILTIN_CONFIGS:
+        return build_builtin_teacher(name)
     if name.startswith("builtin:"):
-        raise SaltUsageError(f"unknown built-in teacher {name}; the only one is {TINY_TEACHER}")
+        raise SaltUsageError(f"unknown built-in teacher {name}; built-ins are {', '.join(BUILTIN_CONFIGS)}")
     local = Path(name).expanduser()
     if local.exists() and not local.is_dir():
         raise SaltUsageError(f"--teacher {name} is a file; pass a save_pretrained folder or a hub id")

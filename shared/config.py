@@ -21,6 +21,7 @@ DEFAULT_PIPELINE = "ssv2"
 
 DEFAULT_TEACHER = "MCG-NJU/videomae-huge-finetuned-kinetics"
 TINY_TEACHER = "builtin:tiny-videomae"
+HUGE_RANDOM_TEACHER = "builtin:videomae-huge-random"  # real size, random weights: benchmarks only
 
 
 class _Section(BaseModel):
