@@ -155,8 +155,11 @@ def discover(root: str | Path, split: str = "train", limit: int | None = None) -
     refused: list[str] = []
     seen: set[str] = set()
     for row in _read_json_list(split_file):
-        clip_id = str(row.get("id", "")) if isinstance(row, dict) else str(row)
-        if not CLIP_ID_PATTERN.match(clip_id) or clip_id in seen:
+        raw_id = row.get("id", "") if isinstance(row, dict) else row
+        clip_id = str(raw_id)
+        # Only strings and integers are ids: null, true or 1.5 would pass the pattern as text.
+        plain = isinstance(raw_id, str) or (isinstance(raw_id, int) and not isinstance(raw_id, bool))
+        if not plain or not CLIP_ID_PATTERN.match(clip_id) or clip_id in seen:
             refused.append(clip_id)
             continue
         seen.add(clip_id)

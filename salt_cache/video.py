@@ -3,7 +3,8 @@
 The view recipe (recorded in the store):
 - frames: segment sampling (TSN style): [0, n) is cut into 16 equal segments
   and one frame is taken from each, at the centre or at an offset drawn from a
-  generator seeded by the clip id. Clips shorter than 16 frames repeat frames.
+  generator seeded by the clip id. Clips shorter than 16 frames always take
+  the segment centres, so every frame appears and repeats pad the view.
   SSv2 webm files declare no frame count, so every frame is decoded first.
 - space: the short side is resized to 224 (swscale bicubic, which widens its
   filter when shrinking, i.e. antialiased), then the centre 224x224 is cropped.
@@ -42,7 +43,9 @@ def sample_frame_indices(num_available: int, clip_id: str, rule: str = "segment-
     if rule not in SAMPLING_RULES:
         raise ValueError(f"unknown sampling rule {rule!r}; expected one of {SAMPLING_RULES}")
     edges = np.linspace(0.0, float(num_available), num_frames + 1)
-    if rule == "segment-center":
+    # Short clips (segments narrower than one frame) take the centre whatever the
+    # rule: jittered offsets there can skip a source frame while repeating another.
+    if rule == "segment-center" or num_available < num_frames:
         offsets = np.full(num_frames, 0.5)
     else:
         offsets = np.random.default_rng(clip_seed(clip_id)).random(num_frames)
@@ -73,7 +76,7 @@ def _decode_all_frames(path: Path) -> list[av.VideoFrame]:
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as exc:
-        raise ClipDecodeError(f"unreadable container: {exc}") from None
+        raise ClipDecodeError(f"unreadable container (truncated, corrupt or not a video): {exc}") from None
     with container:
         if not container.streams.video:
             raise ClipDecodeError("no video stream")
