@@ -177,7 +177,7 @@ def view_attrs(config: PipelineConfig) -> dict[str, object]:
         "sampling": config.view.sampling,
         "sampling_rule": "16 equal segments of [0, n), one frame each; offset 0.5 (center) "
                          "or uniform from numpy default_rng(blake2b-64(clip_id)) (jitter); "
-                         "short clips repeat frames",
+                         "clips shorter than 16 frames take offset 0.5, so every frame appears and repeats pad",
         "resize": f"short side to {geometry.IMAGE_SIZE}, swscale {config.view.interpolation} (antialiased)",
         "crop": f"centre {geometry.IMAGE_SIZE}x{geometry.IMAGE_SIZE}",
         "mean": list(geometry.PIXEL_MEAN),
@@ -305,16 +305,18 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
         try:
             for batch in loader:
                 errors = batch["errors"]
+                # The DataLoader's default_convert turns numpy arrays into tensors; index with numpy.
+                rows, frame_index = np.asarray(batch["rows"]), np.asarray(batch["frame_index"])
                 ok = torch.tensor([not e for e in errors])
                 latents = teacher.encode(batch["pixels"][ok]).cpu().numpy() if ok.any() else None
-                for row, error in zip(batch["rows"], errors):
+                for row, error in zip(rows, errors):
                     if error:
                         failed_now += 1
                         clip = source.clips[row]
                         log.warning("clip %s failed (row %d, %s, worker %s): %s",
                                     clip.clip_id, row, clip.path, batch["worker"], error)
                 assembler = open_shards.setdefault(batch["shard"], ShardAssembler.empty(store, batch["shard"]))
-                assembler.add(batch["rows"], batch["pixels"].numpy(), latents, batch["frame_index"], errors)
+                assembler.add(rows, batch["pixels"].numpy(), latents, frame_index, errors)
                 if assembler.complete:
                     writer.submit(open_shards.pop(batch["shard"]).payload)
                 bar.update(len(errors))

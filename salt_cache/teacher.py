@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import VideoMAEConfig, VideoMAEModel
+from transformers.utils import logging as hf_logging
 
 from shared import geometry
 from shared.config import HUGE_RANDOM_TEACHER, TINY_TEACHER
@@ -85,12 +86,20 @@ def load_teacher_model(name: str) -> VideoMAEModel:
     local = Path(name).expanduser()
     if local.exists() and not local.is_dir():
         raise SaltUsageError(f"--teacher {name} is a file; pass a save_pretrained folder or a hub id")
+    # A local folder has nothing to download: silence transformers' per-tensor "Loading weights"
+    # bar, which would otherwise sit on stderr above a one-line usage error (hub downloads keep theirs).
+    quiet = local.is_dir() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         model = VideoMAEModel.from_pretrained(str(local) if local.is_dir() else name,
                                               attn_implementation="sdpa", dtype=torch.float32)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SaltUsageError(f"cannot load teacher {name}: {first}") from None
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     return model
 
 

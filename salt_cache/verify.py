@@ -16,7 +16,7 @@ import torch
 
 from shared import geometry
 from shared.console import progress
-from shared.store import DATA_ARRAYS, LatentStore, RowStatus, row_checksum
+from shared.store import STATUS_UNREADABLE, LatentStore, RowStatus, row_checksum
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ def _read_shard(store: LatentStore, start: int, stop: int) -> tuple[dict[str, np
 
 def _check_row(row: int, status: int, data: dict[str, np.ndarray], i: int) -> str | None:
     """The first problem of one row, or None."""
+    if status == STATUS_UNREADABLE:
+        return "status unreadable (the shard's commit record is damaged)"
     if status == RowStatus.FAILED:
         return None if str(data["error"][i]).strip() else "failed without a recorded reason"
     if status == RowStatus.PENDING:
@@ -114,8 +116,7 @@ def _check_row(row: int, status: int, data: dict[str, np.ndarray], i: int) -> st
     return None
 
 
-def check_rows(store: LatentStore, report: VerifyReport) -> None:
-    status = store.status()
+def check_rows(store: LatentStore, report: VerifyReport, status: np.ndarray) -> None:
     ids = store.clip_ids()
     bar = progress(store.rows, "verify", unit="row")
     for _, start, stop in store.iter_shards():
@@ -132,7 +133,7 @@ def check_rows(store: LatentStore, report: VerifyReport) -> None:
     bar.close()
 
 
-def deep_check(store: LatentStore, k: int, device: str, report: VerifyReport) -> None:
+def deep_check(store: LatentStore, k: int, device: str, report: VerifyReport, status: np.ndarray) -> None:
     """Re-run the recorded teacher on ``k`` committed rows and compare with the stored latents."""
     from salt_cache.teacher import load_teacher  # only deep checks need torch models
 
@@ -143,7 +144,7 @@ def deep_check(store: LatentStore, k: int, device: str, report: VerifyReport) ->
             f"teacher {teacher.name} now has weights {teacher.weights_hash[:12]}, the store recorded "
             f"{str(recorded.get('weights_hash'))[:12]}: cannot deep-check"))
         return
-    committed = np.flatnonzero(store.status() == RowStatus.COMMITTED)
+    committed = np.flatnonzero(status == RowStatus.COMMITTED)
     if len(committed) == 0 or k <= 0:
         return
     chosen = committed[np.linspace(0, len(committed) - 1, min(k, len(committed))).round().astype(int)]
@@ -163,9 +164,12 @@ def deep_check(store: LatentStore, k: int, device: str, report: VerifyReport) ->
 
 def verify_store(path: str, deep: int = 0, device: str = "auto") -> VerifyReport:
     store = LatentStore.open(path)
-    report = VerifyReport(store=str(path), **store.counts())
+    status = store.status()
+    report = VerifyReport(store=str(path), rows=len(status), committed=int(np.sum(status == RowStatus.COMMITTED)),
+                          failed=int(np.sum(status == RowStatus.FAILED)),
+                          pending=int(np.sum(status == RowStatus.PENDING)))
     if check_schema(store, report):
-        check_rows(store, report)
+        check_rows(store, report, status)
         if deep > 0:
-            deep_check(store, deep, device, report)
+            deep_check(store, deep, device, report, status)
     return report

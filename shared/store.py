@@ -15,6 +15,7 @@ the shard's rows pending, and a resumed build redoes the whole shard.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import uuid
@@ -29,6 +30,8 @@ import zarr.codecs
 
 from shared import geometry
 from shared.errors import SaltUsageError
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT = "salt-latent-cache"
 SCHEMA_VERSION = 1
@@ -45,6 +48,10 @@ class RowStatus(IntEnum):
     PENDING = 0
     COMMITTED = 1
     FAILED = 2
+
+
+# Reported (never stored) for rows whose status chunk cannot be read: a damaged commit record.
+STATUS_UNREADABLE = 255
 
 
 def row_checksum(row: np.ndarray) -> int:
@@ -146,20 +153,40 @@ class LatentStore:
         return self.group[name]
 
     # ---- reading ------------------------------------------------------------------
-    def status(self) -> np.ndarray:
-        return np.asarray(self.group["status"][:])
+    def status(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Status of rows [start, stop); rows of a damaged status chunk read as STATUS_UNREADABLE."""
+        stop = self.rows if stop is None else stop
+        try:
+            return np.asarray(self.group["status"][start:stop])
+        except Exception:  # rare: find the damaged chunks shard by shard
+            status = np.full(stop - start, STATUS_UNREADABLE, np.uint8)
+            for _, first, last in self.iter_shards():
+                lo, hi = max(first, start), min(last, stop)
+                if lo >= hi:
+                    continue
+                try:
+                    status[lo - start:hi - start] = self.group["status"][lo:hi]
+                except Exception as exc:
+                    log.warning("status of rows [%d, %d) unreadable: %s: %s", lo, hi, type(exc).__name__, exc)
+            return status
 
     def clip_ids(self) -> np.ndarray:
-        return np.asarray(self.group["clip_id"][:])
+        """Clip ids; an unreadable array gives "?" so a report can still name rows."""
+        try:
+            return np.asarray(self.group["clip_id"][:])
+        except Exception as exc:
+            log.warning("clip_id array unreadable: %s: %s", type(exc).__name__, exc)
+            return np.full(self.rows, "?", dtype=object)
 
     def read_rows(self, start: int, stop: int, names: tuple[str, ...] = ("pixels", "latents")) -> dict[str, np.ndarray]:
         """Contiguous rows ``[start, stop)``: one range read per array and shard."""
         return {name: np.asarray(self.group[name][start:stop]) for name in names}
 
     def pending_shards(self) -> list[int]:
-        """Shards that still hold a pending row (the work a resumed build must do)."""
+        """Shards that still hold a pending (or unreadable) row: the work a resumed build must do."""
         status = self.status()
-        return [k for k in range(self.num_shards) if np.any(status[slice(*self.shard_range(k))] == RowStatus.PENDING)]
+        decided = (status == RowStatus.COMMITTED) | (status == RowStatus.FAILED)
+        return [k for k in range(self.num_shards) if not decided[slice(*self.shard_range(k))].all()]
 
     def counts(self) -> dict[str, int]:
         status = self.status()
@@ -201,17 +228,24 @@ class LatentStore:
             "latents_checksum": latents_sums,
             "error": np.array(payload.error, dtype=str),
         }
+        if not np.any(np.isin(self.status(start, stop), (RowStatus.COMMITTED, RowStatus.FAILED))):
+            # Nothing here was ever committed: drop what a crashed writer left (Zarr merges a shard
+            # write into the file already there, and a torn file would fail every resume).
+            for name in DATA_ARRAYS:
+                self._shard_path(payload.index, name).unlink(missing_ok=True)
         for name in DATA_ARRAYS:
             self.group[name][start:stop] = values[name]
         self._fsync_shard(payload.index, DATA_ARRAYS)
         self.group["status"][start:stop] = payload.status.astype(np.uint8)
         self._fsync_shard(payload.index, ("status",))
 
+    def _shard_path(self, shard: int, name: str) -> Path:
+        array = self.group[name]
+        return self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+
     def _fsync_shard(self, shard: int, names: tuple[str, ...]) -> None:
         for name in names:
-            array = self.group[name]
-            coords = (shard,) + (0,) * (array.ndim - 1)
-            path = self.path / name / array.metadata.encode_chunk_key(coords)
+            path = self._shard_path(shard, name)
             if path.exists():  # an all-fill chunk may not be written at all
                 _fsync_path(path)
                 _fsync_path(path.parent)
