@@ -61,7 +61,8 @@ def time_loader_decode(source, workers: int, batch_size: int, scratch: Path) -> 
     config.loader.persistent_workers = False
     store = _scratch_store(scratch / "plan.zarr", len(source.clips), 1, batch_size)
     plans = plan_batches(store, list(range(store.num_shards)), batch_size)
-    loader = make_loader(ViewBatches(source.clips, plans, "segment-jitter", "bicubic"), config, torch.device("cpu"))
+    dataset = ViewBatches(source.clips, plans, config.view, config.loader.decode_threads)
+    loader = make_loader(dataset, config, torch.device("cpu"))
     started = time.perf_counter()
     count = sum(len(batch["rows"]) for batch in loader)
     return _rate(count, time.perf_counter() - started)

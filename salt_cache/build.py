@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from shared import geometry
-from shared.config import PipelineConfig, dump_pipeline
+from shared.config import PipelineConfig, ViewConfig, dump_pipeline
 from shared.console import format_bytes, print_block, progress
 from shared.errors import SaltUsageError
 from shared.store import LatentStore, RowStatus, ShardPayload, create_store, pixels_shape
@@ -53,11 +53,11 @@ def plan_batches(store: LatentStore, shards: list[int], batch_size: int) -> list
 class ViewBatches(Dataset):
     """Item k decodes the clips of batch plan k (runs inside a DataLoader worker)."""
 
-    def __init__(self, clips: list[ClipRecord], plans: list[BatchPlan], sampling: str, interpolation: str) -> None:
+    def __init__(self, clips: list[ClipRecord], plans: list[BatchPlan], view: ViewConfig, decode_threads: int) -> None:
         self.clips = clips
         self.plans = plans
-        self.sampling = sampling
-        self.interpolation = interpolation
+        self.view = view
+        self.decode_threads = decode_threads
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -71,7 +71,8 @@ class ViewBatches(Dataset):
         for i, row in enumerate(plan.rows):
             clip = self.clips[row]
             try:
-                pixels[i], frame_index[i] = decode_view(clip.path, clip.clip_id, self.sampling, self.interpolation)
+                pixels[i], frame_index[i] = decode_view(clip.path, clip.clip_id, self.view.sampling,
+                                                        self.view.interpolation, self.decode_threads)
             except ClipDecodeError as exc:
                 errors[i] = str(exc)
             except Exception as exc:  # a decoder bug must not kill the build: record it
@@ -129,6 +130,68 @@ class ShardAssembler:
     @property
     def complete(self) -> bool:
         return self.remaining == 0
+
+
+@dataclass
+class TeacherBatch:
+    """A decoded batch whose latents are on their way back from the teacher."""
+
+    batch: dict
+    latents: torch.Tensor | None  # float16 [ok rows, 1568, D] on the host once ``ready`` has fired
+    ready: torch.cuda.Event | None
+
+    @property
+    def size(self) -> int:
+        return len(self.batch["errors"])
+
+    def host_latents(self) -> np.ndarray | None:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return None if self.latents is None else self.latents.numpy()
+
+
+def launch_teacher(teacher: Teacher, batch: dict) -> TeacherBatch:
+    """Queue the teacher on the batch's decodable clips; on CUDA the copy back is non-blocking too."""
+    ok = torch.tensor([not error for error in batch["errors"]])
+    if not ok.any():
+        return TeacherBatch(batch, None, None)
+    latents = teacher.encode(batch["pixels"][ok])
+    if latents.device.type != "cuda":
+        return TeacherBatch(batch, latents, None)
+    host = latents.to("cpu", non_blocking=True)  # lands in pinned memory
+    ready = torch.cuda.Event()
+    ready.record()
+    return TeacherBatch(batch, host, ready)
+
+
+class BatchCollector:
+    """Logs failures, fills shard assemblers, and hands complete shards to the writer."""
+
+    def __init__(self, store: LatentStore, source: SsV2Source, writer: "ShardWriter") -> None:
+        self.store = store
+        self.source = source
+        self.writer = writer
+        self.open_shards: dict[int, ShardAssembler] = {}
+        self.failed = 0
+
+    def add(self, item: TeacherBatch) -> None:
+        batch = item.batch
+        errors = batch["errors"]
+        # The DataLoader's default_convert turns numpy arrays into tensors; index with numpy.
+        rows, frame_index = np.asarray(batch["rows"]), np.asarray(batch["frame_index"])
+        for row, error in zip(rows, errors):
+            if error:
+                self.failed += 1
+                clip = self.source.clips[row]
+                log.warning("clip %s failed (row %d, %s, worker %s): %s",
+                            clip.clip_id, row, clip.path, batch["worker"], error)
+        shard = int(batch["shard"])
+        if shard not in self.open_shards:
+            self.open_shards[shard] = ShardAssembler.empty(self.store, shard)
+        assembler = self.open_shards[shard]
+        assembler.add(rows, batch["pixels"].numpy(), item.host_latents(), frame_index, errors)
+        if assembler.complete:
+            self.writer.submit(self.open_shards.pop(shard).payload)
 
 
 class ShardWriter:
@@ -295,32 +358,23 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
         "teacher batch": config.teacher.batch_size,
     })
     started = time.perf_counter()
-    failed_now = 0
     writer = ShardWriter(store)
-    open_shards: dict[int, ShardAssembler] = {}
+    collector = BatchCollector(store, source, writer)
     if plans:
-        loader = make_loader(ViewBatches(source.clips, plans, config.view.sampling, config.view.interpolation),
-                             config, teacher.device)
+        dataset = ViewBatches(source.clips, plans, config.view, config.loader.decode_threads)
         bar = progress(todo, "teacher", unit="clip")
+        in_flight: TeacherBatch | None = None
         try:
-            for batch in loader:
-                errors = batch["errors"]
-                # The DataLoader's default_convert turns numpy arrays into tensors; index with numpy.
-                rows, frame_index = np.asarray(batch["rows"]), np.asarray(batch["frame_index"])
-                ok = torch.tensor([not e for e in errors])
-                latents = teacher.encode(batch["pixels"][ok]).cpu().numpy() if ok.any() else None
-                for row, error in zip(rows, errors):
-                    if error:
-                        failed_now += 1
-                        clip = source.clips[row]
-                        log.warning("clip %s failed (row %d, %s, worker %s): %s",
-                                    clip.clip_id, row, clip.path, batch["worker"], error)
-                assembler = open_shards.setdefault(batch["shard"], ShardAssembler.empty(store, batch["shard"]))
-                assembler.add(rows, batch["pixels"].numpy(), latents, frame_index, errors)
-                if assembler.complete:
-                    writer.submit(open_shards.pop(batch["shard"]).payload)
-                bar.update(len(errors))
-                bar.set_postfix(failed=failed_now, refresh=False)
+            for batch in make_loader(dataset, config, teacher.device):
+                current = launch_teacher(teacher, batch)  # asynchronous on CUDA
+                if in_flight is not None:
+                    collector.add(in_flight)  # host work for batch k-1 overlaps the GPU on batch k
+                    bar.update(in_flight.size)
+                in_flight = current
+                bar.set_postfix(failed=collector.failed, refresh=False)
+            if in_flight is not None:
+                collector.add(in_flight)
+                bar.update(in_flight.size)
         finally:
             bar.close()
             writer.close()
@@ -331,6 +385,6 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return BuildReport(
         rows=counts["rows"], committed=counts["committed"], failed=counts["failed"], pending=counts["pending"],
-        processed_this_run=todo, failed_this_run=failed_now, seconds=seconds, disk_bytes=store.disk_bytes(),
+        processed_this_run=todo, failed_this_run=collector.failed, seconds=seconds, disk_bytes=store.disk_bytes(),
         write_mb_per_s=(writer.bytes_written / 1e6 / writer.seconds) if writer.seconds else 0.0,
     )

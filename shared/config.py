@@ -54,6 +54,7 @@ class LoaderConfig(_Section):
     pin_memory: bool = True
     persistent_workers: bool = True
     multiprocessing_context: Literal["forkserver", "spawn", "fork"] = "forkserver"
+    decode_threads: int = Field(1, ge=0, description="FFmpeg threads per decoding process; 0 = FFmpeg's choice")
 
 
 class CacheConfig(_Section):
