@@ -28,8 +28,8 @@ demo: $(STAMP)
 	$(BIN)/salt-cache verify $(DEMO)/ssv2/latents.zarr --deep 2
 
 bench: $(STAMP)
-	test -d $(DEMO)/ssv2 || $(BIN)/salt-cache demo-data --out $(DEMO)/ssv2
-	$(BIN)/salt-cache bench --src $(DEMO)/ssv2 --clips 24 --workers 2 --batch-size 4
+	test -d $(DEMO)/bench || $(BIN)/salt-cache demo-data --out $(DEMO)/bench --train 128 --validation 0 --test 0
+	$(BIN)/salt-cache bench --src $(DEMO)/bench --clips 128 --workers 2 --batch-size 4
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -49,11 +49,19 @@ def build(
     from salt_cache.teacher import load_teacher
 
     model = load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype)
+    import torch
+
+    resume_hint = "committed shards are safe; rerun the same command to resume"
     try:
         report = run_build(source, model, config, out)
     except KeyboardInterrupt:
-        print(f"salt-cache: interrupted; committed shards are safe, rerun the same command to resume", file=sys.stderr)
+        print(f"salt-cache: interrupted; {resume_hint}", file=sys.stderr)
         return 130
+    except torch.cuda.OutOfMemoryError:
+        raise SaltUsageError(f"teacher batch of {config.teacher.batch_size} does not fit in GPU memory; "
+                             f"lower --batch-size ({resume_hint})") from None
+    except OSError as exc:  # disk full, store folder removed or read-only, ...
+        raise SaltUsageError(f"cannot write store {out}: {exc.strerror or exc}; {resume_hint}") from None
     print_block(f"built {out}", report.summary(), stream=sys.stdout)
     return EXIT_OK if report.pending == 0 else EXIT_PROBLEMS
 

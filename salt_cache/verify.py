@@ -94,16 +94,21 @@ def _read_shard(store: LatentStore, start: int, stop: int) -> tuple[dict[str, np
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _check_row(row: int, status: int, data: dict[str, np.ndarray], i: int) -> str | None:
-    """The first problem of one row, or None."""
+def _status_problem(status: int) -> str | None:
+    """Problems the status alone shows (the row's data does not matter then)."""
     if status == STATUS_UNREADABLE:
         return "status unreadable (the shard's commit record is damaged)"
-    if status == RowStatus.FAILED:
-        return None if str(data["error"][i]).strip() else "failed without a recorded reason"
     if status == RowStatus.PENDING:
         return "pending: never committed (rerun the build to finish it)"
-    if status != RowStatus.COMMITTED:
+    if status not in (RowStatus.COMMITTED, RowStatus.FAILED):
         return f"unknown status {status}"
+    return None
+
+
+def _check_row(status: int, data: dict[str, np.ndarray], i: int) -> str | None:
+    """The first problem of a committed or failed row, or None."""
+    if status == RowStatus.FAILED:
+        return None if str(data["error"][i]).strip() else "failed without a recorded reason"
     if row_checksum(data["pixels"][i]) != int(data["pixels_checksum"][i]):
         return "pixels checksum mismatch"
     if row_checksum(data["latents"][i]) != int(data["latents_checksum"][i]):
@@ -120,13 +125,14 @@ def check_rows(store: LatentStore, report: VerifyReport, status: np.ndarray) -> 
     ids = store.clip_ids()
     bar = progress(store.rows, "verify", unit="row")
     for _, start, stop in store.iter_shards():
-        data, read_error = _read_shard(store, start, stop)
+        data, _ = _read_shard(store, start, stop)
         for row in range(start, stop):
-            if data is None:  # damaged shard: find which rows still read
+            problem = _status_problem(status[row])
+            if problem is None and data is None:  # damaged shard: find which rows still read
                 row_data, row_error = _read_shard(store, row, row + 1)
-                problem = f"unreadable ({row_error})" if row_data is None else _check_row(row, status[row], row_data, 0)
-            else:
-                problem = _check_row(row, status[row], data, row - start)
+                problem = f"unreadable ({row_error})" if row_data is None else _check_row(status[row], row_data, 0)
+            elif problem is None:
+                problem = _check_row(status[row], data, row - start)
             if problem:
                 report.problems.append(Problem(problem, row, str(ids[row])))
         bar.update(stop - start)

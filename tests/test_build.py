@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import zarr
 
@@ -274,28 +275,27 @@ def test_kill9_mid_build_then_resume_equals_uninterrupted(demo_set: Path, demo_p
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_resume_after_lost_status_chunk_redoes_only_that_shard(demo_reference: Build, tmp_path: Path) -> None:
-    """A shard whose commit record never landed is pending and is rebuilt identically."""
-    store = copy_store(demo_reference.store, tmp_path / "latents.zarr")
+def _lose_commit_record_after_torn_write(store: Path) -> str:
     (store / "status" / "c" / "1").unlink()  # as if killed between the data and the status write
     (store / "latents" / "c" / "1" / "0" / "0").write_bytes(b"garbage from a torn write")
-    assert call_cli("verify", store).returncode == 1
-    result = call_cli("build", "--src", demo_reference.src, "--out", store, "--teacher", demo_reference.teacher,
-                      "--pipeline", demo_reference.pipeline)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"shards\s+: \d+ of 2 rows, 1 to do", result.stderr), result.stderr
-    reference, resumed = _open(demo_reference.store), _open(store)
-    for name in ARRAYS:
-        assert np.array_equal(resumed[name][:], reference[name][:]), name
+    return "pending: never committed"
 
 
-def test_resume_over_damaged_status_chunk_redoes_that_shard(demo_reference: Build, tmp_path: Path) -> None:
-    """A garbled commit record reads as 'not committed': verify names it, a rebuild redoes that shard."""
-    store = copy_store(demo_reference.store, tmp_path / "latents.zarr")
+def _garble_commit_record(store: Path) -> str:
     (store / "status" / "c" / "2").write_bytes(b"not a status chunk")  # wrong length: unreadable
+    return "commit record is damaged"
+
+
+@pytest.mark.parametrize("damage", [_lose_commit_record_after_torn_write, _garble_commit_record])
+def test_resume_redoes_only_the_shard_without_a_sound_commit_record(damage, demo_reference: Build,
+                                                                     tmp_path: Path) -> None:
+    """A lost or garbled status chunk reads as 'not committed': verify names it, and a rebuild
+    redoes that one shard and gives the uninterrupted build's arrays."""
+    store = copy_store(demo_reference.store, tmp_path / "latents.zarr")
+    expected_problem = damage(store)
     check = call_cli("verify", store)
     assert check.returncode == 1
-    assert "commit record is damaged" in check.stdout
+    assert expected_problem in check.stdout
     result = call_cli("build", "--src", demo_reference.src, "--out", store, "--teacher", demo_reference.teacher,
                       "--pipeline", demo_reference.pipeline)
     assert result.returncode == 0, result.stderr[-3000:]
