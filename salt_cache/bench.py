@@ -23,7 +23,7 @@ from shared.config import PipelineConfig
 from shared.console import format_bytes
 from shared.flops import vit_forward_flops
 from shared.store import RowStatus, ShardPayload, create_store
-from salt_cache.build import ViewBatches, make_loader, plan_batches
+from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.source import discover
 from salt_cache.teacher import Teacher, load_teacher
 from salt_cache.video import decode_view

@@ -1,135 +1,32 @@
 """`salt-cache build`: decode views in DataLoader workers, run the teacher, write shards.
 
-Work unit: a shard of the store. Each shard is cut into teacher batches of at
-most ``teacher.batch_size`` rows that never cross a shard boundary, so a
-resumed build forms exactly the same batches as an uninterrupted one (and on
-CPU computes bit-identical latents). Workers decode whole batches; the main
-process runs the teacher; a writer thread commits finished shards while the
-next ones compute.
+The pieces: ``loader`` plans shard-aligned teacher batches and decodes them in
+workers; the main process runs the teacher one batch ahead of the host work
+(so on CUDA the GPU never waits for bookkeeping); ``writer`` commits finished
+shards on a background thread while the next ones compute; ``identity`` keeps
+one store to one teacher, view recipe and clip list.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import multiprocessing
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from shared import geometry
-from shared.config import PipelineConfig, ViewConfig, dump_pipeline
+from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
-from shared.errors import SaltUsageError
-from shared.store import LatentStore, RowStatus, ShardPayload, create_store, pixels_shape
-from salt_cache.source import ClipRecord, SsV2Source
+from shared.store import LatentStore
+from salt_cache.identity import open_or_create_store
+from salt_cache.loader import ViewBatches, make_loader, plan_batches
+from salt_cache.source import SsV2Source
 from salt_cache.teacher import Teacher
-from salt_cache.video import MIN_DECODED_SHARE, ClipDecodeError, decode_view
+from salt_cache.writer import ShardAssembler, ShardWriter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    shard: int
-    rows: tuple[int, ...]
-
-
-def plan_batches(store: LatentStore, shards: list[int], batch_size: int) -> list[BatchPlan]:
-    """Teacher batches for the given shards, aligned to shard starts."""
-    plans = []
-    for shard in shards:
-        start, stop = store.shard_range(shard)
-        for first in range(start, stop, batch_size):
-            plans.append(BatchPlan(shard, tuple(range(first, min(first + batch_size, stop)))))
-    return plans
-
-
-class ViewBatches(Dataset):
-    """Item k decodes the clips of batch plan k (runs inside a DataLoader worker)."""
-
-    def __init__(self, clips: list[ClipRecord], plans: list[BatchPlan], view: ViewConfig, decode_threads: int) -> None:
-        self.clips = clips
-        self.plans = plans
-        self.view = view
-        self.decode_threads = decode_threads
-
-    def __len__(self) -> int:
-        return len(self.plans)
-
-    def __getitem__(self, k: int) -> dict:
-        plan = self.plans[k]
-        n = len(plan.rows)
-        pixels = np.zeros(pixels_shape(n), dtype=np.uint8)
-        frame_index = np.full((n, geometry.NUM_FRAMES), -1, dtype=np.int32)
-        errors = [""] * n
-        for i, row in enumerate(plan.rows):
-            clip = self.clips[row]
-            try:
-                pixels[i], frame_index[i] = decode_view(clip.path, clip.clip_id, self.view.sampling,
-                                                        self.view.interpolation, self.decode_threads)
-            except ClipDecodeError as exc:
-                errors[i] = str(exc)
-            except Exception as exc:  # a decoder bug must not kill the build: record it
-                errors[i] = f"unexpected {type(exc).__name__}: {exc}"
-        info = get_worker_info()
-        return {
-            "shard": plan.shard,
-            "rows": np.asarray(plan.rows, dtype=np.int64),
-            "pixels": torch.from_numpy(pixels),
-            "frame_index": frame_index,
-            "errors": errors,
-            "worker": info.id if info is not None else "main",
-        }
-
-
-@dataclass
-class ShardAssembler:
-    """Collects a shard's rows from several batches until every row is decided."""
-
-    payload: ShardPayload
-    start: int
-    remaining: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.remaining = len(self.payload.status)
-
-    @classmethod
-    def empty(cls, store: LatentStore, shard: int) -> "ShardAssembler":
-        start, stop = store.shard_range(shard)
-        n = stop - start
-        payload = ShardPayload(  # filled batch by batch; checked when written
-            index=shard,
-            pixels=np.zeros(pixels_shape(n), np.uint8),
-            latents=np.zeros((n, geometry.NUM_TOKENS, store.teacher_width), np.float16),
-            frame_index=np.full((n, geometry.NUM_FRAMES), -1, np.int32),
-            status=np.full(n, RowStatus.PENDING, np.uint8),
-            error=[""] * n,
-        )
-        return cls(payload, start)
-
-    def add(self, rows: np.ndarray, pixels: np.ndarray, latents: np.ndarray | None,
-            frame_index: np.ndarray, errors: list[str]) -> None:
-        ok = np.array([not e for e in errors])
-        local = rows - self.start
-        p = self.payload
-        p.pixels[local[ok]] = pixels[ok]
-        if latents is not None:
-            p.latents[local[ok]] = latents
-        p.frame_index[local[ok]] = frame_index[ok]
-        p.status[local] = np.where(ok, RowStatus.COMMITTED, RowStatus.FAILED)
-        for i, error in zip(local, errors):
-            p.error[i] = error
-        self.remaining -= len(rows)
-
-    @property
-    def complete(self) -> bool:
-        return self.remaining == 0
 
 
 @dataclass
@@ -192,117 +89,6 @@ class BatchCollector:
         assembler.add(rows, batch["pixels"].numpy(), item.host_latents(), frame_index, errors)
         if assembler.complete:
             self.writer.submit(self.open_shards.pop(shard).payload)
-
-
-class ShardWriter:
-    """Commits shards on a background thread, at most ``depth`` waiting (bounded memory)."""
-
-    def __init__(self, store: LatentStore, depth: int = 2) -> None:
-        self.store = store
-        self.depth = depth
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self.pending: list[Future] = []
-        self.bytes_written = 0
-        self.seconds = 0.0
-
-    def submit(self, payload: ShardPayload) -> None:
-        while len(self.pending) >= self.depth:
-            self.pending.pop(0).result()  # re-raises a writer error here, in the main thread
-        self.pending.append(self.pool.submit(self._write, payload))
-
-    def _write(self, payload: ShardPayload) -> None:
-        started = time.perf_counter()
-        self.store.write_shard(payload)
-        self.seconds += time.perf_counter() - started
-        self.bytes_written += payload.pixels.nbytes + payload.latents.nbytes
-
-    def close(self) -> None:
-        try:
-            for future in self.pending:
-                future.result()
-        finally:
-            self.pool.shutdown(wait=True)
-
-
-def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> dict[str, object]:
-    """What must match for a build to add rows to an existing store."""
-    ids = "\n".join(clip.clip_id for clip in source.clips).encode()
-    return {
-        "teacher_weights_hash": teacher.weights_hash,
-        "teacher_compute_dtype": teacher.compute_dtype,
-        "view": view_attrs(config),
-        "rows_sha256": hashlib.sha256(ids).hexdigest(),
-    }
-
-
-def view_attrs(config: PipelineConfig) -> dict[str, object]:
-    return {
-        "sampling": config.view.sampling,
-        "sampling_rule": "16 equal segments of [0, n), one frame each; offset 0.5 (center) "
-                         "or uniform from numpy default_rng(blake2b-64(clip_id)) (jitter); "
-                         "clips shorter than 16 frames take offset 0.5, so every frame appears and repeats pad",
-        "resize": f"short side to {geometry.IMAGE_SIZE}, swscale {config.view.interpolation} (antialiased)",
-        "crop": f"centre {geometry.IMAGE_SIZE}x{geometry.IMAGE_SIZE}",
-        "mean": list(geometry.PIXEL_MEAN),
-        "std": list(geometry.PIXEL_STD),
-        "truncation_rule": f"fail when under {MIN_DECODED_SHARE:.0%} of the declared duration decodes",
-    }
-
-
-def _describe_mismatch(found: dict, wanted: dict) -> str:
-    keys = [k for k in wanted if found.get(k) != wanted[k]]
-    messages = {
-        "teacher_weights_hash": "another teacher",
-        "teacher_compute_dtype": "another teacher precision",
-        "view": "another view recipe",
-        "rows_sha256": "another clip list (split, --limit or source)",
-    }
-    return ", ".join(messages.get(k, k) for k in keys)
-
-
-def open_or_create_store(out: Path, teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> LatentStore:
-    identity = store_identity(teacher, config, source)
-    if out.exists():
-        store = LatentStore.open(out, writable=True)
-        found = store.attrs.get("identity", {})
-        if found != identity:
-            raise SaltUsageError(
-                f"store {out} was built with {_describe_mismatch(found, identity)} "
-                f"(teacher {store.attrs.get('teacher', {}).get('name')}); refusing to mix. "
-                "Pass a new --out, or delete the store to rebuild it"
-            )
-        return store
-    return create_store(
-        out,
-        clip_ids=[clip.clip_id for clip in source.clips],
-        labels=[clip.label for clip in source.clips],
-        teacher_width=teacher.width,
-        shard_rows=config.store.shard_rows,
-        pixels_zstd_level=config.store.pixels_zstd_level,
-        attrs={
-            "identity": identity,
-            "teacher": teacher.identity(),
-            "view": view_attrs(config),
-            "source": source.to_attrs(),
-            "pipeline": dump_pipeline(config),
-            "versions": {"torch": torch.__version__, "zarr": __import__("zarr").__version__,
-                         "av": __import__("av").__version__,
-                         "transformers": __import__("transformers").__version__},
-        },
-    )
-
-
-def make_loader(dataset: ViewBatches, config: PipelineConfig, device: torch.device) -> DataLoader:
-    settings = config.loader
-    kwargs: dict = {"batch_size": None, "shuffle": False, "num_workers": settings.num_workers,
-                    "pin_memory": settings.pin_memory and device.type == "cuda"}
-    if settings.num_workers > 0:
-        context = settings.multiprocessing_context
-        if context not in multiprocessing.get_all_start_methods():
-            context = "spawn"
-        kwargs.update(prefetch_factor=settings.prefetch_factor, persistent_workers=settings.persistent_workers,
-                      multiprocessing_context=context)
-    return DataLoader(dataset, **kwargs)
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""What a store was built from, and the refusal to mix another teacher, recipe or clip list into it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import av
+import torch
+import transformers
+import zarr
+
+from shared import geometry
+from shared.config import PipelineConfig, dump_pipeline
+from shared.errors import SaltUsageError
+from shared.store import LatentStore, create_store
+from salt_cache.source import SsV2Source
+from salt_cache.teacher import Teacher
+from salt_cache.video import MIN_DECODED_SHARE
+
+
+def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> dict[str, object]:
+    """What must match for a build to add rows to an existing store."""
+    ids = "\n".join(clip.clip_id for clip in source.clips).encode()
+    return {
+        "teacher_weights_hash": teacher.weights_hash,
+        "teacher_compute_dtype": teacher.compute_dtype,
+        "view": view_attrs(config),
+        "rows_sha256": hashlib.sha256(ids).hexdigest(),
+    }
+
+
+def view_attrs(config: PipelineConfig) -> dict[str, object]:
+    return {
+        "sampling": config.view.sampling,
+        "sampling_rule": "16 equal segments of [0, n), one frame each; offset 0.5 (center) "
+                         "or uniform from numpy default_rng(blake2b-64(clip_id)) (jitter); "
+                         "clips shorter than 16 frames take offset 0.5, so every frame appears and repeats pad",
+        "resize": f"short side to {geometry.IMAGE_SIZE}, swscale {config.view.interpolation} (antialiased)",
+        "crop": f"centre {geometry.IMAGE_SIZE}x{geometry.IMAGE_SIZE}",
+        "mean": list(geometry.PIXEL_MEAN),
+        "std": list(geometry.PIXEL_STD),
+        "truncation_rule": f"fail when under {MIN_DECODED_SHARE:.0%} of the declared duration decodes",
+    }
+
+
+def _describe_mismatch(found: dict, wanted: dict) -> str:
+    keys = [k for k in wanted if found.get(k) != wanted[k]]
+    messages = {
+        "teacher_weights_hash": "another teacher",
+        "teacher_compute_dtype": "another teacher precision",
+        "view": "another view recipe",
+        "rows_sha256": "another clip list (split, --limit or source)",
+    }
+    return ", ".join(messages.get(k, k) for k in keys)
+
+
+def open_or_create_store(out: Path, teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> LatentStore:
+    identity = store_identity(teacher, config, source)
+    if out.exists():
+        store = LatentStore.open(out, writable=True)
+        found = store.attrs.get("identity", {})
+        if found != identity:
+            raise SaltUsageError(
+                f"store {out} was built with {_describe_mismatch(found, identity)} "
+                f"(teacher {store.attrs.get('teacher', {}).get('name')}); refusing to mix. "
+                "Pass a new --out, or delete the store to rebuild it"
+            )
+        return store
+    return create_store(
+        out,
+        clip_ids=[clip.clip_id for clip in source.clips],
+        labels=[clip.label for clip in source.clips],
+        teacher_width=teacher.width,
+        shard_rows=config.store.shard_rows,
+        pixels_zstd_level=config.store.pixels_zstd_level,
+        attrs={
+            "identity": identity,
+            "teacher": teacher.identity(),
+            "view": view_attrs(config),
+            "source": source.to_attrs(),
+            "pipeline": dump_pipeline(config),
+            "versions": {"torch": torch.__version__, "zarr": zarr.__version__, "av": av.__version__,
+                         "transformers": transformers.__version__},
+        },
+    )
