@@ -52,7 +52,8 @@ def launch_teacher(teacher: Teacher, batch: dict) -> TeacherBatch:
     ok = torch.tensor([not error for error in batch["errors"]])
     if not ok.any():
         return TeacherBatch(batch, None, None)
-    latents = teacher.encode(batch["pixels"][ok])
+    # Indexing copies into unpinned memory: keep the pinned batch when every clip decoded.
+    latents = teacher.encode(batch["pixels"] if ok.all() else batch["pixels"][ok])
     if latents.device.type != "cuda":
         return TeacherBatch(batch, latents, None)
     host = latents.to("cpu", non_blocking=True)  # lands in pinned memory
@@ -64,7 +65,7 @@ def launch_teacher(teacher: Teacher, batch: dict) -> TeacherBatch:
 class BatchCollector:
     """Logs failures, fills shard assemblers, and hands complete shards to the writer."""
 
-    def __init__(self, store: LatentStore, source: SsV2Source, writer: "ShardWriter") -> None:
+    def __init__(self, store: LatentStore, source: SsV2Source, writer: ShardWriter) -> None:
         self.store = store
         self.source = source
         self.writer = writer
