@@ -19,8 +19,8 @@ import torch
 
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
-from shared.store import LatentStore
-from salt_cache.identity import open_or_create_store
+from shared.store import LatentStore, build_lock
+from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.source import SsV2Source
 from salt_cache.teacher import Teacher
@@ -127,23 +127,44 @@ class BuildReport:
 
 
 def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out: Path) -> BuildReport:
-    """Build (or resume) the store at ``out``; returns counts and rates."""
-    store = open_or_create_store(out, teacher, config, source)
-    shards = store.pending_shards()
-    plans = plan_batches(store, shards, config.teacher.batch_size)
-    todo = sum(len(plan.rows) for plan in plans)
+    """Build (or resume) the store at ``out``; returns counts and rates.
+
+    A finished store is only read (a rerun on a read-only mount works); any writing happens
+    under the store's lock.
+    """
+    if out.exists():
+        store = open_matching_store(out, store_identity(teacher, config, source), writable=False)
+        if not store.pending_shards():
+            _print_plan(store, source, teacher, config, [], 0)
+            return _report(store, todo=0, failed=0, seconds=0.0, writer=None)
+    with build_lock(out):
+        store = open_or_create_store(out, teacher, config, source)
+        store.remove_partial_files()  # what a killed writer left; nobody else writes now
+        return _build_pending(store, source, teacher, config)
+
+
+def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
+                shards: list[int], todo: int) -> None:
     counts = store.counts()
     print_block("salt-cache build", {
         **source.describe(),
-        "store": f"{out} ({counts['committed']} committed, {counts['failed']} failed, {todo} to do)",
+        "store": f"{store.path} ({counts['committed']} committed, {counts['failed']} failed, {todo} to do)",
         "teacher": f"{teacher.name} (width {teacher.width}, {teacher.compute_dtype}, hash {teacher.weights_hash[:12]})",
         "device": teacher.device,
         "shards": f"{store.num_shards} of {store.shard_rows} rows, {len(shards)} to do",
         "loader": (f"workers={config.loader.num_workers} prefetch={config.loader.prefetch_factor} "
                    f"pin_memory={config.loader.pin_memory and teacher.device.type == 'cuda'} "
-                   f"persistent={config.loader.persistent_workers} context={config.loader.multiprocessing_context}"),
+                   f"persistent={config.loader.persistent_workers} context={config.loader.multiprocessing_context} "
+                   f"decode_threads={config.loader.decode_threads}"),
         "teacher batch": config.teacher.batch_size,
     })
+
+
+def _build_pending(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig) -> BuildReport:
+    shards = store.pending_shards()
+    plans = plan_batches(store, shards, config.teacher.batch_size)
+    todo = sum(len(plan.rows) for plan in plans)
+    _print_plan(store, source, teacher, config, shards, todo)
     started = time.perf_counter()
     writer = ShardWriter(store)
     collector = BatchCollector(store, source, writer)
@@ -157,11 +178,12 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
                 if in_flight is not None:
                     collector.add(in_flight)  # host work for batch k-1 overlaps the GPU on batch k
                     bar.update(in_flight.size)
+                    bar.set_postfix(failed=collector.failed, refresh=False)
                 in_flight = current
-                bar.set_postfix(failed=collector.failed, refresh=False)
             if in_flight is not None:
                 collector.add(in_flight)
                 bar.update(in_flight.size)
+                bar.set_postfix(failed=collector.failed)
         finally:
             bar.close()
             writer.close()
@@ -170,8 +192,13 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
     if counts["pending"] == 0:
         store.update_attrs(build={"complete": True, "committed": counts["committed"], "failed": counts["failed"],
                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return _report(store, todo, collector.failed, seconds, writer)
+
+
+def _report(store: LatentStore, todo: int, failed: int, seconds: float, writer: ShardWriter | None) -> BuildReport:
+    counts = store.counts()
     return BuildReport(
         rows=counts["rows"], committed=counts["committed"], failed=counts["failed"], pending=counts["pending"],
-        processed_this_run=todo, failed_this_run=collector.failed, seconds=seconds, disk_bytes=store.disk_bytes(),
-        write_mb_per_s=(writer.bytes_written / 1e6 / writer.seconds) if writer.seconds else 0.0,
+        processed_this_run=todo, failed_this_run=failed, seconds=seconds, disk_bytes=store.disk_bytes(),
+        write_mb_per_s=(writer.bytes_written / 1e6 / writer.seconds) if writer and writer.seconds else 0.0,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import av
@@ -13,7 +12,7 @@ import zarr
 from shared import geometry
 from shared.config import PipelineConfig, dump_pipeline
 from shared.errors import SaltUsageError
-from shared.store import LatentStore, create_store
+from shared.store import LatentStore, clip_ids_sha256, create_store
 from salt_cache.source import SsV2Source
 from salt_cache.teacher import Teacher
 from salt_cache.video import MIN_DECODED_SHARE
@@ -21,12 +20,11 @@ from salt_cache.video import MIN_DECODED_SHARE
 
 def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> dict[str, object]:
     """What must match for a build to add rows to an existing store."""
-    ids = "\n".join(clip.clip_id for clip in source.clips).encode()
     return {
         "teacher_weights_hash": teacher.weights_hash,
         "teacher_compute_dtype": teacher.compute_dtype,
         "view": view_attrs(config),
-        "rows_sha256": hashlib.sha256(ids).hexdigest(),
+        "rows_sha256": clip_ids_sha256([clip.clip_id for clip in source.clips]),
     }
 
 
@@ -55,18 +53,23 @@ def _describe_mismatch(found: dict, wanted: dict) -> str:
     return ", ".join(messages.get(k, k) for k in keys)
 
 
+def open_matching_store(out: Path, identity: dict[str, object], writable: bool) -> LatentStore:
+    """Open an existing store, refusing one built from another teacher, recipe or clip list."""
+    store = LatentStore.open(out, writable=writable)
+    found = store.attrs.get("identity", {})
+    if found != identity:
+        raise SaltUsageError(
+            f"store {out} was built with {_describe_mismatch(found, identity)} "
+            f"(teacher {store.attrs.get('teacher', {}).get('name')}); refusing to mix. "
+            "Pass a new --out, or delete the store to rebuild it"
+        )
+    return store
+
+
 def open_or_create_store(out: Path, teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> LatentStore:
     identity = store_identity(teacher, config, source)
     if out.exists():
-        store = LatentStore.open(out, writable=True)
-        found = store.attrs.get("identity", {})
-        if found != identity:
-            raise SaltUsageError(
-                f"store {out} was built with {_describe_mismatch(found, identity)} "
-                f"(teacher {store.attrs.get('teacher', {}).get('name')}); refusing to mix. "
-                "Pass a new --out, or delete the store to rebuild it"
-            )
-        return store
+        return open_matching_store(out, identity, writable=True)
     return create_store(
         out,
         clip_ids=[clip.clip_id for clip in source.clips],

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import VideoMAEConfig, VideoMAEModel
+from transformers import PretrainedConfig, VideoMAEConfig, VideoMAEModel
 from transformers.utils import logging as hf_logging
 
 from shared import geometry
@@ -77,8 +77,17 @@ def _check_geometry(config: VideoMAEConfig, name: str) -> None:
         raise SaltUsageError(f"teacher {name} has geometry {wrong}; SALT needs {expected}")
 
 
+def resolve_teacher_name(name: str) -> str:
+    """Built-ins and hub ids as given; a local folder as an absolute path, so that the store
+    records where it was wherever the build ran (``verify --deep`` reloads it from there)."""
+    local = Path(name).expanduser()
+    if name.startswith("builtin:") or not local.exists():
+        return name
+    return str(local.resolve())
+
+
 def load_teacher_model(name: str) -> VideoMAEModel:
-    """A hub id, a local ``save_pretrained`` folder, or ``builtin:tiny-videomae``."""
+    """A hub id, a local ``save_pretrained`` folder, or a built-in (``builtin:tiny-videomae``)."""
     if name in BUILTIN_CONFIGS:
         return build_builtin_teacher(name)
     if name.startswith("builtin:"):
@@ -86,20 +95,34 @@ def load_teacher_model(name: str) -> VideoMAEModel:
     local = Path(name).expanduser()
     if local.exists() and not local.is_dir():
         raise SaltUsageError(f"--teacher {name} is a file; pass a save_pretrained folder or a hub id")
-    # A local folder has nothing to download: silence transformers' per-tensor "Loading weights"
-    # bar, which would otherwise sit on stderr above a one-line usage error (hub downloads keep theirs).
-    quiet = local.is_dir() and hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
+    if not local.exists() and (local.is_absolute() or name.startswith((".", "~"))):
+        raise SaltUsageError(f"teacher folder {name} does not exist")
+    # Quiet while loading: the per-tensor progress bar and the load report (a classification
+    # checkpoint's unused head) would otherwise sit on stderr on every run.
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
-        model = VideoMAEModel.from_pretrained(str(local) if local.is_dir() else name,
-                                              attn_implementation="sdpa", dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        config = PretrainedConfig.get_config_dict(str(local) if local.is_dir() else name)[0]
+        if config.get("model_type") != "videomae":
+            raise SaltUsageError(f"teacher {name} is a {config.get('model_type')!r} model, not VideoMAE")
+        model, info = VideoMAEModel.from_pretrained(str(local) if local.is_dir() else name, output_loading_info=True,
+                                                    attn_implementation="sdpa", dtype=torch.float32)
+    except SaltUsageError:
+        raise
+    except Exception as exc:  # transformers raises many types for a bad or absent checkpoint
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise SaltUsageError(f"cannot load teacher {name}: {first}") from None
     finally:
-        if quiet:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
             hf_logging.enable_progress_bar()
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise SaltUsageError(f"teacher {name} lacks {len(missing)} VideoMAE weights (first: {missing[0]}); "
+                             "they would be random")
     return model
 
 
@@ -147,6 +170,8 @@ class Teacher:
 
 
 def resolve_device(device: str) -> torch.device:
+    if device not in ("auto", "cpu", "cuda"):
+        raise SaltUsageError(f"--device {device}: expected auto, cpu or cuda")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -165,6 +190,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 def load_teacher(name: str, device: str = "auto", dtype: str = "auto") -> Teacher:
     """Load, freeze and fingerprint the teacher, ready for ``encode``."""
     torch_device = resolve_device(device)
+    name = resolve_teacher_name(name)
     model = load_teacher_model(name)
     _check_geometry(model.config, name)
     model.requires_grad_(False).eval()

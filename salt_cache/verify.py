@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from shared import geometry
 from shared.console import progress
-from shared.store import STATUS_UNREADABLE, LatentStore, RowStatus, row_checksum
+from shared.errors import SaltUsageError
+from shared.store import STATUS_UNREADABLE, LatentStore, RowStatus, clip_ids_sha256, labels_sha256, row_checksum
+
+if TYPE_CHECKING:
+    from salt_cache.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
-REQUIRED_ATTRS = ("schema_version", "geometry", "teacher", "latent_dtype", "view", "source", "checksums", "identity")
+REQUIRED_ATTRS = ("schema_version", "geometry", "teacher", "latent_dtype", "view", "source", "checksums", "identity", "source_rows")
 # Relative L2 error allowed between stored latents and a re-run: fp16 storage
 # alone gives ~5e-4; a half-precision build re-checked in fp32 a few 1e-3.
 DEEP_TOLERANCE = {"float32": 1e-2, "float16": 3e-2, "bfloat16": 6e-2}
@@ -83,7 +88,24 @@ def check_schema(store: LatentStore, report: VerifyReport) -> bool:
     recorded_width = store.attrs.get("teacher", {}).get("width")
     if recorded_width is not None and recorded_width != width:
         report.problems.append(Problem(f"latents width {width} differs from the recorded teacher width {recorded_width}"))
+    if sound:
+        check_source_rows(store, report)
     return sound
+
+
+def check_source_rows(store: LatentStore, report: VerifyReport) -> None:
+    """clip_id and label have no per-row checksums: compare them with the digests taken at creation."""
+    recorded = store.attrs.get("source_rows", {})
+    try:
+        ids = [str(i) for i in store.array("clip_id")[:]]
+        labels = store.array("label")[:]
+    except Exception as exc:
+        report.problems.append(Problem(f"clip_id or label unreadable ({type(exc).__name__}: {exc})"))
+        return
+    if clip_ids_sha256(ids) != recorded.get("clip_id_sha256"):
+        report.problems.append(Problem("clip_id array differs from the ids the store was created with"))
+    if labels_sha256(labels) != recorded.get("label_sha256"):
+        report.problems.append(Problem("label array differs from the labels the store was created with"))
 
 
 def _read_shard(store: LatentStore, start: int, stop: int) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -139,18 +161,28 @@ def check_rows(store: LatentStore, report: VerifyReport, status: np.ndarray) -> 
     bar.close()
 
 
-def deep_check(store: LatentStore, k: int, device: str, report: VerifyReport, status: np.ndarray) -> None:
-    """Re-run the recorded teacher on ``k`` committed rows and compare with the stored latents."""
+def load_recorded_teacher(store: LatentStore, device: str) -> Teacher:
+    """The teacher the store names, loaded before the long row scan so a missing one fails fast."""
     from salt_cache.teacher import load_teacher  # only deep checks need torch models
 
+    name = store.attrs.get("teacher", {}).get("name", "")
+    try:
+        return load_teacher(name, device=device)
+    except SaltUsageError as err:
+        raise SaltUsageError(f"--deep needs the store's teacher, which is not available: {err}") from None
+
+
+def deep_check(store: LatentStore, teacher: Teacher, k: int, report: VerifyReport, status: np.ndarray) -> None:
+    """Re-run the recorded teacher on ``k`` committed rows that passed the row checks and compare
+    with the stored latents (a damaged row is already named; re-running it proves nothing)."""
     recorded = store.attrs.get("teacher", {})
-    teacher = load_teacher(recorded.get("name", ""), device=device)
     if teacher.weights_hash != recorded.get("weights_hash"):
         report.problems.append(Problem(
             f"teacher {teacher.name} now has weights {teacher.weights_hash[:12]}, the store recorded "
             f"{str(recorded.get('weights_hash'))[:12]}: cannot deep-check"))
         return
-    committed = np.flatnonzero(status == RowStatus.COMMITTED)
+    damaged = {problem.row for problem in report.problems}
+    committed = np.array([row for row in np.flatnonzero(status == RowStatus.COMMITTED) if row not in damaged])
     if len(committed) == 0 or k <= 0:
         return
     chosen = committed[np.linspace(0, len(committed) - 1, min(k, len(committed))).round().astype(int)]
@@ -170,6 +202,7 @@ def deep_check(store: LatentStore, k: int, device: str, report: VerifyReport, st
 
 def verify_store(path: str, deep: int = 0, device: str = "auto") -> VerifyReport:
     store = LatentStore.open(path)
+    teacher = load_recorded_teacher(store, device) if deep > 0 else None
     status = store.status()
     report = VerifyReport(store=str(path), rows=len(status), committed=int(np.sum(status == RowStatus.COMMITTED)),
                           failed=int(np.sum(status == RowStatus.FAILED)),
@@ -177,5 +210,5 @@ def verify_store(path: str, deep: int = 0, device: str = "auto") -> VerifyReport
     if check_schema(store, report):
         check_rows(store, report, status)
         if deep > 0:
-            deep_check(store, deep, device, report, status)
+            deep_check(store, teacher, deep, report, status)
     return report

@@ -160,7 +160,7 @@ def load_pipeline(pipeline: str | Path | None = None, overrides: dict[str, Any] 
         source = f"pipeline {path}"
         try:
             loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SaltUsageError(f"{source}: cannot read YAML ({first_line})") from None
         if loaded is None:

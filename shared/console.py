@@ -11,15 +11,21 @@ from tqdm import tqdm
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+OUR_LOGGERS = ("salt_cache", "salt_train", "shared")
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr once per process (workers inherit the format via forkserver/spawn setup)."""
+    """Log our packages to stderr, once per process. Libraries (transformers, huggingface_hub)
+    keep their own handlers: a root handler would print each of their warnings twice."""
     level = logging.DEBUG if verbose else logging.INFO
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
-        root.addHandler(handler)
-    root.setLevel(level)
+    for name in OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+            logger.addHandler(handler)
+            logger.propagate = False
+        logger.setLevel(level)
 
 
 def format_bytes(count: float) -> str:

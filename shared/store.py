@@ -14,11 +14,13 @@ the shard's rows pending, and a resumed build redoes the whole shard.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -42,6 +44,7 @@ CHECKSUM_ALGORITHM = "blake2b-64 of the row's C-order bytes"
 DATA_ARRAYS = ("pixels", "latents", "frame_index", "pixels_checksum", "latents_checksum", "error")
 SOURCE_ARRAYS = ("clip_id", "label")
 CONTRACT_ARRAYS = ("pixels", "latents", "clip_id", "label", "frame_index", "status")
+ALL_ARRAYS = tuple(dict.fromkeys(CONTRACT_ARRAYS + DATA_ARRAYS))
 
 
 class RowStatus(IntEnum):
@@ -58,6 +61,30 @@ def row_checksum(row: np.ndarray) -> int:
     """A 64-bit digest of one row's bytes, stored beside the row and re-checked by verify."""
     digest = hashlib.blake2b(np.ascontiguousarray(row).data, digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+def clip_ids_sha256(clip_ids: list[str]) -> str:
+    """Digest of the row order (part of a store's identity; verify re-checks the clip_id array)."""
+    return hashlib.sha256("\n".join(clip_ids).encode()).hexdigest()
+
+
+def labels_sha256(labels: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(labels, dtype="<i4").tobytes()).hexdigest()
+
+
+@contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Hold ``<store>.lock`` (flock) while writing: a second writer is refused, not interleaved.
+    The kernel drops the lock when the process dies, kill -9 included."""
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SaltUsageError(f"another build is writing {path} (it holds {lock_path}); "
+                                 "wait for it to finish or stop it") from None
+        yield
 
 
 def pixels_shape(rows: int) -> tuple[int, ...]:
@@ -95,14 +122,26 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _damaged_attrs(attrs: dict[str, Any]) -> str:
+    """What is wrong with the attributes the code relies on ("" when sound)."""
+    shard_rows = attrs.get("shard_rows")
+    if not isinstance(shard_rows, int) or isinstance(shard_rows, bool) or shard_rows <= 0:
+        return f"shard_rows is {shard_rows!r}"
+    for key in ("identity", "teacher", "source", "view"):
+        if key in attrs and not isinstance(attrs[key], dict):
+            return f"{key} is {type(attrs[key]).__name__}, not a mapping"
+    return ""
+
+
 class LatentStore:
     """Reader and writer of one store. Open with :meth:`open` or :func:`create_store`."""
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
+    def __init__(self, path: Path, group: zarr.Group, arrays: dict[str, zarr.Array]) -> None:
         self.path = path
         self.group = group
+        self.arrays = arrays  # opened once: each group[name] re-reads the array's metadata
         self.attrs: dict[str, Any] = dict(group.attrs.get(ATTRS_KEY, {}))
-        self.shard_rows = int(self.attrs.get("shard_rows", 0)) or int(self.group["status"].chunks[0])
+        self.shard_rows = int(self.attrs["shard_rows"])
 
     # ---- opening -----------------------------------------------------------------
     @classmethod
@@ -124,18 +163,26 @@ class LatentStore:
             raise SaltUsageError(
                 f"store {path} has schema version {attrs.get('schema_version')}, this SALT reads {SCHEMA_VERSION}"
             )
-        missing = [name for name in CONTRACT_ARRAYS + DATA_ARRAYS if name not in group]
+        damaged = _damaged_attrs(attrs)
+        if damaged:
+            raise SaltUsageError(f"store {path} has damaged attributes: {damaged}")
+        arrays: dict[str, zarr.Array] = {}
+        missing = []
+        for name in ALL_ARRAYS:
+            try:
+                arrays[name] = group[name]
+            except KeyError:
+                missing.append(name)
+            except Exception as exc:  # garbage in the array's zarr.json
+                raise SaltUsageError(f"store {path}: metadata of array {name} unreadable ({type(exc).__name__})") from None
         if missing:
             raise SaltUsageError(f"store {path} lacks arrays: {', '.join(missing)}")
-        store = cls(path, group)
-        if writable:
-            store.remove_partial_files()
-        return store
+        return cls(path, group, arrays)
 
     # ---- geometry of rows and shards ---------------------------------------------
     @property
     def rows(self) -> int:
-        return int(self.group["status"].shape[0])
+        return int(self.arrays["status"].shape[0])
 
     @property
     def num_shards(self) -> int:
@@ -143,21 +190,21 @@ class LatentStore:
 
     @property
     def teacher_width(self) -> int:
-        return int(self.group["latents"].shape[2])
+        return int(self.arrays["latents"].shape[2])
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_rows
         return start, min(start + self.shard_rows, self.rows)
 
     def array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        return self.arrays[name]
 
     # ---- reading ------------------------------------------------------------------
     def status(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Status of rows [start, stop); rows of a damaged status chunk read as STATUS_UNREADABLE."""
         stop = self.rows if stop is None else stop
         try:
-            return np.asarray(self.group["status"][start:stop])
+            return np.asarray(self.arrays["status"][start:stop])
         except Exception:  # rare: find the damaged chunks shard by shard
             status = np.full(stop - start, STATUS_UNREADABLE, np.uint8)
             for _, first, last in self.iter_shards():
@@ -165,7 +212,7 @@ class LatentStore:
                 if lo >= hi:
                     continue
                 try:
-                    status[lo - start:hi - start] = self.group["status"][lo:hi]
+                    status[lo - start:hi - start] = self.arrays["status"][lo:hi]
                 except Exception as exc:
                     log.warning("status of rows [%d, %d) unreadable: %s: %s", lo, hi, type(exc).__name__, exc)
             return status
@@ -173,14 +220,14 @@ class LatentStore:
     def clip_ids(self) -> np.ndarray:
         """Clip ids; an unreadable array gives "?" so a report can still name rows."""
         try:
-            return np.asarray(self.group["clip_id"][:])
+            return np.asarray(self.arrays["clip_id"][:])
         except Exception as exc:
             log.warning("clip_id array unreadable: %s: %s", type(exc).__name__, exc)
             return np.full(self.rows, "?", dtype=object)
 
     def read_rows(self, start: int, stop: int, names: tuple[str, ...] = ("pixels", "latents")) -> dict[str, np.ndarray]:
         """Contiguous rows ``[start, stop)``: one range read per array and shard."""
-        return {name: np.asarray(self.group[name][start:stop]) for name in names}
+        return {name: np.asarray(self.arrays[name][start:stop]) for name in names}
 
     def pending_shards(self) -> list[int]:
         """Shards that still hold a pending (or unreadable) row: the work a resumed build must do."""
@@ -204,7 +251,7 @@ class LatentStore:
         if len(rows) == 0:
             return []
         ids = self.clip_ids()
-        errors = np.asarray(self.group["error"][:])
+        errors = np.asarray(self.arrays["error"][:])
         return [(int(r), str(ids[r]), str(errors[r])) for r in rows]
 
     def disk_bytes(self) -> int:
@@ -234,13 +281,13 @@ class LatentStore:
             for name in DATA_ARRAYS:
                 self._shard_path(payload.index, name).unlink(missing_ok=True)
         for name in DATA_ARRAYS:
-            self.group[name][start:stop] = values[name]
+            self.arrays[name][start:stop] = values[name]
         self._fsync_shard(payload.index, DATA_ARRAYS)
-        self.group["status"][start:stop] = payload.status.astype(np.uint8)
+        self.arrays["status"][start:stop] = payload.status.astype(np.uint8)
         self._fsync_shard(payload.index, ("status",))
 
     def _shard_path(self, shard: int, name: str) -> Path:
-        array = self.group[name]
+        array = self.arrays[name]
         return self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
 
     def _fsync_shard(self, shard: int, names: tuple[str, ...]) -> None:
@@ -323,6 +370,7 @@ def create_store(
                 "arrays": {"pixels": "pixels_checksum", "latents": "latents_checksum"},
             },
             "row_status": {s.name.lower(): int(s) for s in RowStatus},
+            "source_rows": {"clip_id_sha256": clip_ids_sha256(list(clip_ids)), "label_sha256": labels_sha256(labels)},
             **attrs,
         }})
         os.replace(staging, path)
