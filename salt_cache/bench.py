@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -21,59 +23,92 @@ import torch
 from shared import geometry
 from shared.config import PipelineConfig
 from shared.console import format_bytes
+from shared.errors import SaltUsageError
 from shared.flops import vit_forward_flops
-from shared.store import RowStatus, ShardPayload, create_store
+from shared.store import RowStatus, ShardPayload, create_store, pixels_shape
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
-from salt_cache.source import discover
+from salt_cache.source import ClipRecord, discover
 from salt_cache.teacher import Teacher, load_teacher
-from salt_cache.video import decode_view
+from salt_cache.video import ClipDecodeError, decode_view
+
+log = logging.getLogger(__name__)
 
 
 def plain_pyav_decode(path: Path) -> int:
     """The baseline a user would write: decode every frame to an RGB array."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        return sum(1 for frame in container.decode(stream) if frame.to_ndarray(format="rgb24") is not None)
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            return sum(1 for frame in container.decode(stream) if frame.to_ndarray(format="rgb24") is not None)
+    except (av.FFmpegError, OSError, IndexError) as exc:  # IndexError: no video stream
+        raise ClipDecodeError(f"plain PyAV decode failed: {exc}") from None
 
 
 def _rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
-def time_decode(paths: list[tuple[str, Path]]) -> tuple[float, float]:
-    started = time.perf_counter()
-    for _, path in paths:
-        plain_pyav_decode(path)
-    plain = _rate(len(paths), time.perf_counter() - started)
-    started = time.perf_counter()
-    for clip_id, path in paths:
-        decode_view(path, clip_id)
-    ours = _rate(len(paths), time.perf_counter() - started)
-    return plain, ours
+@dataclass
+class DecodeTiming:
+    plain: float  # clips/s, plain PyAV loop
+    ours: float  # clips/s, decode_view
+    good: list[ClipRecord]  # clips both decoders read
+    skipped: list[str]  # ids of clips either decoder could not read (missing, corrupt, ...)
+    views: np.ndarray  # the first few good views, for the store-write figure
 
 
-def time_loader_decode(source, workers: int, batch_size: int, scratch: Path) -> float:
-    """Steady-state clips/s of ViewBatches through a real DataLoader.
+def time_decode(clips: list[ClipRecord], keep_views: int = 16) -> DecodeTiming:
+    """Time both decoders over ``clips``; a clip that fails either is skipped in every later phase."""
+    failed: set[str] = set()
+    decoded = 0
+    started = time.perf_counter()
+    for clip in clips:
+        try:
+            plain_pyav_decode(clip.path)
+            decoded += 1
+        except ClipDecodeError:
+            failed.add(clip.clip_id)
+    plain = _rate(decoded, time.perf_counter() - started)
+    decoded, views = 0, []
+    started = time.perf_counter()
+    for clip in clips:
+        try:
+            view, _ = decode_view(clip.path, clip.clip_id)
+            decoded += 1
+        except ClipDecodeError:
+            failed.add(clip.clip_id)
+            continue
+        if len(views) < keep_views:
+            views.append(view)
+    ours = _rate(decoded, time.perf_counter() - started)
+    good = [clip for clip in clips if clip.clip_id not in failed]
+    kept = np.stack(views) if views else np.empty(pixels_shape(0), np.uint8)
+    return DecodeTiming(plain, ours, good, [c.clip_id for c in clips if c.clip_id in failed], kept)
+
+
+def time_loader_decode(clips: list[ClipRecord], workers: int, batch_size: int, scratch: Path) -> float | None:
+    """Steady-state clips/s of ViewBatches through a real DataLoader; None with too few clips.
 
     The first workers x prefetch_factor batches are decoded during worker start-up and arrive
     at once; the clock starts after them, so only batches produced at the running rate count.
+    Rows that fail to decode are not counted.
     """
     config = PipelineConfig()
     config.loader.num_workers = workers
     config.loader.persistent_workers = False
-    store = _scratch_store(scratch / "plan.zarr", len(source.clips), 1, batch_size)
+    store = _scratch_store(scratch / "plan.zarr", len(clips), 1, batch_size)
     plans = plan_batches(store, list(range(store.num_shards)), batch_size)
     warm = workers * config.loader.prefetch_factor
     if len(plans) <= warm + 1:
-        return float("nan")  # too few clips for a steady state
-    dataset = ViewBatches(source.clips, plans, config.view, config.loader.decode_threads)
+        return None  # too few clips for a steady state
+    dataset = ViewBatches(clips, plans, config.view, config.loader.decode_threads)
     count, started = 0, 0.0
     for k, batch in enumerate(make_loader(dataset, config, torch.device("cpu"))):
         if k == warm:
             started = time.perf_counter()
         elif k > warm:
-            count += len(batch["rows"])
+            count += sum(1 for error in batch["errors"] if not error)
     return _rate(count, time.perf_counter() - started)
 
 
@@ -150,16 +185,25 @@ def _sync(device: torch.device) -> None:
 def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers: int,
               device: str, scratch: Path | None) -> dict[str, str]:
     source = discover(src, "train", clips)
-    paths = [(clip.clip_id, clip.path) for clip in source.clips if clip.path.exists()]
-    figures: dict[str, str] = {"clips": str(len(paths)), "torch threads": str(torch.get_num_threads())}
+    figures: dict[str, str] = {"clips": "", "clips skipped (undecodable)": "",
+                               "torch threads": str(torch.get_num_threads())}
     work = Path(tempfile.mkdtemp(prefix="salt-bench-", dir=scratch))
     try:
-        plain, ours = time_decode(paths)
-        figures["decode, plain PyAV loop (1 proc)"] = f"{plain:.1f} clips/s"
-        figures["decode, salt view (1 proc)"] = f"{ours:.1f} clips/s"
+        decode = time_decode(source.clips)
+        if not decode.good:
+            raise SaltUsageError(f"none of the {len(source.clips)} clips of {source.split_file} could be decoded "
+                                 f"(missing or corrupt videos under {source.video_dir})")
+        figures["clips"] = str(len(decode.good))
+        figures["clips skipped (undecodable)"] = str(len(decode.skipped))
+        if decode.skipped:
+            log.warning("bench skips %d undecodable clips (first: %s)", len(decode.skipped), decode.skipped[0])
+        figures["decode, plain PyAV loop (1 proc)"] = f"{decode.plain:.1f} clips/s"
+        figures["decode, salt view (1 proc)"] = f"{decode.ours:.1f} clips/s"
         if workers > 0:
-            loader_rate = time_loader_decode(source, workers, batch_size, work)
-            figures[f"decode, DataLoader ({workers} workers, steady state)"] = f"{loader_rate:.1f} clips/s"
+            loader_rate = time_loader_decode(decode.good, workers, batch_size, work)
+            figures[f"decode, DataLoader ({workers} workers, steady state)"] = (
+                f"{loader_rate:.1f} clips/s" if loader_rate is not None
+                else "n/a (needs more than workers x prefetch batches; use more --clips)")
 
         teacher = load_teacher(teacher_name, device=device)
         per_clip = vit_forward_flops(geometry.NUM_TOKENS, teacher.width, teacher.model.config.num_hidden_layers,
@@ -177,8 +221,7 @@ def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers
         figures["bf16 autocast vs fp32 (rel L2)"] = f"{drift['bfloat16']:.2e}"
         figures["fp16 autocast vs fp32 (rel L2)"] = f"{drift['float16']:.2e}"
 
-        views = np.stack([decode_view(path, clip_id)[0] for clip_id, path in paths[: max(4, min(16, len(paths)))]])
-        write_rate, per_row = time_store_write(views, teacher.width, shard_rows=4, scratch=work)
+        write_rate, per_row = time_store_write(decode.views, teacher.width, shard_rows=4, scratch=work)
         figures["store write (durable shards)"] = f"{write_rate:.0f} MB/s"
         figures["bytes per clip on disk"] = f"{format_bytes(per_row)} (pixels zstd-1 + fp16 latents, D={teacher.width})"
     finally:

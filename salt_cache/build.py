@@ -126,21 +126,22 @@ class BuildReport:
         }
 
 
-def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out: Path) -> BuildReport:
+def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out: Path,
+              retry_failed: bool = False) -> BuildReport:
     """Build (or resume) the store at ``out``; returns counts and rates.
 
     A finished store is only read (a rerun on a read-only mount works); any writing happens
-    under the store's lock.
+    under the store's lock. ``retry_failed`` also redoes the shards that hold failed rows.
     """
     if out.exists():
         store = open_matching_store(out, store_identity(teacher, config, source), writable=False)
-        if not store.pending_shards():
+        if not store.pending_shards(retry_failed):
             _print_plan(store, source, teacher, config, [], 0)
             return _report(store, todo=0, failed=0, seconds=0.0, writer=None)
     with build_lock(out):
         store = open_or_create_store(out, teacher, config, source)
         store.remove_partial_files()  # what a killed writer left; nobody else writes now
-        return _build_pending(store, source, teacher, config)
+        return _build_pending(store, source, teacher, config, retry_failed)
 
 
 def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
@@ -160,8 +161,9 @@ def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config
     })
 
 
-def _build_pending(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig) -> BuildReport:
-    shards = store.pending_shards()
+def _build_pending(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
+                   retry_failed: bool) -> BuildReport:
+    shards = store.pending_shards(retry_failed)
     plans = plan_batches(store, shards, config.teacher.batch_size)
     todo = sum(len(plan.rows) for plan in plans)
     _print_plan(store, source, teacher, config, shards, todo)

@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from shared.cli import make_app, run_app
-from shared.config import load_pipeline
+from shared.config import PipelineConfig, load_pipeline
 from shared.console import print_block, setup_logging
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
+
+
+class Device(str, Enum):
+    """What --device accepts (typer lists the choices in --help and refuses others)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+DEVICE_HELP = "auto (CUDA when available), cpu or cuda"
+_DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe (tests check they agree)
+
+
+def _from_pipeline(value: object) -> str:
+    return f"[from the pipeline; ssv2: {value}]"
+
+
+def _check_out_path(out: Path, what: str) -> None:
+    """Refuse an --out that is a file or lies under one, before anything is loaded or written."""
+    for ancestor in (out, *out.parents):
+        if os.path.exists(ancestor):
+            if os.path.isdir(ancestor):
+                return
+            raise SaltUsageError(f"--out {out} is a file; {what} is a folder" if ancestor == out
+                                 else f"--out {out}: {ancestor} is a file")
+
 
 app = make_app(
     "Build the SALT latent cache: decode SSv2 clips into 16x224x224 views, run the frozen "
@@ -23,61 +52,67 @@ app = make_app(
 @app.command()
 def build(
     src: Path = typer.Option(..., "--src", help="SSv2 root (official or flat layout)"),
-    split: Optional[str] = typer.Option(None, help="train, validation or test [pipeline: train]"),
+    split: Optional[str] = typer.Option(None, help=f"train, validation or test {_from_pipeline(_DEFAULTS.cache.split)}"),
     out: Optional[Path] = typer.Option(None, help="store path [SRC/latents.zarr]"),
     teacher: Optional[str] = typer.Option(None, help="VideoMAE hub id, save_pretrained folder, or builtin:tiny-videomae"),
     pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
     limit: Optional[int] = typer.Option(None, help="only the first N clips of the split"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="clips per teacher forward"),
-    workers: Optional[int] = typer.Option(None, help="DataLoader decode workers"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size",
+                                             help=f"clips per teacher forward {_from_pipeline(_DEFAULTS.teacher.batch_size)}"),
+    workers: Optional[int] = typer.Option(None, help=f"DataLoader decode workers {_from_pipeline(_DEFAULTS.loader.num_workers)}"),
+    device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} {_from_pipeline(_DEFAULTS.cache.device)}"),
+    retry_failed: bool = typer.Option(False, "--retry-failed",
+                                      help="also redo shards holding failed rows (after their videos were fixed)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging (per-shard and per-clip detail)"),
 ) -> int:
     """Build or resume a store. Rerunning the same command finishes only what is not committed."""
+    if out is not None:
+        _check_out_path(out, "a store")
     setup_logging(verbose)
     from salt_cache.source import discover
 
     config = load_pipeline(pipeline, {
-        "cache.split": split, "cache.limit": limit, "cache.device": device, "teacher.name": teacher,
-        "teacher.batch_size": batch_size, "loader.num_workers": workers,
+        "cache.split": split, "cache.limit": limit, "cache.device": device.value if device else None,
+        "teacher.name": teacher, "teacher.batch_size": batch_size, "loader.num_workers": workers,
     })
     source = discover(src, config.cache.split, config.cache.limit)
     out = out or source.root / "latents.zarr"
-    if out.exists() and not out.is_dir():
-        raise SaltUsageError(f"--out {out} is a file; a store is a folder")
+    _check_out_path(out, "a store")
     from salt_cache.build import run_build  # torch and friends only once the arguments are sound
     from salt_cache.teacher import load_teacher
 
     model = load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype)
     import torch
 
-    resume_hint = "committed shards are safe; rerun the same command to resume"
+    def resume_hint() -> str:  # only true once the store folder exists
+        return "; committed shards are safe; rerun the same command to resume" if out.is_dir() else ""
+
     try:
-        report = run_build(source, model, config, out)
+        report = run_build(source, model, config, out, retry_failed=retry_failed)
     except KeyboardInterrupt:
-        print(f"salt-cache: interrupted; {resume_hint}", file=sys.stderr)
+        print(f"salt-cache: interrupted{resume_hint()}", file=sys.stderr)
         return 130
     except torch.cuda.OutOfMemoryError:
         raise SaltUsageError(f"teacher batch of {config.teacher.batch_size} does not fit in GPU memory; "
-                             f"lower --batch-size ({resume_hint})") from None
+                             f"lower --batch-size{resume_hint()}") from None
     except OSError as exc:  # disk full, store folder removed or read-only, ...
-        raise SaltUsageError(f"cannot write store {out}: {exc.strerror or exc}; {resume_hint}") from None
+        raise SaltUsageError(f"cannot write store {out}: {exc.strerror or exc}{resume_hint()}") from None
     print_block(f"built {out}", report.summary(), stream=sys.stdout)
     return EXIT_OK if report.pending == 0 else EXIT_PROBLEMS
 
 
 @app.command()
 def verify(
-    store: Path = typer.Argument(Path("latents.zarr"), help="store to check [./latents.zarr]"),
+    store: Path = typer.Argument(Path("latents.zarr"), help="store to check"),
     deep: int = typer.Option(0, "--deep", min=0, help="re-run the recorded teacher on K rows and compare"),
     as_json: bool = typer.Option(False, "--json", help="print a machine-readable report"),
-    device: str = typer.Option("auto", help="device for --deep"),
+    device: Device = typer.Option(Device.auto, help=f"device for --deep: {DEVICE_HELP}"),
 ) -> int:
     """Exit 0 if every row is committed and intact or failed with a reason, 1 if not, 2 on bad input."""
     setup_logging()
     from salt_cache.verify import verify_store
 
-    report = verify_store(str(store), deep=deep, device=device)
+    report = verify_store(str(store), deep=deep, device=device.value)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -96,21 +131,25 @@ def verify(
 
 @app.command("demo-data")
 def demo_data(
-    out: Path = typer.Option(..., "--out", help="folder to create (official SSv2 layout)"),
+    out: Path = typer.Option(..., "--out", help="folder to create or fill (official SSv2 layout)"),
     train: int = typer.Option(24, min=1, help="training clips"),
     validation: int = typer.Option(8, min=0, help="validation clips"),
     test: int = typer.Option(4, min=0, help="test clips"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, help="random seed; the same seed gives the same set"),
 ) -> int:
-    """Write a small synthetic SSv2-layout set: shapes moving as their templates say."""
-    from salt_cache.demo_data import write_demo_dataset
+    """Write a small synthetic SSv2-layout set: shapes moving as their templates say.
 
-    if out.exists() and not out.is_dir():
-        raise SaltUsageError(f"--out {out} is a file")
+    Refuses, writing nothing, when any file it would write already exists.
+    """
+    from salt_cache.demo_data import DemoDataExists, write_demo_dataset
+
+    _check_out_path(out, "the demo set")
     try:
         counts = write_demo_dataset(out, train=train, validation=validation, test=test, seed=seed)
-    except FileExistsError as exc:
-        raise SaltUsageError(f"{out} already holds demo videos ({exc}); choose another --out") from None
+    except DemoDataExists as exc:
+        raise SaltUsageError(f"--out {out}: {exc}; nothing written, choose another --out") from None
+    except OSError as exc:  # read-only or missing parent, /proc, disk full, ...
+        raise SaltUsageError(f"cannot write demo data to {out}: {exc.strerror or exc}") from None
     print_block(f"demo data in {out}", counts, stream=sys.stdout)
     return EXIT_OK
 
@@ -120,17 +159,22 @@ def bench(
     src: Path = typer.Option(..., "--src", help="SSv2-layout folder to read clips from"),
     clips: int = typer.Option(32, min=1, help="clips to decode and encode"),
     teacher: str = typer.Option("builtin:tiny-videomae", help="teacher to time"),
-    batch_size: int = typer.Option(4, min=1),
+    batch_size: int = typer.Option(4, min=1, help="clips per teacher forward and per DataLoader batch"),
     workers: int = typer.Option(2, min=0, help="DataLoader workers for the decode rate"),
-    device: str = typer.Option("auto"),
-    out: Optional[Path] = typer.Option(None, help="scratch store folder [temporary]"),
+    device: Device = typer.Option(Device.auto, help=f"teacher device: {DEVICE_HELP}"),
+    out: Optional[Path] = typer.Option(None, help="existing folder for the scratch stores [system temp]"),
 ) -> int:
     """Print decode, teacher and store-write rates (figures for EXPERIMENTS.md)."""
     setup_logging()
+    if out is not None and not out.is_dir():
+        raise SaltUsageError(f"--out {out} " + ("is a file; it must be a folder" if out.exists() else
+                                                "does not exist; create it or drop --out"))
     from salt_cache.bench import run_bench
+    from salt_cache.teacher import resolve_device
 
+    resolve_device(device.value)  # e.g. cuda without CUDA: say so before minutes of decoding
     figures = run_bench(src, clips=clips, teacher_name=teacher, batch_size=batch_size,
-                        workers=workers, device=device, scratch=out)
+                        workers=workers, device=device.value, scratch=out)
     print_block("salt-cache bench", figures, stream=sys.stdout)
     return EXIT_OK
 

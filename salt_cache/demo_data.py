@@ -16,6 +16,9 @@ features can separate them. Everything is deterministic given the seed.
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -129,26 +132,81 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 12, codec: str = "lib
         container.mux(stream.encode())  # flush delayed packets
 
 
+class DemoDataExists(FileExistsError):
+    """The target already holds files the demo set would write (nothing was written)."""
+
+
+def _conflicts(root: Path, files: list[Path]) -> list[Path]:
+    """What under ``root`` the demo set would overwrite or mix with."""
+    video_dir, label_dir = root / _VIDEO_DIR, root / "labels"
+    found = [d for d in (video_dir, label_dir) if d.exists() and not d.is_dir()]
+    if video_dir.is_dir() and any(video_dir.iterdir()):
+        found.append(video_dir)  # never mix demo clips with someone's videos
+    found += [f for f in files if f.exists() or f.is_symlink()]
+    return found
+
+
+def _move_files(staging: Path, root: Path) -> None:
+    """Move every file of ``staging`` to the same place under the existing ``root``."""
+    for src in sorted(p for p in staging.rglob("*") if p.is_file()):
+        dest = root / src.relative_to(staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():  # appeared while we were rendering
+            raise DemoDataExists(f"{dest} appeared while writing; refusing to overwrite it")
+        src.rename(dest)
+
+
 def write_demo_dataset(root: Path, *, train: int = 24, validation: int = 8, test: int = 4,
                        seed: int = 0, height: int = 240, width: int = 320,
                        fps: int = 12) -> dict[str, int]:
     """Write a synthetic SSv2-layout dataset under ``root``; returns clips per split.
 
     Clips last 2-4 s. Classes are balanced within each split. Raises
-    FileExistsError rather than mixing with an existing video folder.
+    DemoDataExists (a FileExistsError) before writing anything when a file it
+    would write is already there, or the video folder is not empty.
+
+    Everything is written into a staging folder first and only put in place at
+    the end: a hidden sibling renamed to ``root`` when ``root`` does not exist,
+    else a hidden folder inside ``root`` whose files are then moved in. A run cut
+    short leaves no half-written set behind (kill -9 may leave the hidden folder).
     """
     root = Path(root)
-    video_dir = root / _VIDEO_DIR
-    if video_dir.is_dir() and any(video_dir.iterdir()):
-        raise FileExistsError(f"{video_dir} already has files; refusing to overwrite")
-    video_dir.mkdir(parents=True, exist_ok=True)
-    label_dir = root / "labels"
-    label_dir.mkdir(parents=True, exist_ok=True)
-
     rng = np.random.default_rng(seed)
     counts = {"train": train, "validation": validation, "test": test}
     # Shuffled ids, as in SSv2 where the id says nothing about the split.
-    ids = iter(rng.permutation(sum(counts.values())) + _FIRST_ID)
+    all_ids = [str(i) for i in rng.permutation(sum(counts.values())) + _FIRST_ID]
+    relative = [Path("labels") / f"{name}.json" for name in ("labels", *counts)]
+    relative += [Path(_VIDEO_DIR) / f"{clip_id}.webm" for clip_id in all_ids]
+    conflicts = _conflicts(root, [root / r for r in relative])
+    if conflicts:
+        more = f" and {len(conflicts) - 1} more paths already exist" if len(conflicts) > 1 else " already exists"
+        raise DemoDataExists(f"{conflicts[0]}{more}; refusing to overwrite")
+
+    if root.exists():
+        staging = root / f".salt-demo-data.partial-{uuid.uuid4().hex[:8]}"
+    else:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = root.parent / f".{root.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()  # plain mkdir, not mkdtemp: the renamed folder keeps the umask's mode
+    try:
+        _render_dataset(staging, counts, iter(all_ids), rng, height, width, fps)
+        if root.exists():
+            _move_files(staging, root)
+            shutil.rmtree(staging)
+        else:
+            staging.rename(root)
+    except BaseException:  # Ctrl-C included: leave nothing half-written behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return counts
+
+
+def _render_dataset(root: Path, counts: dict[str, int], ids: Iterator[str], rng: np.random.Generator,
+                    height: int, width: int, fps: int) -> None:
+    video_dir = root / _VIDEO_DIR
+    video_dir.mkdir(parents=True)
+    label_dir = root / "labels"
+    label_dir.mkdir()
     names = {t: t.replace("[something]", "something") for t in TEMPLATES}
     (label_dir / "labels.json").write_text(
         json.dumps({names[t]: str(i) for i, t in enumerate(TEMPLATES)}, indent=2))
@@ -156,7 +214,7 @@ def write_demo_dataset(root: Path, *, train: int = 24, validation: int = 8, test
     for split, n in counts.items():
         rows = []
         for class_idx in rng.permutation(np.arange(n) % len(TEMPLATES)):
-            clip_id, template = str(next(ids)), TEMPLATES[class_idx]
+            clip_id, template = next(ids), TEMPLATES[class_idx]
             obj = _sample_object(rng)
             num_frames = int(rng.integers(2 * fps, 4 * fps + 1))
             frames = _render(template, num_frames, height, width, rng, obj)
@@ -169,4 +227,3 @@ def write_demo_dataset(root: Path, *, train: int = 24, validation: int = 8, test
             rows.append({"id": clip_id, "label": label[0].lower() + label[1:],
                          "template": template, "placeholders": [placeholder]})
         (label_dir / f"{split}.json").write_text(json.dumps(rows, indent=2))
-    return counts

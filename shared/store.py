@@ -229,11 +229,14 @@ class LatentStore:
         """Contiguous rows ``[start, stop)``: one range read per array and shard."""
         return {name: np.asarray(self.arrays[name][start:stop]) for name in names}
 
-    def pending_shards(self) -> list[int]:
-        """Shards that still hold a pending (or unreadable) row: the work a resumed build must do."""
+    def pending_shards(self, retry_failed: bool = False) -> list[int]:
+        """Shards that still hold a pending (or unreadable) row: the work a resumed build must do.
+        With ``retry_failed``, shards holding failed rows too (after the videos were fixed)."""
         status = self.status()
-        decided = (status == RowStatus.COMMITTED) | (status == RowStatus.FAILED)
-        return [k for k in range(self.num_shards) if not decided[slice(*self.shard_range(k))].all()]
+        done = status == RowStatus.COMMITTED
+        if not retry_failed:
+            done |= status == RowStatus.FAILED
+        return [k for k in range(self.num_shards) if not done[slice(*self.shard_range(k))].all()]
 
     def counts(self) -> dict[str, int]:
         status = self.status()

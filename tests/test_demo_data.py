@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from salt_cache.demo_data import TEMPLATES, render_motion_clip, write_demo_dataset, write_video
+from salt_cache.demo_data import TEMPLATES, DemoDataExists, render_motion_clip, write_demo_dataset, write_video
 
 SPLITS = {"train": 4, "validation": 2, "test": 1}
 
@@ -114,3 +114,40 @@ def test_mp4_h264_portrait_roundtrip(tmp_path: Path) -> None:
 def test_write_video_rejects_odd_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="even"):
         write_video(tmp_path / "odd.webm", np.zeros((2, 31, 32, 3), np.uint8))
+
+
+def test_refuses_existing_labels_and_writes_nothing(tmp_path: Path) -> None:
+    mine = tmp_path / "labels" / "validation.json"
+    mine.parent.mkdir()
+    mine.write_text("[]  # mine")
+    with pytest.raises(DemoDataExists, match="validation.json"):
+        write_demo_dataset(tmp_path, train=1, validation=0, test=0)
+    assert mine.read_text() == "[]  # mine"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == \
+        ["labels", "labels/validation.json"]
+
+
+@pytest.mark.parametrize("target_exists", [False, True])
+def test_cut_short_leaves_nothing_and_rerun_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  target_exists: bool) -> None:
+    root = tmp_path / "demo"
+    if target_exists:
+        root.mkdir()
+    calls = []
+
+    def interrupted(path: Path, *args, **kwargs) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write_video(path, *args, **kwargs)
+
+    monkeypatch.setattr("salt_cache.demo_data.write_video", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_demo_dataset(root, train=3, validation=0, test=0, height=64, width=64)
+    assert root.exists() == target_exists
+    assert not any(root.iterdir()) if target_exists else True
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["demo"] if target_exists else [])
+    monkeypatch.undo()
+    assert write_demo_dataset(root, train=3, validation=0, test=0, height=64, width=64)["train"] == 3
+    assert len(list((root / "20bn-something-something-v2").iterdir())) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no staging folder left
