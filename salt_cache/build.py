@@ -13,9 +13,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
@@ -27,6 +29,26 @@ from salt_cache.teacher import Teacher
 from salt_cache.writer import ShardAssembler, ShardWriter
 
 log = logging.getLogger(__name__)
+
+
+class DecodeWorkerDied(Exception):
+    """A DataLoader worker was killed (signal, OOM killer); committed shards are intact."""
+
+
+def worker_batches(loader: DataLoader) -> Iterator[dict]:
+    """The loader's batches, with a dead worker reported as such (clip errors never get here:
+    ViewBatches records them per row), not as a broken pipe mistaken for a store error."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (RuntimeError, ConnectionError, EOFError) as exc:
+            text = str(exc).strip()
+            detail = text.splitlines()[0] if text else type(exc).__name__
+            raise DecodeWorkerDied(f"a decode worker died ({detail})") from exc
+        yield batch
 
 
 @dataclass
@@ -175,7 +197,7 @@ def _build_pending(store: LatentStore, source: SsV2Source, teacher: Teacher, con
         bar = progress(todo, "teacher", unit="clip")
         in_flight: TeacherBatch | None = None
         try:
-            for batch in make_loader(dataset, config, teacher.device):
+            for batch in worker_batches(make_loader(dataset, config, teacher.device)):
                 current = launch_teacher(teacher, batch)  # asynchronous on CUDA
                 if in_flight is not None:
                     collector.add(in_flight)  # host work for batch k-1 overlaps the GPU on batch k

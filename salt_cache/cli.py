@@ -78,7 +78,7 @@ def build(
     source = discover(src, config.cache.split, config.cache.limit)
     out = out or source.root / "latents.zarr"
     _check_out_path(out, "a store")
-    from salt_cache.build import run_build  # torch and friends only once the arguments are sound
+    from salt_cache.build import DecodeWorkerDied, run_build  # torch and friends only once the arguments are sound
     from salt_cache.teacher import load_teacher
 
     model = load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype)
@@ -97,6 +97,9 @@ def build(
                              f"lower --batch-size{resume_hint()}") from None
     except OSError as exc:  # disk full, store folder removed or read-only, ...
         raise SaltUsageError(f"cannot write store {out}: {exc.strerror or exc}{resume_hint()}") from None
+    except DecodeWorkerDied as exc:
+        print(f"salt-cache: error: {exc}{resume_hint()}", file=sys.stderr)
+        return EXIT_PROBLEMS
     print_block(f"built {out}", report.summary(), stream=sys.stdout)
     return EXIT_OK if report.pending == 0 else EXIT_PROBLEMS
 

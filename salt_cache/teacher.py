@@ -114,6 +114,9 @@ def load_teacher_model(name: str) -> VideoMAEModel:
     except Exception as exc:  # transformers raises many types for a bad or absent checkpoint
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
+        if "connect" in first.lower():
+            first += (" Offline: download it once where there is a network (huggingface-cli download "
+                      f"{name} --local-dir DIR) and pass --teacher DIR; HF_HUB_OFFLINE=1 skips the retries")
         raise SaltUsageError(f"cannot load teacher {name}: {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
