@@ -110,12 +110,13 @@ def verify(
     deep: int = typer.Option(0, "--deep", min=0, help="re-run the recorded teacher on K rows and compare"),
     as_json: bool = typer.Option(False, "--json", help="print a machine-readable report"),
     device: Device = typer.Option(Device.auto, help=f"device for --deep: {DEVICE_HELP}"),
+    threads: int = typer.Option(4, min=1, help="shards checked at once (about 100 MB of memory each)"),
 ) -> int:
     """Exit 0 if every row is committed and intact or failed with a reason, 1 if not, 2 on bad input."""
     setup_logging()
     from salt_cache.verify import verify_store
 
-    report = verify_store(str(store), deep=deep, device=device.value)
+    report = verify_store(str(store), deep=deep, device=device.value, threads=threads)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:

@@ -9,6 +9,7 @@ indices valid; failed rows: a reason; pending rows: a problem); and with
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -143,21 +144,32 @@ def _check_row(status: int, data: dict[str, np.ndarray], i: int) -> str | None:
     return None
 
 
-def check_rows(store: LatentStore, report: VerifyReport, status: np.ndarray) -> None:
+def check_shard(store: LatentStore, start: int, stop: int, status: np.ndarray, ids: np.ndarray) -> list[Problem]:
+    """The problems of rows [start, stop): one read of the shard, row by row only if it is damaged."""
+    data, _ = _read_shard(store, start, stop)
+    problems = []
+    for row in range(start, stop):
+        problem = _status_problem(status[row])
+        if problem is None and data is None:  # damaged shard: find which rows still read
+            row_data, row_error = _read_shard(store, row, row + 1)
+            problem = f"unreadable ({row_error})" if row_data is None else _check_row(status[row], row_data, 0)
+        elif problem is None:
+            problem = _check_row(status[row], data, row - start)
+        if problem:
+            problems.append(Problem(problem, row, str(ids[row])))
+    return problems
+
+
+def check_rows(store: LatentStore, report: VerifyReport, status: np.ndarray, threads: int = 1) -> None:
+    """Every row, shards checked on ``threads`` threads (decompression and hashing release the GIL);
+    results come back in shard order, so the report does not depend on the thread count."""
     ids = store.clip_ids()
     bar = progress(store.rows, "verify", unit="row")
-    for _, start, stop in store.iter_shards():
-        data, _ = _read_shard(store, start, stop)
-        for row in range(start, stop):
-            problem = _status_problem(status[row])
-            if problem is None and data is None:  # damaged shard: find which rows still read
-                row_data, row_error = _read_shard(store, row, row + 1)
-                problem = f"unreadable ({row_error})" if row_data is None else _check_row(status[row], row_data, 0)
-            elif problem is None:
-                problem = _check_row(status[row], data, row - start)
-            if problem:
-                report.problems.append(Problem(problem, row, str(ids[row])))
-        bar.update(stop - start)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        checks = pool.map(lambda shard: check_shard(store, shard[1], shard[2], status, ids), store.iter_shards())
+        for (_, start, stop), problems in zip(store.iter_shards(), checks):
+            report.problems.extend(problems)
+            bar.update(stop - start)
     bar.close()
 
 
@@ -200,7 +212,7 @@ def deep_check(store: LatentStore, teacher: Teacher, k: int, report: VerifyRepor
                 f"teacher re-run differs: relative L2 {relative:.2e} > {tolerance:.0e}", int(row), str(ids[row])))
 
 
-def verify_store(path: str, deep: int = 0, device: str = "auto") -> VerifyReport:
+def verify_store(path: str, deep: int = 0, device: str = "auto", threads: int = 4) -> VerifyReport:
     store = LatentStore.open(path)
     teacher = load_recorded_teacher(store, device) if deep > 0 else None
     status = store.status()
@@ -208,7 +220,7 @@ def verify_store(path: str, deep: int = 0, device: str = "auto") -> VerifyReport
                           failed=int(np.sum(status == RowStatus.FAILED)),
                           pending=int(np.sum(status == RowStatus.PENDING)))
     if check_schema(store, report):
-        check_rows(store, report, status)
+        check_rows(store, report, status, threads)
         if deep > 0:
             deep_check(store, teacher, deep, report, status)
     return report

@@ -150,3 +150,15 @@ def test_deep_verify_catches_latents_of_another_teacher(reference_build: Build, 
     report = json.loads(result.stdout)
     assert len(report["problems"]) == 2
     assert all("teacher re-run differs" in p["what"] for p in report["problems"])
+
+
+def test_report_is_the_same_for_any_thread_count(demo_reference: Build, tmp_path: Path) -> None:
+    """Shards are checked in parallel, but problems come back in row order whatever --threads."""
+    store = copy_store(demo_reference.store, tmp_path / "latents.zarr")
+    for shard in (1, 4, 7):  # torn latents shards: two unreadable rows each
+        path = store / "latents" / "c" / str(shard) / "0" / "0"
+        path.write_bytes(path.read_bytes()[:500])
+    reports = [json.loads(call_cli("verify", store, "--json", "--threads", str(n)).stdout) for n in (1, 3)]
+    rows = [[p["row"] for p in report["problems"]] for report in reports]
+    assert rows[0] == [2, 3, 8, 9, 14, 15]
+    assert reports[0]["problems"] == reports[1]["problems"]
