@@ -211,12 +211,11 @@ def _build_pending(store: LatentStore, source: SsV2Source, teacher: Teacher, con
         finally:
             bar.close()
             writer.close()
-    seconds = time.perf_counter() - started
-    counts = store.counts()
-    if counts["pending"] == 0:
-        store.update_attrs(build={"complete": True, "committed": counts["committed"], "failed": counts["failed"],
+    report = _report(store, todo, collector.failed, time.perf_counter() - started, writer)
+    if report.pending == 0:
+        store.update_attrs(build={"complete": True, "committed": report.committed, "failed": report.failed,
                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return _report(store, todo, collector.failed, seconds, writer)
+    return report
 
 
 def _report(store: LatentStore, todo: int, failed: int, seconds: float, writer: ShardWriter | None) -> BuildReport:

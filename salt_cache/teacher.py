@@ -35,7 +35,7 @@ def tiny_teacher_config() -> VideoMAEConfig:
 def huge_teacher_config() -> VideoMAEConfig:
     """VideoMAE v1-Huge's shape (1280 wide, 32 layers): random weights, for benchmarks only."""
     config = tiny_teacher_config()
-    config.update({"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16,
+    config.update({"hidden_size": geometry.TEACHER_WIDTH_HUGE, "num_hidden_layers": 32, "num_attention_heads": 16,
                    "intermediate_size": 5120})
     return config
 

@@ -42,7 +42,6 @@ CHECKSUM_ALGORITHM = "blake2b-64 of the row's C-order bytes"
 
 # Arrays written shard by shard, status last (it is the commit record).
 DATA_ARRAYS = ("pixels", "latents", "frame_index", "pixels_checksum", "latents_checksum", "error")
-SOURCE_ARRAYS = ("clip_id", "label")
 CONTRACT_ARRAYS = ("pixels", "latents", "clip_id", "label", "frame_index", "status")
 ALL_ARRAYS = tuple(dict.fromkeys(CONTRACT_ARRAYS + DATA_ARRAYS))
 
@@ -246,16 +245,6 @@ class LatentStore:
             "failed": int(np.sum(status == RowStatus.FAILED)),
             "pending": int(np.sum(status == RowStatus.PENDING)),
         }
-
-    def failures(self) -> list[tuple[int, str, str]]:
-        """``(row, clip_id, reason)`` of every failed row."""
-        status = self.status()
-        rows = np.flatnonzero(status == RowStatus.FAILED)
-        if len(rows) == 0:
-            return []
-        ids = self.clip_ids()
-        errors = np.asarray(self.arrays["error"][:])
-        return [(int(r), str(ids[r]), str(errors[r])) for r in rows]
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
