@@ -78,14 +78,27 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_every: int = Field(500, gt=0)
-    log_every: int = Field(20, gt=0)
+    checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints (one is also written at the end)")
+    keep_checkpoints: int = Field(3, gt=0, description="newest checkpoints kept in the run folder")
+    log_every: int = Field(20, gt=0, description="steps between health lines and metrics records")
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> "TrainConfig":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self
+
+
+class StreamConfig(_Section):
+    """How `salt-train` reads the store: snapshot, shuffling and tolerance of bad rows."""
+
+    # auto: reflink where the filesystem clones, else read the live store (warned, manifest recorded).
+    snapshot: Literal["auto", "reflink", "copy", "none"] = "auto"
+    # Row ids in the shuffle window. Ids only: the loader holds no row data for it, so a
+    # large window costs no memory, only read locality (rows come from ~window/shard_rows shards).
+    shuffle_buffer: int = Field(4096, gt=0)
+    verify_checksums: bool = Field(False, description="check each row's blake2b checksum on read (CPU cost)")
+    max_errors: int = Field(20, ge=0, description="unreadable batches tolerated before the run stops")
 
 
 class MaskConfig(_Section):
@@ -97,6 +110,10 @@ class ModelConfig(_Section):
     """The student and its predictor."""
 
     student: str = "vit_base_patch16_224"
+    # Extra timm.create_model arguments, e.g. {depth: 2, embed_dim: 64, num_heads: 2} for tests.
+    student_kwargs: dict[str, int | float | bool | str] = Field(default_factory=dict)
+    # A local 2D timm checkpoint (.safetensors) whose patch embedding is inflated to the tubelet.
+    pretrained: str | None = None
     mode: Literal["salt", "mask-token"] = "salt"
     predictor_width: int = Field(384, gt=0)
     predictor_depth: int = Field(12, gt=0)
@@ -114,6 +131,7 @@ class PipelineConfig(_Section):
     loader: LoaderConfig = LoaderConfig()
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
+    stream: StreamConfig = StreamConfig()
     mask: MaskConfig = MaskConfig()
     model: ModelConfig = ModelConfig()
 
