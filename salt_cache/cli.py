@@ -5,27 +5,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from shared.cli import make_app, run_app
+from shared.cli import DEVICE_HELP, Device, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
 from shared.console import print_block, setup_logging
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
 
 
-class Device(str, Enum):
-    """What --device accepts (typer lists the choices in --help and refuses others)."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-DEVICE_HELP = "auto (CUDA when available), cpu or cuda"
 _DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe (tests check they agree)
 
 

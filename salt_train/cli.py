@@ -1,28 +1,165 @@
-"""`salt-train`: the training stage. Not built yet: it lands with the training issue.
+"""`salt-train`: train the SALT student on a latent-cache store.
 
-The console script exists so the distribution's entry points are stable; every
-command says plainly that training is not available in this release.
+Commands: ``run`` (train, or continue with ``--resume``), ``preflight`` (checks
+before a long run), ``bench`` (loader and step throughput), ``snapshots``
+(list and prune the store's snapshots).
 """
 
 from __future__ import annotations
 
 import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
 
-from shared.cli import make_app, run_app
-from shared.errors import SaltUsageError
+import typer
+import yaml
 
-app = make_app("Train the SALT student on a latent-cache store (not available yet in this release).")
+from shared.cli import DEVICE_HELP, Device, make_app, run_app
+from shared.config import PipelineConfig, load_pipeline
+from shared.console import print_block, setup_logging
+from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
+
+_DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe
 
 
-@app.callback()
-def _group() -> None:
-    """Keep `salt-train run` a subcommand while it is the only one."""
+class SnapshotMode(str, Enum):
+    auto = "auto"
+    reflink = "reflink"
+    copy = "copy"
+    none = "none"
+
+
+SNAPSHOT_HELP = ("auto: reflink clone where the filesystem can (XFS, btrfs), else read the live store with a warning "
+                 "and a recorded manifest; reflink: clone or refuse; copy: full copy (slow, explicit); none: live store")
+SET_HELP = "override one recipe field, e.g. --set train.lr=1e-4 --set loader.num_workers=4 (repeatable)"
+
+app = make_app(
+    "Train the SALT student: a timm ViT with a 2x16x16 tubelet embedding regresses the cached "
+    "teacher latents on masked tokens, reading a snapshot of a salt-cache store."
+)
+snapshots_app = make_app("List and prune the snapshots salt-train took of a store.")
+app.add_typer(snapshots_app, name="snapshots")
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    """``key.path=value`` pairs; values parsed as YAML scalars (``1e-4``, ``true``, ``null``)."""
+    overrides: dict[str, Any] = {}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SaltUsageError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        try:
+            overrides[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise SaltUsageError(f"--set {item!r}: value is not a YAML scalar") from None
+    return overrides
+
+
+def _config(pipeline: Optional[str], sets: list[str], device: Optional[Device], **flags: Any) -> PipelineConfig:
+    overrides = {**parse_sets(sets), **{k: v for k, v in flags.items() if v is not None}}
+    if device is not None:
+        overrides["train.device"] = device.value
+    return load_pipeline(pipeline, overrides)
 
 
 @app.command()
-def run() -> int:
-    """Train the student (not available yet)."""
-    raise SaltUsageError("salt-train is not available yet: this release builds and verifies the cache (salt-cache)")
+def run(
+    cache: Path = typer.Option(..., "--cache", help="the store salt-cache built (its snapshot is what training reads)"),
+    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder [runs/<pipeline>-<time>]"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after N optimizer steps"),
+    resume: bool = typer.Option(False, "--resume",
+                                help="continue the run in --run-dir (or this cache's latest run) from its last checkpoint"),
+    snapshot: Optional[SnapshotMode] = typer.Option(None, help=f"{SNAPSHOT_HELP} [from the pipeline: auto]"),
+    device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+) -> int:
+    """Train (or with --resume continue) a run; prints a progress bar, health lines and a summary."""
+    setup_logging(verbose)
+    config = _config(pipeline, sets, device)
+    if resume and (pipeline or sets):
+        print("salt-train: --resume continues with the run's recorded config.yaml; --pipeline/--set are ignored",
+              file=sys.stderr)
+    from salt_train.train import EXIT_STOPPED, RunRequest, TrainingStopped, run_training
+
+    request = RunRequest(cache=cache, config=config, run_dir=run_dir, resume=resume,
+                         snapshot=snapshot.value if snapshot else None, max_steps=max_steps)
+    try:
+        report = run_training(request)
+    except TrainingStopped as exc:
+        print(f"salt-train: error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except OSError as exc:
+        raise SaltUsageError(f"{exc.filename or 'run folder'}: {exc.strerror or exc}") from None
+    if report.interrupted:
+        return EXIT_STOPPED
+    print(f"run folder: {report.run_dir}")
+    return EXIT_OK
+
+
+@app.command()
+def preflight(
+    cache: Path = typer.Option(..., "--cache", help="the store to check"),
+    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
+    batches: int = typer.Option(30, min=1, help="batches for the worker stress test"),
+    device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> int:
+    """Checks to run before a long run: one batch's shapes and values, a worker stress test, /dev/shm use."""
+    setup_logging()
+    from salt_train.preflight import run_preflight
+
+    config = _config(pipeline, sets, device)
+    results = run_preflight(cache, config, stress_batches=batches)
+    return EXIT_OK if all(r.passed for r in results) else EXIT_PROBLEMS
+
+
+@app.command()
+def bench(
+    cache: Path = typer.Option(..., "--cache", help="a store to read"),
+    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
+    batches: int = typer.Option(20, min=2, help="batches per measurement"),
+    device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> int:
+    """Print throughput: loader vs raw file reads, training step with the loader vs from memory, FLOPs per clip."""
+    setup_logging()
+    from salt_train.bench import run_bench
+
+    figures = run_bench(cache, _config(pipeline, sets, device), batches=batches)
+    print_block("salt-train bench", figures, stream=sys.stdout)
+    return EXIT_OK
+
+
+@snapshots_app.command("list")
+def snapshots_list(cache: Path = typer.Option(..., "--cache", help="the live store")) -> int:
+    """Snapshots of a store: name, mode, files, size, creation time."""
+    setup_logging()
+    from salt_train.snapshot import list_snapshots
+
+    found = list_snapshots(cache)
+    if not found:
+        print(f"no snapshots of {cache}")
+    for item in found:
+        print(f"{item['name']}  {item['mode']}  {item['files']} files  {item['bytes']} bytes  {item['created']}  {item['path']}")
+    return EXIT_OK
+
+
+@snapshots_app.command("prune")
+def snapshots_prune(
+    cache: Path = typer.Option(..., "--cache", help="the live store"),
+    keep: int = typer.Option(0, min=0, help="keep the newest N snapshots"),
+    names: list[str] = typer.Option([], "--name", help="remove only these snapshots (repeatable)"),
+) -> int:
+    """Remove old snapshots (and leftovers of interrupted ones). A reflink snapshot frees only what the live store no longer shares."""
+    setup_logging()
+    from salt_train.snapshot import prune_snapshots
+
+    removed = prune_snapshots(cache, keep=keep, names=names or None)
+    print(f"removed {len(removed)} snapshot(s)" + (f": {', '.join(removed)}" if removed else ""))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

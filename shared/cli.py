@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from typing import Sequence
 
 import click
@@ -26,6 +27,17 @@ _USAGE_ERRORS = _click_flavours("UsageError")
 _CLICK_ERRORS = _click_flavours("ClickException")
 _EXITS = _click_flavours("Exit")
 _ABORTS = _click_flavours("Abort")
+
+
+class Device(str, Enum):
+    """What --device accepts (typer lists the choices in --help and refuses others)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+DEVICE_HELP = "auto (CUDA when available), cpu or cuda"
 
 
 def run_app(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None) -> int:

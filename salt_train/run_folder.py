@@ -1,0 +1,156 @@
+"""The run folder: what was run, on what, and what came out.
+
+``runs/<pipeline>-<timestamp>/``
+  ``config.yaml``     the resolved recipe (the one a ``--resume`` continues with)
+  ``run.json``        command, cache, snapshot, store identity, versions, git commit, device
+  ``metrics.jsonl``   one JSON record per health interval, plus the final summary
+  ``train.log``       the run's log lines
+  ``checkpoints/``    see checkpoint.py
+  ``export/``         the trained encoder, loadable with timm (export.py)
+  ``summary.json``    written when the run ends
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.config import PipelineConfig, dump_pipeline
+from shared.errors import SaltUsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUNS_DIR = Path("runs")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def new_run_dir(config: PipelineConfig, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return runs_dir / f"{config.name}-{stamp}"
+
+
+def create_run_dir(path: Path, config: PipelineConfig) -> None:
+    """A fresh run folder; an existing run is never overwritten (continue it with --resume)."""
+    if (path / "run.json").exists() or (path / "config.yaml").exists():
+        raise SaltUsageError(f"run folder {path} already holds a run: continue it with --resume, or pick another --run-dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SaltUsageError(f"cannot create run folder {path}: {exc.strerror or exc}") from None
+    (path / "config.yaml").write_text(dump_pipeline(config))
+
+
+def read_run_config(path: Path) -> PipelineConfig:
+    """The recipe a run was started with (``--resume`` continues with exactly this)."""
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise SaltUsageError(f"{path} is not a run folder (no config.yaml): nothing to resume")
+    try:
+        return PipelineConfig.model_validate(yaml.safe_load(config_file.read_text()))
+    except Exception as exc:
+        raise SaltUsageError(f"{config_file} is unreadable ({type(exc).__name__})") from None
+
+
+def find_latest_run(cache: Path, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path | None:
+    """The newest run under ``runs_dir`` that trained on ``cache`` (for ``--resume`` without ``--run-dir``)."""
+    candidates = []
+    for record_file in runs_dir.glob("*/run.json"):
+        try:
+            record = json.loads(record_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if Path(record.get("cache", "")).resolve() == cache.resolve():
+            candidates.append((record.get("started", ""), record_file.parent))
+    return max(candidates)[1] if candidates else None
+
+
+def git_commit() -> dict[str, Any]:
+    """The commit of the code that ran, and whether the tree had local changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None}
+    if head.returncode != 0:
+        return {"commit": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import timm
+    import torch
+    import zarr
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "timm": timm.__version__,
+        "zarr": zarr.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
+
+
+def write_run_record(path: Path, **fields: Any) -> dict[str, Any]:
+    """``run.json``: the first start's record, with later resumes appended."""
+    record_file = path / "run.json"
+    now = dt.datetime.now().isoformat(timespec="seconds")
+    if record_file.exists():
+        record = json.loads(record_file.read_text())
+        record.setdefault("resumes", []).append({"at": now, "argv": sys.argv, **git_commit()})
+    else:
+        record = {"started": now, "argv": sys.argv, "git": git_commit(), "versions": versions(), **fields}
+    write_json(record_file, record)
+    return record
+
+
+def read_run_record(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "run.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SaltUsageError(f"{path}/run.json is unreadable ({type(exc).__name__}): cannot resume this run") from None
+
+
+class MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl``, flushed per record (a kill loses nothing written)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def attach_log_file(path: Path) -> logging.Handler:
+    """Copy our packages' log lines into the run folder's ``train.log``."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("salt_train", "shared"):
+        logging.getLogger(name).addHandler(handler)
+    return handler
+
+
+def detach_log_file(handler: logging.Handler) -> None:
+    for name in ("salt_train", "shared"):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()

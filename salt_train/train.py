@@ -1,0 +1,343 @@
+"""`salt-train run`: the training loop, read top to bottom.
+
+setup (store, snapshot, stream, model, optimizer, checkpoint) -> one loop of
+steps (masks, forward, masked loss, backward, clip, step) -> checkpoints,
+health lines and metrics along the way -> final checkpoint, encoder export and
+summary. Everything a resumed run needs is in the checkpoint; data order, masks
+and learning rate are pure functions of the seed, epoch and step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from shared.config import PipelineConfig
+from shared.console import format_bytes, print_block, progress
+from shared.errors import SaltUsageError
+from shared.store import LatentStore
+from salt_train import checkpoint as ckpt
+from salt_train import run_folder
+from salt_train.data import (Position, StreamSpec, batch_bytes, check_shm, check_stream, committed_rows,
+                             make_loader, shm_bound, to_model_inputs)
+from salt_train.export import export_encoder
+from salt_train.masks import make_masks, masked_count
+from salt_train.objective import build_salt_student, gather_tokens, normalise_targets, regression_loss, student_flops_per_clip
+from salt_train.optim import build_optimizer
+from salt_train.schedule import lr_at, set_lr
+from salt_train.snapshot import Snapshot, reuse_snapshot, take_snapshot
+
+log = logging.getLogger(__name__)
+
+EXIT_STOPPED = 130  # interrupted by a signal, checkpoint written
+
+
+class TrainingStopped(Exception):
+    """The run stopped early on purpose (too many loader errors); a checkpoint was written."""
+
+
+@dataclass
+class RunRequest:
+    """What the user asked for on the command line."""
+
+    cache: Path
+    config: PipelineConfig  # a new run's recipe; a resumed run continues with the one it recorded
+    run_dir: Path | None = None
+    resume: bool = False
+    snapshot: str | None = None  # overrides config.stream.snapshot
+    max_steps: int | None = None  # the one setting a resume may change
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    loader_errors: int
+    interrupted: bool = False
+    export: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SaltUsageError("train.device is cuda but no CUDA device is available (use --device cpu or auto)")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def total_steps(config: PipelineConfig, steps_per_epoch: int) -> int:
+    planned = config.train.epochs * steps_per_epoch
+    return min(planned, config.train.max_steps) if config.train.max_steps else planned
+
+
+def next_position(position: Position, steps_per_epoch: int) -> Position:
+    if position.index + 1 >= steps_per_epoch:
+        return Position(position.epoch + 1, 0)
+    return Position(position.epoch, position.index + 1)
+
+
+class StopSignals:
+    """SIGINT/SIGTERM finish the current step, write a checkpoint and exit: a preempted job loses nothing."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (tests calling in-process from a thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("%s received: stopping after this step and writing a checkpoint (again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run_training(request: RunRequest) -> RunReport:
+    # ---- configuration and run folder -----------------------------------------------
+    config = request.config
+    run_dir = request.run_dir
+    if request.resume:
+        if run_dir is None:
+            run_dir = run_folder.find_latest_run(request.cache)
+            if run_dir is None:
+                raise SaltUsageError(f"--resume: no run of {request.cache} under {run_folder.DEFAULT_RUNS_DIR}/ (pass --run-dir)")
+            log.info("resuming the latest run of this cache: %s", run_dir)
+        config = run_folder.read_run_config(run_dir)
+    if request.max_steps is not None:
+        config.train.max_steps = request.max_steps
+    device = resolve_device(config.train.device)
+
+    # ---- the store: refuse bad input before anything is written -----------------------
+    live = LatentStore.open(request.cache)
+    spec = stream_spec(live, config, Position())
+    check_stream(spec, live.path)
+    check_shm(config.loader, spec.local_batch, live.teacher_width)
+    torch.manual_seed(config.train.seed)
+    model = build_salt_student(config.model, live.teacher_width).to(device)
+    optimizer = build_optimizer(model, lr=config.train.lr, weight_decay=config.train.weight_decay, device=device)
+
+    # ---- run folder and snapshot --------------------------------------------------------
+    if request.resume:
+        record = run_folder.read_run_record(run_dir)
+        snapshot = reuse_snapshot(record["snapshot"])
+        run_folder.write_run_record(run_dir)
+    else:
+        run_dir = run_dir or run_folder.new_run_dir(config)
+        run_folder.create_run_dir(run_dir, config)
+        snapshot = take_snapshot(live.path, run_dir.name, request.snapshot or config.stream.snapshot)
+        run_folder.write_run_record(
+            run_dir, cache=str(live.path.resolve()), snapshot=snapshot.to_record(), device=str(device),
+            store={"identity": live.attrs.get("identity"), "teacher": live.attrs.get("teacher"),
+                   "counts": live.counts(), "rows_sha256": live.attrs.get("source_rows")},
+        )
+    log_handler = run_folder.attach_log_file(run_dir / "train.log")
+    try:
+        return _train(config, device, run_dir, snapshot, model, optimizer, request.resume)
+    finally:
+        run_folder.detach_log_file(log_handler)
+
+
+def stream_spec(store: LatentStore, config: PipelineConfig, start: Position) -> StreamSpec:
+    return StreamSpec(
+        store_path=str(store.path), rows=committed_rows(store), shard_rows=store.shard_rows,
+        batch_size=config.train.batch_size, seed=config.train.seed, shuffle_buffer=config.stream.shuffle_buffer,
+        epochs=config.train.epochs, start=start, verify_checksums=config.stream.verify_checksums,
+    )
+
+
+def _train(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot: Snapshot,
+           model: torch.nn.Module, optimizer: torch.optim.Optimizer, resume: bool) -> RunReport:
+    store = LatentStore.open(snapshot.path)  # from here on, only the snapshot is read
+    state = ckpt.TrainState(step=0, position=Position())
+    if resume:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            log.warning("no checkpoint in %s yet: starting this run from step 0", run_dir)
+        else:
+            state = ckpt.load_checkpoint(latest, model, optimizer)
+            log.info("resumed from %s (step %d, epoch %d, batch %d)", latest.name, state.step,
+                     state.position.epoch, state.position.index)
+    spec = stream_spec(store, config, state.position)
+    check_stream(spec, store.path)
+    steps = total_steps(config, spec.steps_per_epoch)
+    train, mask_cfg = config.train, config.mask
+    masked = masked_count(mask_cfg.kind, mask_cfg.ratio)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None  # bf16 on CUDA, fp32 on CPU
+    step_fn = torch.compile(model, mode=config.model.compile_mode) if config.model.compile_mode != "off" else model
+    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda")
+    flops = student_flops_per_clip(config.model, store.teacher_width, masked)
+    print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, masked, model, flops)
+
+    metrics = run_folder.MetricsLog(run_dir / "metrics.jsonl")
+    bar = progress(total=steps, description="train", unit="step", initial=state.step)
+    window = HealthWindow()
+    first_loss = last_loss = None
+    interrupted = False
+    batches: Iterable[dict] = iter(loader)
+    try:
+        with StopSignals() as stop:
+            while state.step < steps:
+                # ---- data -------------------------------------------------------------
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                window.data_wait += time.perf_counter() - waited
+                if batch is None:
+                    break
+                position = Position(batch["epoch"], batch["index"])
+                state.position = next_position(position, spec.steps_per_epoch)
+                if "error" in batch:
+                    state.loader_errors += 1
+                    log.warning("loader: batch %d of epoch %d (rows %s, worker %s) skipped: %s",
+                                position.index, position.epoch, batch["rows"].tolist(), batch["worker"], batch["error"])
+                    if state.loader_errors > config.stream.max_errors:
+                        ckpt.save_checkpoint(run_dir, model, optimizer, state, train.keep_checkpoints)
+                        raise TrainingStopped(
+                            f"{state.loader_errors} unreadable batches, more than stream.max_errors={config.stream.max_errors}: "
+                            f"stopped at step {state.step} with a checkpoint; check the store with `salt-cache verify --deep`"
+                        )
+                    continue
+                pixels, latents = to_model_inputs(batch, device, torch.float32)
+                masks = make_masks(mask_cfg.kind, mask_cfg.ratio, pixels.shape[0], train.seed, state.step).to(device, non_blocking=True)
+
+                # ---- step --------------------------------------------------------------
+                lr = lr_at(state.step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=steps)
+                set_lr(optimizer, lr)
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                    predicted = step_fn(pixels, masks.visible, masks.masked)
+                targets = normalise_targets(gather_tokens(latents, masks.masked))
+                loss = regression_loss(predicted.float(), targets, config.model.loss)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.clips_seen += pixels.shape[0]
+                window.add(loss.detach(), grad_norm.detach(), pixels.shape[0])
+                bar.update(1)
+
+                # ---- health, metrics, checkpoints --------------------------------------
+                if state.step % train.log_every == 0 or state.step == steps:
+                    record = window.flush(state, lr, device)
+                    first_loss = record["loss"] if first_loss is None else first_loss
+                    last_loss = record["loss"]
+                    metrics.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
+                    log.info(health_line(record))
+                if state.step % train.checkpoint_every == 0 and state.step < steps:
+                    ckpt.save_checkpoint(run_dir, model, optimizer, state, train.keep_checkpoints)
+                if stop.received is not None:
+                    interrupted = True
+                    break
+    finally:
+        bar.close()
+        del batches, loader  # stop the workers before writing the last files
+        metrics.close()
+    final = ckpt.save_checkpoint(run_dir, model, optimizer, state, train.keep_checkpoints)
+    report = RunReport(run_dir, state.step, first_loss, last_loss, state.loader_errors, interrupted)
+    if interrupted:
+        log.warning("stopped at step %d of %d; checkpoint %s; continue with: salt-train run --cache %s --run-dir %s --resume",
+                    state.step, steps, final.name, snapshot.source, run_dir)
+        return report
+    report.export = export_encoder(model.encoder, config.model.student, dict(config.model.student_kwargs), run_dir / "export")
+    summary = {"steps": state.step, "planned_steps": steps, "clips_seen": state.clips_seen,
+               "first_loss": first_loss, "last_loss": last_loss, "loader_errors": state.loader_errors,
+               "checkpoint": str(final), "export": str(report.export), "snapshot": str(snapshot.path)}
+    run_folder.write_json(run_dir / "summary.json", summary)
+    print_block("summary", {**summary, "run folder": str(run_dir)})
+    return report
+
+
+class HealthWindow:
+    """Accumulates one log interval; values stay on the device until flushed (no sync per step)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.perf_counter()
+        self.data_wait = 0.0
+        self.losses: list[torch.Tensor] = []
+        self.grad_norms: list[torch.Tensor] = []
+        self.clips = 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, clips: int) -> None:
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        self.clips += clips
+
+    def flush(self, state: ckpt.TrainState, lr: float, device: torch.device) -> dict[str, Any]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - self.started
+        steps = max(1, len(self.losses))
+        record = {
+            "step": state.step,
+            "epoch": state.position.epoch,
+            "loss": float(torch.stack(self.losses).float().mean()) if self.losses else math.nan,
+            "lr": lr,
+            "grad_norm": float(torch.stack(self.grad_norms).float().mean()) if self.grad_norms else math.nan,
+            "clips_per_s": self.clips / elapsed if elapsed > 0 else 0.0,
+            "data_wait_ms": 1000 * self.data_wait / steps,
+            "step_ms": 1000 * (elapsed - self.data_wait) / steps,
+            "loader_errors": state.loader_errors,
+            "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+            "time": time.time(),
+        }
+        self.reset()
+        return record
+
+
+def health_line(record: dict[str, Any]) -> str:
+    gpu = f" gpu_mem {record['gpu_mem_gb']:.1f} GB" if record["gpu_mem_gb"] is not None else ""
+    return (f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
+            f"| {record['clips_per_s']:.1f} clips/s, data wait {record['data_wait_ms']:.1f} ms/step, "
+            f"step {record['step_ms']:.1f} ms{gpu} | loader errors {record['loader_errors']}")
+
+
+def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot: Snapshot,
+                      store: LatentStore, spec: StreamSpec, steps: int, masked: int, model: torch.nn.Module,
+                      flops: dict[str, float]) -> None:
+    counts = store.counts()
+    parameters = sum(p.numel() for p in model.parameters())
+    encoder_parameters = sum(p.numel() for p in model.encoder.parameters())
+    loader = config.loader
+    print_block("salt-train run", {
+        "run folder": run_dir,
+        "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, {counts['pending']} pending rows)",
+        "snapshot": f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, {snapshot.seconds:.2f} s)",
+        "teacher": f"{store.attrs.get('teacher', {}).get('name', '?')} (width {store.teacher_width})",
+        "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+                  + f", {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile {config.model.compile_mode}",
+        "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
+                   f"{encoder_parameters / 1e6:.1f}M encoder + {(parameters - encoder_parameters) / 1e6:.1f}M predictor/head params",
+        "masks": f"{config.mask.kind}, ratio {config.mask.ratio}: {masked} masked tokens per clip",
+        "FLOPs/clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
+        "schedule": f"{steps} steps ({spec.steps_per_epoch}/epoch x {config.train.epochs} epochs"
+                    f"{', capped by max_steps' if config.train.max_steps else ''}), batch {config.train.batch_size}, "
+                    f"lr {config.train.lr} -> {config.train.min_lr}, warmup {config.train.warmup_steps}",
+        "loader": f"{loader.num_workers} workers x prefetch {loader.prefetch_factor}, {format_bytes(batch_bytes(spec.local_batch, store.teacher_width))}/batch, "
+                  f"shm bound {format_bytes(shm_bound(loader, spec.local_batch, store.teacher_width))}, "
+                  f"shuffle window {config.stream.shuffle_buffer} rows, checksums {'on' if spec.verify_checksums else 'off'}",
+        "start": f"epoch {spec.start.epoch}, batch {spec.start.index}" + (" (resumed)" if spec.start != Position() else ""),
+    })
