@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared import geometry
-from shared.config import LoaderConfig
+from shared.config import LoaderConfig, PipelineConfig
 from shared.console import format_bytes
 from shared.errors import SaltUsageError
 from shared.store import LatentStore, RowStatus, row_checksum
@@ -106,6 +106,17 @@ class StreamSpec:
     @property
     def remaining_batches(self) -> int:
         return max(0, (self.epochs - self.start.epoch) * self.steps_per_epoch - self.start.index)
+
+
+def stream_spec(store: LatentStore, config: PipelineConfig, start: Position = Position(),
+                rank: int = 0, world_size: int = 1) -> StreamSpec:
+    """The stream a run of ``config`` reads from ``store``, starting at ``start``."""
+    return StreamSpec(
+        store_path=str(store.path), rows=committed_rows(store), shard_rows=store.shard_rows,
+        batch_size=config.train.batch_size, seed=config.train.seed, shuffle_buffer=config.stream.shuffle_buffer,
+        epochs=config.train.epochs, start=start, rank=rank, world_size=world_size,
+        verify_checksums=config.stream.verify_checksums,
+    )
 
 
 def check_stream(spec: StreamSpec, store_path: Path) -> None:

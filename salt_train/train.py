@@ -25,14 +25,12 @@ from shared.errors import SaltUsageError
 from shared.store import LatentStore
 from salt_train import checkpoint as ckpt
 from salt_train import run_folder
-from salt_train.data import (Position, StreamSpec, batch_bytes, check_shm, check_stream, committed_rows,
-                             make_loader, shm_bound, to_model_inputs)
+from salt_train.data import Position, StreamSpec, batch_bytes, check_shm, check_stream, make_loader, shm_bound, stream_spec
 from salt_train.export import export_encoder
-from salt_train.masks import make_masks, masked_count
-from salt_train.objective import build_salt_student, gather_tokens, normalise_targets, regression_loss, student_flops_per_clip
-from salt_train.optim import build_optimizer
-from salt_train.schedule import lr_at, set_lr
+from salt_train.masks import masked_count
+from salt_train.objective import student_flops_per_clip
 from salt_train.snapshot import Snapshot, reuse_snapshot, take_snapshot
+from salt_train.step import Stepper, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +63,6 @@ class RunReport:
     interrupted: bool = False
     export: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SaltUsageError("train.device is cuda but no CUDA device is available (use --device cpu or auto)")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def total_steps(config: PipelineConfig, steps_per_epoch: int) -> int:
@@ -133,9 +123,7 @@ def run_training(request: RunRequest) -> RunReport:
     spec = stream_spec(live, config, Position())
     check_stream(spec, live.path)
     check_shm(config.loader, spec.local_batch, live.teacher_width)
-    torch.manual_seed(config.train.seed)
-    model = build_salt_student(config.model, live.teacher_width).to(device)
-    optimizer = build_optimizer(model, lr=config.train.lr, weight_decay=config.train.weight_decay, device=device)
+    stepper = Stepper(config, live.teacher_width, device, total_steps(config, spec.steps_per_epoch))
 
     # ---- run folder and snapshot --------------------------------------------------------
     if request.resume:
@@ -153,21 +141,13 @@ def run_training(request: RunRequest) -> RunReport:
         )
     log_handler = run_folder.attach_log_file(run_dir / "train.log")
     try:
-        return _train(config, device, run_dir, snapshot, model, optimizer, request.resume)
+        return _train(config, run_dir, snapshot, stepper, request.resume)
     finally:
         run_folder.detach_log_file(log_handler)
 
 
-def stream_spec(store: LatentStore, config: PipelineConfig, start: Position) -> StreamSpec:
-    return StreamSpec(
-        store_path=str(store.path), rows=committed_rows(store), shard_rows=store.shard_rows,
-        batch_size=config.train.batch_size, seed=config.train.seed, shuffle_buffer=config.stream.shuffle_buffer,
-        epochs=config.train.epochs, start=start, verify_checksums=config.stream.verify_checksums,
-    )
-
-
-def _train(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot: Snapshot,
-           model: torch.nn.Module, optimizer: torch.optim.Optimizer, resume: bool) -> RunReport:
+def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: Stepper, resume: bool) -> RunReport:
+    model, optimizer, device = stepper.model, stepper.optimizer, stepper.device
     store = LatentStore.open(snapshot.path)  # from here on, only the snapshot is read
     state = ckpt.TrainState(step=0, position=Position())
     if resume:
@@ -180,11 +160,9 @@ def _train(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot
                      state.position.epoch, state.position.index)
     spec = stream_spec(store, config, state.position)
     check_stream(spec, store.path)
-    steps = total_steps(config, spec.steps_per_epoch)
-    train, mask_cfg = config.train, config.mask
-    masked = masked_count(mask_cfg.kind, mask_cfg.ratio)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None  # bf16 on CUDA, fp32 on CPU
-    step_fn = torch.compile(model, mode=config.model.compile_mode) if config.model.compile_mode != "off" else model
+    steps = stepper.total_steps = total_steps(config, spec.steps_per_epoch)
+    train = config.train
+    masked = masked_count(config.mask.kind, config.mask.ratio)
     loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda")
     flops = student_flops_per_clip(config.model, store.teacher_width, masked)
     print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, masked, model, flops)
@@ -217,32 +195,21 @@ def _train(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot
                             f"stopped at step {state.step} with a checkpoint; check the store with `salt-cache verify --deep`"
                         )
                     continue
-                pixels, latents = to_model_inputs(batch, device, torch.float32)
-                masks = make_masks(mask_cfg.kind, mask_cfg.ratio, pixels.shape[0], train.seed, state.step).to(device, non_blocking=True)
 
-                # ---- step --------------------------------------------------------------
-                lr = lr_at(state.step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=steps)
-                set_lr(optimizer, lr)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                    predicted = step_fn(pixels, masks.visible, masks.masked)
-                targets = normalise_targets(gather_tokens(latents, masks.masked))
-                loss = regression_loss(predicted.float(), targets, config.model.loss)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                # ---- step: masks, forward, masked loss, backward, clip, AdamW ----------
+                result = stepper.step(batch, state.step)
                 state.step += 1
-                state.clips_seen += pixels.shape[0]
-                window.add(loss.detach(), grad_norm.detach(), pixels.shape[0])
+                state.clips_seen += result.clips
+                window.add(result.loss, result.grad_norm, result.clips)
                 bar.update(1)
 
                 # ---- health, metrics, checkpoints --------------------------------------
                 if state.step % train.log_every == 0 or state.step == steps:
-                    record = window.flush(state, lr, device)
+                    record = window.flush(state, result.lr, device)
                     first_loss = record["loss"] if first_loss is None else first_loss
                     last_loss = record["loss"]
                     metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{result.lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
                     log.info(health_line(record))
                 if state.step % train.checkpoint_every == 0 and state.step < steps:
                     ckpt.save_checkpoint(run_dir, model, optimizer, state, train.keep_checkpoints)

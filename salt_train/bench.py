@@ -1,0 +1,119 @@
+"""`salt-train bench`: what the loader and the step cost, in figures.
+
+- raw read: the store's shard files read with plain ``read()`` (page cache warm):
+  the ceiling for any loader on this machine;
+- loader: clips/s of the real streaming loader (configured workers) on the same files;
+- step from memory: one batch kept on the device, stepped repeatedly;
+- step with the loader: the same step fed by the real loader. The gap is what
+  the loader costs; on a GPU it should be ~0 (DESIGN.md: "the loader never the bottleneck");
+- FLOPs per clip of the configured student, and the TFLOP/s the step reached.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from shared.config import PipelineConfig
+from shared.console import format_bytes
+from shared.store import LatentStore
+from salt_train.data import check_stream, make_loader, stream_spec
+from salt_train.masks import masked_count
+from salt_train.objective import student_flops_per_clip
+from salt_train.step import Stepper, resolve_device
+
+READ_BLOCK = 16 << 20
+
+
+def shard_files(store: LatentStore) -> list[Path]:
+    return sorted(p for name in ("pixels", "latents") for p in (store.path / name).rglob("*")
+                  if p.is_file() and p.name != "zarr.json")
+
+
+def raw_read(files: list[Path]) -> tuple[int, float]:
+    """Bytes read and seconds, reading every file start to end in 16 MB blocks."""
+    total = 0
+    started = time.perf_counter()
+    for path in files:
+        with path.open("rb", buffering=0) as handle:
+            while chunk := handle.read(READ_BLOCK):
+                total += len(chunk)
+    return total, time.perf_counter() - started
+
+
+def loader_rate(spec, config: PipelineConfig, batches: int, warmup: int = 2) -> float:
+    """clips/s of the real loader after ``warmup`` batches (worker start excluded)."""
+    loader = make_loader(spec, config.loader, pin_memory=False)
+    clips, started = 0, None
+    for n, batch in enumerate(loader):
+        if n == warmup:
+            started = time.perf_counter()
+        if n >= warmup:
+            clips += len(batch["rows"])
+        if n + 1 >= warmup + batches:
+            break
+    elapsed = time.perf_counter() - started if started else float("nan")
+    del loader
+    return clips / elapsed
+
+
+def step_rate(stepper: Stepper, batches, count: int, warmup: int = 2) -> float:
+    """clips/s of ``count`` steps after ``warmup`` (compilation and autotuning excluded)."""
+    clips, started = 0, None
+    for n, batch in enumerate(batches):
+        if n == warmup:
+            if stepper.device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        result = stepper.step(batch, n)
+        if n >= warmup:
+            clips += result.clips
+        if n + 1 >= warmup + count:
+            break
+    if stepper.device.type == "cuda":
+        torch.cuda.synchronize()
+    return clips / (time.perf_counter() - started)
+
+
+def repeat(batch: dict):
+    while True:
+        yield batch
+
+
+def run_bench(cache: Path, config: PipelineConfig, batches: int = 20) -> dict[str, str]:
+    device = resolve_device(config.train.device)
+    store = LatentStore.open(cache)
+    spec = stream_spec(store, config)
+    check_stream(spec, store.path)
+    files = shard_files(store)
+    raw_read(files)  # warm the page cache
+    raw_bytes, raw_seconds = raw_read(files)
+    rows_on_disk = max(1, store.rows)
+    bytes_per_clip = raw_bytes / rows_on_disk
+    loader_clips = loader_rate(spec, config, batches)
+
+    stepper = Stepper(config, store.teacher_width, device, total_steps=10 * batches)
+    first = next(iter(make_loader(spec, config.loader.model_copy(update={"num_workers": 0}), pin_memory=False)))
+    on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in first.items()}
+    memory_clips = step_rate(stepper, repeat(on_device), batches)
+    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda")
+    fed_clips = step_rate(stepper, iter(loader), batches)
+    del loader
+
+    flops = student_flops_per_clip(config.model, store.teacher_width, masked_count(config.mask.kind, config.mask.ratio))
+    step_flops = flops["train_step"]
+    return {
+        "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "store": f"{cache} ({len(spec.rows)} committed rows, {format_bytes(bytes_per_clip)}/clip on disk)",
+        "raw read (page cache)": f"{raw_bytes / raw_seconds / 1e6:.0f} MB/s = {raw_bytes / raw_seconds / bytes_per_clip:.0f} clips/s",
+        "loader": f"{loader_clips:.1f} clips/s ({config.loader.num_workers} workers, batch {spec.batch_size}, "
+                  f"checksums {'on' if spec.verify_checksums else 'off'})",
+        "step, batch from memory": f"{memory_clips:.1f} clips/s",
+        "step, batch from loader": f"{fed_clips:.1f} clips/s ({100 * (1 - fed_clips / memory_clips):.0f}% below memory)",
+        "FLOPs per clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
+        "achieved": f"{memory_clips * step_flops / 1e12:.2f} TFLOP/s (step from memory)",
+        "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
+                   f"compile {config.model.compile_mode}",
+    }

@@ -1,0 +1,155 @@
+"""`salt-train preflight`: the checks worth a minute before a run of days.
+
+1. one batch: shapes ``(B, 3, 16, 224, 224)`` and ``(B, 1568, D)`` once on the device, finite values;
+2. worker stress: 20-50 batches through the configured workers and prefetch, no errors;
+3. /dev/shm: sampled during the stress, its use stays flat and under the loader's bound
+   (the seed's bus errors at batch 64 were /dev/shm running out mid-run).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared import geometry
+from shared.config import PipelineConfig
+from shared.console import format_bytes
+from shared.store import LatentStore
+from salt_train.data import (SHM_PATH, StoreStream, batch_bytes, check_shm, check_stream, make_loader, shm_bound,
+                             stream_spec, to_model_inputs)
+from salt_train.step import resolve_device
+
+
+@dataclass
+class CheckResult:
+    name: str
+    passed: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
+
+
+class ShmSampler(threading.Thread):
+    """Samples /dev/shm's used bytes every ``interval`` seconds until stopped."""
+
+    def __init__(self, path: Path = SHM_PATH, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.path, self.interval = path, interval
+        self.samples: list[int] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.samples.append(shutil.disk_usage(self.path).used)
+            time.sleep(self.interval)
+
+    def stop(self) -> list[int]:
+        self._stop_event.set()
+        self.join()
+        return self.samples
+
+
+def check_single_batch(stream: StoreStream, teacher_width: int, device: torch.device) -> CheckResult:
+    epoch, index, rows = next(stream.positions())
+    batch = stream.read_batch(epoch, index, rows, worker=0)
+    if "error" in batch:
+        return CheckResult("single batch", False, f"rows {rows.tolist()} unreadable: {batch['error']}")
+    pixels, latents = to_model_inputs(batch, device, torch.float32)
+    b = len(rows)
+    want_pixels = (b, 3, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE)
+    want_latents = (b, geometry.NUM_TOKENS, teacher_width)
+    problems = []
+    if tuple(pixels.shape) != want_pixels:
+        problems.append(f"pixels {tuple(pixels.shape)} != {want_pixels}")
+    if tuple(latents.shape) != want_latents:
+        problems.append(f"latents {tuple(latents.shape)} != {want_latents}")
+    if latents.dtype != torch.float16:
+        problems.append(f"latents dtype {latents.dtype}, expected float16")
+    if not torch.isfinite(pixels).all():
+        problems.append("pixels hold non-finite values")
+    if not torch.isfinite(latents.float()).all():
+        problems.append("latents hold NaN or inf")
+    if problems:
+        return CheckResult("single batch", False, "; ".join(problems))
+    return CheckResult("single batch", True,
+                       f"pixels {tuple(pixels.shape)} {pixels.dtype} in [{pixels.min():.2f}, {pixels.max():.2f}], "
+                       f"latents {tuple(latents.shape)} {latents.dtype}, finite, on {device}")
+
+
+def check_workers(spec, config: PipelineConfig, batches: int, device: torch.device,
+                  bound: int) -> tuple[CheckResult, CheckResult]:
+    """The stress test and, sampled meanwhile, the /dev/shm probe."""
+    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda")
+    sampler = ShmSampler()
+    sampler.start()
+    started = time.perf_counter()
+    seen = errors = clips = 0
+    first_error = ""
+    for batch in loader:
+        if "error" in batch:
+            errors += 1
+            first_error = first_error or f"rows {batch['rows'].tolist()}: {batch['error']}"
+        else:
+            clips += len(batch["rows"])
+        seen += 1
+        if seen >= batches:
+            break
+    elapsed = time.perf_counter() - started
+    del loader  # workers exit and release their shared memory
+    time.sleep(0.2)
+    samples = sampler.stop()
+    workers = config.loader.num_workers
+    stress = CheckResult(
+        f"worker stress ({workers} workers, prefetch {config.loader.prefetch_factor})",
+        errors == 0 and seen > 0,
+        f"{seen} batches, {clips / elapsed:.1f} clips/s including worker start"
+        + (f", {errors} unreadable (first: {first_error})" if errors else ", no errors"),
+    )
+    return stress, shm_verdict(samples, bound, workers)
+
+
+def shm_verdict(samples: list[int], bound: int, workers: int) -> CheckResult:
+    name = "/dev/shm use"
+    if workers == 0:
+        return CheckResult(name, True, "no workers: batches stay in this process, /dev/shm unused")
+    if len(samples) < 4:
+        return CheckResult(name, True, f"too few samples to judge ({len(samples)}); bound {format_bytes(bound)}")
+    baseline = samples[0]
+    growth = [s - baseline for s in samples]
+    half = len(growth) // 2
+    peak = max(growth)
+    # Flat: the second half of the run never climbs above the first half's peak (no leak per batch).
+    flat = max(growth[half:]) <= max(growth[:half]) + bound // max(1, workers)
+    passed = flat and peak <= bound
+    return CheckResult(name, passed,
+                       f"peak +{format_bytes(peak)} over {format_bytes(baseline)} (bound {format_bytes(bound)}), "
+                       f"{'flat' if flat else 'GROWING'} over {len(samples)} samples, "
+                       f"{format_bytes(shutil.disk_usage(SHM_PATH).free)} free")
+
+
+def run_preflight(cache: Path, config: PipelineConfig, stress_batches: int = 30) -> list[CheckResult]:
+    device = resolve_device(config.train.device)
+    store = LatentStore.open(cache)
+    spec = stream_spec(store, config)
+    check_stream(spec, store.path)
+    check_shm(config.loader, spec.local_batch, store.teacher_width)
+    counts = store.counts()
+    print(f"preflight of {cache}: {counts['committed']} committed rows ({counts['failed']} failed, "
+          f"{counts['pending']} pending), batch {spec.batch_size}, "
+          f"{format_bytes(batch_bytes(spec.local_batch, store.teacher_width))} per batch", flush=True)
+    results = [check_single_batch(StoreStream(spec), store.teacher_width, device)]
+    print(results[-1].line(), flush=True)
+    bound = shm_bound(config.loader, spec.local_batch, store.teacher_width)
+    for result in check_workers(spec, config, stress_batches, device, bound):
+        results.append(result)
+        print(result.line(), flush=True)
+    verdict = "all checks passed" if all(r.passed for r in results) else "some checks FAILED"
+    print(f"preflight: {verdict}", file=sys.stdout, flush=True)
+    return results

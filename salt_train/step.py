@@ -1,0 +1,71 @@
+"""One optimizer step of SALT, shared by `salt-train run` and `salt-train bench`.
+
+uint8 pixels and fp16 latents arrive from the loader; on the device: normalise,
+draw the step's masks (a pure function of seed and step), forward under bf16
+autocast on CUDA (fp32 on CPU), MSE (or L1) on the masked tokens against
+per-token layer-normed teacher latents, backward, clip, AdamW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.config import PipelineConfig
+from shared.errors import SaltUsageError
+from salt_train.data import to_model_inputs
+from salt_train.masks import make_masks
+from salt_train.objective import SaltStudent, build_salt_student, gather_tokens, normalise_targets, regression_loss
+from salt_train.optim import build_optimizer
+from salt_train.schedule import lr_at, set_lr
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SaltUsageError("train.device is cuda but no CUDA device is available (use --device cpu or auto)")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # detached, on the device: read it only at log time (no sync per step)
+    grad_norm: torch.Tensor
+    lr: float
+    clips: int
+
+
+class Stepper:
+    """The student, its optimizer and the (optionally compiled) forward, stepping one batch at a time."""
+
+    def __init__(self, config: PipelineConfig, teacher_width: int, device: torch.device, total_steps: int) -> None:
+        self.config = config
+        self.device = device
+        self.total_steps = total_steps
+        torch.manual_seed(config.train.seed)  # the student's initial weights
+        self.model: SaltStudent = build_salt_student(config.model, teacher_width).to(device)
+        self.optimizer = build_optimizer(self.model, lr=config.train.lr, weight_decay=config.train.weight_decay,
+                                         device=device)
+        mode = config.model.compile_mode
+        # Static shapes (fixed batch, fixed masked count) keep the compiled graph from recompiling.
+        self.forward = torch.compile(self.model, mode=mode) if mode != "off" else self.model
+        self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def step(self, batch: dict, step: int) -> StepResult:
+        train, mask = self.config.train, self.config.mask
+        pixels, latents = to_model_inputs(batch, self.device, torch.float32)
+        masks = make_masks(mask.kind, mask.ratio, pixels.shape[0], train.seed, step).to(self.device, non_blocking=True)
+        lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=self.total_steps)
+        set_lr(self.optimizer, lr)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            predicted = self.forward(pixels, masks.visible, masks.masked)
+        targets = normalise_targets(gather_tokens(latents, masks.masked))
+        loss = regression_loss(predicted.float(), targets, self.config.model.loss)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss.detach(), grad_norm.detach(), lr, pixels.shape[0])
