@@ -39,24 +39,33 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args: str | Path, timeout: float = 300) -> CliResult:
-    """``python -m salt_cache ARGS`` as a real process (exit codes, stderr, kill -9)."""
+def run_cli(*args: str | Path, timeout: float = 300, module: str = "salt_cache") -> CliResult:
+    """``python -m salt_cache ARGS`` (or another module) as a real process (exit codes, stderr, kill -9)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "salt_cache", *map(str, args)],
+        [sys.executable, "-m", module, *map(str, args)],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
-def call_cli(*args: str | Path) -> CliResult:
-    """``salt_cache.cli.main(ARGS)`` in this process (no interpreter start, no torch import)."""
-    from salt_cache.cli import main
+def call_cli(*args: str | Path, stage: str = "salt_cache") -> CliResult:
+    """``salt_cache.cli.main(ARGS)`` (or ``salt_train``'s) in this process: no interpreter start."""
+    import importlib
 
+    main = importlib.import_module(f"{stage}.cli").main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def call_train(*args: str | Path) -> CliResult:
+    return call_cli(*args, stage="salt_train")
+
+
+def run_train(*args: str | Path, timeout: float = 300) -> CliResult:
+    return run_cli(*args, timeout=timeout, module="salt_train")
 
 
 def write_pipeline(path: Path, **overrides: Any) -> Path:
@@ -225,6 +234,21 @@ def demo_reference(demo_set: Path, demo_pipeline: Path, tmp_path_factory: pytest
     result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae",
                       "--pipeline", demo_pipeline)
     return Build(store, result, "builtin:tiny-videomae", demo_pipeline, demo_set)
+
+
+# A student small enough for many CPU steps a second: 2 blocks of width 32.
+TINY_STUDENT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def train_pipeline(path: Path, **overrides: Any) -> Path:
+    """The tests' training recipe: tiny student and predictor, batch 2, no workers, frequent logs."""
+    settings = {
+        "loader__num_workers": 0, "model__student_kwargs": TINY_STUDENT, "model__predictor_width": 32,
+        "model__predictor_depth": 1, "model__predictor_heads": 2, "train__batch_size": 2, "train__lr": 3e-3,
+        "train__min_lr": 3e-4, "train__warmup_steps": 4, "train__max_steps": 24, "train__epochs": 100,
+        "train__checkpoint_every": 8, "train__log_every": 4, "stream__shuffle_buffer": 4, **overrides,
+    }
+    return write_pipeline(path, **settings)
 
 
 @pytest.fixture(scope="session")
