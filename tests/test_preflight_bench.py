@@ -1,0 +1,44 @@
+"""`salt-train preflight` and `salt-train bench` on a real store: pass lines, a clear failure, figures."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import call_train, copy_store, train_pipeline
+
+
+def test_preflight_passes_on_a_sound_store(demo_reference, tmp_path) -> None:
+    pipeline = train_pipeline(tmp_path / "p.yaml", loader__num_workers=2, loader__multiprocessing_context="forkserver")
+    result = call_train("preflight", "--cache", demo_reference.store, "--pipeline", pipeline, "--batches", "20")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(l.startswith("PASS  single batch: pixels (2, 3, 16, 224, 224)") for l in lines), result.stdout
+    assert any(l.startswith("PASS  single batch") and "latents (2, 1568, 64) torch.float16" in l for l in lines)
+    assert any(l.startswith("PASS  worker stress (2 workers, prefetch 2): 20 batches") for l in lines)
+    assert any(l.startswith("PASS  /dev/shm use") and "flat" in l for l in lines), result.stdout
+    assert lines[-1] == "preflight: all checks passed"
+
+
+def test_preflight_fails_clearly_on_damaged_shards(demo_reference, tmp_path) -> None:
+    store = copy_store(demo_reference.store, tmp_path / "damaged.zarr")
+    for shard_file in (p for p in (store / "latents" / "c").rglob("*") if p.is_file()):
+        data = bytearray(shard_file.read_bytes())
+        data[5000] ^= 0xFF  # raw latents: only the row checksums can tell
+        shard_file.write_bytes(bytes(data))
+    pipeline = train_pipeline(tmp_path / "p.yaml", stream__verify_checksums=True)
+    result = call_train("preflight", "--cache", store, "--pipeline", pipeline, "--batches", "5")
+    assert result.returncode == 1
+    assert re.search(r"^FAIL  single batch: rows \[.*\] unreadable: ValueError: row \d+: latents checksum mismatch",
+                     result.stdout, re.M), result.stdout
+    assert result.stdout.splitlines()[-1] == "preflight: some checks FAILED"
+
+
+def test_bench_prints_figures(demo_reference, tmp_path) -> None:
+    pipeline = train_pipeline(tmp_path / "p.yaml")
+    result = call_train("bench", "--cache", demo_reference.store, "--pipeline", pipeline, "--batches", "3")
+    assert result.returncode == 0, result.stderr
+    for label in ("raw read (page cache)", "loader", "step, batch from memory", "step, batch from loader",
+                  "FLOPs per clip", "achieved"):
+        assert re.search(rf"^\s+{re.escape(label)}\s+: \S", result.stdout, re.M), (label, result.stdout)
+    assert re.search(r"raw read \(page cache\)\s+: \d+ MB/s = \d+ clips/s", result.stdout)
+    assert re.search(r"step, batch from memory\s+: [\d.]+ clips/s", result.stdout)
