@@ -126,21 +126,21 @@ def run_training(request: RunRequest) -> RunReport:
     stepper = Stepper(config, live.teacher_width, device, total_steps(config, spec.steps_per_epoch))
 
     # ---- run folder and snapshot --------------------------------------------------------
-    if request.resume:
-        record = run_folder.read_run_record(run_dir)
-        snapshot = reuse_snapshot(record["snapshot"])
-        run_folder.write_run_record(run_dir)
-    else:
+    if not request.resume:
         run_dir = run_dir or run_folder.new_run_dir(config)
         run_folder.create_run_dir(run_dir, config)
-        snapshot = take_snapshot(live.path, run_dir.name, request.snapshot or config.stream.snapshot)
-        run_folder.write_run_record(
-            run_dir, cache=str(live.path.resolve()), snapshot=snapshot.to_record(), device=str(device),
-            store={"identity": live.attrs.get("identity"), "teacher": live.attrs.get("teacher"),
-                   "counts": live.counts(), "rows_sha256": live.attrs.get("source_rows")},
-        )
     log_handler = run_folder.attach_log_file(run_dir / "train.log")
     try:
+        if request.resume:
+            snapshot = reuse_snapshot(run_folder.read_run_record(run_dir)["snapshot"])
+            run_folder.write_run_record(run_dir)
+        else:
+            snapshot = take_snapshot(live.path, run_dir.name, request.snapshot or config.stream.snapshot)
+            run_folder.write_run_record(
+                run_dir, cache=str(live.path.resolve()), snapshot=snapshot.to_record(), device=str(device),
+                store={"identity": live.attrs.get("identity"), "teacher": live.attrs.get("teacher"),
+                       "counts": live.counts(), "rows_sha256": live.attrs.get("source_rows")},
+            )
         return _train(config, run_dir, snapshot, stepper, request.resume)
     finally:
         run_folder.detach_log_file(log_handler)
