@@ -37,23 +37,26 @@ class CheckResult:
 
 
 class ShmSampler(threading.Thread):
-    """Samples /dev/shm's used bytes every ``interval`` seconds until stopped."""
+    """Samples /dev/shm's used bytes every ``interval`` seconds, tagged with the batches consumed so far."""
 
     def __init__(self, path: Path = SHM_PATH, interval: float = 0.05) -> None:
         super().__init__(daemon=True)
         self.path, self.interval = path, interval
-        self.samples: list[int] = []
+        self.baseline = shutil.disk_usage(path).used
+        self.batches = 0  # updated by the consumer
+        self.samples: list[tuple[int, int]] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.samples.append(shutil.disk_usage(self.path).used)
+            self.samples.append((self.batches, shutil.disk_usage(self.path).used - self.baseline))
             time.sleep(self.interval)
 
-    def stop(self) -> list[int]:
+    def stop(self) -> tuple[list[tuple[int, int]], int]:
+        """The samples, and the growth left once the loader is gone (a leak if large)."""
         self._stop_event.set()
         self.join()
-        return self.samples
+        return self.samples, shutil.disk_usage(self.path).used - self.baseline
 
 
 def check_single_batch(stream: StoreStream, teacher_width: int, device: torch.device) -> CheckResult:
@@ -99,12 +102,13 @@ def check_workers(spec, config: PipelineConfig, batches: int, device: torch.devi
         else:
             clips += len(batch["rows"])
         seen += 1
+        sampler.batches = seen
         if seen >= batches:
             break
     elapsed = time.perf_counter() - started
-    del loader  # workers exit and release their shared memory
+    del loader, batch  # workers exit; the last batch's shared memory is released
     time.sleep(0.2)
-    samples = sampler.stop()
+    samples, left_over = sampler.stop()
     workers = config.loader.num_workers
     stress = CheckResult(
         f"worker stress ({workers} workers, prefetch {config.loader.prefetch_factor})",
@@ -112,26 +116,31 @@ def check_workers(spec, config: PipelineConfig, batches: int, device: torch.devi
         f"{seen} batches, {clips / elapsed:.1f} clips/s including worker start"
         + (f", {errors} unreadable (first: {first_error})" if errors else ", no errors"),
     )
-    return stress, shm_verdict(samples, bound, workers)
+    return stress, shm_verdict(samples, left_over, bound, workers, seen, one_batch=bound // max(1, 3 * workers))
 
 
-def shm_verdict(samples: list[int], bound: int, workers: int) -> CheckResult:
+def shm_verdict(samples: list[tuple[int, int]], left_over: int, bound: int, workers: int, batches: int,
+                one_batch: int) -> CheckResult:
+    """Flat: once batches flow, the second half of the stress never holds more than the first half's
+    peak plus one batch; everything is under the bound; and it is all released when the loader goes."""
     name = "/dev/shm use"
     if workers == 0:
         return CheckResult(name, True, "no workers: batches stay in this process, /dev/shm unused")
-    if len(samples) < 4:
+    flowing = [(n, used) for n, used in samples if n >= 1]
+    early = [used for n, used in flowing if n <= batches // 2]
+    late = [used for n, used in flowing if n > batches // 2]
+    if not early or not late:
         return CheckResult(name, True, f"too few samples to judge ({len(samples)}); bound {format_bytes(bound)}")
-    baseline = samples[0]
-    growth = [s - baseline for s in samples]
-    half = len(growth) // 2
-    peak = max(growth)
-    # Flat: the second half of the run never climbs above the first half's peak (no leak per batch).
-    flat = max(growth[half:]) <= max(growth[:half]) + bound // max(1, workers)
-    passed = flat and peak <= bound
+    peak = max(used for _, used in samples)
+    flat = max(late) <= max(early) + one_batch
+    released = left_over <= one_batch
+    passed = flat and released and peak <= bound
     return CheckResult(name, passed,
-                       f"peak +{format_bytes(peak)} over {format_bytes(baseline)} (bound {format_bytes(bound)}), "
-                       f"{'flat' if flat else 'GROWING'} over {len(samples)} samples, "
-                       f"{format_bytes(shutil.disk_usage(SHM_PATH).free)} free")
+                       f"peak +{format_bytes(peak)} (bound {format_bytes(bound)}), "
+                       f"{'flat' if flat else 'GROWING'}: first half peak +{format_bytes(max(early))}, "
+                       f"second half +{format_bytes(max(late))}; "
+                       f"{'released' if released else 'NOT released'} after the loader (+{format_bytes(max(0, left_over))}), "
+                       f"{len(samples)} samples")
 
 
 def run_preflight(cache: Path, config: PipelineConfig, stress_batches: int = 30) -> list[CheckResult]:
