@@ -1,11 +1,12 @@
 """Export of the trained encoder, loadable back with timm.
 
-``export/model.safetensors`` holds the encoder's state dict under timm's key
-names (``blocks.0.attn.qkv.weight``, ``norm.weight``, ``patch_embed.proj.weight``
-as a Conv3d); ``export/config.json`` names the timm architecture and its
-arguments. :func:`load_encoder` rebuilds it with ``timm.create_model``, applies
-the same tubelet adapter and loads the weights with timm's own
-``load_checkpoint`` (safetensors: no pickle).
+``<out>/model.safetensors`` holds the encoder's state dict under timm's key
+names (``blocks.0.attn.qkv.weight``, ``norm.weight``; ``patch_embed.proj.weight``
+as a Conv3d; ``pos_embed`` ``[1, 1568, width]`` and ``temporal_embed``);
+``<out>/config.json`` names the timm architecture and its arguments.
+:func:`load_encoder` rebuilds it with ``timm.create_model``, applies the same
+video conversion and loads the weights with timm's own ``load_checkpoint``
+(safetensors: no pickle), strictly.
 """
 
 from __future__ import annotations
@@ -16,50 +17,85 @@ import shutil
 from pathlib import Path
 
 import timm
-import torch
 from safetensors.torch import save_file
 
 from shared import geometry
 from shared.errors import SaltUsageError
-from salt_train.student import VideoViT, create_timm_vit
+from salt_train.student import VideoViT, create_timm_vit, one_line
 
 EXPORT_FORMAT = "salt-video-vit"
 EXPORT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
 
 
 def export_encoder(encoder: VideoViT, model_name: str, kwargs: dict, out_dir: Path) -> Path:
-    """Write the encoder to ``out_dir`` atomically (aside, then renamed over any older export)."""
+    """Write the encoder to ``out_dir``, atomically: built in a sibling folder, then renamed into place."""
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
-    save_file(state, partial / "model.safetensors", metadata={"format": EXPORT_FORMAT})
-    (partial / "config.json").write_text(json.dumps({
-        "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "architecture": model_name, "kwargs": kwargs,
-        "num_frames": geometry.NUM_FRAMES, "tubelet_size": geometry.TUBELET_SIZE, "num_tokens": geometry.NUM_TOKENS,
-        "width": encoder.width, "pixel_mean": geometry.PIXEL_MEAN, "pixel_std": geometry.PIXEL_STD,
-    }, indent=1))
+    # safetensors refuses shared or non-contiguous storage: own, contiguous CPU copies.
+    state = {key: value.detach().to("cpu").contiguous().clone() for key, value in encoder.state_dict().items()}
+    save_file(state, str(partial / WEIGHTS), metadata={"format": EXPORT_FORMAT})
+    config = {
+        "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "architecture": model_name,
+        "kwargs": dict(kwargs), "num_frames": geometry.NUM_FRAMES, "tubelet_size": geometry.TUBELET_SIZE,
+        "num_tokens": geometry.NUM_TOKENS, "width": encoder.width,
+        "pixel_mean": list(geometry.PIXEL_MEAN), "pixel_std": list(geometry.PIXEL_STD),
+    }
+    (partial / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    for name in (WEIGHTS, CONFIG):
+        _fsync(partial / name)
+    _fsync(partial)
+    # An older export is moved aside, not deleted, until the new one is in place.
+    previous = out_dir.with_name(out_dir.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        os.replace(out_dir, previous)
     os.replace(partial, out_dir)
+    _fsync(out_dir.parent)
+    shutil.rmtree(previous, ignore_errors=True)
     return out_dir
+
+
+def read_export_config(export_dir: Path) -> dict:
+    """The export's ``config.json``, checked; any problem is one :class:`SaltUsageError` line."""
+    path = Path(export_dir) / CONFIG
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"format is not {EXPORT_FORMAT}")
+        if not isinstance(config.get("format_version"), int) or config["format_version"] > EXPORT_VERSION:
+            raise ValueError(f"format_version {config.get('format_version')!r} is not supported (<= {EXPORT_VERSION})")
+        if not isinstance(config.get("architecture"), str) or not isinstance(config.get("kwargs", {}), dict):
+            raise ValueError("architecture must be a timm name and kwargs a mapping")
+        if config.get("num_tokens") != geometry.NUM_TOKENS:
+            raise ValueError(f"num_tokens {config.get('num_tokens')!r}, expected {geometry.NUM_TOKENS}")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SaltUsageError(f"{export_dir} is not a SALT encoder export ({one_line(exc)})") from None
+    return config
 
 
 def load_encoder(export_dir: str | Path) -> VideoViT:
     """The exported encoder, rebuilt through ``timm.create_model`` and ``timm.models.load_checkpoint``."""
     export_dir = Path(export_dir)
-    try:
-        config = json.loads((export_dir / "config.json").read_text())
-        if config.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"format is {config.get('format')!r}, not {EXPORT_FORMAT}")
-        architecture, kwargs = config["architecture"], config.get("kwargs", {})
-    except (OSError, ValueError, KeyError) as exc:
-        raise SaltUsageError(f"{export_dir} is not a SALT encoder export ({type(exc).__name__}: {exc})") from None
-    encoder = VideoViT(create_timm_vit(architecture, kwargs))
-    weights = export_dir / "model.safetensors"
+    config = read_export_config(export_dir)
+    encoder = VideoViT(create_timm_vit(config["architecture"], config.get("kwargs", {})))
+    weights = export_dir / WEIGHTS
+    if not weights.is_file():
+        raise SaltUsageError(f"{export_dir} is not a SALT encoder export ({WEIGHTS} missing)")
     try:
         timm.models.load_checkpoint(encoder, str(weights), strict=True)
-    except Exception as exc:
-        raise SaltUsageError(f"{weights} does not load ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    except Exception as exc:  # truncated file, wrong keys or shapes
+        raise SaltUsageError(f"{weights} does not load into {config['architecture']} ({one_line(exc)})") from None
     return encoder
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk (the rename is atomic, this makes it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

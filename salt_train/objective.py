@@ -1,4 +1,4 @@
-"""What the student learns: teacher latents at masked tokens.
+"""What the student learns: the teacher's latents at masked tokens.
 
 - ``salt`` mode (DESIGN's default): the encoder sees only the visible tokens, the
   narrow predictor fills in the masked ones.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from shared import geometry
 from shared.config import ModelConfig
@@ -21,29 +21,36 @@ from shared.flops import vit_forward_flops
 from salt_train.predictor import Predictor, gather
 from salt_train.student import VideoViT, build_student
 
+MODES = ("salt", "mask-token")
+LOSSES = ("mse", "l1")
 
-def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+
+def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     """``x[b, ids[b]]``: ``[B, N, D]`` and ``[B, K]`` -> ``[B, K, D]``."""
     return gather(x, ids)
 
 
-def normalise_targets(latents: torch.Tensor) -> torch.Tensor:
-    """Per-token layer norm without affine parameters, in float32."""
+def normalise_targets(latents: Tensor) -> Tensor:
+    """Per-token layer norm without affine parameters, in float32 (fp16 latents would lose the small ones)."""
     latents = latents.float()
     return F.layer_norm(latents, latents.shape[-1:])
 
 
-def regression_loss(predicted: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+def regression_loss(predicted: Tensor, targets: Tensor, kind: str) -> Tensor:
+    """Mean MSE or L1 in float32 over aligned ``[B, K, D]`` predictions and (normalised) targets."""
+    if predicted.shape != targets.shape:  # broadcasting would silently average the wrong pairs
+        raise ValueError(f"predictions {tuple(predicted.shape)} and targets {tuple(targets.shape)} differ in shape")
     if kind == "mse":
-        return F.mse_loss(predicted.float(), targets)
+        return F.mse_loss(predicted.float(), targets.float())
     if kind == "l1":
-        return F.l1_loss(predicted.float(), targets)
-    raise ValueError(f"unknown loss {kind!r} (mse or l1)")
+        return F.l1_loss(predicted.float(), targets.float())
+    raise ValueError(f"unknown loss {kind!r} (one of {', '.join(LOSSES)})")
 
 
-def masked_loss(predictions: torch.Tensor, latents: torch.Tensor, masked: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """The loss of full-grid predictions ``[B, 1568, D]``: only the masked tokens count."""
-    return regression_loss(gather_tokens(predictions, masked), normalise_targets(gather_tokens(latents, masked)), kind)
+def masked_loss(predictions: Tensor, latents: Tensor, masked: Tensor, kind: str = "mse") -> Tensor:
+    """The loss of full-grid predictions ``[B, 1568, D]``: only the tokens at ``masked`` count."""
+    targets = normalise_targets(gather_tokens(latents, masked))
+    return regression_loss(gather_tokens(predictions, masked), targets, kind)
 
 
 class SaltStudent(nn.Module):
@@ -52,21 +59,25 @@ class SaltStudent(nn.Module):
     def __init__(self, encoder: VideoViT, mode: str, teacher_width: int, predictor_width: int,
                  predictor_depth: int, predictor_heads: int) -> None:
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
         self.encoder = encoder
         self.mode = mode
         if mode == "salt":
             self.predictor = Predictor(encoder.width, predictor_width, predictor_depth, predictor_heads, teacher_width)
-        elif mode == "mask-token":
+        else:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.width))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
             self.head = nn.Linear(encoder.width, teacher_width)
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
 
-    def forward(self, pixels: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """Predictions ``[B, M, teacher_width]`` at the ``masked`` token ids."""
+    def forward(self, pixels: Tensor, visible: Tensor, masked: Tensor) -> Tensor:
+        """Predictions ``[B, M, teacher_width]`` at the ``masked`` token ids, in their order."""
         if self.mode == "salt":
             return self.predictor(self.encoder(pixels, token_ids=visible), visible, masked)
+        # Mask tokens replace the patch content only; positions are added after, so each
+        # mask token still knows where it is.
         patches = self.encoder.patch_embed(pixels)
         is_masked = torch.zeros(patches.shape[:2], dtype=torch.bool, device=patches.device)
         is_masked.scatter_(1, masked, True)
@@ -76,6 +87,7 @@ class SaltStudent(nn.Module):
 
 
 def build_salt_student(model_cfg: ModelConfig, teacher_width: int) -> SaltStudent:
+    """The student of a pipeline's ``model`` section, predicting ``teacher_width``-wide latents."""
     encoder = build_student(model_cfg.student, kwargs=dict(model_cfg.student_kwargs), pretrained=model_cfg.pretrained,
                             grad_checkpointing=model_cfg.grad_checkpointing)
     return SaltStudent(encoder, model_cfg.mode, teacher_width, model_cfg.predictor_width,
@@ -83,18 +95,30 @@ def build_salt_student(model_cfg: ModelConfig, teacher_width: int) -> SaltStuden
 
 
 def student_flops_per_clip(model_cfg: ModelConfig, teacher_width: int, masked_count: int) -> dict[str, float]:
-    """Forward FLOPs of the encoder and the predictor (or head), and a training step (~3x forward)."""
-    with torch.device("meta"):  # shapes only: no memory, no init cost
+    """Forward FLOPs per clip of the encoder blocks, the predictor (or head) and the patch
+    embedding, and ``train_step``: 3x their sum (backward ~2x forward)."""
+    with torch.device("meta"):  # shapes only: no memory, no init cost, whatever the model size
         encoder = build_student(model_cfg.student, kwargs=dict(model_cfg.student_kwargs))
     width, depth = encoder.width, len(encoder.blocks)
-    mlp_ratio = encoder.blocks[0].mlp.fc1.out_features / width
+    mlp_ratio = _mlp_ratio(encoder, width)
+    tokens, visible = geometry.NUM_TOKENS, geometry.NUM_TOKENS - masked_count
     if model_cfg.mode == "salt":
-        encoder_flops = vit_forward_flops(geometry.NUM_TOKENS - masked_count, width, depth, mlp_ratio)
-        head_flops = vit_forward_flops(geometry.NUM_TOKENS, model_cfg.predictor_width, model_cfg.predictor_depth)
-        head_flops += 2 * masked_count * model_cfg.predictor_width * teacher_width
+        encoder_flops = vit_forward_flops(visible, width, depth, mlp_ratio)
+        pw = model_cfg.predictor_width
+        predictor_flops = (vit_forward_flops(tokens, pw, model_cfg.predictor_depth)
+                           + 2 * visible * width * pw  # embed the context
+                           + 2 * masked_count * pw * teacher_width)  # output projection
     else:
-        encoder_flops = vit_forward_flops(geometry.NUM_TOKENS, width, depth, mlp_ratio)
-        head_flops = 2 * masked_count * width * teacher_width
-    patch_flops = 2 * geometry.NUM_TOKENS * 3 * geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2 * width
-    forward = encoder_flops + head_flops + patch_flops
-    return {"encoder": encoder_flops, "predictor": head_flops, "train_step": 3 * forward}
+        encoder_flops = vit_forward_flops(tokens, width, depth, mlp_ratio)
+        predictor_flops = 2 * masked_count * width * teacher_width  # the linear head
+    # The Conv3d embeds every tubelet (in salt mode too: masking happens after it).
+    patch_flops = 2 * tokens * 3 * geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2 * width
+    forward = encoder_flops + predictor_flops + patch_flops
+    return {"encoder": encoder_flops, "predictor": predictor_flops, "patch_embed": patch_flops,
+            "train_step": 3 * forward}
+
+
+def _mlp_ratio(encoder: VideoViT, width: int) -> float:
+    """Hidden/width of the first block's MLP (timm's ``mlp.fc1``), 4 when the block has another shape."""
+    fc1 = getattr(getattr(encoder.blocks[0], "mlp", None), "fc1", None) if len(encoder.blocks) else None
+    return fc1.out_features / width if isinstance(fc1, nn.Linear) else 4.0

@@ -1,44 +1,78 @@
-"""The narrow predictor of SALT mode (V-JEPA's shape: width 384, depth 12).
+"""The narrow predictor of SALT mode (V-JEPA's shape: width 384, depth 12, 12 heads).
 
 It sees the encoder's outputs at the visible tokens plus a learned mask token
-at every masked position, each with its position, over all 1568 tokens, and
-predicts the teacher latent at the masked ones.
+at every masked position, each with its grid position, over all 1568 tokens,
+and predicts the teacher latent at the masked ones. Narrow on purpose: the
+predictor runs on all 1568 tokens, the encoder only on the visible quarter.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.models.vision_transformer import Block
-from torch import nn
+from torch import Tensor, nn
 
 from shared import geometry
 
 
-def gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def gather(x: Tensor, ids: Tensor) -> Tensor:
+    """``x[b, ids[b]]``: ``[B, N, D]`` and ``[B, K]`` -> ``[B, K, D]``."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _sincos_1d(dim: int, positions: Tensor) -> Tensor:
+    """``[N]`` positions -> ``[N, dim]`` (dim even): sin then cos at geometric frequencies (MAE, V-JEPA)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_positions_3d(width: int) -> Tensor:
+    """Fixed 3D sin-cos positions ``[1, 1568, width]`` in token order ``t*196 + h*14 + w``.
+
+    As V-JEPA's predictor: half the channels encode time, a quarter each the
+    row and the column; channels left over by odd splits stay zero.
+    """
+    t, h, w = torch.meshgrid(torch.arange(geometry.GRID_T), torch.arange(geometry.GRID_H),
+                             torch.arange(geometry.GRID_W), indexing="ij")
+    dims = [2 * (width // 4), 2 * (width // 8), 2 * (width // 8)]
+    parts = [_sincos_1d(d, axis.flatten()) for d, axis in zip(dims, (t, h, w)) if d > 0]
+    table = torch.cat(parts, dim=1) if parts else torch.zeros(geometry.NUM_TOKENS, 0, dtype=torch.float64)
+    table = nn.functional.pad(table, (0, width - table.shape[1]))
+    return table.float().unsqueeze(0)
+
+
 class Predictor(nn.Module):
+    """Encoder outputs at ``visible`` plus mask tokens at ``masked`` -> predictions at ``masked``."""
+
     def __init__(self, encoder_width: int, width: int, depth: int, heads: int, out_width: int) -> None:
         super().__init__()
+        if width % heads:
+            raise ValueError(f"predictor width {width} is not divisible by its {heads} heads")
         self.embed = nn.Linear(encoder_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        # Learned positions: the grid is fixed (contract), and V-JEPA's fixed sincos gains nothing here.
-        self.pos_embed = nn.Parameter(torch.zeros(1, geometry.NUM_TOKENS, width))
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
+        # Fixed 3D sin-cos positions (V-JEPA's predictor, VideoMAE's decoder): the predictor
+        # starts from scratch, and a fixed table tells it where every mask token sits from
+        # step 0, with no parameters to learn. Non-persistent: rebuilt, never checkpointed.
+        self.register_buffer("pos_embed", sincos_positions_3d(width), persistent=False)
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's and V-JEPA's
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth))
+        self.norm = norm_layer(width)
         self.head = nn.Linear(width, out_width)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.apply(_init_linear)
 
-    def forward(self, context: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """context ``[B, V, encoder_width]`` at ``visible`` ids -> predictions ``[B, M, out_width]`` at ``masked``."""
+    def forward(self, context: Tensor, visible: Tensor, masked: Tensor) -> Tensor:
+        """context ``[B, V, encoder_width]`` at ``visible`` ids -> ``[B, M, out_width]`` at ``masked``, in its order."""
         batch = context.shape[0]
-        positions = self.pos_embed.expand(batch, -1, -1)
+        positions = self.pos_embed.to(context.dtype).expand(batch, -1, -1)
         seen = self.embed(context) + gather(positions, visible)
         queries = self.mask_token.expand(batch, masked.shape[1], -1) + gather(positions, masked)
-        tokens = torch.cat([seen, queries], dim=1)  # attention needs no order: ids travel in the positions
+        # Attention is order-free: ids travel in the positions, so no scatter into grid order is needed.
+        tokens = torch.cat([seen, queries], dim=1)
         for block in self.blocks:
             tokens = block(tokens)
         return self.head(self.norm(tokens[:, seen.shape[1]:]))

@@ -1,10 +1,12 @@
-"""The student encoder: any timm VisionTransformer made into a video encoder.
+"""The student encoder: a timm VisionTransformer made into a video encoder.
 
-timm gives the blocks and the final norm (their state-dict keys stay timm's);
-we replace the 2D patch embedding with a Conv3d tubelet embedding (2x16x16)
+timm gives the blocks and the final norm, so their state-dict keys stay timm's
+(``blocks.0.attn.qkv.weight``, ``norm.weight``). We replace the 2D patch
+embedding with a Conv3d tubelet embedding (2x16x16, still ``patch_embed.proj``)
 inflated from the 2D weights, and the 196 spatial positions with 1568: the
-spatial ones repeated over the 8 temporal slots, plus a learned temporal
-embedding. No class token: SALT regresses per-token latents.
+spatial ones repeated over the 8 temporal slots plus a learned temporal
+embedding. Class and register tokens are dropped: SALT regresses per-token
+latents, and VideoMAE's ``last_hidden_state`` has none either.
 """
 
 from __future__ import annotations
@@ -14,105 +16,168 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import nn
+from torch import Tensor, nn
+from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from shared import geometry
 from shared.errors import SaltUsageError
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one bounded line (torch's load errors span many lines)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _close_names(model_name: str) -> list[str]:
+    """timm names resembling ``model_name``: a wildcard on its longest part, then difflib."""
+    parts = sorted(model_name.replace("-", "_").split("_"), key=len, reverse=True)
+    candidates = timm.list_models(f"*{parts[0]}*") if parts and len(parts[0]) >= 3 else []
+    pool = candidates or timm.list_models()
+    return difflib.get_close_matches(model_name, pool, n=3, cutoff=0.5)
+
+
 def create_timm_vit(model_name: str, kwargs: dict | None = None) -> nn.Module:
     """``timm.create_model`` of a ViT, refusing unknown names and non-ViT models with one line."""
     if not timm.is_model(model_name):
-        close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" (close: {', '.join(close)})" if close else " (timm.list_models('vit_*') lists them)"
-        raise SaltUsageError(f"model.student: unknown timm model {model_name}{hint}")
+        close = _close_names(model_name)
+        hint = f"; close: {', '.join(close)}" if close else "; timm.list_models('vit_*') lists the ViTs"
+        raise SaltUsageError(f"model.student: unknown timm model {model_name!r}{hint}")
     try:
         model = timm.create_model(model_name, pretrained=False, num_classes=0, **(kwargs or {}))
-    except TypeError as exc:
-        raise SaltUsageError(f"model.student_kwargs: {model_name} refuses them ({exc})") from None
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise SaltUsageError(f"model.student_kwargs {kwargs or {}} do not fit {model_name} ({one_line(exc)})") from None
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    if not (hasattr(model, "blocks") and hasattr(model, "norm") and hasattr(model, "pos_embed")
-            and isinstance(proj, nn.Conv2d) and tuple(proj.kernel_size) == (geometry.PATCH_SIZE,) * 2):
-        raise SaltUsageError(f"model.student: {model_name} is not a timm ViT with 16x16 patches "
-                             "(needs blocks, norm, pos_embed and a Conv2d patch_embed.proj)")
+    # timm's VisionTransformer class (and subclasses): EVA-style models have the same attributes
+    # but need rotary positions passed to every block, which calling blocks alone would drop.
+    is_vit = (isinstance(model, VisionTransformer)
+              and isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList)
+              and isinstance(getattr(model, "norm", None), nn.Module)
+              and isinstance(getattr(model, "pos_embed", None), nn.Parameter)
+              and isinstance(proj, nn.Conv2d) and proj.in_channels == 3
+              and tuple(proj.kernel_size) == tuple(proj.stride) == (geometry.PATCH_SIZE,) * 2)
+    if not is_vit:
+        raise SaltUsageError(f"model.student: {model_name} is not a timm VisionTransformer with 16x16 patches "
+                             "(needs blocks, norm, a learned pos_embed and a Conv2d patch_embed.proj)")
     return model
 
 
-def load_2d_weights(model: nn.Module, path: str) -> None:
-    """A local 2D timm checkpoint into the freshly created 2D model (timm's loader: safetensors, no pickle)."""
+def load_2d_weights(model: nn.Module, path: str | Path) -> None:
+    """A local 2D timm checkpoint into the freshly created 2D model.
+
+    timm's loader reads safetensors without pickle, and anything else with
+    ``torch.load(weights_only=True)``. The classifier head may be absent from
+    the model (``num_classes=0``); every other weight must come from the file,
+    so a checkpoint of another architecture is refused rather than half-loaded.
+    """
     file = Path(path)
     if not file.is_file():
-        raise SaltUsageError(f"model.pretrained: {path} is not a file")
+        raise SaltUsageError(f"model.pretrained: {path} is not a file (a local 2D timm checkpoint, .safetensors)")
     try:
-        timm.models.load_checkpoint(model, str(file), strict=False, weights_only=True)
-    except Exception as exc:
-        raise SaltUsageError(f"model.pretrained: cannot load {path} ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        result = timm.models.load_checkpoint(model, str(file), strict=False, weights_only=True)
+    except Exception as exc:  # corrupt file, shape mismatch, pickle refused: all bad input
+        raise SaltUsageError(f"model.pretrained: cannot load {path} ({one_line(exc)})") from None
+    missing = list(getattr(result, "missing_keys", []))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise SaltUsageError(f"model.pretrained: {path} does not fit the student (missing {shown})")
 
 
 class PatchEmbed3d(nn.Module):
-    """Conv3d tubelet embedding stored as ``patch_embed.proj`` (timm's key)."""
+    """Conv3d tubelet embedding: ``[B, 3, 16, 224, 224]`` -> ``[B, 1568, width]`` in token order."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, bias: bool = True, norm: nn.Module | None = None) -> None:
         super().__init__()
         kernel = (geometry.TUBELET_SIZE, geometry.PATCH_SIZE, geometry.PATCH_SIZE)
-        self.proj = nn.Conv3d(3, width, kernel_size=kernel, stride=kernel)
+        self.proj = nn.Conv3d(3, width, kernel_size=kernel, stride=kernel, bias=bias)
+        self.norm = norm if norm is not None else nn.Identity()
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixels).flatten(2).transpose(1, 2)  # [B, 1568, D], index t*196 + h*14 + w
+    @torch.no_grad()
+    def inflate_from(self, proj2d: nn.Conv2d) -> None:
+        """Copy the 2D weights into every tubelet frame, divided by the tubelet length:
+        a static video then embeds exactly as the 2D model embeds one frame."""
+        frames = geometry.TUBELET_SIZE
+        self.proj.weight.copy_(proj2d.weight.unsqueeze(2).repeat(1, 1, frames, 1, 1) / frames)
+        if self.proj.bias is not None:
+            self.proj.bias.copy_(proj2d.bias)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        # [B, D, 8, 14, 14] flattened in (t, h, w) order: index t*196 + h*14 + w, the contract's.
+        return self.norm(self.proj(pixels).flatten(2).transpose(1, 2))
 
 
 class VideoViT(nn.Module):
-    """A timm ViT turned into a video encoder over the 1568-token grid."""
+    """A timm ViT turned into a video encoder over the 1568-token grid.
+
+    ``pos_embed`` holds all 1568 positions (initialised from the 196 spatial
+    ones, repeated over the 8 temporal slots, then free to diverge);
+    ``temporal_embed`` ``[1, 8, 1, width]`` starts at zero and adds one vector
+    per slot, so the pretrained spatial layout is intact at step 0.
+    """
 
     def __init__(self, vit: nn.Module, grad_checkpointing: bool = False) -> None:
         super().__init__()
         self.width = int(vit.embed_dim)
-        self.patch_embed = PatchEmbed3d(self.width)
-        proj2d = vit.patch_embed.proj
-        with torch.no_grad():  # a static video gives the 2D embedding: the two frames share the weight
-            self.patch_embed.proj.weight.copy_(proj2d.weight.unsqueeze(2).repeat(1, 1, geometry.TUBELET_SIZE, 1, 1)
-                                               / geometry.TUBELET_SIZE)
-            if proj2d.bias is not None:
-                self.patch_embed.proj.bias.copy_(proj2d.bias)
-            else:
-                self.patch_embed.proj.bias.zero_()
-        spatial = vit.pos_embed.detach()[:, getattr(vit, "num_prefix_tokens", 0):]
-        if spatial.shape[1] != geometry.TOKENS_PER_FRAME:
-            raise SaltUsageError(f"model.student: {spatial.shape[1]} spatial positions, expected "
-                                 f"{geometry.TOKENS_PER_FRAME} (a 224 px, patch 16 ViT)")
-        self.pos_embed = nn.Parameter(spatial.repeat(1, geometry.GRID_T, 1).clone())
+        proj2d: nn.Conv2d = vit.patch_embed.proj
+        self.patch_embed = PatchEmbed3d(self.width, bias=proj2d.bias is not None,
+                                        norm=_module_or_identity(vit.patch_embed, "norm"))
+        self.patch_embed.inflate_from(proj2d)
+        self.pos_embed = nn.Parameter(self._spatial_positions(vit).repeat(1, geometry.GRID_T, 1))
         self.temporal_embed = nn.Parameter(torch.zeros(1, geometry.GRID_T, 1, self.width))
+        # Kept from timm (same keys); dropout and the pre-norm of CLIP-style ViTs are Identity elsewhere.
+        self.pos_drop = _module_or_identity(vit, "pos_drop")
+        self.norm_pre = _module_or_identity(vit, "norm_pre")
         self.blocks = vit.blocks
         self.norm = vit.norm
         self.grad_checkpointing = grad_checkpointing
 
-    def positions(self) -> torch.Tensor:
+    @staticmethod
+    def _spatial_positions(vit: nn.Module) -> Tensor:
+        """timm's 196 patch positions, without those of class/register tokens."""
+        pos = vit.pos_embed.detach()
+        prefix = int(getattr(vit, "num_prefix_tokens", 0))
+        if pos.shape[1] == prefix + geometry.TOKENS_PER_FRAME:
+            return pos[:, prefix:].clone()
+        if pos.shape[1] == geometry.TOKENS_PER_FRAME:  # no_embed_class ViTs (DeiT III): prefix tokens unpositioned
+            return pos.clone()
+        raise SaltUsageError(f"model.student: {pos.shape[1]} positions, expected {geometry.TOKENS_PER_FRAME} patches "
+                             f"(a 224 px ViT with 16 px patches; set student_kwargs img_size: 224)")
+
+    def positions(self) -> Tensor:
+        """``[1, 1568, width]``: inflated spatial positions plus the temporal embedding of each slot."""
         temporal = self.temporal_embed.expand(-1, -1, geometry.TOKENS_PER_FRAME, -1).reshape(1, geometry.NUM_TOKENS, -1)
         return self.pos_embed + temporal
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixels: Tensor) -> Tensor:
         """Patch tokens plus positions: ``[B, 1568, width]``."""
         return self.patch_embed(pixels) + self.positions()
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        """Blocks and final norm over ``[B, K, width]`` positioned tokens."""
+        tokens = self.norm_pre(self.pos_drop(tokens))
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, use_reentrant=False)
-            else:
-                tokens = block(tokens)
+            # Recompute activations in backward: memory for compute, same gradients.
+            tokens = checkpoint(block, tokens, use_reentrant=False) if checkpointed else block(tokens)
         return self.norm(tokens)
 
-    def forward(self, pixels: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, 3, 16, 224, 224]`` -> ``[B, K, width]`` for the given token ids (all 1568 when None)."""
+    def forward(self, pixels: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """``[B, 3, 16, 224, 224]`` -> ``[B, K, width]`` at ``token_ids`` ``[B, K]`` (all 1568 when None)."""
         tokens = self.embed(pixels)
         if token_ids is not None:
             tokens = torch.gather(tokens, 1, token_ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         return self.encode_tokens(tokens)
 
 
+def _module_or_identity(model: nn.Module, name: str) -> nn.Module:
+    module = getattr(model, name, None)
+    return module if isinstance(module, nn.Module) else nn.Identity()
+
+
 def build_student(model_name: str, *, kwargs: dict | None = None, pretrained: str | None = None,
                   grad_checkpointing: bool = False) -> VideoViT:
+    """The video encoder of timm's ``model_name``, optionally inflated from a local 2D checkpoint."""
     vit = create_timm_vit(model_name, kwargs)
     if pretrained:
         load_2d_weights(vit, pretrained)

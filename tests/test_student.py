@@ -1,0 +1,349 @@
+"""The student: video ViT encoder, predictor, masked loss, export (real timm models at tiny sizes, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from shared import geometry
+from shared.config import ModelConfig
+from shared.errors import SaltUsageError
+from salt_train.export import export_encoder, load_encoder
+from salt_train.objective import (build_salt_student, masked_loss, normalise_targets, regression_loss,
+                                  student_flops_per_clip)
+from salt_train.predictor import Predictor, sincos_positions_3d
+from salt_train.student import VideoViT, build_student
+
+VIT = "vit_tiny_patch16_224"
+TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+TEACHER_WIDTH = 64
+N = geometry.NUM_TOKENS
+
+
+def random_masks(batch: int, masked_count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masked`` [B, M] and ``visible`` [B, N-M]: sorted, disjoint, covering all tokens (the mask module's format)."""
+    order = torch.rand(batch, N, generator=torch.Generator().manual_seed(seed)).argsort(1)
+    return order[:, :masked_count].sort(1).values, order[:, masked_count:].sort(1).values
+
+
+def tiny_config(**fields) -> ModelConfig:
+    return ModelConfig(student=VIT, student_kwargs=TINY, predictor_width=32, predictor_depth=1, predictor_heads=2,
+                       **fields)
+
+
+def pixels(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def save_2d_checkpoint(path, model_name: str = VIT, kwargs: dict = TINY, seed: int = 1, **create) -> torch.nn.Module:
+    """A 2D timm model with non-default weights (positions and biases included), saved as .safetensors."""
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False, **kwargs, **create)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, str(path))
+    return model.eval()
+
+
+def tubelet_slice(token: int) -> tuple[slice, slice, slice]:
+    """The (frames, rows, columns) of the pixels that ``token`` embeds."""
+    t, h, w = geometry.token_position(token)
+    p, k = geometry.PATCH_SIZE, geometry.TUBELET_SIZE
+    return slice(t * k, (t + 1) * k), slice(h * p, (h + 1) * p), slice(w * p, (w + 1) * p)
+
+
+# --- shapes and structure -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["salt", "mask-token"])
+def test_student_predicts_the_masked_tokens(mode: str) -> None:
+    torch.manual_seed(0)
+    student = build_salt_student(tiny_config(mode=mode), TEACHER_WIDTH)
+    masked, visible = random_masks(2, 1176)
+    out = student(pixels(), visible, masked)
+    assert out.shape == (2, 1176, TEACHER_WIDTH) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_encoder_shapes_and_timm_keys() -> None:
+    encoder = build_student(VIT, kwargs=TINY)
+    assert isinstance(encoder, VideoViT) and encoder.width == 32
+    conv = encoder.patch_embed.proj
+    assert isinstance(conv, torch.nn.Conv3d)
+    assert conv.kernel_size == (2, 16, 16) and conv.stride == (2, 16, 16)
+    video = pixels(2)
+    _, visible = random_masks(2, 1176)
+    with torch.no_grad():
+        assert encoder(video, token_ids=visible).shape == (2, 392, 32)
+        full = encoder(video)
+        assert full.shape == (2, N, 32)  # no class token in the output
+        everything = torch.arange(N).expand(2, N)
+        torch.testing.assert_close(encoder(video, token_ids=everything), full)
+    keys = set(encoder.state_dict())
+    assert {"blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.bias", "norm.weight", "patch_embed.proj.weight",
+            "pos_embed", "temporal_embed"} <= keys
+    assert not any("cls_token" in key or "reg_token" in key or key.startswith("head") for key in keys)
+    assert encoder.pos_embed.shape == (1, N, 32) and encoder.temporal_embed.shape == (1, 8, 1, 32)
+
+
+def test_predictor_output_follows_the_order_of_masked() -> None:
+    torch.manual_seed(0)
+    predictor = Predictor(encoder_width=32, width=32, depth=1, heads=2, out_width=TEACHER_WIDTH).eval()
+    masked, visible = random_masks(2, 1176)
+    context = torch.randn(2, visible.shape[1], 32)
+    shuffle = torch.randperm(1176)
+    with torch.no_grad():
+        straight = predictor(context, visible, masked)
+        shuffled = predictor(context, visible, masked[:, shuffle])
+    torch.testing.assert_close(shuffled, straight[:, shuffle], rtol=1e-5, atol=1e-5)
+
+
+def test_predictor_positions_are_fixed_distinct_and_not_checkpointed() -> None:
+    table = sincos_positions_3d(32)
+    assert table.shape == (1, N, 32)
+    assert torch.unique(table[0], dim=0).shape[0] == N  # every token its own position
+    predictor = Predictor(32, 32, 1, 2, TEACHER_WIDTH)
+    assert "pos_embed" not in predictor.state_dict()  # rebuilt from the geometry, never saved
+    assert sincos_positions_3d(30).shape == (1, N, 30)  # widths not divisible by 8 are padded
+
+
+@pytest.mark.parametrize("mode", ["salt", "mask-token"])
+def test_masked_pixels_cannot_leak_into_predictions(mode: str) -> None:
+    # The student must not see what it predicts: pixels under masked tokens change nothing.
+    torch.manual_seed(0)
+    student = build_salt_student(tiny_config(mode=mode), TEACHER_WIDTH).eval()
+    masked, visible = random_masks(1, 1176)
+    video = pixels(1)
+    changed = video.clone()
+    for token in masked[0, :50].tolist():
+        frames, rows, cols = tubelet_slice(token)
+        changed[0, :, frames, rows, cols] = torch.randn(3, 2, 16, 16)
+    seen = video.clone()
+    frames, rows, cols = tubelet_slice(int(visible[0, 0]))
+    seen[0, :, frames, rows, cols] += 1.0
+    with torch.no_grad():
+        reference = student(video, visible, masked)
+        assert torch.equal(student(changed, visible, masked), reference)
+        assert not torch.allclose(student(seen, visible, masked), reference)
+
+
+# --- inflation from a 2D checkpoint -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name, kwargs, create", [
+    (VIT, TINY, {"num_classes": 10}),  # class token; the classifier head in the file is ignored
+    ("vit_small_patch16_224", {**TINY, "reg_tokens": 4}, {}),  # class + register tokens dropped
+    ("deit3_small_patch16_224", TINY, {}),  # no_embed_class: pos_embed has only the 196 patch positions
+])
+def test_static_video_embeds_like_the_2d_model(tmp_path, model_name: str, kwargs: dict, create: dict) -> None:
+    path = tmp_path / "vit2d.safetensors"
+    vit2d = save_2d_checkpoint(path, model_name, kwargs, **create)
+    encoder = build_student(model_name, kwargs=kwargs, pretrained=str(path)).eval()
+    frame = torch.randn(2, 3, 224, 224)
+    video = frame.unsqueeze(2).expand(-1, -1, geometry.NUM_FRAMES, -1, -1)
+    with torch.no_grad():
+        tokens = encoder.patch_embed(video).reshape(2, geometry.GRID_T, geometry.TOKENS_PER_FRAME, 32)
+        tokens2d = vit2d.patch_embed(frame)  # [B, 196, width]
+    for slot in range(geometry.GRID_T):
+        torch.testing.assert_close(tokens[:, slot], tokens2d, rtol=1e-5, atol=1e-5)
+    spatial = vit2d.pos_embed.detach()[:, -geometry.TOKENS_PER_FRAME:]
+    positions = encoder.pos_embed.detach().reshape(1, geometry.GRID_T, geometry.TOKENS_PER_FRAME, 32)
+    for slot in range(geometry.GRID_T):
+        assert torch.equal(positions[:, slot], spatial)
+    assert torch.equal(encoder.temporal_embed, torch.zeros_like(encoder.temporal_embed))
+    assert torch.equal(encoder.blocks[1].attn.qkv.weight, vit2d.blocks[1].attn.qkv.weight)
+    assert torch.equal(encoder.norm.weight, vit2d.norm.weight)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
+    shallow = tmp_path / "depth1.safetensors"
+    save_2d_checkpoint(shallow, VIT, {**TINY, "depth": 1})
+    with pytest.raises(SaltUsageError, match="does not fit") as missing:
+        build_student(VIT, kwargs=TINY, pretrained=str(shallow))
+    assert "blocks.1" in str(missing.value) and "\n" not in str(missing.value)
+    narrow = tmp_path / "width16.safetensors"
+    save_2d_checkpoint(narrow, VIT, {**TINY, "embed_dim": 16})
+    with pytest.raises(SaltUsageError, match="cannot load") as mismatch:
+        build_student(VIT, kwargs=TINY, pretrained=str(narrow))
+    assert "\n" not in str(mismatch.value)
+
+
+# --- the loss ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mse", "l1"])
+def test_masked_loss_counts_only_masked_tokens(kind: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    predictions = torch.randn(2, N, 16, generator=generator)
+    latents = torch.randn(2, N, 16, generator=generator) * 3 + 1
+    masked, visible = random_masks(2, 1176)
+    reference = masked_loss(predictions, latents, masked, kind)
+    assert reference.dtype == torch.float32 and reference > 0
+
+    at_visible = torch.zeros(2, N, 1, dtype=torch.bool).scatter_(1, visible.unsqueeze(-1), True)
+    noise = torch.randn(2, N, 16, generator=generator) * 10
+    assert torch.equal(masked_loss(torch.where(at_visible, noise, predictions),
+                                   torch.where(at_visible, noise, latents), masked, kind), reference)
+
+    one = int(masked[1, 7])
+    moved = predictions.clone()
+    moved[1, one] += 1.0
+    assert masked_loss(moved, latents, masked, kind) != reference
+    retarget = latents.clone()
+    retarget[1, one] = torch.randn(16, generator=generator)
+    assert masked_loss(predictions, retarget, masked, kind) != reference
+
+
+@pytest.mark.parametrize("kind", ["mse", "l1"])
+def test_targets_are_per_token_layer_normed(kind: str) -> None:
+    latents = (torch.randn(2, N, 64) * 5 + 3).half()  # the store's fp16, off-centre, wide scale
+    targets = normalise_targets(latents)
+    assert targets.dtype == torch.float32
+    torch.testing.assert_close(targets.mean(-1), torch.zeros(2, N), rtol=0, atol=1e-5)
+    torch.testing.assert_close(targets.var(-1, unbiased=False), torch.ones(2, N), rtol=0, atol=1e-3)
+    masked, _ = random_masks(2, 1176)
+    assert masked_loss(targets, latents, masked, kind) == 0  # predicting the normalised latents exactly
+    assert masked_loss(latents.float(), latents, masked, kind) > 0.5  # raw latents are not the target
+    # the same whatever the scale and offset of a token's latent
+    assert masked_loss(targets, latents.float() * 7 - 2, masked, kind) < 1e-5
+
+
+def test_regression_loss_refuses_misaligned_shapes_and_unknown_kinds() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        regression_loss(torch.zeros(2, 5, 8), torch.zeros(2, 1, 8), "mse")
+    with pytest.raises(ValueError, match="huber"):
+        regression_loss(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), "huber")
+    predicted, target = torch.full((1, 2, 2), 3.0, dtype=torch.bfloat16), torch.ones(1, 2, 2)
+    assert regression_loss(predicted, target, "mse").item() == 4.0
+    assert regression_loss(predicted, target, "l1").item() == 2.0
+
+
+# --- gradients --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["salt", "mask-token"])
+def test_backward_reaches_every_parameter(mode: str) -> None:
+    torch.manual_seed(0)
+    student = build_salt_student(tiny_config(mode=mode), TEACHER_WIDTH).train()
+    masked, visible = random_masks(2, 1176)
+    latents = torch.randn(2, N, TEACHER_WIDTH)
+    loss = regression_loss(student(pixels(), visible, masked), normalise_targets(latents[torch.arange(2)[:, None],
+                                                                                         masked]), "mse")
+    loss.backward()
+    without = [name for name, p in student.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert without == []
+    assert student.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    head = student.predictor.head if mode == "salt" else student.head
+    assert head.weight.grad.abs().sum() > 0
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    masked, visible = random_masks(2, 1176)
+    video, latents = pixels(), torch.randn(2, 1176, TEACHER_WIDTH)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        student = build_salt_student(tiny_config(grad_checkpointing=checkpointing), TEACHER_WIDTH).train()
+        assert student.encoder.grad_checkpointing is checkpointing
+        regression_loss(student(video, visible, masked), normalise_targets(latents), "l1").backward()
+        grads.append({name: p.grad.clone() for name, p in student.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# --- export -----------------------------------------------------------------------------------------------------
+
+
+def test_export_round_trip_through_timm(tmp_path) -> None:
+    torch.manual_seed(0)
+    encoder = build_student(VIT, kwargs=TINY)
+    with torch.no_grad():  # trained-looking weights: nothing at its initial value
+        for param in encoder.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "stale.txt").write_text("an older export")  # replaced as a whole
+    assert export_encoder(encoder, VIT, TINY, out) == out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no partial folder left
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == VIT and config["kwargs"] == TINY and config["width"] == 32
+    assert config["format"] == "salt-video-vit" and config["num_tokens"] == N and config["tubelet_size"] == 2
+
+    loaded = load_encoder(out)
+    assert isinstance(loaded, VideoViT)
+    assert "blocks.0.attn.qkv.weight" in loaded.state_dict() and "norm.weight" in loaded.state_dict()
+    assert loaded.state_dict().keys() == encoder.state_dict().keys()
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    video = pixels(1)
+    _, visible = random_masks(1, 1176)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(video), encoder.eval()(video))
+        assert torch.equal(loaded(video, token_ids=visible), encoder(video, token_ids=visible))
+
+
+def test_broken_exports_are_one_line_errors(tmp_path) -> None:
+    with pytest.raises(SaltUsageError, match="not a SALT encoder export"):
+        load_encoder(tmp_path / "missing")
+    out = export_encoder(build_student(VIT, kwargs=TINY), VIT, TINY, tmp_path / "export")
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated
+    with pytest.raises(SaltUsageError, match="does not load") as truncated:
+        load_encoder(out)
+    assert "\n" not in str(truncated.value)
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(SaltUsageError, match="not a SALT encoder export"):
+        load_encoder(out)
+    other = export_encoder(build_student(VIT, kwargs=TINY), VIT, {**TINY, "depth": 3}, tmp_path / "lies")
+    with pytest.raises(SaltUsageError, match="does not load"):  # weights of 2 blocks, config says 3
+        load_encoder(other)
+
+
+# --- bad input --------------------------------------------------------------------------------------------------
+
+
+def test_unknown_timm_model_is_named() -> None:
+    with pytest.raises(SaltUsageError, match="vit_tinny_patch16_224") as err:
+        build_student("vit_tinny_patch16_224")
+    assert "vit_tiny_patch16_224" in str(err.value).split("close:")[1]  # a suggestion
+    assert "\n" not in str(err.value)
+
+
+def test_non_vit_models_and_bad_kwargs_are_refused() -> None:
+    with pytest.raises(SaltUsageError, match="resnet18 is not a timm VisionTransformer"):
+        build_student("resnet18")
+    with pytest.raises(SaltUsageError, match="positions"):  # 384 px: 576 positions, not the 14x14 grid
+        build_student("vit_base_patch16_384", kwargs=TINY)
+    with pytest.raises(SaltUsageError, match="student_kwargs"):
+        build_student(VIT, kwargs={"depht": 2})
+
+
+def test_missing_pretrained_file_is_refused(tmp_path) -> None:
+    with pytest.raises(SaltUsageError, match="nope.safetensors"):
+        build_student(VIT, kwargs=TINY, pretrained=str(tmp_path / "nope.safetensors"))
+    garbled = tmp_path / "garbled.safetensors"
+    garbled.write_bytes(b"\x00" * 64)
+    with pytest.raises(SaltUsageError, match="cannot load"):
+        build_student(VIT, kwargs=TINY, pretrained=str(garbled))
+
+
+# --- FLOPs ------------------------------------------------------------------------------------------------------
+
+
+def test_flops_match_the_design_budget() -> None:
+    flops = student_flops_per_clip(ModelConfig(), teacher_width=1280, masked_count=1176)  # ViT-B, 384/12/12
+    assert flops["encoder"] == pytest.approx(72e9, rel=0.1)  # ViT-B on 392 visible tokens
+    assert flops["predictor"] == pytest.approx(113e9, rel=0.1)  # predictor on 1568 tokens
+    assert flops["train_step"] == pytest.approx(555e9, rel=0.1)
+    assert flops["train_step"] == pytest.approx(3 * (flops["encoder"] + flops["predictor"] + flops["patch_embed"]))
+    mask_token = student_flops_per_clip(ModelConfig(mode="mask-token"), 1280, 1176)
+    assert mask_token["encoder"] == pytest.approx(4 * flops["encoder"], rel=0.35)  # 1568 tokens, attention grows
+    assert mask_token["encoder"] > 4 * flops["encoder"]
