@@ -14,17 +14,45 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from shared import geometry
 from shared.config import PipelineConfig
-from shared.console import format_bytes
-from shared.store import LatentStore
+from shared.console import format_bytes, progress
+from shared.store import LatentStore, RowStatus, ShardPayload, create_store
 from salt_train.data import check_stream, make_loader, stream_spec
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
 from salt_train.step import Stepper, resolve_device
 
 READ_BLOCK = 16 << 20
+
+
+def write_synthetic_store(path: Path, rows: int, teacher_width: int = geometry.TEACHER_WIDTH_HUGE,
+                          shard_rows: int = 16, seed: int = 0) -> LatentStore:
+    """A store of the production shape without running a teacher, to measure the loader anywhere.
+
+    Pixels are moving gradients plus noise, which zstd barely compresses (a pessimistic case: real
+    frames compress 1.3-3x, DESIGN.md); latents are random fp16 at the teacher's width, like real ones
+    incompressible.
+    """
+    store = create_store(path, clip_ids=[f"synthetic-{r}" for r in range(rows)], labels=[-1] * rows,
+                         teacher_width=teacher_width, shard_rows=shard_rows, pixels_zstd_level=1,
+                         attrs={"teacher": {"name": "synthetic (random latents)"}})
+    rng = np.random.default_rng(seed)
+    t, y, x = np.meshgrid(np.arange(geometry.NUM_FRAMES), np.arange(geometry.IMAGE_SIZE), np.arange(geometry.IMAGE_SIZE),
+                          indexing="ij")
+    for shard, start, stop in progress(store.num_shards, "synthetic store", unit="shard",
+                                       iterable=list(store.iter_shards())):
+        n = stop - start
+        phase = rng.integers(0, 256, size=(n, 1, 1, 1, 3))
+        pixels = ((x + y + 4 * t)[None, ..., None] + phase + rng.integers(0, 8, size=(n, *t.shape, 3))) % 256
+        latents = rng.standard_normal((n, geometry.NUM_TOKENS, teacher_width), dtype=np.float32).astype(np.float16)
+        frames = np.tile(np.arange(geometry.NUM_FRAMES, dtype=np.int32), (n, 1))
+        store.write_shard(ShardPayload(shard, pixels.astype(np.uint8), latents, frames,
+                                       np.full(n, RowStatus.COMMITTED, np.uint8), [""] * n))
+    return store
 
 
 def shard_files(store: LatentStore) -> list[Path]:

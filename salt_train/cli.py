@@ -121,13 +121,18 @@ def bench(
     cache: Path = typer.Option(..., "--cache", help="a store to read"),
     pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
     batches: int = typer.Option(20, min=2, help="batches per measurement"),
+    synthetic: Optional[int] = typer.Option(None, "--synthetic", min=1,
+                                            help="first write a store of N rows of the production shape (random "
+                                                 "D=1280 latents, no teacher) at --cache, if none is there"),
     device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> int:
     """Print throughput: loader vs raw file reads, training step with the loader vs from memory, FLOPs per clip."""
     setup_logging()
-    from salt_train.bench import run_bench
+    from salt_train.bench import run_bench, write_synthetic_store
 
+    if synthetic and not cache.exists():
+        write_synthetic_store(cache, synthetic)
     figures = run_bench(cache, _config(pipeline, sets, device), batches=batches)
     print_block("salt-train bench", figures, stream=sys.stdout)
     return EXIT_OK
