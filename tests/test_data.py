@@ -13,7 +13,7 @@ import torch
 from conftest import FAILING_KINDS, copy_store
 from shared.config import load_pipeline
 from shared.errors import SaltUsageError
-from shared.store import LatentStore, RowStatus
+from shared.store import LatentStore
 from salt_train.data import (Position, StoreStream, StreamSpec, check_shm, check_stream, committed_rows, epoch_order,
                              make_loader, row_runs, stream_spec, to_model_inputs)
 

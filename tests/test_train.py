@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY_STUDENT, call_train, copy_store, run_train, train_pipeline
-from shared.store import LatentStore, create_store
+from shared.store import create_store
 
 
 def metrics(run_dir: Path) -> list[dict]:
