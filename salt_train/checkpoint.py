@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.errors import SaltUsageError
+from shared.durable import fsync_path
 from salt_train.data import Position
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,6 @@ class TrainState:
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,14 +111,14 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     }
     (partial / "state.json").write_text(json.dumps(record, indent=1))
     for file in partial.iterdir():
-        _fsync(file)
+        fsync_path(file)
     if final.exists():  # a rerun of the same step (resume from an older checkpoint): replace
         shutil.rmtree(final)
     os.replace(partial, final)
-    _fsync(root)
+    fsync_path(root)
     latest_tmp = root / "latest.json.tmp"
     latest_tmp.write_text(json.dumps({"checkpoint": final.name, "step": state.step}))
-    _fsync(latest_tmp)
+    fsync_path(latest_tmp)
     os.replace(latest_tmp, root / "latest.json")
     _prune(root, keep)
     return final

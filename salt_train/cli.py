@@ -50,9 +50,12 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise SaltUsageError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
         try:
-            overrides[key.strip()] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise SaltUsageError(f"--set {item!r}: value is not a YAML scalar") from None
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw.strip()  # YAML 1.1 reads off/on/yes/no as booleans: compile_mode=off means "off"
+        overrides[key.strip()] = value
     return overrides
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from shared import geometry
 from shared.errors import SaltUsageError
+from shared.durable import fsync_path
 from salt_train.student import VideoViT, create_timm_vit, one_line
 
 EXPORT_FORMAT = "salt-video-vit"
@@ -46,15 +47,15 @@ def export_encoder(encoder: VideoViT, model_name: str, kwargs: dict, out_dir: Pa
     }
     (partial / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     for name in (WEIGHTS, CONFIG):
-        _fsync(partial / name)
-    _fsync(partial)
+        fsync_path(partial / name)
+    fsync_path(partial)
     # An older export is moved aside, not deleted, until the new one is in place.
     previous = out_dir.with_name(out_dir.name + ".previous")
     shutil.rmtree(previous, ignore_errors=True)
     if out_dir.exists():
         os.replace(out_dir, previous)
     os.replace(partial, out_dir)
-    _fsync(out_dir.parent)
+    fsync_path(out_dir.parent)
     shutil.rmtree(previous, ignore_errors=True)
     return out_dir
 
@@ -90,12 +91,3 @@ def load_encoder(export_dir: str | Path) -> VideoViT:
     except Exception as exc:  # truncated file, wrong keys or shapes
         raise SaltUsageError(f"{weights} does not load into {config['architecture']} ({one_line(exc)})") from None
     return encoder
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder's entries to disk (the rename is atomic, this makes it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

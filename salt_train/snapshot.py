@@ -42,6 +42,7 @@ from typing import Iterator
 
 from shared.console import format_bytes, progress
 from shared.errors import SaltUsageError
+from shared.durable import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -259,14 +260,6 @@ def _sync_filesystem(directory: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _locked_dir(directory: Path) -> Iterator[None]:
     """flock a snapshot folder while it is built, so a concurrent prune leaves it alone."""
@@ -350,7 +343,7 @@ def _materialize(store: Path, root: Path, name: str, mode: str) -> Snapshot:
             with open(record_path, "rb") as handle:
                 os.fsync(handle.fileno())
             os.rename(partial, final)
-            _fsync_dir(root)
+            fsync_path(root)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

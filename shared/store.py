@@ -32,6 +32,7 @@ import zarr.codecs
 
 from shared import geometry
 from shared.errors import SaltUsageError
+from shared.durable import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +112,6 @@ class ShardPayload:
             raise ValueError("shard payload arrays disagree on row count")
         if np.any(self.status == RowStatus.PENDING):
             raise ValueError("a shard is written only once every row is committed or failed")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _damaged_attrs(attrs: dict[str, Any]) -> str:
@@ -286,8 +279,8 @@ class LatentStore:
         for name in names:
             path = self._shard_path(shard, name)
             if path.exists():  # an all-fill chunk may not be written at all
-                _fsync_path(path)
-                _fsync_path(path.parent)
+                fsync_path(path)
+                fsync_path(path.parent)
 
     def update_attrs(self, **fields: Any) -> None:
         self.attrs.update(fields)

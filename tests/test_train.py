@@ -198,3 +198,14 @@ def test_a_run_folder_is_never_overwritten(trained, reference_build, tmp_path) -
     run_dir, _ = trained
     result = call_train("run", "--cache", reference_build.store, "--pipeline", "demo", "--run-dir", run_dir)
     assert_one_line_usage_error(result, "already holds a run")
+
+
+def test_set_values_parse_like_the_recipe() -> None:
+    from salt_train.cli import parse_sets
+    from shared.config import load_pipeline
+
+    sets = parse_sets(["model.compile_mode=off", "train.lr=1e-4", "stream.verify_checksums=true", "train.max_steps=null"])
+    assert sets["model.compile_mode"] == "off" and sets["stream.verify_checksums"] is True
+    config = load_pipeline("ssv2", sets)
+    assert config.model.compile_mode == "off" and config.train.lr == 1e-4 and config.train.max_steps is None
+    assert_one_line_usage_error(call_train("run", "--cache", "x", "--set", "train.lr"), "expected KEY=VALUE")
