@@ -231,7 +231,9 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                "first_loss": first_loss, "last_loss": last_loss, "loader_errors": state.loader_errors,
                "checkpoint": str(final), "export": str(report.export), "snapshot": str(snapshot.path)}
     run_folder.write_json(run_dir / "summary.json", summary)
-    print_block("summary", {**summary, "run folder": str(run_dir)})
+    loss_line = (f"{first_loss:.4f} (first {train.log_every} steps) -> {last_loss:.4f} (last)"
+                 if first_loss is not None and last_loss is not None else "not logged")
+    print_block("summary", {"loss": loss_line, **summary, "run folder": str(run_dir)})
     return report
 
 
