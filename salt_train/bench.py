@@ -24,7 +24,7 @@ from shared.store import LatentStore, RowStatus, ShardPayload, create_store
 from salt_train.data import check_stream, make_loader, stream_spec
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
-from salt_train.step import Stepper, resolve_device
+from salt_train.step import Stepper, resolve_compile_mode, resolve_device
 
 READ_BLOCK = 16 << 20
 
@@ -143,5 +143,5 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20) -> dict[st
         "FLOPs per clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
         "achieved": f"{memory_clips * step_flops / 1e12:.2f} TFLOP/s (step from memory)",
         "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
-                   f"compile {config.model.compile_mode}",
+                   f"compile {resolve_compile_mode(config.model.compile_mode, device)}",
     }

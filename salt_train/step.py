@@ -29,6 +29,12 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def resolve_compile_mode(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "max-autotune" if device.type == "cuda" else "off"
+    return requested
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # detached, on the device: read it only at log time (no sync per step)
@@ -48,9 +54,9 @@ class Stepper:
         self.model: SaltStudent = build_salt_student(config.model, teacher_width).to(device)
         self.optimizer = build_optimizer(self.model, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                          device=device)
-        mode = config.model.compile_mode
+        self.compile_mode = resolve_compile_mode(config.model.compile_mode, device)
         # Static shapes (fixed batch, fixed masked count) keep the compiled graph from recompiling.
-        self.forward = torch.compile(self.model, mode=mode) if mode != "off" else self.model
+        self.forward = torch.compile(self.model, mode=self.compile_mode) if self.compile_mode != "off" else self.model
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def step(self, batch: dict, step: int) -> StepResult:

@@ -30,7 +30,7 @@ from salt_train.export import export_encoder
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
 from salt_train.snapshot import Snapshot, reuse_snapshot, take_snapshot
-from salt_train.step import Stepper, resolve_device
+from salt_train.step import Stepper, resolve_compile_mode, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
         "snapshot": f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, {snapshot.seconds:.2f} s)",
         "teacher": f"{store.attrs.get('teacher', {}).get('name', '?')} (width {store.teacher_width})",
         "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-                  + f", {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile {config.model.compile_mode}",
+                  + f", {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile {resolve_compile_mode(config.model.compile_mode, device)}",
         "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
                    f"{encoder_parameters / 1e6:.1f}M encoder + {(parameters - encoder_parameters) / 1e6:.1f}M predictor/head params",
         "masks": f"{config.mask.kind}, ratio {config.mask.ratio}: {masked} masked tokens per clip",

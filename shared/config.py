@@ -119,7 +119,8 @@ class ModelConfig(_Section):
     predictor_depth: int = Field(12, gt=0)
     predictor_heads: int = Field(12, gt=0)
     loss: Literal["mse", "l1"] = "mse"
-    compile_mode: Literal["off", "default", "reduce-overhead", "max-autotune"] = "max-autotune"
+    # auto: max-autotune on CUDA, off on CPU (inductor's CPU kernels gain little and compile for minutes).
+    compile_mode: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
     grad_checkpointing: bool = False
 
 
