@@ -71,8 +71,9 @@ def raw_read(files: list[Path]) -> tuple[int, float]:
     return total, time.perf_counter() - started
 
 
-def loader_rate(spec, config: PipelineConfig, batches: int, warmup: int = 2) -> float:
-    """clips/s of the real loader after ``warmup`` batches (worker start excluded)."""
+def loader_rate(spec, config: PipelineConfig, batches: int) -> float:
+    """clips/s of the real loader once its prefetch queue is primed (worker start excluded)."""
+    warmup = max(2, config.loader.num_workers * config.loader.prefetch_factor)
     loader = make_loader(spec, config.loader, pin_memory=False)
     clips, started = 0, None
     for n, batch in enumerate(loader):
