@@ -271,6 +271,20 @@ def _locked_dir(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
+@contextmanager
+def reading_snapshot(snapshot: "Snapshot") -> Iterator[None]:
+    """Hold a shared lock on a snapshot while a run reads it: prune leaves it alone."""
+    if snapshot.mode == "none":  # the live store itself: nothing to protect from prune
+        yield
+        return
+    fd = os.open(snapshot.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _remove_if_empty(directory: Path) -> None:
     try:
         directory.rmdir()
@@ -491,10 +505,20 @@ def prune_snapshots(store: Path, keep: int = 0, names: list[str] | None = None) 
         doomed = [item["name"] for item in present[:max(len(present) - keep, 0)]]
     removed = _remove_partials(root)
     for name in doomed:
-        # Renamed to .partial first (atomic): a crash mid-delete leaves a leftover, never half a snapshot.
-        partial = root / f"{name}{PARTIAL_SUFFIX}"
-        os.rename(root / name, partial)
-        shutil.rmtree(partial)
+        fd = os.open(root / name, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("snapshot %s is being read by a running salt-train run: kept", name)
+            os.close(fd)
+            continue
+        try:
+            # Renamed to .partial first (atomic): a crash mid-delete leaves a leftover, never half a snapshot.
+            partial = root / f"{name}{PARTIAL_SUFFIX}"
+            os.rename(root / name, partial)
+            shutil.rmtree(partial)
+        finally:
+            os.close(fd)
         removed.append(name)
         log.info("removed snapshot %s", name)
     return removed

@@ -29,7 +29,7 @@ from salt_train.data import Position, StreamSpec, batch_bytes, check_shm, check_
 from salt_train.export import export_encoder
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
-from salt_train.snapshot import Snapshot, reuse_snapshot, take_snapshot
+from salt_train.snapshot import Snapshot, reading_snapshot, reuse_snapshot, take_snapshot
 from salt_train.step import Stepper, resolve_compile_mode, resolve_device
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ def run_training(request: RunRequest) -> RunReport:
                 store={"identity": live.attrs.get("identity"), "teacher": live.attrs.get("teacher"),
                        "counts": live.counts(), "rows_sha256": live.attrs.get("source_rows")},
             )
-        return _train(config, run_dir, snapshot, stepper, request.resume)
+        with reading_snapshot(snapshot):  # `salt-train snapshots prune` leaves it alone meanwhile
+            return _train(config, run_dir, snapshot, stepper, request.resume)
     finally:
         run_folder.detach_log_file(log_handler)
 

@@ -13,7 +13,7 @@ from xfs_mount import xfs_dir  # noqa: F401  (the fixture)
 from shared.config import load_pipeline
 from shared.store import LatentStore
 from salt_train.data import make_loader, stream_spec
-from salt_train.snapshot import list_snapshots, take_snapshot
+from salt_train.snapshot import list_snapshots, prune_snapshots, reading_snapshot, take_snapshot
 
 
 def rewrite_every_shard(store: Path) -> None:
@@ -62,3 +62,12 @@ def test_a_run_records_its_reflink_snapshot_and_resumes_from_it(demo_reference, 
     assert call_train("snapshots", "list", "--cache", live).stdout.startswith("run  reflink")
     pruned = call_train("snapshots", "prune", "--cache", live, "--keep", "0")
     assert pruned.returncode == 0 and "removed 1 snapshot(s): run" in pruned.stdout
+
+
+def test_prune_keeps_a_snapshot_a_run_is_reading(demo_reference, xfs_dir: Path) -> None:
+    live = Path(shutil.copytree(demo_reference.store, xfs_dir / "busy" / "latents.zarr"))
+    busy, idle = take_snapshot(live, "busy", "reflink"), take_snapshot(live, "idle", "reflink")
+    with reading_snapshot(busy):
+        assert prune_snapshots(live, keep=0) == ["idle"]
+        assert busy.path.is_dir()
+    assert prune_snapshots(live, keep=0) == ["busy"]
