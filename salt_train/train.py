@@ -131,10 +131,14 @@ def run_training(request: RunRequest) -> RunReport:
         run_folder.create_run_dir(run_dir, config)
     log_handler = run_folder.attach_log_file(run_dir / "train.log")
     try:
-        if request.resume:
-            snapshot = reuse_snapshot(run_folder.read_run_record(run_dir)["snapshot"])
+        record = run_folder.read_run_record(run_dir) if request.resume and (run_dir / "run.json").exists() else None
+        if record is not None and "snapshot" in record:
+            if Path(record["cache"]).resolve() != live.path.resolve():
+                raise SaltUsageError(f"{run_dir} trained on {record['cache']}, not {live.path}: "
+                                     "resume it with its own --cache")
+            snapshot = reuse_snapshot(record["snapshot"])
             run_folder.write_run_record(run_dir)
-        else:
+        else:  # a new run, or one stopped before it recorded its snapshot
             snapshot = take_snapshot(live.path, run_dir.name, request.snapshot or config.stream.snapshot)
             run_folder.write_run_record(
                 run_dir, cache=str(live.path.resolve()), snapshot=snapshot.to_record(), device=str(device),

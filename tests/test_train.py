@@ -209,3 +209,19 @@ def test_set_values_parse_like_the_recipe() -> None:
     config = load_pipeline("ssv2", sets)
     assert config.model.compile_mode == "off" and config.train.lr == 1e-4 and config.train.max_steps is None
     assert_one_line_usage_error(call_train("run", "--cache", "x", "--set", "train.lr"), "expected KEY=VALUE")
+
+
+def test_resume_with_another_cache_is_refused(trained, demo_reference) -> None:
+    run_dir, _ = trained
+    result = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume")
+    assert_one_line_usage_error(result, "resume it with its own --cache")
+
+
+def test_resume_of_a_run_stopped_before_its_first_record(reference_build, tmp_path) -> None:
+    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=4)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(pipeline.read_text())  # killed before run.json was written
+    result = call_train("run", "--cache", reference_build.store, "--run-dir", run_dir, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
