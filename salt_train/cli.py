@@ -87,10 +87,17 @@ def run(
               file=sys.stderr)
     from salt_train.train import EXIT_STOPPED, RunRequest, TrainingStopped, run_training
 
+    import torch
+
     request = RunRequest(cache=cache, config=config, run_dir=run_dir, resume=resume,
                          snapshot=snapshot.value if snapshot else None, max_steps=max_steps)
     try:
         report = run_training(request)
+    except torch.cuda.OutOfMemoryError:
+        raise SaltUsageError(
+            f"train.batch_size {config.train.batch_size} does not fit in GPU memory: lower it (--set "
+            "train.batch_size=N) or set model.grad_checkpointing=true; checkpoints written so far are kept "
+            "(continue with --resume)") from None
     except TrainingStopped as exc:
         print(f"salt-train: error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
