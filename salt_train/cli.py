@@ -95,8 +95,8 @@ def run(
         report = run_training(request)
     except torch.cuda.OutOfMemoryError:
         raise SaltUsageError(
-            f"train.batch_size {config.train.batch_size} does not fit in GPU memory: lower it (--set "
-            "train.batch_size=N) or set model.grad_checkpointing=true; checkpoints written so far are kept "
+            "a training batch does not fit in GPU memory: lower train.batch_size (--set train.batch_size=N) "
+            "or set model.grad_checkpointing=true; checkpoints written so far are kept "
             "(continue with --resume)") from None
     except TrainingStopped as exc:
         print(f"salt-train: error: {exc}", file=sys.stderr)
