@@ -148,12 +148,18 @@ def bench(
     return EXIT_OK
 
 
+def _require_store_dir(cache: Path) -> None:
+    if not cache.is_dir():
+        raise SaltUsageError(f"store {cache} does not exist (or is not a folder)")
+
+
 @snapshots_app.command("list")
 def snapshots_list(cache: Path = typer.Option(..., "--cache", help="the live store")) -> int:
     """Snapshots of a store: name, mode, files, size, creation time."""
     setup_logging()
     from salt_train.snapshot import list_snapshots
 
+    _require_store_dir(cache)
     found = list_snapshots(cache)
     if not found:
         print(f"no snapshots of {cache}")
@@ -172,6 +178,7 @@ def snapshots_prune(
     setup_logging()
     from salt_train.snapshot import prune_snapshots
 
+    _require_store_dir(cache)
     removed = prune_snapshots(cache, keep=keep, names=names or None)
     print(f"removed {len(removed)} snapshot(s)" + (f": {', '.join(removed)}" if removed else ""))
     return EXIT_OK

@@ -492,8 +492,6 @@ def prune_snapshots(store: Path, keep: int = 0, names: list[str] | None = None) 
     if keep < 0:
         raise SaltUsageError(f"--keep {keep}: must be 0 or more")
     root = snapshot_root(store)
-    if not root.is_dir():
-        return []
     present = list_snapshots(store)
     if names:
         unknown = sorted(set(names) - {item["name"] for item in present})
@@ -503,6 +501,8 @@ def prune_snapshots(store: Path, keep: int = 0, names: list[str] | None = None) 
         doomed = [item["name"] for item in present if item["name"] in names]
     else:
         doomed = [item["name"] for item in present[:max(len(present) - keep, 0)]]
+    if not root.is_dir():
+        return []
     removed = _remove_partials(root)
     for name in doomed:
         fd = os.open(root / name, os.O_RDONLY | os.O_DIRECTORY)

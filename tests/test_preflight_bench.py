@@ -42,3 +42,14 @@ def test_bench_prints_figures(demo_reference, tmp_path) -> None:
         assert re.search(rf"^\s+{re.escape(label)}\s+: \S", result.stdout, re.M), (label, result.stdout)
     assert re.search(r"raw read \(page cache\)\s+: \d+ MB/s = \d+ clips/s", result.stdout)
     assert re.search(r"step, batch from memory\s+: [\d.]+ clips/s", result.stdout)
+
+
+def test_bad_input_is_one_line(reference_build, tmp_path) -> None:
+    for args in (("preflight", "--cache", tmp_path / "missing.zarr"),
+                 ("bench", "--cache", tmp_path / "missing.zarr"),
+                 ("preflight", "--cache", reference_build.store, "--pipeline", "demo", "--set", "train.batch_size=6"),
+                 ("snapshots", "prune", "--cache", reference_build.store, "--name", "nope"),
+                 ("snapshots", "list", "--cache", tmp_path / "missing.zarr")):
+        result = call_train(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("salt-train: error:"), (args, result.stderr)
