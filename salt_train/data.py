@@ -22,6 +22,7 @@ Normalisation and dtype casts happen on the device (:func:`to_model_inputs`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from dataclasses import dataclass
@@ -292,13 +293,21 @@ def make_loader(spec: StreamSpec, loader: LoaderConfig, pin_memory: bool) -> Dat
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _pixel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std on the device, made once: a fresh host-to-device copy every step
+    would be a synchronising copy from pageable memory."""
+    mean = torch.tensor(geometry.PIXEL_MEAN, dtype=torch.float32).view(1, 3, 1, 1, 1).to(device)
+    std = torch.tensor(geometry.PIXEL_STD, dtype=torch.float32).view(1, 3, 1, 1, 1).to(device)
+    return mean, std
+
+
 def to_model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 ``[B, 16, 224, 224, 3]`` -> normalised ``[B, 3, 16, 224, 224]`` in ``dtype``, on the device;
     fp16 latents moved as they are (the loss normalises them in float32)."""
     pixels = batch["pixels"].to(device, non_blocking=True)
     latents = batch["latents"].to(device, non_blocking=True)
-    mean = torch.tensor(geometry.PIXEL_MEAN, device=device, dtype=torch.float32).view(1, 3, 1, 1, 1)
-    std = torch.tensor(geometry.PIXEL_STD, device=device, dtype=torch.float32).view(1, 3, 1, 1, 1)
+    mean, std = _pixel_statistics(device)
     x = pixels.permute(0, 4, 1, 2, 3).float().div_(255.0)
     x = (x - mean) / std
     return x.to(dtype).contiguous(), latents
