@@ -82,8 +82,8 @@ def build_lock(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SaltUsageError(f"another build is writing {path} (it holds {lock_path}); "
-                                 "wait for it to finish or stop it") from None
+            raise SaltUsageError(f"another build is writing {path}, or salt-train is taking a snapshot of it "
+                                 f"(either holds {lock_path}); wait for it to finish or stop it") from None
         yield
 
 
