@@ -29,7 +29,7 @@ from salt_train.data import Position, StreamSpec, batch_bytes, check_shm, check_
 from salt_train.export import export_encoder
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
-from salt_train.snapshot import Snapshot, reading_snapshot, reuse_snapshot, take_snapshot
+from salt_train.snapshot import Snapshot, check_manifest, reading_snapshot, reuse_snapshot, take_snapshot
 from salt_train.step import Stepper, resolve_compile_mode, resolve_device
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
     bar = progress(total=steps, description="train", unit="step", initial=state.step)
     window = HealthWindow()
     first_loss = last_loss = None
-    interrupted = False
+    interrupted = live_store_changed = False
     batches: Iterable[dict] = iter(loader)
     try:
         with StopSignals() as stop:
@@ -218,6 +218,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                     log.info(health_line(record))
                 if state.step % train.checkpoint_every == 0 and state.step < steps:
                     ckpt.save_checkpoint(run_dir, model, optimizer, state, train.keep_checkpoints)
+                    live_store_changed = live_store_changed or warn_if_live_store_changed(snapshot, state.step)
                 if stop.received is not None:
                     interrupted = True
                     break
@@ -232,14 +233,29 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                     state.step, steps, final.name, snapshot.source, run_dir)
         return report
     report.export = export_encoder(model.encoder, config.model.student, dict(config.model.student_kwargs), run_dir / "export")
+    live_store_changed = live_store_changed or warn_if_live_store_changed(snapshot, state.step)
     summary = {"steps": state.step, "planned_steps": steps, "clips_seen": state.clips_seen,
                "first_loss": first_loss, "last_loss": last_loss, "loader_errors": state.loader_errors,
+               "live_store_changed": live_store_changed if snapshot.mode == "none" else None,
                "checkpoint": str(final), "export": str(report.export), "snapshot": str(snapshot.path)}
     run_folder.write_json(run_dir / "summary.json", summary)
     loss_line = (f"{first_loss:.4f} (first {train.log_every} steps) -> {last_loss:.4f} (last)"
                  if first_loss is not None and last_loss is not None else "not logged")
     print_block("summary", {"loss": loss_line, **summary, "run folder": str(run_dir)})
     return report
+
+
+def warn_if_live_store_changed(snapshot: Snapshot, step: int) -> bool:
+    """Without a snapshot, compare the live store with its manifest (O(files + rows), at checkpoints
+    and at the end): a rebuild during the run is reported loudly, never silently trained on."""
+    if snapshot.mode != "none" or not snapshot.manifest:
+        return False
+    differences = check_manifest(snapshot.source, snapshot.manifest)
+    if differences:
+        log.warning("THE LIVE STORE CHANGED since this run started (noticed at step %d; %d differences, first: %s): "
+                    "batches read after the change may hold other rows; take runs from a snapshot (--snapshot "
+                    "reflink or copy) to rule this out", step, len(differences), differences[0])
+    return bool(differences)
 
 
 class HealthWindow:

@@ -225,3 +225,19 @@ def test_resume_of_a_run_stopped_before_its_first_record(reference_build, tmp_pa
     result = call_train("run", "--cache", reference_build.store, "--run-dir", run_dir, "--resume")
     assert result.returncode == 0, result.stderr
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_change_to_the_live_store_is_reported_when_there_is_no_snapshot(demo_reference, tmp_path) -> None:
+    store = copy_store(demo_reference.store, tmp_path / "live.zarr")
+    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=60, train__checkpoint_every=2)
+    run_dir = tmp_path / "run"
+    proc = start_run("--cache", store, "--pipeline", pipeline, "--run-dir", run_dir, "--snapshot", "none")
+    latest = run_dir / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (store / "label" / "c" / "0").write_bytes(b"rebuilt")  # what a concurrent rebuild would do to a small array
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr
+    assert json.loads((run_dir / "summary.json").read_text())["live_store_changed"] is True
+    assert "THE LIVE STORE CHANGED" in (run_dir / "train.log").read_text()
