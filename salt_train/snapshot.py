@@ -38,11 +38,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 from shared.console import format_bytes, progress
 from shared.errors import SaltUsageError
 from shared.durable import fsync_path
+from shared.store import store_lock
 
 log = logging.getLogger(__name__)
 
@@ -166,23 +167,12 @@ def _walk(store: Path) -> tuple[list[str], list[tuple[str, int, int]]]:
     return sorted(dirs), sorted(files)
 
 
-@contextmanager
-def _no_build_running(store: Path) -> Iterator[None]:
-    """Refuse a store whose build lock (``<store>.lock``, see shared.store.build_lock) is held,
-    and hold it shared meanwhile so no build starts while the files are cloned."""
-    lock_path = store.with_name(store.name + ".lock")
-    try:
-        handle = open(lock_path, "rb")  # never created here: the store's builder owns it
-    except FileNotFoundError:
-        yield
-        return
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SaltUsageError(f"store {store} is being written by a running salt-cache build (it holds "
-                                 f"{lock_path}); wait for the build to finish, then start the run") from None
-        yield
+def _no_build_running(store: Path) -> ContextManager[None]:
+    """Refuse a store whose build lock is held, and hold it shared meanwhile so no build starts
+    while the files are cloned."""
+    return store_lock(store, exclusive=False, refusal=(
+        f"store {store} is being written by a running salt-cache build (it holds {{lock}}); "
+        "wait for the build to finish, then start the run"))
 
 
 # ---- manifest: detecting a change of the live store ---------------------------------------

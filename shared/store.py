@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import numpy as np
 import zarr
@@ -73,18 +73,36 @@ def labels_sha256(labels: np.ndarray) -> str:
 
 
 @contextmanager
-def build_lock(path: Path) -> Iterator[None]:
-    """Hold ``<store>.lock`` (flock) while writing: a second writer is refused, not interleaved.
-    The kernel drops the lock when the process dies, kill -9 included."""
+def store_lock(path: Path, *, exclusive: bool, refusal: str) -> Iterator[None]:
+    """Hold ``<store>.lock`` (flock) without waiting, or refuse with ``refusal`` (``{lock}`` is filled in).
+
+    Exclusive for a build (a second writer is refused, not interleaved), shared while
+    salt-train clones the store (no build starts meanwhile). Only a build creates the
+    file: none means no build ever ran there. The kernel drops the lock when the
+    process dies, kill -9 included."""
     lock_path = path.with_name(path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
+    if exclusive:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")
+    else:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle = open(lock_path, "rb")
+        except FileNotFoundError:
+            yield
+            return
+    with handle:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SaltUsageError(f"another build is writing {path}, or salt-train is taking a snapshot of it "
-                                 f"(either holds {lock_path}); wait for it to finish or stop it") from None
+            raise SaltUsageError(refusal.format(lock=lock_path)) from None
         yield
+
+
+def build_lock(path: Path) -> ContextManager[None]:
+    """The build's exclusive hold on the store."""
+    return store_lock(path, exclusive=True, refusal=(
+        f"another build is writing {path}, or salt-train is taking a snapshot of it (either holds {{lock}}); "
+        "wait for it to finish or stop it"))
 
 
 def pixels_shape(rows: int) -> tuple[int, ...]:
