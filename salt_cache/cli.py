@@ -164,7 +164,7 @@ def bench(
         raise SaltUsageError(f"--out {out} " + ("is a file; it must be a folder" if out.exists() else
                                                 "does not exist; create it or drop --out"))
     from salt_cache.bench import run_bench
-    from salt_cache.teacher import resolve_device
+    from shared.device import resolve_device
 
     resolve_device(device.value)  # e.g. cuda without CUDA: say so before minutes of decoding
     figures = run_bench(src, clips=clips, teacher_name=teacher, batch_size=batch_size,

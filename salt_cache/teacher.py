@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 from shared import geometry
 from shared.config import HUGE_RANDOM_TEACHER, TINY_TEACHER
 from shared.errors import SaltUsageError
+from shared.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +171,6 @@ class Teacher:
         if latents.shape[1] != geometry.NUM_TOKENS:
             raise SaltUsageError(f"teacher {self.name} gave {latents.shape[1]} tokens, not {geometry.NUM_TOKENS}")
         return latents.to(torch.float16)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device not in ("auto", "cpu", "cuda"):
-        raise SaltUsageError(f"--device {device}: expected auto, cpu or cuda")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SaltUsageError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:

@@ -20,11 +20,12 @@ import torch
 from shared import geometry
 from shared.config import PipelineConfig
 from shared.console import format_bytes, progress
+from shared.device import resolve_device
 from shared.store import LatentStore, RowStatus, ShardPayload, create_store
 from salt_train.data import check_stream, make_loader, stream_spec
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
-from salt_train.step import Stepper, resolve_compile_mode, resolve_device
+from salt_train.step import Stepper, resolve_compile_mode
 
 READ_BLOCK = 16 << 20
 
@@ -112,7 +113,7 @@ def repeat(batch: dict):
 
 
 def run_bench(cache: Path, config: PipelineConfig, batches: int = 20) -> dict[str, str]:
-    device = resolve_device(config.train.device)
+    device = resolve_device(config.train.device, "train.device")
     store = LatentStore.open(cache)
     spec = stream_spec(store, config)
     check_stream(spec, store.path)

@@ -302,12 +302,12 @@ def _pixel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     return mean, std
 
 
-def to_model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[B, 16, 224, 224, 3]`` -> normalised ``[B, 3, 16, 224, 224]`` in ``dtype``, on the device;
-    fp16 latents moved as they are (the loss normalises them in float32)."""
+def to_model_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``[B, 16, 224, 224, 3]`` -> normalised float32 ``[B, 3, 16, 224, 224]`` on the device
+    (autocast takes it to bf16 on CUDA); fp16 latents moved as they are (the loss normalises them in float32)."""
     pixels = batch["pixels"].to(device, non_blocking=True)
     latents = batch["latents"].to(device, non_blocking=True)
     mean, std = _pixel_statistics(device)
     x = pixels.permute(0, 4, 1, 2, 3).float().div_(255.0)
     x = (x - mean) / std
-    return x.to(dtype).contiguous(), latents
+    return x.contiguous(), latents

@@ -20,10 +20,10 @@ import torch
 from shared import geometry
 from shared.config import PipelineConfig
 from shared.console import format_bytes
+from shared.device import resolve_device
 from shared.store import LatentStore
 from salt_train.data import (SHM_PATH, StoreStream, batch_bytes, check_shm, check_stream, make_loader, shm_bound,
                              stream_spec, to_model_inputs)
-from salt_train.step import resolve_device
 
 
 @dataclass
@@ -64,7 +64,7 @@ def check_single_batch(stream: StoreStream, teacher_width: int, device: torch.de
     batch = stream.read_batch(epoch, index, rows, worker=0)
     if "error" in batch:
         return CheckResult("single batch", False, f"rows {rows.tolist()} unreadable: {batch['error']}")
-    pixels, latents = to_model_inputs(batch, device, torch.float32)
+    pixels, latents = to_model_inputs(batch, device)
     b = len(rows)
     want_pixels = (b, 3, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE)
     want_latents = (b, geometry.NUM_TOKENS, teacher_width)
@@ -140,7 +140,7 @@ def shm_verdict(samples: list[tuple[int, int]], left_over: int, bound: int, work
 
 
 def run_preflight(cache: Path, config: PipelineConfig, stress_batches: int = 30) -> list[CheckResult]:
-    device = resolve_device(config.train.device)
+    device = resolve_device(config.train.device, "train.device")
     store = LatentStore.open(cache)
     spec = stream_spec(store, config)
     check_stream(spec, store.path)

@@ -13,20 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from shared.config import PipelineConfig
-from shared.errors import SaltUsageError
 from salt_train.data import to_model_inputs
 from salt_train.masks import make_masks
 from salt_train.objective import SaltStudent, build_salt_student, gather_tokens, normalise_targets, regression_loss
 from salt_train.optim import build_optimizer
 from salt_train.schedule import lr_at, set_lr
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SaltUsageError("train.device is cuda but no CUDA device is available (use --device cpu or auto)")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def resolve_compile_mode(requested: str, device: torch.device) -> str:
@@ -61,7 +52,7 @@ class Stepper:
 
     def step(self, batch: dict, step: int) -> StepResult:
         train, mask = self.config.train, self.config.mask
-        pixels, latents = to_model_inputs(batch, self.device, torch.float32)
+        pixels, latents = to_model_inputs(batch, self.device)
         masks = make_masks(mask.kind, mask.ratio, pixels.shape[0], train.seed, step).to(self.device, non_blocking=True)
         lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=self.total_steps)
         set_lr(self.optimizer, lr)
@@ -69,7 +60,7 @@ class Stepper:
                             enabled=self.autocast_dtype is not None):
             predicted = self.forward(pixels, masks.visible, masks.masked)
         targets = normalise_targets(gather_tokens(latents, masks.masked))
-        loss = regression_loss(predicted.float(), targets, self.config.model.loss)
+        loss = regression_loss(predicted, targets, self.config.model.loss)  # in float32
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
         self.optimizer.step()

@@ -21,6 +21,7 @@ import torch
 
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
+from shared.device import resolve_device
 from shared.errors import SaltUsageError
 from shared.store import LatentStore
 from salt_train import checkpoint as ckpt
@@ -30,7 +31,7 @@ from salt_train.export import export_encoder
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
 from salt_train.snapshot import Snapshot, check_manifest, reading_snapshot, reuse_snapshot, take_snapshot
-from salt_train.step import Stepper, resolve_compile_mode, resolve_device
+from salt_train.step import Stepper, resolve_compile_mode
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def run_training(request: RunRequest) -> RunReport:
         config = run_folder.read_run_config(run_dir)
     if request.max_steps is not None:
         config.train.max_steps = request.max_steps
-    device = resolve_device(config.train.device)
+    device = resolve_device(config.train.device, "train.device")
 
     # ---- the store: refuse bad input before anything is written -----------------------
     live = LatentStore.open(request.cache)

@@ -45,7 +45,7 @@ def test_batches_hold_the_stored_rows(reference_build) -> None:
     for k, row in enumerate(rows):
         np.testing.assert_array_equal(batch["pixels"][k].numpy(), store.arrays["pixels"][row])
         np.testing.assert_array_equal(batch["latents"][k].numpy(), store.arrays["latents"][row])
-    pixels, latents = to_model_inputs(batch, torch.device("cpu"), torch.float32)
+    pixels, latents = to_model_inputs(batch, torch.device("cpu"))
     assert pixels.shape == (len(rows), 3, 16, 224, 224) and latents.shape == (len(rows), 1568, store.teacher_width)
     # normalised with the ImageNet statistics: pixel value 0 maps to -mean/std
     assert pixels.min() >= -0.485 / 0.229 - 1e-5 and pixels.max() <= (1 - 0.406) / 0.225 + 1e-5

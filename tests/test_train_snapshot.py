@@ -66,7 +66,8 @@ def test_a_run_records_its_reflink_snapshot_and_resumes_from_it(demo_reference, 
 
 def test_prune_keeps_a_snapshot_a_run_is_reading(demo_reference, xfs_dir: Path) -> None:
     live = Path(shutil.copytree(demo_reference.store, xfs_dir / "busy" / "latents.zarr"))
-    busy, idle = take_snapshot(live, "busy", "reflink"), take_snapshot(live, "idle", "reflink")
+    busy = take_snapshot(live, "busy", "reflink")
+    take_snapshot(live, "idle", "reflink")
     with reading_snapshot(busy):
         assert prune_snapshots(live, keep=0) == ["idle"]
         assert busy.path.is_dir()
