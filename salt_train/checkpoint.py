@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.errors import SaltUsageError
-from shared.durable import fsync_path
+from shared.durable import fsync_path, write_json_atomic
 from salt_train.data import Position
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         shutil.rmtree(final)
     os.replace(partial, final)
     fsync_path(root)
-    latest_tmp = root / "latest.json.tmp"
-    latest_tmp.write_text(json.dumps({"checkpoint": final.name, "step": state.step}))
-    fsync_path(latest_tmp)
-    os.replace(latest_tmp, root / "latest.json")
+    write_json_atomic(root / "latest.json", {"checkpoint": final.name, "step": state.step})
     _prune(root, keep)
     return final
 

@@ -25,6 +25,7 @@ import yaml
 
 from shared.config import PipelineConfig, dump_pipeline
 from shared.errors import SaltUsageError
+from shared.durable import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +102,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(path)
-
-
 def write_run_record(path: Path, **fields: Any) -> dict[str, Any]:
     """``run.json``: the first start's record, with later resumes appended."""
     record_file = path / "run.json"
@@ -116,7 +111,7 @@ def write_run_record(path: Path, **fields: Any) -> dict[str, Any]:
         record.setdefault("resumes", []).append({"at": now, "argv": sys.argv, **git_commit()})
     else:
         record = {"started": now, "argv": sys.argv, "git": git_commit(), "versions": versions(), **fields}
-    write_json(record_file, record)
+    write_json_atomic(record_file, record)
     return record
 
 

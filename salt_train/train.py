@@ -13,7 +13,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +22,7 @@ import torch
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
 from shared.device import resolve_device
+from shared.durable import write_json_atomic
 from shared.errors import SaltUsageError
 from shared.store import LatentStore
 from salt_train import checkpoint as ckpt
@@ -63,7 +64,6 @@ class RunReport:
     loader_errors: int
     interrupted: bool = False
     export: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def total_steps(config: PipelineConfig, steps_per_epoch: int) -> int:
@@ -239,7 +239,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                "first_loss": first_loss, "last_loss": last_loss, "loader_errors": state.loader_errors,
                "live_store_changed": live_store_changed if snapshot.mode == "none" else None,
                "checkpoint": str(final), "export": str(report.export), "snapshot": str(snapshot.path)}
-    run_folder.write_json(run_dir / "summary.json", summary)
+    write_json_atomic(run_dir / "summary.json", summary)
     loss_line = (f"{first_loss:.4f} (first {train.log_every} steps) -> {last_loss:.4f} (last)"
                  if first_loss is not None and last_loss is not None else "not logged")
     print_block("summary", {"loss": loss_line, **summary, "run folder": str(run_dir)})
