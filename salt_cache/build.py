@@ -10,7 +10,9 @@ one store to one teacher, view recipe and clip list.
 from __future__ import annotations
 
 import logging
+import signal
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
+from shared.distributed import Dist, rank_share
 from shared.store import LatentStore, build_lock
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
@@ -29,6 +32,28 @@ from salt_cache.teacher import Teacher
 from salt_cache.writer import ShardAssembler, ShardWriter
 
 log = logging.getLogger(__name__)
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (torchrun stops every rank this way when one fails); committed shards are intact."""
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread, so the build stops through its
+    ``finally`` blocks (the shard writer finishes its commit) and says so, instead of vanishing."""
+    def handle(signum: int, frame: object) -> None:
+        raise Terminated("stopped by SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread (tests calling in-process from a thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class DecodeWorkerDied(Exception):
@@ -149,25 +174,56 @@ class BuildReport:
 
 
 def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out: Path,
-              retry_failed: bool = False) -> BuildReport:
+              retry_failed: bool = False, dist: Dist = Dist()) -> BuildReport:
     """Build (or resume) the store at ``out``; returns counts and rates.
 
     A finished store is only read (a rerun on a read-only mount works); any writing happens
     under the store's lock. ``retry_failed`` also redoes the shards that hold failed rows.
+
+    Under torchrun, rank 0 takes the lock, creates or opens the store and lists the pending
+    shards; each rank then builds its contiguous share of them (shard files are per shard,
+    so ranks never write the same file), and after a barrier rank 0 alone writes the
+    attributes. A resume lists what is pending again, so it works with any number of ranks.
     """
+    identity = store_identity(teacher, config, source)
     if out.exists():
-        store = open_matching_store(out, store_identity(teacher, config, source), writable=False)
-        if not store.pending_shards(retry_failed):
-            _print_plan(store, source, teacher, config, [], 0)
-            return _report(store, todo=0, failed=0, seconds=0.0, writer=None)
-    with build_lock(out):
-        store = open_or_create_store(out, teacher, config, source)
-        store.remove_partial_files()  # what a killed writer left; nobody else writes now
-        return _build_pending(store, source, teacher, config, retry_failed)
+        finished = dist.agree(lambda: not open_matching_store(out, identity, writable=False).pending_shards(retry_failed))
+        if finished:
+            store = LatentStore.open(out)
+            _print_plan(store, source, teacher, config, [], 0, dist)
+            return _report(store, todo=0, failed=0, seconds=0.0, write_mb_per_s=0.0)
+    with ExitStack() as held:
+        def prepare() -> list[int]:  # rank 0: lock, create or open, clean up, list the work
+            held.enter_context(build_lock(out))
+            store = open_or_create_store(out, teacher, config, source)
+            store.remove_partial_files()  # what a killed writer left; nobody else writes now
+            return store.pending_shards(retry_failed)
+
+        pending = dist.on_main(prepare)
+        store = dist.agree(lambda: open_matching_store(out, identity, writable=True))
+        shards = rank_share(pending, dist.rank, dist.world_size)
+        _print_plan(store, source, teacher, config, pending, _rows_in(store, pending), dist)
+        started = time.perf_counter()
+        mine = _build_shards(store, source, teacher, config, shards, dist)
+        # Wait for every rank's shards; then the store's counts are final and rank 0 reports them.
+        done = dist.all_gather(mine)
+        report = _report(store, todo=sum(work.todo for work in done), failed=sum(work.failed for work in done),
+                         seconds=time.perf_counter() - started, write_mb_per_s=sum(work.write_mb_per_s for work in done))
+        if report.pending == 0 and dist.is_main:
+            store.update_attrs(build={"complete": True, "committed": report.committed, "failed": report.failed,
+                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        dist.barrier()  # nobody reads the attributes before rank 0 wrote them
+        return report
+
+
+def _rows_in(store: LatentStore, shards: list[int]) -> int:
+    return sum(stop - start for start, stop in map(store.shard_range, shards))
 
 
 def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
-                shards: list[int], todo: int) -> None:
+                shards: list[int], todo: int, dist: Dist) -> None:
+    if not dist.is_main:
+        return
     counts = store.counts()
     print_block("salt-cache build", {
         **source.describe(),
@@ -180,21 +236,31 @@ def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config
                    f"persistent={config.loader.persistent_workers} context={config.loader.multiprocessing_context} "
                    f"decode_threads={config.loader.decode_threads}"),
         "teacher batch": config.teacher.batch_size,
+        **({"ranks": f"{dist.world_size} (torchrun), each building a contiguous share of the shards to do; "
+                     f"the bar shows rank 0's share"} if dist.enabled else {}),
     })
 
 
-def _build_pending(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
-                   retry_failed: bool) -> BuildReport:
-    shards = store.pending_shards(retry_failed)
+@dataclass
+class RankWork:
+    """What one rank did: summed over ranks for the report."""
+
+    todo: int
+    failed: int
+    write_mb_per_s: float
+
+
+def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
+                  shards: list[int], dist: Dist) -> RankWork:
+    """Decode, encode and commit ``shards`` (this rank's share of the pending ones)."""
     plans = plan_batches(store, shards, config.teacher.batch_size)
     todo = sum(len(plan.rows) for plan in plans)
-    _print_plan(store, source, teacher, config, shards, todo)
-    started = time.perf_counter()
     writer = ShardWriter(store)
     collector = BatchCollector(store, source, writer)
     if plans:
         dataset = ViewBatches(source.clips, plans, config.view, config.loader.decode_threads)
-        bar = progress(todo, "teacher", unit="clip")
+        label = f"teacher, rank 0 of {dist.world_size}" if dist.enabled else "teacher"
+        bar = progress(todo, label, unit="clip")
         in_flight: TeacherBatch | None = None
         try:
             for batch in worker_batches(make_loader(dataset, config, teacher.device)):
@@ -211,17 +277,14 @@ def _build_pending(store: LatentStore, source: SsV2Source, teacher: Teacher, con
         finally:
             bar.close()
             writer.close()
-    report = _report(store, todo, collector.failed, time.perf_counter() - started, writer)
-    if report.pending == 0:
-        store.update_attrs(build={"complete": True, "committed": report.committed, "failed": report.failed,
-                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return report
+    rate = writer.bytes_written / 1e6 / writer.seconds if writer.seconds else 0.0
+    return RankWork(todo, collector.failed, rate)
 
 
-def _report(store: LatentStore, todo: int, failed: int, seconds: float, writer: ShardWriter | None) -> BuildReport:
+def _report(store: LatentStore, todo: int, failed: int, seconds: float, write_mb_per_s: float) -> BuildReport:
     counts = store.counts()
     return BuildReport(
         rows=counts["rows"], committed=counts["committed"], failed=counts["failed"], pending=counts["pending"],
         processed_this_run=todo, failed_this_run=failed, seconds=seconds, disk_bytes=store.disk_bytes(),
-        write_mb_per_s=(writer.bytes_written / 1e6 / writer.seconds) if writer and writer.seconds else 0.0,
+        write_mb_per_s=write_mb_per_s,
     )

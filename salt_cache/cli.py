@@ -23,6 +23,10 @@ def _from_pipeline(value: object) -> str:
     return f"[from the pipeline; ssv2: {value}]"
 
 
+def _rank_tag(dist) -> str:
+    return f" [rank {dist.rank}]" if dist.enabled else ""
+
+
 def _check_out_path(out: Path, what: str) -> None:
     """Refuse an --out that is a file or lies under one, before anything is loaded or written."""
     for ancestor in (out, *out.parents):
@@ -68,28 +72,40 @@ def build(
     source = discover(src, config.cache.split, config.cache.limit)
     out = out or source.root / "latents.zarr"
     _check_out_path(out, "a store")
-    from salt_cache.build import DecodeWorkerDied, run_build  # torch and friends only once the arguments are sound
+    from salt_cache.build import DecodeWorkerDied, Terminated, run_build, stop_on_sigterm  # torch only now
     from salt_cache.teacher import load_teacher
 
-    model = load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype)
     import torch
 
-    def resume_hint() -> str:  # only true once the store folder exists
-        return "; committed shards are safe; rerun the same command to resume" if out.is_dir() else ""
+    from shared.distributed import distributed, lost_peer
 
-    try:
-        report = run_build(source, model, config, out, retry_failed=retry_failed)
-    except KeyboardInterrupt:
-        print(f"salt-cache: interrupted{resume_hint()}", file=sys.stderr)
-        return 130
-    except torch.cuda.OutOfMemoryError:
-        raise SaltUsageError(f"teacher batch of {config.teacher.batch_size} does not fit in GPU memory; "
-                             f"lower --batch-size{resume_hint()}") from None
-    except OSError as exc:  # disk full, store folder removed or read-only, ...
-        raise SaltUsageError(f"cannot write store {out}: {exc.strerror or exc}{resume_hint()}") from None
-    except DecodeWorkerDied as exc:
-        print(f"salt-cache: error: {exc}{resume_hint()}", file=sys.stderr)
-        return EXIT_PROBLEMS
+    def resume_hint() -> str:  # only true once the store folder exists
+        return ("; committed shards are safe; rerun the same command (with any number of ranks) to finish"
+                if out.is_dir() else "")
+
+    with distributed("gloo") as dist, stop_on_sigterm():
+        model = dist.agree(lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype))
+        try:
+            report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist)
+        except KeyboardInterrupt:
+            print(f"salt-cache{_rank_tag(dist)}: interrupted{resume_hint()}", file=sys.stderr)
+            return 130
+        except Terminated:
+            why = " (torchrun stops every rank so when one fails: see its report)" if dist.enabled else ""
+            print(f"salt-cache{_rank_tag(dist)}: stopped by SIGTERM{why}{resume_hint()}", file=sys.stderr)
+            return 143
+        except torch.cuda.OutOfMemoryError:
+            raise SaltUsageError(f"teacher batch of {config.teacher.batch_size} does not fit in GPU memory; "
+                                 f"lower --batch-size{resume_hint()}") from None
+        except OSError as exc:  # disk full, store folder removed or read-only, ...
+            raise SaltUsageError(f"cannot write store {out}: {exc.strerror or exc}{resume_hint()}") from None
+        except DecodeWorkerDied as exc:
+            print(f"salt-cache{_rank_tag(dist)}: error: {exc}{resume_hint()}", file=sys.stderr)
+            return EXIT_PROBLEMS
+        except lost_peer() as exc:
+            print(f"salt-cache{_rank_tag(dist)}: error: lost contact with another rank of this torchrun job "
+                  f"({type(exc).__name__}){resume_hint()}", file=sys.stderr)
+            return EXIT_PROBLEMS
     print_block(f"built {out}", report.summary(), stream=sys.stdout)
     return EXIT_OK if report.pending == 0 else EXIT_PROBLEMS
 

@@ -9,6 +9,7 @@ from typing import Sequence
 import click
 import typer
 
+from shared.torchrun_env import env_rank, env_world_size
 from shared.errors import EXIT_USAGE, SaltUsageError
 
 
@@ -45,7 +46,8 @@ def run_app(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None)
     try:
         result = app(args=list(argv) if argv is not None else None, prog_name=prog_name, standalone_mode=False)
     except SaltUsageError as err:
-        _error_line(prog_name, str(err))
+        if not getattr(err, "quiet", False):  # under torchrun, rank 0 says what every rank found
+            _error_line(prog_name, str(err))
         return EXIT_USAGE
     except _USAGE_ERRORS as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # a bare command: show its help as is
@@ -66,6 +68,8 @@ def run_app(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None)
 
 def _error_line(prog_name: str, message: str) -> None:
     one_line = " ".join(message.split())
+    if env_world_size() > 1:
+        prog_name = f"{prog_name} [rank {env_rank()}]"
     print(f"{prog_name}: error: {one_line}", file=sys.stderr)
 
 
