@@ -12,7 +12,7 @@ import typer
 
 from shared.cli import DEVICE_HELP, Device, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
-from shared.console import print_block, setup_logging
+from shared.console import print_block, rank_tag, setup_logging
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
 
 
@@ -21,10 +21,6 @@ _DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe (tests
 
 def _from_pipeline(value: object) -> str:
     return f"[from the pipeline; ssv2: {value}]"
-
-
-def _rank_tag(dist) -> str:
-    return f" [rank {dist.rank}]" if dist.enabled else ""
 
 
 def _check_out_path(out: Path, what: str) -> None:
@@ -88,11 +84,11 @@ def build(
         try:
             report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist)
         except KeyboardInterrupt:
-            print(f"salt-cache{_rank_tag(dist)}: interrupted{resume_hint()}", file=sys.stderr)
+            print(f"salt-cache{rank_tag()}: interrupted{resume_hint()}", file=sys.stderr)
             return 130
         except Terminated:
             why = " (torchrun stops every rank so when one fails: see its report)" if dist.enabled else ""
-            print(f"salt-cache{_rank_tag(dist)}: stopped by SIGTERM{why}{resume_hint()}", file=sys.stderr)
+            print(f"salt-cache{rank_tag()}: stopped by SIGTERM{why}{resume_hint()}", file=sys.stderr)
             return 143
         except torch.cuda.OutOfMemoryError:
             raise SaltUsageError(f"teacher batch of {config.teacher.batch_size} does not fit in GPU memory; "
@@ -100,10 +96,10 @@ def build(
         except OSError as exc:  # disk full, store folder removed or read-only, ...
             raise SaltUsageError(f"cannot write store {out}: {exc.strerror or exc}{resume_hint()}") from None
         except DecodeWorkerDied as exc:
-            print(f"salt-cache{_rank_tag(dist)}: error: {exc}{resume_hint()}", file=sys.stderr)
+            print(f"salt-cache{rank_tag()}: error: {exc}{resume_hint()}", file=sys.stderr)
             return EXIT_PROBLEMS
         except lost_peer() as exc:
-            print(f"salt-cache{_rank_tag(dist)}: error: lost contact with another rank of this torchrun job "
+            print(f"salt-cache{rank_tag()}: error: lost contact with another rank of this torchrun job "
                   f"({type(exc).__name__}){resume_hint()}", file=sys.stderr)
             return EXIT_PROBLEMS
     print_block(f"built {out}", report.summary(), stream=sys.stdout)

@@ -17,7 +17,7 @@ import yaml
 
 from shared.cli import DEVICE_HELP, Device, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
-from shared.console import print_block, setup_logging
+from shared.console import is_console_rank, print_block, rank_tag, setup_logging
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
 
 _DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe
@@ -85,7 +85,7 @@ def run(
     if resume and (pipeline or sets):
         print("salt-train: --resume continues with the run's recorded config.yaml; --pipeline/--set are ignored",
               file=sys.stderr)
-    from salt_train.train import EXIT_STOPPED, RunRequest, TrainingStopped, run_training
+    from salt_train.train import EXIT_STOPPED, LostPeer, RunRequest, TrainingStopped, run_training
 
     import torch
 
@@ -98,14 +98,15 @@ def run(
             "a training batch does not fit in GPU memory: lower train.batch_size (--set train.batch_size=N) "
             "or set model.grad_checkpointing=true; checkpoints written so far are kept "
             "(continue with --resume)") from None
-    except TrainingStopped as exc:
-        print(f"salt-train: error: {exc}", file=sys.stderr)
+    except (TrainingStopped, LostPeer) as exc:
+        print(f"salt-train{rank_tag()}: error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
     except OSError as exc:
         raise SaltUsageError(f"{exc.filename or 'run folder'}: {exc.strerror or exc}") from None
     if report.interrupted:
         return EXIT_STOPPED
-    print(f"run folder: {report.run_dir}")
+    if is_console_rank():
+        print(f"run folder: {report.run_dir}")
     return EXIT_OK
 
 

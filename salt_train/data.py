@@ -147,7 +147,8 @@ class StoreStream(IterableDataset):
         self._reader: RowReader | None = None
 
     def positions(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        """``(epoch, index, this rank's rows)`` of every remaining global batch, in order."""
+        """``(epoch, index, this rank's rows)`` of every remaining global batch, in order. A global batch
+        is sorted (read locality) before it is sliced, so sample i and its mask i are the same for any K."""
         spec = self.spec
         lo, hi = spec.rank * spec.local_batch, (spec.rank + 1) * spec.local_batch
         for epoch in range(spec.start.epoch, spec.epochs):
@@ -155,7 +156,7 @@ class StoreStream(IterableDataset):
             batches = order[: spec.steps_per_epoch * spec.batch_size].reshape(spec.steps_per_epoch, spec.batch_size)
             first = spec.start.index if epoch == spec.start.epoch else 0
             for index in range(first, spec.steps_per_epoch):
-                yield epoch, index, np.sort(batches[index, lo:hi])
+                yield epoch, index, np.sort(batches[index])[lo:hi]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -262,16 +263,18 @@ def shm_bound(loader: LoaderConfig, local_batch: int, teacher_width: int) -> int
     return loader.num_workers * (loader.prefetch_factor + 1) * batch_bytes(local_batch, teacher_width)
 
 
-def check_shm(loader: LoaderConfig, local_batch: int, teacher_width: int, shm: Path = SHM_PATH) -> None:
-    """Refuse to start workers that would exhaust /dev/shm (a bus error mid-run, not an error message)."""
-    needed = shm_bound(loader, local_batch, teacher_width)
+def check_shm(loader: LoaderConfig, local_batch: int, teacher_width: int, shm: Path = SHM_PATH,
+              processes: int = 1) -> None:
+    """Refuse to start workers that would exhaust /dev/shm (a bus error mid-run, not an error message).
+    ``processes``: the ranks on this node, whose loaders share its /dev/shm."""
+    needed = processes * shm_bound(loader, local_batch, teacher_width)
     if needed == 0 or not shm.is_dir():
         return
     free = shutil.disk_usage(shm).free
     if needed > free:
         raise SaltUsageError(
             f"the loader can hold up to {format_bytes(needed)} in {shm} "
-            f"({loader.num_workers} workers x {loader.prefetch_factor + 1} batches x {format_bytes(batch_bytes(local_batch, teacher_width))}) "
+            f"({processes} rank(s) x {loader.num_workers} workers x {loader.prefetch_factor + 1} batches x {format_bytes(batch_bytes(local_batch, teacher_width))}) "
             f"but only {format_bytes(free)} is free: lower loader.num_workers, loader.prefetch_factor or train.batch_size, "
             "or give the container more shared memory (docker run --shm-size)"
         )

@@ -45,6 +45,10 @@ class MaskBatch:
     masked: torch.Tensor  # int64 [B, M]
     visible: torch.Tensor  # int64 [B, NUM_TOKENS - M]
 
+    def __getitem__(self, rows: slice) -> "MaskBatch":
+        """The masks of some samples (a rank's slice of the global batch)."""
+        return MaskBatch(self.masked[rows], self.visible[rows])
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MaskBatch":
         return MaskBatch(self.masked.to(device, non_blocking=non_blocking),
                          self.visible.to(device, non_blocking=non_blocking))

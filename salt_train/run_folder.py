@@ -103,12 +103,12 @@ def versions() -> dict[str, str]:
 
 
 def write_run_record(path: Path, **fields: Any) -> dict[str, Any]:
-    """``run.json``: the first start's record, with later resumes appended."""
+    """``run.json``: the first start's record, with later resumes (and their ``fields``) appended."""
     record_file = path / "run.json"
     now = dt.datetime.now().isoformat(timespec="seconds")
     if record_file.exists():
         record = json.loads(record_file.read_text())
-        record.setdefault("resumes", []).append({"at": now, "argv": sys.argv, **git_commit()})
+        record.setdefault("resumes", []).append({"at": now, "argv": sys.argv, **git_commit(), **fields})
     else:
         record = {"started": now, "argv": sys.argv, "git": git_commit(), "versions": versions(), **fields}
     write_json_atomic(record_file, record)

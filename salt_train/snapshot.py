@@ -78,6 +78,20 @@ class Snapshot:
                 "files": self.files, "bytes": self.bytes, "seconds": round(self.seconds, 4),
                 "manifest": self.manifest}
 
+    @classmethod
+    def from_record(cls, record: dict) -> "Snapshot":
+        """The snapshot a run recorded (:meth:`to_record`); a damaged record is a usage error."""
+        try:
+            snapshot = cls(mode=str(record["mode"]), path=Path(record["path"]), source=Path(record["source"]),
+                           name=str(record["name"]), files=int(record["files"]), bytes=int(record["bytes"]),
+                           seconds=float(record["seconds"]), manifest=record.get("manifest"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SaltUsageError(f"the run's snapshot record is damaged ({type(exc).__name__}: {exc}); "
+                                 "start a new run") from None
+        if snapshot.mode not in ("reflink", "copy", "none"):
+            raise SaltUsageError(f"the run's snapshot record has unknown mode {snapshot.mode!r}; start a new run")
+        return snapshot
+
 
 # ---- where snapshots live, and whether the filesystem can clone ---------------------------
 
@@ -407,15 +421,7 @@ def take_snapshot(store: Path, name: str, mode: str = "auto") -> Snapshot:
 
 def reuse_snapshot(record: dict) -> Snapshot:
     """The snapshot a run recorded in run.json, checked before a --resume reads it again."""
-    try:
-        snapshot = Snapshot(mode=str(record["mode"]), path=Path(record["path"]), source=Path(record["source"]),
-                            name=str(record["name"]), files=int(record["files"]), bytes=int(record["bytes"]),
-                            seconds=float(record["seconds"]), manifest=record.get("manifest"))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SaltUsageError(f"the run's snapshot record is damaged ({type(exc).__name__}: {exc}); "
-                             "start a new run") from None
-    if snapshot.mode not in ("reflink", "copy", "none"):
-        raise SaltUsageError(f"the run's snapshot record has unknown mode {snapshot.mode!r}; start a new run")
+    snapshot = Snapshot.from_record(record)
     if snapshot.mode == "none":
         if snapshot.manifest is None:
             raise SaltUsageError("the run read the live store but recorded no manifest; start a new run")

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from shared.config import PipelineConfig
+from shared.distributed import Dist
 from salt_train.data import to_model_inputs
 from salt_train.masks import make_masks
 from salt_train.objective import SaltStudent, build_salt_student, gather_tokens, normalise_targets, regression_loss
@@ -35,25 +37,37 @@ class StepResult:
 
 
 class Stepper:
-    """The student, its optimizer and the (optionally compiled) forward, stepping one batch at a time."""
+    """The student, its optimizer and the (optionally compiled) forward, stepping one batch at a time.
 
-    def __init__(self, config: PipelineConfig, teacher_width: int, device: torch.device, total_steps: int) -> None:
+    Under torchrun the forward runs through DistributedDataParallel: each rank steps on its
+    slice of the global batch, with that slice's masks, and DDP averages the gradients, so
+    every rank takes the step one process would take on the whole batch (float rounding aside).
+    """
+
+    def __init__(self, config: PipelineConfig, teacher_width: int, device: torch.device, total_steps: int,
+                 dist: Dist = Dist()) -> None:
         self.config = config
         self.device = device
         self.total_steps = total_steps
-        torch.manual_seed(config.train.seed)  # the student's initial weights
+        self.rank, self.world_size = dist.rank, dist.world_size
+        torch.manual_seed(config.train.seed)  # the student's initial weights (DDP also broadcasts rank 0's)
         self.model: SaltStudent = build_salt_student(config.model, teacher_width).to(device)
         self.optimizer = build_optimizer(self.model, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                          device=device)
         self.compile_mode = resolve_compile_mode(config.model.compile_mode, device)
+        trained: torch.nn.Module = self.model
+        if dist.enabled:
+            trained = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         # Static shapes (fixed batch, fixed masked count) keep the compiled graph from recompiling.
-        self.forward = torch.compile(self.model, mode=self.compile_mode) if self.compile_mode != "off" else self.model
+        self.forward = torch.compile(trained, mode=self.compile_mode) if self.compile_mode != "off" else trained
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def step(self, batch: dict, step: int) -> StepResult:
         train, mask = self.config.train, self.config.mask
         pixels, latents = to_model_inputs(batch, self.device)
-        masks = make_masks(mask.kind, mask.ratio, pixels.shape[0], train.seed, step).to(self.device, non_blocking=True)
+        local = pixels.shape[0]  # this rank's slice of the global batch, and of its masks
+        masks = make_masks(mask.kind, mask.ratio, local * self.world_size, train.seed, step)
+        masks = masks[self.rank * local:(self.rank + 1) * local].to(self.device, non_blocking=True)
         lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=self.total_steps)
         set_lr(self.optimizer, lr)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,

@@ -9,6 +9,7 @@ and learning rate are pure functions of the seed, epoch and step.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import signal
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as torch_dist
 
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
 from shared.device import resolve_device
+from shared.distributed import Dist, distributed, lost_peer
 from shared.durable import write_json_atomic
 from shared.errors import SaltUsageError
 from shared.store import LatentStore
@@ -78,10 +81,15 @@ def next_position(position: Position, steps_per_epoch: int) -> Position:
 
 
 class StopSignals:
-    """SIGINT/SIGTERM finish the current step, write a checkpoint and exit: a preempted job loses nothing."""
+    """SIGINT/SIGTERM finish the current step, write a checkpoint and exit: a preempted job loses nothing.
 
-    def __init__(self) -> None:
+    Alone, a second signal stops at once. Under torchrun it does not: Ctrl-C reaches each rank
+    twice (from the terminal and from torchrun), and torchrun itself kills ranks that outlive
+    its shutdown timeout (30 s)."""
+
+    def __init__(self, repeat_aborts: bool = True) -> None:
         self.received: int | None = None
+        self.repeat_aborts = repeat_aborts
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -94,7 +102,9 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+            if self.repeat_aborts:
+                raise KeyboardInterrupt
+            return
         self.received = signum
         log.warning("%s received: stopping after this step and writing a checkpoint (again to stop at once)",
                     signal.Signals(signum).name)
@@ -105,9 +115,18 @@ class StopSignals:
 
 
 def run_training(request: RunRequest) -> RunReport:
-    # ---- configuration and run folder -----------------------------------------------
-    config = request.config
-    run_dir = request.run_dir
+    """Train (or resume) one run; under torchrun, one rank of a DistributedDataParallel job."""
+    config, run_dir = _run_config(request)
+    device = resolve_device(config.train.device, "train.device")
+    with distributed("nccl" if device.type == "cuda" else "gloo") as dist:
+        if dist.enabled and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+        return _run(request, config, run_dir, device, dist)
+
+
+def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
+    """The recipe and run folder: a resumed run continues with the config it recorded."""
+    config, run_dir = request.config, request.run_dir
     if request.resume:
         if run_dir is None:
             run_dir = run_folder.find_latest_run(request.cache)
@@ -117,133 +136,234 @@ def run_training(request: RunRequest) -> RunReport:
         config = run_folder.read_run_config(run_dir)
     if request.max_steps is not None:
         config.train.max_steps = request.max_steps
-    device = resolve_device(config.train.device, "train.device")
+    return config, run_dir
 
+
+def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, device: torch.device,
+         dist: Dist) -> RunReport:
     # ---- the store: refuse bad input before anything is written -----------------------
-    live = LatentStore.open(request.cache)
-    spec = stream_spec(live, config, Position())
-    check_stream(spec, live.path)
-    check_shm(config.loader, spec.local_batch, live.teacher_width)
-    stepper = Stepper(config, live.teacher_width, device, total_steps(config, spec.steps_per_epoch))
+    live = dist.agree(lambda: LatentStore.open(request.cache))
+    spec = stream_spec(live, config, Position(), dist.rank, dist.world_size)
+    dist.agree(lambda: check_stream(spec, live.path))
+    dist.agree(lambda: check_shm(config.loader, spec.local_batch, live.teacher_width, processes=dist.local_world_size))
+    stepper = Stepper(config, live.teacher_width, device, total_steps(config, spec.steps_per_epoch), dist)
 
-    # ---- run folder and snapshot --------------------------------------------------------
-    if not request.resume:
-        run_dir = run_dir or run_folder.new_run_dir(config)
-        run_folder.create_run_dir(run_dir, config)
-    log_handler = run_folder.attach_log_file(run_dir / "train.log")
+    # ---- run folder and snapshot: rank 0 makes them, every rank reads them --------------
+    def make_run_dir() -> Path:
+        path = run_dir or run_folder.new_run_dir(config)
+        if not request.resume:
+            run_folder.create_run_dir(path, config)
+        return path
+
+    run_dir = dist.on_main(make_run_dir)
+    log_handler = run_folder.attach_log_file(run_dir / "train.log") if dist.is_main else None
     try:
-        record = run_folder.read_run_record(run_dir) if request.resume and (run_dir / "run.json").exists() else None
-        if record is not None and "snapshot" in record:
-            if Path(record["cache"]).resolve() != live.path.resolve():
-                raise SaltUsageError(f"{run_dir} trained on {record['cache']}, not {live.path}: "
-                                     "resume it with its own --cache")
-            snapshot = reuse_snapshot(record["snapshot"])
-            run_folder.write_run_record(run_dir)
-        else:  # a new run, or one stopped before it recorded its snapshot
-            snapshot = take_snapshot(live.path, run_dir.name, request.snapshot or config.stream.snapshot)
-            run_folder.write_run_record(
-                run_dir, cache=str(live.path.resolve()), snapshot=snapshot.to_record(), device=str(device),
-                store={"identity": live.attrs.get("identity"), "teacher": live.attrs.get("teacher"),
-                       "counts": live.counts(), "rows_sha256": live.attrs.get("source_rows")},
-            )
+        snapshot_record = dist.on_main(lambda: _snapshot_for(request, config, run_dir, live, device, dist).to_record())
+        snapshot = dist.agree(lambda: _visible_snapshot(snapshot_record))
         with reading_snapshot(snapshot):  # `salt-train snapshots prune` leaves it alone meanwhile
-            return _train(config, run_dir, snapshot, stepper, request.resume)
+            return _train(config, run_dir, snapshot, stepper, request.resume, dist)
     finally:
-        run_folder.detach_log_file(log_handler)
+        if log_handler is not None:
+            run_folder.detach_log_file(log_handler)
 
 
-def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: Stepper, resume: bool) -> RunReport:
+def _snapshot_for(request: RunRequest, config: PipelineConfig, run_dir: Path, live: LatentStore,
+                  device: torch.device, dist: Dist) -> Snapshot:
+    """Rank 0: the snapshot a resumed run recorded, or a new one, recorded in run.json (taken once per run)."""
+    record = run_folder.read_run_record(run_dir) if request.resume and (run_dir / "run.json").exists() else None
+    if record is not None and "snapshot" in record:
+        if Path(record["cache"]).resolve() != live.path.resolve():
+            raise SaltUsageError(f"{run_dir} trained on {record['cache']}, not {live.path}: "
+                                 "resume it with its own --cache")
+        snapshot = reuse_snapshot(record["snapshot"])
+        run_folder.write_run_record(run_dir, world_size=dist.world_size)
+        return snapshot
+    # A new run, or one stopped before it recorded its snapshot.
+    snapshot = take_snapshot(live.path, run_dir.name, request.snapshot or config.stream.snapshot)
+    run_folder.write_run_record(
+        run_dir, cache=str(live.path.resolve()), snapshot=snapshot.to_record(), device=str(device),
+        world_size=dist.world_size,
+        store={"identity": live.attrs.get("identity"), "teacher": live.attrs.get("teacher"),
+               "counts": live.counts(), "rows_sha256": live.attrs.get("source_rows")},
+    )
+    return snapshot
+
+
+def _visible_snapshot(record: dict) -> Snapshot:
+    """Rank 0's snapshot as this rank sees it: on several nodes the store and the run folder
+    must be on a filesystem every node mounts at the same path."""
+    snapshot = Snapshot.from_record(record)
+    if not snapshot.path.is_dir():
+        raise SaltUsageError(f"the snapshot {snapshot.path} rank 0 made is not visible here: put the store and "
+                             "the run folder on a filesystem every node mounts at the same path")
+    return snapshot
+
+
+def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: Stepper, resume: bool,
+           dist: Dist) -> RunReport:
     model, optimizer, device = stepper.model, stepper.optimizer, stepper.device
     store = LatentStore.open(snapshot.path)  # from here on, only the snapshot is read
     state = ckpt.TrainState(step=0, position=Position())
     if resume:
-        latest = ckpt.latest_checkpoint(run_dir)
+        latest = dist.broadcast(ckpt.latest_checkpoint(run_dir))  # every rank loads the one rank 0 found
         if latest is None:
             log.warning("no checkpoint in %s yet: starting this run from step 0", run_dir)
         else:
-            state = ckpt.load_checkpoint(latest, model, optimizer)
+            state = dist.agree(lambda: ckpt.load_checkpoint(latest, model, optimizer))
             log.info("resumed from %s (step %d, epoch %d, batch %d)", latest.name, state.step,
                      state.position.epoch, state.position.index)
-    spec = stream_spec(store, config, state.position)
-    check_stream(spec, store.path)
+    spec = stream_spec(store, config, state.position, dist.rank, dist.world_size)
+    dist.agree(lambda: check_stream(spec, store.path))
     steps = stepper.total_steps = total_steps(config, spec.steps_per_epoch)
     train = config.train
     masked = masked_count(config.mask.kind, config.mask.ratio)
     loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda")
     flops = student_flops_per_clip(config.model, store.teacher_width, masked)
-    print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, masked, model, flops)
+    print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, masked, model, flops, dist)
 
-    metrics = run_folder.MetricsLog(run_dir / "metrics.jsonl")
+    main = dist.is_main  # only rank 0 writes metrics, row records and checkpoints
+    metrics = run_folder.MetricsLog(run_dir / "metrics.jsonl") if main else None
+    rows_log = run_folder.MetricsLog(run_dir / "rows.jsonl") if main and train.record_rows else None
     bar = progress(total=steps, description="train", unit="step", initial=state.step)
     window = HealthWindow()
     first_loss = last_loss = None
     interrupted = live_store_changed = False
     batches: Iterable[dict] = iter(loader)
+
+    def checkpoint() -> Path | None:
+        """Rank 0 writes it while the others wait (none exits, and is reported failed, meanwhile)."""
+        path = ckpt.save_checkpoint(run_dir, model, optimizer, state, train.keep_checkpoints) if main else None
+        dist.barrier()
+        return path
+
     try:
-        with StopSignals() as stop:
+        with StopSignals(repeat_aborts=not dist.enabled) as stop:
             while state.step < steps:
-                # ---- data -------------------------------------------------------------
+                # ---- data: every rank agrees whether to stop, skip or step -------------------
                 waited = time.perf_counter()
                 batch = next(batches, None)
                 window.data_wait += time.perf_counter() - waited
-                if batch is None:
+                unreadable = batch is not None and "error" in batch
+                stopping, skipping, exhausted = dist.any_of(stop.received is not None, unreadable, batch is None)
+                if stopping:
+                    interrupted = True
+                    break
+                if exhausted:
                     break
                 position = Position(batch["epoch"], batch["index"])
                 state.position = next_position(position, spec.steps_per_epoch)
-                if "error" in batch:
+                if skipping:
                     state.loader_errors += 1
-                    log.warning("loader: batch %d of epoch %d (rows %s, worker %s) skipped: %s",
-                                position.index, position.epoch, batch["rows"].tolist(), batch["worker"], batch["error"])
+                    for rank, error in enumerate(dist.all_gather(_loader_error(batch) if unreadable else None)):
+                        if error is not None:
+                            log.warning("loader: batch %d of epoch %d (rows %s, %sworker %s) skipped: %s",
+                                        position.index, position.epoch, error["rows"],
+                                        f"rank {rank} " if dist.enabled else "", error["worker"], error["error"])
                     if state.loader_errors > config.stream.max_errors:
-                        ckpt.save_checkpoint(run_dir, model, optimizer, state, train.keep_checkpoints)
+                        checkpoint()
                         raise TrainingStopped(
                             f"{state.loader_errors} unreadable batches, more than stream.max_errors={config.stream.max_errors}: "
                             f"stopped at step {state.step} with a checkpoint; check the store with `salt-cache verify --deep`"
                         )
                     continue
+                if train.record_rows:
+                    rows = dist.all_gather(batch["rows"].tolist())
+                    if rows_log is not None:
+                        rows_log.write({"step": state.step, "epoch": position.epoch, "index": position.index,
+                                        "rows": rows})
 
                 # ---- step: masks, forward, masked loss, backward, clip, AdamW ----------
                 result = stepper.step(batch, state.step)
                 state.step += 1
-                state.clips_seen += result.clips
-                window.add(result.loss, result.grad_norm, result.clips)
+                state.clips_seen += result.clips * dist.world_size
+                window.add(result.loss, result.grad_norm, result.clips * dist.world_size)
                 bar.update(1)
 
                 # ---- health, metrics, checkpoints --------------------------------------
                 if state.step % train.log_every == 0 or state.step == steps:
-                    record = window.flush(state, result.lr, device)
+                    record = window.flush(state, result.lr, device, dist)
                     first_loss = record["loss"] if first_loss is None else first_loss
                     last_loss = record["loss"]
-                    metrics.write(record)
+                    if metrics is not None:
+                        metrics.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{result.lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
                     log.info(health_line(record))
                 if state.step % train.checkpoint_every == 0 and state.step < steps:
-                    ckpt.save_checkpoint(run_dir, model, optimizer, state, train.keep_checkpoints)
-                    live_store_changed = live_store_changed or warn_if_live_store_changed(snapshot, state.step)
-                if stop.received is not None:
-                    interrupted = True
-                    break
+                    checkpoint()
+                    check_replicas(model, dist, state.step)
+                    if main:
+                        live_store_changed = live_store_changed or warn_if_live_store_changed(snapshot, state.step)
+    except lost_peer() as exc:
+        # Every rank took part in the last step's gradient all-reduce, so this state is whole.
+        raise LostPeer(f"lost contact with another rank at step {state.step} ({type(exc).__name__}); "
+                       + _save_alone(run_dir, model, optimizer, state, train.keep_checkpoints, main)) from None
     finally:
         bar.close()
         del batches, loader  # stop the workers before writing the last files
-        metrics.close()
-    final = ckpt.save_checkpoint(run_dir, model, optimizer, state, train.keep_checkpoints)
+        for log_file in (metrics, rows_log):
+            if log_file is not None:
+                log_file.close()
+    final = checkpoint()
     report = RunReport(run_dir, state.step, first_loss, last_loss, state.loader_errors, interrupted)
     if interrupted:
-        log.warning("stopped at step %d of %d; checkpoint %s; continue with: salt-train run --cache %s --run-dir %s --resume",
-                    state.step, steps, final.name, snapshot.source, run_dir)
+        if main:
+            log.warning("stopped at step %d of %d; checkpoint %s; continue with: %ssalt-train run --cache %s "
+                        "--run-dir %s --resume", state.step, steps, final.name,
+                        "torchrun ... -m " if dist.enabled else "", snapshot.source, run_dir)
         return report
-    report.export = export_encoder(model.encoder, config.model.student, dict(config.model.student_kwargs), run_dir / "export")
-    live_store_changed = live_store_changed or warn_if_live_store_changed(snapshot, state.step)
-    summary = {"steps": state.step, "planned_steps": steps, "clips_seen": state.clips_seen,
-               "first_loss": first_loss, "last_loss": last_loss, "loader_errors": state.loader_errors,
-               "live_store_changed": live_store_changed if snapshot.mode == "none" else None,
-               "checkpoint": str(final), "export": str(report.export), "snapshot": str(snapshot.path)}
-    write_json_atomic(run_dir / "summary.json", summary)
-    loss_line = (f"{first_loss:.4f} (first {train.log_every} steps) -> {last_loss:.4f} (last)"
-                 if first_loss is not None and last_loss is not None else "not logged")
-    print_block("summary", {"loss": loss_line, **summary, "run folder": str(run_dir)})
+    replicas = check_replicas(model, dist, state.step)
+    if main:
+        report.export = export_encoder(model.encoder, config.model.student, dict(config.model.student_kwargs),
+                                       run_dir / "export")
+        live_store_changed = live_store_changed or warn_if_live_store_changed(snapshot, state.step)
+        summary = {"steps": state.step, "planned_steps": steps, "clips_seen": state.clips_seen,
+                   "first_loss": first_loss, "last_loss": last_loss, "loader_errors": state.loader_errors,
+                   "live_store_changed": live_store_changed if snapshot.mode == "none" else None,
+                   "checkpoint": str(final), "export": str(report.export), "snapshot": str(snapshot.path),
+                   "world_size": dist.world_size, "replicas": replicas}
+        write_json_atomic(run_dir / "summary.json", summary)
+        loss_line = (f"{first_loss:.4f} (first {train.log_every} steps) -> {last_loss:.4f} (last)"
+                     if first_loss is not None and last_loss is not None else "not logged")
+        print_block("summary", {"loss": loss_line, **summary, "run folder": str(run_dir)})
+    dist.barrier()  # the others exit only once rank 0 has written everything
     return report
+
+
+class LostPeer(Exception):
+    """Another rank died mid-run; rank 0 wrote what it could."""
+
+
+def _save_alone(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                state: ckpt.TrainState, keep: int, main: bool) -> str:
+    """After a peer died: rank 0 checkpoints without the (now impossible) barrier."""
+    if not main:
+        return "rank 0 writes the checkpoint"
+    path = ckpt.save_checkpoint(run_dir, model, optimizer, state, keep)
+    return f"checkpoint {path.name} written; continue with --resume, with any number of ranks"
+
+
+def _loader_error(batch: dict) -> dict[str, Any]:
+    return {"rows": batch["rows"].tolist(), "worker": batch["worker"], "error": batch["error"]}
+
+
+def replica_digest(model: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer: equal on every rank while DDP keeps them in step."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas(model: torch.nn.Module, dist: Dist, step: int) -> dict[str, Any]:
+    """Every rank's weights digest, gathered: a rank that drifted from the others is reported loudly."""
+    if not dist.enabled:
+        return {"identical": True, "digests": [replica_digest(model)]}
+    digests = dist.all_gather(replica_digest(model))
+    identical = len(set(digests)) == 1
+    if not identical and dist.is_main:
+        log.error("the ranks' weights differ at step %d (digests %s): the replicas drifted apart", step, digests)
+    return {"identical": identical, "digests": digests}
 
 
 def warn_if_live_store_changed(snapshot: Snapshot, step: int) -> bool:
@@ -277,7 +397,11 @@ class HealthWindow:
         self.grad_norms.append(grad_norm)
         self.clips += clips
 
-    def flush(self, state: ckpt.TrainState, lr: float, device: torch.device) -> dict[str, Any]:
+    def flush(self, state: ckpt.TrainState, lr: float, device: torch.device, dist: Dist) -> dict[str, Any]:
+        """The interval's record; the loss is the mean over every rank's samples (all ranks call this)."""
+        loss = torch.stack(self.losses).float().mean() if self.losses else torch.tensor(math.nan, device=device)
+        if dist.enabled:
+            torch_dist.all_reduce(loss, op=torch_dist.ReduceOp.AVG)  # default group: NCCL on GPUs
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - self.started
@@ -285,7 +409,7 @@ class HealthWindow:
         record = {
             "step": state.step,
             "epoch": state.position.epoch,
-            "loss": float(torch.stack(self.losses).float().mean()) if self.losses else math.nan,
+            "loss": float(loss),
             "lr": lr,
             "grad_norm": float(torch.stack(self.grad_norms).float().mean()) if self.grad_norms else math.nan,
             "clips_per_s": self.clips / elapsed if elapsed > 0 else 0.0,
@@ -308,7 +432,9 @@ def health_line(record: dict[str, Any]) -> str:
 
 def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot: Snapshot,
                       store: LatentStore, spec: StreamSpec, steps: int, masked: int, model: torch.nn.Module,
-                      flops: dict[str, float]) -> None:
+                      flops: dict[str, float], dist: Dist) -> None:
+    if not dist.is_main:
+        return
     counts = store.counts()
     parameters = sum(p.numel() for p in model.parameters())
     encoder_parameters = sum(p.numel() for p in model.encoder.parameters())
@@ -331,4 +457,6 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
                   f"shm bound {format_bytes(shm_bound(loader, spec.local_batch, store.teacher_width))}, "
                   f"shuffle window {config.stream.shuffle_buffer} rows, checksums {'on' if spec.verify_checksums else 'off'}",
         "start": f"epoch {spec.start.epoch}, batch {spec.start.index}" + (" (resumed)" if spec.start != Position() else ""),
+        **({"ranks": f"{dist.world_size} (torchrun, {dist.local_world_size} on this node): DDP, "
+                     f"{spec.local_batch} clips per rank per step, loader workers per rank"} if dist.enabled else {}),
     })

@@ -9,7 +9,7 @@ from typing import Sequence
 import click
 import typer
 
-from shared.torchrun_env import env_rank, env_world_size
+from shared.console import rank_tag
 from shared.errors import EXIT_USAGE, SaltUsageError
 
 
@@ -68,9 +68,7 @@ def run_app(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None)
 
 def _error_line(prog_name: str, message: str) -> None:
     one_line = " ".join(message.split())
-    if env_world_size() > 1:
-        prog_name = f"{prog_name} [rank {env_rank()}]"
-    print(f"{prog_name}: error: {one_line}", file=sys.stderr)
+    print(f"{prog_name}{rank_tag()}: error: {one_line}", file=sys.stderr)
 
 
 def make_app(help_text: str) -> typer.Typer:

@@ -81,6 +81,7 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = Field(3, gt=0, description="newest checkpoints kept in the run folder")
     log_every: int = Field(20, gt=0, description="steps between health lines and metrics records")
+    record_rows: bool = Field(False, description="write rows.jsonl: every step's row ids, per rank (data provenance)")
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> "TrainConfig":

@@ -21,6 +21,11 @@ def is_console_rank() -> bool:
     return env_rank() == 0
 
 
+def rank_tag() -> str:
+    """`` [rank N]`` under torchrun, for lines a command prints itself; empty alone."""
+    return f" [rank {env_rank()}]" if env_world_size() > 1 else ""
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Log our packages to stderr, once per process. Libraries (transformers, huggingface_hub)
     keep their own handlers: a root handler would print each of their warnings twice.

@@ -165,13 +165,14 @@ def distributed(backend: str) -> Iterator[Dist]:
                                  "--nproc-per-node must not exceed the GPUs of a node")
         torch.cuda.set_device(local)
     try:
-        torch_dist.init_process_group(backend=backend, timeout=CONTROL_TIMEOUT if backend == "gloo" else None)
-        control = torch_dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if backend != "gloo" else None
+        torch_dist.init_process_group(backend=backend)
+        # Its own group even on gloo: control messages never interleave with DDP's gradient buckets.
+        control = torch_dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SaltUsageError(f"could not join the torchrun job as rank {rank} of {world}: {first}") from None
     try:
-        yield Dist(rank, world, local, local_world, control or torch_dist.group.WORLD)
+        yield Dist(rank, world, local, local_world, control)
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
