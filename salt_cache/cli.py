@@ -73,7 +73,7 @@ def build(
 
     import torch
 
-    from shared.distributed import distributed, lost_peer
+    from shared.distributed import distributed, is_lost_peer
 
     def resume_hint() -> str:  # only true once the store folder exists
         return ("; committed shards are safe; rerun the same command (with any number of ranks) to finish"
@@ -98,7 +98,9 @@ def build(
         except DecodeWorkerDied as exc:
             print(f"salt-cache{rank_tag()}: error: {exc}{resume_hint()}", file=sys.stderr)
             return EXIT_PROBLEMS
-        except lost_peer() as exc:
+        except RuntimeError as exc:
+            if not is_lost_peer(exc):
+                raise
             print(f"salt-cache{rank_tag()}: error: lost contact with another rank of this torchrun job "
                   f"({type(exc).__name__}){resume_hint()}", file=sys.stderr)
             return EXIT_PROBLEMS

@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
 from shared.device import resolve_device
-from shared.distributed import Dist, distributed, lost_peer
+from shared.distributed import Dist, distributed, is_lost_peer
 from shared.durable import write_json_atomic
 from shared.errors import SaltUsageError
 from shared.store import LatentStore
@@ -106,8 +106,8 @@ class StopSignals:
                 raise KeyboardInterrupt
             return
         self.received = signum
-        log.warning("%s received: stopping after this step and writing a checkpoint (again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning("%s received: stopping after this step and writing a checkpoint%s", signal.Signals(signum).name,
+                    " (again to stop at once)" if self.repeat_aborts else "")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -238,65 +238,71 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
 
     try:
         with StopSignals(repeat_aborts=not dist.enabled) as stop:
-            while state.step < steps:
-                # ---- data: every rank agrees whether to stop, skip or step -------------------
-                waited = time.perf_counter()
-                batch = next(batches, None)
-                window.data_wait += time.perf_counter() - waited
-                unreadable = batch is not None and "error" in batch
-                stopping, skipping, exhausted = dist.any_of(stop.received is not None, unreadable, batch is None)
-                if stopping:
-                    interrupted = True
-                    break
-                if exhausted:
-                    break
-                position = Position(batch["epoch"], batch["index"])
-                state.position = next_position(position, spec.steps_per_epoch)
-                if skipping:
-                    state.loader_errors += 1
-                    for rank, error in enumerate(dist.all_gather(_loader_error(batch) if unreadable else None)):
-                        if error is not None:
-                            log.warning("loader: batch %d of epoch %d (rows %s, %sworker %s) skipped: %s",
-                                        position.index, position.epoch, error["rows"],
-                                        f"rank {rank} " if dist.enabled else "", error["worker"], error["error"])
-                    if state.loader_errors > config.stream.max_errors:
+            try:
+                while state.step < steps:
+                    # ---- data: every rank agrees whether to stop, skip or step -------------------
+                    waited = time.perf_counter()
+                    batch = next(batches, None)
+                    window.data_wait += time.perf_counter() - waited
+                    unreadable = batch is not None and "error" in batch
+                    stopping, skipping, exhausted = dist.any_of(stop.received is not None, unreadable, batch is None)
+                    if stopping:
+                        interrupted = True
+                        break
+                    if exhausted:
+                        break
+                    position = Position(batch["epoch"], batch["index"])
+                    following = next_position(position, spec.steps_per_epoch)
+                    if skipping:
+                        state.position = following
+                        state.loader_errors += 1
+                        for rank, error in enumerate(dist.all_gather(_loader_error(batch) if unreadable else None)):
+                            if error is not None:
+                                log.warning("loader: batch %d of epoch %d (rows %s, %sworker %s) skipped: %s",
+                                            position.index, position.epoch, error["rows"],
+                                            f"rank {rank} " if dist.enabled else "", error["worker"], error["error"])
+                        if state.loader_errors > config.stream.max_errors:
+                            checkpoint()
+                            raise TrainingStopped(
+                                f"{state.loader_errors} unreadable batches, more than stream.max_errors={config.stream.max_errors}: "
+                                f"stopped at step {state.step} with a checkpoint; check the store with `salt-cache verify --deep`"
+                            )
+                        continue
+                    if train.record_rows:
+                        rows = dist.all_gather(batch["rows"].tolist())
+                        if rows_log is not None:
+                            rows_log.write({"step": state.step, "epoch": position.epoch, "index": position.index,
+                                            "rows": rows})
+
+                    # ---- step: masks, forward, masked loss, backward, clip, AdamW ----------
+                    result = stepper.step(batch, state.step)
+                    state.step += 1
+                    state.position = following
+                    state.clips_seen += result.clips * dist.world_size
+                    window.add(result.loss, result.grad_norm, result.clips * dist.world_size)
+                    bar.update(1)
+
+                    # ---- health, metrics, checkpoints --------------------------------------
+                    if state.step % train.log_every == 0 or state.step == steps:
+                        record = window.flush(state, result.lr, device, dist)
+                        first_loss = record["loss"] if first_loss is None else first_loss
+                        last_loss = record["loss"]
+                        if metrics is not None:
+                            metrics.write(record)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{result.lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
+                        log.info(health_line(record))
+                    if state.step % train.checkpoint_every == 0 and state.step < steps:
                         checkpoint()
-                        raise TrainingStopped(
-                            f"{state.loader_errors} unreadable batches, more than stream.max_errors={config.stream.max_errors}: "
-                            f"stopped at step {state.step} with a checkpoint; check the store with `salt-cache verify --deep`"
-                        )
-                    continue
-                if train.record_rows:
-                    rows = dist.all_gather(batch["rows"].tolist())
-                    if rows_log is not None:
-                        rows_log.write({"step": state.step, "epoch": position.epoch, "index": position.index,
-                                        "rows": rows})
-
-                # ---- step: masks, forward, masked loss, backward, clip, AdamW ----------
-                result = stepper.step(batch, state.step)
-                state.step += 1
-                state.clips_seen += result.clips * dist.world_size
-                window.add(result.loss, result.grad_norm, result.clips * dist.world_size)
-                bar.update(1)
-
-                # ---- health, metrics, checkpoints --------------------------------------
-                if state.step % train.log_every == 0 or state.step == steps:
-                    record = window.flush(state, result.lr, device, dist)
-                    first_loss = record["loss"] if first_loss is None else first_loss
-                    last_loss = record["loss"]
-                    if metrics is not None:
-                        metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{result.lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
-                    log.info(health_line(record))
-                if state.step % train.checkpoint_every == 0 and state.step < steps:
-                    checkpoint()
-                    check_replicas(model, dist, state.step)
-                    if main:
-                        live_store_changed = live_store_changed or warn_if_live_store_changed(snapshot, state.step)
-    except lost_peer() as exc:
-        # Every rank took part in the last step's gradient all-reduce, so this state is whole.
-        raise LostPeer(f"lost contact with another rank at step {state.step} ({type(exc).__name__}); "
-                       + _save_alone(run_dir, model, optimizer, state, train.keep_checkpoints, main)) from None
+                        check_replicas(model, dist, state.step)
+                        if main:
+                            live_store_changed = live_store_changed or warn_if_live_store_changed(snapshot, state.step)
+            except Exception as exc:
+                if not is_lost_peer(exc):
+                    raise
+                # Weights and optimizer are those of state.step (a failed step never reached AdamW),
+                # and torchrun's SIGTERM to this rank is held off by StopSignals while rank 0 saves.
+                raise LostPeer(f"lost contact with another rank at step {state.step} ({type(exc).__name__}); "
+                               + _save_alone(run_dir, model, optimizer, state, train.keep_checkpoints, main)) from None
     finally:
         bar.close()
         del batches, loader  # stop the workers before writing the last files
@@ -307,9 +313,9 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
     report = RunReport(run_dir, state.step, first_loss, last_loss, state.loader_errors, interrupted)
     if interrupted:
         if main:
-            log.warning("stopped at step %d of %d; checkpoint %s; continue with: %ssalt-train run --cache %s "
-                        "--run-dir %s --resume", state.step, steps, final.name,
-                        "torchrun ... -m " if dist.enabled else "", snapshot.source, run_dir)
+            log.warning("stopped at step %d of %d; checkpoint %s; continue with: %s run --cache %s --run-dir %s "
+                        "--resume (any number of ranks)", state.step, steps, final.name,
+                        "torchrun ... -m salt_train" if dist.enabled else "salt-train", snapshot.source, run_dir)
         return report
     replicas = check_replicas(model, dist, state.step)
     if main:

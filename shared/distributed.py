@@ -178,6 +178,10 @@ def distributed(backend: str) -> Iterator[Dist]:
             torch_dist.destroy_process_group()
 
 
-def lost_peer() -> tuple[type[BaseException], ...]:
-    """What a collective raises when another rank died (its sockets closed) or timed out."""
-    return (torch_dist.DistError,)
+def is_lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another rank died or timed out. DDP's
+    reducer raises gloo's and NCCL's transport errors as plain RuntimeErrors, named by backend."""
+    if isinstance(exc, torch_dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "NCCL" in text)
