@@ -21,6 +21,7 @@ from shared import geometry
 from shared.config import PipelineConfig
 from shared.console import format_bytes, progress
 from shared.device import resolve_device
+from shared.distributed import Dist
 from shared.store import LatentStore, RowStatus, ShardPayload, create_store
 from salt_train.data import check_stream, make_loader, stream_spec
 from salt_train.masks import masked_count
@@ -112,34 +113,44 @@ def repeat(batch: dict):
         yield batch
 
 
-def run_bench(cache: Path, config: PipelineConfig, batches: int = 20) -> dict[str, str]:
+def run_bench(cache: Path, config: PipelineConfig, batches: int = 20,
+              dist: Dist = Dist()) -> tuple[dict[str, str], dict[str, float]]:
+    """Printed figures, and the same as numbers (``salt-train scaling`` compares them across K).
+
+    Under torchrun every rank runs its loader and its DDP step at the same time on its slice of
+    the global batch: loader clips/s are summed over ranks, step clips/s count the global batch."""
     device = resolve_device(config.train.device, "train.device")
-    store = LatentStore.open(cache)
-    spec = stream_spec(store, config)
-    check_stream(spec, store.path)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    store = dist.agree(lambda: LatentStore.open(cache))
+    spec = stream_spec(store, config, rank=dist.rank, world_size=dist.world_size)
+    dist.agree(lambda: check_stream(spec, store.path))
     files = shard_files(store)
-    raw_read(files)  # warm the page cache
-    raw_bytes, raw_seconds = raw_read(files)
+    if dist.is_main:
+        raw_read(files)  # warm the page cache
+    raw_bytes, raw_seconds = dist.broadcast(raw_read(files) if dist.is_main else None)
     rows_on_disk = max(1, store.rows)
     bytes_per_clip = raw_bytes / rows_on_disk
-    loader_clips = loader_rate(spec, config, batches)
+    dist.barrier()  # the loaders start together: their rates add up
+    loader_clips = sum(dist.all_gather(loader_rate(spec, config, batches)))
 
-    stepper = Stepper(config, store.teacher_width, device, total_steps=10 * batches)
+    stepper = Stepper(config, store.teacher_width, device, total_steps=10 * batches, dist=dist)
     first = next(iter(make_loader(spec, config.loader.model_copy(update={"num_workers": 0}), pin_memory=False)))
     on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in first.items()}
-    memory_clips = step_rate(stepper, repeat(on_device), batches)
+    memory_clips = step_rate(stepper, repeat(on_device), batches) * dist.world_size  # DDP keeps ranks in lockstep
     loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda")
-    fed_clips = step_rate(stepper, iter(loader), batches)
+    fed_clips = step_rate(stepper, iter(loader), batches) * dist.world_size
     del loader
 
     flops = student_flops_per_clip(config.model, store.teacher_width, masked_count(config.mask.kind, config.mask.ratio))
     step_flops = flops["train_step"]
-    return {
-        "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+    ranks = f", {dist.world_size} ranks (torchrun): sums over ranks" if dist.enabled else ""
+    figures = {
+        "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "") + ranks,
         "store": f"{cache} ({len(spec.rows)} committed rows, {format_bytes(bytes_per_clip)}/clip on disk)",
         "raw read (page cache)": f"{raw_bytes / raw_seconds / 1e6:.0f} MB/s = {raw_bytes / raw_seconds / bytes_per_clip:.0f} clips/s",
-        "loader": f"{loader_clips:.1f} clips/s ({config.loader.num_workers} workers, batch {spec.batch_size}, "
-                  f"checksums {'on' if spec.verify_checksums else 'off'})",
+        "loader": f"{loader_clips:.1f} clips/s ({config.loader.num_workers} workers{' per rank' if dist.enabled else ''}, "
+                  f"batch {spec.batch_size}, checksums {'on' if spec.verify_checksums else 'off'})",
         "step, batch from memory": f"{memory_clips:.1f} clips/s",
         "step, batch from loader": f"{fed_clips:.1f} clips/s ({100 * (1 - fed_clips / memory_clips):.0f}% below memory)",
         "FLOPs per clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
@@ -147,3 +158,7 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20) -> dict[st
         "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
                    f"compile {resolve_compile_mode(config.model.compile_mode, device)}",
     }
+    numbers = {"processes": dist.world_size, "threads": torch.get_num_threads(), "batch": spec.batch_size,
+               "loader_clips_per_s": loader_clips, "step_memory_clips_per_s": memory_clips,
+               "step_loader_clips_per_s": fed_clips}
+    return figures, numbers

@@ -7,6 +7,7 @@ before a long run), ``bench`` (loader and step throughput), ``snapshots``
 
 from __future__ import annotations
 
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -137,15 +138,52 @@ def bench(
                                                  "D=1280 latents, no teacher) at --cache, if none is there"),
     device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as numbers to this file"),
 ) -> int:
-    """Print throughput: loader vs raw file reads, training step with the loader vs from memory, FLOPs per clip."""
+    """Print throughput: loader vs raw file reads, training step with the loader vs from memory, FLOPs per clip.
+
+    Under torchrun (torchrun --nproc-per-node=K -m salt_train bench ...) each rank runs its loader and
+    its DDP step on its slice of the global batch at once: the figures are the job's totals."""
     setup_logging()
     from salt_train.bench import run_bench, write_synthetic_store
+    from shared.device import resolve_device
+    from shared.distributed import distributed
 
-    if synthetic and not cache.exists():
+    config = _config(pipeline, sets, device)
+    if synthetic and not cache.exists() and is_console_rank():
         write_synthetic_store(cache, synthetic)
-    figures = run_bench(cache, _config(pipeline, sets, device), batches=batches)
+    backend = "nccl" if resolve_device(config.train.device, "train.device").type == "cuda" else "gloo"
+    with distributed(backend) as dist:
+        dist.barrier()  # the synthetic store is written
+        figures, numbers = run_bench(cache, config, batches=batches, dist=dist)
     print_block("salt-train bench", figures, stream=sys.stdout)
+    if json_out is not None and is_console_rank():
+        json_out.write_text(json.dumps(numbers, indent=1))
+    return EXIT_OK
+
+
+@app.command()
+def scaling(
+    cache: Path = typer.Option(..., "--cache", help="a store to read"),
+    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
+    processes: int = typer.Option(2, min=2, help="measure 1, 2, ... N torchrun processes on this machine"),
+    threads: int = typer.Option(1, min=1, help="intra-op threads per process (OMP_NUM_THREADS)"),
+    batches: int = typer.Option(20, min=2, help="batches per measurement"),
+    device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> int:
+    """Scaling efficiency of the loader and the DDP step from 1 to N processes (same global batch)."""
+    setup_logging()
+    from salt_train.scaling import run_scaling, scaling_table
+
+    _require_store_dir(cache)
+    _config(pipeline, sets, device)  # a bad recipe is refused here, not N times below
+    bench_args = ["--cache", str(cache), "--batches", str(batches), *(["--pipeline", pipeline] if pipeline else []),
+                  *(["--device", device.value] if device else []), *(arg for item in sets for arg in ("--set", item))]
+    results = run_scaling(processes, threads, bench_args)
+    print(f"== salt-train scaling: same global batch {int(results[0]['batch'])}, {threads} thread(s) per process")
+    for line in scaling_table(results):
+        print(f"  {line}")
     return EXIT_OK
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 from conftest import REPO, Build, CliResult, SsV2Set, call_cli, copy_store
 from shared.store import RowStatus

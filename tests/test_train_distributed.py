@@ -201,6 +201,7 @@ def test_bad_settings_under_torchrun_are_one_line(runs: Runs, tmp_path: Path) ->
                             "--set", "train.batch_size=3")
     assert result.returncode != 0
     output = result.stdout + result.stderr
+    assert re.search(r"exitcode\s*:\s*2\b", output), output[-4000:]  # a rank exited with the usage code
     errors = [line for line in output.splitlines() if "salt-train" in line and "error:" in line]
     assert len(errors) == 1, output[-4000:]
     assert errors[0].startswith("salt-train [rank 0]: error:") and "not divisible" in errors[0], errors[0]
