@@ -203,15 +203,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
            dist: Dist) -> RunReport:
     model, optimizer, device = stepper.model, stepper.optimizer, stepper.device
     store = LatentStore.open(snapshot.path)  # from here on, only the snapshot is read
-    state = ckpt.TrainState(step=0, position=Position())
-    if resume:
-        latest = dist.broadcast(ckpt.latest_checkpoint(run_dir))  # every rank loads the one rank 0 found
-        if latest is None:
-            log.warning("no checkpoint in %s yet: starting this run from step 0", run_dir)
-        else:
-            state = dist.agree(lambda: ckpt.load_checkpoint(latest, model, optimizer))
-            log.info("resumed from %s (step %d, epoch %d, batch %d)", latest.name, state.step,
-                     state.position.epoch, state.position.index)
+    state = _resume_state(run_dir, model, optimizer, dist) if resume else ckpt.TrainState(step=0, position=Position())
     spec = stream_spec(store, config, state.position, dist.rank, dist.world_size)
     dist.agree(lambda: check_stream(spec, store.path))
     steps = stepper.total_steps = total_steps(config, spec.steps_per_epoch)
@@ -256,11 +248,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                     if skipping:
                         state.position = following
                         state.loader_errors += 1
-                        for rank, error in enumerate(dist.all_gather(_loader_error(batch) if unreadable else None)):
-                            if error is not None:
-                                log.warning("loader: batch %d of epoch %d (rows %s, %sworker %s) skipped: %s",
-                                            position.index, position.epoch, error["rows"],
-                                            f"rank {rank} " if dist.enabled else "", error["worker"], error["error"])
+                        log_skipped_batch(position, dist.all_gather(_loader_error(batch) if unreadable else None))
                         if state.loader_errors > config.stream.max_errors:
                             checkpoint()
                             raise TrainingStopped(
@@ -348,8 +336,30 @@ def _save_alone(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     return f"checkpoint {path.name} written; continue with --resume, with any number of ranks"
 
 
+def _resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  dist: Dist) -> ckpt.TrainState:
+    """Load the run's newest checkpoint (the one rank 0 found, on every rank); none yet is step 0."""
+    latest = dist.broadcast(ckpt.latest_checkpoint(run_dir))
+    if latest is None:
+        log.warning("no checkpoint in %s yet: starting this run from step 0", run_dir)
+        return ckpt.TrainState(step=0, position=Position())
+    state = dist.agree(lambda: ckpt.load_checkpoint(latest, model, optimizer))
+    log.info("resumed from %s (step %d, epoch %d, batch %d)", latest.name, state.step,
+             state.position.epoch, state.position.index)
+    return state
+
+
 def _loader_error(batch: dict) -> dict[str, Any]:
     return {"rows": batch["rows"].tolist(), "worker": batch["worker"], "error": batch["error"]}
+
+
+def log_skipped_batch(position: Position, errors: list[dict[str, Any] | None]) -> None:
+    """One warning per rank whose slice of the global batch was unreadable (all ranks skip it)."""
+    for rank, error in enumerate(errors):
+        if error is not None:
+            log.warning("loader: batch %d of epoch %d (rows %s, %sworker %s) skipped: %s", position.index,
+                        position.epoch, error["rows"], f"rank {rank} " if len(errors) > 1 else "",
+                        error["worker"], error["error"])
 
 
 def replica_digest(model: torch.nn.Module) -> str:

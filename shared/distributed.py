@@ -154,15 +154,16 @@ def _environment() -> tuple[int, int, int, int]:
 def distributed(backend: str) -> Iterator[Dist]:
     """The job's :class:`Dist`: a process group under torchrun (``backend`` nccl or gloo), none alone.
 
-    With NCCL this process's GPU is ``cuda:LOCAL_RANK`` (set before the group exists)."""
+    Where there are GPUs, this process's is ``cuda:LOCAL_RANK`` (the current device, set before
+    the group exists), so ``cuda`` means a different GPU in each rank of a node."""
     if env_world_size() <= 1:
         yield Dist()
         return
     rank, world, local, local_world = _environment()
-    if backend == "nccl":
-        if local >= torch.cuda.device_count():
-            raise SaltUsageError(f"LOCAL_RANK {local} but torch sees {torch.cuda.device_count()} GPU(s): "
-                                 "--nproc-per-node must not exceed the GPUs of a node")
+    if backend == "nccl" and local >= torch.cuda.device_count():
+        raise SaltUsageError(f"LOCAL_RANK {local} but torch sees {torch.cuda.device_count()} GPU(s): "
+                             "--nproc-per-node must not exceed the GPUs of a node")
+    if local < torch.cuda.device_count():
         torch.cuda.set_device(local)
     try:
         torch_dist.init_process_group(backend=backend)

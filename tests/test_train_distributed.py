@@ -88,7 +88,12 @@ def runs(demo_reference: Build, tmp_path_factory: pytest.TempPathFactory) -> Run
 
 
 def test_each_rank_steps_on_its_half_of_the_one_process_batch(runs: Runs) -> None:
-    committed = set(range(20))  # demo_reference: 20 rows, all committed
+    from salt_train.data import committed_rows
+    from shared.store import LatentStore
+
+    committed = set(committed_rows(LatentStore.open(runs.store)).tolist())
+    per_epoch = len(committed) // BATCH
+    assert STEPS > per_epoch  # the run crosses an epoch boundary
     distributed, single = rows_by_step(runs.ranks2), rows_by_step(runs.single)
     assert sorted(distributed) == sorted(single) == list(range(STEPS))
     for step in range(STEPS):
@@ -99,7 +104,7 @@ def test_each_rank_steps_on_its_half_of_the_one_process_batch(runs: Runs) -> Non
         (whole,) = single[step]
         assert rank0 + rank1 == sorted(whole), f"step {step}: not the two halves of the sorted global batch"
     lines = read_jsonl(runs.ranks2 / "rows.jsonl")
-    assert [(r["epoch"], r["index"]) for r in lines] == [(s // 5, s % 5) for s in range(STEPS)]  # 5 batches/epoch
+    assert [(r["epoch"], r["index"]) for r in lines] == [divmod(s, per_epoch) for s in range(STEPS)]
 
 
 def test_loss_curve_and_weights_match_one_process(runs: Runs) -> None:
