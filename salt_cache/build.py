@@ -34,8 +34,11 @@ from salt_cache.writer import ShardAssembler, ShardWriter
 log = logging.getLogger(__name__)
 
 
-class Terminated(Exception):
-    """SIGTERM arrived (torchrun stops every rank this way when one fails); committed shards are intact."""
+class Terminated(BaseException):
+    """SIGTERM arrived (torchrun stops every rank this way when one fails); committed shards are intact.
+
+    A BaseException, like KeyboardInterrupt: the ``except Exception`` that records a clip's decode
+    failure must not record a stop as that clip's failure."""
 
 
 @contextmanager
@@ -186,12 +189,11 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
     attributes. A resume lists what is pending again, so it works with any number of ranks.
     """
     identity = store_identity(teacher, config, source)
-    if out.exists():
-        finished = dist.agree(lambda: not open_matching_store(out, identity, writable=False).pending_shards(retry_failed))
-        if finished:
-            store = LatentStore.open(out)
-            _print_plan(store, source, teacher, config, [], 0, dist)
-            return _report(store, todo=0, failed=0, seconds=0.0, write_mb_per_s=0.0)
+    # Rank 0 decides: the others must not look at a store it may be creating meanwhile.
+    if dist.on_main(lambda: out.exists() and not open_matching_store(out, identity, False).pending_shards(retry_failed)):
+        store = LatentStore.open(out)
+        _print_plan(store, source, teacher, config, [], 0, dist)
+        return _report(store, todo=0, failed=0, seconds=0.0, write_mb_per_s=0.0)
     with ExitStack() as held:
         def prepare() -> list[int]:  # rank 0: lock, create or open, clean up, list the work
             held.enter_context(build_lock(out))

@@ -80,8 +80,8 @@ def build(
                 if out.is_dir() else "")
 
     with distributed("gloo") as dist, stop_on_sigterm():
-        model = dist.agree(lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype))
         try:
+            model = dist.agree(lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype))
             report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist)
         except KeyboardInterrupt:
             print(f"salt-cache{rank_tag()}: interrupted{resume_hint()}", file=sys.stderr)

@@ -10,36 +10,26 @@ this process (no interpreter start).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, Build, CliResult, call_train, train_pipeline
+from conftest import Build, CliResult, call_train, train_pipeline
 from test_train import final_weights, metrics
+from torchrun_job import OUR_FRAME, run_job
 
 STEPS = 8
 BATCH = 4  # global: 2 clips per rank
 RESUME_AT = 4  # the 2-rank checkpoint the 1-process resume continues from
 RUN_FILES = {"config.yaml", "run.json", "train.log", "metrics.jsonl", "rows.jsonl", "checkpoints", "export",
              "summary.json"}
-# A traceback frame in our own packages (torchrun's own ChildFailedError report is not ours).
-OUR_FRAME = re.compile(r'File "[^"]*/(salt_cache|salt_train|shared)/[^"]*\.py"')
-
-
 def torchrun_train(nproc: int, *args: str | Path, timeout: float = 180) -> CliResult:
     """``torchrun --standalone --nproc-per-node=NPROC -m salt_train run ARGS`` as a real job."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "salt_train", "run", *map(str, args)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    return run_job(nproc, "salt_train", "run", *args, timeout=timeout)
 
 
 def read_jsonl(path: Path) -> list[dict]:
