@@ -73,21 +73,26 @@ def raw_read(files: list[Path]) -> tuple[int, float]:
     return total, time.perf_counter() - started
 
 
-def loader_rate(spec, config: PipelineConfig, batches: int) -> float:
-    """clips/s of the real loader once its prefetch queue is primed (worker start excluded)."""
+LOADER_MIN_BATCHES = 40  # a loader rate over fewer batches (well under a second) is mostly noise
+
+
+def loader_window(spec, config: PipelineConfig, batches: int) -> tuple[int, float, float]:
+    """Clips the real loader delivered once its prefetch queue was primed (worker start excluded),
+    and the wall-clock start and end of that window (comparable between the ranks of a node)."""
     warmup = max(2, config.loader.num_workers * config.loader.prefetch_factor)
+    batches = max(batches, LOADER_MIN_BATCHES)
     loader = make_loader(spec, config.loader, pin_memory=False)
-    clips, started = 0, None
+    clips, started = 0, float("nan")
     for n, batch in enumerate(loader):
         if n == warmup:
-            started = time.perf_counter()
+            started = time.time()
         if n >= warmup:
             clips += len(batch["rows"])
         if n + 1 >= warmup + batches:
             break
-    elapsed = time.perf_counter() - started if started else float("nan")
+    ended = time.time()
     del loader
-    return clips / elapsed
+    return clips, started, ended
 
 
 def step_rate(stepper: Stepper, batches, count: int, warmup: int = 2) -> float:
@@ -131,8 +136,9 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20,
     raw_bytes, raw_seconds = dist.broadcast(raw_read(files) if dist.is_main else None)
     rows_on_disk = max(1, store.rows)
     bytes_per_clip = raw_bytes / rows_on_disk
-    dist.barrier()  # the loaders start together: their rates add up
-    loader_clips = sum(dist.all_gather(loader_rate(spec, config, batches)))
+    dist.barrier()  # the loaders start together; the job's rate is all clips over the union of the windows
+    windows = dist.all_gather(loader_window(spec, config, batches))
+    loader_clips = sum(w[0] for w in windows) / (max(w[2] for w in windows) - min(w[1] for w in windows))
 
     stepper = Stepper(config, store.teacher_width, device, total_steps=10 * batches, dist=dist)
     first = next(iter(make_loader(spec, config.loader.model_copy(update={"num_workers": 0}), pin_memory=False)))

@@ -53,3 +53,19 @@ def test_bad_input_is_one_line(reference_build, tmp_path) -> None:
         result = call_train(*args)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("salt-train: error:"), (args, result.stderr)
+
+
+def test_scaling_prints_loader_and_step_efficiency_for_1_and_2_processes(demo_reference, tmp_path) -> None:
+    """Two real torchrun jobs (1 and 2 gloo ranks) of `salt-train bench`, compared on one global batch."""
+    pipeline = train_pipeline(tmp_path / "p.yaml", train__batch_size=4)
+    result = call_train("scaling", "--cache", demo_reference.store, "--pipeline", pipeline, "--batches", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same global batch 4, 1 thread(s) per process" in result.stdout
+    for label in ("loader", "step, batch from memory", "step, batch from loader"):
+        for processes in (1, 2):
+            match = re.search(rf"^\s+{re.escape(label)}\s+{processes} process\(es\):\s+([\d.]+) clips/s"
+                              rf"\s+efficiency\s+([\d.]+)%$", result.stdout, re.M)
+            assert match, (label, processes, result.stdout)
+            assert float(match.group(1)) > 0
+            if processes == 1:
+                assert match.group(2) == "100.0"
