@@ -13,6 +13,7 @@ import typer
 from shared.cli import DEVICE_HELP, Device, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
 from shared.console import print_block, rank_tag, setup_logging
+from shared.torchrun_env import env_world_size
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
 
 
@@ -55,7 +56,10 @@ def build(
                                       help="also redo shards holding failed rows (after their videos were fixed)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging (per-shard and per-clip detail)"),
 ) -> int:
-    """Build or resume a store. Rerunning the same command finishes only what is not committed."""
+    """Build or resume a store. Rerunning the same command finishes only what is not committed.
+
+    Under torchrun (torchrun --nproc-per-node=K -m salt_cache build ...) the ranks split the shards
+    still to do; a stopped multi-rank build resumes with any number of ranks."""
     if out is not None:
         _check_out_path(out, "a store")
     setup_logging(verbose)
@@ -76,8 +80,8 @@ def build(
     from shared.distributed import distributed, is_lost_peer
 
     def resume_hint() -> str:  # only true once the store folder exists
-        return ("; committed shards are safe; rerun the same command (with any number of ranks) to finish"
-                if out.is_dir() else "")
+        ranks = " (with any number of ranks)" if env_world_size() > 1 else ""
+        return f"; committed shards are safe; rerun the same command to resume{ranks}" if out.is_dir() else ""
 
     with distributed("gloo") as dist, stop_on_sigterm():
         try:

@@ -80,7 +80,10 @@ def run(
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
 ) -> int:
-    """Train (or with --resume continue) a run; prints a progress bar, health lines and a summary."""
+    """Train (or with --resume continue) a run; prints a progress bar, health lines and a summary.
+
+    Under torchrun (torchrun --nproc-per-node=K -m salt_train run ...) it trains with DDP on the same
+    global batches; checkpoints resume with any number of ranks."""
     setup_logging(verbose)
     config = _config(pipeline, sets, device)
     if resume and (pipeline or sets):

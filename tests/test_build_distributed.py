@@ -188,7 +188,7 @@ def test_kill_one_rank_then_resume_with_three_ranks_equals_uninterrupted(demo_se
     survivor = [line for line in output.splitlines() if line.startswith("salt-cache [rank 0]:")]
     assert len(survivor) == 1, output[-4000:]
     assert "stopped by SIGTERM" in survivor[0] or "lost contact with another rank" in survivor[0], survivor
-    assert "rerun the same command (with any number of ranks)" in survivor[0], survivor
+    assert "rerun the same command to resume (with any number of ranks)" in survivor[0], survivor
     assert "salt_cache/build.py" not in output, output[-4000:]
     _no_traceback_from_us(output)
     # torchrun's report names the killed rank, and rank 0 exited by itself (143 or 1), not by a signal.
