@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
-from shared.distributed import Dist, rank_share
+from shared.distributed import Dist, rank_share, warn_if_oversubscribed
 from shared.store import LatentStore, build_lock
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
@@ -202,6 +202,7 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
             return store.pending_shards(retry_failed)
 
         pending = dist.on_main(prepare)
+        warn_if_oversubscribed(dist, config.loader.num_workers)
         store = dist.agree(lambda: open_matching_store(out, identity, writable=True))
         shards = rank_share(pending, dist.rank, dist.world_size)
         _print_plan(store, source, teacher, config, pending, _rows_in(store, pending), dist)

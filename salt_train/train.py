@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
 from shared.device import resolve_device
-from shared.distributed import Dist, distributed, is_lost_peer
+from shared.distributed import Dist, distributed, is_lost_peer, warn_if_oversubscribed
 from shared.durable import write_json_atomic
 from shared.errors import SaltUsageError
 from shared.store import LatentStore
@@ -147,6 +147,7 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
     dist.agree(lambda: check_stream(spec, live.path))
     dist.agree(lambda: check_shm(config.loader, spec.local_batch, live.teacher_width, processes=dist.local_world_size))
     stepper = Stepper(config, live.teacher_width, device, total_steps(config, spec.steps_per_epoch), dist)
+    warn_if_oversubscribed(dist, config.loader.num_workers)
 
     # ---- run folder and snapshot: rank 0 makes them, every rank reads them --------------
     def make_run_dir() -> Path:

@@ -17,6 +17,7 @@ left waiting in a collective for a peer that has already exited.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from shared.errors import SaltUsageError
 from shared.torchrun_env import env_world_size
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The control group's patience: a build's last barrier waits for its slowest rank.
 CONTROL_TIMEOUT = timedelta(hours=12)
@@ -127,6 +129,16 @@ class Dist:
         if payload[0] == "error":
             raise PeerUsageError(payload[1], quiet=True)
         return payload[1]
+
+
+def warn_if_oversubscribed(dist: Dist, workers_per_rank: int, setting: str = "loader.num_workers") -> None:
+    """Say so (rank 0, once) when this node's ranks start more loader workers than it has cores."""
+    cores = os.cpu_count() or 1
+    total = dist.local_world_size * (workers_per_rank + 1)  # each rank's main process too
+    if dist.enabled and dist.is_main and total > cores:
+        log.warning("%d ranks on this node x (%d workers + 1) = %d processes for %d cores: %s counts workers "
+                    "per rank; about %d would fit", dist.local_world_size, workers_per_rank, total, cores, setting,
+                    max(0, cores // dist.local_world_size - 1))
 
 
 def rank_share(items: Sequence[T], rank: int, world_size: int) -> list[T]:
