@@ -185,15 +185,20 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
 
     Under torchrun, rank 0 takes the lock, creates or opens the store and lists the pending
     shards; each rank then builds its contiguous share of them (shard files are per shard,
-    so ranks never write the same file), and after a barrier rank 0 alone writes the
-    attributes. A resume lists what is pending again, so it works with any number of ranks.
+    so ranks never write the same file). Rank 0 alone reads the store's counts, reports and
+    writes the attributes, and every rank gets its report. A resume lists what is pending
+    again, so it works with any number of ranks.
     """
     identity = store_identity(teacher, config, source)
-    # Rank 0 decides: the others must not look at a store it may be creating meanwhile.
-    if dist.on_main(lambda: out.exists() and not open_matching_store(out, identity, False).pending_shards(retry_failed)):
+
+    def report_finished() -> BuildReport:
         store = LatentStore.open(out)
         _print_plan(store, source, teacher, config, [], 0, dist)
         return _report(store, todo=0, failed=0, seconds=0.0, write_mb_per_s=0.0)
+
+    # Rank 0 decides: the others must not look at a store it may be creating meanwhile.
+    if dist.on_main(lambda: out.exists() and not open_matching_store(out, identity, False).pending_shards(retry_failed)):
+        return dist.on_main(report_finished)
     with ExitStack() as held:
         def prepare() -> list[int]:  # rank 0: lock, create or open, clean up, list the work
             held.enter_context(build_lock(out))
@@ -205,18 +210,23 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
         warn_if_oversubscribed(dist, config.loader.num_workers)
         store = dist.agree(lambda: open_matching_store(out, identity, writable=True))
         shards = rank_share(pending, dist.rank, dist.world_size)
-        _print_plan(store, source, teacher, config, pending, _rows_in(store, pending), dist)
+        if dist.is_main:
+            _print_plan(store, source, teacher, config, pending, _rows_in(store, pending), dist)
         started = time.perf_counter()
         mine = _build_shards(store, source, teacher, config, shards, dist)
-        # Wait for every rank's shards; then the store's counts are final and rank 0 reports them.
+        # Wait for every rank's shards; then the store's counts are final.
         done = dist.all_gather(mine)
-        report = _report(store, todo=sum(work.todo for work in done), failed=sum(work.failed for work in done),
-                         seconds=time.perf_counter() - started, write_mb_per_s=sum(work.write_mb_per_s for work in done))
-        if report.pending == 0 and dist.is_main:
-            store.update_attrs(build={"complete": True, "committed": report.committed, "failed": report.failed,
-                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        dist.barrier()  # nobody reads the attributes before rank 0 wrote them
-        return report
+
+        def finish() -> BuildReport:  # rank 0; the others wait for its report (and so for the attributes)
+            report = _report(store, todo=sum(work.todo for work in done), failed=sum(work.failed for work in done),
+                             seconds=time.perf_counter() - started,
+                             write_mb_per_s=sum(work.write_mb_per_s for work in done))
+            if report.pending == 0:
+                store.update_attrs(build={"complete": True, "committed": report.committed, "failed": report.failed,
+                                          "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            return report
+
+        return dist.on_main(finish)
 
 
 def _rows_in(store: LatentStore, shards: list[int]) -> int:
@@ -225,8 +235,6 @@ def _rows_in(store: LatentStore, shards: list[int]) -> int:
 
 def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
                 shards: list[int], todo: int, dist: Dist) -> None:
-    if not dist.is_main:
-        return
     counts = store.counts()
     print_block("salt-cache build", {
         **source.describe(),

@@ -124,9 +124,7 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20,
 
     Under torchrun every rank runs its loader and its DDP step at the same time on its slice of
     the global batch: loader clips/s are summed over ranks, step clips/s count the global batch."""
-    device = resolve_device(config.train.device, "train.device")
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    device = dist.device(resolve_device(config.train.device, "train.device"))
     store = dist.agree(lambda: LatentStore.open(cache))
     spec = stream_spec(store, config, rank=dist.rank, world_size=dist.world_size)
     dist.agree(lambda: check_stream(spec, store.path))

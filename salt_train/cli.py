@@ -150,13 +150,12 @@ def bench(
     setup_logging()
     from salt_train.bench import run_bench, write_synthetic_store
     from shared.device import resolve_device
-    from shared.distributed import distributed
+    from shared.distributed import backend_for, distributed
 
     config = _config(pipeline, sets, device)
     if synthetic and not cache.exists() and is_console_rank():
         write_synthetic_store(cache, synthetic)
-    backend = "nccl" if resolve_device(config.train.device, "train.device").type == "cuda" else "gloo"
-    with distributed(backend) as dist:
+    with distributed(backend_for(resolve_device(config.train.device, "train.device"))) as dist:
         dist.barrier()  # the synthetic store is written
         figures, numbers = run_bench(cache, config, batches=batches, dist=dist)
     print_block("salt-train bench", figures, stream=sys.stdout)

@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
 from shared.device import resolve_device
-from shared.distributed import Dist, distributed, is_lost_peer, warn_if_oversubscribed
+from shared.distributed import Dist, backend_for, distributed, is_lost_peer, warn_if_oversubscribed
 from shared.durable import write_json_atomic
 from shared.errors import SaltUsageError
 from shared.store import LatentStore
@@ -118,10 +118,8 @@ def run_training(request: RunRequest) -> RunReport:
     """Train (or resume) one run; under torchrun, one rank of a DistributedDataParallel job."""
     config, run_dir = _run_config(request)
     device = resolve_device(config.train.device, "train.device")
-    with distributed("nccl" if device.type == "cuda" else "gloo") as dist:
-        if dist.enabled and device.type == "cuda":
-            device = torch.device("cuda", dist.local_rank)
-        return _run(request, config, run_dir, device, dist)
+    with distributed(backend_for(device)) as dist:
+        return _run(request, config, run_dir, dist.device(device), dist)
 
 
 def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
@@ -282,7 +280,8 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                         log.info(health_line(record))
                     if state.step % train.checkpoint_every == 0 and state.step < steps:
                         checkpoint()
-                        check_replicas(model, dist, state.step)
+                        if dist.enabled:  # alone there is nothing to compare (the summary still records it)
+                            check_replicas(model, dist, state.step)
                         if main:
                             live_store_changed = live_store_changed or warn_if_live_store_changed(snapshot, state.step)
             except Exception as exc:
@@ -368,7 +367,7 @@ def replica_digest(model: torch.nn.Module) -> str:
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

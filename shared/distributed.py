@@ -63,8 +63,9 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def describe(self) -> str:
-        return f"rank {self.rank} of {self.world_size}"
+    def device(self, device: torch.device) -> torch.device:
+        """This rank's own GPU for a CUDA ``device`` (``cuda:LOCAL_RANK``, which DDP's ``device_ids`` needs)."""
+        return torch.device("cuda", self.local_rank) if self.enabled and device.type == "cuda" else device
 
     # ---- collectives over the control group ---------------------------------------
     def barrier(self) -> None:
@@ -131,14 +132,19 @@ class Dist:
         return payload[1]
 
 
-def warn_if_oversubscribed(dist: Dist, workers_per_rank: int, setting: str = "loader.num_workers") -> None:
+def backend_for(device: torch.device) -> str:
+    """NCCL between GPUs, gloo between CPU ranks."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def warn_if_oversubscribed(dist: Dist, workers_per_rank: int) -> None:
     """Say so (rank 0, once) when this node's ranks start more loader workers than it has cores."""
     cores = os.cpu_count() or 1
     total = dist.local_world_size * (workers_per_rank + 1)  # each rank's main process too
     if dist.enabled and dist.is_main and total > cores:
-        log.warning("%d ranks on this node x (%d workers + 1) = %d processes for %d cores: %s counts workers "
-                    "per rank; about %d would fit", dist.local_world_size, workers_per_rank, total, cores, setting,
-                    max(0, cores // dist.local_world_size - 1))
+        log.warning("%d ranks on this node x (%d workers + 1) = %d processes for %d cores: loader.num_workers "
+                    "counts workers per rank; about %d would fit", dist.local_world_size, workers_per_rank, total,
+                    cores, max(0, cores // dist.local_world_size - 1))
 
 
 def rank_share(items: Sequence[T], rank: int, world_size: int) -> list[T]:
