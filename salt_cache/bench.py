@@ -28,7 +28,7 @@ from shared.flops import vit_forward_flops
 from shared.store import RowStatus, ShardPayload, create_store, pixels_shape
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.source import ClipRecord, discover
-from salt_cache.teacher import Teacher, load_teacher
+from shared.teacher import Teacher, load_teacher
 from salt_cache.video import ClipDecodeError, decode_view
 
 log = logging.getLogger(__name__)

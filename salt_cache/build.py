@@ -28,7 +28,7 @@ from shared.store import LatentStore, build_lock
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.source import SsV2Source
-from salt_cache.teacher import Teacher
+from shared.teacher import Teacher
 from salt_cache.writer import ShardAssembler, ShardWriter
 
 log = logging.getLogger(__name__)

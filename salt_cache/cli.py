@@ -73,7 +73,7 @@ def build(
     out = out or source.root / "latents.zarr"
     _check_out_path(out, "a store")
     from salt_cache.build import DecodeWorkerDied, Terminated, run_build, stop_on_sigterm  # torch only now
-    from salt_cache.teacher import load_teacher
+    from shared.teacher import load_teacher
 
     import torch
 

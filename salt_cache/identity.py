@@ -14,7 +14,7 @@ from shared.config import PipelineConfig, dump_pipeline
 from shared.errors import SaltUsageError
 from shared.store import LatentStore, clip_ids_sha256, create_store
 from salt_cache.source import SsV2Source
-from salt_cache.teacher import Teacher
+from shared.teacher import Teacher
 from salt_cache.video import MIN_DECODED_SHARE
 
 

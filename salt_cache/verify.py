@@ -22,7 +22,7 @@ from shared.errors import SaltUsageError
 from shared.store import STATUS_UNREADABLE, LatentStore, RowStatus, clip_ids_sha256, labels_sha256, row_checksum
 
 if TYPE_CHECKING:
-    from salt_cache.teacher import Teacher
+    from shared.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def check_rows(store: LatentStore, report: VerifyReport, status: np.ndarray, thr
 
 def load_recorded_teacher(store: LatentStore, device: str) -> Teacher:
     """The teacher the store names, loaded before the long row scan so a missing one fails fast."""
-    from salt_cache.teacher import load_teacher  # only deep checks need torch models
+    from shared.teacher import load_teacher  # only deep checks need torch models
 
     name = store.attrs.get("teacher", {}).get("name", "")
     try:

@@ -178,7 +178,7 @@ class Build:
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The seeded tiny VideoMAE saved with save_pretrained (loaded back with from_pretrained)."""
-    from salt_cache.teacher import build_tiny_teacher
+    from shared.teacher import build_tiny_teacher
 
     path = tmp_path_factory.mktemp("teacher-seed0")
     build_tiny_teacher(seed=0).save_pretrained(path)
@@ -188,7 +188,7 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def other_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture, other weights (seed 1): a different teacher."""
-    from salt_cache.teacher import build_tiny_teacher
+    from shared.teacher import build_tiny_teacher
 
     path = tmp_path_factory.mktemp("teacher-seed1")
     build_tiny_teacher(seed=1).save_pretrained(path)

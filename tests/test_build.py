@@ -141,7 +141,7 @@ def test_default_out_is_src_latents_zarr_and_clip_list_is_part_of_identity(mixed
 def test_latents_equal_teacher_on_stored_pixels(reference_build: Build, mixed_set: SsV2Set, teacher_dir: Path) -> None:
     from transformers import VideoMAEModel
 
-    from salt_cache.teacher import load_teacher
+    from shared.teacher import load_teacher
 
     group = _open(reference_build.store)
     committed = np.flatnonzero(group["status"][:] == RowStatus.COMMITTED)

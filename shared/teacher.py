@@ -1,4 +1,8 @@
-"""The frozen VideoMAE teacher: load it, fingerprint it, and turn views into latents."""
+"""The frozen VideoMAE teacher: load it, fingerprint it, and turn views into latents.
+
+In `shared` because both stages run it: `salt-cache build` fills the store with its
+latents, and `salt-train eval` runs it on transformed clips for the temporal probes.
+"""
 
 from __future__ import annotations
 
