@@ -114,6 +114,50 @@ def run(
     return EXIT_OK
 
 
+@app.command("eval")
+def evaluate(
+    target: Path = typer.Argument(..., help="a run folder (its newest checkpoint, else its export) or an exported encoder folder"),
+    val_cache: Optional[Path] = typer.Option(None, "--val-cache",
+                                             help="store of held-out clips (salt-cache build --split validation) "
+                                                  "[from the recipe: eval.val_cache]"),
+    train_cache: Optional[Path] = typer.Option(None, "--train-cache",
+                                               help="store the probes learn from [the run's own store]"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint",
+                                             help="a kept checkpoint of the run (step-00000500, or its path)"),
+    teacher: Optional[str] = typer.Option(None, "--teacher",
+                                          help="the store's teacher (hub id or folder): runs it on the transformed "
+                                               "clips for the temporal probes' upper reference [not run]"),
+    train_rows: Optional[int] = typer.Option(None, "--train-rows", min=1,
+                                             help=f"train rows the probes learn on [eval.train_rows: {_DEFAULTS.eval.train_rows}]"),
+    val_rows: Optional[int] = typer.Option(None, "--val-rows", min=1,
+                                           help=f"validation rows they are scored on [eval.val_rows: {_DEFAULTS.eval.val_rows}]"),
+    pipeline: Optional[str] = typer.Option(None, help="recipe for the eval settings of a bare export [ssv2]; "
+                                                      "a run folder uses its own"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder [TARGET/eval]"),
+    device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
+    sets: list[str] = typer.Option([], "--set", help="override an eval field, e.g. --set eval.probe_epochs=40"),
+) -> int:
+    """Measure an encoder: held-out distillation loss and R^2, temporal probes (arrow of time, motion, order,
+    playback stride, clip retrieval), SSv2 attentive and linear probes; beside a random-init student and the
+    teacher. Writes eval/eval.json and eval/eval.png and prints the table."""
+    setup_logging()
+    from salt_train.evaluate import EvalRequest, run_eval
+
+    overrides = parse_sets(sets)
+    for key in overrides:
+        if not key.startswith("eval."):
+            raise SaltUsageError(f"--set {key}: eval takes eval.* fields only (the model's recipe is the run's)")
+    if train_rows is not None:
+        overrides["eval.train_rows"] = train_rows
+    if val_rows is not None:
+        overrides["eval.val_rows"] = val_rows
+    load_pipeline(pipeline, overrides)  # bad values are refused here, with the recipe's messages
+    run_eval(EvalRequest(target=target, val_cache=val_cache, train_cache=train_cache, checkpoint=checkpoint,
+                         teacher=teacher, pipeline=pipeline, overrides=overrides,
+                         device=device.value if device else None, out=out))
+    return EXIT_OK
+
+
 @app.command()
 def preflight(
     cache: Path = typer.Option(..., "--cache", help="the store to check"),

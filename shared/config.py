@@ -82,6 +82,8 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, gt=0, description="newest checkpoints kept in the run folder")
     log_every: int = Field(20, gt=0, description="steps between health lines and metrics records")
     record_rows: bool = Field(False, description="write rows.jsonl: every step's row ids, per rank (data provenance)")
+    eval_every: int | None = Field(None, gt=0, description="steps between quick evaluations (held-out loss and "
+                                   "linear probe on eval.quick_rows of eval.val_cache) written to metrics.jsonl")
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> "TrainConfig":
@@ -125,6 +127,28 @@ class ModelConfig(_Section):
     grad_checkpointing: bool = False
 
 
+class EvalConfig(_Section):
+    """`salt-train eval`: which rows the probes see, and how the probes train (V-JEPA's attentive probe recipe)."""
+
+    train_rows: int = Field(2000, gt=0, description="train-store rows the probes learn on (seeded choice)")
+    val_rows: int = Field(1000, gt=0, description="validation-store rows the probes are scored on (seeded choice)")
+    temporal_rows: int | None = Field(None, gt=0, description="of those, rows that also get the 6 temporal variants "
+                                      "(each a full encoder forward); null: all")
+    seed: int = Field(0, description="row choice, held-out masks, probe initialisation and batch order")
+    batch_size: int = Field(32, gt=0, description="clips per encoder forward while extracting features")
+    probe_epochs: int = Field(20, gt=0, description="attentive probe epochs")
+    probe_lr: float = Field(1e-3, gt=0)
+    probe_weight_decay: float = Field(0.01, ge=0)
+    probe_batch_size: int = Field(64, gt=0)
+    linear_epochs: int = Field(50, gt=0, description="linear and temporal probe epochs")
+    linear_lr: float = Field(1e-3, gt=0)
+    linear_weight_decay: float = Field(1e-4, ge=0)
+    feature_memory_gb: float = Field(16.0, gt=0, description="tokens of one model held in memory up to this; "
+                                     "beyond it they go to a Zarr array under eval/")
+    val_cache: str | None = Field(None, description="validation store for `salt-train eval` and train.eval_every")
+    quick_rows: int = Field(64, gt=0, description="validation rows of the quick evaluation during training")
+
+
 class PipelineConfig(_Section):
     name: str = DEFAULT_PIPELINE
     teacher: TeacherConfig = TeacherConfig()
@@ -136,6 +160,7 @@ class PipelineConfig(_Section):
     stream: StreamConfig = StreamConfig()
     mask: MaskConfig = MaskConfig()
     model: ModelConfig = ModelConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def describe_validation_error(err: ValidationError, source: str, from_flags: set[str] = frozenset()) -> str:

@@ -1,0 +1,429 @@
+"""`salt-train eval`: how good is a student encoder, next to its teacher and a random init.
+
+One evaluation, four sections, three models (the trained student, the same
+architecture at its seeded random initialisation, and the teacher):
+
+1. held-out distillation loss: the training objective on validation rows with
+   masks fixed by ``eval.seed`` (the same for every model), and
+   R^2 = 1 - MSE / variance of the normed targets;
+2. temporal probes (no labels): a linear probe on per-slot pooled features
+   tells forward from reversed, motion from static, ordered from shuffled and
+   playback stride 1/2/4; plus top-1 retrieval between the two halves of a clip;
+3. SSv2 action classification: V-JEPA's attentive probe on frozen tokens
+   (top-1, top-5) and a linear probe on mean-pooled tokens;
+4. the references: the teacher's latents from the store for the label probes
+   (no rerun), the teacher run on the transformed clips for the temporal probes
+   (only with ``--teacher``), and the random-init student everywhere.
+
+Features are computed once per model and row set (:mod:`salt_train.features`);
+rows, masks and probes are pure functions of ``eval.seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from shared.config import EvalConfig, PipelineConfig, dump_pipeline, load_pipeline
+from shared.console import print_block
+from shared.device import resolve_device
+from shared.errors import SaltUsageError
+from shared.store import LatentStore, RowStatus
+from salt_train import run_folder
+from salt_train.checkpoint import checkpoint_dir, latest_checkpoint
+from salt_train.data import RowReader
+from salt_train.export import load_encoder, read_export_config
+from salt_train.features import EncoderFeatures, ExtractionPlan, Features, FeatureModel, TeacherFeatures, describe_bound, extract
+from salt_train.masks import make_masks
+from salt_train.objective import SaltStudent, build_salt_student, gather_tokens, normalise_targets
+from salt_train.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1, stack_tasks
+from salt_train.student import VideoViT, create_timm_vit, one_line
+from salt_train.temporal import RETRIEVAL_PAIR, TASKS, VARIANTS
+
+log = logging.getLogger(__name__)
+
+EVAL_FORMAT = "salt-eval"
+EVAL_VERSION = 1
+STUDENT, RANDOM, TEACHER = "student", "random_init", "teacher"
+MODEL_TITLES = {RANDOM: "random-init", STUDENT: "student", TEACHER: "teacher"}
+
+
+@dataclass
+class EvalRequest:
+    target: Path  # a run folder or an exported encoder folder
+    val_cache: Path | None = None
+    train_cache: Path | None = None
+    checkpoint: str | None = None
+    teacher: str | None = None  # runs the teacher on transformed clips for the temporal probes
+    pipeline: str | None = None  # eval settings for a bare export (a run folder uses its own recipe)
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted recipe fields, e.g. eval.train_rows
+    device: str | None = None
+    out: Path | None = None
+
+
+@dataclass
+class Subject:
+    """The encoder under evaluation, where it came from, and its recipe."""
+
+    path: Path
+    kind: str  # "run" or "export"
+    source: str  # "checkpoint step-00000150" or "export"
+    config: PipelineConfig
+    encoder: VideoViT
+    student: SaltStudent | None  # the whole student (with predictor) when a checkpoint was read
+    architecture: str
+    kwargs: dict
+    train_cache: Path | None
+
+
+# ---- what is evaluated ------------------------------------------------------------------
+
+def load_subject(request: EvalRequest, teacher_width: int) -> Subject:
+    """A run folder (its newest checkpoint, or ``--checkpoint``, else its export) or a bare export."""
+    target = request.target
+    if not target.exists():
+        raise SaltUsageError(f"{target} does not exist (a run folder or an exported encoder folder)")
+    if (target / "config.yaml").is_file():
+        config = run_folder.read_run_config(target)
+        _apply(config, request.overrides)
+        record = run_folder.read_run_record(target) if (target / "run.json").is_file() else {}
+        train_cache = Path(record["cache"]) if record.get("cache") else None
+        architecture, kwargs = config.model.student, dict(config.model.student_kwargs)
+        checkpoint = _checkpoint_path(target, request.checkpoint)
+        if checkpoint is not None:
+            student = _load_student(checkpoint, config, teacher_width)
+            return Subject(target, "run", f"checkpoint {checkpoint.name}", config, student.encoder, student,
+                           architecture, kwargs, train_cache)
+        if (target / "export").is_dir():
+            encoder = load_encoder(target / "export")
+            return Subject(target, "run", "export", config, encoder, None, architecture, kwargs, train_cache)
+        raise SaltUsageError(f"run folder {target} has neither an export/ nor a checkpoint to evaluate "
+                             "(train it first, or continue it with salt-train run --resume)")
+    if (target / "config.json").is_file():
+        export = read_export_config(target)
+        config = load_pipeline(request.pipeline, request.overrides)
+        if request.checkpoint:
+            raise SaltUsageError(f"--checkpoint needs a run folder; {target} is an exported encoder")
+        return Subject(target, "export", "export", config, load_encoder(target), None, export["architecture"],
+                       dict(export.get("kwargs", {})), None)
+    raise SaltUsageError(f"{target} is neither a run folder (config.yaml) nor an exported encoder (config.json)")
+
+
+def _apply(config: PipelineConfig, overrides: dict[str, Any]) -> None:
+    for dotted, value in overrides.items():
+        section, name = dotted.split(".", 1)
+        try:
+            setattr(getattr(config, section), name, value)
+        except (ValueError, AttributeError) as exc:
+            raise SaltUsageError(f"{dotted}={value!r}: {one_line(exc)}") from None
+
+
+def _checkpoint_path(run_dir: Path, name: str | None) -> Path | None:
+    if name is None:
+        return latest_checkpoint(run_dir)
+    path = Path(name)
+    for candidate in (path, checkpoint_dir(run_dir) / name):
+        if (candidate / "model.safetensors").is_file():
+            return candidate
+    kept = sorted(p.name for p in checkpoint_dir(run_dir).glob("step-*") if p.is_dir())
+    raise SaltUsageError(f"--checkpoint {name}: no such checkpoint in {run_dir} (kept: {', '.join(kept) or 'none'})")
+
+
+def _load_student(checkpoint: Path, config: PipelineConfig, teacher_width: int) -> SaltStudent:
+    """The whole student of ``checkpoint``, built from the recipe and loaded strictly."""
+    student = build_salt_student(config.model, teacher_width)
+    try:
+        state = load_file(checkpoint / "model.safetensors")
+    except Exception as exc:  # truncated or not safetensors
+        raise SaltUsageError(f"checkpoint {checkpoint} is unreadable ({one_line(exc)})") from None
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SaltUsageError(
+            f"checkpoint {checkpoint} is not a {config.model.student} {dict(config.model.student_kwargs) or ''} "
+            f"student predicting {teacher_width}-wide latents, as the run's recipe says "
+            f"({one_line(exc, 200)})") from None
+    return student
+
+
+def random_init(subject: Subject, teacher_width: int) -> tuple[VideoViT, SaltStudent | None]:
+    """The same architecture at the seeded initialisation training started from (``train.seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(subject.config.train.seed)  # as Stepper does before building the student
+        if subject.student is not None:
+            student = build_salt_student(subject.config.model, teacher_width)
+            return student.encoder, student
+        return VideoViT(create_timm_vit(subject.architecture, subject.kwargs)), None
+
+
+# ---- which stores and rows ---------------------------------------------------------------
+
+def check_compatible(train: LatentStore, val: LatentStore) -> None:
+    """Refuse a validation store made by another teacher, view recipe or geometry than the train store."""
+    found = []
+    t_id, v_id = train.attrs.get("identity", {}), val.attrs.get("identity", {})
+    if t_id.get("teacher_weights_hash") != v_id.get("teacher_weights_hash") or train.teacher_width != val.teacher_width:
+        found.append(f"another teacher ({val.attrs.get('teacher', {}).get('name')} vs "
+                     f"{train.attrs.get('teacher', {}).get('name')})")
+    if t_id.get("teacher_compute_dtype") != v_id.get("teacher_compute_dtype"):
+        found.append("another teacher precision")
+    if _view_recipe(train) != _view_recipe(val):
+        found.append("another view recipe")
+    if train.attrs.get("geometry") != val.attrs.get("geometry"):
+        found.append("another geometry")
+    if found:
+        raise SaltUsageError(f"validation store {val.path} was built with {', '.join(found)} than the train store "
+                             f"{train.path}: build it with the same teacher and recipe (salt-cache build --split "
+                             "validation --teacher ... --pipeline ...)")
+
+
+def _view_recipe(store: LatentStore) -> dict:
+    """The view recipe without the sampling offset: a validation store may use centre sampling."""
+    view = dict(store.attrs.get("view", {}))
+    for key in ("sampling", "sampling_rule"):
+        view.pop(key, None)
+    return view
+
+
+def choose_rows(store: LatentStore, count: int, seed: int, flag: str) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` committed rows, a seeded choice: (sorted rows, their order of choice for subsets)."""
+    committed = np.flatnonzero(store.status() == RowStatus.COMMITTED).astype(np.int64)
+    if count > len(committed):
+        raise SaltUsageError(f"{flag} {count}: store {store.path} has only {len(committed)} committed rows "
+                             f"(ask for at most {len(committed)})")
+    chosen = np.random.default_rng(np.random.SeedSequence([seed % 2**64, len(committed)])).permutation(committed)[:count]
+    rank = np.empty(count, dtype=np.int64)
+    order = np.argsort(chosen)
+    rank[order] = np.arange(count)
+    return chosen[order], rank[order]  # rank[i]: when row i was chosen (first chosen: 0)
+
+
+def class_count(*stores: LatentStore) -> int:
+    return int(max(int(np.max(s.array("label")[:], initial=-1)) for s in stores)) + 1
+
+
+# ---- held-out distillation loss --------------------------------------------------------
+
+@torch.inference_mode()
+def heldout_loss(student: SaltStudent, store: LatentStore, rows: np.ndarray, config: PipelineConfig,
+                 device: torch.device, batch_size: int, seed: int) -> dict[str, float]:
+    """The training objective on ``rows`` with masks fixed by ``seed`` (batch k: ``make_masks(..., seed, k)``)."""
+    from salt_train.features import normalised_pixels
+
+    student.to(device).eval()
+    reader = RowReader(store)
+    sse = sae = total = total_sq = 0.0
+    count = 0
+    cuda = device.type == "cuda"
+    for k, start in enumerate(range(0, len(rows), batch_size)):
+        ids = rows[start:start + batch_size]
+        views, latents = reader.read(ids, ("pixels", "latents"))
+        masks = make_masks(config.mask.kind, config.mask.ratio, len(ids), seed, k).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16 if cuda else torch.float32, enabled=cuda):
+            predicted = student(normalised_pixels(torch.from_numpy(views), device), masks.visible, masks.masked)
+        targets = normalise_targets(gather_tokens(torch.from_numpy(latents).to(device), masks.masked))
+        error = predicted.float() - targets
+        sse += float(error.square().sum())
+        sae += float(error.abs().sum())
+        total += float(targets.sum())
+        total_sq += float(targets.square().sum())
+        count += targets.numel()
+    mse = sse / count
+    variance = total_sq / count - (total / count) ** 2
+    return {"loss": mse if config.model.loss == "mse" else sae / count, "loss_kind": config.model.loss,
+            "mse": mse, "r2": 1.0 - mse / variance, "rows": len(rows), "mask": f"{config.mask.kind} {config.mask.ratio}"}
+
+
+# ---- the evaluation ----------------------------------------------------------------------
+
+@dataclass
+class RowSet:
+    store: LatentStore
+    rows: np.ndarray
+    temporal: np.ndarray  # bool per row
+    labels: np.ndarray  # per row, -1 unknown
+
+
+def _row_set(store: LatentStore, count: int, temporal_rows: int | None, seed: int, flag: str) -> RowSet:
+    rows, rank = choose_rows(store, count, seed, flag)
+    temporal = rank < (temporal_rows if temporal_rows is not None else count)
+    labels = np.asarray(store.array("label")[:], dtype=np.int64)[rows]
+    return RowSet(store, rows, temporal, labels)
+
+
+def run_eval(request: EvalRequest) -> dict[str, Any]:
+    """Evaluate, print the table, write ``eval/eval.json`` and ``eval/eval.png``; returns the report."""
+    started = time.perf_counter()
+    device = resolve_device(request.device or "auto", "--device")
+    val_path = request.val_cache
+    subject_probe = request.target / "config.yaml"
+    if val_path is None and subject_probe.is_file():
+        configured = run_folder.read_run_config(request.target).eval.val_cache
+        val_path = Path(configured) if configured else None
+    if val_path is None:
+        raise SaltUsageError("--val-cache is required: a store of held-out clips (salt-cache build --src DIR "
+                             "--split validation --out DIR/latents-val.zarr)")
+    val_store = LatentStore.open(val_path)
+    subject = load_subject(request, val_store.teacher_width)
+    train_path = request.train_cache or subject.train_cache
+    if train_path is None:
+        raise SaltUsageError(f"--train-cache is required for {subject.path} (an export records no training store)")
+    train_store = LatentStore.open(train_path)
+    check_compatible(train_store, val_store)
+    settings: EvalConfig = subject.config.eval
+    out_dir = request.out or subject.path / "eval"
+
+    train_set = _row_set(train_store, settings.train_rows, settings.temporal_rows, settings.seed, "--train-rows")
+    val_set = _row_set(val_store, settings.val_rows, settings.temporal_rows, settings.seed, "--val-rows")
+    random_encoder, random_student = random_init(subject, val_store.teacher_width)
+    models: dict[str, FeatureModel] = {
+        RANDOM: EncoderFeatures(RANDOM, random_encoder, device),
+        STUDENT: EncoderFeatures(STUDENT, subject.encoder, device),
+    }
+    teacher_note = "not run (pass --teacher to run the teacher on the transformed clips)"
+    if request.teacher:
+        models[TEACHER] = TeacherFeatures(TEACHER, _load_matching_teacher(request.teacher, train_store, device))
+        teacher_note = f"{request.teacher} run on the transformed clips"
+    labelled = (train_set.labels >= 0).any() and (val_set.labels >= 0).any()
+    memory = int(settings.feature_memory_gb * 1e9)
+    print_block("salt-train eval", {
+        "subject": f"{subject.path} ({subject.source}; {subject.architecture} {subject.kwargs or ''})",
+        "device": str(device),
+        "train store": f"{train_store.path}: {len(train_set.rows)} rows ({int(train_set.temporal.sum())} with temporal "
+                       f"variants), {int((train_set.labels >= 0).sum())} labelled",
+        "val store": f"{val_store.path}: {len(val_set.rows)} rows ({int(val_set.temporal.sum())} with temporal "
+                     f"variants), {int((val_set.labels >= 0).sum())} labelled",
+        "teacher (temporal)": teacher_note,
+        "tokens": describe_bound(len(train_set.rows), {m: models[m].width for m in models}, memory)
+                  if labelled else "not kept (no labels)",
+        "seed": settings.seed,
+    })
+    spill = out_dir / "features"
+    plan = lambda s: ExtractionPlan(s.rows, s.temporal, VARIANTS, bool(labelled), settings.seed)  # noqa: E731
+    train_features, train_latents = extract(train_store, plan(train_set), models, settings.batch_size, memory,
+                                            spill, "train", with_latents=bool(labelled))
+    val_features, val_latents = extract(val_store, plan(val_set), models, settings.batch_size, memory, spill, "val",
+                                        with_latents=bool(labelled))
+    probe = lambda epochs, lr, wd, batch: ProbeSettings(epochs, lr, wd, batch, settings.seed, device)  # noqa: E731
+    linear = probe(settings.linear_epochs, settings.linear_lr, settings.linear_weight_decay, settings.probe_batch_size)
+
+    heldout: dict[str, Any] = {}
+    for name, student in ((RANDOM, random_student), (STUDENT, subject.student)):
+        heldout[name] = (heldout_loss(student, val_store, val_set.rows, subject.config, device, settings.batch_size,
+                                      settings.seed) if student is not None
+                         else {"not_run": "an export holds the encoder only (no predictor): evaluate a run folder"})
+    heldout[TEACHER] = {"not_run": "the teacher's own latents are the targets"}
+
+    temporal: dict[str, Any] = {}
+    for task in TASKS:
+        temporal[task.name] = {"description": task.description, "chance": 1 / len(task.classes)}
+        for name in (RANDOM, STUDENT, TEACHER):
+            if name not in models:
+                temporal[task.name][name] = {"not_run": teacher_note}
+                continue
+            train_x, train_y = stack_tasks(train_features[name].slots, task.classes)
+            val_x, val_y = stack_tasks(val_features[name].slots, task.classes)
+            temporal[task.name][name] = vars(linear_probe(train_x, train_y, val_x, val_y, len(task.classes), linear))
+    first, second = RETRIEVAL_PAIR
+    temporal["clip_consistency"] = {"description": "top-1 retrieval: first half finds second half",
+                                    "chance": 1 / max(1, int(val_set.temporal.sum()))}
+    for name in (RANDOM, STUDENT, TEACHER):
+        temporal["clip_consistency"][name] = (
+            vars(retrieval_top1(val_features[name].slots[first], val_features[name].slots[second]))
+            if name in models else {"not_run": teacher_note})
+
+    classification = _classification(train_set, val_set, train_features, val_features, train_latents, val_latents,
+                                     models, settings, probe, linear)
+    for features in (*train_features.values(), *val_features.values(), train_latents, val_latents):
+        if features is not None and features.tokens is not None:
+            features.tokens.release()
+
+    report = {
+        "format": EVAL_FORMAT, "format_version": EVAL_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "subject": {"path": str(subject.path), "kind": subject.kind, "source": subject.source,
+                    "architecture": subject.architecture, "kwargs": subject.kwargs},
+        "models": {RANDOM: f"{subject.architecture} at its seeded initialisation (train.seed "
+                           f"{subject.config.train.seed})",
+                   STUDENT: subject.source, TEACHER: f"latents in the store; temporal: {teacher_note}"},
+        "stores": {"train": _store_record(train_store), "val": _store_record(val_store)},
+        "rows": {"train": train_set.rows.tolist(), "val": val_set.rows.tolist(),
+                 "train_temporal": int(train_set.temporal.sum()), "val_temporal": int(val_set.temporal.sum())},
+        "seed": settings.seed, "device": str(device),
+        "recipe": dump_pipeline(subject.config),
+        "versions": run_folder.versions(),
+        "heldout": heldout, "temporal": temporal, "classification": classification,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    from salt_train.eval_report import print_table, write_outputs
+
+    write_outputs(report, out_dir, subject.path / "metrics.jsonl" if subject.kind == "run" else None)
+    print_table(report)
+    return report
+
+
+def _classification(train_set: RowSet, val_set: RowSet, train_features: dict[str, Features],
+                    val_features: dict[str, Features], train_latents: Features | None, val_latents: Features | None,
+                    models: dict[str, FeatureModel], settings: EvalConfig, probe: Any, linear: ProbeSettings) -> dict:
+    """Attentive and linear probes on the train store's labels, scored on the validation store's."""
+    train_ok, val_ok = train_set.labels >= 0, val_set.labels >= 0
+    if not train_ok.any() or not val_ok.any():
+        which = "train" if not train_ok.any() else "validation"
+        log.info("SSv2 classification skipped: the %s store has no labelled rows", which)
+        return {"skipped": f"the {which} store has no labels"}
+    classes = class_count(train_set.store, val_set.store)
+    train_ids, val_ids = np.flatnonzero(train_ok), np.flatnonzero(val_ok)
+    train_y, val_y = train_set.labels[train_ids], val_set.labels[val_ids]
+    attentive = probe(settings.probe_epochs, settings.probe_lr, settings.probe_weight_decay, settings.probe_batch_size)
+    sources = {RANDOM: (train_features[RANDOM], val_features[RANDOM]),
+               STUDENT: (train_features[STUDENT], val_features[STUDENT]),
+               TEACHER: (train_latents, val_latents)}
+    result: dict[str, Any] = {"classes": classes, "chance": 1 / classes, "train_rows": len(train_ids),
+                              "val_rows": len(val_ids), "attentive": {}, "linear": {}}
+    for name, (train_f, val_f) in sources.items():
+        assert train_f is not None and val_f is not None and train_f.tokens is not None and val_f.tokens is not None
+        width = train_f.mean.shape[1]
+        read_train = lambda ids, f=train_f: f.tokens.read(train_ids[ids], attentive.device)  # noqa: E731
+        read_val = lambda ids, f=val_f: f.tokens.read(val_ids[ids], attentive.device)  # noqa: E731
+        result["attentive"][name] = vars(attentive_probe(read_train, train_y, read_val, val_y, width, classes, attentive))
+        result["linear"][name] = vars(linear_probe(train_f.mean[train_ids], train_y, val_f.mean[val_ids], val_y,
+                                                   classes, linear))
+    return result
+
+
+def _load_matching_teacher(name: str, store: LatentStore, device: torch.device) -> Any:
+    """The teacher named by ``--teacher``, refused unless its weights are the ones the store records."""
+    from shared.teacher import load_teacher
+
+    recorded = store.attrs.get("teacher", {})
+    teacher = load_teacher(name, device=str(device) if device.type == "cpu" else "cuda",
+                           dtype=recorded.get("compute_dtype", "auto"))
+    if recorded.get("weights_hash") and teacher.weights_hash != recorded["weights_hash"]:
+        raise SaltUsageError(f"--teacher {name} is not the teacher the store {store.path} was built with "
+                             f"({recorded.get('name')}): its weights differ")
+    return teacher
+
+
+def _store_record(store: LatentStore) -> dict[str, Any]:
+    return {"path": str(store.path.resolve()), "identity": store.attrs.get("identity"),
+            "teacher": store.attrs.get("teacher"), "counts": store.counts(),
+            "split": store.attrs.get("source", {}).get("split")}
+
+
+def eval_flops(encoder_forward: float, train_rows: int, val_rows: int, temporal_rows: int, variants: int) -> float:
+    """Encoder FLOPs of one model's feature extraction: every row once, temporal rows once per extra variant."""
+    return encoder_forward * (train_rows + val_rows + 2 * temporal_rows * (variants - 1))
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, float) and math.isfinite(value)

@@ -1,0 +1,214 @@
+"""Frozen features for the probes, computed once per evaluation.
+
+A :class:`FeatureModel` maps uint8 store views ``[B, 16, 224, 224, 3]`` to
+per-token features ``[B, 1568, D]``: a student encoder (its output is already
+layer-normed), or the teacher run on the views (its latents layer-normed per
+token, as the training targets are). The teacher's latents already in the
+store need no model at all (:func:`normed_latents`).
+
+:func:`extract` reads each batch of store rows once and runs every model on
+it: the original view's tokens go to a :class:`TokenBank` (for the attentive
+probe), and pooled summaries of every temporal variant are kept in memory
+(the mean over tokens, and the mean over each of the 8 tubelet slots, which
+keeps the order in time that the temporal probes need).
+
+A :class:`TokenBank` holds ``[rows, 1568, D]`` fp16 tokens in memory while
+they fit ``eval.feature_memory_gb``, and in a Zarr array under ``eval/``
+beyond it: the bound is printed before extraction starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+
+from shared import geometry
+from shared.console import format_bytes, progress
+from shared.store import LatentStore
+from salt_train.data import RowReader
+from salt_train.student import VideoViT
+from salt_train.temporal import Variant
+
+log = logging.getLogger(__name__)
+
+
+class FeatureModel(Protocol):
+    name: str
+    width: int
+
+    def tokens(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 16, 224, 224, 3]`` on the CPU -> float32 ``[B, 1568, width]`` on the model's device."""
+
+
+def normed(tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token layer norm without affine parameters, in float32: the training targets' normalisation."""
+    tokens = tokens.float()
+    return F.layer_norm(tokens, tokens.shape[-1:])
+
+
+def normed_latents(latents: np.ndarray) -> torch.Tensor:
+    return normed(torch.from_numpy(latents))
+
+
+def normalised_pixels(views: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 ``[B, 16, H, W, 3]`` -> ImageNet-normalised float32 ``[B, 3, 16, H, W]`` on ``device``."""
+    mean = torch.tensor(geometry.PIXEL_MEAN, device=device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(geometry.PIXEL_STD, device=device).view(1, 3, 1, 1, 1)
+    pixels = views.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float().div_(255.0)
+    return ((pixels - mean) / std).contiguous()
+
+
+@dataclass
+class EncoderFeatures:
+    """A student encoder: ImageNet-normalised pixels in, its final-norm tokens out (bf16 on CUDA)."""
+
+    name: str
+    encoder: VideoViT
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.encoder.to(self.device).eval().requires_grad_(False)
+        self.width = self.encoder.width
+
+    @torch.inference_mode()
+    def tokens(self, views: torch.Tensor) -> torch.Tensor:
+        x = normalised_pixels(views, self.device)
+        cuda = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16 if cuda else torch.float32, enabled=cuda):
+            return self.encoder(x).float()
+
+
+@dataclass
+class TeacherFeatures:
+    """The frozen teacher run on (transformed) views, its latents normed like the training targets."""
+
+    name: str
+    teacher: object  # shared.teacher.Teacher (imported lazily: transformers is slow to import)
+
+    def __post_init__(self) -> None:
+        self.width = self.teacher.width
+
+    def tokens(self, views: torch.Tensor) -> torch.Tensor:
+        return normed(self.teacher.encode(views))
+
+
+class TokenBank:
+    """``[rows, 1568, width]`` fp16 tokens: a numpy array in memory, or a Zarr array on disk past the bound."""
+
+    def __init__(self, rows: int, width: int, memory_bytes: int, spill_dir: Path, name: str) -> None:
+        shape = (rows, geometry.NUM_TOKENS, width)
+        self.nbytes = int(np.prod(shape)) * 2
+        self.on_disk = self.nbytes > memory_bytes
+        self.path: Path | None = None
+        if self.on_disk:
+            self.path = spill_dir / f"{name}.zarr"
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.data = zarr.create_array(zarr.storage.LocalStore(self.path), shape=shape, dtype="float16",
+                                          chunks=(1, *shape[1:]), compressors=None, zarr_format=3)
+        else:
+            self.data = np.empty(shape, dtype=np.float16)
+
+    def write(self, start: int, tokens: torch.Tensor) -> None:
+        self.data[start:start + len(tokens)] = tokens.to(torch.float16).cpu().numpy()
+
+    def read(self, ids: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Rows ``ids`` (sorted) as float32 on ``device``."""
+        block = self.data[ids] if not self.on_disk else self.data.get_orthogonal_selection((ids,))
+        return torch.from_numpy(np.ascontiguousarray(block)).to(device).float()
+
+    def release(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass
+class Features:
+    """What one model gives on one set of rows."""
+
+    tokens: TokenBank | None  # original views, for the attentive probe
+    mean: torch.Tensor  # [rows, width] mean over tokens of the original view
+    slots: dict[str, torch.Tensor] = field(default_factory=dict)  # variant -> [temporal rows, 8 * width]
+
+
+def slot_pool(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, 1568, D]`` -> ``[B, 8 * D]``: the mean over each tubelet slot's 196 tokens, in time order."""
+    batch, _, width = tokens.shape
+    return tokens.view(batch, geometry.GRID_T, geometry.TOKENS_PER_FRAME, width).mean(2).reshape(batch, -1)
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """Which rows of a store to read, and what to compute on them."""
+
+    rows: np.ndarray  # sorted store rows
+    temporal: np.ndarray  # bool [rows]: the rows that also get every temporal variant
+    variants: tuple[str, ...]
+    keep_tokens: bool
+    seed: int
+
+
+def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureModel], batch_size: int,
+            memory_bytes: int, spill_dir: Path, label: str,
+            with_latents: bool = False) -> tuple[dict[str, Features], Features | None]:
+    """Run every model over the plan's rows (each batch read once); with ``with_latents`` also
+    the store's own teacher latents as features (``None`` otherwise)."""
+    reader = RowReader(store)
+    rows, count = plan.rows, len(plan.rows)
+    temporal_index = np.cumsum(plan.temporal) - 1  # row position -> position among temporal rows
+    temporal_count = int(plan.temporal.sum())
+    out: dict[str, Features] = {}
+    for name, model in models.items():
+        bank = TokenBank(count, model.width, memory_bytes, spill_dir, f"{label}-{name}") if plan.keep_tokens else None
+        out[name] = Features(bank, torch.empty(count, model.width),
+                             {v: torch.empty(temporal_count, geometry.GRID_T * model.width) for v in plan.variants})
+    latents_features = None
+    if with_latents:
+        width = store.teacher_width
+        bank = TokenBank(count, width, memory_bytes, spill_dir, f"{label}-teacher-latents") if plan.keep_tokens else None
+        latents_features = Features(bank, torch.empty(count, width))
+    bar = progress(total=count, description=f"features ({label})", unit="clip")
+    for start in range(0, count, batch_size):
+        ids = rows[start:start + batch_size]
+        names = ("pixels", "latents") if with_latents else ("pixels",)
+        arrays = reader.read(ids, names)
+        views = arrays[0]
+        if latents_features is not None:
+            tokens = normed_latents(arrays[1])
+            latents_features.mean[start:start + len(ids)] = tokens.mean(1)
+            if latents_features.tokens is not None:
+                latents_features.tokens.write(start, tokens)
+        in_temporal = plan.temporal[start:start + len(ids)]
+        for name, model in models.items():
+            features = out[name]
+            tokens = model.tokens(torch.from_numpy(views))
+            features.mean[start:start + len(ids)] = tokens.mean(1).cpu()
+            if features.tokens is not None:
+                features.tokens.write(start, tokens)
+            if not in_temporal.any():
+                continue
+            where = temporal_index[start:start + len(ids)][in_temporal]
+            subset = views[in_temporal]
+            for variant in plan.variants:
+                varied = tokens[torch.as_tensor(in_temporal, device=tokens.device)] if variant == "original" else \
+                    model.tokens(torch.from_numpy(Variant(variant).apply(subset, ids[in_temporal], plan.seed)))
+                features.slots[variant][torch.as_tensor(where)] = slot_pool(varied).cpu()
+        bar.update(len(ids))
+    bar.close()
+    return out, latents_features
+
+
+def describe_bound(rows: int, widths: dict[str, int], memory_bytes: int) -> str:
+    """One line: where each model's tokens will live, for the startup block."""
+    parts = []
+    for name, width in widths.items():
+        size = rows * geometry.NUM_TOKENS * width * 2
+        parts.append(f"{name} {format_bytes(size)} {'on disk' if size > memory_bytes else 'in memory'}")
+    return ", ".join(parts) + f" (bound {format_bytes(memory_bytes)} each)"
