@@ -20,15 +20,21 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Synthetic SSv2-layout clips -> store built with the tiny teacher -> verified ->
-# preflight -> the tiny student trained on CPU (a new run folder under demo/runs/ each time).
-# Rerunning resumes the build: the data and committed shards are kept.
+# Synthetic SSv2-layout clips -> train and validation stores built with the tiny teacher ->
+# verified -> preflight -> the tiny student trained on CPU (a new run folder under demo/runs/
+# each time) -> salt-train eval: its table beside the random-init student and the teacher.
+# Rerunning resumes the builds: the data and committed shards are kept.
+DATA := $(DEMO)/ssv2-demo
 demo: $(STAMP)
-	test -d $(DEMO)/ssv2 || $(BIN)/salt-cache demo-data --out $(DEMO)/ssv2
-	$(BIN)/salt-cache build --src $(DEMO)/ssv2 --pipeline demo
-	$(BIN)/salt-cache verify $(DEMO)/ssv2/latents.zarr --deep 2
-	$(BIN)/salt-train preflight --cache $(DEMO)/ssv2/latents.zarr --pipeline demo --batches 20
-	$(BIN)/salt-train run --cache $(DEMO)/ssv2/latents.zarr --pipeline demo --run-dir $(DEMO)/runs/demo-$$(date +%Y%m%d-%H%M%S)
+	test -d $(DATA) || $(BIN)/salt-cache demo-data --out $(DATA) --train 96 --validation 64
+	$(BIN)/salt-cache build --src $(DATA) --pipeline demo
+	$(BIN)/salt-cache build --src $(DATA) --pipeline demo --split validation --out $(DATA)/latents-val.zarr
+	$(BIN)/salt-cache verify $(DATA)/latents.zarr --deep 2
+	$(BIN)/salt-cache verify $(DATA)/latents-val.zarr
+	$(BIN)/salt-train preflight --cache $(DATA)/latents.zarr --pipeline demo --batches 20
+	run=$(DEMO)/runs/demo-$$(date +%Y%m%d-%H%M%S) && \
+	$(BIN)/salt-train run --cache $(DATA)/latents.zarr --pipeline demo --run-dir $$run && \
+	$(BIN)/salt-train eval $$run --val-cache $(DATA)/latents-val.zarr --teacher builtin:tiny-videomae
 
 bench: $(STAMP)
 	test -d $(DEMO)/bench || $(BIN)/salt-cache demo-data --out $(DEMO)/bench --train 128 --validation 0 --test 0

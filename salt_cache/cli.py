@@ -144,8 +144,8 @@ def verify(
 @app.command("demo-data")
 def demo_data(
     out: Path = typer.Option(..., "--out", help="folder to create or fill (official SSv2 layout)"),
-    train: int = typer.Option(24, min=1, help="training clips"),
-    validation: int = typer.Option(8, min=0, help="validation clips"),
+    train: int = typer.Option(96, min=1, help="training clips"),
+    validation: int = typer.Option(64, min=0, help="validation clips (64: enough for the probes of salt-train eval)"),
     test: int = typer.Option(4, min=0, help="test clips"),
     seed: int = typer.Option(0, min=0, help="random seed; the same seed gives the same set"),
 ) -> int:

@@ -156,7 +156,7 @@ def _move_files(staging: Path, root: Path) -> None:
         src.rename(dest)
 
 
-def write_demo_dataset(root: Path, *, train: int = 24, validation: int = 8, test: int = 4,
+def write_demo_dataset(root: Path, *, train: int = 96, validation: int = 64, test: int = 4,
                        seed: int = 0, height: int = 240, width: int = 320,
                        fps: int = 12) -> dict[str, int]:
     """Write a synthetic SSv2-layout dataset under ``root``; returns clips per split.

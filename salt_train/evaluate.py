@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -309,11 +308,14 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "seed": settings.seed,
     })
     spill = out_dir / "features"
-    plan = lambda s: ExtractionPlan(s.rows, s.temporal, VARIANTS, bool(labelled), settings.seed)  # noqa: E731
-    train_features, train_latents = extract(train_store, plan(train_set), models, settings.batch_size, memory,
-                                            spill, "train", with_latents=bool(labelled))
-    val_features, val_latents = extract(val_store, plan(val_set), models, settings.batch_size, memory, spill, "val",
-                                        with_latents=bool(labelled))
+    # Retrieval pairs halves of validation clips only: the train rows skip the second half.
+    train_variants = tuple(v for v in VARIANTS if v != RETRIEVAL_PAIR[1])
+    train_features, train_latents = extract(
+        train_store, ExtractionPlan(train_set.rows, train_set.temporal, train_variants, bool(labelled), settings.seed),
+        models, settings.batch_size, memory, spill, "train", with_latents=bool(labelled))
+    val_features, val_latents = extract(
+        val_store, ExtractionPlan(val_set.rows, val_set.temporal, VARIANTS, bool(labelled), settings.seed),
+        models, settings.batch_size, memory, spill, "val", with_latents=bool(labelled))
     probe = lambda epochs, lr, wd, batch: ProbeSettings(epochs, lr, wd, batch, settings.seed, device)  # noqa: E731
     linear = probe(settings.linear_epochs, settings.linear_lr, settings.linear_weight_decay, settings.probe_batch_size)
 
@@ -420,10 +422,8 @@ def _store_record(store: LatentStore) -> dict[str, Any]:
             "split": store.attrs.get("source", {}).get("split")}
 
 
-def eval_flops(encoder_forward: float, train_rows: int, val_rows: int, temporal_rows: int, variants: int) -> float:
-    """Encoder FLOPs of one model's feature extraction: every row once, temporal rows once per extra variant."""
-    return encoder_forward * (train_rows + val_rows + 2 * temporal_rows * (variants - 1))
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, float) and math.isfinite(value)
+def eval_flops(encoder_forward: float, train_rows: int, val_rows: int, temporal_train: int, temporal_val: int) -> float:
+    """Encoder FLOPs of one model's features: every row once, plus 5 variants per temporal train row
+    and 6 per temporal validation row (the second half too)."""
+    extra_train = len(VARIANTS) - 2
+    return encoder_forward * (train_rows + val_rows + extra_train * temporal_train + (extra_train + 1) * temporal_val)

@@ -34,6 +34,7 @@ from salt_train.data import Position, StreamSpec, batch_bytes, check_shm, check_
 from salt_train.export import export_encoder
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
+from salt_train.quick_eval import QuickEval
 from salt_train.snapshot import Snapshot, check_manifest, reading_snapshot, reuse_snapshot, take_snapshot
 from salt_train.step import Stepper, resolve_compile_mode
 
@@ -215,6 +216,8 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
     main = dist.is_main  # only rank 0 writes metrics, row records and checkpoints
     metrics = run_folder.MetricsLog(run_dir / "metrics.jsonl") if main else None
     rows_log = run_folder.MetricsLog(run_dir / "rows.jsonl") if main and train.record_rows else None
+    quick_eval = dist.agree(lambda: QuickEval(config, store, device, run_dir / "eval")
+                            if train.eval_every and dist.is_main else None)
     bar = progress(total=steps, description="train", unit="step", initial=state.step)
     window = HealthWindow()
     first_loss = last_loss = None
@@ -278,6 +281,8 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                             metrics.write(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{result.lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
                         log.info(health_line(record))
+                    if train.eval_every and state.step % train.eval_every == 0:
+                        evaluate_now(quick_eval, model, state.step, metrics, dist)
                     if state.step % train.checkpoint_every == 0 and state.step < steps:
                         checkpoint()
                         if dist.enabled:  # alone there is nothing to compare (the summary still records it)
@@ -321,6 +326,18 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
         print_block("summary", {"loss": loss_line, **summary, "run folder": str(run_dir)})
     dist.barrier()  # the others exit only once rank 0 has written everything
     return report
+
+
+def evaluate_now(quick_eval: QuickEval | None, model: torch.nn.Module, step: int,
+                 metrics: run_folder.MetricsLog | None, dist: Dist) -> None:
+    """Rank 0 runs the quick evaluation and records it in metrics.jsonl; the others wait."""
+    if quick_eval is not None:
+        record = quick_eval(model)
+        if metrics is not None:
+            metrics.write({"step": step, "eval": record, "time": time.time()})
+        log.info("eval at step %d: held-out loss %.4f, R^2 %.3f%s", step, record["heldout_loss"], record["heldout_r2"],
+                 f", linear probe top-1 {100 * record['linear_top1']:.1f}%" if "linear_top1" in record else "")
+    dist.barrier()
 
 
 class LostPeer(Exception):
