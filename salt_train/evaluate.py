@@ -317,7 +317,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         val_store, ExtractionPlan(val_set.rows, val_set.temporal, VARIANTS, bool(labelled), settings.seed),
         models, settings.batch_size, memory, spill, "val", with_latents=bool(labelled))
     probe = lambda epochs, lr, wd, batch: ProbeSettings(epochs, lr, wd, batch, settings.seed, device)  # noqa: E731
-    linear = probe(settings.linear_epochs, settings.linear_lr, settings.linear_weight_decay, settings.probe_batch_size)
+    linear = probe(settings.linear_iterations, 0.0, settings.linear_l2, settings.probe_batch_size)
 
     heldout: dict[str, Any] = {}
     for name, student in ((RANDOM, random_student), (STUDENT, subject.student)):

@@ -66,9 +66,8 @@ class QuickEval:
                                    settings.batch_size, 0, self.spill, "quick-val")
                 probe = linear_probe(train_f["student"].mean[train_ok], self.train_labels[train_ok],
                                      val_f["student"].mean[val_ok], self.val_labels[val_ok], self.classes,
-                                     ProbeSettings(settings.linear_epochs, settings.linear_lr,
-                                                   settings.linear_weight_decay, settings.probe_batch_size,
-                                                   settings.seed, self.device))
+                                     ProbeSettings(settings.linear_iterations, 0.0, settings.linear_l2,
+                                                   settings.probe_batch_size, settings.seed, self.device))
                 record["linear_top1"] = probe.top1
             return record
         finally:

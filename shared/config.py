@@ -140,9 +140,9 @@ class EvalConfig(_Section):
     probe_lr: float = Field(1e-3, gt=0)
     probe_weight_decay: float = Field(0.01, ge=0)
     probe_batch_size: int = Field(64, gt=0)
-    linear_epochs: int = Field(50, gt=0, description="linear and temporal probe epochs")
-    linear_lr: float = Field(1e-3, gt=0)
-    linear_weight_decay: float = Field(1e-4, ge=0)
+    linear_iterations: int = Field(300, gt=0, description="L-BFGS iterations of the linear and temporal probes "
+                                   "(logistic regression on standardised features)")
+    linear_l2: float = Field(1e-3, ge=0, description="their L2 penalty on the weights")
     feature_memory_gb: float = Field(16.0, gt=0, description="tokens of one model held in memory up to this; "
                                      "beyond it they go to a Zarr array under eval/")
     val_cache: str | None = Field(None, description="validation store for `salt-train eval` and train.eval_every")

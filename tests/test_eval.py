@@ -50,7 +50,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> EvalStores:
     recipe = train_pipeline(root / "train.yaml", train__max_steps=40, train__batch_size=4, train__lr=2e-3,
                             train__checkpoint_every=20, train__log_every=10, mask__kind="random",
                             eval__train_rows=32, eval__val_rows=24, eval__temporal_rows=12, eval__batch_size=8,
-                            eval__probe_epochs=3, eval__linear_epochs=5)
+                            eval__probe_epochs=3, eval__linear_iterations=50)
     run = root / "runs" / "tiny"
     result = call_train("run", "--cache", train, "--pipeline", recipe, "--run-dir", run)
     assert result.returncode == 0, result.stderr
@@ -67,7 +67,7 @@ def _labelled(store_path: Path) -> tuple[torch.Tensor, np.ndarray]:
 def test_attentive_probe_on_teacher_latents_beats_chance_and_shuffled_labels_do_not(stores: EvalStores) -> None:
     train_x, train_y = _labelled(stores.train)
     val_x, val_y = _labelled(stores.val)
-    settings = ProbeSettings(epochs=40, lr=1e-3, weight_decay=0.01, batch_size=16, seed=0, device=torch.device("cpu"))
+    settings = ProbeSettings(epochs=200, lr=5e-3, weight_decay=0.01, batch_size=16, seed=0, device=torch.device("cpu"))
     read = lambda x: (lambda ids: x[torch.as_tensor(ids)])  # noqa: E731
     real = attentive_probe(read(train_x), train_y, read(val_x), val_y, train_x.shape[-1], 4, settings)
     shuffled_y = np.random.default_rng(0).permutation(train_y)
@@ -155,7 +155,7 @@ def test_eval_of_an_export_and_of_a_store_without_labels(stores: EvalStores, tmp
     assert build.returncode == 0, build.stderr
     result = call_train("eval", stores.run / "export", "--val-cache", unlabelled, "--train-cache", stores.train,
                         "--train-rows", "8", "--val-rows", "6", "--set", "eval.batch_size=4",
-                        "--set", "eval.linear_epochs=2", "--out", tmp_path / "eval")
+                        "--set", "eval.linear_iterations=20", "--out", tmp_path / "eval")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["classification"] == {"skipped": "the validation store has no labels"}
