@@ -12,6 +12,7 @@ import typer
 
 from shared.cli import DEVICE_HELP, Device, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
+from shared import lifeline
 from shared.console import print_block, rank_tag, setup_logging
 from shared.torchrun_env import env_world_size
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
@@ -63,6 +64,7 @@ def build(
     if out is not None:
         _check_out_path(out, "a store")
     setup_logging(verbose)
+    lifeline.install()  # decode workers and the forkserver die with this process, even by kill -9
     from salt_cache.source import discover
 
     config = load_pipeline(pipeline, {

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import typer
 import yaml
 
+from shared import lifeline
 from shared.cli import DEVICE_HELP, Device, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
@@ -85,6 +86,7 @@ def run(
     Under torchrun (torchrun --nproc-per-node=K -m salt_train run ...) it trains with DDP on the same
     global batches; checkpoints resume with any number of ranks."""
     setup_logging(verbose)
+    lifeline.install()  # loader workers and the forkserver die with this process, even by kill -9
     config = _config(pipeline, sets, device)
     if resume and (pipeline or sets):
         print("salt-train: --resume continues with the run's recorded config.yaml; --pipeline/--set are ignored",
@@ -124,6 +126,7 @@ def preflight(
 ) -> int:
     """Checks to run before a long run: one batch's shapes and values, a worker stress test, /dev/shm use."""
     setup_logging()
+    lifeline.install()
     from salt_train.preflight import run_preflight
 
     config = _config(pipeline, sets, device)
@@ -148,6 +151,7 @@ def bench(
     Under torchrun (torchrun --nproc-per-node=K -m salt_train bench ...) each rank runs its loader and
     its DDP step on its slice of the global batch at once: the figures are the job's totals."""
     setup_logging()
+    lifeline.install()
     from salt_train.bench import run_bench, write_synthetic_store
     from shared.device import resolve_device
     from shared.distributed import backend_for, distributed

@@ -37,6 +37,7 @@ from shared import geometry
 from shared.config import LoaderConfig, PipelineConfig
 from shared.console import format_bytes
 from shared.errors import SaltUsageError
+from shared.lifeline import worker_init
 from shared.shard_reader import open_raw_rows
 from shared.store import LatentStore, RowStatus, row_checksum
 
@@ -293,6 +294,7 @@ def make_loader(spec: StreamSpec, loader: LoaderConfig, pin_memory: bool) -> Dat
         pin_memory=pin_memory,
         prefetch_factor=loader.prefetch_factor if workers else None,
         multiprocessing_context=loader.multiprocessing_context if workers else None,
+        worker_init_fn=worker_init if workers else None,  # die with the main process; Ctrl-C is its to handle
     )
 
 
