@@ -91,6 +91,7 @@ def run(
     if resume and (pipeline or sets):
         print("salt-train: --resume continues with the run's recorded config.yaml; --pipeline/--set are ignored",
               file=sys.stderr)
+    from salt_train.checkpoint import CheckpointWriteError
     from salt_train.train import EXIT_STOPPED, LostPeer, RunRequest, TrainingStopped, run_training
 
     import torch
@@ -104,13 +105,13 @@ def run(
             "a training batch does not fit in GPU memory: lower train.batch_size (--set train.batch_size=N) "
             "or set model.grad_checkpointing=true; checkpoints written so far are kept "
             "(continue with --resume)") from None
-    except (TrainingStopped, LostPeer) as exc:
+    except (TrainingStopped, LostPeer, CheckpointWriteError) as exc:
         print(f"salt-train{rank_tag()}: error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
     except OSError as exc:
         raise SaltUsageError(f"{exc.filename or 'run folder'}: {exc.strerror or exc}") from None
     if report.interrupted:
-        return EXIT_STOPPED
+        return 128 + report.stop_signal if report.stop_signal else EXIT_STOPPED  # SIGTERM: 143
     if is_console_rank():
         print(f"run folder: {report.run_dir}")
     return EXIT_OK

@@ -82,6 +82,8 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, gt=0, description="newest checkpoints kept in the run folder")
     log_every: int = Field(20, gt=0, description="steps between health lines and metrics records")
     record_rows: bool = Field(False, description="write rows.jsonl: every step's row ids, per rank (data provenance)")
+    max_nonfinite_steps: int = Field(10, ge=0, description="steps skipped for a non-finite loss or gradient "
+                                                           "before the run stops")
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> "TrainConfig":
@@ -98,7 +100,8 @@ class StreamConfig(_Section):
     # Row ids in the shuffle window. Ids only: the loader holds no row data for it, so a
     # large window costs no memory, only read locality (rows come from ~window/shard_rows shards).
     shuffle_buffer: int = Field(4096, gt=0)
-    verify_checksums: bool = Field(False, description="check each row's blake2b checksum on read (CPU cost)")
+    verify_checksums: bool = Field(True, description="check each row's checksum on read (a damaged row is skipped, "
+                                                     "never trained on)")
     max_errors: int = Field(20, ge=0, description="unreadable batches tolerated before the run stops")
 
 
