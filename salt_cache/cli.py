@@ -131,7 +131,8 @@ def verify(
         print(json.dumps(report.to_json(), indent=2))
     else:
         summary = {"rows": report.rows, "committed": report.committed, "failed": report.failed,
-                   "pending": report.pending, "problems": len(report.problems)}
+                   "pending": report.pending, **({"unknown status": report.other} if report.other else {}),
+                   "problems": len(report.problems)}
         if report.deep:
             worst = max(d["relative_l2"] for d in report.deep)
             summary["deep check"] = f"{len(report.deep)} rows, worst relative L2 {worst:.2e}"

@@ -120,7 +120,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
             **asdict(state),
             "optimizer": optimizer_rest,
         }
-        (partial / "state.json").write_text(json.dumps(record, indent=1))
+        (partial / "state.json").write_text(json.dumps(record, indent=1))  # the whole folder is renamed
         for file in partial.iterdir():
             fsync_path(file)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error

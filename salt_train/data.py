@@ -235,12 +235,19 @@ class RowReader:
             if raw is not None:
                 raw.read(rows, out=target)
             else:
+                self._require_files(name, runs)  # zarr would read a missing file as zeros
                 filled = 0
                 for a, b in runs:
                     target[filled:filled + b - a] = array[a:b]
                     filled += b - a
             results.append(target)
         return tuple(results)
+
+    def _require_files(self, name: str, runs: list[tuple[int, int]]) -> None:
+        shard_rows = self.store.shard_rows
+        for shard in sorted({k for a, b in runs for k in range(a // shard_rows, (b - 1) // shard_rows + 1)}):
+            if not self.store.shard_file(name, shard).is_file():
+                raise ValueError(f"{name} shard {shard} file {self.store.shard_file(name, shard)} is missing")
 
 
 def shared_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

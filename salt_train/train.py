@@ -149,7 +149,7 @@ def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
 def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, device: torch.device,
          dist: Dist) -> RunReport:
     # ---- the store: refuse bad input before anything is written -----------------------
-    live = dist.agree(lambda: LatentStore.open(request.cache))
+    live = dist.agree(lambda: LatentStore.open(request.cache).checked())
     spec = stream_spec(live, config, Position(), dist.rank, dist.world_size)
     dist.agree(lambda: check_stream(spec, live.path))
     dist.agree(lambda: check_shm(config.loader, spec.local_batch, live.teacher_width, processes=dist.local_world_size))
@@ -210,7 +210,7 @@ def _visible_snapshot(record: dict) -> Snapshot:
 def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: Stepper, resume: bool,
            dist: Dist) -> RunReport:
     model, optimizer, device = stepper.model, stepper.optimizer, stepper.device
-    store = LatentStore.open(snapshot.path)  # from here on, only the snapshot is read
+    store = LatentStore.open(snapshot.path).checked()  # from here on, only the snapshot is read
     state = _resume_state(run_dir, model, optimizer, dist) if resume else ckpt.TrainState(step=0, position=Position())
     spec = stream_spec(store, config, state.position, dist.rank, dist.world_size)
     dist.agree(lambda: check_stream(spec, store.path))
@@ -550,7 +550,8 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
     loader = config.loader
     print_block("salt-train run", {
         "run folder": run_dir,
-        "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, {counts['pending']} pending rows)",
+        "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, {counts['pending']} pending rows"
+                 + (f", {counts['other']} with an unknown status, not trained on" if counts["other"] else "") + ")",
         "snapshot": f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, {snapshot.seconds:.2f} s)",
         "teacher": f"{store.attrs.get('teacher', {}).get('name', '?')} (width {store.teacher_width})",
         "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")

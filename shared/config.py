@@ -127,6 +127,13 @@ class ModelConfig(_Section):
     compile_mode: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
     grad_checkpointing: bool = False
 
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.predictor_width % self.predictor_heads:
+            raise ValueError(f"predictor_width {self.predictor_width} is not divisible by predictor_heads "
+                             f"{self.predictor_heads}")
+        return self
+
 
 class PipelineConfig(_Section):
     name: str = DEFAULT_PIPELINE
