@@ -39,7 +39,7 @@ class CheckResult:
         return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
 
 
-def _process_tree(root: int) -> list[int]:
+def process_tree(root: int) -> list[int]:
     """``root`` and its descendants (the forkserver's workers included), from /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -64,7 +64,7 @@ def own_shm_bytes(path: Path = SHM_PATH) -> int:
         return shutil.disk_usage(path).used
     prefix = f"{path}/"
     sizes: dict[tuple[str, str], int] = {}
-    for pid in _process_tree(os.getpid()):
+    for pid in process_tree(os.getpid()):
         try:
             lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
         except OSError:  # a worker that just exited

@@ -388,13 +388,20 @@ def _resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
         return ckpt.TrainState(step=0, position=Position())
     damaged: list[str] = []
     for path in candidates:
-        try:
-            state = dist.agree(lambda: ckpt.load_checkpoint(path, model, optimizer))
-        except ckpt.CheckpointUnreadable as exc:
-            damaged.append(str(exc))
+        def attempt() -> ckpt.TrainState | str:
+            try:
+                return ckpt.load_checkpoint(path, model, optimizer)
+            except ckpt.CheckpointUnreadable as exc:  # damaged: try the one before (a misfit model still raises)
+                return str(exc)
+
+        state = dist.agree(attempt)
+        (unreadable,) = dist.any_of(isinstance(state, str))
+        if unreadable:
+            damaged.append(state if isinstance(state, str) else f"checkpoint {path} is unreadable on another rank")
             if dist.is_main:
-                log.warning("%s; falling back to the checkpoint before it", exc)
+                log.warning("%s; falling back to the checkpoint before it", damaged[-1])
             continue
+        assert not isinstance(state, str)
         log.info("resumed from %s (step %d, epoch %d, batch %d)%s", path.name, state.step, state.position.epoch,
                  state.position.index, f", not from the {len(damaged)} damaged newer one(s)" if damaged else "")
         return state
