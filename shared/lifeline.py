@@ -78,9 +78,12 @@ def worker_init(worker_id: int) -> None:
     if not _die_with_parent(signal.SIGKILL):
         return
     # The parent may have died before the prctl: then no signal will ever come.
-    expected = {_env_pid(MAIN_PID_ENV), _env_pid(FORKSERVER_PID_ENV)} - {None}
-    main = _env_pid(MAIN_PID_ENV)
-    if (expected and os.getppid() not in expected) or (main is not None and not _alive(main)):
+    forkserver, main = _env_pid(FORKSERVER_PID_ENV), _env_pid(MAIN_PID_ENV)
+    if forkserver is not None:  # forked by our forkserver (its preload set this)
+        orphaned = os.getppid() != forkserver
+    else:
+        orphaned = main is not None and os.getppid() != main and not _alive(main)
+    if orphaned:
         os._exit(1)
 
 
