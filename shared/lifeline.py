@@ -66,7 +66,8 @@ def install() -> None:
     """In the main process of a command that starts workers, before any worker or forkserver starts."""
     os.environ[MAIN_PID_ENV] = str(os.getpid())
     try:
-        multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
+        # Python's default preload is ["__main__"]: keep it, add ours.
+        multiprocessing.get_context("forkserver").set_forkserver_preload(["__main__", __name__])
     except ValueError:  # no forkserver on this platform
         pass
 
@@ -93,6 +94,8 @@ def _forkserver_exit(signum: int, frame: object) -> None:
     if str(os.getpid()) != os.environ.get(FORKSERVER_PID_ENV):
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+        return
+    if os.getppid() == _env_pid(MAIN_PID_ENV):  # a signal while the main process lives: it closes us itself
         return
     from multiprocessing import forkserver
 

@@ -121,7 +121,7 @@ def one_error_line(stderr: str, prog: str = "salt-train") -> str:
 # ---- 1. kill -9 of the main process: nothing left running, the rerun ends identical ------------
 
 def test_kill_9_of_training_leaves_nothing_and_resumes_identical(demo_reference: Build, tmp_path: Path) -> None:
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=6, train__checkpoint_every=2,
+    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=8, train__checkpoint_every=2,
                               **FORKSERVER)
     common = ("--cache", demo_reference.store, "--pipeline", pipeline)
     straight = tmp_path / "straight"
@@ -130,9 +130,17 @@ def test_kill_9_of_training_leaves_nothing_and_resumes_identical(demo_reference:
     for attempt in range(KILLS):
         run_dir = tmp_path / f"killed-{attempt}"
         proc = start("salt_train", "run", *common, "--run-dir", run_dir, tmpdir=tmp_path / f"tmp-{attempt}")
-        wait_for(run_dir / "config.yaml", proc)
-        time.sleep(rng.uniform(0, 3))  # a random point: before, between or after checkpoints
-        kill_9_and_watch(proc, tmp_path / f"tmp-{attempt}")
+        # A random point: after checkpoint 0, 2 or 4 (none, the first or the second), plus up to a second.
+        latest = run_dir / "checkpoints" / "latest.json"
+        target = rng.choice([0, 2, 4])
+        if target:
+            wait_for(latest, proc)
+            while json.loads(latest.read_text())["step"] < target and proc.poll() is None:
+                time.sleep(0.02)
+        time.sleep(rng.uniform(0, 1))
+        watched = kill_9_and_watch(proc, tmp_path / f"tmp-{attempt}")
+        print(f"training kill {attempt}: at step {json.loads(latest.read_text())['step'] if latest.exists() else 0}, "
+              f"{watched['descendants']} descendants gone after {watched['gone_after_s']:.1f} s")
         resumed = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         a, b = latest_weights(straight), latest_weights(run_dir)
@@ -149,7 +157,11 @@ def test_kill_9_of_a_build_leaves_nothing_and_the_rerun_is_identical(demo_set: P
                 "--pipeline", demo_pipeline, "--workers", "2")
         proc = start("salt_cache", *args, tmpdir=tmp_path / f"tmp-{attempt}")
         time.sleep(rng.uniform(0, 3))
-        kill_9_and_watch(proc, tmp_path / f"tmp-{attempt}")
+        watched = kill_9_and_watch(proc, tmp_path / f"tmp-{attempt}")
+        committed = int(np.sum(zarr.open_group(str(store), mode="r")["status"][:] == RowStatus.COMMITTED)) \
+            if (store / "zarr.json").exists() else 0
+        print(f"build kill {attempt}: {committed} rows committed, "
+              f"{watched['descendants']} descendants gone after {watched['gone_after_s']:.1f} s")
         assert call_cli(*args).returncode == 0
         rebuilt = zarr.open_group(str(store), mode="r")
         for name in ("pixels", "latents", "status", "frame_index", "latents_checksum"):
