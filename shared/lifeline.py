@@ -11,8 +11,10 @@ The chain here, each link a Linux parent-death signal (``prctl(PR_SET_PDEATHSIG)
 - the forkserver (imported as a forkserver *preload* module) gets SIGTERM when the
   main process dies; its handler removes the main process's ``/tmp/pymp-*`` folder
   (which holds the forkserver's socket) and exits;
-- every DataLoader worker (:func:`worker_init`) gets SIGKILL when its parent, the
-  forkserver or the main process, dies;
+- every DataLoader worker (:func:`worker_init`) gets SIGTERM when its parent, the
+  forkserver or the main process, dies; its handler removes the worker's own
+  ``pymp-*`` folder (torch passes batches' file descriptors through a socket there)
+  and exits;
 - the resource tracker then reads EOF on its pipe (nobody holds it any more), unlinks
   the ``/dev/shm/sem.mp-*`` semaphores it was told about, and exits.
 
@@ -72,11 +74,20 @@ def install() -> None:
         pass
 
 
+def _worker_exit(signum: int, frame: object) -> None:
+    """SIGTERM in a worker (its parent died, or a stop): remove the worker's own multiprocessing temp
+    folder (it holds the socket through which torch passes batch file descriptors) and exit."""
+    tempdir = multiprocessing.current_process()._config.get("tempdir")
+    if isinstance(tempdir, str) and Path(tempdir).name.startswith("pymp-"):
+        shutil.rmtree(tempdir, ignore_errors=True)
+    os._exit(128 + signum)
+
+
 def worker_init(worker_id: int) -> None:
     """A DataLoader ``worker_init_fn``: die with the parent, leave Ctrl-C to the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the forkserver's handler below
-    if not _die_with_parent(signal.SIGKILL):
+    signal.signal(signal.SIGTERM, _worker_exit)  # not the forkserver's handler below
+    if not _die_with_parent(signal.SIGTERM):
         return
     # The parent may have died before the prctl: then no signal will ever come.
     forkserver, main = _env_pid(FORKSERVER_PID_ENV), _env_pid(MAIN_PID_ENV)
