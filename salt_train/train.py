@@ -335,6 +335,8 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
             if log_file is not None:
                 log_file.close()
     final = checkpoint()
+    if dist.enabled:  # a worker that died on one rank stopped them all: every rank reports it
+        worker_died = next((reason for reason in dist.all_gather(worker_died) if reason), None)
     report = RunReport(run_dir, state.step, first_loss, last_loss, state.loader_errors, interrupted, stop_signal=stop.received)
     resume_hint = (f"continue with: {'torchrun ... -m salt_train' if dist.enabled else 'salt-train'} run --cache "
                    f"{snapshot.source} --run-dir {run_dir} --resume")
