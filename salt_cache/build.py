@@ -29,7 +29,7 @@ from salt_cache.identity import open_matching_store, open_or_create_store, store
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.source import SsV2Source
 from shared.teacher import Teacher
-from salt_cache.writer import ShardAssembler, ShardWriter
+from salt_cache.writer import ShardAssembler, ShardWriter, drop_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class BatchCollector:
 
     def add(self, item: TeacherBatch) -> None:
         batch = item.batch
-        errors = batch["errors"]
+        errors, latents = drop_nonfinite(batch["errors"], item.host_latents())  # never commit NaN or inf
         # The DataLoader's default_convert turns numpy arrays into tensors; index with numpy.
         rows, frame_index = np.asarray(batch["rows"]), np.asarray(batch["frame_index"])
         for row, error in zip(rows, errors):
@@ -137,7 +137,7 @@ class BatchCollector:
         if shard not in self.open_shards:
             self.open_shards[shard] = ShardAssembler.empty(self.store, shard)
         assembler = self.open_shards[shard]
-        assembler.add(rows, batch["pixels"].numpy(), item.host_latents(), frame_index, errors)
+        assembler.add(rows, batch["pixels"].numpy(), latents, frame_index, errors)
         if assembler.complete:
             self.writer.submit(self.open_shards.pop(shard).payload)
 
@@ -238,7 +238,8 @@ def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config
     counts = store.counts()
     print_block("salt-cache build", {
         **source.describe(),
-        "store": f"{store.path} ({counts['committed']} committed, {counts['failed']} failed, {todo} to do)",
+        "store": f"{store.path} ({counts['committed']} committed, {counts['failed']} failed, {todo} to do"
+                 + (f"; {counts['other']} rows with an unknown status, redone" if counts["other"] else "") + ")",
         "teacher": f"{teacher.name} (width {teacher.width}, {teacher.compute_dtype}, hash {teacher.weights_hash[:12]})",
         "device": teacher.device,
         "shards": f"{store.num_shards} of {store.shard_rows} rows, {len(shards)} to do",

@@ -12,6 +12,7 @@ import typer
 
 from shared.cli import DEVICE_HELP, Device, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
+from shared import lifeline
 from shared.console import print_block, rank_tag, setup_logging
 from shared.torchrun_env import env_world_size
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
@@ -63,6 +64,7 @@ def build(
     if out is not None:
         _check_out_path(out, "a store")
     setup_logging(verbose)
+    lifeline.install()  # decode workers and the forkserver die with this process, even by kill -9
     from salt_cache.source import discover
 
     config = load_pipeline(pipeline, {
@@ -129,7 +131,8 @@ def verify(
         print(json.dumps(report.to_json(), indent=2))
     else:
         summary = {"rows": report.rows, "committed": report.committed, "failed": report.failed,
-                   "pending": report.pending, "problems": len(report.problems)}
+                   "pending": report.pending, **({"unknown status": report.other} if report.other else {}),
+                   "problems": len(report.problems)}
         if report.deep:
             worst = max(d["relative_l2"] for d in report.deep)
             summary["deep check"] = f"{len(report.deep)} rows, worst relative L2 {worst:.2e}"

@@ -56,6 +56,7 @@ def _describe_mismatch(found: dict, wanted: dict) -> str:
 def open_matching_store(out: Path, identity: dict[str, object], writable: bool) -> LatentStore:
     """Open an existing store, refusing one built from another teacher, recipe or clip list."""
     store = LatentStore.open(out, writable=writable)
+    store.check_layout()  # writing by a wrong shard_rows would overwrite committed rows
     found = store.attrs.get("identity", {})
     if found != identity:
         raise SaltUsageError(

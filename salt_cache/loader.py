@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from shared import geometry
 from shared.config import PipelineConfig, ViewConfig
+from shared.lifeline import worker_init
 from shared.store import LatentStore, pixels_shape
 from salt_cache.source import ClipRecord
 from salt_cache.video import ClipDecodeError, decode_view
@@ -84,5 +85,5 @@ def make_loader(dataset: ViewBatches, config: PipelineConfig, device: torch.devi
         if context not in multiprocessing.get_all_start_methods():
             context = "spawn"
         kwargs.update(prefetch_factor=settings.prefetch_factor, persistent_workers=settings.persistent_workers,
-                      multiprocessing_context=context)
+                      multiprocessing_context=context, worker_init_fn=worker_init)
     return DataLoader(dataset, **kwargs)

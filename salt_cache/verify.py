@@ -19,7 +19,8 @@ import torch
 from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
-from shared.store import STATUS_UNREADABLE, LatentStore, RowStatus, clip_ids_sha256, labels_sha256, row_checksum
+from shared.store import (STATUS_UNREADABLE, LatentStore, RowStatus, clip_ids_sha256, labels_sha256, row_checksum,
+                          status_counts)
 
 if TYPE_CHECKING:
     from shared.teacher import Teacher
@@ -50,6 +51,7 @@ class VerifyReport:
     committed: int = 0
     failed: int = 0
     pending: int = 0
+    other: int = 0  # status values outside 0/1/2: a damaged commit record, never trained on
     problems: list[Problem] = field(default_factory=list)
     deep: list[dict] = field(default_factory=list)
 
@@ -62,33 +64,27 @@ class VerifyReport:
 
 
 def check_schema(store: LatentStore, report: VerifyReport) -> bool:
-    """Array shapes and dtypes against the contract; False when rows cannot be read safely."""
-    rows, width = store.rows, store.teacher_width
+    """Array shapes, dtypes and chunk/shard grids against the recorded layout (teacher width,
+    geometry, shard_rows); False when rows cannot be read safely."""
+    rows = store.rows
     expected = {
-        "pixels": ((rows, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3), "uint8"),
-        "latents": ((rows, geometry.NUM_TOKENS, width), "float16"),
-        "frame_index": ((rows, geometry.NUM_FRAMES), "int32"),
-        "status": ((rows,), "uint8"),
-        "label": ((rows,), "int32"),
-        "pixels_checksum": ((rows,), "uint64"),
-        "latents_checksum": ((rows,), "uint64"),
+        "pixels": "uint8", "latents": "float16", "frame_index": "int32", "status": "uint8", "label": "int32",
+        "pixels_checksum": "uint64", "latents_checksum": "uint64",
     }
-    sound = True
-    for name, (shape, dtype) in expected.items():
+    layout = store.layout_problems()
+    report.problems.extend(Problem(problem) for problem in layout)
+    sound = not layout
+    for name, dtype in expected.items():
         array = store.array(name)
-        if tuple(array.shape) != shape or str(array.dtype) != dtype:
-            report.problems.append(Problem(f"array {name} is {array.dtype}{tuple(array.shape)}, expected {dtype}{shape}"))
+        if str(array.dtype) != dtype:
+            report.problems.append(Problem(f"array {name} is {array.dtype}, expected {dtype}"))
             sound = False
-    for name in ("clip_id", "error"):
-        if store.array(name).shape != (rows,):
-            report.problems.append(Problem(f"array {name} has shape {store.array(name).shape}, expected ({rows},)"))
-            sound = False
+    if tuple(store.array("frame_index").shape) != (rows, geometry.NUM_FRAMES):
+        report.problems.append(Problem(f"array frame_index has shape {store.array('frame_index').shape}"))
+        sound = False
     missing = [key for key in REQUIRED_ATTRS if key not in store.attrs]
     if missing:
         report.problems.append(Problem(f"attributes missing: {', '.join(missing)}"))
-    recorded_width = store.attrs.get("teacher", {}).get("width")
-    if recorded_width is not None and recorded_width != width:
-        report.problems.append(Problem(f"latents width {width} differs from the recorded teacher width {recorded_width}"))
     if sound:
         check_source_rows(store, report)
     return sound
@@ -144,12 +140,22 @@ def _check_row(status: int, data: dict[str, np.ndarray], i: int) -> str | None:
     return None
 
 
+def _missing_files(store: LatentStore, start: int) -> str | None:
+    """A shard holding committed rows always has its data files: a missing one reads as zeros."""
+    shard = start // store.shard_rows
+    gone = [name for name in ("pixels", "latents") if not store.shard_file(name, shard).is_file()]
+    return f"{' and '.join(gone)} shard file missing ({store.shard_file(gone[0], shard)})" if gone else None
+
+
 def check_shard(store: LatentStore, start: int, stop: int, status: np.ndarray, ids: np.ndarray) -> list[Problem]:
     """The problems of rows [start, stop): one read of the shard, row by row only if it is damaged."""
     data, _ = _read_shard(store, start, stop)
+    missing = _missing_files(store, start) if np.any(status[start:stop] == RowStatus.COMMITTED) else None
     problems = []
     for row in range(start, stop):
         problem = _status_problem(status[row])
+        if problem is None and missing and status[row] == RowStatus.COMMITTED:
+            problem = missing
         if problem is None and data is None:  # damaged shard: find which rows still read
             row_data, row_error = _read_shard(store, row, row + 1)
             problem = f"unreadable ({row_error})" if row_data is None else _check_row(status[row], row_data, 0)
@@ -216,9 +222,7 @@ def verify_store(path: str, deep: int = 0, device: str = "auto", threads: int = 
     store = LatentStore.open(path)
     teacher = load_recorded_teacher(store, device) if deep > 0 else None
     status = store.status()
-    report = VerifyReport(store=str(path), rows=len(status), committed=int(np.sum(status == RowStatus.COMMITTED)),
-                          failed=int(np.sum(status == RowStatus.FAILED)),
-                          pending=int(np.sum(status == RowStatus.PENDING)))
+    report = VerifyReport(store=str(path), **status_counts(status))
     if check_schema(store, report):
         check_rows(store, report, status, threads)
         if deep > 0:

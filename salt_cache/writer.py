@@ -12,6 +12,24 @@ from shared import geometry
 from shared.store import LatentStore, RowStatus, ShardPayload, pixels_shape
 
 
+NONFINITE_REASON = "teacher latents hold NaN or inf (e.g. a half-precision overflow): not committed"
+
+
+def drop_nonfinite(errors: list[str], latents: np.ndarray | None) -> tuple[list[str], np.ndarray | None]:
+    """Record decoded rows whose latents are not finite as failed (with that reason) and drop their
+    latents: ``latents`` holds one row per decoded (error-free) clip, in order."""
+    if latents is None or len(latents) == 0:
+        return errors, latents
+    finite = np.isfinite(latents.reshape(len(latents), -1)).all(axis=1)
+    if finite.all():
+        return errors, latents
+    decoded = [i for i, error in enumerate(errors) if not error]
+    errors = list(errors)
+    for k in np.flatnonzero(~finite):
+        errors[decoded[k]] = NONFINITE_REASON
+    return errors, (latents[finite] if finite.any() else None)
+
+
 @dataclass
 class ShardAssembler:
     """Collects a shard's rows from several batches until every row is decided."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared.errors import SaltUsageError
@@ -47,6 +48,15 @@ class TrainState:
     position: Position  # next global batch to read
     loader_errors: int = 0
     clips_seen: int = 0
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient
+
+
+class CheckpointUnreadable(SaltUsageError):
+    """A checkpoint's files are damaged or incomplete (a resume falls back to the one before)."""
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (disk full, folder gone); the previous ones are intact."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -97,21 +107,30 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:08d}"
     partial = root / f"{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    optimizer_tensors, optimizer_rest = _optimizer_split(optimizer)
-    save_file(_tensors(model.state_dict()), partial / "model.safetensors")
-    save_file(optimizer_tensors, partial / "optimizer.safetensors")
-    save_file(_rng_tensors(), partial / "rng.safetensors")
-    record = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        **asdict(state),
-        "optimizer": optimizer_rest,
-    }
-    (partial / "state.json").write_text(json.dumps(record, indent=1))
-    for file in partial.iterdir():
-        fsync_path(file)
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        optimizer_tensors, optimizer_rest = _optimizer_split(optimizer)
+        save_file(_tensors(model.state_dict()), partial / "model.safetensors")
+        save_file(optimizer_tensors, partial / "optimizer.safetensors")
+        save_file(_rng_tensors(), partial / "rng.safetensors")
+        record = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            **asdict(state),
+            "optimizer": optimizer_rest,
+        }
+        (partial / "state.json").write_text(json.dumps(record, indent=1))  # the whole folder is renamed
+        for file in partial.iterdir():
+            fsync_path(file)
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final.name} in {root}: {reason}; "
+            + (f"{previous.name} is intact: free space and continue with --resume" if previous else
+               "no earlier checkpoint")) from None
     if final.exists():  # a rerun of the same step (resume from an older checkpoint): replace
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -127,12 +146,24 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's complete checkpoints, newest first."""
+    root = checkpoint_dir(run_dir)
+    return sorted((p for p in root.glob(f"{PREFIX}*")
+                   if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").is_file()), reverse=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None (a run killed before its first one)."""
-    root = checkpoint_dir(run_dir)
-    complete = sorted(p for p in root.glob(f"{PREFIX}*")
-                      if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").is_file())
-    return complete[-1] if complete else None
+    complete = complete_checkpoints(run_dir)
+    return complete[0] if complete else None
+
+
+def _count(record: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = record.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"state.json {key} is {value!r}, not a count")
+    return value
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
@@ -144,8 +175,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         model_state = load_file(path / "model.safetensors")
         optimizer_state = _optimizer_join(load_file(path / "optimizer.safetensors"), record["optimizer"])
         rng = load_file(path / "rng.safetensors")
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise SaltUsageError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+        step = _count(record, "step")
+        position = Position(epoch=_count(record["position"], "epoch"), index=_count(record["position"], "index"))
+        counts = {key: _count(record, key, 0) for key in ("loader_errors", "clips_seen", "nonfinite_steps")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError, SafetensorError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({type(exc).__name__}: {detail})") from None
     try:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
@@ -157,6 +192,4 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda.")]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
-    position = Position(**record["position"])
-    return TrainState(step=record["step"], position=position,
-                      loader_errors=record.get("loader_errors", 0), clips_seen=record.get("clips_seen", 0))
+    return TrainState(step=step, position=position, **counts)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import typer
 import yaml
 
+from shared import lifeline
 from shared.cli import DEVICE_HELP, Device, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
@@ -85,10 +86,12 @@ def run(
     Under torchrun (torchrun --nproc-per-node=K -m salt_train run ...) it trains with DDP on the same
     global batches; checkpoints resume with any number of ranks."""
     setup_logging(verbose)
+    lifeline.install()  # loader workers and the forkserver die with this process, even by kill -9
     config = _config(pipeline, sets, device)
     if resume and (pipeline or sets):
         print("salt-train: --resume continues with the run's recorded config.yaml; --pipeline/--set are ignored",
               file=sys.stderr)
+    from salt_train.checkpoint import CheckpointWriteError
     from salt_train.train import EXIT_STOPPED, LostPeer, RunRequest, TrainingStopped, run_training
 
     import torch
@@ -102,13 +105,13 @@ def run(
             "a training batch does not fit in GPU memory: lower train.batch_size (--set train.batch_size=N) "
             "or set model.grad_checkpointing=true; checkpoints written so far are kept "
             "(continue with --resume)") from None
-    except (TrainingStopped, LostPeer) as exc:
+    except (TrainingStopped, LostPeer, CheckpointWriteError) as exc:
         print(f"salt-train{rank_tag()}: error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
     except OSError as exc:
         raise SaltUsageError(f"{exc.filename or 'run folder'}: {exc.strerror or exc}") from None
     if report.interrupted:
-        return EXIT_STOPPED
+        return 128 + report.stop_signal if report.stop_signal else EXIT_STOPPED  # SIGTERM: 143
     if is_console_rank():
         print(f"run folder: {report.run_dir}")
     return EXIT_OK
@@ -168,6 +171,7 @@ def preflight(
 ) -> int:
     """Checks to run before a long run: one batch's shapes and values, a worker stress test, /dev/shm use."""
     setup_logging()
+    lifeline.install()
     from salt_train.preflight import run_preflight
 
     config = _config(pipeline, sets, device)
@@ -192,6 +196,7 @@ def bench(
     Under torchrun (torchrun --nproc-per-node=K -m salt_train bench ...) each rank runs its loader and
     its DDP step on its slice of the global batch at once: the figures are the job's totals."""
     setup_logging()
+    lifeline.install()
     from salt_train.bench import run_bench, write_synthetic_store
     from shared.device import resolve_device
     from shared.distributed import backend_for, distributed

@@ -37,6 +37,7 @@ from shared import geometry
 from shared.config import LoaderConfig, PipelineConfig
 from shared.console import format_bytes
 from shared.errors import SaltUsageError
+from shared.lifeline import worker_init
 from shared.shard_reader import open_raw_rows
 from shared.store import LatentStore, RowStatus, row_checksum
 
@@ -234,12 +235,19 @@ class RowReader:
             if raw is not None:
                 raw.read(rows, out=target)
             else:
+                self._require_files(name, runs)  # zarr would read a missing file as zeros
                 filled = 0
                 for a, b in runs:
                     target[filled:filled + b - a] = array[a:b]
                     filled += b - a
             results.append(target)
         return tuple(results)
+
+    def _require_files(self, name: str, runs: list[tuple[int, int]]) -> None:
+        shard_rows = self.store.shard_rows
+        for shard in sorted({k for a, b in runs for k in range(a // shard_rows, (b - 1) // shard_rows + 1)}):
+            if not self.store.shard_file(name, shard).is_file():
+                raise ValueError(f"{name} shard {shard} file {self.store.shard_file(name, shard)} is missing")
 
 
 def shared_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -293,6 +301,7 @@ def make_loader(spec: StreamSpec, loader: LoaderConfig, pin_memory: bool) -> Dat
         pin_memory=pin_memory,
         prefetch_factor=loader.prefetch_factor if workers else None,
         multiprocessing_context=loader.multiprocessing_context if workers else None,
+        worker_init_fn=worker_init if workers else None,  # die with the main process; Ctrl-C is its to handle
     )
 
 

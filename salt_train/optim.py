@@ -47,9 +47,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
                     device: torch.device) -> torch.optim.AdamW:
-    """AdamW over :func:`parameter_groups`; the fused CUDA kernel on CUDA (one launch per step)."""
+    """AdamW over :func:`parameter_groups`, fused (one kernel per step on CUDA; on the CPU too, so both
+    take the device-side skip flag of :func:`salt_train.finite.guarded_step`)."""
     groups = parameter_groups(model, weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay, **extra)
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay, fused=True)

@@ -3,11 +3,14 @@
 1. one batch: shapes ``(B, 3, 16, 224, 224)`` and ``(B, 1568, D)`` once on the device, finite values;
 2. worker stress: 20-50 batches through the configured workers and prefetch, no errors;
 3. /dev/shm: sampled during the stress, its use stays flat and under the loader's bound
-   (the seed's bus errors at batch 64 were /dev/shm running out mid-run).
+   (the seed's bus errors at batch 64 were /dev/shm running out mid-run). Only this
+   loader's shared memory counts (the segments this process and its workers map):
+   another job allocating /dev/shm beside it does not fail the check.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import threading
@@ -36,27 +39,67 @@ class CheckResult:
         return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (the forkserver's workers included), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        children.setdefault(int(fields[1]), []).append(int(text.split(maxsplit=1)[0]))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def own_shm_bytes(path: Path = SHM_PATH) -> int:
+    """Bytes of the ``path`` (/dev/shm) objects mapped by this process and its descendants, each
+    object once (by inode); where there is no /proc, the whole filesystem's use."""
+    if not Path("/proc/self/maps").is_file():
+        return shutil.disk_usage(path).used
+    prefix = f"{path}/"
+    sizes: dict[tuple[str, str], int] = {}
+    for pid in process_tree(os.getpid()):
+        try:
+            lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:  # a worker that just exited
+            continue
+        for line in lines:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or not parts[5].startswith(prefix):
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            key = (parts[3], parts[4])  # device, inode: the same segment mapped by two processes counts once
+            sizes[key] = max(sizes.get(key, 0), hi - lo)
+    return sum(sizes.values())
+
+
 class ShmSampler(threading.Thread):
-    """Samples /dev/shm's used bytes every ``interval`` seconds, tagged with the batches consumed so far."""
+    """Samples this loader's /dev/shm bytes every ``interval`` seconds, tagged with the batches consumed so far."""
 
     def __init__(self, path: Path = SHM_PATH, interval: float = 0.05) -> None:
         super().__init__(daemon=True)
         self.path, self.interval = path, interval
-        self.baseline = shutil.disk_usage(path).used
+        self.baseline = own_shm_bytes(path)
         self.batches = 0  # updated by the consumer
         self.samples: list[tuple[int, int]] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.samples.append((self.batches, shutil.disk_usage(self.path).used - self.baseline))
+            self.samples.append((self.batches, own_shm_bytes(self.path) - self.baseline))
             time.sleep(self.interval)
 
     def stop(self) -> tuple[list[tuple[int, int]], int]:
         """The samples, and the growth left once the loader is gone (a leak if large)."""
         self._stop_event.set()
         self.join()
-        return self.samples, shutil.disk_usage(self.path).used - self.baseline
+        return self.samples, own_shm_bytes(self.path) - self.baseline
 
 
 def check_single_batch(stream: StoreStream, teacher_width: int, device: torch.device) -> CheckResult:
@@ -141,7 +184,7 @@ def shm_verdict(samples: list[tuple[int, int]], left_over: int, bound: int, work
 
 def run_preflight(cache: Path, config: PipelineConfig, stress_batches: int = 30) -> list[CheckResult]:
     device = resolve_device(config.train.device, "train.device")
-    store = LatentStore.open(cache)
+    store = LatentStore.open(cache).checked()
     spec = stream_spec(store, config)
     check_stream(spec, store.path)
     check_shm(config.loader, spec.local_batch, store.teacher_width)

@@ -25,7 +25,7 @@ import yaml
 
 from shared.config import PipelineConfig, dump_pipeline
 from shared.errors import SaltUsageError
-from shared.durable import write_json_atomic
+from shared.durable import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def create_run_dir(path: Path, config: PipelineConfig) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SaltUsageError(f"cannot create run folder {path}: {exc.strerror or exc}") from None
-    (path / "config.yaml").write_text(dump_pipeline(config))
+    write_text_atomic(path / "config.yaml", dump_pipeline(config))  # a kill never leaves it empty
 
 
 def read_run_config(path: Path) -> PipelineConfig:

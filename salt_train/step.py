@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shared.config import PipelineConfig
 from shared.distributed import Dist
 from salt_train.data import to_model_inputs
+from salt_train.finite import guarded_step
 from salt_train.masks import make_masks
 from salt_train.objective import SaltStudent, build_salt_student, gather_tokens, normalise_targets, regression_loss
 from salt_train.optim import build_optimizer
@@ -34,6 +35,7 @@ class StepResult:
     grad_norm: torch.Tensor
     lr: float
     clips: int
+    applied: torch.Tensor | None = None  # device bool: False when non-finite gradients skipped the update
 
 
 class Stepper:
@@ -77,6 +79,6 @@ class Stepper:
         loss = regression_loss(predicted, targets, self.config.model.loss)  # in float32
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
-        self.optimizer.step()
+        applied = guarded_step(self.optimizer, grad_norm)  # a non-finite step is skipped on the device
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss.detach(), grad_norm.detach(), lr, pixels.shape[0])
+        return StepResult(loss.detach(), grad_norm.detach(), lr, pixels.shape[0], applied)

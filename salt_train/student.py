@@ -46,7 +46,7 @@ def create_timm_vit(model_name: str, kwargs: dict | None = None) -> nn.Module:
         raise SaltUsageError(f"model.student: unknown timm model {model_name!r}{hint}")
     try:
         model = timm.create_model(model_name, pretrained=False, num_classes=0, **(kwargs or {}))
-    except (TypeError, ValueError, AssertionError) as exc:
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # RuntimeError: e.g. embed_dim=-5
         raise SaltUsageError(f"model.student_kwargs {kwargs or {}} do not fit {model_name} ({one_line(exc)})") from None
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
     # timm's VisionTransformer class (and subclasses): EVA-style models have the same attributes

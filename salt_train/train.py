@@ -32,6 +32,7 @@ from salt_train import checkpoint as ckpt
 from salt_train import run_folder
 from salt_train.data import Position, StreamSpec, batch_bytes, check_shm, check_stream, make_loader, shm_bound, stream_spec
 from salt_train.export import export_encoder
+from salt_train.finite import nonfinite_latent_rows, weights_finite
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
 from salt_train.quick_eval import QuickEval
@@ -40,11 +41,12 @@ from salt_train.step import Stepper, resolve_compile_mode
 
 log = logging.getLogger(__name__)
 
-EXIT_STOPPED = 130  # interrupted by a signal, checkpoint written
+EXIT_STOPPED = 130  # interrupted by SIGINT, checkpoint written (SIGTERM: 143, the 128 + signal convention)
 
 
 class TrainingStopped(Exception):
-    """The run stopped early on purpose (too many loader errors); a checkpoint was written."""
+    """The run stopped early on purpose (too many loader errors or non-finite steps, a dead loader
+    worker); a checkpoint of the last whole step was written, or the reason says why not."""
 
 
 @dataclass
@@ -68,6 +70,7 @@ class RunReport:
     loader_errors: int
     interrupted: bool = False
     export: Path | None = None
+    stop_signal: int | None = None  # the signal that stopped the run (the exit code is 128 + it)
 
 
 def total_steps(config: PipelineConfig, steps_per_epoch: int) -> int:
@@ -99,6 +102,12 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (tests calling in-process from a thread)
                 pass
+        try:
+            # torch's SIGCHLD handler raises a dead worker's error wherever the main process is, mid-step or
+            # mid-checkpoint; without it the error comes out of next(loader), between two whole steps.
+            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        except ValueError:
+            pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -141,7 +150,7 @@ def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
 def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, device: torch.device,
          dist: Dist) -> RunReport:
     # ---- the store: refuse bad input before anything is written -----------------------
-    live = dist.agree(lambda: LatentStore.open(request.cache))
+    live = dist.agree(lambda: LatentStore.open(request.cache).checked())
     spec = stream_spec(live, config, Position(), dist.rank, dist.world_size)
     dist.agree(lambda: check_stream(spec, live.path))
     dist.agree(lambda: check_shm(config.loader, spec.local_batch, live.teacher_width, processes=dist.local_world_size))
@@ -202,7 +211,7 @@ def _visible_snapshot(record: dict) -> Snapshot:
 def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: Stepper, resume: bool,
            dist: Dist) -> RunReport:
     model, optimizer, device = stepper.model, stepper.optimizer, stepper.device
-    store = LatentStore.open(snapshot.path)  # from here on, only the snapshot is read
+    store = LatentStore.open(snapshot.path).checked()  # from here on, only the snapshot is read
     state = _resume_state(run_dir, model, optimizer, dist) if resume else ckpt.TrainState(step=0, position=Position())
     spec = stream_spec(store, config, state.position, dist.rank, dist.world_size)
     dist.agree(lambda: check_stream(spec, store.path))
@@ -222,10 +231,36 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
     window = HealthWindow()
     first_loss = last_loss = None
     interrupted = live_store_changed = False
+    worker_died: str | None = None
     batches: Iterable[dict] = iter(loader)
 
-    def checkpoint() -> Path | None:
-        """Rank 0 writes it while the others wait (none exits, and is reported failed, meanwhile)."""
+    def account_skipped() -> None:
+        """Read the pending non-finite flags (one host read), log the skipped steps and their rows,
+        and stop once there are more than train.max_nonfinite_steps of them."""
+        skipped = window.skipped_steps(dist)
+        for step, rows in skipped:
+            state.nonfinite_steps += 1
+            if main:
+                culprits = nonfinite_latent_rows(store, rows)
+                log.warning("step %d skipped: non-finite loss or gradient, weights left as they were (rows %s%s)",
+                            step, rows, f"; non-finite latents in rows {culprits}" if culprits else "")
+        if skipped and state.nonfinite_steps > train.max_nonfinite_steps:
+            path = checkpoint(account=False)
+            raise TrainingStopped(
+                f"{state.nonfinite_steps} steps skipped for a non-finite loss or gradient, more than "
+                f"train.max_nonfinite_steps={train.max_nonfinite_steps}: stopped at step {state.step} with "
+                f"checkpoint {path.name if path else '(rank 0)'} (finite weights); the skipped steps and their rows "
+                f"are in {run_dir / 'train.log'}; check the store with `salt-cache verify`")
+
+    def checkpoint(account: bool = True) -> Path | None:
+        """Rank 0 writes it while the others wait (none exits, and is reported failed, meanwhile).
+        Never from non-finite weights: the last finite checkpoint stays the newest."""
+        if account:
+            account_skipped()
+        if main and not weights_finite(model):
+            previous = ckpt.latest_checkpoint(run_dir)
+            raise TrainingStopped(f"the weights are not finite at step {state.step}: no checkpoint written; "
+                                  f"the last finite one is {previous.name if previous else 'none'}")
         path = ckpt.save_checkpoint(run_dir, model, optimizer, state, train.keep_checkpoints) if main else None
         dist.barrier()
         return path
@@ -236,10 +271,11 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                 while state.step < steps:
                     # ---- data: every rank agrees whether to stop, skip or step -------------------
                     waited = time.perf_counter()
-                    batch = next(batches, None)
+                    batch, worker_died = next_batch(batches)
                     window.data_wait += time.perf_counter() - waited
                     unreadable = batch is not None and "error" in batch
-                    stopping, skipping, exhausted = dist.any_of(stop.received is not None, unreadable, batch is None)
+                    stopping, skipping, exhausted = dist.any_of(stop.received is not None or bool(worker_died),
+                                                                unreadable, batch is None)
                     if stopping:
                         interrupted = True
                         break
@@ -267,13 +303,14 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                     # ---- step: masks, forward, masked loss, backward, clip, AdamW ----------
                     result = stepper.step(batch, state.step)
                     state.step += 1
+                    window.add(result, result.clips * dist.world_size, state.step, batch["rows"])
                     state.position = following
                     state.clips_seen += result.clips * dist.world_size
-                    window.add(result.loss, result.grad_norm, result.clips * dist.world_size)
                     bar.update(1)
 
                     # ---- health, metrics, checkpoints --------------------------------------
                     if state.step % train.log_every == 0 or state.step == steps:
+                        account_skipped()
                         record = window.flush(state, result.lr, device, dist)
                         first_loss = record["loss"] if first_loss is None else first_loss
                         last_loss = record["loss"]
@@ -303,7 +340,14 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
             if log_file is not None:
                 log_file.close()
     final = checkpoint()
-    report = RunReport(run_dir, state.step, first_loss, last_loss, state.loader_errors, interrupted)
+    if dist.enabled:  # a worker that died on one rank stopped them all: every rank reports it
+        worker_died = next((reason for reason in dist.all_gather(worker_died) if reason), None)
+    report = RunReport(run_dir, state.step, first_loss, last_loss, state.loader_errors, interrupted, stop_signal=stop.received)
+    resume_hint = (f"continue with: {'torchrun ... -m salt_train' if dist.enabled else 'salt-train'} run --cache "
+                   f"{snapshot.source} --run-dir {run_dir} --resume")
+    if worker_died and stop.received is None:
+        raise TrainingStopped(f"{worker_died}: stopped at step {state.step} of {steps} with checkpoint "
+                              f"{final.name if final else '(rank 0)'}; {resume_hint}")
     if interrupted:
         if main:
             log.warning("stopped at step %d of %d; checkpoint %s; continue with: %s run --cache %s --run-dir %s "
@@ -355,15 +399,45 @@ def _save_alone(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Op
 
 def _resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   dist: Dist) -> ckpt.TrainState:
-    """Load the run's newest checkpoint (the one rank 0 found, on every rank); none yet is step 0."""
-    latest = dist.broadcast(ckpt.latest_checkpoint(run_dir))
-    if latest is None:
+    """Load the run's newest whole checkpoint (the ones rank 0 found, on every rank); none yet is step 0.
+    A damaged newest checkpoint (truncated file, garbage state.json) is passed over, loudly."""
+    candidates = dist.broadcast(ckpt.complete_checkpoints(run_dir))
+    if not candidates:
         log.warning("no checkpoint in %s yet: starting this run from step 0", run_dir)
         return ckpt.TrainState(step=0, position=Position())
-    state = dist.agree(lambda: ckpt.load_checkpoint(latest, model, optimizer))
-    log.info("resumed from %s (step %d, epoch %d, batch %d)", latest.name, state.step,
-             state.position.epoch, state.position.index)
-    return state
+    damaged: list[str] = []
+    for path in candidates:
+        def attempt() -> ckpt.TrainState | str:
+            try:
+                return ckpt.load_checkpoint(path, model, optimizer)
+            except ckpt.CheckpointUnreadable as exc:  # damaged: try the one before (a misfit model still raises)
+                return str(exc)
+
+        state = dist.agree(attempt)
+        (unreadable,) = dist.any_of(isinstance(state, str))
+        if unreadable:
+            damaged.append(state if isinstance(state, str) else f"checkpoint {path} is unreadable on another rank")
+            if dist.is_main:
+                log.warning("%s; falling back to the checkpoint before it", damaged[-1])
+            continue
+        assert not isinstance(state, str)
+        log.info("resumed from %s (step %d, epoch %d, batch %d)%s", path.name, state.step, state.position.epoch,
+                 state.position.index, f", not from the {len(damaged)} damaged newer one(s)" if damaged else "")
+        return state
+    raise SaltUsageError(f"every checkpoint of {run_dir} is damaged (newest: {damaged[0]}); "
+                         "start a new run or restore a checkpoint")
+
+
+def next_batch(batches: Iterable[dict]) -> tuple[dict | None, str | None]:
+    """The next batch, or ``(None, reason)`` when a loader worker died (OOM killer, a signal): the run
+    then stops between two whole steps, with a checkpoint, like on Ctrl-C."""
+    try:
+        return next(batches, None), None  # type: ignore[call-overload]
+    except RuntimeError as exc:
+        text = " ".join(str(exc).split())
+        if "DataLoader worker" not in text:
+            raise
+        return None, f"a loader worker died ({text[:160]})"
 
 
 def _loader_error(batch: dict) -> dict[str, Any]:
@@ -416,6 +490,7 @@ class HealthWindow:
     """Accumulates one log interval; values stay on the device until flushed (no sync per step)."""
 
     def __init__(self) -> None:
+        self.unread = []
         self.reset()
 
     def reset(self) -> None:
@@ -423,32 +498,58 @@ class HealthWindow:
         self.data_wait = 0.0
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []
+        self.applied: list[torch.Tensor] = []
         self.clips = 0
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, clips: int) -> None:
-        self.losses.append(loss)
-        self.grad_norms.append(grad_norm)
+    unread: list[tuple[int, torch.Tensor, torch.Tensor]]  # (step, rows, applied) not yet read on the host
+
+    def add(self, result: Any, clips: int, step: int, rows: torch.Tensor) -> None:
+        """One step's StepResult; ``rows`` (host) are named in the log if the step turns out skipped."""
+        applied = result.applied if result.applied is not None else torch.ones((), dtype=torch.bool,
+                                                                                device=result.loss.device)
+        self.losses.append(result.loss)
+        self.grad_norms.append(result.grad_norm)
+        self.applied.append(applied)
+        self.unread.append((step, rows, applied))
         self.clips += clips
+
+    def skipped_steps(self, dist: Dist) -> list[tuple[int, list[int]]]:
+        """The steps since the last call whose update was skipped, with every rank's rows (one host read)."""
+        if not self.unread:
+            return []
+        flags = torch.stack([applied for _, _, applied in self.unread]).cpu().tolist()
+        skipped = [(step, rows.tolist()) for (step, rows, _), ok in zip(self.unread, flags) if not ok]
+        self.unread = []
+        if dist.enabled:  # every rank skipped the same steps (the flag comes from all-reduced gradients)
+            skipped = [(step, sorted(sum(dist.all_gather(rows), []))) for step, rows in skipped]
+        return skipped
 
     def flush(self, state: ckpt.TrainState, lr: float, device: torch.device, dist: Dist) -> dict[str, Any]:
         """The interval's record; the loss is the mean over every rank's samples (all ranks call this)."""
-        loss = torch.stack(self.losses).float().mean() if self.losses else torch.tensor(math.nan, device=device)
+        # Means over the applied steps: a skipped step's NaN would hide every other step's value.
+        applied = torch.stack(self.applied) if self.applied else torch.zeros(0, dtype=torch.bool, device=device)
+        kept = applied.sum().clamp_min(1)
+        loss = (torch.where(applied, torch.stack(self.losses).float(), 0.0).sum() / kept if self.losses
+                else torch.tensor(math.nan, device=device))
         if dist.enabled:
             torch_dist.all_reduce(loss, op=torch_dist.ReduceOp.AVG)  # default group: NCCL on GPUs
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - self.started
         steps = max(1, len(self.losses))
+        skipped = int(len(self.applied) - applied.sum()) if self.applied else 0
         record = {
             "step": state.step,
             "epoch": state.position.epoch,
             "loss": float(loss),
             "lr": lr,
-            "grad_norm": float(torch.stack(self.grad_norms).float().mean()) if self.grad_norms else math.nan,
+            "grad_norm": (float(torch.where(applied, torch.stack(self.grad_norms).float(), 0.0).sum() / kept)
+                          if self.grad_norms else math.nan),
             "clips_per_s": self.clips / elapsed if elapsed > 0 else 0.0,
             "data_wait_ms": 1000 * self.data_wait / steps,
             "step_ms": 1000 * (elapsed - self.data_wait) / steps,
             "loader_errors": state.loader_errors,
+            "skipped_steps": skipped,
             "gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             "time": time.time(),
         }
@@ -460,7 +561,8 @@ def health_line(record: dict[str, Any]) -> str:
     gpu = f" gpu_mem {record['gpu_mem_gb']:.1f} GB" if record["gpu_mem_gb"] is not None else ""
     return (f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
             f"| {record['clips_per_s']:.1f} clips/s, data wait {record['data_wait_ms']:.1f} ms/step, "
-            f"step {record['step_ms']:.1f} ms{gpu} | loader errors {record['loader_errors']}")
+            f"step {record['step_ms']:.1f} ms{gpu} | loader errors {record['loader_errors']}"
+            + (f", {record['skipped_steps']} non-finite steps skipped" if record.get("skipped_steps") else ""))
 
 
 def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot: Snapshot,
@@ -474,7 +576,8 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
     loader = config.loader
     print_block("salt-train run", {
         "run folder": run_dir,
-        "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, {counts['pending']} pending rows)",
+        "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, {counts['pending']} pending rows"
+                 + (f", {counts['other']} with an unknown status, not trained on" if counts["other"] else "") + ")",
         "snapshot": f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, {snapshot.seconds:.2f} s)",
         "teacher": f"{store.attrs.get('teacher', {}).get('name', '?')} (width {store.teacher_width})",
         "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")

@@ -84,6 +84,8 @@ class TrainConfig(_Section):
     record_rows: bool = Field(False, description="write rows.jsonl: every step's row ids, per rank (data provenance)")
     eval_every: int | None = Field(None, gt=0, description="steps between quick evaluations (held-out loss and "
                                    "linear probe on eval.quick_rows of eval.val_cache) written to metrics.jsonl")
+    max_nonfinite_steps: int = Field(10, ge=0, description="steps skipped for a non-finite loss or gradient "
+                                                           "before the run stops")
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> "TrainConfig":
@@ -100,7 +102,8 @@ class StreamConfig(_Section):
     # Row ids in the shuffle window. Ids only: the loader holds no row data for it, so a
     # large window costs no memory, only read locality (rows come from ~window/shard_rows shards).
     shuffle_buffer: int = Field(4096, gt=0)
-    verify_checksums: bool = Field(False, description="check each row's blake2b checksum on read (CPU cost)")
+    verify_checksums: bool = Field(True, description="check each row's checksum on read (a damaged row is skipped, "
+                                                     "never trained on)")
     max_errors: int = Field(20, ge=0, description="unreadable batches tolerated before the run stops")
 
 
@@ -125,6 +128,13 @@ class ModelConfig(_Section):
     # auto: max-autotune on CUDA, off on CPU (inductor's CPU kernels gain little and compile for minutes).
     compile_mode: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
     grad_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.predictor_width % self.predictor_heads:
+            raise ValueError(f"predictor_width {self.predictor_width} is not divisible by predictor_heads "
+                             f"{self.predictor_heads}")
+        return self
 
 
 class EvalConfig(_Section):

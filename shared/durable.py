@@ -17,9 +17,13 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, record: Any) -> None:
-    """Write JSON aside, flush it, rename it over ``path``: readers see the old or the new file, whole."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write aside, flush, rename over ``path``: readers (and a kill -9) see the old or the new file, whole."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.write_text(text)
     fsync_path(tmp)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, record: Any) -> None:
+    write_text_atomic(path, json.dumps(record, indent=1, default=str))

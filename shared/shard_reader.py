@@ -40,7 +40,8 @@ class RawRows:
         return self.array_dir.joinpath("c", str(shard), *["0"] * len(self.row_shape))
 
     def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The rows, into ``out`` when given (e.g. a shared-memory buffer: no further copy)."""
+        """The rows, into ``out`` when given (e.g. a shared-memory buffer: no further copy).
+        A missing shard file is an error: callers read committed rows, whose files always exist."""
         if out is None:
             out = np.empty((len(rows), *self.row_shape), self.dtype)
         flat = out.reshape(len(rows), -1).view(np.uint8)
@@ -49,9 +50,9 @@ class RawRows:
             positions = np.flatnonzero(shards == shard)
             try:
                 fd = os.open(self.shard_path(int(shard)), os.O_RDONLY)
-            except FileNotFoundError:  # zarr writes no file for a shard that is all fill value
-                out[positions] = self.fill_value
-                continue
+            except FileNotFoundError:  # the rows asked for are committed: their file is written, always
+                raise ValueError(f"rows {[int(rows[k]) for k in positions]}: shard {shard} file "
+                                 f"{self.shard_path(int(shard))} is missing") from None
             try:
                 index = self._index(fd, int(shard))
                 for k in positions:

@@ -132,6 +132,18 @@ class ShardPayload:
             raise ValueError("a shard is written only once every row is committed or failed")
 
 
+def status_counts(status: np.ndarray) -> dict[str, int]:
+    """Rows per status; ``other`` counts values outside 0/1/2 (a damaged status chunk), never trained on."""
+    counts = {
+        "rows": len(status),
+        "committed": int(np.sum(status == RowStatus.COMMITTED)),
+        "failed": int(np.sum(status == RowStatus.FAILED)),
+        "pending": int(np.sum(status == RowStatus.PENDING)),
+    }
+    counts["other"] = counts["rows"] - counts["committed"] - counts["failed"] - counts["pending"]
+    return counts
+
+
 def _damaged_attrs(attrs: dict[str, Any]) -> str:
     """What is wrong with the attributes the code relies on ("" when sound)."""
     shard_rows = attrs.get("shard_rows")
@@ -178,13 +190,16 @@ class LatentStore:
             raise SaltUsageError(f"store {path} has damaged attributes: {damaged}")
         arrays: dict[str, zarr.Array] = {}
         missing = []
-        for name in ALL_ARRAYS:
-            try:
-                arrays[name] = group[name]
-            except KeyError:
-                missing.append(name)
-            except Exception as exc:  # garbage in the array's zarr.json
-                raise SaltUsageError(f"store {path}: metadata of array {name} unreadable ({type(exc).__name__})") from None
+        # A writer stores every chunk, even one equal to the fill value: then a committed row always has
+        # its shard file, and a missing file is damage, never "all zeros" (zarr decides this at open).
+        with zarr.config.set({"array.write_empty_chunks": writable}):
+            for name in ALL_ARRAYS:
+                try:
+                    arrays[name] = group[name]
+                except KeyError:
+                    missing.append(name)
+                except Exception as exc:  # garbage in the array's zarr.json
+                    raise SaltUsageError(f"store {path}: metadata of array {name} unreadable ({type(exc).__name__})") from None
         if missing:
             raise SaltUsageError(f"store {path} lacks arrays: {', '.join(missing)}")
         return cls(path, group, arrays)
@@ -200,7 +215,51 @@ class LatentStore:
 
     @property
     def teacher_width(self) -> int:
-        return int(self.arrays["latents"].shape[2])
+        """The recorded teacher's width (:meth:`layout_problems` checks the latents array against it)."""
+        recorded = self.attrs.get("teacher", {}).get("width")
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+            return recorded
+        return int(self.arrays["latents"].shape[2])  # a store created without a teacher record (tests, bench)
+
+    def layout_problems(self) -> list[str]:
+        """Where the recorded attributes and the arrays disagree: shapes (rows, geometry, teacher width)
+        and the row grid of every per-row array's chunks and shards (``shard_rows``). Reading or
+        writing through a wrong layout mixes rows up silently, so callers refuse such a store."""
+        problems = []
+        rows, width = self.rows, self.teacher_width
+        recorded_geometry = self.attrs.get("geometry")
+        if recorded_geometry is not None and recorded_geometry != geometry.as_dict():
+            problems.append(f"recorded geometry {recorded_geometry} is not this SALT's {geometry.as_dict()}")
+        expected = {"pixels": pixels_shape(rows), "latents": latents_shape(rows, width)}
+        for name, array in self.arrays.items():
+            shape = tuple(array.shape)
+            if name in expected and shape != expected[name]:
+                problems.append(f"array {name} has shape {shape}, the recorded layout says {expected[name]}"
+                                + (f" (teacher width {width})" if name == "latents" else ""))
+            elif shape[:1] != (rows,):
+                problems.append(f"array {name} has {shape[0] if shape else 0} rows, status has {rows}")
+        for name in DATA_ARRAYS + ("status",):
+            array = self.arrays[name]
+            grid = (array.shards or array.chunks)[0]
+            if grid != self.shard_rows:
+                problems.append(f"array {name} is cut into {grid}-row shards, the recorded shard_rows is {self.shard_rows}")
+        return problems
+
+    def check_layout(self) -> None:
+        """Refuse (one line) a store whose recorded layout and arrays disagree (salt-cache verify lists all)."""
+        problems = self.layout_problems()
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise SaltUsageError(f"store {self.path} is damaged: {problems[0]}{more}; run salt-cache verify on it")
+
+    def checked(self) -> "LatentStore":
+        """This store once :meth:`check_layout` passed (for reading it)."""
+        self.check_layout()
+        return self
+
+    def shard_file(self, name: str, shard: int) -> Path:
+        """The file holding ``shard`` of array ``name``."""
+        return self._shard_path(shard, name)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_rows
@@ -250,12 +309,7 @@ class LatentStore:
 
     def counts(self) -> dict[str, int]:
         status = self.status()
-        return {
-            "rows": len(status),
-            "committed": int(np.sum(status == RowStatus.COMMITTED)),
-            "failed": int(np.sum(status == RowStatus.FAILED)),
-            "pending": int(np.sum(status == RowStatus.PENDING)),
-        }
+        return status_counts(status)
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())

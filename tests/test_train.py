@@ -50,7 +50,7 @@ def test_loss_falls_and_the_run_folder_records_the_run(trained, reference_build)
     run = json.loads((run_dir / "run.json").read_text())
     assert Path(run["cache"]) == reference_build.store.resolve()
     assert run["snapshot"]["mode"] == "none" and run["snapshot"]["manifest"]  # ext4: auto fell back, loudly
-    assert run["store"]["counts"] == {"rows": 8, "committed": 5, "failed": 3, "pending": 0}
+    assert run["store"]["counts"] == {"rows": 8, "committed": 5, "failed": 3, "pending": 0, "other": 0}
     assert run["versions"]["torch"] == torch.__version__ and "commit" in run["git"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "train.log").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())

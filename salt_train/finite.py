@@ -1,0 +1,48 @@
+"""Non-finite steps: skipped on the device, without a host sync, and reported at log time.
+
+One ``inf`` in one latent row makes a step's loss and gradients NaN; applied, that NaN
+reaches every weight and every later checkpoint. :func:`guarded_step` decides on the
+device: the fused AdamW kernel takes a ``found_inf`` flag (the one ``GradScaler``
+uses) and then leaves weights, moments and step count untouched. The flag is read
+with the losses at log time (:class:`salt_train.train.HealthWindow`), where the
+skipped steps and their rows are logged.
+
+The decision uses the gradient norm only: under DDP it is computed from the
+all-reduced gradients, so every rank skips the same steps (a non-finite loss always
+gives non-finite gradients, so nothing is missed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor:
+    """``optimizer.step()`` unless ``grad_norm`` is non-finite; returns the device-side "applied" flag."""
+    finite = torch.isfinite(grad_norm).detach()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).to(torch.float32)  # read by the fused kernel on the device
+        optimizer.step()
+    elif bool(finite):  # other AdamW implementations take no flag: a host read (CPU-only in practice)
+        optimizer.step()
+    return finite
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Every parameter and buffer finite (one host read; before a checkpoint is written)."""
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def nonfinite_latent_rows(store, rows: list[int]) -> list[int]:
+    """Which of ``rows`` hold a NaN or inf latent (read again from the store: rare, so no per-step cost)."""
+    from salt_train.data import RowReader
+
+    ordered = np.unique(np.asarray(rows, dtype=np.int64))
+    try:
+        (latents,) = RowReader(store).read(ordered, ("latents",))
+    except Exception:  # the row is unreadable now: the loader's own checks will say so
+        return []
+    bad = ~np.isfinite(latents.reshape(len(ordered), -1)).all(axis=1)
+    return [int(r) for r in ordered[bad]]
