@@ -42,7 +42,8 @@ from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint
 from salt_train.data import RowReader
 from salt_train.export import load_encoder, read_export_config
-from salt_train.features import EncoderFeatures, ExtractionPlan, Features, FeatureModel, TeacherFeatures, describe_bound, extract
+from salt_train.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
+                                  describe_bound, extract, pool_tokens)
 from salt_train.masks import make_masks
 from salt_train.objective import SaltStudent, build_salt_student, gather_tokens, normalise_targets
 from salt_train.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1, stack_tasks
@@ -395,8 +396,9 @@ def _classification(train_set: RowSet, val_set: RowSet, train_features: dict[str
     for name, (train_f, val_f) in sources.items():
         assert train_f is not None and val_f is not None and train_f.tokens is not None and val_f.tokens is not None
         width = train_f.mean.shape[1]
-        read_train = lambda ids, f=train_f: f.tokens.read(train_ids[ids], attentive.device)  # noqa: E731
-        read_val = lambda ids, f=val_f: f.tokens.read(val_ids[ids], attentive.device)  # noqa: E731
+        pool = settings.probe_pool
+        read_train = lambda ids, f=train_f: pool_tokens(f.tokens.read(train_ids[ids], attentive.device), pool)  # noqa: E731
+        read_val = lambda ids, f=val_f: pool_tokens(f.tokens.read(val_ids[ids], attentive.device), pool)  # noqa: E731
         result["attentive"][name] = vars(attentive_probe(read_train, train_y, read_val, val_y, width, classes, attentive))
         result["linear"][name] = vars(linear_probe(train_f.mean[train_ids], train_y, val_f.mean[val_ids], val_y,
                                                    classes, linear))

@@ -144,6 +144,17 @@ def slot_pool(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.view(batch, geometry.GRID_T, geometry.TOKENS_PER_FRAME, width).mean(2).reshape(batch, -1)
 
 
+def pool_tokens(tokens: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[B, 1568, D]`` -> ``[B, 8 * (14/f)^2, D]``: ``f x f`` spatial mean pooling in each tubelet slot
+    (``factor`` 1: unchanged). The attentive probe's cost falls by f^2; where things are stays coarse."""
+    if factor == 1:
+        return tokens
+    batch, _, width = tokens.shape
+    grid = tokens.view(batch * geometry.GRID_T, geometry.GRID_H, geometry.GRID_W, width).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(grid, factor)
+    return pooled.permute(0, 2, 3, 1).reshape(batch, -1, width)
+
+
 @dataclass(frozen=True)
 class ExtractionPlan:
     """Which rows of a store to read, and what to compute on them."""

@@ -150,6 +150,8 @@ class EvalConfig(_Section):
     probe_lr: float = Field(1e-3, gt=0)
     probe_weight_decay: float = Field(0.01, ge=0)
     probe_batch_size: int = Field(64, gt=0)
+    probe_pool: Literal[1, 2, 7] = Field(1, description="spatial mean pooling of the tokens before the attentive "
+                                         "probe: 1 is V-JEPA's (all 1568 tokens); 2 costs 4x less (CPU demos)")
     linear_iterations: int = Field(300, gt=0, description="L-BFGS iterations of the linear and temporal probes "
                                    "(logistic regression on standardised features)")
     linear_l2: float = Field(1e-3, ge=0, description="their L2 penalty on the weights")
