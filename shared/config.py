@@ -123,6 +123,8 @@ class ModelConfig(_Section):
     # auto: max-autotune on CUDA, off on CPU (inductor's CPU kernels gain little and compile for minutes).
     compile_mode: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
     grad_checkpointing: bool = False
+    # Attention kernel (salt_train/attention.py): auto prefers cuDNN attention on Hopper.
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
 
 
 class PipelineConfig(_Section):
