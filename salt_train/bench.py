@@ -22,7 +22,7 @@ from shared.config import PipelineConfig
 from shared.console import format_bytes, progress
 from shared.device import resolve_device
 from shared.distributed import Dist
-from shared.store import LatentStore, RowStatus, ShardPayload, create_store
+from shared.store import CHECKSUM_ALGORITHM, LatentStore, RowStatus, ShardPayload, create_store
 from salt_train.data import check_stream, make_loader, stream_spec
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
@@ -31,28 +31,39 @@ from salt_train.step import Stepper, resolve_compile_mode
 READ_BLOCK = 16 << 20
 
 
+def realistic_pixels(rng: np.random.Generator, n: int, textured: float = 0.5) -> np.ndarray:
+    """uint8 views ``[n, 16, 224, 224, 3]`` that zstd-1 compresses about 1.8x, as real frames do
+    (DESIGN.md: 1.3-3x): a static blocky scene, and over ``textured`` of the 16x16 patches a
+    texture that changes every frame (noise zstd cannot shrink)."""
+    size, frames = geometry.IMAGE_SIZE, geometry.NUM_FRAMES
+    scene = rng.integers(0, 256, (n, 1, size // 8, size // 8, 3), dtype=np.uint8)
+    views = np.broadcast_to(np.repeat(np.repeat(scene, 8, axis=2), 8, axis=3), (n, frames, size, size, 3)).copy()
+    grid = size // geometry.PATCH_SIZE
+    busy = rng.random((n, 1, grid, grid, 1)) < textured
+    busy = np.repeat(np.repeat(busy, geometry.PATCH_SIZE, axis=2), geometry.PATCH_SIZE, axis=3)
+    return np.where(busy, views + rng.integers(0, 32, views.shape, dtype=np.uint8), views)
+
+
 def write_synthetic_store(path: Path, rows: int, teacher_width: int = geometry.TEACHER_WIDTH_HUGE,
-                          shard_rows: int = 16, seed: int = 0) -> LatentStore:
+                          shard_rows: int = 16, seed: int = 0, checksum_algorithm: str = CHECKSUM_ALGORITHM
+                          ) -> LatentStore:
     """A store of the production shape without running a teacher, to measure the loader anywhere.
 
-    Pixels are moving gradients plus noise, which zstd barely compresses (a pessimistic case: real
-    frames compress 1.3-3x, DESIGN.md); latents are random fp16 at the teacher's width, like real ones
-    incompressible.
+    Pixels compress like real video (:func:`realistic_pixels`); latents are random fp16 at the
+    teacher's width, like real ones incompressible. ``checksum_algorithm``: an older store's
+    (blake2b) for tests of stores written before crc32c.
     """
+    checksums = {"algorithm": checksum_algorithm, "arrays": {"pixels": "pixels_checksum", "latents": "latents_checksum"}}
     store = create_store(path, clip_ids=[f"synthetic-{r}" for r in range(rows)], labels=[-1] * rows,
                          teacher_width=teacher_width, shard_rows=shard_rows, pixels_zstd_level=1,
-                         attrs={"teacher": {"name": "synthetic (random latents)"}})
+                         attrs={"teacher": {"name": "synthetic (random latents)"}, "checksums": checksums})
     rng = np.random.default_rng(seed)
-    t, y, x = np.meshgrid(np.arange(geometry.NUM_FRAMES), np.arange(geometry.IMAGE_SIZE), np.arange(geometry.IMAGE_SIZE),
-                          indexing="ij")
     for shard, start, stop in progress(store.num_shards, "synthetic store", unit="shard",
                                        iterable=list(store.iter_shards())):
         n = stop - start
-        phase = rng.integers(0, 256, size=(n, 1, 1, 1, 3))
-        pixels = ((x + y + 4 * t)[None, ..., None] + phase + rng.integers(0, 8, size=(n, *t.shape, 3))) % 256
         latents = rng.standard_normal((n, geometry.NUM_TOKENS, teacher_width), dtype=np.float32).astype(np.float16)
         frames = np.tile(np.arange(geometry.NUM_FRAMES, dtype=np.int32), (n, 1))
-        store.write_shard(ShardPayload(shard, pixels.astype(np.uint8), latents, frames,
+        store.write_shard(ShardPayload(shard, realistic_pixels(rng, n), latents, frames,
                                        np.full(n, RowStatus.COMMITTED, np.uint8), [""] * n))
     return store
 

@@ -47,7 +47,7 @@ from shared.config import LoaderConfig, PipelineConfig
 from shared.console import format_bytes
 from shared.errors import SaltUsageError
 from shared.shard_reader import open_raw_rows
-from shared.store import LatentStore, RowStatus, row_checksum
+from shared.store import LatentStore, RowStatus
 from salt_train.masks import make_masks
 
 log = logging.getLogger(__name__)
@@ -277,10 +277,11 @@ class StoreStream(IterableDataset):
 
     def _check(self, rows: np.ndarray, pixels: np.ndarray, latents: np.ndarray) -> None:
         expected_pixels, expected_latents = self.reader().read(rows, ("pixels_checksum", "latents_checksum"))
+        store = self.reader().store
         for k, row in enumerate(rows):
-            if row_checksum(pixels[k]) != int(expected_pixels[k]):
+            if store.row_checksum(pixels[k]) != int(expected_pixels[k]):
                 raise ValueError(f"row {row}: pixels checksum mismatch")
-            if row_checksum(latents[k]) != int(expected_latents[k]):
+            if store.row_checksum(latents[k]) != int(expected_latents[k]):
                 raise ValueError(f"row {row}: latents checksum mismatch")
 
 

@@ -98,7 +98,7 @@ class StreamConfig(_Section):
     # Row ids in the shuffle window. Ids only: the loader holds no row data for it, so a
     # large window costs no memory, only read locality (rows come from ~window/shard_rows shards).
     shuffle_buffer: int = Field(4096, gt=0)
-    verify_checksums: bool = Field(False, description="check each row's blake2b checksum on read (CPU cost)")
+    verify_checksums: bool = Field(False, description="check each row's checksum on read (crc32c: ~1 ms per 4 MB row)")
     max_errors: int = Field(20, ge=0, description="unreadable batches tolerated before the run stops")
 
 
