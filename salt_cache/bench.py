@@ -102,7 +102,7 @@ def time_loader_decode(clips: list[ClipRecord], workers: int, batch_size: int, s
     warm = workers * config.loader.prefetch_factor
     if len(plans) <= warm + 1:
         return None  # too few clips for a steady state
-    dataset = ViewBatches(clips, plans, config.view, config.loader.decode_threads)
+    dataset = ViewBatches(clips, plans, config.view, config.loader.decode_threads, batch_size)
     count, started = 0, 0.0
     for k, batch in enumerate(make_loader(dataset, config, torch.device("cpu"))):
         if k == warm:

@@ -3,7 +3,7 @@
 The pieces: ``loader`` plans shard-aligned teacher batches and decodes them in
 workers; the main process runs the teacher one batch ahead of the host work
 (so on CUDA the GPU never waits for bookkeeping); ``writer`` commits finished
-shards on a background thread while the next ones compute; ``identity`` keeps
+shards on background threads while the next ones compute; ``identity`` keeps
 one store to one teacher, view recipe and clip list.
 """
 
@@ -84,7 +84,7 @@ class TeacherBatch:
     """A decoded batch whose latents are on their way back from the teacher."""
 
     batch: dict
-    latents: torch.Tensor | None  # float16 [ok rows, 1568, D] on the host once ``ready`` has fired
+    latents: torch.Tensor | None  # float16 [batch size, 1568, D] on the host once ``ready`` has fired
     ready: torch.cuda.Event | None
 
     @property
@@ -98,12 +98,11 @@ class TeacherBatch:
 
 
 def launch_teacher(teacher: Teacher, batch: dict) -> TeacherBatch:
-    """Queue the teacher on the batch's decodable clips; on CUDA the copy back is non-blocking too."""
-    ok = torch.tensor([not error for error in batch["errors"]])
-    if not ok.any():
+    """Queue the teacher on the whole padded batch (failed rows are zeros: one shape for every
+    batch); on CUDA the copy back is non-blocking too."""
+    if all(batch["errors"]):
         return TeacherBatch(batch, None, None)
-    # Indexing copies into unpinned memory: keep the pinned batch when every clip decoded.
-    latents = teacher.encode(batch["pixels"] if ok.all() else batch["pixels"][ok])
+    latents = teacher.encode(batch["pixels"])
     if latents.device.type != "cuda":
         return TeacherBatch(batch, latents, None)
     host = latents.to("cpu", non_blocking=True)  # lands in pinned memory
@@ -133,13 +132,18 @@ class BatchCollector:
                 clip = self.source.clips[row]
                 log.warning("clip %s failed (row %d, %s, worker %s): %s",
                             clip.clip_id, row, clip.path, batch["worker"], error)
-        shard = int(batch["shard"])
-        if shard not in self.open_shards:
-            self.open_shards[shard] = ShardAssembler.empty(self.store, shard)
-        assembler = self.open_shards[shard]
-        assembler.add(rows, batch["pixels"].numpy(), item.host_latents(), frame_index, errors)
-        if assembler.complete:
-            self.writer.submit(self.open_shards.pop(shard).payload)
+        pixels, latents = batch["pixels"].numpy(), item.host_latents()
+        shard_of = rows // self.store.shard_rows
+        for shard in np.unique(shard_of):  # a batch may span shards
+            at = np.flatnonzero(shard_of == shard)
+            shard = int(shard)
+            if shard not in self.open_shards:
+                self.open_shards[shard] = ShardAssembler.empty(self.store, shard)
+            assembler = self.open_shards[shard]
+            assembler.add(rows[at], pixels[at], None if latents is None else latents[at], frame_index[at],
+                          [errors[i] for i in at])
+            if assembler.complete:
+                self.writer.submit(self.open_shards.pop(shard).payload)
 
 
 @dataclass
@@ -266,10 +270,10 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
     """Decode, encode and commit ``shards`` (this rank's share of the pending ones)."""
     plans = plan_batches(store, shards, config.teacher.batch_size)
     todo = sum(len(plan.rows) for plan in plans)
-    writer = ShardWriter(store)
+    writer = ShardWriter(store, config.store.writers)
     collector = BatchCollector(store, source, writer)
     if plans:
-        dataset = ViewBatches(source.clips, plans, config.view, config.loader.decode_threads)
+        dataset = ViewBatches(source.clips, plans, config.view, config.loader.decode_threads, config.teacher.batch_size)
         label = f"teacher, rank 0 of {dist.world_size}" if dist.enabled else "teacher"
         bar = progress(todo, label, unit="clip")
         in_flight: TeacherBatch | None = None

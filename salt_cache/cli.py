@@ -85,7 +85,8 @@ def build(
 
     with distributed("gloo") as dist, stop_on_sigterm():
         try:
-            model = dist.agree(lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype))
+            model = dist.agree(lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype,
+                                                    config.teacher.compile_mode))
             report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist)
         except KeyboardInterrupt:
             print(f"salt-cache{rank_tag()}: interrupted{resume_hint()}", file=sys.stderr)

@@ -183,7 +183,7 @@ def load_recorded_teacher(store: LatentStore, device: str) -> Teacher:
 
     name = store.attrs.get("teacher", {}).get("name", "")
     try:
-        return load_teacher(name, device=device)
+        return load_teacher(name, device=device, compile_mode="off")  # a few rows: compiling would cost more
     except SaltUsageError as err:
         raise SaltUsageError(f"--deep needs the store's teacher, which is not available: {err}") from None
 

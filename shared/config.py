@@ -33,7 +33,9 @@ class TeacherConfig(_Section):
     name: str = Field(DEFAULT_TEACHER, description="hub id, local save_pretrained dir, or builtin:tiny-videomae")
     # auto: float32 on CPU, float16 autocast on CUDA (closest to fp32, see EXPERIMENTS.md).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(16, gt=0, description="clips per teacher forward")
+    batch_size: int = Field(16, gt=0, description="clips per teacher forward (any size: batches span shards)")
+    # auto: torch.compile's default mode on CUDA, off on CPU (shared/teacher.py).
+    compile_mode: Literal["auto", "off", "default", "max-autotune"] = "auto"
 
 
 class ViewConfig(_Section):
@@ -46,6 +48,7 @@ class ViewConfig(_Section):
 class StoreConfig(_Section):
     shard_rows: int = Field(16, gt=0, le=4096, description="rows per shard file")
     pixels_zstd_level: int = Field(1, ge=0, le=22, description="0 stores pixels uncompressed")
+    writers: int = Field(4, gt=0, le=64, description="threads committing shards during a build")
 
 
 class LoaderConfig(_Section):
