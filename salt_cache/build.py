@@ -13,7 +13,7 @@ import logging
 import signal
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -157,6 +157,16 @@ class BuildReport:
     seconds: float
     disk_bytes: int
     write_mb_per_s: float
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # rank 0: (perf_counter, clips) per batch
+    finished: float = 0.0  # rank 0: perf_counter once its last shard was committed
+
+    def steady_clips_per_second(self, skip: int) -> float | None:
+        """clips/s after the first ``skip`` batches (those decoded while the workers started), to the
+        last commit; None with too few batches. ``salt-cache bench`` compares it with decode-only."""
+        if len(self.arrivals) <= skip + 1:
+            return None
+        started = self.arrivals[skip][0]
+        return sum(clips for _, clips in self.arrivals[skip + 1:]) / (self.finished - started)
 
     @property
     def clips_per_second(self) -> float:
@@ -225,6 +235,7 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
             report = _report(store, todo=sum(work.todo for work in done), failed=sum(work.failed for work in done),
                              seconds=time.perf_counter() - started,
                              write_mb_per_s=sum(work.write_mb_per_s for work in done))
+            report.arrivals, report.finished = mine.arrivals, mine.finished
             if report.pending == 0:
                 store.update_attrs(build={"complete": True, "committed": report.committed, "failed": report.failed,
                                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -263,6 +274,8 @@ class RankWork:
     todo: int
     failed: int
     write_mb_per_s: float
+    arrivals: list[tuple[float, int]]
+    finished: float
 
 
 def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
@@ -271,6 +284,7 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
     plans = plan_batches(store, shards, config.teacher.batch_size)
     todo = sum(len(plan.rows) for plan in plans)
     writer = ShardWriter(store, config.store.writers)
+    arrivals: list[tuple[float, int]] = []
     collector = BatchCollector(store, source, writer)
     if plans:
         dataset = ViewBatches(source.clips, plans, config.view, config.loader.decode_threads, config.teacher.batch_size)
@@ -279,6 +293,7 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
         in_flight: TeacherBatch | None = None
         try:
             for batch in worker_batches(make_loader(dataset, config, teacher.device)):
+                arrivals.append((time.perf_counter(), len(batch["rows"])))
                 current = launch_teacher(teacher, batch)  # asynchronous on CUDA
                 if in_flight is not None:
                     collector.add(in_flight)  # host work for batch k-1 overlaps the GPU on batch k
@@ -293,7 +308,7 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
             bar.close()
             writer.close()
     rate = writer.bytes_written / 1e6 / writer.seconds if writer.seconds else 0.0
-    return RankWork(todo, collector.failed, rate)
+    return RankWork(todo, collector.failed, rate, arrivals, time.perf_counter())
 
 
 def _report(store: LatentStore, todo: int, failed: int, seconds: float, write_mb_per_s: float) -> BuildReport:

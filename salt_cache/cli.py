@@ -176,8 +176,12 @@ def bench(
     workers: int = typer.Option(2, min=0, help="DataLoader workers for the decode rate"),
     device: Device = typer.Option(Device.auto, help=f"teacher device: {DEVICE_HELP}"),
     out: Optional[Path] = typer.Option(None, help="existing folder for the scratch stores [system temp]"),
+    host_path: bool = typer.Option(False, "--host-path", help="no teacher: fixed latents of --width, to time the "
+                                   "build's host path (decode, checksums, zstd, writes) on any machine"),
+    width: int = typer.Option(1280, min=1, help="latent width with --host-path (1280: ViT-H, production)"),
+    writers: int = typer.Option(4, min=1, help="shard writer threads of the end-to-end build"),
 ) -> int:
-    """Print decode, teacher and store-write rates (figures for EXPERIMENTS.md)."""
+    """Print decode-only, teacher-only and end-to-end build rates from one run (figures for EXPERIMENTS.md)."""
     setup_logging()
     if out is not None and not out.is_dir():
         raise SaltUsageError(f"--out {out} " + ("is a file; it must be a folder" if out.exists() else
@@ -187,7 +191,8 @@ def bench(
 
     resolve_device(device.value)  # e.g. cuda without CUDA: say so before minutes of decoding
     figures = run_bench(src, clips=clips, teacher_name=teacher, batch_size=batch_size,
-                        workers=workers, device=device.value, scratch=out)
+                        workers=workers, device=device.value, scratch=out, host_path=host_path, width=width,
+                        writers=writers)
     print_block("salt-cache bench", figures, stream=sys.stdout)
     return EXIT_OK
 

@@ -15,6 +15,7 @@ the shard's rows pending, and a resumed build redoes the whole shard.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -34,6 +35,7 @@ import zarr.codecs
 from shared import geometry
 from shared.errors import SaltUsageError
 from shared.durable import fsync_path
+from shared.shard_writer import ShardFileWriter, open_shard_writer
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ CHECKSUM_ALGORITHMS = (CRC32C, BLAKE2B)
 
 # Arrays written shard by shard, status last (it is the commit record).
 DATA_ARRAYS = ("pixels", "latents", "frame_index", "pixels_checksum", "latents_checksum", "error")
+FILE_WRITTEN_ARRAYS = ("pixels", "latents")  # written by shared.shard_writer, not zarr (when the layout fits)
 CONTRACT_ARRAYS = ("pixels", "latents", "clip_id", "label", "frame_index", "status")
 ALL_ARRAYS = tuple(dict.fromkeys(CONTRACT_ARRAYS + DATA_ARRAYS))
 
@@ -303,10 +306,19 @@ class LatentStore:
             for name in DATA_ARRAYS:
                 self._shard_path(payload.index, name).unlink(missing_ok=True)
         for name in DATA_ARRAYS:
-            self.arrays[name][start:stop] = values[name]
+            writer = self._file_writers.get(name)
+            if writer is not None:  # the big arrays: straight to the shard file (fsynced), in parallel threads
+                writer.write(self._shard_path(payload.index, name), values[name])
+            else:
+                self.arrays[name][start:stop] = values[name]
         self._fsync_shard(payload.index, DATA_ARRAYS)
         self.arrays["status"][start:stop] = payload.status.astype(np.uint8)
         self._fsync_shard(payload.index, ("status",))
+
+    @functools.cached_property
+    def _file_writers(self) -> dict[str, ShardFileWriter]:
+        writers = {name: open_shard_writer(self.path / name) for name in FILE_WRITTEN_ARRAYS}
+        return {name: writer for name, writer in writers.items() if writer is not None}
 
     def _shard_path(self, shard: int, name: str) -> Path:
         array = self.arrays[name]
