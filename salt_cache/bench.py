@@ -189,10 +189,10 @@ def precision_drift(teacher: Teacher, batch_size: int) -> dict[str, float]:
     results = {}
     try:
         teacher.compute_dtype = "float32"
-        reference = teacher.encode(views).float()
+        reference = teacher.encode(views, reference=True).float()
         for dtype in ("bfloat16", "float16"):
             teacher.compute_dtype = dtype
-            latents = teacher.encode(views).float()
+            latents = teacher.encode(views, reference=True).float()
             results[dtype] = float((latents - reference).norm() / reference.norm())
     finally:
         teacher.compute_dtype = saved

@@ -85,6 +85,8 @@ class Stepper:
         views, latents, visible, masked = self.inputs(batch, step)
         lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=self.total_steps)
         set_lr(self.optimizer, lr)
+        if self.compile_mode != "off" and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (max-autotune)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None), attention_context(self.attention):
             loss = self.forward(views, latents, visible, masked)  # in float32
@@ -92,4 +94,6 @@ class Stepper:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss.detach(), grad_norm.detach(), lr, views.shape[0])
+        # A copy: under CUDA graphs the compiled graph's output buffer is overwritten by the next
+        # step, and the loss is kept until the next health line.
+        return StepResult(loss.detach().clone(), grad_norm.detach(), lr, views.shape[0])

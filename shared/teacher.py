@@ -189,16 +189,23 @@ class Teacher:
         self.weights_dtype = dtype
 
     @torch.inference_mode()
-    def encode(self, views: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, 16, 224, 224, 3]`` -> float16 ``[B, 1568, D]`` last_hidden_state."""
+    def encode(self, views: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """uint8 ``[B, 16, 224, 224, 3]`` -> float16 ``[B, 1568, D]`` last_hidden_state.
+
+        ``reference``: the loaded fp32 weights under autocast, not compiled, weights left as they
+        are (``salt-cache bench`` compares precisions this way, before any converting encode).
+        """
         pixels = views.to(self.device, non_blocking=True)
         # VideoMAE takes (B, T, C, H, W) floats normalised with ImageNet statistics.
         pixels = (pixels.permute(0, 1, 4, 2, 3).float().div_(255.0) - self.mean) / self.std
         dtype = DTYPES[self.compute_dtype]
-        if dtype != torch.float32 and self.device.type == "cuda":
+        if reference and self.weights_dtype != torch.float32:
+            raise RuntimeError(f"teacher weights already converted to {self.weights_dtype}: no fp32 reference")
+        if dtype != torch.float32 and self.device.type == "cuda" and not reference:
             self._convert_weights(dtype)
+        forward = self.model if reference else self.forward
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            latents = self.forward(pixel_values=pixels).last_hidden_state
+            latents = forward(pixel_values=pixels).last_hidden_state
         if latents.shape[1] != geometry.NUM_TOKENS:
             raise SaltUsageError(f"teacher {self.name} gave {latents.shape[1]} tokens, not {geometry.NUM_TOKENS}")
         return latents.to(torch.float16)
