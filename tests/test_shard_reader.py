@@ -18,12 +18,13 @@ from shared.store import LatentStore
 def test_raw_rows_equal_zarr_on_a_built_store(reference_build, demo_reference) -> None:
     for build in (reference_build, demo_reference):  # 3-row shards with a partial last one; 2-row shards
         store = LatentStore.open(build.store)
-        raw = open_raw_rows(store.path / "latents")
-        assert raw is not None
-        rows = np.arange(store.rows)
-        np.testing.assert_array_equal(raw.read(rows), store.arrays["latents"][:])
-        picked = np.array([0, store.rows - 1])
-        np.testing.assert_array_equal(raw.read(picked), store.arrays["latents"].oindex[picked])
+        for name in ("latents", "pixels"):  # raw fp16; zstd uint8 (failed rows: absent chunks)
+            raw = open_raw_rows(store.path / name)
+            assert raw is not None
+            rows = np.arange(store.rows)
+            np.testing.assert_array_equal(raw.read(rows), store.arrays[name][:])
+            picked = np.array([0, store.rows - 1])
+            np.testing.assert_array_equal(raw.read(picked), store.arrays[name].oindex[picked])
 
 
 def test_pending_rows_and_damaged_index_are_refused(reference_build, mixed_set, tmp_path) -> None:
@@ -42,7 +43,8 @@ def test_pending_rows_and_damaged_index_are_refused(reference_build, mixed_set, 
 
 def test_other_layouts_fall_back_to_zarr(tmp_path: Path) -> None:
     group = zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3)
-    group.create_array("compressed", shape=(4, 8), dtype="float16", chunks=(1, 8), shards=(2, 8))  # zstd by default
+    group.create_array("compressed", shape=(4, 8), dtype="float16", chunks=(1, 8), shards=(2, 8),
+                       compressors=zarr.codecs.BloscCodec())  # a codec the raw reader does not decode
     group.create_array("plain", shape=(4, 8), dtype="float16", chunks=(1, 8), compressors=None)  # not sharded
     assert open_raw_rows(tmp_path / "g.zarr" / "compressed") is None
     assert open_raw_rows(tmp_path / "g.zarr" / "plain") is None
@@ -73,4 +75,5 @@ def test_shards_written_to_their_files_read_back_through_zarr(tmp_path_factory, 
     np.testing.assert_array_equal(reopened.arrays["pixels"][:], pixels)
     np.testing.assert_array_equal(reopened.arrays["latents"][:], latents)
     np.testing.assert_array_equal(open_raw_rows(path / "latents").read(np.arange(rows)), latents)
+    np.testing.assert_array_equal(open_raw_rows(path / "pixels").read(np.arange(rows)), pixels)
     assert list(path.rglob("*.partial")) == []
