@@ -135,13 +135,14 @@ class BatchCollector:
         pixels, latents = batch["pixels"].numpy(), item.host_latents()
         shard_of = rows // self.store.shard_rows
         for shard in np.unique(shard_of):  # a batch may span shards
-            at = np.flatnonzero(shard_of == shard)
+            where = np.flatnonzero(shard_of == shard)
+            at = slice(int(where[0]), int(where[-1]) + 1)  # rows are sorted: a view, not a copy
             shard = int(shard)
             if shard not in self.open_shards:
                 self.open_shards[shard] = ShardAssembler.empty(self.store, shard)
             assembler = self.open_shards[shard]
             assembler.add(rows[at], pixels[at], None if latents is None else latents[at], frame_index[at],
-                          [errors[i] for i in at])
+                          errors[at])
             if assembler.complete:
                 self.writer.submit(self.open_shards.pop(shard).payload)
 

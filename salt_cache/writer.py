@@ -44,9 +44,15 @@ class ShardAssembler:
         ok = np.array([not e for e in errors], dtype=bool)
         local = rows - self.start
         p = self.payload
-        p.pixels[local[ok]] = pixels[ok]
-        if latents is not None:
-            p.latents[local[ok]] = latents[ok]
+        if ok.all() and np.all(np.diff(local) == 1):  # the usual case: one copy of a contiguous run
+            run = slice(int(local[0]), int(local[-1]) + 1)
+            p.pixels[run] = pixels
+            if latents is not None:
+                p.latents[run] = latents
+        else:
+            p.pixels[local[ok]] = pixels[ok]
+            if latents is not None:
+                p.latents[local[ok]] = latents[ok]
         p.frame_index[local[ok]] = frame_index[ok]
         p.status[local] = np.where(ok, RowStatus.COMMITTED, RowStatus.FAILED)
         for i, error in zip(local, errors):
