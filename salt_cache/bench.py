@@ -232,9 +232,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_config(batch_size: int, workers: int, writers: int) -> PipelineConfig:
-    """The production recipe's build settings, with the bench's batch, workers and writers."""
+def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: str = "auto") -> PipelineConfig:
+    """The production recipe's build settings, with the bench's batch, workers, writers and teacher compilation."""
     config = PipelineConfig()
+    config.teacher.compile_mode = teacher_compile
     config.teacher.batch_size = batch_size
     config.loader.num_workers = workers
     config.loader.persistent_workers = False
@@ -244,9 +245,9 @@ def bench_config(batch_size: int, workers: int, writers: int) -> PipelineConfig:
 
 def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers: int,
               device: str, scratch: Path | None, host_path: bool = False, width: int = geometry.TEACHER_WIDTH_HUGE,
-              writers: int = 4) -> dict[str, str]:
+              writers: int = 4, teacher_compile: str = "auto") -> dict[str, str]:
     source = discover(src, "train", clips)
-    config = bench_config(batch_size, workers, writers)
+    config = bench_config(batch_size, workers, writers, teacher_compile)
     figures: dict[str, str] = {"clips": "", "clips skipped (undecodable)": "",
                                "torch threads": str(torch.get_num_threads())}
     work = Path(tempfile.mkdtemp(prefix="salt-bench-", dir=scratch))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -167,6 +168,13 @@ def demo_data(
     return EXIT_OK
 
 
+class TeacherCompile(str, Enum):
+    auto = "auto"
+    off = "off"
+    default = "default"
+    max_autotune = "max-autotune"
+
+
 @app.command()
 def bench(
     src: Path = typer.Option(..., "--src", help="SSv2-layout folder to read clips from"),
@@ -180,6 +188,8 @@ def bench(
                                    "build's host path (decode, checksums, zstd, writes) on any machine"),
     width: int = typer.Option(1280, min=1, help="latent width with --host-path (1280: ViT-H, production)"),
     writers: int = typer.Option(4, min=1, help="shard writer threads of the end-to-end build"),
+    teacher_compile: TeacherCompile = typer.Option(TeacherCompile.auto, "--teacher-compile",
+                                                   help="torch.compile mode of the teacher (auto: default on CUDA, off on CPU)"),
 ) -> int:
     """Print decode-only, teacher-only and end-to-end build rates from one run (figures for EXPERIMENTS.md)."""
     setup_logging()
@@ -192,7 +202,7 @@ def bench(
     resolve_device(device.value)  # e.g. cuda without CUDA: say so before minutes of decoding
     figures = run_bench(src, clips=clips, teacher_name=teacher, batch_size=batch_size,
                         workers=workers, device=device.value, scratch=out, host_path=host_path, width=width,
-                        writers=writers)
+                        writers=writers, teacher_compile=teacher_compile.value)
     print_block("salt-cache bench", figures, stream=sys.stdout)
     return EXIT_OK
 
