@@ -139,7 +139,7 @@ class BatchCollector:
             at = slice(int(where[0]), int(where[-1]) + 1)  # rows are sorted: a view, not a copy
             shard = int(shard)
             if shard not in self.open_shards:
-                self.open_shards[shard] = ShardAssembler.empty(self.store, shard)
+                self.open_shards[shard] = ShardAssembler.empty(self.store, shard, self.writer.buffers)
             assembler = self.open_shards[shard]
             assembler.add(rows[at], pixels[at], None if latents is None else latents[at], frame_index[at],
                           errors[at])
