@@ -1,14 +1,25 @@
 """`salt-cache bench`: the figures behind EXPERIMENTS.md (rates, not pass/fail).
 
+From one run, on the same clips:
+
 - decode: a plain PyAV loop (decode every frame to RGB) against our view decode,
-  one process, and our decode through the DataLoader with N workers;
-- teacher: clips/s at a batch size, TFLOP/s and the share of the GPU's measured
-  bf16 matmul rate (on CUDA), plus how far bf16 and fp16 autocast land from fp32;
+  one process; our decode through the DataLoader with N workers, in steady state
+  and over a whole pass (worker start included, as in a build): **decode-only**;
+- teacher: **teacher-only** clips/s at the batch size (after warm-up and compilation),
+  TFLOP/s and the share of the GPU's measured bf16 matmul rate (on CUDA), plus how
+  far bf16 and fp16 autocast land from fp32;
+- **end-to-end**: a real build of the clips (decode workers, teacher, shard writers)
+  into a scratch store, as a share of the slower of decode-only and teacher-only;
 - store: shard write MB/s and bytes per clip on disk.
+
+``--host-path`` replaces the teacher by :class:`HostPathTeacher` (fixed latents at the
+production width, no compute): the build's host path (decode, assembly, checksums,
+zstd, durable writes) at D=1280, measurable on any machine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -23,11 +34,13 @@ import torch
 from shared import geometry
 from shared.config import PipelineConfig
 from shared.console import format_bytes
+from shared.distributed import Dist
 from shared.errors import SaltUsageError
 from shared.flops import vit_forward_flops
 from shared.store import RowStatus, ShardPayload, create_store, pixels_shape
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
-from salt_cache.source import ClipRecord, discover
+from salt_cache.build import run_build
+from salt_cache.source import ClipRecord, SsV2Source, discover
 from shared.teacher import Teacher, load_teacher
 from salt_cache.video import ClipDecodeError, decode_view
 
@@ -87,29 +100,66 @@ def time_decode(clips: list[ClipRecord], keep_views: int = 16) -> DecodeTiming:
     return DecodeTiming(plain, ours, good, [c.clip_id for c in clips if c.clip_id in failed], kept)
 
 
-def time_loader_decode(clips: list[ClipRecord], workers: int, batch_size: int, scratch: Path) -> float | None:
-    """Steady-state clips/s of ViewBatches through a real DataLoader; None with too few clips.
+@dataclass
+class LoaderDecode:
+    steady: float | None  # clips/s once the prefetch queue is primed; None with too few batches
+    whole_pass: float  # clips/s from the loader's start to its last batch (worker start included)
 
-    The first workers x prefetch_factor batches are decoded during worker start-up and arrive
-    at once; the clock starts after them, so only batches produced at the running rate count.
-    Rows that fail to decode are not counted.
+
+def time_loader_decode(clips: list[ClipRecord], config: PipelineConfig, scratch: Path) -> LoaderDecode:
+    """ViewBatches through a real DataLoader with the build's settings, timed two ways.
+
+    Steady state: the first workers x prefetch_factor batches are decoded during worker
+    start-up and arrive at once; that clock starts after them. Whole pass: like a build,
+    from the loader's creation to its last batch. Rows that fail to decode are not counted.
     """
-    config = PipelineConfig()
-    config.loader.num_workers = workers
-    config.loader.persistent_workers = False
-    store = _scratch_store(scratch / "plan.zarr", len(clips), 1, batch_size)
+    batch_size = config.teacher.batch_size
+    store = _scratch_store(scratch / "plan.zarr", len(clips), 1, config.store.shard_rows)
     plans = plan_batches(store, list(range(store.num_shards)), batch_size)
-    warm = workers * config.loader.prefetch_factor
-    if len(plans) <= warm + 1:
-        return None  # too few clips for a steady state
-    dataset = ViewBatches(clips, plans, config.view, config.loader.decode_threads)
-    count, started = 0, 0.0
+    warm = config.loader.num_workers * config.loader.prefetch_factor
+    dataset = ViewBatches(clips, plans, config.view, config.loader.decode_threads, batch_size)
+    total, count, steady_started = 0, 0, 0.0
+    started = time.perf_counter()
     for k, batch in enumerate(make_loader(dataset, config, torch.device("cpu"))):
+        decoded = sum(1 for error in batch["errors"] if not error)
+        total += decoded
         if k == warm:
-            started = time.perf_counter()
+            steady_started = time.perf_counter()
         elif k > warm:
-            count += sum(1 for error in batch["errors"] if not error)
-    return _rate(count, time.perf_counter() - started)
+            count += decoded
+    ended = time.perf_counter()
+    steady = _rate(count, ended - steady_started) if len(plans) > warm + 1 else None
+    return LoaderDecode(steady, _rate(total, ended - started))
+
+
+class HostPathTeacher:
+    """Stands in for the teacher (``--host-path``): the same fp16 latents at ``width`` for every
+    batch, made once, so a build times only its host path at the production width."""
+
+    def __init__(self, width: int, batch_size: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.latents = torch.randn(batch_size, geometry.NUM_TOKENS, width, generator=generator).half()
+        self.width = width
+        self.name = f"host-path stand-in (fixed random latents, D={width})"
+        self.device = torch.device("cpu")
+        self.compute_dtype = "none"
+        self.weights_hash = "0" * 32
+
+    def identity(self) -> dict[str, object]:
+        return {"name": self.name, "weights_hash": self.weights_hash, "width": self.width,
+                "compute_dtype": self.compute_dtype}
+
+    def encode(self, views: torch.Tensor) -> torch.Tensor:
+        return self.latents[:len(views)]
+
+
+def time_build(source: SsV2Source, teacher: Teacher | HostPathTeacher, config: PipelineConfig,
+               scratch: Path) -> tuple[float | None, float]:
+    """clips/s of a real build of ``source`` into a scratch store: in steady state (timed like the
+    decode's, to the last commit), and over the whole build (worker start included)."""
+    report = run_build(source, teacher, config, scratch / "build.zarr", dist=Dist())
+    warm = config.loader.num_workers * config.loader.prefetch_factor
+    return report.steady_clips_per_second(warm), report.clips_per_second
 
 
 def _scratch_store(path: Path, rows: int, width: int, shard_rows: int):
@@ -139,10 +189,10 @@ def precision_drift(teacher: Teacher, batch_size: int) -> dict[str, float]:
     results = {}
     try:
         teacher.compute_dtype = "float32"
-        reference = teacher.encode(views).float()
+        reference = teacher.encode(views, reference=True).float()
         for dtype in ("bfloat16", "float16"):
             teacher.compute_dtype = dtype
-            latents = teacher.encode(views).float()
+            latents = teacher.encode(views, reference=True).float()
             results[dtype] = float((latents - reference).norm() / reference.norm())
     finally:
         teacher.compute_dtype = saved
@@ -182,9 +232,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: str = "auto") -> PipelineConfig:
+    """The production recipe's build settings, with the bench's batch, workers, writers and teacher compilation."""
+    config = PipelineConfig()
+    config.teacher.compile_mode = teacher_compile
+    config.teacher.batch_size = batch_size
+    config.loader.num_workers = workers
+    config.loader.persistent_workers = False
+    config.store.writers = writers
+    return config
+
+
 def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers: int,
-              device: str, scratch: Path | None) -> dict[str, str]:
+              device: str, scratch: Path | None, host_path: bool = False, width: int = geometry.TEACHER_WIDTH_HUGE,
+              writers: int = 4, teacher_compile: str = "auto") -> dict[str, str]:
     source = discover(src, "train", clips)
+    config = bench_config(batch_size, workers, writers, teacher_compile)
     figures: dict[str, str] = {"clips": "", "clips skipped (undecodable)": "",
                                "torch threads": str(torch.get_num_threads())}
     work = Path(tempfile.mkdtemp(prefix="salt-bench-", dir=scratch))
@@ -199,30 +262,46 @@ def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers
             log.warning("bench skips %d undecodable clips (first: %s)", len(decode.skipped), decode.skipped[0])
         figures["decode, plain PyAV loop (1 proc)"] = f"{decode.plain:.1f} clips/s"
         figures["decode, salt view (1 proc)"] = f"{decode.ours:.1f} clips/s"
-        if workers > 0:
-            loader_rate = time_loader_decode(decode.good, workers, batch_size, work)
-            figures[f"decode, DataLoader ({workers} workers, steady state)"] = (
-                f"{loader_rate:.1f} clips/s" if loader_rate is not None
-                else "n/a (needs more than workers x prefetch batches; use more --clips)")
+        loader = time_loader_decode(decode.good, config, work)
+        label = f"DataLoader, {workers} workers, batch {batch_size}"
+        figures[f"DECODE-ONLY ({label}, steady state)"] = (
+            f"{loader.steady:.1f} clips/s" if loader.steady is not None
+            else "n/a (needs more than workers x prefetch batches; use more --clips)")
+        figures[f"decode, {label}, whole pass (worker start included)"] = f"{loader.whole_pass:.1f} clips/s"
 
-        teacher = load_teacher(teacher_name, device=device)
-        per_clip = vit_forward_flops(geometry.NUM_TOKENS, teacher.width, teacher.model.config.num_hidden_layers,
-                                     teacher.model.config.intermediate_size / teacher.width)
-        rate = time_teacher(teacher, batch_size, repeats=3)
-        figures["teacher"] = f"{teacher.name} on {teacher.device} ({teacher.compute_dtype}), batch {batch_size}"
-        figures["teacher clips/s"] = f"{rate:.2f}"
-        figures["teacher FLOP per clip"] = f"{per_clip / 1e12:.3f} TFLOP"
-        figures["teacher achieved"] = f"{rate * per_clip / 1e12:.2f} TFLOP/s"
-        if teacher.device.type == "cuda":
-            peak = matmul_tflops(teacher.device)
-            figures["GPU bf16 matmul (8192^3)"] = f"{peak:.0f} TFLOP/s"
-            figures["teacher share of matmul rate"] = f"{rate * per_clip / 1e12 / peak:.0%}"
-        drift = precision_drift(teacher, min(batch_size, 2))
-        figures["bf16 autocast vs fp32 (rel L2)"] = f"{drift['bfloat16']:.2e}"
-        figures["fp16 autocast vs fp32 (rel L2)"] = f"{drift['float16']:.2e}"
+        if host_path:
+            teacher: Teacher | HostPathTeacher = HostPathTeacher(width, batch_size)
+            teacher_rate = float("inf")
+            figures["TEACHER-ONLY"] = "n/a (--host-path: no teacher; the build's host path alone)"
+        else:
+            teacher = load_teacher(teacher_name, device=device, compile_mode=config.teacher.compile_mode)
+            # Before the first half-precision encode: that one converts the weights for good.
+            drift = precision_drift(teacher, min(batch_size, 2))
+            per_clip = vit_forward_flops(geometry.NUM_TOKENS, teacher.width, teacher.model.config.num_hidden_layers,
+                                         teacher.model.config.intermediate_size / teacher.width)
+            teacher_rate = time_teacher(teacher, batch_size, repeats=3)  # warms up (compiles) for the build too
+            figures["teacher"] = (f"{teacher.name} on {teacher.device} ({teacher.compute_dtype}, "
+                                  f"compile {teacher.compile_mode}), batch {batch_size}")
+            figures["TEACHER-ONLY"] = f"{teacher_rate:.2f} clips/s"
+            figures["teacher FLOP per clip"] = f"{per_clip / 1e12:.3f} TFLOP"
+            figures["teacher achieved"] = f"{teacher_rate * per_clip / 1e12:.2f} TFLOP/s"
+            if teacher.device.type == "cuda":
+                peak = matmul_tflops(teacher.device)
+                figures["GPU bf16 matmul (8192^3)"] = f"{peak:.0f} TFLOP/s"
+                figures["teacher share of matmul rate"] = f"{teacher_rate * per_clip / 1e12 / peak:.0%}"
+            figures["bf16 autocast vs fp32 (rel L2)"] = f"{drift['bfloat16']:.2e}"
+            figures["fp16 autocast vs fp32 (rel L2)"] = f"{drift['float16']:.2e}"
+
+        good = dataclasses.replace(source, clips=decode.good)  # the clips both decoders read
+        steady, whole = time_build(good, teacher, config, work)
+        slower = min(loader.steady or loader.whole_pass, teacher_rate)
+        figures[f"END-TO-END build (D={teacher.width}, {writers} writers, steady state)"] = (
+            f"{steady:.1f} clips/s = {steady / slower:.0%} of the slower of decode-only and teacher-only"
+            if steady is not None else "n/a (too few batches; use more --clips)")
+        figures["end-to-end build, whole (worker start included)"] = f"{whole:.1f} clips/s"
 
         write_rate, per_row = time_store_write(decode.views, teacher.width, shard_rows=4, scratch=work)
-        figures["store write (durable shards)"] = f"{write_rate:.0f} MB/s"
+        figures["store write (durable shards, 1 thread)"] = f"{write_rate:.0f} MB/s"
         figures["bytes per clip on disk"] = f"{format_bytes(per_row)} (pixels zstd-1 + fp16 latents, D={teacher.width})"
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -3,7 +3,7 @@
 The pieces: ``loader`` plans shard-aligned teacher batches and decodes them in
 workers; the main process runs the teacher one batch ahead of the host work
 (so on CUDA the GPU never waits for bookkeeping); ``writer`` commits finished
-shards on a background thread while the next ones compute; ``identity`` keeps
+shards on background threads while the next ones compute; ``identity`` keeps
 one store to one teacher, view recipe and clip list.
 """
 
@@ -13,7 +13,7 @@ import logging
 import signal
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -84,7 +84,7 @@ class TeacherBatch:
     """A decoded batch whose latents are on their way back from the teacher."""
 
     batch: dict
-    latents: torch.Tensor | None  # float16 [ok rows, 1568, D] on the host once ``ready`` has fired
+    latents: torch.Tensor | None  # float16 [batch size, 1568, D] on the host once ``ready`` has fired
     ready: torch.cuda.Event | None
 
     @property
@@ -98,12 +98,11 @@ class TeacherBatch:
 
 
 def launch_teacher(teacher: Teacher, batch: dict) -> TeacherBatch:
-    """Queue the teacher on the batch's decodable clips; on CUDA the copy back is non-blocking too."""
-    ok = torch.tensor([not error for error in batch["errors"]])
-    if not ok.any():
+    """Queue the teacher on the whole padded batch (failed rows are zeros: one shape for every
+    batch); on CUDA the copy back is non-blocking too."""
+    if all(batch["errors"]):
         return TeacherBatch(batch, None, None)
-    # Indexing copies into unpinned memory: keep the pinned batch when every clip decoded.
-    latents = teacher.encode(batch["pixels"] if ok.all() else batch["pixels"][ok])
+    latents = teacher.encode(batch["pixels"])
     if latents.device.type != "cuda":
         return TeacherBatch(batch, latents, None)
     host = latents.to("cpu", non_blocking=True)  # lands in pinned memory
@@ -133,13 +132,19 @@ class BatchCollector:
                 clip = self.source.clips[row]
                 log.warning("clip %s failed (row %d, %s, worker %s): %s",
                             clip.clip_id, row, clip.path, batch["worker"], error)
-        shard = int(batch["shard"])
-        if shard not in self.open_shards:
-            self.open_shards[shard] = ShardAssembler.empty(self.store, shard)
-        assembler = self.open_shards[shard]
-        assembler.add(rows, batch["pixels"].numpy(), latents, frame_index, errors)
-        if assembler.complete:
-            self.writer.submit(self.open_shards.pop(shard).payload)
+        pixels = batch["pixels"].numpy()
+        shard_of = rows // self.store.shard_rows
+        for shard in np.unique(shard_of):  # a batch may span shards
+            where = np.flatnonzero(shard_of == shard)
+            at = slice(int(where[0]), int(where[-1]) + 1)  # rows are sorted: a view, not a copy
+            shard = int(shard)
+            if shard not in self.open_shards:
+                self.open_shards[shard] = ShardAssembler.empty(self.store, shard, self.writer.buffers)
+            assembler = self.open_shards[shard]
+            assembler.add(rows[at], pixels[at], None if latents is None else latents[at], frame_index[at],
+                          errors[at])
+            if assembler.complete:
+                self.writer.submit(self.open_shards.pop(shard).payload)
 
 
 @dataclass
@@ -153,6 +158,16 @@ class BuildReport:
     seconds: float
     disk_bytes: int
     write_mb_per_s: float
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # rank 0: (perf_counter, clips) per batch
+    finished: float = 0.0  # rank 0: perf_counter once its last shard was committed
+
+    def steady_clips_per_second(self, skip: int) -> float | None:
+        """clips/s after the first ``skip`` batches (those decoded while the workers started), to the
+        last commit; None with too few batches. ``salt-cache bench`` compares it with decode-only."""
+        if len(self.arrivals) <= skip + 1:
+            return None
+        started = self.arrivals[skip][0]
+        return sum(clips for _, clips in self.arrivals[skip + 1:]) / (self.finished - started)
 
     @property
     def clips_per_second(self) -> float:
@@ -221,6 +236,7 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
             report = _report(store, todo=sum(work.todo for work in done), failed=sum(work.failed for work in done),
                              seconds=time.perf_counter() - started,
                              write_mb_per_s=sum(work.write_mb_per_s for work in done))
+            report.arrivals, report.finished = mine.arrivals, mine.finished
             if report.pending == 0:
                 store.update_attrs(build={"complete": True, "committed": report.committed, "failed": report.failed,
                                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -260,6 +276,8 @@ class RankWork:
     todo: int
     failed: int
     write_mb_per_s: float
+    arrivals: list[tuple[float, int]]
+    finished: float
 
 
 def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
@@ -267,15 +285,17 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
     """Decode, encode and commit ``shards`` (this rank's share of the pending ones)."""
     plans = plan_batches(store, shards, config.teacher.batch_size)
     todo = sum(len(plan.rows) for plan in plans)
-    writer = ShardWriter(store)
+    writer = ShardWriter(store, config.store.writers)
+    arrivals: list[tuple[float, int]] = []
     collector = BatchCollector(store, source, writer)
     if plans:
-        dataset = ViewBatches(source.clips, plans, config.view, config.loader.decode_threads)
+        dataset = ViewBatches(source.clips, plans, config.view, config.loader.decode_threads, config.teacher.batch_size)
         label = f"teacher, rank 0 of {dist.world_size}" if dist.enabled else "teacher"
         bar = progress(todo, label, unit="clip")
         in_flight: TeacherBatch | None = None
         try:
             for batch in worker_batches(make_loader(dataset, config, teacher.device)):
+                arrivals.append((time.perf_counter(), len(batch["rows"])))
                 current = launch_teacher(teacher, batch)  # asynchronous on CUDA
                 if in_flight is not None:
                     collector.add(in_flight)  # host work for batch k-1 overlaps the GPU on batch k
@@ -290,7 +310,7 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
             bar.close()
             writer.close()
     rate = writer.bytes_written / 1e6 / writer.seconds if writer.seconds else 0.0
-    return RankWork(todo, collector.failed, rate)
+    return RankWork(todo, collector.failed, rate, arrivals, time.perf_counter())
 
 
 def _report(store: LatentStore, todo: int, failed: int, seconds: float, write_mb_per_s: float) -> BuildReport:

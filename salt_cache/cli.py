@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -87,7 +88,8 @@ def build(
 
     with distributed("gloo") as dist, stop_on_sigterm():
         try:
-            model = dist.agree(lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype))
+            model = dist.agree(lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype,
+                                                    config.teacher.compile_mode))
             report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist)
         except KeyboardInterrupt:
             print(f"salt-cache{rank_tag()}: interrupted{resume_hint()}", file=sys.stderr)
@@ -169,6 +171,13 @@ def demo_data(
     return EXIT_OK
 
 
+class TeacherCompile(str, Enum):
+    auto = "auto"
+    off = "off"
+    default = "default"
+    max_autotune = "max-autotune"
+
+
 @app.command()
 def bench(
     src: Path = typer.Option(..., "--src", help="SSv2-layout folder to read clips from"),
@@ -178,8 +187,14 @@ def bench(
     workers: int = typer.Option(2, min=0, help="DataLoader workers for the decode rate"),
     device: Device = typer.Option(Device.auto, help=f"teacher device: {DEVICE_HELP}"),
     out: Optional[Path] = typer.Option(None, help="existing folder for the scratch stores [system temp]"),
+    host_path: bool = typer.Option(False, "--host-path", help="no teacher: fixed latents of --width, to time the "
+                                   "build's host path (decode, checksums, zstd, writes) on any machine"),
+    width: int = typer.Option(1280, min=1, help="latent width with --host-path (1280: ViT-H, production)"),
+    writers: int = typer.Option(4, min=1, help="shard writer threads of the end-to-end build"),
+    teacher_compile: TeacherCompile = typer.Option(TeacherCompile.auto, "--teacher-compile",
+                                                   help="torch.compile mode of the teacher (auto: default on CUDA, off on CPU)"),
 ) -> int:
-    """Print decode, teacher and store-write rates (figures for EXPERIMENTS.md)."""
+    """Print decode-only, teacher-only and end-to-end build rates from one run (figures for EXPERIMENTS.md)."""
     setup_logging()
     if out is not None and not out.is_dir():
         raise SaltUsageError(f"--out {out} " + ("is a file; it must be a folder" if out.exists() else
@@ -189,7 +204,8 @@ def bench(
 
     resolve_device(device.value)  # e.g. cuda without CUDA: say so before minutes of decoding
     figures = run_bench(src, clips=clips, teacher_name=teacher, batch_size=batch_size,
-                        workers=workers, device=device.value, scratch=out)
+                        workers=workers, device=device.value, scratch=out, host_path=host_path, width=width,
+                        writers=writers, teacher_compile=teacher_compile.value)
     print_block("salt-cache bench", figures, stream=sys.stdout)
     return EXIT_OK
 

@@ -1,8 +1,12 @@
-"""The decode side of a build: teacher batches planned per shard, decoded in DataLoader workers.
+"""The decode side of a build: teacher batches planned over the pending rows, decoded in DataLoader workers.
 
-Each shard is cut into teacher batches of at most ``teacher.batch_size`` rows
-that never cross a shard boundary, so a resumed build forms exactly the same
-batches as an uninterrupted one (and on CPU computes bit-identical latents).
+The rows of the shards to do are cut, in order, into teacher batches of
+``teacher.batch_size`` rows, whatever the shard size (a batch may span shards).
+Every batch has that many pixel rows: the last one, and rows that fail to decode,
+are zero-padded rather than left out, so the teacher always sees one shape (no
+recompiles, CUDA graphs possible). A row's latents depend only on its own pixels
+at a fixed batch shape, so a resumed build, whose batches group other rows, still
+writes bit-identical latents on CPU (tested by kill -9 and resume).
 """
 
 from __future__ import annotations
@@ -24,28 +28,25 @@ from salt_cache.video import ClipDecodeError, decode_view
 
 @dataclass(frozen=True)
 class BatchPlan:
-    shard: int
-    rows: tuple[int, ...]
+    rows: tuple[int, ...]  # at most the teacher batch size; the pixels are padded to it
 
 
 def plan_batches(store: LatentStore, shards: list[int], batch_size: int) -> list[BatchPlan]:
-    """Teacher batches for the given shards, aligned to shard starts."""
-    plans = []
-    for shard in shards:
-        start, stop = store.shard_range(shard)
-        for first in range(start, stop, batch_size):
-            plans.append(BatchPlan(shard, tuple(range(first, min(first + batch_size, stop)))))
-    return plans
+    """Teacher batches of ``batch_size`` consecutive rows of the given shards, in order."""
+    rows = [row for shard in shards for row in range(*store.shard_range(shard))]
+    return [BatchPlan(tuple(rows[first:first + batch_size])) for first in range(0, len(rows), batch_size)]
 
 
 class ViewBatches(Dataset):
     """Item k decodes the clips of batch plan k (runs inside a DataLoader worker)."""
 
-    def __init__(self, clips: list[ClipRecord], plans: list[BatchPlan], view: ViewConfig, decode_threads: int) -> None:
+    def __init__(self, clips: list[ClipRecord], plans: list[BatchPlan], view: ViewConfig, decode_threads: int,
+                 batch_size: int) -> None:
         self.clips = clips
         self.plans = plans
         self.view = view
         self.decode_threads = decode_threads
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -53,7 +54,7 @@ class ViewBatches(Dataset):
     def __getitem__(self, k: int) -> dict:
         plan = self.plans[k]
         n = len(plan.rows)
-        pixels = np.zeros(pixels_shape(n), dtype=np.uint8)
+        pixels = np.zeros(pixels_shape(self.batch_size), dtype=np.uint8)  # rows past n: padding
         frame_index = np.full((n, geometry.NUM_FRAMES), -1, dtype=np.int32)
         errors = [""] * n
         for i, row in enumerate(plan.rows):
@@ -67,7 +68,6 @@ class ViewBatches(Dataset):
                 errors[i] = f"unexpected {type(exc).__name__}: {exc}"
         info = get_worker_info()
         return {
-            "shard": plan.shard,
             "rows": np.asarray(plan.rows, dtype=np.int64),
             "pixels": torch.from_numpy(pixels),
             "frame_index": frame_index,

@@ -19,8 +19,8 @@ import torch
 from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
-from shared.store import (STATUS_UNREADABLE, LatentStore, RowStatus, clip_ids_sha256, labels_sha256, row_checksum,
-                          status_counts)
+from shared.store import (CHECKSUM_ALGORITHMS, STATUS_UNREADABLE, LatentStore, RowStatus, clip_ids_sha256,
+                          labels_sha256, row_checksum, status_counts)
 
 if TYPE_CHECKING:
     from shared.teacher import Teacher
@@ -124,13 +124,15 @@ def _status_problem(status: int) -> str | None:
     return None
 
 
-def _check_row(status: int, data: dict[str, np.ndarray], i: int) -> str | None:
+def _check_row(status: int, data: dict[str, np.ndarray], i: int, algorithm: str) -> str | None:
     """The first problem of a committed or failed row, or None."""
     if status == RowStatus.FAILED:
         return None if str(data["error"][i]).strip() else "failed without a recorded reason"
-    if row_checksum(data["pixels"][i]) != int(data["pixels_checksum"][i]):
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        return f"checksums of unknown algorithm {algorithm!r}"
+    if row_checksum(data["pixels"][i], algorithm) != int(data["pixels_checksum"][i]):
         return "pixels checksum mismatch"
-    if row_checksum(data["latents"][i]) != int(data["latents_checksum"][i]):
+    if row_checksum(data["latents"][i], algorithm) != int(data["latents_checksum"][i]):
         return "latents checksum mismatch"
     if not np.isfinite(data["latents"][i]).all():
         return "latents hold NaN or inf"
@@ -158,9 +160,10 @@ def check_shard(store: LatentStore, start: int, stop: int, status: np.ndarray, i
             problem = missing
         if problem is None and data is None:  # damaged shard: find which rows still read
             row_data, row_error = _read_shard(store, row, row + 1)
-            problem = f"unreadable ({row_error})" if row_data is None else _check_row(status[row], row_data, 0)
+            problem = (f"unreadable ({row_error})" if row_data is None
+                       else _check_row(status[row], row_data, 0, store.checksum_algorithm))
         elif problem is None:
-            problem = _check_row(status[row], data, row - start)
+            problem = _check_row(status[row], data, row - start, store.checksum_algorithm)
         if problem:
             problems.append(Problem(problem, row, str(ids[row])))
     return problems
@@ -185,7 +188,7 @@ def load_recorded_teacher(store: LatentStore, device: str) -> Teacher:
 
     name = store.attrs.get("teacher", {}).get("name", "")
     try:
-        return load_teacher(name, device=device)
+        return load_teacher(name, device=device, compile_mode="off")  # a few rows: compiling would cost more
     except SaltUsageError as err:
         raise SaltUsageError(f"--deep needs the store's teacher, which is not available: {err}") from None
 

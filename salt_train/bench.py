@@ -2,11 +2,17 @@
 
 - raw read: the store's shard files read with plain ``read()`` (page cache warm):
   the ceiling for any loader on this machine;
-- loader: clips/s of the real streaming loader (configured workers) on the same files;
+- loader: clips/s of the training loader (configured workers, buffer ring, masks made
+  in the workers, the configured ``pin_memory``, batches delivered on the device by
+  :class:`BatchFeed`) on the same files;
 - step from memory: one batch kept on the device, stepped repeatedly;
 - step with the loader: the same step fed by the real loader. The gap is what
   the loader costs; on a GPU it should be ~0 (DESIGN.md: "the loader never the bottleneck");
-- FLOPs per clip of the configured student, and the TFLOP/s the step reached.
+- FLOPs per clip of the configured student, the TFLOP/s the step reached and, on a GPU
+  in ``shared.flops.PEAK_BF16_TFLOPS``, the fraction of its dense bf16 peak;
+- ``--profile DIR``: a torch.profiler trace of a few steps from memory (chrome trace JSON).
+
+``--synthetic N`` stores have pixels that compress like real video (zstd-1 about 1.8x).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from shared.config import PipelineConfig
 from shared.console import format_bytes, progress
 from shared.device import resolve_device
 from shared.distributed import Dist
-from shared.store import LatentStore, RowStatus, ShardPayload, create_store
+from shared.flops import peak_bf16_tflops
+from shared.store import CHECKSUM_ALGORITHM, LatentStore, RowStatus, ShardPayload, create_store
 from salt_train.data import check_stream, make_loader, stream_spec
+from salt_train.feed import BatchFeed
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
 from salt_train.step import Stepper, resolve_compile_mode
@@ -31,28 +39,39 @@ from salt_train.step import Stepper, resolve_compile_mode
 READ_BLOCK = 16 << 20
 
 
+def realistic_pixels(rng: np.random.Generator, n: int, textured: float = 0.5) -> np.ndarray:
+    """uint8 views ``[n, 16, 224, 224, 3]`` that zstd-1 compresses about 1.8x, as real frames do
+    (DESIGN.md: 1.3-3x): a static blocky scene, and over ``textured`` of the 16x16 patches a
+    texture that changes every frame (noise zstd cannot shrink)."""
+    size, frames = geometry.IMAGE_SIZE, geometry.NUM_FRAMES
+    scene = rng.integers(0, 256, (n, 1, size // 8, size // 8, 3), dtype=np.uint8)
+    views = np.broadcast_to(np.repeat(np.repeat(scene, 8, axis=2), 8, axis=3), (n, frames, size, size, 3)).copy()
+    grid = size // geometry.PATCH_SIZE
+    busy = rng.random((n, 1, grid, grid, 1)) < textured
+    busy = np.repeat(np.repeat(busy, geometry.PATCH_SIZE, axis=2), geometry.PATCH_SIZE, axis=3)
+    return np.where(busy, views + rng.integers(0, 32, views.shape, dtype=np.uint8), views)
+
+
 def write_synthetic_store(path: Path, rows: int, teacher_width: int = geometry.TEACHER_WIDTH_HUGE,
-                          shard_rows: int = 16, seed: int = 0) -> LatentStore:
+                          shard_rows: int = 16, seed: int = 0, checksum_algorithm: str = CHECKSUM_ALGORITHM
+                          ) -> LatentStore:
     """A store of the production shape without running a teacher, to measure the loader anywhere.
 
-    Pixels are moving gradients plus noise, which zstd barely compresses (a pessimistic case: real
-    frames compress 1.3-3x, DESIGN.md); latents are random fp16 at the teacher's width, like real ones
-    incompressible.
+    Pixels compress like real video (:func:`realistic_pixels`); latents are random fp16 at the
+    teacher's width, like real ones incompressible. ``checksum_algorithm``: an older store's
+    (blake2b) for tests of stores written before crc32c.
     """
+    checksums = {"algorithm": checksum_algorithm, "arrays": {"pixels": "pixels_checksum", "latents": "latents_checksum"}}
     store = create_store(path, clip_ids=[f"synthetic-{r}" for r in range(rows)], labels=[-1] * rows,
                          teacher_width=teacher_width, shard_rows=shard_rows, pixels_zstd_level=1,
-                         attrs={"teacher": {"name": "synthetic (random latents)"}})
+                         attrs={"teacher": {"name": "synthetic (random latents)"}, "checksums": checksums})
     rng = np.random.default_rng(seed)
-    t, y, x = np.meshgrid(np.arange(geometry.NUM_FRAMES), np.arange(geometry.IMAGE_SIZE), np.arange(geometry.IMAGE_SIZE),
-                          indexing="ij")
     for shard, start, stop in progress(store.num_shards, "synthetic store", unit="shard",
                                        iterable=list(store.iter_shards())):
         n = stop - start
-        phase = rng.integers(0, 256, size=(n, 1, 1, 1, 3))
-        pixels = ((x + y + 4 * t)[None, ..., None] + phase + rng.integers(0, 8, size=(n, *t.shape, 3))) % 256
         latents = rng.standard_normal((n, geometry.NUM_TOKENS, teacher_width), dtype=np.float32).astype(np.float16)
         frames = np.tile(np.arange(geometry.NUM_FRAMES, dtype=np.int32), (n, 1))
-        store.write_shard(ShardPayload(shard, pixels.astype(np.uint8), latents, frames,
+        store.write_shard(ShardPayload(shard, realistic_pixels(rng, n), latents, frames,
                                        np.full(n, RowStatus.COMMITTED, np.uint8), [""] * n))
     return store
 
@@ -76,12 +95,18 @@ def raw_read(files: list[Path]) -> tuple[int, float]:
 LOADER_MIN_BATCHES = 40  # a loader rate over fewer batches (well under a second) is mostly noise
 
 
-def loader_window(spec, config: PipelineConfig, batches: int) -> tuple[int, float, float]:
-    """Clips the real loader delivered once its prefetch queue was primed (worker start excluded),
-    and the wall-clock start and end of that window (comparable between the ranks of a node)."""
+def training_feed(spec, config: PipelineConfig, device: torch.device) -> BatchFeed:
+    """The loader exactly as `salt-train run` builds it, delivering batches on ``device``."""
+    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda", ring=True)
+    return BatchFeed(loader, device)
+
+
+def loader_window(spec, config: PipelineConfig, batches: int, device: torch.device) -> tuple[int, float, float]:
+    """Clips the training loader delivered on the device once its prefetch queue was primed (worker
+    start excluded), and the wall-clock start and end of that window (comparable between the ranks of a node)."""
     warmup = max(2, config.loader.num_workers * config.loader.prefetch_factor)
     batches = max(batches, LOADER_MIN_BATCHES)
-    loader = make_loader(spec, config.loader, pin_memory=False)
+    loader = training_feed(spec, config, device)
     clips, started = 0, float("nan")
     for n, batch in enumerate(loader):
         if n == warmup:
@@ -90,7 +115,10 @@ def loader_window(spec, config: PipelineConfig, batches: int) -> tuple[int, floa
             clips += len(batch["rows"])
         if n + 1 >= warmup + batches:
             break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     ended = time.time()
+    loader.close()
     del loader
     return clips, started, ended
 
@@ -113,13 +141,30 @@ def step_rate(stepper: Stepper, batches, count: int, warmup: int = 2) -> float:
     return clips / (time.perf_counter() - started)
 
 
+def profile_steps(stepper: Stepper, batch: dict, out: Path, steps: int = 4) -> Path:
+    """A torch.profiler chrome trace of ``steps`` steps on one batch (after the measured ones: warm)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if stepper.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / f"salt-train-step-{stepper.device.type}.json"
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
+        for n in range(steps):
+            with torch.profiler.record_function(f"step {n}"):
+                stepper.step(batch, n)
+        if stepper.device.type == "cuda":
+            torch.cuda.synchronize(stepper.device)
+    profiler.export_chrome_trace(str(trace))
+    return trace
+
+
 def repeat(batch: dict):
     while True:
         yield batch
 
 
-def run_bench(cache: Path, config: PipelineConfig, batches: int = 20,
-              dist: Dist = Dist()) -> tuple[dict[str, str], dict[str, float]]:
+def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist = Dist(),
+              profile: Path | None = None) -> tuple[dict[str, str], dict[str, float]]:
     """Printed figures, and the same as numbers (``salt-train scaling`` compares them across K).
 
     Under torchrun every rank runs its loader and its DDP step at the same time on its slice of
@@ -135,15 +180,17 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20,
     rows_on_disk = max(1, store.rows)
     bytes_per_clip = raw_bytes / rows_on_disk
     dist.barrier()  # the loaders start together; the job's rate is all clips over the union of the windows
-    windows = dist.all_gather(loader_window(spec, config, batches))
+    windows = dist.all_gather(loader_window(spec, config, batches, device))
     loader_clips = sum(w[0] for w in windows) / (max(w[2] for w in windows) - min(w[1] for w in windows))
 
     stepper = Stepper(config, store.teacher_width, device, total_steps=10 * batches, dist=dist)
     first = next(iter(make_loader(spec, config.loader.model_copy(update={"num_workers": 0}), pin_memory=False)))
     on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in first.items()}
     memory_clips = step_rate(stepper, repeat(on_device), batches) * dist.world_size  # DDP keeps ranks in lockstep
-    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda")
-    fed_clips = step_rate(stepper, iter(loader), batches) * dist.world_size
+    trace = profile_steps(stepper, on_device, profile) if profile is not None and dist.is_main else None
+    loader = training_feed(spec, config, device)
+    fed_clips = step_rate(stepper, loader, batches) * dist.world_size
+    loader.close()
     del loader
 
     flops = student_flops_per_clip(config.model, store.teacher_width, masked_count(config.mask.kind, config.mask.ratio))
@@ -158,11 +205,29 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20,
         "step, batch from memory": f"{memory_clips:.1f} clips/s",
         "step, batch from loader": f"{fed_clips:.1f} clips/s ({100 * (1 - fed_clips / memory_clips):.0f}% below memory)",
         "FLOPs per clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
-        "achieved": f"{memory_clips * step_flops / 1e12:.2f} TFLOP/s (step from memory)",
+        "achieved": achieved(memory_clips * step_flops, fed_clips * step_flops, device, dist.world_size),
         "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
                    f"compile {resolve_compile_mode(config.model.compile_mode, device)}",
     }
+    if trace is not None:
+        figures["profile"] = f"{trace} (chrome://tracing or https://ui.perfetto.dev)"
     numbers = {"processes": dist.world_size, "threads": torch.get_num_threads(), "batch": spec.batch_size,
                "loader_clips_per_s": loader_clips, "step_memory_clips_per_s": memory_clips,
-               "step_loader_clips_per_s": fed_clips}
+               "step_loader_clips_per_s": fed_clips,
+               "step_memory_tflops": memory_clips * step_flops / 1e12}
     return figures, numbers
+
+
+def achieved(memory_flops: float, fed_flops: float, device: torch.device, gpus: int = 1) -> str:
+    """TFLOP/s of the step from memory and from the loader (the job's), and per GPU their share of
+    its dense bf16 peak."""
+    text = f"{memory_flops / 1e12:.2f} TFLOP/s from memory, {fed_flops / 1e12:.2f} from the loader"
+    peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if peak is not None:
+        label, tflops = peak
+        per_gpu = f" per GPU ({gpus} GPUs)" if gpus > 1 else ""
+        text += (f" = {memory_flops / gpus / 1e12 / tflops:.1%} and {fed_flops / gpus / 1e12 / tflops:.1%}{per_gpu} "
+                 f"of the {label}'s {tflops:.0f} TFLOP/s dense bf16 peak")
+    elif device.type == "cuda":
+        text += " (this GPU is not in shared.flops.PEAK_BF16_TFLOPS: no fraction of peak)"
+    return text

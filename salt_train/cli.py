@@ -190,8 +190,11 @@ def bench(
     device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as numbers to this file"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="write a torch.profiler trace of a few steps "
+                                           "into this folder (chrome trace JSON)"),
 ) -> int:
-    """Print throughput: loader vs raw file reads, training step with the loader vs from memory, FLOPs per clip.
+    """Print throughput: loader vs raw file reads, training step with the loader vs from memory, FLOPs per clip,
+    TFLOP/s and the fraction of the GPU's peak.
 
     Under torchrun (torchrun --nproc-per-node=K -m salt_train bench ...) each rank runs its loader and
     its DDP step on its slice of the global batch at once: the figures are the job's totals."""
@@ -206,7 +209,7 @@ def bench(
         write_synthetic_store(cache, synthetic)
     with distributed(backend_for(resolve_device(config.train.device, "train.device"))) as dist:
         dist.barrier()  # the synthetic store is written
-        figures, numbers = run_bench(cache, config, batches=batches, dist=dist)
+        figures, numbers = run_bench(cache, config, batches=batches, dist=dist, profile=profile)
     print_block("salt-train bench", figures, stream=sys.stdout)
     if json_out is not None and is_console_rank():
         json_out.write_text(json.dumps(numbers, indent=1))

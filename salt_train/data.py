@@ -14,17 +14,26 @@ Global batch ``i`` is the same whatever the number of ranks and workers: rank
 order. So a resumed run starts at batch ``(epoch, index)`` exactly, and a run
 on K GPUs sees the same global batches as a run on one.
 
-Memory is bounded whatever the store size: a worker holds one batch while it
-reads it, the DataLoader at most ``workers x prefetch_factor`` batches in
-shared memory (checked against ``/dev/shm`` before the workers start).
-Normalisation and dtype casts happen on the device (:func:`to_model_inputs`).
+Each batch carries its masks, made in the worker that reads it: a pure function of
+``(seed, global batch number)``, the same global batch's masks sliced like its rows,
+so the same for any number of ranks and workers (and equal to the step number
+while no batch has been skipped).
+
+Memory is bounded whatever the store size. For training, each worker reads into
+a fixed ring of ``prefetch_factor + 2`` shared-memory batch buffers made once for
+the run (:class:`BufferRing`): no new segment per batch, and the main process
+(:class:`salt_train.feed.BatchFeed`) hands a buffer back once its batch is on the
+device. ``/dev/shm`` is checked for the ring before the workers start.
+Normalisation and dtype casts happen on the device, inside the compiled step.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -39,7 +48,8 @@ from shared.console import format_bytes
 from shared.errors import SaltUsageError
 from shared.lifeline import worker_init
 from shared.shard_reader import open_raw_rows
-from shared.store import LatentStore, RowStatus, row_checksum
+from shared.store import LatentStore, RowStatus
+from salt_train.masks import make_masks
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +107,8 @@ class StreamSpec:
     rank: int = 0
     world_size: int = 1
     verify_checksums: bool = False
+    mask_kind: str | None = None  # None: batches carry no masks (the step draws them)
+    mask_ratio: float = 0.75
 
     @property
     def local_batch(self) -> int:
@@ -118,7 +130,7 @@ def stream_spec(store: LatentStore, config: PipelineConfig, start: Position = Po
         store_path=str(store.path), rows=committed_rows(store), shard_rows=store.shard_rows,
         batch_size=config.train.batch_size, seed=config.train.seed, shuffle_buffer=config.stream.shuffle_buffer,
         epochs=config.train.epochs, start=start, rank=rank, world_size=world_size,
-        verify_checksums=config.stream.verify_checksums,
+        verify_checksums=config.stream.verify_checksums, mask_kind=config.mask.kind, mask_ratio=config.mask.ratio,
     )
 
 
@@ -135,16 +147,65 @@ def check_stream(spec: StreamSpec, store_path: Path) -> None:
         )
 
 
+class BufferRing:
+    """Per-worker rings of shared-memory batch buffers, reused for the whole run.
+
+    ``state[w, s]`` (an int32 tensor in shared memory, made by the main process before the
+    workers start) is 1 while worker ``w``'s slot ``s`` holds a batch the main process has
+    not handed back, 0 when the worker may fill it. A worker fills its slots in turn and
+    waits for a busy one; the main process frees a slot once the batch's bytes are on the
+    device. It holds at most two batches at a time (the one stepping and the next one being
+    copied), so ``slots >= 3`` can never wait forever.
+    """
+
+    def __init__(self, workers: int, slots: int) -> None:
+        if slots < 3:
+            raise ValueError(f"a buffer ring needs at least 3 slots per worker, got {slots}")
+        self.state = torch.zeros(workers, slots, dtype=torch.int32).share_memory_()
+        self.slots = slots
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # this worker's, made on first use
+        self._next = 0
+        self._parent = 0
+
+    def __getstate__(self) -> dict:  # a worker gets the shared state, not the main process's buffers
+        return {"state": self.state, "slots": self.slots}
+
+    def __setstate__(self, state: dict) -> None:
+        self.state, self.slots = state["state"], state["slots"]
+        self._buffers, self._next, self._parent = [], 0, os.getppid()
+
+    def claim(self, worker: int, pixels_shape: tuple[int, ...], latents_shape: tuple[int, ...]
+              ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The worker's next slot, once the main process has freed it, and its two buffers."""
+        if not self._buffers:
+            self._buffers = [(shared_buffer(pixels_shape, torch.uint8), shared_buffer(latents_shape, torch.float16))
+                             for _ in range(self.slots)]
+        slot, self._next = self._next, (self._next + 1) % self.slots
+        while int(self.state[worker, slot]) != 0:
+            if os.getppid() != self._parent:  # the main process is gone: nobody will free it
+                raise SystemExit(0)
+            time.sleep(0.0005)
+        self.state[worker, slot] = 1
+        pixels, latents = self._buffers[slot]
+        return slot, pixels[:pixels_shape[0]], latents[:latents_shape[0]]
+
+    def release(self, worker: int, slot: int) -> None:
+        self.state[worker, slot] = 0
+
+
 class StoreStream(IterableDataset):
     """Yields this rank's slice of every global batch from ``spec.start`` to the last epoch's end.
 
     Items are dicts: ``pixels`` uint8 [b, 16, 224, 224, 3], ``latents`` float16 [b, 1568, D],
-    ``rows`` int64 [b], ``epoch``, ``index``. A batch that cannot be read becomes
+    ``rows`` int64 [b], ``epoch``, ``index``, and with ``spec.mask_kind`` the batch's ``visible``
+    and ``masked`` token ids [b, V] and [b, M]; from a :class:`BufferRing`, ``slot`` ([worker, slot],
+    to hand back). A batch that cannot be read becomes
     ``{"error": reason, "rows", "epoch", "index", "worker"}`` so the trainer counts it and goes on.
     """
 
-    def __init__(self, spec: StreamSpec) -> None:
+    def __init__(self, spec: StreamSpec, ring: BufferRing | None = None) -> None:
         self.spec = spec
+        self.ring = ring
         self._reader: RowReader | None = None
 
     def positions(self) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -171,34 +232,57 @@ class StoreStream(IterableDataset):
             self._reader = RowReader(LatentStore.open(self.spec.store_path))
         return self._reader
 
+    def masks(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        """This rank's slice of global batch ``(epoch, index)``'s masks (none without ``mask_kind``)."""
+        spec = self.spec
+        if spec.mask_kind is None:
+            return {}
+        number = epoch * spec.steps_per_epoch + index  # the step that reads it, while none is skipped
+        masks = make_masks(spec.mask_kind, spec.mask_ratio, spec.batch_size, spec.seed, number)
+        lo, hi = spec.rank * spec.local_batch, (spec.rank + 1) * spec.local_batch
+        return {"visible": masks.visible[lo:hi], "masked": masks.masked[lo:hi]}
+
     def read_batch(self, epoch: int, index: int, rows: np.ndarray, worker: int) -> dict:
+        slot = None
         try:
             reader = self.reader()
             n = len(rows)
-            in_worker = get_worker_info() is not None
-            make = shared_buffer if in_worker else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
-            pixels = make((n, *reader.store.arrays["pixels"].shape[1:]), torch.uint8)
-            latents = make((n, *reader.store.arrays["latents"].shape[1:]), torch.float16)
+            pixels_shape = (n, *reader.store.arrays["pixels"].shape[1:])
+            latents_shape = (n, *reader.store.arrays["latents"].shape[1:])
+            if self.ring is not None and get_worker_info() is not None:
+                slot, pixels, latents = self.ring.claim(worker, pixels_shape, latents_shape)
+            elif get_worker_info() is not None:
+                pixels, latents = shared_buffer(pixels_shape, torch.uint8), shared_buffer(latents_shape, torch.float16)
+            else:
+                pixels, latents = torch.empty(pixels_shape, dtype=torch.uint8), torch.empty(latents_shape, dtype=torch.float16)
             reader.read(rows, out=(pixels.numpy(), latents.numpy()))
             if self.spec.verify_checksums:
                 self._check(rows, pixels.numpy(), latents.numpy())
+            masks = self.masks(epoch, index)
         except Exception as exc:  # a damaged chunk or file: reported, counted, skipped
+            if slot is not None:
+                self.ring.release(worker, slot)
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             return {"error": reason, "rows": torch.from_numpy(rows), "epoch": epoch, "index": index, "worker": worker}
-        return {
+        batch = {
             "pixels": pixels,
             "latents": latents,
             "rows": torch.from_numpy(rows),
             "epoch": epoch,
             "index": index,
+            **masks,
         }
+        if slot is not None:
+            batch["slot"] = torch.tensor([worker, slot])
+        return batch
 
     def _check(self, rows: np.ndarray, pixels: np.ndarray, latents: np.ndarray) -> None:
         expected_pixels, expected_latents = self.reader().read(rows, ("pixels_checksum", "latents_checksum"))
+        store = self.reader().store
         for k, row in enumerate(rows):
-            if row_checksum(pixels[k]) != int(expected_pixels[k]):
+            if store.row_checksum(pixels[k]) != int(expected_pixels[k]):
                 raise ValueError(f"row {row}: pixels checksum mismatch")
-            if row_checksum(latents[k]) != int(expected_latents[k]):
+            if store.row_checksum(latents[k]) != int(expected_latents[k]):
                 raise ValueError(f"row {row}: latents checksum mismatch")
 
 
@@ -211,17 +295,18 @@ def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
 class RowReader:
     """Reads sorted rows of a store's arrays in as few, as large reads as the layout allows.
 
-    Latents (raw fp16) come straight from the shard files (``shared.shard_reader``: 3.7x
-    zarr's path on 4 MB rows); the rest through zarr, one range read per contiguous run
+    Latents (raw fp16) and pixels (zstd) come straight from the shard files (``shared.shard_reader``:
+    3.7x zarr's path on 4 MB latent rows, ~20 ms less per batch of 8 pixel rows); the rest through zarr, one range read per contiguous run
     of rows (~100x faster than zarr's ``oindex`` on an id list: 9 ms against 1.3 s for
     4 rows of pixels).
     """
 
-    RAW_ARRAYS = ("latents",)
+    RAW_ARRAYS = ("latents", "pixels")
 
     def __init__(self, store: LatentStore) -> None:
         self.store = store
-        self.raw = {name: open_raw_rows(store.path / name) for name in self.RAW_ARRAYS}
+        raw = {name: open_raw_rows(store.path / name) for name in self.RAW_ARRAYS}
+        self.raw = {name: reader for name, reader in raw.items() if reader is not None}
 
     def read(self, rows: np.ndarray, names: tuple[str, ...] = ("pixels", "latents"),
              out: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, ...]:
@@ -264,11 +349,16 @@ def batch_bytes(local_batch: int, teacher_width: int) -> int:
     return pixels + latents
 
 
+def ring_slots(loader: LoaderConfig) -> int:
+    """Buffers per worker: its prefetched batches, the one it reads, and one the main process holds."""
+    return loader.prefetch_factor + 2
+
+
 def shm_bound(loader: LoaderConfig, local_batch: int, teacher_width: int) -> int:
-    """The most /dev/shm the DataLoader can hold: every worker's prefetched batches, plus one in flight each."""
+    """The /dev/shm the training loader holds: every worker's ring of batch buffers."""
     if loader.num_workers == 0:
         return 0
-    return loader.num_workers * (loader.prefetch_factor + 1) * batch_bytes(local_batch, teacher_width)
+    return loader.num_workers * ring_slots(loader) * batch_bytes(local_batch, teacher_width)
 
 
 def check_shm(loader: LoaderConfig, local_batch: int, teacher_width: int, shm: Path = SHM_PATH,
@@ -282,23 +372,27 @@ def check_shm(loader: LoaderConfig, local_batch: int, teacher_width: int, shm: P
     if needed > free:
         raise SaltUsageError(
             f"the loader can hold up to {format_bytes(needed)} in {shm} "
-            f"({processes} rank(s) x {loader.num_workers} workers x {loader.prefetch_factor + 1} batches x {format_bytes(batch_bytes(local_batch, teacher_width))}) "
+            f"({processes} rank(s) x {loader.num_workers} workers x {ring_slots(loader)} batches x {format_bytes(batch_bytes(local_batch, teacher_width))}) "
             f"but only {format_bytes(free)} is free: lower loader.num_workers, loader.prefetch_factor or train.batch_size, "
             "or give the container more shared memory (docker run --shm-size)"
         )
 
 
-def make_loader(spec: StreamSpec, loader: LoaderConfig, pin_memory: bool) -> DataLoader:
+def make_loader(spec: StreamSpec, loader: LoaderConfig, pin_memory: bool, ring: bool = False) -> DataLoader:
     """A DataLoader over :class:`StoreStream`: batches are formed by the stream, so ``batch_size=None``.
 
     One iterator spans the whole run (epochs included), so ``persistent_workers`` has nothing to keep.
+    ``ring``: workers read into a :class:`BufferRing` (with workers only); its consumer must hand
+    each batch back (:class:`salt_train.feed.BatchFeed` does, and pins the buffers itself, so the
+    DataLoader's pinning copy is off).
     """
     workers = loader.num_workers
+    buffers = BufferRing(workers, ring_slots(loader)) if ring and workers else None
     return DataLoader(
-        StoreStream(spec),
+        StoreStream(spec, buffers),
         batch_size=None,
         num_workers=workers,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory and buffers is None,
         prefetch_factor=loader.prefetch_factor if workers else None,
         multiprocessing_context=loader.multiprocessing_context if workers else None,
         worker_init_fn=worker_init if workers else None,  # die with the main process; Ctrl-C is its to handle

@@ -19,7 +19,7 @@ from shared import geometry
 from shared.config import ModelConfig
 from shared.flops import vit_forward_flops
 from salt_train.predictor import Predictor, gather
-from salt_train.student import VideoViT, build_student
+from salt_train.student import VideoViT, build_student, tubelets, view_tubelets
 
 MODES = ("salt", "mask-token")
 LOSSES = ("mse", "l1")
@@ -73,17 +73,48 @@ class SaltStudent(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, pixels: Tensor, visible: Tensor, masked: Tensor) -> Tensor:
-        """Predictions ``[B, M, teacher_width]`` at the ``masked`` token ids, in their order."""
+        """Predictions ``[B, M, teacher_width]`` at the ``masked`` token ids, in their order,
+        from normalised float pixels ``[B, 3, 16, 224, 224]``."""
+        return self.predict(tubelets(pixels), visible, masked, from_uint8=False)
+
+    def predict(self, patches: Tensor, visible: Tensor, masked: Tensor, from_uint8: bool) -> Tensor:
+        """The same from tubelets ``[B, 1568, 1536]`` (:func:`tubelets` or :func:`view_tubelets`);
+        uint8 ones are normalised after the gather, so only the tubelets embedded are converted."""
+        embed = self.encoder.patch_embed
+        prepare = embed.normalise if from_uint8 else (lambda x: x)
         if self.mode == "salt":
-            return self.predictor(self.encoder(pixels, token_ids=visible), visible, masked)
+            context = self.encoder.encode_tokens(self.encoder.embed_at(prepare(gather(patches, visible)), visible))
+            return self.predictor(context, visible, masked)
         # Mask tokens replace the patch content only; positions are added after, so each
         # mask token still knows where it is.
-        patches = self.encoder.patch_embed(pixels)
-        is_masked = torch.zeros(patches.shape[:2], dtype=torch.bool, device=patches.device)
+        tokens = embed.embed_tubelets(prepare(patches))
+        is_masked = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         is_masked.scatter_(1, masked, True)
-        patches = torch.where(is_masked.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
-        tokens = self.encoder.encode_tokens(patches + self.encoder.positions())
+        tokens = torch.where(is_masked.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        tokens = self.encoder.encode_tokens(tokens + self.encoder.positions())
         return self.head(gather(tokens, masked))
+
+
+class SaltObjective(nn.Module):
+    """The whole differentiable step, from what the loader delivers to the loss, as one module
+    so that ``torch.compile`` makes it one graph: uint8 views to normalised visible tubelets,
+    the student, the target gather, the per-token layer norm and the loss.
+
+    Its parameters are the student's: DDP wraps it, checkpoints save ``student``.
+    """
+
+    def __init__(self, student: SaltStudent, loss: str) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r} (one of {', '.join(LOSSES)})")
+        self.student = student
+        self.loss = loss
+
+    def forward(self, views: Tensor, latents: Tensor, visible: Tensor, masked: Tensor) -> Tensor:
+        """uint8 ``[B, 16, 224, 224, 3]``, fp16 ``[B, 1568, D]``, ids ``[B, V]`` and ``[B, M]`` -> the loss."""
+        predicted = self.student.predict(view_tubelets(views), visible, masked, from_uint8=True)
+        targets = normalise_targets(gather_tokens(latents, masked))
+        return regression_loss(predicted, targets, self.loss)
 
 
 def build_salt_student(model_cfg: ModelConfig, teacher_width: int) -> SaltStudent:
@@ -111,8 +142,9 @@ def student_flops_per_clip(model_cfg: ModelConfig, teacher_width: int, masked_co
     else:
         encoder_flops = vit_forward_flops(tokens, width, depth, mlp_ratio)
         predictor_flops = 2 * masked_count * width * teacher_width  # the linear head
-    # The Conv3d embeds every tubelet (in salt mode too: masking happens after it).
-    patch_flops = 2 * tokens * 3 * geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2 * width
+    # salt mode embeds the visible tubelets only; mask-token mode embeds all of them.
+    embedded = visible if model_cfg.mode == "salt" else tokens
+    patch_flops = 2 * embedded * 3 * geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2 * width
     forward = encoder_flops + predictor_flops + patch_flops
     return {"encoder": encoder_flops, "predictor": predictor_flops, "patch_embed": patch_flops,
             "train_step": 3 * forward}

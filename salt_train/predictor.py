@@ -15,11 +15,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from shared import geometry
-
-
-def gather(x: Tensor, ids: Tensor) -> Tensor:
-    """``x[b, ids[b]]``: ``[B, N, D]`` and ``[B, K]`` -> ``[B, K, D]``."""
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+from salt_train.student import gather_rows as gather
 
 
 def _sincos_1d(dim: int, positions: Tensor) -> Tensor:

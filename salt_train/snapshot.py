@@ -55,8 +55,8 @@ ROOT_SUFFIX = ".snapshots"
 PARTIAL_SUFFIX = ".partial"  # a snapshot being taken, or one a crash left; never listed
 MANIFEST_VERSION = 1
 # The two big arrays are not hashed (that would read every byte); each of their rows has a
-# blake2b checksum in pixels_checksum / latents_checksum, which are hashed, so a rebuilt row
-# still shows. Every other file (zarr.json, status, checksums, labels, ...) is O(rows) and hashed.
+# checksum (crc32c; blake2b in older stores) in pixels_checksum / latents_checksum, which are
+# hashed, so a rebuilt row still shows. Every other file (zarr.json, status, checksums, labels, ...) is O(rows) and hashed.
 UNHASHED_ARRAYS = ("pixels", "latents")
 PROGRESS_MIN_FILES = 1000
 

@@ -1,9 +1,10 @@
 """One optimizer step of SALT, shared by `salt-train run` and `salt-train bench`.
 
-uint8 pixels and fp16 latents arrive from the loader; on the device: normalise,
-draw the step's masks (a pure function of seed and step), forward under bf16
-autocast on CUDA (fp32 on CPU), MSE (or L1) on the masked tokens against
-per-token layer-normed teacher latents, backward, clip, AdamW.
+uint8 pixels, fp16 latents and the step's masks arrive from the loader (already on
+the device when a :class:`salt_train.feed.BatchFeed` delivers them). One compiled
+module (:class:`SaltObjective`) goes from there to the loss: visible tubelets
+normalised and embedded, encoder, predictor, target gather, per-token layer norm,
+MSE (or L1), under bf16 autocast on CUDA (fp32 on CPU); then backward, clip, AdamW.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shared.config import PipelineConfig
 from shared.distributed import Dist
-from salt_train.data import to_model_inputs
+from salt_train.attention import attention_backends, attention_context
 from salt_train.finite import guarded_step
 from salt_train.masks import make_masks
-from salt_train.objective import SaltStudent, build_salt_student, gather_tokens, normalise_targets, regression_loss
+from salt_train.objective import SaltObjective, SaltStudent, build_salt_student
 from salt_train.optim import build_optimizer
 from salt_train.schedule import lr_at, set_lr
 
@@ -57,28 +58,44 @@ class Stepper:
         self.optimizer = build_optimizer(self.model, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                          device=device)
         self.compile_mode = resolve_compile_mode(config.model.compile_mode, device)
-        trained: torch.nn.Module = self.model
+        self.objective = SaltObjective(self.model, config.model.loss)
+        trained: torch.nn.Module = self.objective
         if dist.enabled:
-            trained = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        # Static shapes (fixed batch, fixed masked count) keep the compiled graph from recompiling.
+            trained = DistributedDataParallel(self.objective,
+                                              device_ids=[device.index] if device.type == "cuda" else None)
+        # One graph from uint8 views to the loss; static shapes (fixed batch, fixed masked count)
+        # and the learning rate outside it keep it from recompiling.
         self.forward = torch.compile(trained, mode=self.compile_mode) if self.compile_mode != "off" else trained
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.attention = attention_backends(config.model.attention, device)
+
+    def inputs(self, batch: dict, step: int) -> tuple[torch.Tensor, ...]:
+        """Views, latents, visible and masked ids on the device. The loader's workers make the masks
+        (StreamSpec.mask_kind); a batch without them gets them here, from the step number."""
+        moved = [batch[name].to(self.device, non_blocking=True) for name in ("pixels", "latents")]
+        if "masked" in batch:
+            return (*moved, batch["visible"].to(self.device, non_blocking=True),
+                    batch["masked"].to(self.device, non_blocking=True))
+        local = moved[0].shape[0]  # this rank's slice of the global batch, and of its masks
+        mask = self.config.mask
+        masks = make_masks(mask.kind, mask.ratio, local * self.world_size, self.config.train.seed, step)
+        masks = masks[self.rank * local:(self.rank + 1) * local].to(self.device, non_blocking=True)
+        return (*moved, masks.visible, masks.masked)
 
     def step(self, batch: dict, step: int) -> StepResult:
-        train, mask = self.config.train, self.config.mask
-        pixels, latents = to_model_inputs(batch, self.device)
-        local = pixels.shape[0]  # this rank's slice of the global batch, and of its masks
-        masks = make_masks(mask.kind, mask.ratio, local * self.world_size, train.seed, step)
-        masks = masks[self.rank * local:(self.rank + 1) * local].to(self.device, non_blocking=True)
+        train = self.config.train
+        views, latents, visible, masked = self.inputs(batch, step)
         lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=self.total_steps)
         set_lr(self.optimizer, lr)
+        if self.compile_mode != "off" and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (max-autotune)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            predicted = self.forward(pixels, masks.visible, masks.masked)
-        targets = normalise_targets(gather_tokens(latents, masks.masked))
-        loss = regression_loss(predicted, targets, self.config.model.loss)  # in float32
+                            enabled=self.autocast_dtype is not None), attention_context(self.attention):
+            loss = self.forward(views, latents, visible, masked)  # in float32
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
         applied = guarded_step(self.optimizer, grad_norm)  # a non-finite step is skipped on the device
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss.detach(), grad_norm.detach(), lr, pixels.shape[0], applied)
+        # A copy: under CUDA graphs the compiled graph's output buffer is overwritten by the next
+        # step, and the loss is kept until the next health line.
+        return StepResult(loss.detach().clone(), grad_norm.detach(), lr, views.shape[0], applied)

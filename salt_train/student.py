@@ -84,14 +84,47 @@ def load_2d_weights(model: nn.Module, path: str | Path) -> None:
         raise SaltUsageError(f"model.pretrained: {path} does not fit the student (missing {shown})")
 
 
+TUBELET_FEATURES = 3 * geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2  # 1536 values per tubelet
+
+
+def tubelets(pixels: Tensor) -> Tensor:
+    """Normalised ``[B, 3, 16, 224, 224]`` -> ``[B, 1568, 1536]``: one row per tubelet in token
+    order, its values in the Conv3d weight's (channel, frame, row, column) order."""
+    b = pixels.shape[0]
+    t, p = geometry.TUBELET_SIZE, geometry.PATCH_SIZE
+    x = pixels.reshape(b, 3, geometry.GRID_T, t, geometry.GRID_H, p, geometry.GRID_W, p)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, geometry.NUM_TOKENS, TUBELET_FEATURES)
+
+
+def view_tubelets(views: Tensor) -> Tensor:
+    """uint8 views ``[B, 16, 224, 224, 3]`` (the store's layout) -> uint8 ``[B, 1568, 1536]``,
+    laid out as :func:`tubelets`: still uint8, so a gather moves a quarter of float32's bytes."""
+    b = views.shape[0]
+    t, p = geometry.TUBELET_SIZE, geometry.PATCH_SIZE
+    x = views.reshape(b, geometry.GRID_T, t, geometry.GRID_H, p, geometry.GRID_W, p, 3)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, geometry.NUM_TOKENS, TUBELET_FEATURES)
+
+
 class PatchEmbed3d(nn.Module):
-    """Conv3d tubelet embedding: ``[B, 3, 16, 224, 224]`` -> ``[B, 1568, width]`` in token order."""
+    """Conv3d tubelet embedding: ``[B, 3, 16, 224, 224]`` -> ``[B, 1568, width]`` in token order.
+
+    :meth:`embed_tubelets` applies the same weights as one matmul to any subset of the
+    tubelets, so the encoder embeds only the visible quarter (the Conv3d would embed all 1568
+    and throw three quarters away).
+    """
 
     def __init__(self, width: int, bias: bool = True, norm: nn.Module | None = None) -> None:
         super().__init__()
         kernel = (geometry.TUBELET_SIZE, geometry.PATCH_SIZE, geometry.PATCH_SIZE)
         self.proj = nn.Conv3d(3, width, kernel_size=kernel, stride=kernel, bias=bias)
         self.norm = norm if norm is not None else nn.Identity()
+        # ImageNet statistics per tubelet value (channel-major, as :func:`tubelets`), for uint8
+        # input; buffers so they live on the model's device (no host copy per step), unsaved.
+        per_channel = geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2
+        mean = torch.tensor(geometry.PIXEL_MEAN, dtype=torch.float32).repeat_interleave(per_channel)
+        std = torch.tensor(geometry.PIXEL_STD, dtype=torch.float32).repeat_interleave(per_channel)
+        self.register_buffer("tubelet_mean", mean, persistent=False)
+        self.register_buffer("tubelet_std", std, persistent=False)
 
     @torch.no_grad()
     def inflate_from(self, proj2d: nn.Conv2d) -> None:
@@ -101,6 +134,14 @@ class PatchEmbed3d(nn.Module):
         self.proj.weight.copy_(proj2d.weight.unsqueeze(2).repeat(1, 1, frames, 1, 1) / frames)
         if self.proj.bias is not None:
             self.proj.bias.copy_(proj2d.bias)
+
+    def normalise(self, uint8_tubelets: Tensor) -> Tensor:
+        """uint8 tubelet values -> ImageNet-normalised float32 (DESIGN's pixel normalisation)."""
+        return (uint8_tubelets.float() / 255.0 - self.tubelet_mean) / self.tubelet_std
+
+    def embed_tubelets(self, tubelets: Tensor) -> Tensor:
+        """Normalised ``[B, K, 1536]`` tubelets -> ``[B, K, width]``: the Conv3d as a matmul."""
+        return self.norm(nn.functional.linear(tubelets, self.proj.weight.flatten(1), self.proj.bias))
 
     def forward(self, pixels: Tensor) -> Tensor:
         # [B, D, 8, 14, 14] flattened in (t, h, w) order: index t*196 + h*14 + w, the contract's.
@@ -162,12 +203,31 @@ class VideoViT(nn.Module):
             tokens = checkpoint(block, tokens, use_reentrant=False) if checkpointed else block(tokens)
         return self.norm(tokens)
 
+    def embed_at(self, tubelets: Tensor, token_ids: Tensor) -> Tensor:
+        """Normalised tubelets ``[B, K, 1536]`` of the tokens ``token_ids`` ``[B, K]``, embedded
+        and positioned: equal to :meth:`embed` followed by a gather, without embedding the rest."""
+        positions = self.positions().expand(tubelets.shape[0], -1, -1)
+        return self.patch_embed.embed_tubelets(tubelets) + gather_rows(positions, token_ids)
+
     def forward(self, pixels: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``[B, 3, 16, 224, 224]`` -> ``[B, K, width]`` at ``token_ids`` ``[B, K]`` (all 1568 when None)."""
-        tokens = self.embed(pixels)
-        if token_ids is not None:
-            tokens = torch.gather(tokens, 1, token_ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        return self.encode_tokens(tokens)
+        if token_ids is None:
+            return self.encode_tokens(self.embed(pixels))
+        return self.encode_tokens(self.embed_at(gather_rows(tubelets(pixels), token_ids), token_ids))
+
+    def forward_views(self, views: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """The same from uint8 views ``[B, 16, 224, 224, 3]`` (the store's pixels), normalised here."""
+        patches = view_tubelets(views)
+        if token_ids is None:
+            return self.encode_tokens(self.patch_embed.embed_tubelets(self.patch_embed.normalise(patches))
+                                      + self.positions())
+        visible = self.patch_embed.normalise(gather_rows(patches, token_ids))
+        return self.encode_tokens(self.embed_at(visible, token_ids))
+
+
+def gather_rows(x: Tensor, ids: Tensor) -> Tensor:
+    """``x[b, ids[b]]``: ``[B, N, D]`` and ``[B, K]`` -> ``[B, K, D]``."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def _module_or_identity(model: nn.Module, name: str) -> nn.Module:

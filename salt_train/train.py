@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -32,6 +32,7 @@ from salt_train import checkpoint as ckpt
 from salt_train import run_folder
 from salt_train.data import Position, StreamSpec, batch_bytes, check_shm, check_stream, make_loader, shm_bound, stream_spec
 from salt_train.export import export_encoder
+from salt_train.feed import BatchFeed
 from salt_train.finite import nonfinite_latent_rows, weights_finite
 from salt_train.masks import masked_count
 from salt_train.objective import student_flops_per_clip
@@ -218,7 +219,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
     steps = stepper.total_steps = total_steps(config, spec.steps_per_epoch)
     train = config.train
     masked = masked_count(config.mask.kind, config.mask.ratio)
-    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda")
+    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda", ring=True)
     flops = student_flops_per_clip(config.model, store.teacher_width, masked)
     print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, masked, model, flops, dist)
 
@@ -232,7 +233,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
     first_loss = last_loss = None
     interrupted = live_store_changed = False
     worker_died: str | None = None
-    batches: Iterable[dict] = iter(loader)
+    batches = BatchFeed(loader, device)  # the next batch's copy overlaps this step (CUDA)
 
     def account_skipped() -> None:
         """Read the pending non-finite flags (one host read), log the skipped steps and their rows,
@@ -335,6 +336,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                                + _save_alone(run_dir, model, optimizer, state, train.keep_checkpoints, main)) from None
     finally:
         bar.close()
+        batches.close()
         del batches, loader  # stop the workers before writing the last files
         for log_file in (metrics, rows_log):
             if log_file is not None:

@@ -33,7 +33,9 @@ class TeacherConfig(_Section):
     name: str = Field(DEFAULT_TEACHER, description="hub id, local save_pretrained dir, or builtin:tiny-videomae")
     # auto: float32 on CPU, float16 autocast on CUDA (closest to fp32, see EXPERIMENTS.md).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(16, gt=0, description="clips per teacher forward")
+    batch_size: int = Field(16, gt=0, description="clips per teacher forward (any size: batches span shards)")
+    # auto: torch.compile's default mode on CUDA, off on CPU (shared/teacher.py).
+    compile_mode: Literal["auto", "off", "default", "max-autotune"] = "auto"
 
 
 class ViewConfig(_Section):
@@ -46,6 +48,7 @@ class ViewConfig(_Section):
 class StoreConfig(_Section):
     shard_rows: int = Field(16, gt=0, le=4096, description="rows per shard file")
     pixels_zstd_level: int = Field(1, ge=0, le=22, description="0 stores pixels uncompressed")
+    writers: int = Field(4, gt=0, le=64, description="threads committing shards during a build")
 
 
 class LoaderConfig(_Section):
@@ -102,8 +105,8 @@ class StreamConfig(_Section):
     # Row ids in the shuffle window. Ids only: the loader holds no row data for it, so a
     # large window costs no memory, only read locality (rows come from ~window/shard_rows shards).
     shuffle_buffer: int = Field(4096, gt=0)
-    verify_checksums: bool = Field(True, description="check each row's checksum on read (a damaged row is skipped, "
-                                                     "never trained on)")
+    verify_checksums: bool = Field(True, description="check each row's crc32c checksum on read (~1 ms per 4 MB "
+                                                     "row): a damaged row is skipped, never trained on")
     max_errors: int = Field(20, ge=0, description="unreadable batches tolerated before the run stops")
 
 
@@ -128,6 +131,8 @@ class ModelConfig(_Section):
     # auto: max-autotune on CUDA, off on CPU (inductor's CPU kernels gain little and compile for minutes).
     compile_mode: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
     grad_checkpointing: bool = False
+    # Attention kernel (salt_train/attention.py): auto prefers cuDNN attention on Hopper.
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":

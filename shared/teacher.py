@@ -136,13 +136,29 @@ def load_teacher_model(name: str) -> VideoMAEModel:
 
 @dataclass
 class Teacher:
-    """A frozen teacher on a device; ``encode`` maps uint8 views to fp16 latents."""
+    """A frozen teacher on a device; ``encode`` maps uint8 views to fp16 latents.
+
+    Kept on the device once, not rebuilt per batch: the ImageNet statistics and VideoMAE's
+    sin-cos position table (transformers keeps it as a plain CPU tensor and copies it from
+    pageable memory on every forward: a sync, and no CUDA graphs). On CUDA the half-precision
+    weights (Linear and Conv3d; LayerNorm stays float32, as autocast computes it) are converted
+    once, at the first half-precision encode, and the forward is compiled (``compile_mode``).
+    """
 
     model: VideoMAEModel
     name: str
     device: torch.device
     compute_dtype: str
     weights_hash: str
+    compile_mode: str = "off"
+
+    def __post_init__(self) -> None:
+        self.mean = torch.tensor(geometry.PIXEL_MEAN, device=self.device).view(1, 1, 3, 1, 1)
+        self.std = torch.tensor(geometry.PIXEL_STD, device=self.device).view(1, 1, 3, 1, 1)
+        embeddings = self.model.embeddings
+        embeddings.position_embeddings = embeddings.position_embeddings.to(self.device)
+        self.weights_dtype = torch.float32
+        self.forward = self.model if self.compile_mode == "off" else torch.compile(self.model, mode=self.compile_mode)
 
     @property
     def width(self) -> int:
@@ -160,18 +176,36 @@ class Teacher:
             "heads": config.num_attention_heads,
         }
 
+    def _convert_weights(self, dtype: torch.dtype) -> None:
+        """Matmul weights in ``dtype`` once, instead of autocast casting them on every forward
+        (the same values: autocast rounds them the same way). Irreversible: fp32 comes first."""
+        if dtype == self.weights_dtype:
+            return
+        if self.weights_dtype != torch.float32 or self.device.type != "cuda":
+            raise RuntimeError(f"teacher weights are {self.weights_dtype}: cannot run in {dtype}")
+        for module in self.model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv3d)):
+                module.to(dtype)
+        self.weights_dtype = dtype
+
     @torch.inference_mode()
-    def encode(self, views: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, 16, 224, 224, 3]`` -> float16 ``[B, 1568, D]`` last_hidden_state."""
+    def encode(self, views: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """uint8 ``[B, 16, 224, 224, 3]`` -> float16 ``[B, 1568, D]`` last_hidden_state.
+
+        ``reference``: the loaded fp32 weights under autocast, not compiled, weights left as they
+        are (``salt-cache bench`` compares precisions this way, before any converting encode).
+        """
         pixels = views.to(self.device, non_blocking=True)
         # VideoMAE takes (B, T, C, H, W) floats normalised with ImageNet statistics.
-        pixels = pixels.permute(0, 1, 4, 2, 3).float().div_(255.0)
-        mean = torch.tensor(geometry.PIXEL_MEAN, device=self.device).view(1, 1, 3, 1, 1)
-        std = torch.tensor(geometry.PIXEL_STD, device=self.device).view(1, 1, 3, 1, 1)
-        pixels = (pixels - mean) / std
+        pixels = (pixels.permute(0, 1, 4, 2, 3).float().div_(255.0) - self.mean) / self.std
         dtype = DTYPES[self.compute_dtype]
+        if reference and self.weights_dtype != torch.float32:
+            raise RuntimeError(f"teacher weights already converted to {self.weights_dtype}: no fp32 reference")
+        if dtype != torch.float32 and self.device.type == "cuda" and not reference:
+            self._convert_weights(dtype)
+        forward = self.model if reference else self.forward
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            latents = self.model(pixel_values=pixels).last_hidden_state
+            latents = forward(pixel_values=pixels).last_hidden_state
         if latents.shape[1] != geometry.NUM_TOKENS:
             raise SaltUsageError(f"teacher {self.name} gave {latents.shape[1]} tokens, not {geometry.NUM_TOKENS}")
         return latents.to(torch.float16)
@@ -185,7 +219,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return CUDA_DEFAULT_DTYPE if dtype == "auto" else dtype
 
 
-def load_teacher(name: str, device: str = "auto", dtype: str = "auto") -> Teacher:
+def resolve_teacher_compile(mode: str, device: torch.device) -> str:
+    """auto: inductor's default mode on CUDA (one shape: the teacher batch is constant), off on CPU."""
+    if mode == "auto":
+        return "default" if device.type == "cuda" else "off"
+    return mode
+
+
+def load_teacher(name: str, device: str = "auto", dtype: str = "auto", compile_mode: str = "auto") -> Teacher:
     """Load, freeze and fingerprint the teacher, ready for ``encode``."""
     torch_device = resolve_device(device)
     name = resolve_teacher_name(name)
@@ -194,4 +235,5 @@ def load_teacher(name: str, device: str = "auto", dtype: str = "auto") -> Teache
     model.requires_grad_(False).eval()
     fingerprint = weights_hash(model)
     model.to(torch_device)
-    return Teacher(model, name, torch_device, resolve_dtype(dtype, torch_device), fingerprint)
+    return Teacher(model, name, torch_device, resolve_dtype(dtype, torch_device), fingerprint,
+                   resolve_teacher_compile(compile_mode, torch_device))

@@ -304,3 +304,29 @@ def test_resume_redoes_only_the_shard_without_a_sound_commit_record(damage, demo
     for name in ARRAYS:
         assert np.array_equal(resumed[name][:], reference[name][:]), name
     assert call_cli("verify", store).returncode == 0
+
+
+def test_teacher_batches_span_shards_and_pad_failed_rows_without_changing_the_store(
+        reference_build: Build, tmp_path: Path) -> None:
+    """Teacher batches of 5 rows over 3-row shards (so batches span shards, and failed clips are
+    zero-padded rows of a constant-shape batch), committed by one writer thread: the same store
+    as the reference's batches of 2 and four writers."""
+    from salt_cache.loader import ViewBatches, plan_batches
+    from shared.config import load_pipeline
+    from salt_cache.source import discover
+    from shared.store import LatentStore
+
+    pipeline = fast_pipeline(tmp_path / "pipeline.yaml", teacher__batch_size=5, store__writers=1)
+    store = tmp_path / "latents.zarr"
+    result = call_cli("build", "--src", reference_build.src, "--out", store, "--teacher", reference_build.teacher,
+                      "--pipeline", pipeline)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, built = _open(reference_build.store), _open(store)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(built[name][:], reference[name][:], err_msg=name)
+
+    plans = plan_batches(LatentStore.open(store), [0, 2], 4)  # rows 0-2 and 6-7
+    assert [plan.rows for plan in plans] == [(0, 1, 2, 6), (7,)]
+    source = discover(reference_build.src, "train", None)
+    batches = ViewBatches(source.clips, plans, load_pipeline("demo").view, 1, batch_size=4)
+    assert all(batches[k]["pixels"].shape[0] == 4 for k in range(len(plans)))  # one shape, padded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -75,14 +76,27 @@ def test_bench_skips_a_corrupt_clip(corrupt_set: Path) -> None:
     assert figures["clips"] == "3"
     assert figures["clips skipped (undecodable)"] == "2"
     assert "bytes per clip on disk" in figures
+    assert re.fullmatch(r"[\d.]+ clips/s", figures["TEACHER-ONLY"])
+    assert re.fullmatch(r"[\d.]+ clips/s", figures["DECODE-ONLY (DataLoader, 0 workers, batch 1, steady state)"])
+    end_to_end = figures["END-TO-END build (D=64, 4 writers, steady state)"]
+    assert re.fullmatch(r"[\d.]+ clips/s = \d+% of the slower of decode-only and teacher-only", end_to_end)
+
+
+def test_bench_host_path_builds_at_the_production_width_without_a_teacher(corrupt_set: Path) -> None:
+    result = call_cli("bench", "--src", corrupt_set, "--clips", "5", "--workers", "0", "--batch-size", "1",
+                      "--host-path")
+    assert result.returncode == 0, result.stderr
+    assert "TEACHER-ONLY" in result.stdout and "n/a (--host-path" in result.stdout
+    assert re.search(r"END-TO-END build \(D=1280, 4 writers, steady state\)\s+: [\d.]+ clips/s", result.stdout)
 
 
 def test_bench_loader_rate_with_too_few_clips(corrupt_set: Path, tmp_path: Path) -> None:
-    from salt_cache.bench import time_loader_decode
+    from salt_cache.bench import bench_config, time_loader_decode
     from salt_cache.source import discover
 
     clips = discover(corrupt_set, "train").clips[:2]
-    assert time_loader_decode(clips, workers=2, batch_size=1, scratch=tmp_path) is None
+    timing = time_loader_decode(clips, bench_config(batch_size=1, workers=2, writers=1), tmp_path)
+    assert timing.steady is None and timing.whole_pass > 0
 
 
 def test_bench_nothing_decodable(corrupt_set: Path, tmp_path: Path) -> None:

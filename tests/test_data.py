@@ -136,3 +136,39 @@ def test_checksums_catch_silent_corruption(demo_reference, tmp_path) -> None:
     assert "latents checksum mismatch" in item["error"]
     unchecked = StoreStream(replace(spec, verify_checksums=False)).read_batch(epoch, index, rows, worker=0)
     assert "error" not in unchecked
+
+
+def test_the_buffer_ring_delivers_the_stored_rows_with_their_masks_in_reused_buffers(demo_reference) -> None:
+    """Workers read into a fixed ring of shared-memory buffers, handed back by the feed; every batch
+    still holds its stored rows, and its masks are the step's (the same with 0 or 2 workers)."""
+    from salt_train.feed import BatchFeed
+    from salt_train.masks import make_masks
+    store = LatentStore.open(demo_reference.store)
+    spec = spec_for(demo_reference.store, batch=4, epochs=3)
+    loader_config = load_pipeline("demo", {"loader.num_workers": 2, "loader.prefetch_factor": 1}).loader
+    loader = make_loader(spec, loader_config, pin_memory=False, ring=True)
+    feed = BatchFeed(loader, torch.device("cpu"))
+    buffers, steps, seen = set(), 0, []
+    for step, batch in enumerate(feed):
+        seen.append(batch["masked"].clone())
+        rows = batch["rows"].numpy()
+        np.testing.assert_array_equal(batch["pixels"].numpy(), store.arrays["pixels"].oindex[rows])
+        np.testing.assert_array_equal(batch["latents"].numpy(), store.arrays["latents"].oindex[rows])
+        masks = make_masks(spec.mask_kind, spec.mask_ratio, spec.batch_size, spec.seed, step)
+        assert torch.equal(batch["masked"], masks.masked) and torch.equal(batch["visible"], masks.visible)
+        buffers.add(batch["pixels"].untyped_storage().data_ptr())
+        steps += 1
+    feed.close()
+    assert steps == 3 * spec.steps_per_epoch > 2 * 3  # more batches than the two rings' slots ...
+    assert len(buffers) <= 2 * 3  # ... all read into the same few buffers
+    in_process = [b["masked"] for b in make_loader(spec, load_pipeline("demo").loader.model_copy(
+        update={"num_workers": 0}), pin_memory=False)]
+    assert len(in_process) == steps and all(torch.equal(a, b) for a, b in zip(in_process, seen))
+
+
+def test_ranks_get_their_slice_of_the_global_batch_masks(demo_reference) -> None:
+    spec = spec_for(demo_reference.store, batch=4, epochs=1)
+    whole = next(iter(StoreStream(spec)))
+    halves = [next(iter(StoreStream(replace(spec, rank=r, world_size=2)))) for r in range(2)]
+    assert torch.equal(torch.cat([h["masked"] for h in halves]), whole["masked"])
+    assert torch.equal(torch.cat([h["visible"] for h in halves]), whole["visible"])

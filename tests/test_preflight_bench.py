@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from conftest import call_train, copy_store, train_pipeline
@@ -35,13 +36,27 @@ def test_preflight_fails_clearly_on_damaged_shards(demo_reference, tmp_path) -> 
 
 def test_bench_prints_figures(demo_reference, tmp_path) -> None:
     pipeline = train_pipeline(tmp_path / "p.yaml")
-    result = call_train("bench", "--cache", demo_reference.store, "--pipeline", pipeline, "--batches", "3")
+    result = call_train("bench", "--cache", demo_reference.store, "--pipeline", pipeline, "--batches", "3",
+                        "--profile", tmp_path / "trace")
     assert result.returncode == 0, result.stderr
     for label in ("raw read (page cache)", "loader", "step, batch from memory", "step, batch from loader",
-                  "FLOPs per clip", "achieved"):
+                  "FLOPs per clip", "achieved", "profile"):
         assert re.search(rf"^\s+{re.escape(label)}\s+: \S", result.stdout, re.M), (label, result.stdout)
     assert re.search(r"raw read \(page cache\)\s+: \d+ MB/s = \d+ clips/s", result.stdout)
     assert re.search(r"step, batch from memory\s+: [\d.]+ clips/s", result.stdout)
+    assert re.search(r"achieved\s+: [\d.]+ TFLOP/s from memory, [\d.]+ from the loader", result.stdout)
+    trace = json.loads(next((tmp_path / "trace").glob("*.json")).read_text())
+    assert any("step 3" in str(event.get("name")) for event in trace["traceEvents"])  # four steps recorded
+
+
+def test_peak_table_matches_device_names() -> None:
+    from shared.flops import peak_bf16_tflops
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == ("H100 SXM", 989.0)
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == ("H100 PCIe", 756.0)
+    assert peak_bf16_tflops("NVIDIA H200") == ("H200", 989.0)
+    assert peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == ("A100", 312.0)
+    assert peak_bf16_tflops("NVIDIA L40S") == ("L40S", 362.0) and peak_bf16_tflops("NVIDIA L4") == ("L4", 121.0)
+    assert peak_bf16_tflops("Some Future GPU") is None
 
 
 def test_bad_input_is_one_line(reference_build, tmp_path) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import copy_store
 from shared.shard_reader import open_raw_rows
@@ -16,12 +18,13 @@ from shared.store import LatentStore
 def test_raw_rows_equal_zarr_on_a_built_store(reference_build, demo_reference) -> None:
     for build in (reference_build, demo_reference):  # 3-row shards with a partial last one; 2-row shards
         store = LatentStore.open(build.store)
-        raw = open_raw_rows(store.path / "latents")
-        assert raw is not None
-        rows = np.arange(store.rows)
-        np.testing.assert_array_equal(raw.read(rows), store.arrays["latents"][:])
-        picked = np.array([0, store.rows - 1])
-        np.testing.assert_array_equal(raw.read(picked), store.arrays["latents"].oindex[picked])
+        for name in ("latents", "pixels"):  # raw fp16; zstd uint8 (failed rows: absent chunks)
+            raw = open_raw_rows(store.path / name)
+            assert raw is not None
+            rows = np.arange(store.rows)
+            np.testing.assert_array_equal(raw.read(rows), store.arrays[name][:])
+            picked = np.array([0, store.rows - 1])
+            np.testing.assert_array_equal(raw.read(picked), store.arrays[name].oindex[picked])
 
 
 def test_pending_rows_and_damaged_index_are_refused(reference_build, mixed_set, tmp_path) -> None:
@@ -40,8 +43,37 @@ def test_pending_rows_and_damaged_index_are_refused(reference_build, mixed_set, 
 
 def test_other_layouts_fall_back_to_zarr(tmp_path: Path) -> None:
     group = zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3)
-    group.create_array("compressed", shape=(4, 8), dtype="float16", chunks=(1, 8), shards=(2, 8))  # zstd by default
+    group.create_array("compressed", shape=(4, 8), dtype="float16", chunks=(1, 8), shards=(2, 8),
+                       compressors=zarr.codecs.BloscCodec())  # a codec the raw reader does not decode
     group.create_array("plain", shape=(4, 8), dtype="float16", chunks=(1, 8), compressors=None)  # not sharded
     assert open_raw_rows(tmp_path / "g.zarr" / "compressed") is None
     assert open_raw_rows(tmp_path / "g.zarr" / "plain") is None
     assert open_raw_rows(tmp_path / "missing") is None
+
+
+@settings(max_examples=5, deadline=None)
+@given(rows=st.integers(1, 7), shard_rows=st.integers(1, 4), level=st.sampled_from([0, 1, 3]), seed=st.integers(0, 99))
+def test_shards_written_to_their_files_read_back_through_zarr(tmp_path_factory, rows: int, shard_rows: int,
+                                                              level: int, seed: int) -> None:
+    """The big arrays' shard files written by shared.shard_writer (raw latents, zstd or raw pixels,
+    a shorter last shard, all-zero rows) read back identically through zarr and the raw reader."""
+    from shared.shard_writer import open_shard_writer
+    from shared.store import RowStatus, ShardPayload, create_store
+    path = tmp_path_factory.mktemp("written") / "s.zarr"
+    store = create_store(path, clip_ids=[str(r) for r in range(rows)], labels=[-1] * rows, teacher_width=4,
+                         shard_rows=shard_rows, pixels_zstd_level=level, attrs={})
+    assert open_shard_writer(path / "pixels") is not None and open_shard_writer(path / "latents") is not None
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (rows, 16, 224, 224, 3), dtype=np.uint8)
+    latents = rng.standard_normal((rows, 1568, 4)).astype(np.float16)
+    pixels[0], latents[0] = 0, 0  # a row equal to the fill value: zarr itself would leave it out
+    for shard, start, stop in store.iter_shards():
+        n = stop - start
+        store.write_shard(ShardPayload(shard, pixels[start:stop], latents[start:stop], np.zeros((n, 16), np.int32),
+                                       np.full(n, RowStatus.COMMITTED, np.uint8), [""] * n))
+    reopened = LatentStore.open(path)
+    np.testing.assert_array_equal(reopened.arrays["pixels"][:], pixels)
+    np.testing.assert_array_equal(reopened.arrays["latents"][:], latents)
+    np.testing.assert_array_equal(open_raw_rows(path / "latents").read(np.arange(rows)), latents)
+    np.testing.assert_array_equal(open_raw_rows(path / "pixels").read(np.arange(rows)), pixels)
+    assert list(path.rglob("*.partial")) == []

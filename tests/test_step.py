@@ -43,3 +43,48 @@ def test_compile_auto_is_max_autotune_on_cuda_and_off_on_cpu() -> None:
     assert resolve_compile_mode("auto", torch.device("cuda")) == "max-autotune"
     assert resolve_compile_mode("auto", torch.device("cpu")) == "off"
     assert resolve_compile_mode("default", torch.device("cpu")) == "default"
+
+
+def test_the_step_from_uint8_views_to_the_loss_traces_to_one_graph(demo_reference) -> None:
+    store = LatentStore.open(demo_reference.store)
+    config = tiny_config("default")
+    batch = next(iter(StoreStream(stream_spec(store, config))))
+    stepper = Stepper(config, store.teacher_width, torch.device("cpu"), total_steps=10)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(stepper.objective)(*stepper.inputs(batch, 0))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_the_objective_equals_the_student_on_normalised_pixels_and_the_loss(demo_reference) -> None:
+    """uint8 views normalised inside the graph, targets gathered and layer-normed inside it:
+    the same loss as the student on to_model_inputs' pixels and the loss functions outside."""
+    from salt_train.data import to_model_inputs
+    from salt_train.objective import masked_loss, normalise_targets, gather_tokens, regression_loss
+    store = LatentStore.open(demo_reference.store)
+    for mode in ("salt", "mask-token"):
+        config = tiny_config("off")
+        config.model.mode = mode
+        batch = next(iter(StoreStream(stream_spec(store, config))))
+        stepper = Stepper(config, store.teacher_width, torch.device("cpu"), total_steps=10)
+        views, latents, visible, masked = stepper.inputs(batch, 0)
+        pixels, _ = to_model_inputs(batch, torch.device("cpu"))
+        with torch.no_grad():
+            expected = regression_loss(stepper.model(pixels, visible, masked),
+                                       normalise_targets(gather_tokens(latents, masked)), "mse")
+            torch.testing.assert_close(stepper.objective(views, latents, visible, masked), expected,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_attention_choices_resolve_on_cpu() -> None:
+    from torch.nn.attention import SDPBackend
+    from salt_train.attention import attention_backends, attention_context
+    cpu = torch.device("cpu")
+    assert attention_backends("auto", cpu) is None
+    assert attention_backends("math", cpu) == [SDPBackend.MATH]
+    assert attention_backends("flash", cpu) == [SDPBackend.FLASH_ATTENTION]
+    assert attention_backends("cudnn", cpu) is None  # CUDA-only: torch's default, with a warning
+    q = torch.randn(1, 2, 8, 16)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    for choice in ("math", "flash", "auto"):
+        with attention_context(attention_backends(choice, cpu)):
+            torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, q, q), reference)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import timm
 import torch
 from safetensors.torch import save_file
@@ -16,7 +18,7 @@ from salt_train.export import export_encoder, load_encoder
 from salt_train.objective import (build_salt_student, masked_loss, normalise_targets, regression_loss,
                                   student_flops_per_clip)
 from salt_train.predictor import Predictor, sincos_positions_3d
-from salt_train.student import VideoViT, build_student
+from salt_train.student import VideoViT, build_student, tubelets, view_tubelets
 
 VIT = "vit_tiny_patch16_224"
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -347,3 +349,29 @@ def test_flops_match_the_design_budget() -> None:
     mask_token = student_flops_per_clip(ModelConfig(mode="mask-token"), 1280, 1176)
     assert mask_token["encoder"] == pytest.approx(4 * flops["encoder"], rel=0.35)  # 1568 tokens, attention grows
     assert mask_token["encoder"] > 4 * flops["encoder"]
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), keep=st.integers(1, geometry.NUM_TOKENS))
+def test_embedding_only_the_visible_tubelets_equals_the_conv3d_then_the_gather(seed: int, keep: int) -> None:
+    """The Conv3d as a matmul on gathered tubelets, from normalised float pixels and from uint8
+    views: the full Conv3d followed by the gather, at any subset of token ids."""
+    from salt_train.student import gather_rows
+    generator = torch.Generator().manual_seed(seed)
+    encoder = build_student(VIT, kwargs=TINY)
+    views = torch.randint(0, 256, (2, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3),
+                          generator=generator, dtype=torch.uint8)
+    mean = torch.tensor(geometry.PIXEL_MEAN).view(1, 3, 1, 1, 1)
+    std = torch.tensor(geometry.PIXEL_STD).view(1, 3, 1, 1, 1)
+    pixels = (views.permute(0, 4, 1, 2, 3).float() / 255 - mean) / std
+    ids = torch.stack([torch.randperm(geometry.NUM_TOKENS, generator=generator)[:keep].sort().values for _ in range(2)])
+    with torch.no_grad():
+        full = gather_rows(encoder.embed(pixels), ids)
+        torch.testing.assert_close(encoder.embed_at(gather_rows(tubelets(pixels), ids), ids), full,
+                                   rtol=1e-4, atol=1e-5)
+        from_views = encoder.patch_embed.normalise(gather_rows(view_tubelets(views), ids))
+        torch.testing.assert_close(encoder.embed_at(from_views, ids), full, rtol=1e-4, atol=1e-5)
+        # and the encoder's features, through the blocks: forward, forward_views
+        torch.testing.assert_close(encoder(pixels, ids), encoder.encode_tokens(full), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(encoder.forward_views(views, ids), encoder(pixels, ids), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(encoder.forward_views(views), encoder(pixels), rtol=1e-4, atol=1e-5)
