@@ -7,7 +7,7 @@
   :class:`BatchFeed`) on the same files;
 - step from memory: one batch kept on the device, stepped repeatedly;
 - step with the loader: the same step fed by the real loader. The gap is what
-  the loader costs; on a GPU it should be ~0 (DESIGN.md: "the loader never the bottleneck");
+  the loader costs; on a GPU it should be ~0 (docs/DESIGN.md: "the loader never the bottleneck");
 - FLOPs per clip of the configured student, the TFLOP/s the step reached and, on a GPU
   in ``shared.flops.PEAK_BF16_TFLOPS``, the fraction of its dense bf16 peak;
 - ``--profile DIR``: a torch.profiler trace of a few steps from memory (chrome trace JSON).
@@ -41,7 +41,7 @@ READ_BLOCK = 16 << 20
 
 def realistic_pixels(rng: np.random.Generator, n: int, textured: float = 0.5) -> np.ndarray:
     """uint8 views ``[n, 16, 224, 224, 3]`` that zstd-1 compresses about 1.8x, as real frames do
-    (DESIGN.md: 1.3-3x): a static blocky scene, and over ``textured`` of the 16x16 patches a
+    (docs/DESIGN.md: 1.3-3x): a static blocky scene, and over ``textured`` of the 16x16 patches a
     texture that changes every frame (noise zstd cannot shrink)."""
     size, frames = geometry.IMAGE_SIZE, geometry.NUM_FRAMES
     scene = rng.integers(0, 256, (n, 1, size // 8, size // 8, 3), dtype=np.uint8)

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from shared.config import PipelineConfig
-from shared.errors import SaltUsageError
 from shared.store import LatentStore
 from salt_train.evaluate import check_compatible, choose_rows, class_count, heldout_loss
 from salt_train.features import EncoderFeatures, ExtractionPlan, extract
@@ -30,9 +29,7 @@ log = logging.getLogger(__name__)
 class QuickEval:
     def __init__(self, config: PipelineConfig, train_store: LatentStore, device: torch.device, spill: Path) -> None:
         settings = config.eval
-        if not settings.val_cache:
-            raise SaltUsageError("train.eval_every needs eval.val_cache: a validation store "
-                                 "(salt-cache build --split validation), e.g. --set eval.val_cache=PATH")
+        assert settings.val_cache, "checked at start (train.check_quick_eval)"
         self.config, self.device, self.spill = config, device, spill
         self.val_store = LatentStore.open(settings.val_cache)
         check_compatible(train_store, self.val_store)

@@ -151,6 +151,7 @@ def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
 def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, device: torch.device,
          dist: Dist) -> RunReport:
     # ---- the store: refuse bad input before anything is written -----------------------
+    dist.agree(lambda: check_quick_eval(config))
     live = dist.agree(lambda: LatentStore.open(request.cache).checked())
     spec = stream_spec(live, config, Position(), dist.rank, dist.world_size)
     dist.agree(lambda: check_stream(spec, live.path))
@@ -372,6 +373,12 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
         print_block("summary", {"loss": loss_line, **summary, "run folder": str(run_dir)})
     dist.barrier()  # the others exit only once rank 0 has written everything
     return report
+
+
+def check_quick_eval(config: PipelineConfig) -> None:
+    if config.train.eval_every and not config.eval.val_cache:
+        raise SaltUsageError("train.eval_every needs eval.val_cache: a validation store "
+                             "(salt-cache build --split validation), e.g. --set eval.val_cache=PATH")
 
 
 def evaluate_now(quick_eval: QuickEval | None, model: torch.nn.Module, step: int,

@@ -69,7 +69,7 @@ class CacheConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimisation schedule (DESIGN.md seed hyperparameters)."""
+    """Optimisation schedule (docs/DESIGN.md seed hyperparameters)."""
 
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)

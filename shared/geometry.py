@@ -1,4 +1,4 @@
-"""Token geometry shared by teacher, store and student (DESIGN.md: contract).
+"""Token geometry shared by teacher, store and student (docs/DESIGN.md: contract).
 
 16 frames of 224x224, cut into 2x16x16 tubelets: a grid of T'=8, H'=W'=14,
 N=1568 tokens, token index ``i = t*196 + h*14 + w``.

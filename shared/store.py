@@ -1,4 +1,4 @@
-"""The latent-cache store: one Zarr v3 group, one row per clip view (DESIGN.md).
+"""The latent-cache store: one Zarr v3 group, one row per clip view (docs/DESIGN.md).
 
 Layout: every per-row array is cut into shards of ``shard_rows`` rows; the two
 big arrays (``pixels``, ``latents``) hold one chunk per row inside each shard
@@ -429,7 +429,7 @@ def create_store(
             compressors=pixel_compressors, fill_value=0,
             dimension_names=("row", "frame", "height", "width", "channel"),
         )
-        # fp16 latents compress ~1.06x (DESIGN.md): stored raw, no codec CPU cost.
+        # fp16 latents compress ~1.06x (docs/DESIGN.md): stored raw, no codec CPU cost.
         group.create_array(
             "latents", shape=latents_shape(rows, teacher_width), dtype="float16",
             chunks=latents_shape(1, teacher_width), shards=latents_shape(shard_rows, teacher_width),

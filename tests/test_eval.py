@@ -208,3 +208,30 @@ def test_bad_input_is_one_line_and_exit_2(stores: EvalStores, tmp_path: Path) ->
                     "--teacher", TEACHER, "--pipeline", bilinear).returncode == 0
     assert "another view recipe" in refused(stores.run, "--val-cache", other_view)
     assert "eval.* fields only" in refused(stores.run, "--val-cache", stores.val, "--set", "train.lr=1")
+
+
+def test_eval_every_records_quick_evaluations_and_trains_the_same(stores: EvalStores, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from salt_train.checkpoint import latest_checkpoint
+
+    runs = {}
+    for name, extra in (("plain", {}), ("with-eval", {"train__eval_every": 5, "eval__val_cache": str(stores.val),
+                                                     "eval__quick_rows": 8})):
+        recipe = train_pipeline(tmp_path / f"{name}.yaml", train__max_steps=10, train__batch_size=4,
+                                train__checkpoint_every=100, train__log_every=5, mask__kind="random",
+                                eval__linear_iterations=20, eval__batch_size=4, **extra)
+        result = call_train("run", "--cache", stores.train, "--pipeline", recipe, "--run-dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in runs["with-eval"] if "eval" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    assert all(set(r["eval"]) >= {"heldout_loss", "heldout_r2", "linear_top1"} for r in evals)
+    losses = lambda records: [r["loss"] for r in records if "eval" not in r]  # noqa: E731
+    assert losses(runs["with-eval"]) == losses(runs["plain"])  # evaluating does not change training
+    weights = [load_file(latest_checkpoint(tmp_path / name) / "model.safetensors") for name in ("plain", "with-eval")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    recipe = train_pipeline(tmp_path / "no-val.yaml", train__eval_every=5)
+    result = call_train("run", "--cache", stores.train, "--pipeline", recipe, "--run-dir", tmp_path / "no-val")
+    assert result.returncode == 2 and "train.eval_every needs eval.val_cache" in result.stderr, result.stderr
