@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -186,32 +187,39 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
         bank = TokenBank(count, width, memory_bytes, spill_dir, f"{label}-teacher-latents") if plan.keep_tokens else None
         latents_features = Features(bank, torch.empty(count, width))
     bar = progress(total=count, description=f"features ({label})", unit="clip")
-    for start in range(0, count, batch_size):
-        ids = rows[start:start + batch_size]
-        names = ("pixels", "latents") if with_latents else ("pixels",)
-        arrays = reader.read(ids, names)
-        views = arrays[0]
-        if latents_features is not None:
-            tokens = normed_latents(arrays[1])
-            latents_features.mean[start:start + len(ids)] = tokens.mean(1)
-            if latents_features.tokens is not None:
-                latents_features.tokens.write(start, tokens)
-        in_temporal = plan.temporal[start:start + len(ids)]
-        for name, model in models.items():
-            features = out[name]
-            tokens = model.tokens(torch.from_numpy(views))
-            features.mean[start:start + len(ids)] = tokens.mean(1).cpu()
-            if features.tokens is not None:
-                features.tokens.write(start, tokens)
-            if not in_temporal.any():
-                continue
-            where = temporal_index[start:start + len(ids)][in_temporal]
-            subset = views[in_temporal]
-            for variant in plan.variants:
-                varied = tokens[torch.as_tensor(in_temporal, device=tokens.device)] if variant == "original" else \
-                    model.tokens(torch.from_numpy(Variant(variant).apply(subset, ids[in_temporal], plan.seed)))
-                features.slots[variant][torch.as_tensor(where)] = slot_pool(varied).cpu()
-        bar.update(len(ids))
+    names = ("pixels", "latents") if with_latents else ("pixels",)
+    starts = list(range(0, count, batch_size))
+    device = next((m.device for m in models.values() if getattr(m, "device", None) is not None), torch.device("cpu"))
+    with ThreadPoolExecutor(max_workers=1) as reading:  # the next batch is read while this one runs
+        pending = reading.submit(reader.read, rows[:batch_size], names) if starts else None
+        for n, start in enumerate(starts):
+            ids = rows[start:start + batch_size]
+            arrays = pending.result()
+            if n + 1 < len(starts):
+                pending = reading.submit(reader.read, rows[starts[n + 1]:starts[n + 1] + batch_size], names)
+            # One upload per batch; the temporal variants are frame gathers on the device.
+            views = torch.from_numpy(arrays[0]).to(device, non_blocking=True)
+            if latents_features is not None:
+                tokens = normed_latents(arrays[1])
+                latents_features.mean[start:start + len(ids)] = tokens.mean(1)
+                if latents_features.tokens is not None:
+                    latents_features.tokens.write(start, tokens)
+            in_temporal = plan.temporal[start:start + len(ids)]
+            where = torch.as_tensor(temporal_index[start:start + len(ids)][in_temporal])
+            subset = views[torch.as_tensor(in_temporal, device=device)] if in_temporal.any() else None
+            for name, model in models.items():
+                features = out[name]
+                tokens = model.tokens(views)
+                features.mean[start:start + len(ids)] = tokens.mean(1).cpu()
+                if features.tokens is not None:
+                    features.tokens.write(start, tokens)
+                if subset is None:
+                    continue
+                for variant in plan.variants:
+                    varied = tokens[torch.as_tensor(in_temporal, device=tokens.device)] if variant == "original" else \
+                        model.tokens(Variant(variant).apply(subset, ids[in_temporal], plan.seed))
+                    features.slots[variant][where] = slot_pool(varied).cpu()
+            bar.update(len(ids))
     bar.close()
     return out, latents_features
 

@@ -68,26 +68,44 @@ def half(views: np.ndarray, second: bool) -> np.ndarray:
     return np.ascontiguousarray(views[..., offset + np.arange(NUM_FRAMES) // 2, :, :, :])
 
 
+def frame_indices(name: str, rows: np.ndarray, seed: int) -> np.ndarray:
+    """``[len(rows), 16]``: which view frame each output frame of variant ``name`` shows.
+    Every variant is such a gather, so it runs on whatever device holds the views."""
+    count = len(rows)
+    frames = np.arange(NUM_FRAMES)
+    if name == "original":
+        order = frames
+    elif name == "reversed":
+        order = frames[::-1]
+    elif name == "static":
+        order = np.zeros(NUM_FRAMES, dtype=np.int64)
+    elif name == "shuffled":
+        return np.stack([shuffle_order(seed, int(row)) for row in rows]) if count else np.empty((0, NUM_FRAMES), int)
+    elif name.startswith("stride"):
+        order = stride_indices(int(name.removeprefix("stride")))
+    elif name == "second_half":
+        order = NUM_FRAMES // 2 + frames // 2
+    else:
+        raise ValueError(f"unknown variant {name!r}")
+    return np.tile(order, (count, 1))
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A named transform of a batch of views (``rows`` and ``seed`` for the shuffled one)."""
+    """A named transform of a batch of views ``[B, 16, H, W, 3]`` (numpy, or a torch tensor on any device)."""
 
     name: str
 
-    def apply(self, views: np.ndarray, rows: np.ndarray, seed: int) -> np.ndarray:
+    def apply(self, views, rows: np.ndarray, seed: int):
         if self.name == "original":
             return views
-        if self.name == "reversed":
-            return reverse(views)
-        if self.name == "static":
-            return static(views)
-        if self.name == "shuffled":
-            return shuffle(views, rows, seed)
-        if self.name.startswith("stride"):
-            return playback(views, int(self.name.removeprefix("stride")))
-        if self.name == "second_half":
-            return half(views, second=True)
-        raise ValueError(f"unknown variant {self.name!r}")
+        index = frame_indices(self.name, rows, seed)
+        if isinstance(views, np.ndarray):
+            return views[np.arange(len(views))[:, None], index]
+        import torch
+
+        index_t = torch.as_tensor(index, device=views.device)
+        return views[torch.arange(len(views), device=views.device)[:, None], index_t]
 
 
 # "stride4" is the original view and "stride2" the first half: computed once, named once.

@@ -112,6 +112,14 @@ def test_temporal_transforms() -> None:
         assert np.array_equal(shuffled[k], clip[k][order])
     assert np.array_equal(temporal.shuffle(clip, rows, seed=0), shuffled)  # a pure function of (seed, row)
     assert not np.array_equal(temporal.shuffle_order(0, 5), temporal.shuffle_order(0, 9))
+    # What evaluation runs: each variant as a frame gather, on numpy and on torch tensors alike.
+    expected = {"original": clip, "reversed": temporal.reverse(clip), "static": static,
+                "shuffled": shuffled, "stride1": temporal.playback(clip, 1), "stride2": temporal.playback(clip, 2),
+                "second_half": second}
+    assert set(expected) == set(temporal.VARIANTS)
+    for name, want in expected.items():
+        assert np.array_equal(temporal.Variant(name).apply(clip, rows, 0), want), name
+        assert np.array_equal(temporal.Variant(name).apply(torch.from_numpy(clip), rows, 0).numpy(), want), name
 
 
 def _eval(stores: EvalStores, *args: str | Path) -> tuple[int, str, dict | None]:
