@@ -108,7 +108,8 @@ def write_plot(report: dict[str, Any], path: Path, metrics: Path | None) -> None
     curve.set_xlabel("step")
     curve.set_ylabel("loss")
     curve.set_title("loss")
-    curve.legend(fontsize=8)
+    if curve.get_legend_handles_labels()[0]:
+        curve.legend(fontsize=8)
 
     probes = [(name, task) for name, task in report["temporal"].items()]
     classification = report["classification"]
