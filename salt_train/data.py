@@ -408,12 +408,14 @@ def _pixel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     return mean, std
 
 
-def to_model_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[B, 16, 224, 224, 3]`` -> normalised float32 ``[B, 3, 16, 224, 224]`` on the device
-    (autocast takes it to bf16 on CUDA); fp16 latents moved as they are (the loss normalises them in float32)."""
-    pixels = batch["pixels"].to(device, non_blocking=True)
-    latents = batch["latents"].to(device, non_blocking=True)
+def normalised_pixels(views: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 ``[B, 16, 224, 224, 3]`` -> ImageNet-normalised float32 ``[B, 3, 16, 224, 224]`` on the device
+    (autocast takes it to bf16 on CUDA)."""
     mean, std = _pixel_statistics(device)
-    x = pixels.permute(0, 4, 1, 2, 3).float().div_(255.0)
-    x = (x - mean) / std
-    return x.contiguous(), latents
+    x = views.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float().div_(255.0)
+    return ((x - mean) / std).contiguous()
+
+
+def to_model_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised pixels and fp16 latents moved as they are (the loss normalises them in float32)."""
+    return normalised_pixels(batch["pixels"], device), batch["latents"].to(device, non_blocking=True)

@@ -21,7 +21,6 @@ rows, masks and probes are pure functions of ``eval.seed``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from shared.errors import SaltUsageError
 from shared.store import LatentStore, RowStatus
 from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint
-from salt_train.data import RowReader
+from salt_train.data import RowReader, normalised_pixels
 from salt_train.export import load_encoder, read_export_config
 from salt_train.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
                                   describe_bound, extract, pool_tokens)
@@ -55,7 +54,6 @@ log = logging.getLogger(__name__)
 EVAL_FORMAT = "salt-eval"
 EVAL_VERSION = 1
 STUDENT, RANDOM, TEACHER = "student", "random_init", "teacher"
-MODEL_TITLES = {RANDOM: "random-init", STUDENT: "student", TEACHER: "teacher"}
 
 
 @dataclass
@@ -88,14 +86,22 @@ class Subject:
 
 # ---- what is evaluated ------------------------------------------------------------------
 
-def load_subject(request: EvalRequest, teacher_width: int) -> Subject:
-    """A run folder (its newest checkpoint, or ``--checkpoint``, else its export) or a bare export."""
+def subject_config(request: EvalRequest) -> PipelineConfig:
+    """The recipe of what is evaluated, with the ``eval.*`` overrides: a run folder's own, else ``--pipeline``."""
     target = request.target
     if not target.exists():
         raise SaltUsageError(f"{target} does not exist (a run folder or an exported encoder folder)")
     if (target / "config.yaml").is_file():
-        config = run_folder.read_run_config(target)
-        _apply(config, request.overrides)
+        return load_pipeline(target / "config.yaml", request.overrides)
+    if (target / "config.json").is_file():
+        return load_pipeline(request.pipeline, request.overrides)
+    raise SaltUsageError(f"{target} is neither a run folder (config.yaml) nor an exported encoder (config.json)")
+
+
+def load_subject(request: EvalRequest, config: PipelineConfig, teacher_width: int) -> Subject:
+    """A run folder (its newest checkpoint, or ``--checkpoint``, else its export) or a bare export."""
+    target = request.target
+    if (target / "config.yaml").is_file():
         record = run_folder.read_run_record(target) if (target / "run.json").is_file() else {}
         train_cache = Path(record["cache"]) if record.get("cache") else None
         architecture, kwargs = config.model.student, dict(config.model.student_kwargs)
@@ -109,23 +115,11 @@ def load_subject(request: EvalRequest, teacher_width: int) -> Subject:
             return Subject(target, "run", "export", config, encoder, None, architecture, kwargs, train_cache)
         raise SaltUsageError(f"run folder {target} has neither an export/ nor a checkpoint to evaluate "
                              "(train it first, or continue it with salt-train run --resume)")
-    if (target / "config.json").is_file():
-        export = read_export_config(target)
-        config = load_pipeline(request.pipeline, request.overrides)
-        if request.checkpoint:
-            raise SaltUsageError(f"--checkpoint needs a run folder; {target} is an exported encoder")
-        return Subject(target, "export", "export", config, load_encoder(target), None, export["architecture"],
-                       dict(export.get("kwargs", {})), None)
-    raise SaltUsageError(f"{target} is neither a run folder (config.yaml) nor an exported encoder (config.json)")
-
-
-def _apply(config: PipelineConfig, overrides: dict[str, Any]) -> None:
-    for dotted, value in overrides.items():
-        section, name = dotted.split(".", 1)
-        try:
-            setattr(getattr(config, section), name, value)
-        except (ValueError, AttributeError) as exc:
-            raise SaltUsageError(f"{dotted}={value!r}: {one_line(exc)}") from None
+    export = read_export_config(target)
+    if request.checkpoint:
+        raise SaltUsageError(f"--checkpoint needs a run folder; {target} is an exported encoder")
+    return Subject(target, "export", "export", config, load_encoder(target), None, export["architecture"],
+                   dict(export.get("kwargs", {})), None)
 
 
 def _checkpoint_path(run_dir: Path, name: str | None) -> Path | None:
@@ -218,8 +212,6 @@ def class_count(*stores: LatentStore) -> int:
 def heldout_loss(student: SaltStudent, store: LatentStore, rows: np.ndarray, config: PipelineConfig,
                  device: torch.device, batch_size: int, seed: int) -> dict[str, float]:
     """The training objective on ``rows`` with masks fixed by ``seed`` (batch k: ``make_masks(..., seed, k)``)."""
-    from salt_train.features import normalised_pixels
-
     student.to(device).eval()
     reader = RowReader(store)
     sse = sae = total = total_sq = 0.0
@@ -265,16 +257,13 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     """Evaluate, print the table, write ``eval/eval.json`` and ``eval/eval.png``; returns the report."""
     started = time.perf_counter()
     device = resolve_device(request.device or "auto", "--device")
-    val_path = request.val_cache
-    subject_probe = request.target / "config.yaml"
-    if val_path is None and subject_probe.is_file():
-        configured = run_folder.read_run_config(request.target).eval.val_cache
-        val_path = Path(configured) if configured else None
+    config = subject_config(request)
+    val_path = request.val_cache or (Path(config.eval.val_cache) if config.eval.val_cache else None)
     if val_path is None:
         raise SaltUsageError("--val-cache is required: a store of held-out clips (salt-cache build --src DIR "
                              "--split validation --out DIR/latents-val.zarr)")
     val_store = LatentStore.open(val_path)
-    subject = load_subject(request, val_store.teacher_width)
+    subject = load_subject(request, config, val_store.teacher_width)
     train_path = request.train_cache or subject.train_cache
     if train_path is None:
         raise SaltUsageError(f"--train-cache is required for {subject.path} (an export records no training store)")
@@ -422,10 +411,3 @@ def _store_record(store: LatentStore) -> dict[str, Any]:
     return {"path": str(store.path.resolve()), "identity": store.attrs.get("identity"),
             "teacher": store.attrs.get("teacher"), "counts": store.counts(),
             "split": store.attrs.get("source", {}).get("split")}
-
-
-def eval_flops(encoder_forward: float, train_rows: int, val_rows: int, temporal_train: int, temporal_val: int) -> float:
-    """Encoder FLOPs of one model's features: every row once, plus 5 variants per temporal train row
-    and 6 per temporal validation row (the second half too)."""
-    extra_train = len(VARIANTS) - 2
-    return encoder_forward * (train_rows + val_rows + extra_train * temporal_train + (extra_train + 1) * temporal_val)

@@ -19,7 +19,6 @@ beyond it: the bound is printed before extraction starts.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,11 +33,10 @@ import zarr
 from shared import geometry
 from shared.console import format_bytes, progress
 from shared.store import LatentStore
-from salt_train.data import RowReader
+from salt_train.data import RowReader, normalised_pixels
+from salt_train.objective import normalise_targets
 from salt_train.student import VideoViT
 from salt_train.temporal import Variant
-
-log = logging.getLogger(__name__)
 
 
 class FeatureModel(Protocol):
@@ -49,22 +47,9 @@ class FeatureModel(Protocol):
         """uint8 ``[B, 16, 224, 224, 3]`` on the CPU -> float32 ``[B, 1568, width]`` on the model's device."""
 
 
-def normed(tokens: torch.Tensor) -> torch.Tensor:
-    """Per-token layer norm without affine parameters, in float32: the training targets' normalisation."""
-    tokens = tokens.float()
-    return F.layer_norm(tokens, tokens.shape[-1:])
-
-
 def normed_latents(latents: np.ndarray) -> torch.Tensor:
-    return normed(torch.from_numpy(latents))
-
-
-def normalised_pixels(views: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 ``[B, 16, H, W, 3]`` -> ImageNet-normalised float32 ``[B, 3, 16, H, W]`` on ``device``."""
-    mean = torch.tensor(geometry.PIXEL_MEAN, device=device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(geometry.PIXEL_STD, device=device).view(1, 3, 1, 1, 1)
-    pixels = views.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float().div_(255.0)
-    return ((pixels - mean) / std).contiguous()
+    """Store latents normed like the training targets."""
+    return normalise_targets(torch.from_numpy(latents))
 
 
 @dataclass
@@ -98,7 +83,7 @@ class TeacherFeatures:
         self.width = self.teacher.width
 
     def tokens(self, views: torch.Tensor) -> torch.Tensor:
-        return normed(self.teacher.encode(views))
+        return normalise_targets(self.teacher.encode(views))
 
 
 class TokenBank:

@@ -9,7 +9,6 @@ exactly as one without them.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,6 @@ from salt_train.evaluate import check_compatible, choose_rows, class_count, held
 from salt_train.features import EncoderFeatures, ExtractionPlan, extract
 from salt_train.objective import SaltStudent
 from salt_train.probes import ProbeSettings, linear_probe
-
-log = logging.getLogger(__name__)
 
 
 class QuickEval:
