@@ -61,7 +61,7 @@ class EncoderFeatures:
     device: torch.device
 
     def __post_init__(self) -> None:
-        self.encoder.to(self.device).eval().requires_grad_(False)
+        self.encoder.to(self.device).eval()  # tokens() runs under inference_mode: no graph, no grads
         self.width = self.encoder.width
 
     @torch.inference_mode()

@@ -66,4 +66,3 @@ class QuickEval:
             return record
         finally:
             model.train(was_training)
-            model.requires_grad_(True)
