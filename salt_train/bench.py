@@ -31,8 +31,8 @@ from shared.distributed import Dist
 from shared.flops import peak_bf16_tflops
 from shared.store import CHECKSUM_ALGORITHM, LatentStore, RowStatus, ShardPayload, create_store
 from salt_train.data import check_stream, make_loader, stream_spec
-from salt_train.feed import BatchFeed
-from salt_train.masks import masked_count
+from salt_train.feed import BatchFeed, batch_to_device
+from salt_train.masks import mask_layout
 from salt_train.objective import student_flops_per_clip
 from salt_train.step import Stepper, resolve_compile_mode
 
@@ -185,7 +185,7 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
 
     stepper = Stepper(config, store.teacher_width, device, total_steps=10 * batches, dist=dist)
     first = next(iter(make_loader(spec, config.loader.model_copy(update={"num_workers": 0}), pin_memory=False)))
-    on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in first.items()}
+    on_device = batch_to_device(first, device)
     memory_clips = step_rate(stepper, repeat(on_device), batches) * dist.world_size  # DDP keeps ranks in lockstep
     trace = profile_steps(stepper, on_device, profile) if profile is not None and dist.is_main else None
     loader = training_feed(spec, config, device)
@@ -193,7 +193,7 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
     loader.close()
     del loader
 
-    flops = student_flops_per_clip(config.model, store.teacher_width, masked_count(config.mask.kind, config.mask.ratio))
+    flops = student_flops_per_clip(config.model, store.teacher_width, mask_layout(config.mask.kind, config.mask.ratio))
     step_flops = flops["train_step"]
     ranks = f", {dist.world_size} ranks (torchrun): sums over ranks" if dist.enabled else ""
     figures = {

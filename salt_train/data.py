@@ -198,7 +198,7 @@ class StoreStream(IterableDataset):
 
     Items are dicts: ``pixels`` uint8 [b, 16, 224, 224, 3], ``latents`` float16 [b, 1568, D],
     ``rows`` int64 [b], ``epoch``, ``index``, and with ``spec.mask_kind`` the batch's ``visible``
-    and ``masked`` token ids [b, V] and [b, M]; from a :class:`BufferRing`, ``slot`` ([worker, slot],
+    and ``masked`` token ids, a tuple with one [b, V_g] and one [b, M_g] per mask group; from a :class:`BufferRing`, ``slot`` ([worker, slot],
     to hand back). A batch that cannot be read becomes
     ``{"error": reason, "rows", "epoch", "index", "worker"}`` so the trainer counts it and goes on.
     """
@@ -240,7 +240,8 @@ class StoreStream(IterableDataset):
         number = epoch * spec.steps_per_epoch + index  # the step that reads it, while none is skipped
         masks = make_masks(spec.mask_kind, spec.mask_ratio, spec.batch_size, spec.seed, number)
         lo, hi = spec.rank * spec.local_batch, (spec.rank + 1) * spec.local_batch
-        return {"visible": masks.visible[lo:hi], "masked": masks.masked[lo:hi]}
+        masks = masks[lo:hi]
+        return {"visible": masks.visible, "masked": masks.masked}
 
     def read_batch(self, epoch: int, index: int, rows: np.ndarray, worker: int) -> dict:
         slot = None

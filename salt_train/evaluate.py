@@ -43,7 +43,7 @@ from salt_train.data import RowReader, normalised_pixels
 from salt_train.export import load_encoder, read_export_config
 from salt_train.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
                                   describe_bound, extract, pool_tokens)
-from salt_train.masks import make_masks
+from salt_train.masks import describe_masks, make_masks
 from salt_train.objective import SaltStudent, build_salt_student, gather_tokens, normalise_targets
 from salt_train.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1, stack_tasks
 from salt_train.student import VideoViT, create_timm_vit, one_line
@@ -211,29 +211,35 @@ def class_count(*stores: LatentStore) -> int:
 @torch.inference_mode()
 def heldout_loss(student: SaltStudent, store: LatentStore, rows: np.ndarray, config: PipelineConfig,
                  device: torch.device, batch_size: int, seed: int) -> dict[str, float]:
-    """The training objective on ``rows`` with masks fixed by ``seed`` (batch k: ``make_masks(..., seed, k)``)."""
+    """The training objective on ``rows`` with masks fixed by ``seed`` (batch k: ``make_masks(..., seed, k)``):
+    per mask group the mean error over its targets, then the mean over groups, as in training.
+    R^2 is 1 - that MSE / the variance of all the groups' normed targets."""
     student.to(device).eval()
     reader = RowReader(store)
-    sse = sae = total = total_sq = 0.0
-    count = 0
+    groups = len(make_masks(config.mask.kind, config.mask.ratio, 1, seed, 0).masked)
+    sse, sae, count = np.zeros(groups), np.zeros(groups), np.zeros(groups)
+    total = total_sq = 0.0
     cuda = device.type == "cuda"
     for k, start in enumerate(range(0, len(rows), batch_size)):
         ids = rows[start:start + batch_size]
         views, latents = reader.read(ids, ("pixels", "latents"))
         masks = make_masks(config.mask.kind, config.mask.ratio, len(ids), seed, k).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16 if cuda else torch.float32, enabled=cuda):
-            predicted = student(normalised_pixels(torch.from_numpy(views), device), masks.visible, masks.masked)
-        targets = normalise_targets(gather_tokens(torch.from_numpy(latents).to(device), masks.masked))
-        error = predicted.float() - targets
-        sse += float(error.square().sum())
-        sae += float(error.abs().sum())
-        total += float(targets.sum())
-        total_sq += float(targets.square().sum())
-        count += targets.numel()
-    mse = sse / count
-    variance = total_sq / count - (total / count) ** 2
-    return {"loss": mse if config.model.loss == "mse" else sae / count, "loss_kind": config.model.loss,
-            "mse": mse, "r2": 1.0 - mse / variance, "rows": len(rows), "mask": f"{config.mask.kind} {config.mask.ratio}"}
+        pixels, latents = normalised_pixels(torch.from_numpy(views), device), torch.from_numpy(latents).to(device)
+        for group, (visible, masked) in enumerate(zip(masks.visible, masks.masked)):
+            with torch.autocast(device.type, dtype=torch.bfloat16 if cuda else torch.float32, enabled=cuda):
+                predicted = student(pixels, visible, masked)
+            targets = normalise_targets(gather_tokens(latents, masked))
+            error = predicted.float() - targets
+            sse[group] += float(error.square().sum())
+            sae[group] += float(error.abs().sum())
+            count[group] += targets.numel()
+            total += float(targets.sum())
+            total_sq += float(targets.square().sum())
+    mse = float(np.mean(sse / count))
+    variance = total_sq / count.sum() - (total / count.sum()) ** 2
+    return {"loss": mse if config.model.loss == "mse" else float(np.mean(sae / count)), "loss_kind": config.model.loss,
+            "mse": mse, "r2": 1.0 - mse / variance, "rows": len(rows),
+            "mask": describe_masks(config.mask.kind, config.mask.ratio)}
 
 
 # ---- the evaluation ----------------------------------------------------------------------

@@ -20,7 +20,26 @@ from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
-ON_DEVICE = ("pixels", "latents", "visible", "masked")
+ON_DEVICE = ("pixels", "latents", "visible", "masked")  # visible/masked: a tuple, one tensor per mask group
+
+Moved = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def to_device(value: Moved, device: torch.device, non_blocking: bool = False) -> Moved:
+    """A tensor, or a tuple (or list) of tensors as the mask groups come, on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    return tuple(part.to(device, non_blocking=non_blocking) for part in value)
+
+
+def batch_to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> dict:
+    """``batch`` with its ``ON_DEVICE`` entries on ``device``; the rest (row ids, slot) left as they are."""
+    return {name: to_device(value, device, non_blocking) if name in ON_DEVICE else value
+            for name, value in batch.items()}
+
+
+def _tensors(value: Moved) -> tuple[torch.Tensor, ...]:
+    return (value,) if isinstance(value, torch.Tensor) else tuple(value)
 
 
 class BatchFeed:
@@ -58,8 +77,8 @@ class BatchFeed:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(copied)
             for name in ON_DEVICE:
-                if isinstance(moved.get(name), torch.Tensor):
-                    moved[name].record_stream(current)  # allocated on the side stream, used on this one
+                for tensor in _tensors(moved.get(name, ())):
+                    tensor.record_stream(current)  # allocated on the side stream, used on this one
         self.held = (host, copied)
         return moved
 
@@ -77,11 +96,8 @@ class BatchFeed:
         if not self.cuda or "error" in host:
             return host, host, None
         self._pin(host)
-        moved = dict(host)
         with torch.cuda.stream(self.stream):
-            for name in ON_DEVICE:
-                if isinstance(host.get(name), torch.Tensor):
-                    moved[name] = host[name].to(self.device, non_blocking=True)
+            moved = batch_to_device(host, self.device, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self.stream)
         return host, moved, copied

@@ -2,11 +2,13 @@
 
 - ``salt`` mode (DESIGN's default): the encoder sees only the visible tokens, the
   narrow predictor fills in the masked ones.
-- ``mask-token`` mode: a learned mask token replaces the masked patches inside
-  the encoder, which runs over all 1568 tokens; a linear head predicts.
+- ``mask-token`` mode: a learned mask token replaces every patch outside the
+  context inside the encoder, which runs over all 1568 tokens; a linear head predicts.
 
-The loss is MSE (or L1) on masked tokens only, against per-token layer-normed
-teacher latents (VideoMAEModel's output has no final norm), in float32.
+The loss is MSE (or L1) on the target tokens only, against per-token layer-normed
+teacher latents (VideoMAEModel's output has no final norm), in float32; with
+several mask groups (multiblock: short- and long-range), the mean of the groups'
+losses, each group with its own context and targets (salt_train/masks.py).
 """
 
 from __future__ import annotations
@@ -85,12 +87,13 @@ class SaltStudent(nn.Module):
         if self.mode == "salt":
             context = self.encoder.encode_tokens(self.encoder.embed_at(prepare(gather(patches, visible)), visible))
             return self.predictor(context, visible, masked)
-        # Mask tokens replace the patch content only; positions are added after, so each
-        # mask token still knows where it is.
+        # Mask tokens replace the patch content of every token outside the context (targets and
+        # tokens left out of both alike, so nothing hidden leaks); positions are added after, so
+        # each mask token still knows where it is.
         tokens = embed.embed_tubelets(prepare(patches))
-        is_masked = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        is_masked.scatter_(1, masked, True)
-        tokens = torch.where(is_masked.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        seen = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        seen.scatter_(1, visible, True)
+        tokens = torch.where(seen.unsqueeze(-1), tokens, self.mask_token.to(tokens.dtype))
         tokens = self.encoder.encode_tokens(tokens + self.encoder.positions())
         return self.head(gather(tokens, masked))
 
@@ -110,11 +113,17 @@ class SaltObjective(nn.Module):
         self.student = student
         self.loss = loss
 
-    def forward(self, views: Tensor, latents: Tensor, visible: Tensor, masked: Tensor) -> Tensor:
-        """uint8 ``[B, 16, 224, 224, 3]``, fp16 ``[B, 1568, D]``, ids ``[B, V]`` and ``[B, M]`` -> the loss."""
-        predicted = self.student.predict(view_tubelets(views), visible, masked, from_uint8=True)
-        targets = normalise_targets(gather_tokens(latents, masked))
-        return regression_loss(predicted, targets, self.loss)
+    def forward(self, views: Tensor, latents: Tensor, visible: tuple[Tensor, ...],
+                masked: tuple[Tensor, ...]) -> Tensor:
+        """uint8 ``[B, 16, 224, 224, 3]``, fp16 ``[B, 1568, D]`` and, per mask group, context ids
+        ``[B, V_g]`` and target ids ``[B, M_g]`` -> the mean of the groups' losses."""
+        patches = view_tubelets(views)
+        losses = []
+        for group_visible, group_masked in zip(visible, masked, strict=True):  # unrolled: one graph
+            predicted = self.student.predict(patches, group_visible, group_masked, from_uint8=True)
+            targets = normalise_targets(gather_tokens(latents, group_masked))
+            losses.append(regression_loss(predicted, targets, self.loss))
+        return torch.stack(losses).mean()
 
 
 def build_salt_student(model_cfg: ModelConfig, teacher_width: int) -> SaltStudent:
@@ -125,26 +134,29 @@ def build_salt_student(model_cfg: ModelConfig, teacher_width: int) -> SaltStuden
                        model_cfg.predictor_depth, model_cfg.predictor_heads)
 
 
-def student_flops_per_clip(model_cfg: ModelConfig, teacher_width: int, masked_count: int) -> dict[str, float]:
+def student_flops_per_clip(model_cfg: ModelConfig, teacher_width: int,
+                           layout: tuple[tuple[int, int], ...]) -> dict[str, float]:
     """Forward FLOPs per clip of the encoder blocks, the predictor (or head) and the patch
-    embedding, and ``train_step``: 3x their sum (backward ~2x forward)."""
+    embedding, summed over the mask groups of ``layout`` (``(context, targets)`` per group,
+    :func:`salt_train.masks.mask_layout`), and ``train_step``: 3x their sum (backward ~2x forward)."""
     with torch.device("meta"):  # shapes only: no memory, no init cost, whatever the model size
         encoder = build_student(model_cfg.student, kwargs=dict(model_cfg.student_kwargs))
     width, depth = encoder.width, len(encoder.blocks)
     mlp_ratio = _mlp_ratio(encoder, width)
-    tokens, visible = geometry.NUM_TOKENS, geometry.NUM_TOKENS - masked_count
-    if model_cfg.mode == "salt":
-        encoder_flops = vit_forward_flops(visible, width, depth, mlp_ratio)
-        pw = model_cfg.predictor_width
-        predictor_flops = (vit_forward_flops(tokens, pw, model_cfg.predictor_depth)
-                           + 2 * visible * width * pw  # embed the context
-                           + 2 * masked_count * pw * teacher_width)  # output projection
-    else:
-        encoder_flops = vit_forward_flops(tokens, width, depth, mlp_ratio)
-        predictor_flops = 2 * masked_count * width * teacher_width  # the linear head
-    # salt mode embeds the visible tubelets only; mask-token mode embeds all of them.
-    embedded = visible if model_cfg.mode == "salt" else tokens
-    patch_flops = 2 * embedded * 3 * geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2 * width
+    tubelet_flops = 2 * 3 * geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2 * width
+    encoder_flops = predictor_flops = patch_flops = 0.0
+    for context, targets in layout:  # each group runs the encoder and the predictor once
+        if model_cfg.mode == "salt":
+            encoder_flops += vit_forward_flops(context, width, depth, mlp_ratio)
+            pw = model_cfg.predictor_width
+            predictor_flops += (vit_forward_flops(context + targets, pw, model_cfg.predictor_depth)
+                                + 2 * context * width * pw  # embed the context
+                                + 2 * targets * pw * teacher_width)  # output projection
+            patch_flops += context * tubelet_flops  # only the context's tubelets are embedded
+        else:
+            encoder_flops += vit_forward_flops(geometry.NUM_TOKENS, width, depth, mlp_ratio)
+            predictor_flops += 2 * targets * width * teacher_width  # the linear head
+            patch_flops += geometry.NUM_TOKENS * tubelet_flops
     forward = encoder_flops + predictor_flops + patch_flops
     return {"encoder": encoder_flops, "predictor": predictor_flops, "patch_embed": patch_flops,
             "train_step": 3 * forward}

@@ -1,9 +1,10 @@
 """The narrow predictor of SALT mode (V-JEPA's shape: width 384, depth 12, 12 heads).
 
-It sees the encoder's outputs at the visible tokens plus a learned mask token
-at every masked position, each with its grid position, over all 1568 tokens,
-and predicts the teacher latent at the masked ones. Narrow on purpose: the
-predictor runs on all 1568 tokens, the encoder only on the visible quarter.
+It sees the encoder's outputs at the context (visible) tokens plus a learned
+mask token at every target (masked) position, each with its grid position, and
+predicts the teacher latent at the targets. Narrow on purpose: the predictor
+runs on context and targets together (up to all 1568 tokens), the encoder on
+the context only (a quarter or less of the grid).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shared.config import PipelineConfig
 from shared.distributed import Dist
 from salt_train.attention import attention_backends, attention_context
+from salt_train.feed import to_device
 from salt_train.finite import guarded_step
 from salt_train.masks import make_masks
 from salt_train.objective import SaltObjective, SaltStudent, build_salt_student
@@ -63,19 +64,18 @@ class Stepper:
         if dist.enabled:
             trained = DistributedDataParallel(self.objective,
                                               device_ids=[device.index] if device.type == "cuda" else None)
-        # One graph from uint8 views to the loss; static shapes (fixed batch, fixed masked count)
+        # One graph from uint8 views to the loss; static shapes (fixed batch, fixed mask counts)
         # and the learning rate outside it keep it from recompiling.
         self.forward = torch.compile(trained, mode=self.compile_mode) if self.compile_mode != "off" else trained
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
         self.attention = attention_backends(config.model.attention, device)
 
-    def inputs(self, batch: dict, step: int) -> tuple[torch.Tensor, ...]:
-        """Views, latents, visible and masked ids on the device. The loader's workers make the masks
-        (StreamSpec.mask_kind); a batch without them gets them here, from the step number."""
+    def inputs(self, batch: dict, step: int) -> tuple:
+        """Views, latents and, per mask group, the visible and masked ids, on the device. The loader's
+        workers make the masks (StreamSpec.mask_kind); a batch without them gets them here, from the step."""
         moved = [batch[name].to(self.device, non_blocking=True) for name in ("pixels", "latents")]
         if "masked" in batch:
-            return (*moved, batch["visible"].to(self.device, non_blocking=True),
-                    batch["masked"].to(self.device, non_blocking=True))
+            return (*moved, to_device(batch["visible"], self.device, True), to_device(batch["masked"], self.device, True))
         local = moved[0].shape[0]  # this rank's slice of the global batch, and of its masks
         mask = self.config.mask
         masks = make_masks(mask.kind, mask.ratio, local * self.world_size, self.config.train.seed, step)

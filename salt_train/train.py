@@ -34,7 +34,7 @@ from salt_train.data import Position, StreamSpec, batch_bytes, check_shm, check_
 from salt_train.export import export_encoder
 from salt_train.feed import BatchFeed
 from salt_train.finite import nonfinite_latent_rows, weights_finite
-from salt_train.masks import masked_count
+from salt_train.masks import describe_masks, mask_layout
 from salt_train.objective import student_flops_per_clip
 from salt_train.quick_eval import QuickEval
 from salt_train.snapshot import Snapshot, check_manifest, reading_snapshot, reuse_snapshot, take_snapshot
@@ -219,10 +219,10 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
     dist.agree(lambda: check_stream(spec, store.path))
     steps = stepper.total_steps = total_steps(config, spec.steps_per_epoch)
     train = config.train
-    masked = masked_count(config.mask.kind, config.mask.ratio)
+    layout = mask_layout(config.mask.kind, config.mask.ratio)
     loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda", ring=True)
-    flops = student_flops_per_clip(config.model, store.teacher_width, masked)
-    print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, masked, model, flops, dist)
+    flops = student_flops_per_clip(config.model, store.teacher_width, layout)
+    print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, layout, model, flops, dist)
 
     main = dist.is_main  # only rank 0 writes metrics, row records and checkpoints
     metrics = run_folder.MetricsLog(run_dir / "metrics.jsonl") if main else None
@@ -575,7 +575,7 @@ def health_line(record: dict[str, Any]) -> str:
 
 
 def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot: Snapshot,
-                      store: LatentStore, spec: StreamSpec, steps: int, masked: int, model: torch.nn.Module,
+                      store: LatentStore, spec: StreamSpec, steps: int, layout: tuple[tuple[int, int], ...], model: torch.nn.Module,
                       flops: dict[str, float], dist: Dist) -> None:
     if not dist.is_main:
         return
@@ -593,7 +593,7 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
                   + f", {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile {resolve_compile_mode(config.model.compile_mode, device)}",
         "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
                    f"{encoder_parameters / 1e6:.1f}M encoder + {(parameters - encoder_parameters) / 1e6:.1f}M predictor/head params",
-        "masks": f"{config.mask.kind}, ratio {config.mask.ratio}: {masked} masked tokens per clip",
+        "masks": describe_masks(config.mask.kind, config.mask.ratio),
         "FLOPs/clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
         "schedule": f"{steps} steps ({spec.steps_per_epoch}/epoch x {config.train.epochs} epochs"
                     f"{', capped by max_steps' if config.train.max_steps else ''}), batch {config.train.batch_size}, "

@@ -112,7 +112,8 @@ class StreamConfig(_Section):
 
 class MaskConfig(_Section):
     kind: Literal["multiblock", "random", "tube"] = "multiblock"
-    ratio: float = Field(0.75, gt=0, lt=1)
+    ratio: float = Field(0.75, gt=0, lt=1, description="share of tokens masked by random and tube; multiblock's "
+                                                       "counts come from its blocks (salt_train/masks.py)")
 
 
 class ModelConfig(_Section):

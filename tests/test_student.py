@@ -341,14 +341,28 @@ def test_missing_pretrained_file_is_refused(tmp_path) -> None:
 
 
 def test_flops_match_the_design_budget() -> None:
-    flops = student_flops_per_clip(ModelConfig(), teacher_width=1280, masked_count=1176)  # ViT-B, 384/12/12
+    flops = student_flops_per_clip(ModelConfig(), teacher_width=1280, layout=((392, 1176),))  # ViT-B, 384/12/12
     assert flops["encoder"] == pytest.approx(72e9, rel=0.1)  # ViT-B on 392 visible tokens
     assert flops["predictor"] == pytest.approx(113e9, rel=0.1)  # predictor on 1568 tokens
     assert flops["train_step"] == pytest.approx(555e9, rel=0.1)
     assert flops["train_step"] == pytest.approx(3 * (flops["encoder"] + flops["predictor"] + flops["patch_embed"]))
-    mask_token = student_flops_per_clip(ModelConfig(mode="mask-token"), 1280, 1176)
+    mask_token = student_flops_per_clip(ModelConfig(mode="mask-token"), 1280, ((392, 1176),))
     assert mask_token["encoder"] == pytest.approx(4 * flops["encoder"], rel=0.35)  # 1568 tokens, attention grows
     assert mask_token["encoder"] > 4 * flops["encoder"]
+
+
+def test_flops_of_the_two_multiblock_groups() -> None:
+    """Multiblock runs the encoder and the predictor once per group: 392 + 96 context tokens,
+    392 + 784 and 96 + 1120 predictor tokens, about a third more than one 0.75 random group."""
+    from salt_train.masks import mask_layout
+    layout = mask_layout("multiblock", 0.75)
+    flops = student_flops_per_clip(ModelConfig(), 1280, layout)
+    single = student_flops_per_clip(ModelConfig(), 1280, ((392, 1176),))
+    parts = [student_flops_per_clip(ModelConfig(), 1280, (group,)) for group in layout]
+    for key in flops:
+        assert flops[key] == pytest.approx(sum(part[key] for part in parts))
+    assert flops["train_step"] == pytest.approx(740e9, rel=0.02)
+    assert 1.2 < flops["train_step"] / single["train_step"] < 1.45
 
 
 @settings(max_examples=6, deadline=None)
