@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import call_cli, call_train, copy_store, train_pipeline
 from shared.latent_stats import (LAYER_NORM_EPS, OUTLIER_MULTIPLE, TOP_CHANNELS, ChannelAccumulator, LatentStats,
@@ -115,15 +117,26 @@ def test_json_round_trip_is_exact(planted) -> None:
         np.testing.assert_array_equal(getattr(back, key), getattr(stats, key))
 
 
-def test_accumulating_in_blocks_equals_one_pass() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(5, 30, 16)) * rng.uniform(0.1, 20, size=16) + rng.normal(size=16)
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.integers(1, 59), max_size=4))
+def test_accumulating_in_any_blocks_equals_one_pass(seed, cuts) -> None:
+    """Rows arrive in blocks of any size: the figures do not depend on where the blocks are cut."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(60, 16)) * rng.uniform(0.1, 20, size=16) + rng.normal(size=16)
     whole, parts = ChannelAccumulator(16), ChannelAccumulator(16)
     whole.add(x)
-    for block in x:
-        parts.add(block)
+    for block in np.split(x, sorted(set(cuts))):
+        if len(block):
+            parts.add(block)
     for key, value in whole.finish().items():
-        np.testing.assert_allclose(parts.finish()[key], value, rtol=1e-12)
+        np.testing.assert_allclose(parts.finish()[key], value, rtol=1e-10, atol=1e-12)
+    assert parts.tokens == 60
+
+
+def test_build_ends_with_the_statistics_block(demo_reference) -> None:
+    out = demo_reference.result.stdout
+    assert "== target statistics" in out and "a seeded sample of" not in out  # 20 rows < 64: all of them
+    assert "all 20 committed rows" in out and "outlier channels : none" in out
 
 
 def test_warning_threshold_is_a_multiple_of_the_even_share_capped_for_narrow_teachers() -> None:
@@ -180,6 +193,8 @@ def channel_run(planted, tmp_path_factory) -> tuple[Path, Path]:
     run_dir = work / "run"
     result = call_train("run", "--cache", planted, "--pipeline", pipeline, "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr
+    assert "== target statistics (model.target_norm: channel)" in result.stderr
+    assert "measured on the snapshot, recorded in" in result.stderr
     return run_dir, pipeline
 
 
