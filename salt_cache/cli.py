@@ -230,7 +230,7 @@ def stats(
         print(json.dumps({"store": str(store), **measured.to_json()}, indent=1))
         return EXIT_OK
     print_block(f"latent statistics of {store}", {
-        **measured.summary(), "tokens": f"{measured.tokens} ({measured.rows_read} rows x 1568)",
+        **measured.summary(), "tokens": f"{measured.tokens} ({measured.rows_read} rows x {measured.tokens // measured.rows_read})",
         "channel means": f"{measured.mean.min():.4g} to {measured.mean.max():.4g}",
     }, stream=sys.stdout)
     for line in measured.table():
@@ -255,6 +255,7 @@ def build_stats_block(out: Path) -> None:
     warning = measured.warning()
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
+
 
 def main(argv: list[str] | None = None) -> int:
     return run_app(app, "salt-cache", argv)
