@@ -120,7 +120,7 @@ class LatentStats:
     def summary(self) -> dict[str, str]:
         """The short block of a build's end and a training run's start."""
         return {
-            "rows": self.rows_line(),
+            "rows read": self.rows_line(),
             "channels": f"{self.width}; std {self.std.min():.3g} to {self.std.max():.3g} (median "
                         f"{np.median(self.std):.3g}), max |x| {self.max_abs.max():.4g} (channel {int(self.max_abs.argmax())})",
             f"top-{TOP_CHANNELS} energy": self.share_line(),
