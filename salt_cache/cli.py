@@ -14,7 +14,8 @@ import typer
 from shared.cli import DEVICE_HELP, Device, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
 from shared import lifeline
-from shared.console import print_block, rank_tag, setup_logging
+from shared.console import is_console_rank, print_block, rank_tag, setup_logging
+from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, compute_stats
 from shared.torchrun_env import env_world_size
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
 
@@ -113,6 +114,7 @@ def build(
                   f"({type(exc).__name__}){resume_hint()}", file=sys.stderr)
             return EXIT_PROBLEMS
     print_block(f"built {out}", report.summary(), stream=sys.stdout)
+    build_stats_block(out)
     return EXIT_OK if report.pending == 0 else EXIT_PROBLEMS
 
 
@@ -208,6 +210,51 @@ def bench(
                         writers=writers, teacher_compile=teacher_compile.value)
     print_block("salt-cache bench", figures, stream=sys.stdout)
     return EXIT_OK
+
+
+@app.command()
+def stats(
+    store: Path = typer.Argument(..., help="store to measure"),
+    rows: int = typer.Option(DEFAULT_ROWS, "--rows", min=0,
+                             help="committed rows read: a seeded sample of N (0: every committed row)"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed of the row sample"),
+    as_json: bool = typer.Option(False, "--json", help="print every channel's figures as JSON"),
+) -> int:
+    """Per-channel mean, std and max |x| of the teacher latents, and the share of the layer-normed
+    target energy the 8 largest channels hold, with a warning past the threshold (outlier channels)."""
+    setup_logging()
+    from shared.store import LatentStore
+
+    measured = compute_stats(LatentStore.open(store).checked(), rows=rows, seed=seed)
+    if as_json:
+        print(json.dumps({"store": str(store), **measured.to_json()}, indent=1))
+        return EXIT_OK
+    print_block(f"latent statistics of {store}", {
+        **measured.summary(), "tokens": f"{measured.tokens} ({measured.rows_read} rows x {measured.tokens // measured.rows_read})",
+        "channel means": f"{measured.mean.min():.4g} to {measured.mean.max():.4g}",
+    }, stream=sys.stdout)
+    for line in measured.table():
+        print(line)
+    warning = measured.warning()
+    print(f"WARNING: {warning}" if warning else "no outlier channels: no channel group dominates the normed targets")
+    return EXIT_OK
+
+
+def build_stats_block(out: Path) -> None:
+    """The short statistics block at the end of a build (rank 0; a sample of rows, so cheap)."""
+    if not is_console_rank():
+        return
+    from shared.store import LatentStore
+
+    try:
+        measured = compute_stats(LatentStore.open(out), rows=SUMMARY_ROWS)
+    except SaltUsageError as exc:  # e.g. no committed rows yet: the build's own summary says why
+        print(f"target statistics not measured: {exc}", file=sys.stderr)
+        return
+    print_block("target statistics (salt-cache stats for more)", measured.summary(), stream=sys.stdout)
+    warning = measured.warning()
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

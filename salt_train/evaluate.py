@@ -160,6 +160,18 @@ def random_init(subject: Subject, teacher_width: int) -> tuple[VideoViT, SaltStu
         return VideoViT(create_timm_vit(subject.architecture, subject.kwargs)), None
 
 
+def run_standardisation(subject: Subject) -> tuple[np.ndarray, np.ndarray] | None:
+    """A run of ``model.target_norm: channel``: the per-channel (mean, std) it recorded, so that the
+    held-out loss is the objective it trained on."""
+    if subject.kind != "run" or subject.config.model.target_norm != "channel":
+        return None
+    stats = run_folder.read_target_stats(subject.path)
+    if stats is None:
+        raise SaltUsageError(f"{subject.path} trained with model.target_norm: channel but holds no "
+                             f"{run_folder.TARGET_STATS}: its held-out loss cannot be measured as it trained")
+    return stats.standardisation()
+
+
 # ---- which stores and rows ---------------------------------------------------------------
 
 def check_compatible(train: LatentStore, val: LatentStore) -> None:
@@ -210,11 +222,15 @@ def class_count(*stores: LatentStore) -> int:
 
 @torch.inference_mode()
 def heldout_loss(student: SaltStudent, store: LatentStore, rows: np.ndarray, config: PipelineConfig,
-                 device: torch.device, batch_size: int, seed: int) -> dict[str, float]:
+                 device: torch.device, batch_size: int, seed: int,
+                 standardisation: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """The training objective on ``rows`` with masks fixed by ``seed`` (batch k: ``make_masks(..., seed, k)``):
     per mask group the mean error over its targets, then the mean over groups, as in training.
-    R^2 is 1 - that MSE / the variance of all the groups' normed targets."""
+    R^2 is 1 - that MSE / the variance of all the groups' normed targets. ``standardisation``:
+    the run's per-channel (mean, std) of ``model.target_norm: channel``."""
     student.to(device).eval()
+    mean, std = ((torch.as_tensor(a, dtype=torch.float32, device=device) for a in standardisation)
+                 if standardisation is not None else (None, None))
     reader = RowReader(store)
     groups = len(make_masks(config.mask.kind, config.mask.ratio, 1, seed, 0).masked)
     sse, sae, count = np.zeros(groups), np.zeros(groups), np.zeros(groups)
@@ -228,7 +244,7 @@ def heldout_loss(student: SaltStudent, store: LatentStore, rows: np.ndarray, con
         for group, (visible, masked) in enumerate(zip(masks.visible, masks.masked)):
             with torch.autocast(device.type, dtype=torch.bfloat16 if cuda else torch.float32, enabled=cuda):
                 predicted = student(pixels, visible, masked)
-            targets = normalise_targets(gather_tokens(latents, masked))
+            targets = normalise_targets(gather_tokens(latents, masked), mean, std)
             error = predicted.float() - targets
             sse[group] += float(error.square().sum())
             sae[group] += float(error.abs().sum())
@@ -280,6 +296,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
 
     train_set = _row_set(train_store, settings.train_rows, settings.temporal_rows, settings.seed, "--train-rows")
     val_set = _row_set(val_store, settings.val_rows, settings.temporal_rows, settings.seed, "--val-rows")
+    standardisation = run_standardisation(subject)
     random_encoder, random_student = random_init(subject, val_store.teacher_width)
     models: dict[str, FeatureModel] = {
         RANDOM: EncoderFeatures(RANDOM, random_encoder, device),
@@ -318,7 +335,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     heldout: dict[str, Any] = {}
     for name, student in ((RANDOM, random_student), (STUDENT, subject.student)):
         heldout[name] = (heldout_loss(student, val_store, val_set.rows, subject.config, device, settings.batch_size,
-                                      settings.seed) if student is not None
+                                      settings.seed, standardisation) if student is not None
                          else {"not_run": "an export holds the encoder only (no predictor): evaluate a run folder"})
     heldout[TEACHER] = {"not_run": "the teacher's own latents are the targets"}
 

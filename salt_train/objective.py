@@ -32,9 +32,13 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     return gather(x, ids)
 
 
-def normalise_targets(latents: Tensor) -> Tensor:
-    """Per-token layer norm without affine parameters, in float32 (fp16 latents would lose the small ones)."""
+def normalise_targets(latents: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """Per-token layer norm without affine parameters, in float32 (fp16 latents would lose the small ones).
+    With ``mean`` and ``std`` (``model.target_norm: channel``), each channel is first standardised,
+    ``(x - mean) / std``, with the store's statistics, so that no outlier channel dominates the norm."""
     latents = latents.float()
+    if mean is not None and std is not None:
+        latents = (latents - mean) / std
     return F.layer_norm(latents, latents.shape[-1:])
 
 
@@ -106,12 +110,25 @@ class SaltObjective(nn.Module):
     Its parameters are the student's: DDP wraps it, checkpoints save ``student``.
     """
 
-    def __init__(self, student: SaltStudent, loss: str) -> None:
+    def __init__(self, student: SaltStudent, loss: str, standardised_width: int | None = None) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r} (one of {', '.join(LOSSES)})")
         self.student = student
         self.loss = loss
+        # model.target_norm: channel: per-channel (x - mean) / std of the targets before the layer norm,
+        # set with set_target_standardisation before the first step (None buffers: layer norm only).
+        channel = standardised_width is not None
+        self.register_buffer("target_mean", torch.zeros(standardised_width) if channel else None, persistent=False)
+        self.register_buffer("target_std", torch.ones(standardised_width) if channel else None, persistent=False)
+
+    @torch.no_grad()
+    def set_target_standardisation(self, mean: Tensor, std: Tensor) -> None:
+        """The run's recorded per-channel statistics (in place: a compiled graph keeps reading these buffers)."""
+        if self.target_mean is None or self.target_std is None:
+            raise ValueError("this objective was built without per-channel standardisation (model.target_norm: layer)")
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std)
 
     def forward(self, views: Tensor, latents: Tensor, visible: tuple[Tensor, ...],
                 masked: tuple[Tensor, ...]) -> Tensor:
@@ -121,7 +138,7 @@ class SaltObjective(nn.Module):
         losses = []
         for group_visible, group_masked in zip(visible, masked, strict=True):  # unrolled: one graph
             predicted = self.student.predict(patches, group_visible, group_masked, from_uint8=True)
-            targets = normalise_targets(gather_tokens(latents, group_masked))
+            targets = normalise_targets(gather_tokens(latents, group_masked), self.target_mean, self.target_std)
             losses.append(regression_loss(predicted, targets, self.loss))
         return torch.stack(losses).mean()
 

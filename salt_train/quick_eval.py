@@ -24,8 +24,10 @@ from salt_train.probes import ProbeSettings, linear_probe
 
 
 class QuickEval:
-    def __init__(self, config: PipelineConfig, train_store: LatentStore, device: torch.device, spill: Path) -> None:
+    def __init__(self, config: PipelineConfig, train_store: LatentStore, device: torch.device, spill: Path,
+                 standardisation: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         settings = config.eval
+        self.standardisation = standardisation  # model.target_norm: channel: the run's (mean, std)
         assert settings.val_cache, "checked at start (train.check_quick_eval)"
         self.config, self.device, self.spill = config, device, spill
         self.val_store = LatentStore.open(settings.val_cache)
@@ -47,7 +49,7 @@ class QuickEval:
         was_training = model.training
         try:
             result = heldout_loss(model, self.val_store, self.val_rows, self.config, self.device,
-                                  settings.batch_size, settings.seed)
+                                  settings.batch_size, settings.seed, self.standardisation)
             record: dict[str, Any] = {"heldout_loss": result["loss"], "heldout_r2": result["r2"],
                                       "rows": len(self.val_rows)}
             train_ok, val_ok = self.train_labels >= 0, self.val_labels >= 0

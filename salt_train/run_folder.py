@@ -8,6 +8,8 @@
   ``checkpoints/``    see checkpoint.py
   ``export/``         the trained encoder, loadable with timm (export.py)
   ``summary.json``    written when the run ends
+  ``target_stats.json`` the per-channel statistics of ``model.target_norm: channel``, measured on the
+                      snapshot at the run's first start; resumes and ``salt-train eval`` read them back
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import yaml
 
 from shared.config import PipelineConfig, dump_pipeline
 from shared.errors import SaltUsageError
+from shared.latent_stats import LatentStats
 from shared.durable import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RUNS_DIR = Path("runs")
 REPO = Path(__file__).resolve().parent.parent
+TARGET_STATS = "target_stats.json"
 
 
 def new_run_dir(config: PipelineConfig, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:
@@ -120,6 +124,23 @@ def read_run_record(path: Path) -> dict[str, Any]:
         return json.loads((path / "run.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SaltUsageError(f"{path}/run.json is unreadable ({type(exc).__name__}): cannot resume this run") from None
+
+
+def write_target_stats(path: Path, stats: LatentStats, store: Path) -> None:
+    """Record the statistics the run's targets are standardised with (once, before the first step)."""
+    write_json_atomic(path / TARGET_STATS, {"store": str(store), **stats.to_json()})
+
+
+def read_target_stats(path: Path) -> LatentStats | None:
+    """The run's recorded target statistics, or None when it recorded none."""
+    record_file = path / TARGET_STATS
+    if not record_file.exists():
+        return None
+    try:
+        return LatentStats.from_json(json.loads(record_file.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise SaltUsageError(f"{record_file} is unreadable ({type(exc).__name__}): the run's targets cannot be "
+                             "normalised as it trained; restore the file") from None
 
 
 class MetricsLog:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -59,7 +60,8 @@ class Stepper:
         self.optimizer = build_optimizer(self.model, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                          device=device)
         self.compile_mode = resolve_compile_mode(config.model.compile_mode, device)
-        self.objective = SaltObjective(self.model, config.model.loss)
+        channel = config.model.target_norm == "channel"
+        self.objective = SaltObjective(self.model, config.model.loss, teacher_width if channel else None).to(device)
         trained: torch.nn.Module = self.objective
         if dist.enabled:
             trained = DistributedDataParallel(self.objective,
@@ -69,6 +71,11 @@ class Stepper:
         self.forward = torch.compile(trained, mode=self.compile_mode) if self.compile_mode != "off" else trained
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
         self.attention = attention_backends(config.model.attention, device)
+
+    def set_target_standardisation(self, standardisation: tuple[np.ndarray, np.ndarray]) -> None:
+        """``model.target_norm: channel``: the run's recorded per-channel (mean, std), before the first step."""
+        mean, std = (torch.as_tensor(a, dtype=torch.float32, device=self.device) for a in standardisation)
+        self.objective.set_target_standardisation(mean, std)
 
     def inputs(self, batch: dict, step: int) -> tuple:
         """Views, latents and, per mask group, the visible and masked ids, on the device. The loader's

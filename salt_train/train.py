@@ -27,6 +27,7 @@ from shared.device import resolve_device
 from shared.distributed import Dist, backend_for, distributed, is_lost_peer, warn_if_oversubscribed
 from shared.durable import write_json_atomic
 from shared.errors import SaltUsageError
+from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, LatentStats, compute_stats
 from shared.store import LatentStore
 from salt_train import checkpoint as ckpt
 from salt_train import run_folder
@@ -152,6 +153,7 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
          dist: Dist) -> RunReport:
     # ---- the store: refuse bad input before anything is written -----------------------
     dist.agree(lambda: check_quick_eval(config))
+    dist.agree(lambda: recorded_target_stats(config, run_dir, request.resume))  # before anything is printed
     live = dist.agree(lambda: LatentStore.open(request.cache).checked())
     spec = stream_spec(live, config, Position(), dist.rank, dist.world_size)
     dist.agree(lambda: check_stream(spec, live.path))
@@ -223,11 +225,15 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
     loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda", ring=True)
     flops = student_flops_per_clip(config.model, store.teacher_width, layout)
     print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, layout, model, flops, dist)
+    stats = dist.on_main(lambda: target_statistics(config, run_dir, store, resume))
+    standardisation = stats.standardisation() if config.model.target_norm == "channel" else None
+    if standardisation is not None:
+        stepper.set_target_standardisation(standardisation)
 
     main = dist.is_main  # only rank 0 writes metrics, row records and checkpoints
     metrics = run_folder.MetricsLog(run_dir / "metrics.jsonl") if main else None
     rows_log = run_folder.MetricsLog(run_dir / "rows.jsonl") if main and train.record_rows else None
-    quick_eval = dist.agree(lambda: QuickEval(config, store, device, run_dir / "eval")
+    quick_eval = dist.agree(lambda: QuickEval(config, store, device, run_dir / "eval", standardisation)
                             if train.eval_every and dist.is_main else None)
     bar = progress(total=steps, description="train", unit="step", initial=state.step)
     window = HealthWindow()
@@ -373,6 +379,43 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
         print_block("summary", {"loss": loss_line, **summary, "run folder": str(run_dir)})
     dist.barrier()  # the others exit only once rank 0 has written everything
     return report
+
+
+def target_statistics(config: PipelineConfig, run_dir: Path, store: LatentStore, resume: bool) -> LatentStats:
+    """Rank 0: the target statistics block, and with ``model.target_norm: channel`` the statistics the
+    targets are standardised with: measured on the snapshot at the run's first start and recorded in
+    the run folder; a resume reads the recorded ones back, never recomputes them. With ``layer``, a
+    small sample of rows, for the block only."""
+    if config.model.target_norm == "layer":
+        stats = compute_stats(store, rows=SUMMARY_ROWS, seed=config.train.seed)
+        print_block("target statistics (model.target_norm: layer)", stats.summary())
+        if stats.warns:
+            log.warning(stats.warning())
+        return stats
+    stats = recorded_target_stats(config, run_dir, resume)
+    source = f"read back from {run_dir / run_folder.TARGET_STATS}"
+    if stats is None:
+        stats = compute_stats(store, rows=DEFAULT_ROWS, seed=config.train.seed)
+        run_folder.write_target_stats(run_dir, stats, store.path)
+        source = f"measured on the snapshot, recorded in {run_dir / run_folder.TARGET_STATS}"
+    print_block("target statistics (model.target_norm: channel)", {**stats.summary(), "statistics": source})
+    if stats.warns:
+        log.info("outlier channels %s are standardised per channel before the layer norm (model.target_norm: "
+                 "channel)", stats.outlier_channels[:8])
+    return stats
+
+
+def recorded_target_stats(config: PipelineConfig, run_dir: Path | None, resume: bool) -> LatentStats | None:
+    """The statistics a ``model.target_norm: channel`` run recorded; None before it recorded them.
+    Refused: a resume whose checkpoints trained with statistics that are no longer there."""
+    if config.model.target_norm != "channel" or run_dir is None:
+        return None
+    stats = run_folder.read_target_stats(run_dir)
+    if stats is None and resume and ckpt.latest_checkpoint(run_dir) is not None:
+        raise SaltUsageError(f"{run_dir} has checkpoints trained with model.target_norm: channel but no "
+                             f"{run_folder.TARGET_STATS}: its targets cannot be normalised as before; restore the "
+                             "file or start a new run")
+    return stats
 
 
 def check_quick_eval(config: PipelineConfig) -> None:

@@ -134,6 +134,10 @@ class ModelConfig(_Section):
     grad_checkpointing: bool = False
     # Attention kernel (salt_train/attention.py): auto prefers cuDNN attention on Hopper.
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    # What the targets are: the teacher latents layer-normed per token (layer), or first standardised
+    # per channel with the store's statistics, recorded in the run folder (channel: tames outlier
+    # channels that would dominate the per-token norm; `salt-cache stats` says whether a store has them).
+    target_norm: Literal["layer", "channel"] = "layer"
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
