@@ -157,7 +157,8 @@ def test_build_disk_full_is_one_line_with_resume_hint(corrupt_set: Path, tiny_tm
     pipeline = tmp_path / "raw-pixels.yaml"
     pipeline.write_text("store: {pixels_zstd_level: 0}\nloader: {num_workers: 0}\n")
     result = call_cli("build", "--src", corrupt_set, "--out", tiny_tmpfs / "s.zarr", "--teacher",
-                      "builtin:tiny-videomae", "--device", "cpu", "--pipeline", pipeline, "--batch-size", "1")
+                      "builtin:tiny-videomae", "--device", "cpu", "--pipeline", pipeline, "--batch-size", "1",
+                      "--force")  # past the refusal of a store larger than the disk: a disk filling up mid-build
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]  # after the start-up diagnostics and the bar
     assert "No space left on device" in last and "rerun the same command to resume" in last
