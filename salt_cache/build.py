@@ -162,6 +162,7 @@ class BuildReport:
     write_mb_per_s: float
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # rank 0: (perf_counter, clips) per batch
     finished: float = 0.0  # rank 0: perf_counter once its last shard was committed
+    views_per_clip: int = 1  # rows per clip: the counts and rates below are per row
 
     def steady_clips_per_second(self, skip: int) -> float | None:
         """clips/s after the first ``skip`` batches (those decoded while the workers started), to the
@@ -190,6 +191,8 @@ class BuildReport:
             "bytes per clip": format_bytes(self.bytes_per_clip),
             "store size": format_bytes(self.disk_bytes),
             "write MB/s": f"{self.write_mb_per_s:.1f}",
+            **({"views per clip": f"{self.views_per_clip}: a row is one view, the figures above count rows"}
+               if self.views_per_clip > 1 else {}),
         }
 
 
@@ -345,5 +348,5 @@ def _report(store: LatentStore, todo: int, failed: int, seconds: float, write_mb
     return BuildReport(
         rows=counts["rows"], committed=counts["committed"], failed=counts["failed"], pending=counts["pending"],
         processed_this_run=todo, failed_this_run=failed, seconds=seconds, disk_bytes=store.disk_bytes(),
-        write_mb_per_s=write_mb_per_s,
+        write_mb_per_s=write_mb_per_s, views_per_clip=store.views_per_clip,
     )
