@@ -28,6 +28,7 @@ from shared.store import LatentStore, build_lock
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.source import SsV2Source
+from salt_cache.space import SpacePlan, check_space, plan_space
 from shared.teacher import Teacher
 from salt_cache.writer import ShardAssembler, ShardWriter, drop_nonfinite
 
@@ -126,10 +127,11 @@ class BatchCollector:
         errors, latents = drop_nonfinite(batch["errors"], item.host_latents())  # never commit NaN or inf
         # The DataLoader's default_convert turns numpy arrays into tensors; index with numpy.
         rows, frame_index = np.asarray(batch["rows"]), np.asarray(batch["frame_index"])
+        crop_box = np.asarray(batch["crop_box"])
         for row, error in zip(rows, errors):
             if error:
                 self.failed += 1
-                clip = self.source.clips[row]
+                clip = self.source.clips[row // self.store.views_per_clip]
                 log.warning("clip %s failed (row %d, %s, worker %s): %s",
                             clip.clip_id, row, clip.path, batch["worker"], error)
         pixels = batch["pixels"].numpy()
@@ -142,7 +144,7 @@ class BatchCollector:
                 self.open_shards[shard] = ShardAssembler.empty(self.store, shard, self.writer.buffers)
             assembler = self.open_shards[shard]
             assembler.add(rows[at], pixels[at], None if latents is None else latents[at], frame_index[at],
-                          errors[at])
+                          errors[at], crop_box[at])
             if assembler.complete:
                 self.writer.submit(self.open_shards.pop(shard).payload)
 
@@ -160,6 +162,7 @@ class BuildReport:
     write_mb_per_s: float
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # rank 0: (perf_counter, clips) per batch
     finished: float = 0.0  # rank 0: perf_counter once its last shard was committed
+    views_per_clip: int = 1  # rows per clip: the counts and rates below are per row
 
     def steady_clips_per_second(self, skip: int) -> float | None:
         """clips/s after the first ``skip`` batches (those decoded while the workers started), to the
@@ -188,15 +191,19 @@ class BuildReport:
             "bytes per clip": format_bytes(self.bytes_per_clip),
             "store size": format_bytes(self.disk_bytes),
             "write MB/s": f"{self.write_mb_per_s:.1f}",
+            **({"views per clip": f"{self.views_per_clip}: a row is one view, the figures above count rows"}
+               if self.views_per_clip > 1 else {}),
         }
 
 
 def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out: Path,
-              retry_failed: bool = False, dist: Dist = Dist()) -> BuildReport:
+              retry_failed: bool = False, dist: Dist = Dist(), force: bool = False) -> BuildReport:
     """Build (or resume) the store at ``out``; returns counts and rates.
 
     A finished store is only read (a rerun on a read-only mount works); any writing happens
     under the store's lock. ``retry_failed`` also redoes the shards that hold failed rows.
+    A build whose rows to write could need more than the free disk space is refused before
+    anything is written, unless ``force`` (salt_cache/space.py).
 
     Under torchrun, rank 0 takes the lock, creates or opens the store and lists the pending
     shards; each rank then builds its contiguous share of them (shard files are per shard,
@@ -208,12 +215,19 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
 
     def report_finished() -> BuildReport:
         store = LatentStore.open(out)
-        _print_plan(store, source, teacher, config, [], 0, dist)
+        _print_plan(store, source, teacher, config, [], 0, dist, _space_plan(out, store, [], source, teacher, config))
         return _report(store, todo=0, failed=0, seconds=0.0, write_mb_per_s=0.0)
+
+    def check_disk() -> SpacePlan:  # rank 0, before anything is written
+        store = open_matching_store(out, identity, False) if out.exists() else None
+        plan = _space_plan(out, store, store.pending_shards(retry_failed) if store else [], source, teacher, config)
+        check_space(plan, force)
+        return plan
 
     # Rank 0 decides: the others must not look at a store it may be creating meanwhile.
     if dist.on_main(lambda: out.exists() and not open_matching_store(out, identity, False).pending_shards(retry_failed)):
         return dist.on_main(report_finished)
+    space = dist.on_main(check_disk)
     with ExitStack() as held:
         def prepare() -> list[int]:  # rank 0: lock, create or open, clean up, list the work
             held.enter_context(build_lock(out))
@@ -226,7 +240,7 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
         store = dist.agree(lambda: open_matching_store(out, identity, writable=True))
         shards = rank_share(pending, dist.rank, dist.world_size)
         if dist.is_main:
-            _print_plan(store, source, teacher, config, pending, _rows_in(store, pending), dist)
+            _print_plan(store, source, teacher, config, pending, _rows_in(store, pending), dist, space)
         started = time.perf_counter()
         mine = _build_shards(store, source, teacher, config, shards, dist)
         # Wait for every rank's shards; then the store's counts are final.
@@ -249,13 +263,29 @@ def _rows_in(store: LatentStore, shards: list[int]) -> int:
     return sum(stop - start for start, stop in map(store.shard_range, shards))
 
 
+def _space_plan(out: Path, store: LatentStore | None, pending: list[int], source: SsV2Source, teacher: Teacher,
+                config: PipelineConfig) -> SpacePlan:
+    """The store's projected size and what the ``pending`` shards need; ``store`` None: one yet to create."""
+    views, shard_rows = config.view.views_per_clip, config.store.shard_rows
+    if store is None:
+        rows = todo = len(source.clips) * views
+        shards = -(-rows // shard_rows)
+    else:
+        rows, todo, shards = store.rows, _rows_in(store, pending), len(pending)
+    return plan_space(out, rows, todo, shards, teacher.width, views, config.store.pixels_zstd_level)
+
+
 def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
-                shards: list[int], todo: int, dist: Dist) -> None:
+                shards: list[int], todo: int, dist: Dist, space: SpacePlan) -> None:
     counts = store.counts()
+    views = store.views_per_clip
     print_block("salt-cache build", {
         **source.describe(),
         "store": f"{store.path} ({counts['committed']} committed, {counts['failed']} failed, {todo} to do"
                  + (f"; {counts['other']} rows with an unknown status, redone" if counts["other"] else "") + ")",
+        **({"views": f"{views} per clip: {counts['rows']} rows = {counts['rows'] // views} clips x {views} "
+                     "(view 0 the centre view, the others random resized crops)"} if views > 1 else {}),
+        "store size": space.describe(),
         "teacher": f"{teacher.name} (width {teacher.width}, {teacher.compute_dtype}, hash {teacher.weights_hash[:12]})",
         "device": teacher.device,
         "shards": f"{store.num_shards} of {store.shard_rows} rows, {len(shards)} to do",
@@ -318,5 +348,5 @@ def _report(store: LatentStore, todo: int, failed: int, seconds: float, write_mb
     return BuildReport(
         rows=counts["rows"], committed=counts["committed"], failed=counts["failed"], pending=counts["pending"],
         processed_this_run=todo, failed_this_run=failed, seconds=seconds, disk_bytes=store.disk_bytes(),
-        write_mb_per_s=write_mb_per_s,
+        write_mb_per_s=write_mb_per_s, views_per_clip=store.views_per_clip,
     )

@@ -58,6 +58,8 @@ def build(
     retry_failed: bool = typer.Option(False, "--retry-failed",
                                       help="also redo shards holding failed rows (after their videos were fixed)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging (per-shard and per-clip detail)"),
+    force: bool = typer.Option(False, "--force", help="start even when the projected store size exceeds the free "
+                               "disk space (the projection counts pixels uncompressed)"),
 ) -> int:
     """Build or resume a store. Rerunning the same command finishes only what is not committed.
 
@@ -73,6 +75,11 @@ def build(
         "cache.split": split, "cache.limit": limit, "cache.device": device.value if device else None,
         "teacher.name": teacher, "teacher.batch_size": batch_size, "loader.num_workers": workers,
     })
+    from salt_cache.views import split_views
+
+    config, note = split_views(config)
+    if note and is_console_rank():
+        print(f"salt-cache: note: {note}", file=sys.stderr)
     source = discover(src, config.cache.split, config.cache.limit)
     out = out or source.root / "latents.zarr"
     _check_out_path(out, "a store")
@@ -91,7 +98,7 @@ def build(
         try:
             model = dist.agree(lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype,
                                                     config.teacher.compile_mode))
-            report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist)
+            report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist, force=force)
         except KeyboardInterrupt:
             print(f"salt-cache{rank_tag()}: interrupted{resume_hint()}", file=sys.stderr)
             return 130

@@ -16,6 +16,7 @@ from shared.store import LatentStore, clip_ids_sha256, create_store
 from salt_cache.source import SsV2Source
 from shared.teacher import Teacher
 from salt_cache.video import MIN_DECODED_SHARE
+from salt_cache.views import CROP_RATIO, CROP_SCALE
 
 
 def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> dict[str, object]:
@@ -29,7 +30,8 @@ def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source)
 
 
 def view_attrs(config: PipelineConfig) -> dict[str, object]:
-    return {
+    """The view recipe; one-view stores record exactly what they always did (so they still resume)."""
+    attrs: dict[str, object] = {
         "sampling": config.view.sampling,
         "sampling_rule": "16 equal segments of [0, n), one frame each; offset 0.5 (center) "
                          "or uniform from numpy default_rng(blake2b-64(clip_id)) (jitter); "
@@ -40,6 +42,17 @@ def view_attrs(config: PipelineConfig) -> dict[str, object]:
         "std": list(geometry.PIXEL_STD),
         "truncation_rule": f"fail when under {MIN_DECODED_SHARE:.0%} of the declared duration decodes",
     }
+    if config.view.views_per_clip > 1:
+        attrs.update({
+            "views_per_clip": config.view.views_per_clip,
+            "view_rule": "row = clip * K + k; view 0 is the view above; views k >= 1: segment jitter from "
+                         "default_rng(blake2b-64(clip_id, k, 'time')) and a random resized crop from "
+                         "default_rng(blake2b-64(clip_id, k, 'crop')) (salt_cache/views.py), resized to "
+                         f"{geometry.IMAGE_SIZE}x{geometry.IMAGE_SIZE} with swscale {config.view.interpolation}",
+            "crop_scale": list(CROP_SCALE),
+            "crop_ratio": list(CROP_RATIO),
+        })
+    return attrs
 
 
 def _describe_mismatch(found: dict, wanted: dict) -> str:
@@ -71,10 +84,12 @@ def open_or_create_store(out: Path, teacher: Teacher, config: PipelineConfig, so
     identity = store_identity(teacher, config, source)
     if out.exists():
         return open_matching_store(out, identity, writable=True)
+    views = config.view.views_per_clip
     return create_store(
         out,
-        clip_ids=[clip.clip_id for clip in source.clips],
-        labels=[clip.label for clip in source.clips],
+        clip_ids=[clip.clip_id for clip in source.clips for _ in range(views)],
+        labels=[clip.label for clip in source.clips for _ in range(views)],
+        views_per_clip=views,
         teacher_width=teacher.width,
         shard_rows=config.store.shard_rows,
         pixels_zstd_level=config.store.pixels_zstd_level,

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from shared import geometry
 from shared.config import PipelineConfig, ViewConfig
 from shared.lifeline import worker_init
-from shared.store import LatentStore, pixels_shape
+from shared.store import CROP_BOX_FIELDS, LatentStore, pixels_shape
 from salt_cache.source import ClipRecord
-from salt_cache.video import ClipDecodeError, decode_view
+from salt_cache.video import ClipDecodeError, decode_clip_views
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,10 @@ def plan_batches(store: LatentStore, shards: list[int], batch_size: int) -> list
 
 
 class ViewBatches(Dataset):
-    """Item k decodes the clips of batch plan k (runs inside a DataLoader worker)."""
+    """Item k decodes the clips of batch plan k (runs inside a DataLoader worker).
+
+    Row ``r`` is view ``r % K`` of clip ``r // K`` (``view.views_per_clip`` K); a clip whose views
+    share a batch is decoded once for all of them."""
 
     def __init__(self, clips: list[ClipRecord], plans: list[BatchPlan], view: ViewConfig, decode_threads: int,
                  batch_size: int) -> None:
@@ -56,21 +59,31 @@ class ViewBatches(Dataset):
         n = len(plan.rows)
         pixels = np.zeros(pixels_shape(self.batch_size), dtype=np.uint8)  # rows past n: padding
         frame_index = np.full((n, geometry.NUM_FRAMES), -1, dtype=np.int32)
+        crop_box = np.full((n, len(CROP_BOX_FIELDS)), -1, dtype=np.int32)
         errors = [""] * n
+        views = self.view.views_per_clip
+        by_clip: dict[int, list[int]] = {}  # clip -> its batch positions, in row order
         for i, row in enumerate(plan.rows):
-            clip = self.clips[row]
+            by_clip.setdefault(row // views, []).append(i)
+        for clip_number, positions in by_clip.items():
+            clip = self.clips[clip_number]
             try:
-                pixels[i], frame_index[i] = decode_view(clip.path, clip.clip_id, self.view.sampling,
-                                                        self.view.interpolation, self.decode_threads)
+                made = decode_clip_views(clip.path, clip.clip_id, [plan.rows[i] % views for i in positions],
+                                         self.view.sampling, self.view.interpolation, self.decode_threads)
+                for i, (view, indices, box) in zip(positions, made):
+                    pixels[i], frame_index[i], crop_box[i] = view, indices, box
             except ClipDecodeError as exc:
-                errors[i] = str(exc)
+                for i in positions:
+                    errors[i] = str(exc)
             except Exception as exc:  # a decoder bug must not kill the build: record it
-                errors[i] = f"unexpected {type(exc).__name__}: {exc}"
+                for i in positions:
+                    errors[i] = f"unexpected {type(exc).__name__}: {exc}"
         info = get_worker_info()
         return {
             "rows": np.asarray(plan.rows, dtype=np.int64),
             "pixels": torch.from_numpy(pixels),
             "frame_index": frame_index,
+            "crop_box": crop_box,
             "errors": errors,
             "worker": info.id if info is not None else "main",
         }

@@ -19,8 +19,8 @@ import torch
 from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
-from shared.store import (CHECKSUM_ALGORITHMS, STATUS_UNREADABLE, LatentStore, RowStatus, clip_ids_sha256,
-                          labels_sha256, row_checksum, status_counts)
+from shared.store import (CHECKSUM_ALGORITHMS, STATUS_UNREADABLE, VIEW_DATA_ARRAYS, LatentStore, RowStatus,
+                          clip_ids_sha256, labels_sha256, row_checksum, status_counts)
 
 if TYPE_CHECKING:
     from shared.teacher import Teacher
@@ -87,7 +87,22 @@ def check_schema(store: LatentStore, report: VerifyReport) -> bool:
         report.problems.append(Problem(f"attributes missing: {', '.join(missing)}"))
     if sound:
         check_source_rows(store, report)
+        if store.views_per_clip > 1:
+            check_view_index(store, report)
     return sound
+
+
+def check_view_index(store: LatentStore, report: VerifyReport) -> None:
+    """Row ``clip * K + k`` is view k: the view_index array written at creation must say so."""
+    try:
+        recorded = np.asarray(store.array("view_index")[:])
+    except Exception as exc:
+        report.problems.append(Problem(f"view_index unreadable ({type(exc).__name__}: {exc})"))
+        return
+    wrong = np.flatnonzero(recorded != np.arange(store.rows) % store.views_per_clip)
+    if len(wrong):
+        report.problems.append(Problem(f"view_index of {len(wrong)} rows (first: row {wrong[0]}) is not "
+                                       f"row % {store.views_per_clip}"))
 
 
 def check_source_rows(store: LatentStore, report: VerifyReport) -> None:
@@ -106,9 +121,9 @@ def check_source_rows(store: LatentStore, report: VerifyReport) -> None:
 
 
 def _read_shard(store: LatentStore, start: int, stop: int) -> tuple[dict[str, np.ndarray] | None, str]:
+    names = ("pixels", "latents", "frame_index", "pixels_checksum", "latents_checksum", "error")
     try:
-        return store.read_rows(start, stop, ("pixels", "latents", "frame_index", "pixels_checksum",
-                                             "latents_checksum", "error")), ""
+        return store.read_rows(start, stop, names + (VIEW_DATA_ARRAYS if store.views_per_clip > 1 else ())), ""
     except Exception as exc:  # a damaged shard file: fall back to reading row by row
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -139,6 +154,10 @@ def _check_row(status: int, data: dict[str, np.ndarray], i: int, algorithm: str)
     frames = data["frame_index"][i]
     if frames.min() < 0 or np.any(np.diff(frames) < 0):
         return f"frame indices invalid: {frames.tolist()}"
+    if "crop_box" in data:
+        top, left, height, width = (int(v) for v in data["crop_box"][i])
+        if top < 0 or left < 0 or height <= 0 or width <= 0:
+            return f"crop box invalid: {[top, left, height, width]}"
     return None
 
 

@@ -8,6 +8,8 @@ The view recipe (recorded in the store):
   SSv2 webm files declare no frame count, so every frame is decoded first.
 - space: the short side is resized to 224 (swscale bicubic, which widens its
   filter when shrinking, i.e. antialiased), then the centre 224x224 is cropped.
+- with ``view.views_per_clip`` K >= 2, views 1..K-1 of a clip take their own
+  frame offsets and a random resized crop (salt_cache/views.py); view 0 is the above.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from shared.geometry import IMAGE_SIZE, NUM_FRAMES
+from salt_cache.views import view_crop_box, view_seed
 
 SAMPLING_RULES = ("segment-jitter", "segment-center")
 # Decoding less than this share of the declared duration means the file is cut short.
@@ -37,8 +40,9 @@ def clip_seed(clip_id: str) -> int:
 
 
 def sample_frame_indices(num_available: int, clip_id: str, rule: str = "segment-jitter",
-                         num_frames: int = NUM_FRAMES) -> np.ndarray:
-    """``num_frames`` monotone source frame indices in ``[0, num_available)``, fixed per clip id."""
+                         num_frames: int = NUM_FRAMES, seed: int | None = None) -> np.ndarray:
+    """``num_frames`` monotone source frame indices in ``[0, num_available)``, fixed per clip id
+    (jitter offsets drawn from ``seed`` when given: the views of salt_cache/views.py)."""
     if num_available <= 0:
         raise ValueError("a clip needs at least one frame")
     if rule not in SAMPLING_RULES:
@@ -49,7 +53,7 @@ def sample_frame_indices(num_available: int, clip_id: str, rule: str = "segment-
     if rule == "segment-center" or num_available < num_frames:
         offsets = np.full(num_frames, 0.5)
     else:
-        offsets = np.random.default_rng(clip_seed(clip_id)).random(num_frames)
+        offsets = np.random.default_rng(clip_seed(clip_id) if seed is None else seed).random(num_frames)
     positions = edges[:-1] + offsets * (edges[1:] - edges[:-1])
     return np.clip(np.floor(positions), 0, num_available - 1).astype(np.int32)
 
@@ -140,18 +144,60 @@ def to_view_frame(frame: av.VideoFrame, interpolation: str = "bicubic") -> np.nd
     return rgb[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
 
 
-def decode_view(path: str | Path, clip_id: str, sampling: str = "segment-jitter",
-                interpolation: str = "bicubic", threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """The clip's view: uint8 ``[16, 224, 224, 3]`` and its int32 source frame indices.
+def to_crop_frame(frame: av.VideoFrame, box: tuple[int, int, int, int], interpolation: str = "bicubic") -> np.ndarray:
+    """One decoded frame -> uint8 [224, 224, 3] RGB of the source box ``(top, left, height, width)``.
 
-    Raises :class:`ClipDecodeError` with the reason for any clip that cannot be used.
-    """
-    frames = _decode_all_frames(Path(path), threads)
-    indices = sample_frame_indices(len(frames), clip_id, sampling)
+    swscale scales whole frames: the frame is scaled so that the box becomes 224x224 (each axis
+    on its own, as a resized crop does), then the box is cut out (rounded to the pixel). The
+    same antialiased filter as the centre view."""
+    top, left, box_h, box_w = box
+    scale_y, scale_x = IMAGE_SIZE / box_h, IMAGE_SIZE / box_w
+    new_h = max(IMAGE_SIZE, round(frame.height * scale_y))
+    new_w = max(IMAGE_SIZE, round(frame.width * scale_x))
+    rgb = _shared_reformatter().reformat(frame, width=new_w, height=new_h, format="rgb24",
+                                         interpolation=_SWSCALE_INTERPOLATION[interpolation]).to_ndarray()
+    y, x = min(round(top * scale_y), new_h - IMAGE_SIZE), min(round(left * scale_x), new_w - IMAGE_SIZE)
+    return rgb[y:y + IMAGE_SIZE, x:x + IMAGE_SIZE]
+
+
+def view_frame_indices(num_available: int, clip_id: str, k: int, rule: str) -> np.ndarray:
+    """View ``k``'s source frames: view 0 by ``rule`` (the one-view store's), the others by
+    segment jitter from their own generator (salt_cache/views.py)."""
+    if k == 0:
+        return sample_frame_indices(num_available, clip_id, rule)
+    return sample_frame_indices(num_available, clip_id, "segment-jitter", seed=view_seed(clip_id, k, "time"))
+
+
+def render_view(frames: list[av.VideoFrame], clip_id: str, k: int = 0, sampling: str = "segment-jitter",
+                interpolation: str = "bicubic") -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """View ``k`` of decoded frames: uint8 ``[16, 224, 224, 3]``, its int32 source frame indices
+    and its source box. View 0 is the centre view, made exactly as ever (resize, then crop)."""
+    indices = view_frame_indices(len(frames), clip_id, k, sampling)
+    box = view_crop_box(frames[0].height, frames[0].width, clip_id, k)
     view = np.empty((NUM_FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     converted: dict[int, np.ndarray] = {}
     for slot, index in enumerate(indices):
         if index not in converted:  # padded short clips repeat frames: convert once
-            converted[int(index)] = to_view_frame(frames[index], interpolation)
+            frame = frames[index]
+            converted[int(index)] = (to_view_frame(frame, interpolation) if k == 0
+                                     else to_crop_frame(frame, box, interpolation))
         view[slot] = converted[int(index)]
+    return view, indices, box
+
+
+def decode_clip_views(path: str | Path, clip_id: str, views: list[int], sampling: str = "segment-jitter",
+                      interpolation: str = "bicubic", threads: int = 1
+                      ) -> list[tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]]:
+    """Views ``views`` of one clip from a single decode (see :func:`render_view`)."""
+    frames = _decode_all_frames(Path(path), threads)
+    return [render_view(frames, clip_id, k, sampling, interpolation) for k in views]
+
+
+def decode_view(path: str | Path, clip_id: str, sampling: str = "segment-jitter",
+                interpolation: str = "bicubic", threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The clip's (centre) view: uint8 ``[16, 224, 224, 3]`` and its int32 source frame indices.
+
+    Raises :class:`ClipDecodeError` with the reason for any clip that cannot be used.
+    """
+    view, indices, _ = decode_clip_views(path, clip_id, [0], sampling, interpolation, threads)[0]
     return view, indices

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared import geometry
-from shared.store import LatentStore, RowStatus, ShardPayload, pixels_shape
+from shared.store import CROP_BOX_FIELDS, LatentStore, RowStatus, ShardPayload, pixels_shape
 
 
 NONFINITE_REASON = "teacher latents hold NaN or inf (e.g. a half-precision overflow): not committed"
@@ -77,12 +77,14 @@ class ShardAssembler:
             frame_index=np.full((n, geometry.NUM_FRAMES), -1, np.int32),
             status=np.full(n, RowStatus.PENDING, np.uint8),
             error=[""] * n,
+            crop_box=np.full((n, len(CROP_BOX_FIELDS)), -1, np.int32) if store.views_per_clip > 1 else None,
         )
         return cls(payload, start)
 
     def add(self, rows: np.ndarray, pixels: np.ndarray, latents: np.ndarray | None,
-            frame_index: np.ndarray, errors: list[str]) -> None:
-        """``rows`` of this shard with their pixels, latents (None when all failed) and errors, aligned."""
+            frame_index: np.ndarray, errors: list[str], crop_box: np.ndarray | None = None) -> None:
+        """``rows`` of this shard with their pixels, latents (None when all failed), frame indices,
+        errors and (several views per clip) crop boxes, aligned."""
         ok = np.array([not e for e in errors], dtype=bool)
         local = rows - self.start
         p = self.payload
@@ -98,6 +100,8 @@ class ShardAssembler:
             p.pixels[local[~ok]] = 0  # failed rows hold zeros (a reused buffer holds another shard's rows)
             p.latents[local[~ok]] = 0
         p.frame_index[local[ok]] = frame_index[ok]
+        if p.crop_box is not None:
+            p.crop_box[local[ok]] = crop_box[ok]
         p.status[local] = np.where(ok, RowStatus.COMMITTED, RowStatus.FAILED)
         for i, error in zip(local, errors):
             p.error[i] = error

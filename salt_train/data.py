@@ -2,7 +2,9 @@
 
 The epoch's batches are a pure function of ``(committed rows, seed, epoch)``:
 
-1. the shards holding committed rows are permuted from ``(seed, epoch)``;
+0. a store of K views per clip (row ``clip * K + k``) streams one view of each clip
+   per epoch (:func:`epoch_views`), so an epoch is one pass over the clips;
+1. the shards holding those rows are permuted from ``(seed, epoch)``;
 2. their row ids stream, shard after shard, through a shuffle window of
    ``shuffle_buffer`` ids (the WebDataset buffer, applied to ids: no row data is
    held for it, so a large window costs no memory);
@@ -73,6 +75,37 @@ def batches_per_epoch(num_rows: int, batch_size: int) -> int:
     return num_rows // batch_size
 
 
+def _mix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: well-spread uint64 hashes of uint64 values (wrapping arithmetic)."""
+    z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def epoch_views(rows: np.ndarray, views_per_clip: int, seed: int, epoch: int) -> np.ndarray:
+    """One committed row of each clip (``rows`` sorted; clip ``row // K``) for this epoch.
+
+    Clip c with m committed views reads view ``(offset_c + epoch) mod m`` of them, ``offset_c`` a hash
+    of ``(seed, c)``: a pure function of (seed, epoch, clip), so the same for any number of ranks and
+    workers and after a resume, and cyclic, so K epochs read every view once (random draws would
+    leave some views unread and repeat others)."""
+    if views_per_clip == 1 or len(rows) == 0:
+        return rows
+    clips = rows // views_per_clip
+    unique, first, count = np.unique(clips, return_index=True, return_counts=True)
+    with np.errstate(over="ignore"):
+        offset = _mix64(_mix64(np.full(len(unique), seed % 2**64, np.uint64)) ^ unique.astype(np.uint64))
+    count = count.astype(np.uint64)
+    pick = (offset % count + np.uint64(epoch) % count) % count
+    return rows[first + pick.astype(np.int64)]
+
+
+def count_clips(rows: np.ndarray, views_per_clip: int) -> int:
+    """Clips with at least one committed row: what an epoch passes over."""
+    return len(np.unique(rows // views_per_clip)) if views_per_clip > 1 else len(rows)
+
+
 def epoch_order(rows: np.ndarray, shard_rows: int, seed: int, epoch: int, window: int) -> np.ndarray:
     """All of ``rows`` in this epoch's order: shards permuted, then a ``window``-id shuffle buffer."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
@@ -109,14 +142,19 @@ class StreamSpec:
     verify_checksums: bool = False
     mask_kind: str | None = None  # None: batches carry no masks (the step draws them)
     mask_ratio: float = 0.75
+    views_per_clip: int = 1  # the store's: an epoch reads one view of each clip
 
     @property
     def local_batch(self) -> int:
         return self.batch_size // self.world_size
 
+    @functools.cached_property
+    def clips(self) -> int:
+        return count_clips(self.rows, self.views_per_clip)
+
     @property
     def steps_per_epoch(self) -> int:
-        return batches_per_epoch(len(self.rows), self.batch_size)
+        return batches_per_epoch(self.clips, self.batch_size)
 
     @property
     def remaining_batches(self) -> int:
@@ -131,6 +169,7 @@ def stream_spec(store: LatentStore, config: PipelineConfig, start: Position = Po
         batch_size=config.train.batch_size, seed=config.train.seed, shuffle_buffer=config.stream.shuffle_buffer,
         epochs=config.train.epochs, start=start, rank=rank, world_size=world_size,
         verify_checksums=config.stream.verify_checksums, mask_kind=config.mask.kind, mask_ratio=config.mask.ratio,
+        views_per_clip=store.views_per_clip,
     )
 
 
@@ -140,9 +179,10 @@ def check_stream(spec: StreamSpec, store_path: Path) -> None:
         raise SaltUsageError(f"store {store_path} has no committed rows to train on (run salt-cache build, then salt-cache verify)")
     if spec.batch_size % spec.world_size:
         raise SaltUsageError(f"train.batch_size {spec.batch_size} is not divisible by the {spec.world_size} ranks")
-    if spec.batch_size > len(spec.rows):
+    if spec.batch_size > spec.clips:
+        what = "committed rows" if spec.views_per_clip == 1 else "clips with a committed view"
         raise SaltUsageError(
-            f"train.batch_size {spec.batch_size} is larger than the {len(spec.rows)} committed rows of {store_path} "
+            f"train.batch_size {spec.batch_size} is larger than the {spec.clips} {what} of {store_path} "
             "(batches drop the last partial batch, so an epoch would be empty): lower train.batch_size"
         )
 
@@ -214,7 +254,8 @@ class StoreStream(IterableDataset):
         spec = self.spec
         lo, hi = spec.rank * spec.local_batch, (spec.rank + 1) * spec.local_batch
         for epoch in range(spec.start.epoch, spec.epochs):
-            order = epoch_order(spec.rows, spec.shard_rows, spec.seed, epoch, spec.shuffle_buffer)
+            rows = epoch_views(spec.rows, spec.views_per_clip, spec.seed, epoch)
+            order = epoch_order(rows, spec.shard_rows, spec.seed, epoch, spec.shuffle_buffer)
             batches = order[: spec.steps_per_epoch * spec.batch_size].reshape(spec.steps_per_epoch, spec.batch_size)
             first = spec.start.index if epoch == spec.start.epoch else 0
             for index in range(first, spec.steps_per_epoch):

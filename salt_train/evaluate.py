@@ -194,18 +194,21 @@ def check_compatible(train: LatentStore, val: LatentStore) -> None:
 
 
 def _view_recipe(store: LatentStore) -> dict:
-    """The view recipe without the sampling offset: a validation store may use centre sampling."""
+    """The view recipe without the sampling offset (a validation store may use centre sampling) and the
+    extra views (a validation store has one view per clip, the train store's view 0)."""
     view = dict(store.attrs.get("view", {}))
-    for key in ("sampling", "sampling_rule"):
+    for key in ("sampling", "sampling_rule", "views_per_clip", "view_rule", "crop_scale", "crop_ratio"):
         view.pop(key, None)
     return view
 
 
 def choose_rows(store: LatentStore, count: int, seed: int, flag: str) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` committed rows, a seeded choice: (sorted rows, their order of choice for subsets)."""
-    committed = np.flatnonzero(store.status() == RowStatus.COMMITTED).astype(np.int64)
+    """``count`` committed rows, a seeded choice: (sorted rows, their order of choice for subsets).
+    Of a store of several views per clip, view 0 only (the centre view: one row per clip)."""
+    committed = store.first_views(np.flatnonzero(store.status() == RowStatus.COMMITTED).astype(np.int64))
     if count > len(committed):
-        raise SaltUsageError(f"{flag} {count}: store {store.path} has only {len(committed)} committed rows "
+        what = "committed rows" if store.views_per_clip == 1 else "clips with a committed view 0"
+        raise SaltUsageError(f"{flag} {count}: store {store.path} has only {len(committed)} {what} "
                              f"(ask for at most {len(committed)})")
     chosen = np.random.default_rng(np.random.SeedSequence([seed % 2**64, len(committed)])).permutation(committed)[:count]
     rank = np.empty(count, dtype=np.int64)

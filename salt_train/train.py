@@ -630,6 +630,8 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
         "run folder": run_dir,
         "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, {counts['pending']} pending rows"
                  + (f", {counts['other']} with an unknown status, not trained on" if counts["other"] else "") + ")",
+        **({"views": f"{spec.views_per_clip} per clip: each epoch reads one view of each of its {spec.clips} clips"}
+           if spec.views_per_clip > 1 else {}),
         "snapshot": f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, {snapshot.seconds:.2f} s)",
         "teacher": f"{store.attrs.get('teacher', {}).get('name', '?')} (width {store.teacher_width})",
         "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")

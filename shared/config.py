@@ -43,6 +43,10 @@ class ViewConfig(_Section):
 
     sampling: Literal["segment-jitter", "segment-center"] = "segment-jitter"
     interpolation: Literal["bicubic", "bilinear", "area"] = "bicubic"
+    # 1: one view per clip, today's (centre crop). K >= 2: K rows per clip, view 0 that same centre view,
+    # views 1..K-1 random resized crops with their own frame offsets (salt_cache/views.py).
+    # Validation and test stores always keep the one centre view.
+    views_per_clip: int = Field(1, gt=0, le=64, description="views cached per clip (store rows = clips x K)")
 
 
 class StoreConfig(_Section):

@@ -54,6 +54,11 @@ DATA_ARRAYS = ("pixels", "latents", "frame_index", "pixels_checksum", "latents_c
 FILE_WRITTEN_ARRAYS = ("pixels", "latents")  # written by shared.shard_writer, not zarr (when the layout fits)
 CONTRACT_ARRAYS = ("pixels", "latents", "clip_id", "label", "frame_index", "status")
 ALL_ARRAYS = tuple(dict.fromkeys(CONTRACT_ARRAYS + DATA_ARRAYS))
+# Only in stores of several views per clip (attribute views_per_clip >= 2; row = clip * K + k):
+# view_index is written at creation like clip_id, crop_box shard by shard like frame_index.
+VIEW_ARRAYS = ("view_index", "crop_box")
+VIEW_DATA_ARRAYS = ("crop_box",)
+CROP_BOX_FIELDS = ("top", "left", "height", "width")  # in source-frame pixels
 
 
 class RowStatus(IntEnum):
@@ -137,10 +142,13 @@ class ShardPayload:
     frame_index: np.ndarray  # int32 [n, 16]
     status: np.ndarray  # uint8 [n], COMMITTED or FAILED, never PENDING
     error: list[str]  # "" for committed rows
+    crop_box: np.ndarray | None = None  # int32 [n, 4], stores of several views per clip only (-1: failed)
 
     def check(self) -> None:
         n = len(self.status)
         if not (len(self.pixels) == len(self.latents) == len(self.frame_index) == len(self.error) == n):
+            raise ValueError("shard payload arrays disagree on row count")
+        if self.crop_box is not None and len(self.crop_box) != n:
             raise ValueError("shard payload arrays disagree on row count")
         if np.any(self.status == RowStatus.PENDING):
             raise ValueError("a shard is written only once every row is committed or failed")
@@ -166,6 +174,9 @@ def _damaged_attrs(attrs: dict[str, Any]) -> str:
     for key in ("identity", "teacher", "source", "view"):
         if key in attrs and not isinstance(attrs[key], dict):
             return f"{key} is {type(attrs[key]).__name__}, not a mapping"
+    views = attrs.get("views_per_clip", 1)
+    if not isinstance(views, int) or isinstance(views, bool) or views <= 0:
+        return f"views_per_clip is {views!r}"
     return ""
 
 
@@ -178,6 +189,9 @@ class LatentStore:
         self.arrays = arrays  # opened once: each group[name] re-reads the array's metadata
         self.attrs: dict[str, Any] = dict(group.attrs.get(ATTRS_KEY, {}))
         self.shard_rows = int(self.attrs["shard_rows"])
+        # A store without the attribute (every store before views existed) has one view per clip.
+        self.views_per_clip = int(self.attrs.get("views_per_clip", 1))
+        self.data_arrays = DATA_ARRAYS + (VIEW_DATA_ARRAYS if self.views_per_clip > 1 else ())
 
     # ---- opening -----------------------------------------------------------------
     @classmethod
@@ -206,8 +220,9 @@ class LatentStore:
         missing = []
         # A writer stores every chunk, even one equal to the fill value: then a committed row always has
         # its shard file, and a missing file is damage, never "all zeros" (zarr decides this at open).
+        names = ALL_ARRAYS + (VIEW_ARRAYS if attrs.get("views_per_clip", 1) > 1 else ())
         with zarr.config.set({"array.write_empty_chunks": writable}):
-            for name in ALL_ARRAYS:
+            for name in names:
                 try:
                     arrays[name] = group[name]
                 except KeyError:
@@ -244,7 +259,10 @@ class LatentStore:
         recorded_geometry = self.attrs.get("geometry")
         if recorded_geometry is not None and recorded_geometry != geometry.as_dict():
             problems.append(f"recorded geometry {recorded_geometry} is not this SALT's {geometry.as_dict()}")
-        expected = {"pixels": pixels_shape(rows), "latents": latents_shape(rows, width)}
+        expected = {"pixels": pixels_shape(rows), "latents": latents_shape(rows, width),
+                    "crop_box": (rows, len(CROP_BOX_FIELDS))}
+        if rows % self.views_per_clip:
+            problems.append(f"{rows} rows are not a whole number of clips of {self.views_per_clip} views")
         for name, array in self.arrays.items():
             shape = tuple(array.shape)
             if name in expected and shape != expected[name]:
@@ -252,7 +270,7 @@ class LatentStore:
                                 + (f" (teacher width {width})" if name == "latents" else ""))
             elif shape[:1] != (rows,):
                 problems.append(f"array {name} has {shape[0] if shape else 0} rows, status has {rows}")
-        for name in DATA_ARRAYS + ("status",):
+        for name in self.data_arrays + ("status",):
             array = self.arrays[name]
             grid = (array.shards or array.chunks)[0]
             if grid != self.shard_rows:
@@ -299,6 +317,10 @@ class LatentStore:
                 except Exception as exc:
                     log.warning("status of rows [%d, %d) unreadable: %s: %s", lo, hi, type(exc).__name__, exc)
             return status
+
+    def first_views(self, rows: np.ndarray) -> np.ndarray:
+        """Those of ``rows`` that are view 0 of their clip (all of them in a one-view store)."""
+        return rows[rows % self.views_per_clip == 0]
 
     def clip_ids(self) -> np.ndarray:
         """Clip ids; an unreadable array gives "?" so a report can still name rows."""
@@ -353,19 +375,23 @@ class LatentStore:
             "pixels_checksum": pixels_sums,
             "latents_checksum": latents_sums,
             "error": np.array(payload.error, dtype=str),
+            "crop_box": payload.crop_box,
         }
+        if (values["crop_box"] is None) != (self.views_per_clip == 1):
+            raise ValueError(f"a store of {self.views_per_clip} views per clip needs crop boxes exactly "
+                             "when it has several views")
         if not np.any(np.isin(self.status(start, stop), (RowStatus.COMMITTED, RowStatus.FAILED))):
             # Nothing here was ever committed: drop what a crashed writer left (Zarr merges a shard
             # write into the file already there, and a torn file would fail every resume).
-            for name in DATA_ARRAYS:
+            for name in self.data_arrays:
                 self._shard_path(payload.index, name).unlink(missing_ok=True)
-        for name in DATA_ARRAYS:
+        for name in self.data_arrays:
             writer = self._file_writers.get(name)
             if writer is not None:  # the big arrays: straight to the shard file (fsynced), in parallel threads
                 writer.write(self._shard_path(payload.index, name), values[name])
             else:
                 self.arrays[name][start:stop] = values[name]
-        self._fsync_shard(payload.index, DATA_ARRAYS)
+        self._fsync_shard(payload.index, self.data_arrays)
         self.arrays["status"][start:stop] = payload.status.astype(np.uint8)
         self._fsync_shard(payload.index, ("status",))
 
@@ -410,8 +436,12 @@ def create_store(
     shard_rows: int,
     pixels_zstd_level: int,
     attrs: dict[str, Any],
+    views_per_clip: int = 1,
 ) -> LatentStore:
-    """Create an empty store (every row pending) atomically: built aside, then renamed into place."""
+    """Create an empty store (every row pending) atomically: built aside, then renamed into place.
+
+    ``clip_ids`` and ``labels`` are per row: with ``views_per_clip`` K >= 2, each clip's K times in a
+    row (row ``clip * K + k``), and the store gets the view arrays and records K."""
     path = Path(path)
     if path.exists():
         raise SaltUsageError(f"store {path} already exists")
@@ -447,6 +477,17 @@ def create_store(
                            chunks=(max(shard_rows, 4096),), compressors=None)
         group["clip_id"][:] = np.array(clip_ids, dtype=str)
         group["label"][:] = np.asarray(labels, dtype=np.int32)
+        view_attrs: dict[str, Any] = {}
+        if views_per_clip > 1:
+            if rows % views_per_clip:
+                raise ValueError(f"{rows} rows are not clips of {views_per_clip} views")
+            group.create_array("view_index", shape=(rows,), dtype="int32", fill_value=-1,
+                               chunks=(max(shard_rows, 4096),), compressors=None)
+            group["view_index"][:] = np.arange(rows, dtype=np.int32) % views_per_clip
+            group.create_array("crop_box", shape=(rows, len(CROP_BOX_FIELDS)), dtype="int32", fill_value=-1,
+                               chunks=(shard_rows, len(CROP_BOX_FIELDS)), compressors=None,
+                               dimension_names=("row", "field"))
+            view_attrs = {"views_per_clip": views_per_clip, "crop_box_fields": list(CROP_BOX_FIELDS)}
         group.attrs.update({ATTRS_KEY: {
             "format": STORE_FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -459,6 +500,7 @@ def create_store(
             },
             "row_status": {s.name.lower(): int(s) for s in RowStatus},
             "source_rows": {"clip_id_sha256": clip_ids_sha256(list(clip_ids)), "label_sha256": labels_sha256(labels)},
+            **view_attrs,
             **attrs,
         }})
         os.replace(staging, path)

@@ -236,6 +236,26 @@ def demo_reference(demo_set: Path, demo_pipeline: Path, tmp_path_factory: pytest
     return Build(store, result, "builtin:tiny-videomae", demo_pipeline, demo_set)
 
 
+@pytest.fixture(scope="session")
+def demo_views_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kill test's recipe with two views per clip."""
+    return fast_pipeline(tmp_path_factory.mktemp("demo-views-pipeline") / "pipeline.yaml",
+                         store__shard_rows=2, teacher__batch_size=1, view__views_per_clip=2)
+
+
+VIEWS_LIMIT = 10  # clips of the demo set in the two-view store: 20 rows, 10 shards
+
+
+@pytest.fixture(scope="session")
+def demo_views_reference(demo_set: Path, demo_views_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """The first 10 clips of the demo set, two views each, built uninterrupted in this process."""
+    store = tmp_path_factory.mktemp("demo-views-reference") / "latents.zarr"
+    args = ["--limit", str(VIEWS_LIMIT)]
+    result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae",
+                      "--pipeline", demo_views_pipeline, *args)
+    return Build(store, result, "builtin:tiny-videomae", demo_views_pipeline, demo_set, {"args": args})
+
+
 # A student small enough for many CPU steps a second: 2 blocks of width 32.
 TINY_STUDENT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 

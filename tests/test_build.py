@@ -226,18 +226,22 @@ def _committed_shards(store: Path) -> int:
         return 0
 
 
-def test_kill9_mid_build_then_resume_equals_uninterrupted(demo_set: Path, demo_pipeline: Path,
-                                                           demo_reference: Build, tmp_path: Path) -> None:
-    assert demo_reference.result.returncode == 0, demo_reference.result.stderr[-3000:]
-    reference = _open(demo_reference.store)
+@pytest.mark.parametrize("views", [1, 2])
+def test_kill9_mid_build_then_resume_equals_uninterrupted(views: int, request: pytest.FixtureRequest,
+                                                           tmp_path: Path) -> None:
+    """One view per clip, and two (view.views_per_clip: 2, rows = clips x views): the same."""
+    reference_build: Build = request.getfixturevalue("demo_reference" if views == 1 else "demo_views_reference")
+    assert reference_build.result.returncode == 0, reference_build.result.stderr[-3000:]
+    reference = _open(reference_build.store)
     num_shards = -(-reference["status"].shape[0] // reference["status"].chunks[0])
     assert num_shards >= 8
 
     store = tmp_path / "latents.zarr"
+    args = ["build", "--src", reference_build.src, "--out", store, "--teacher", reference_build.teacher,
+            "--pipeline", reference_build.pipeline, *reference_build.extra.get("args", [])]
     log = (tmp_path / "build.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "salt_cache", "build", "--src", str(demo_set), "--out", str(store),
-         "--teacher", "builtin:tiny-videomae", "--pipeline", str(demo_pipeline)],
+        [sys.executable, "-m", "salt_cache", *map(str, args)],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )
     try:
@@ -259,14 +263,14 @@ def test_kill9_mid_build_then_resume_equals_uninterrupted(demo_set: Path, demo_p
     assert np.sum(killed != RowStatus.PENDING) >= 2 * (num_shards // 3), killed
 
     # Resume in this process, through two DataLoader workers this time: the same rows result.
-    result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae",
-                      "--pipeline", demo_pipeline, "--workers", "2")
+    result = call_cli(*args, "--workers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(store.rglob("*.partial")) == []
 
     resumed = _open(store)
     assert np.all(resumed["status"][:] == RowStatus.COMMITTED)
-    for name in ARRAYS:
+    assert sorted(resumed.array_keys()) == sorted(reference.array_keys())
+    for name in reference.array_keys():  # with two views, view_index and crop_box too
         a, b = resumed[name][:], reference[name][:]
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert np.array_equal(a, b), f"{name} differs from the uninterrupted build"

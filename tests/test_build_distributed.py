@@ -95,6 +95,17 @@ def test_two_rank_build_equals_single_process_build(torchrun_build: Build, refer
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_two_rank_build_of_two_views_per_clip_equals_single_process_build(demo_views_reference: Build,
+                                                                          tmp_path: Path) -> None:
+    """Views are drawn from (clip id, view) alone, so ranks redraw exactly the single process's crops."""
+    assert demo_views_reference.result.returncode == 0, demo_views_reference.result.stderr[-3000:]
+    store = tmp_path / "latents.zarr"
+    result = run_torchrun(2, *_build_args(demo_views_reference, store), *demo_views_reference.extra["args"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert_same_store(store, demo_views_reference.store)
+    assert call_cli("verify", store).returncode == 0
+
+
 def test_rerun_of_finished_store_under_torchrun_changes_nothing(torchrun_build: Build, tmp_path: Path) -> None:
     assert torchrun_build.result.returncode == 0, torchrun_build.result.stderr[-3000:]
     store = copy_store(torchrun_build.store, tmp_path / "latents.zarr")

@@ -135,7 +135,8 @@ def test_build_out_under_a_file(corrupt_set: Path, tmp_path: Path) -> None:
 def test_build_os_error_without_a_store_has_no_resume_hint(corrupt_set: Path) -> None:
     """/proc refuses the store folder: nothing was written, so nothing to resume."""
     line = assert_usage_error(call_cli("build", "--src", corrupt_set, "--out", "/proc/salt-test.zarr",
-                                       "--teacher", "builtin:tiny-videomae", "--device", "cpu"),
+                                       "--teacher", "builtin:tiny-videomae", "--device", "cpu",
+                                       "--force"),  # past the disk check (/proc has 0 B free) to the OS error
                               "cannot write store")
     assert "resume" not in line
 
@@ -157,7 +158,8 @@ def test_build_disk_full_is_one_line_with_resume_hint(corrupt_set: Path, tiny_tm
     pipeline = tmp_path / "raw-pixels.yaml"
     pipeline.write_text("store: {pixels_zstd_level: 0}\nloader: {num_workers: 0}\n")
     result = call_cli("build", "--src", corrupt_set, "--out", tiny_tmpfs / "s.zarr", "--teacher",
-                      "builtin:tiny-videomae", "--device", "cpu", "--pipeline", pipeline, "--batch-size", "1")
+                      "builtin:tiny-videomae", "--device", "cpu", "--pipeline", pipeline, "--batch-size", "1",
+                      "--force")  # past the refusal of a store larger than the disk: a disk filling up mid-build
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]  # after the start-up diagnostics and the bar
     assert "No space left on device" in last and "rerun the same command to resume" in last
