@@ -152,6 +152,19 @@ def test_converted_original_checkpoint_matches_the_original_model(source_model, 
     assert torch.equal(teacher.encode(video), expected.to(torch.float16))
 
 
+@pytest.mark.parametrize("wrapping", ["module", "bare"])
+def test_other_wrappings_convert_too(wrapping, source_model, tmp_path) -> None:
+    """DeepSpeed-style {"module": state} and a bare state dict give the same weights."""
+    state = original_layout(source_model)
+    path = tmp_path / "weights.pth"
+    torch.save({"module": state} if wrapping == "module" else state, path)
+    result = call_cli("convert-teacher", path, tmp_path / "teacher", "--heads", HEADS)
+    assert result.returncode == 0, result.stderr
+    converted = load_teacher_model(str(tmp_path / "teacher"))
+    for key, value in source_model.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
+
+
 class NotATensor:  # a class only pickle code could rebuild
     pass
 
@@ -219,6 +232,8 @@ def test_pretrain_style_teacher_builds_a_store_of_normed_latents(pretraining_dir
     latents = torch.from_numpy(rows["latents"]).float()
     torch.testing.assert_close(latents, normed.half().float(), rtol=2e-3, atol=2e-3)
     assert (latents - raw).abs().mean() > 0.1  # the raw residual stream is not what was stored
+    verified = call_cli("verify", store_path, "--deep", 2, "--device", "cpu")  # reloads the folder, re-runs it
+    assert verified.returncode == 0 and "deep check" in verified.stdout, verified.stdout + verified.stderr
 
     # Another teacher kind into the same store is refused before anything is written.
     again = call_cli("build", "--src", demo_set, "--out", store_path, "--teacher", "builtin:tiny-videomae",
