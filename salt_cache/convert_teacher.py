@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +60,10 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], list[str]]:
     if not path.is_file():
         raise SaltUsageError(f"{path} " + ("is a folder; pass the .pth file" if path.is_dir() else "does not exist"))
     try:
+        # Memory-mapped where the format allows (torch.save's zip format, torch >= 1.6): an optimizer
+        # state saved beside the weights is then never read into memory.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if refused:

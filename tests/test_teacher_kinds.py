@@ -152,12 +152,13 @@ def test_converted_original_checkpoint_matches_the_original_model(source_model, 
     assert torch.equal(teacher.encode(video), expected.to(torch.float16))
 
 
-@pytest.mark.parametrize("wrapping", ["module", "bare"])
+@pytest.mark.parametrize("wrapping", ["module", "bare", "legacy format"])
 def test_other_wrappings_convert_too(wrapping, source_model, tmp_path) -> None:
-    """DeepSpeed-style {"module": state} and a bare state dict give the same weights."""
+    """DeepSpeed-style {"module": state}, a bare state dict and torch's pre-1.6 format give the same weights."""
     state = original_layout(source_model)
     path = tmp_path / "weights.pth"
-    torch.save({"module": state} if wrapping == "module" else state, path)
+    torch.save({"module": state} if wrapping == "module" else state, path,
+               _use_new_zipfile_serialization=wrapping != "legacy format")
     result = call_cli("convert-teacher", path, tmp_path / "teacher", "--heads", HEADS)
     assert result.returncode == 0, result.stderr
     converted = load_teacher_model(str(tmp_path / "teacher"))
