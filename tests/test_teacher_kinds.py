@@ -110,7 +110,7 @@ def source_model() -> VideoMAEModel:
 
 @pytest.fixture(scope="module")
 def original_pth(source_model: VideoMAEModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The original release's file layout: weights under "model", beside optimizer-ish entries and args."""
+    """The original release's file layout: weights under "model", beside the epoch and the run's args."""
     path = tmp_path_factory.mktemp("original") / "checkpoint.pth"
     torch.save({"model": original_layout(source_model), "epoch": 1599,
                 "args": argparse.Namespace(model="pretrain_videomae_tiny", lr=1.5e-4)}, path)
@@ -172,7 +172,7 @@ class NotATensor:  # a class only pickle code could rebuild
 
 @pytest.mark.parametrize("case", ["missing key", "extra key", "pickle code", "not a checkpoint", "missing file",
                                   "no heads", "out exists"])
-def test_bad_original_checkpoints_are_one_line(case, source_model, original_pth, tmp_path) -> None:
+def test_bad_original_checkpoints_are_one_line(case, source_model, tmp_path) -> None:
     state = original_layout(source_model)
     path, out, heads = tmp_path / "bad.pth", tmp_path / "teacher", ["--heads", str(HEADS)]
     expect = {"missing key": "encoder.blocks.1.mlp.fc2.bias", "extra key": "encoder.blocks.0.gamma_1",
