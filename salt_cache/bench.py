@@ -144,10 +144,11 @@ class HostPathTeacher:
         self.device = torch.device("cpu")
         self.compute_dtype = "none"
         self.weights_hash = "0" * 32
+        self.final_norm = False
 
     def identity(self) -> dict[str, object]:
         return {"name": self.name, "weights_hash": self.weights_hash, "width": self.width,
-                "compute_dtype": self.compute_dtype}
+                "compute_dtype": self.compute_dtype, "final_norm": self.final_norm}
 
     def encode(self, views: torch.Tensor) -> torch.Tensor:
         return self.latents[:len(views)]

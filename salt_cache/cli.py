@@ -264,6 +264,34 @@ def build_stats_block(out: Path) -> None:
         print(f"WARNING: {warning}", file=sys.stderr)
 
 
+@app.command("convert-teacher")
+def convert_teacher(
+    original: Path = typer.Argument(..., help="original-release VideoMAE pretraining checkpoint (.pth)"),
+    out: Path = typer.Argument(..., help="new folder for the save_pretrained teacher (pass it to build --teacher)"),
+    heads: Optional[int] = typer.Option(None, min=1, help="attention heads [inferred for widths 384, 768, 1024, 1280]"),
+) -> int:
+    """Convert an original VideoMAE checkpoint (encoder.* keys) into a teacher folder, its final norm kept.
+
+    Read with torch.load(weights_only=True): no pickle code runs. Every key is checked; the
+    pixel decoder (decoder.*, encoder_to_decoder, mask_token) is left out on purpose."""
+    setup_logging()
+    _check_out_path(out, "the teacher")
+    from salt_cache.convert_teacher import convert_teacher as convert
+
+    done = convert(original, out, heads)
+    config = done.config
+    summary = {
+        "teacher": f"width {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
+                   f"MLP {config.intermediate_size}, final norm applied to every token",
+        "converted": f"{done.converted} encoder tensors",
+        "left out": f"{len(done.ignored)} decoder tensors" + (f"; entries {', '.join(done.other_entries)}"
+                                                              if done.other_entries else ""),
+        "use it": f"salt-cache build --teacher {out} ...",
+    }
+    print_block(f"converted {original} -> {out}", summary, stream=sys.stdout)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_app(app, "salt-cache", argv)
 

@@ -21,12 +21,15 @@ from salt_cache.views import CROP_RATIO, CROP_SCALE
 
 def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> dict[str, object]:
     """What must match for a build to add rows to an existing store."""
-    return {
+    identity: dict[str, object] = {
         "teacher_weights_hash": teacher.weights_hash,
         "teacher_compute_dtype": teacher.compute_dtype,
         "view": view_attrs(config),
         "rows_sha256": clip_ids_sha256([clip.clip_id for clip in source.clips]),
     }
+    if teacher.final_norm:  # only then: stores of the raw-residual teachers built before keep their identity
+        identity["teacher_final_norm"] = True
+    return identity
 
 
 def view_attrs(config: PipelineConfig) -> dict[str, object]:
@@ -56,10 +59,11 @@ def view_attrs(config: PipelineConfig) -> dict[str, object]:
 
 
 def _describe_mismatch(found: dict, wanted: dict) -> str:
-    keys = [k for k in wanted if found.get(k) != wanted[k]]
+    keys = [k for k in {**found, **wanted} if found.get(k) != wanted.get(k)]
     messages = {
         "teacher_weights_hash": "another teacher",
         "teacher_compute_dtype": "another teacher precision",
+        "teacher_final_norm": "another teacher kind (final norm applied or not)",
         "view": "another view recipe",
         "rows_sha256": "another clip list (split, --limit or source)",
     }

@@ -6,7 +6,9 @@ as a Conv3d; ``pos_embed`` ``[1, 1568, width]`` and ``temporal_embed``);
 ``<out>/config.json`` names the timm architecture and its arguments.
 :func:`load_encoder` rebuilds it with ``timm.create_model``, applies the same
 video conversion and loads the weights with timm's own ``load_checkpoint``
-(safetensors: no pickle), strictly.
+(safetensors: no pickle), strictly. ``num_frames=T`` (any even T from 2 to 16)
+keeps the positions of the first T/2 temporal slots, for callers that have only
+a few recent frames (a robot policy).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import shutil
 from pathlib import Path
 
 import timm
+import torch
+from torch import nn
 from safetensors.torch import save_file
 
 from shared import geometry
@@ -78,8 +82,33 @@ def read_export_config(export_dir: Path) -> dict:
     return config
 
 
-def load_encoder(export_dir: str | Path) -> VideoViT:
-    """The exported encoder, rebuilt through ``timm.create_model`` and ``timm.models.load_checkpoint``."""
+def check_num_frames(num_frames: int) -> None:
+    """An even number of frames from 2 to 16: whole tubelets, no more slots than were trained."""
+    valid = (isinstance(num_frames, int) and not isinstance(num_frames, bool)
+             and geometry.TUBELET_SIZE <= num_frames <= geometry.NUM_FRAMES and num_frames % geometry.TUBELET_SIZE == 0)
+    if not valid:
+        raise ValueError(f"num_frames must be an even number of frames from {geometry.TUBELET_SIZE} to "
+                         f"{geometry.NUM_FRAMES} (tubelets of {geometry.TUBELET_SIZE}), not {num_frames!r}")
+
+
+@torch.no_grad()
+def keep_first_slots(encoder: VideoViT, num_frames: int) -> VideoViT:
+    """Cut the positions to the first ``num_frames / 2`` temporal slots: a ``T``-frame clip is then
+    positioned as the first ``T`` frames of a 16-frame one (token ``t*196 + h*14 + w``, ``t < T/2``)."""
+    slots = num_frames // geometry.TUBELET_SIZE
+    encoder.pos_embed = nn.Parameter(encoder.pos_embed[:, : slots * geometry.TOKENS_PER_FRAME].clone())
+    encoder.temporal_embed = nn.Parameter(encoder.temporal_embed[:, :slots].clone())
+    return encoder
+
+
+def load_encoder(export_dir: str | Path, num_frames: int = geometry.NUM_FRAMES) -> VideoViT:
+    """The exported encoder, rebuilt through ``timm.create_model`` and ``timm.models.load_checkpoint``.
+
+    ``num_frames=T`` (every even T from 2 to 16, else ValueError): the encoder takes ``[B, 3, T, 224, 224]``
+    normalised pixels (or uint8 ``[B, T, 224, 224, 3]`` views through ``forward_views``) and gives
+    ``[B, T/2 * 196, width]`` tokens; T=16, the default, is the encoder as trained.
+    """
+    check_num_frames(num_frames)
     export_dir = Path(export_dir)
     config = read_export_config(export_dir)
     encoder = VideoViT(create_timm_vit(config["architecture"], config.get("kwargs", {})))
@@ -90,4 +119,4 @@ def load_encoder(export_dir: str | Path) -> VideoViT:
         timm.models.load_checkpoint(encoder, str(weights), strict=True)
     except Exception as exc:  # truncated file, wrong keys or shapes
         raise SaltUsageError(f"{weights} does not load into {config['architecture']} ({one_line(exc)})") from None
-    return encoder
+    return encoder if num_frames == geometry.NUM_FRAMES else keep_first_slots(encoder, num_frames)

@@ -89,11 +89,11 @@ TUBELET_FEATURES = 3 * geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2  # 1536 va
 
 def tubelets(pixels: Tensor) -> Tensor:
     """Normalised ``[B, 3, 16, 224, 224]`` -> ``[B, 1568, 1536]``: one row per tubelet in token
-    order, its values in the Conv3d weight's (channel, frame, row, column) order."""
+    order, its values in the Conv3d weight's (channel, frame, row, column) order (fewer frames, fewer rows)."""
     b = pixels.shape[0]
     t, p = geometry.TUBELET_SIZE, geometry.PATCH_SIZE
-    x = pixels.reshape(b, 3, geometry.GRID_T, t, geometry.GRID_H, p, geometry.GRID_W, p)
-    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, geometry.NUM_TOKENS, TUBELET_FEATURES)
+    x = pixels.reshape(b, 3, -1, t, geometry.GRID_H, p, geometry.GRID_W, p)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, -1, TUBELET_FEATURES)
 
 
 def view_tubelets(views: Tensor) -> Tensor:
@@ -101,8 +101,8 @@ def view_tubelets(views: Tensor) -> Tensor:
     laid out as :func:`tubelets`: still uint8, so a gather moves a quarter of float32's bytes."""
     b = views.shape[0]
     t, p = geometry.TUBELET_SIZE, geometry.PATCH_SIZE
-    x = views.reshape(b, geometry.GRID_T, t, geometry.GRID_H, p, geometry.GRID_W, p, 3)
-    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, geometry.NUM_TOKENS, TUBELET_FEATURES)
+    x = views.reshape(b, -1, t, geometry.GRID_H, p, geometry.GRID_W, p, 3)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, -1, TUBELET_FEATURES)
 
 
 class PatchEmbed3d(nn.Module):
@@ -186,8 +186,9 @@ class VideoViT(nn.Module):
                              f"(a 224 px ViT with 16 px patches; set student_kwargs img_size: 224)")
 
     def positions(self) -> Tensor:
-        """``[1, 1568, width]``: inflated spatial positions plus the temporal embedding of each slot."""
-        temporal = self.temporal_embed.expand(-1, -1, geometry.TOKENS_PER_FRAME, -1).reshape(1, geometry.NUM_TOKENS, -1)
+        """``[1, 1568, width]``: inflated spatial positions plus the temporal embedding of each slot
+        (fewer rows for an export loaded for fewer frames: ``load_encoder(num_frames=T)``)."""
+        temporal = self.temporal_embed.expand(-1, -1, geometry.TOKENS_PER_FRAME, -1).flatten(1, 2)
         return self.pos_embed + temporal
 
     def embed(self, pixels: Tensor) -> Tensor:

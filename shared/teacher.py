@@ -6,8 +6,10 @@ latents, and `salt-train eval` runs it on transformed clips for the temporal pro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,16 +106,35 @@ def load_teacher_model(name: str) -> VideoMAEModel:
         raise SaltUsageError(f"teacher folder {name} does not exist")
     # Quiet while loading: the per-tensor progress bar and the load report (a classification
     # checkpoint's unused head) would otherwise sit on stderr on every run.
+    with quiet_transformers():
+        return _load_pretrained(name, local)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars or load reports on stderr inside the block."""
     bars = hf_logging.is_progress_bar_enabled()
     verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_pretrained(name: str, local: Path) -> VideoMAEModel:
+    try:
         config = PretrainedConfig.get_config_dict(str(local) if local.is_dir() else name)[0]
         if config.get("model_type") != "videomae":
             raise SaltUsageError(f"teacher {name} is a {config.get('model_type')!r} model, not VideoMAE")
+        # A pretraining checkpoint keeps its encoder's final norm (as ``videomae.layernorm``, which
+        # VideoMAEModel loads as ``layernorm``): build the model with it, so that it must load.
+        overrides = {"use_mean_pooling": False} if is_pretrain_style(config) else {}
         model, info = VideoMAEModel.from_pretrained(str(local) if local.is_dir() else name, output_loading_info=True,
-                                                    attn_implementation="sdpa", dtype=torch.float32)
+                                                    attn_implementation="sdpa", dtype=torch.float32, **overrides)
     except SaltUsageError:
         raise
     except Exception as exc:  # transformers raises many types for a bad or absent checkpoint
@@ -123,15 +144,22 @@ def load_teacher_model(name: str) -> VideoMAEModel:
             first += (" Offline: download it once where there is a network (huggingface-cli download "
                       f"{name} --local-dir DIR) and pass --teacher DIR; HF_HUB_OFFLINE=1 skips the retries")
         raise SaltUsageError(f"cannot load teacher {name}: {first}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise SaltUsageError(f"teacher {name} lacks {len(missing)} VideoMAE weights (first: {missing[0]}); "
                              "they would be random")
+    # A classifier's head and fc_norm, or a decoder, are left out on purpose; the encoder's norm is not.
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    dropped_norm = [k for k in unexpected if k.removeprefix("videomae.").startswith("layernorm.")]
+    if dropped_norm:
+        raise SaltUsageError(f"teacher {name} has a final norm ({dropped_norm[0]}) but its config says "
+                             "use_mean_pooling: true, so it would be dropped; set use_mean_pooling: false in its config.json")
     return model
+
+
+def is_pretrain_style(config: dict) -> bool:
+    """A self-supervised VideoMAE (no classifier): its per-token output passes its encoder's final norm."""
+    return config.get("use_mean_pooling") is False or "VideoMAEForPreTraining" in (config.get("architectures") or [])
 
 
 @dataclass
@@ -164,6 +192,12 @@ class Teacher:
     def width(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @property
+    def final_norm(self) -> bool:
+        """Whether the latents pass the encoder's final norm (pretrain-style teachers) or are the raw
+        residual stream (the Kinetics-finetuned checkpoints, whose norm sits in the classifier)."""
+        return self.model.layernorm is not None
+
     def identity(self) -> dict[str, object]:
         config = self.model.config
         return {
@@ -174,6 +208,7 @@ class Teacher:
             "model_type": config.model_type,
             "layers": config.num_hidden_layers,
             "heads": config.num_attention_heads,
+            "final_norm": self.final_norm,
         }
 
     def _convert_weights(self, dtype: torch.dtype) -> None:
@@ -190,7 +225,8 @@ class Teacher:
 
     @torch.inference_mode()
     def encode(self, views: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        """uint8 ``[B, 16, 224, 224, 3]`` -> float16 ``[B, 1568, D]`` last_hidden_state.
+        """uint8 ``[B, 16, 224, 224, 3]`` -> float16 ``[B, 1568, D]`` last_hidden_state (after the
+        encoder's final norm for a pretrain-style teacher: see :attr:`final_norm`).
 
         ``reference``: the loaded fp32 weights under autocast, not compiled, weights left as they
         are (``salt-cache bench`` compares precisions this way, before any converting encode).

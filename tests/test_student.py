@@ -309,6 +309,50 @@ def test_broken_exports_are_one_line_errors(tmp_path) -> None:
         load_encoder(other)
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[VideoViT, object]:
+    """A tiny encoder with trained-looking weights (temporal embedding included) and its export."""
+    torch.manual_seed(2)
+    encoder = build_student(VIT, kwargs=TINY)
+    with torch.no_grad():
+        for param in encoder.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return encoder.eval(), export_encoder(encoder, VIT, TINY, tmp_path_factory.mktemp("few-frames") / "export")
+
+
+@pytest.mark.parametrize("frames", range(2, geometry.NUM_FRAMES + 1, 2))
+def test_export_loads_for_any_even_number_of_frames(frames, exported) -> None:
+    """T frames give T/2*196 tokens: the 16-frame encoder restricted to its first T/2 temporal slots."""
+    encoder, out = exported
+    loaded = load_encoder(out, num_frames=frames).eval()
+    tokens = frames // geometry.TUBELET_SIZE * geometry.TOKENS_PER_FRAME
+    video = pixels(2, seed=frames)
+    views = torch.randint(0, 256, (1, frames, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(frames))
+    with torch.no_grad():
+        few = loaded(video[:, :, :frames])
+        assert few.shape == (2, tokens, encoder.width)
+        # The trained encoder on a full clip, kept to the tokens of its first T frames before the blocks.
+        restricted = encoder.encode_tokens(encoder.embed(video)[:, :tokens])
+        if frames == geometry.NUM_FRAMES:
+            assert torch.equal(few, encoder(video))  # exactly today's output
+            assert loaded.state_dict().keys() == encoder.state_dict().keys()
+        torch.testing.assert_close(few, restricted, rtol=1e-5, atol=1e-5)
+        from_views = loaded.forward_views(views)  # uint8 frames, as a robot's camera gives them
+        expected = loaded(((views.permute(0, 4, 1, 2, 3).float() / 255)
+                           - torch.tensor(geometry.PIXEL_MEAN).view(1, 3, 1, 1, 1))
+                          / torch.tensor(geometry.PIXEL_STD).view(1, 3, 1, 1, 1))
+        torch.testing.assert_close(from_views, expected, rtol=1e-4, atol=1e-4)
+
+
+@given(frames=st.one_of(st.integers(-40, 40).filter(lambda t: t % 2 or not 2 <= t <= 16), st.just(16.0),
+                        st.just(True), st.just("8")))
+@settings(max_examples=30, deadline=None)
+def test_export_refuses_frames_it_cannot_position(frames, tmp_path_factory) -> None:
+    with pytest.raises(ValueError, match="even number of frames from 2 to 16"):
+        load_encoder(tmp_path_factory.getbasetemp() / "never-read", num_frames=frames)
+
+
 # --- bad input --------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,195 @@
+"""`salt-cache convert-teacher`: an original-release VideoMAE checkpoint -> a ``save_pretrained`` folder.
+
+The original VideoMAE code (the pretraining model) saves its encoder as ``encoder.patch_embed.proj``,
+``encoder.blocks.N.{norm1, attn.qkv, attn.q_bias, attn.v_bias, attn.proj, norm2, mlp.fc1, mlp.fc2}``
+and ``encoder.norm``, next to a pixel decoder (``decoder.*``, ``encoder_to_decoder``, ``mask_token``)
+that a teacher does not use. This maps the encoder onto transformers' ``VideoMAEModel`` with
+``use_mean_pooling: false`` (so ``encoder.norm`` becomes its final ``layernorm``, applied to every
+token), checks every key, and saves it where ``--teacher DIR`` can load it.
+
+The file is read with ``torch.load(weights_only=True)``: no pickle code runs. The one class allowed
+besides tensors and containers is ``argparse.Namespace``, the ``args`` entry the original training
+script saves beside the weights (a plain attribute bag: building one runs no code of the file's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import VideoMAEConfig, VideoMAEModel
+
+from shared import geometry
+from shared.errors import SaltUsageError
+from shared.teacher import quiet_transformers
+
+ENCODER = "encoder."
+# The pretraining model's pixel decoder: left out on purpose, the teacher is the encoder alone.
+DECODER_PREFIXES = ("decoder.", "encoder_to_decoder.", "mask_token")
+WRAPPERS = ("model", "module")  # the original scripts save {"model": state, "optimizer": ..., "args": ...}
+# Heads cannot be read off the tensors (qkv is [3D, D] for any head count): the released sizes.
+KNOWN_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16}
+LAYER_NORM_EPS = 1e-6  # the original code's norm_layer=partial(nn.LayerNorm, eps=1e-6)
+
+
+@dataclass
+class Conversion:
+    """What was converted, for the command's summary."""
+
+    config: VideoMAEConfig
+    converted: int
+    ignored: list[str] = field(default_factory=list)
+    other_entries: list[str] = field(default_factory=list)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], list[str]]:
+    """The state dict in ``path`` (unwrapped from ``model``/``module``) and the other top-level entries."""
+    if not path.is_file():
+        raise SaltUsageError(f"{path} " + ("is a folder; pass the .pth file" if path.is_dir() else "does not exist"))
+    try:
+        # Memory-mapped where the format allows (torch.save's zip format, torch >= 1.6): an optimizer
+        # state saved beside the weights is then never read into memory.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if refused:
+            raise SaltUsageError(f"{path} needs pickle code to load ({refused.group(1)}); refusing: only tensors and "
+                                 "plain containers are read (torch.load weights_only=True)") from None
+        raise SaltUsageError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:  # torch raises many types for a file that is no checkpoint at all
+        raise SaltUsageError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+    if isinstance(loaded, dict) and not any(isinstance(v, Tensor) for v in loaded.values()):
+        for wrapper in WRAPPERS:
+            if isinstance(loaded.get(wrapper), dict):
+                return _tensors_only(loaded[wrapper], path), sorted(str(k) for k in loaded if k != wrapper)
+    if isinstance(loaded, dict):
+        return _tensors_only(loaded, path), []
+    raise SaltUsageError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+
+
+def _tensors_only(state: dict, path: Path) -> dict[str, Tensor]:
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise SaltUsageError(f"{path}: entry {key!r} of the state dict is a {type(value).__name__}, not a tensor")
+    if not state:
+        raise SaltUsageError(f"{path} holds an empty state dict")
+    return state
+
+
+def original_encoder_keys(depth: int, qkv_bias: bool) -> list[str]:
+    """Every encoder key the original pretraining model saves, in its own names."""
+    keys = [f"{ENCODER}patch_embed.proj.weight", f"{ENCODER}patch_embed.proj.bias"]
+    for i in range(depth):
+        block = f"{ENCODER}blocks.{i}."
+        keys += [block + name for name in (
+            "norm1.weight", "norm1.bias", "attn.qkv.weight", *(("attn.q_bias", "attn.v_bias") if qkv_bias else ()),
+            "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
+            "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")]
+    return keys + [f"{ENCODER}norm.weight", f"{ENCODER}norm.bias"]
+
+
+def infer_config(state: dict[str, Tensor], heads: int | None, original: Path) -> VideoMAEConfig:
+    """Width, depth, MLP size, tubelet and patch from the tensors; heads from ``heads`` or the released sizes."""
+    proj = state.get(f"{ENCODER}patch_embed.proj.weight")
+    fc1 = state.get(f"{ENCODER}blocks.0.mlp.fc1.weight")
+    for key, tensor in ((f"{ENCODER}patch_embed.proj.weight", proj), (f"{ENCODER}blocks.0.mlp.fc1.weight", fc1)):
+        if tensor is None:
+            finetuned = "patch_embed.proj.weight" in state  # the classification layout: no encoder. prefix
+            hint = " (a fine-tuned checkpoint? this converts the pretraining layout, encoder.*)" if finetuned else ""
+            raise SaltUsageError(f"{original} lacks {key}{hint}")
+    if proj.ndim != 5 or fc1.ndim != 2:
+        raise SaltUsageError(f"{original}: {ENCODER}patch_embed.proj.weight has shape {tuple(proj.shape)}, "
+                             "not a Conv3d tubelet weight")
+    width, channels, tubelet, patch, _ = proj.shape
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(ENCODER)}blocks\.(\d+)\.", k)))
+    heads = heads or KNOWN_HEADS.get(width)
+    if heads is None:
+        raise SaltUsageError(f"width {width} is not a released VideoMAE size; pass --heads")
+    if width % heads:
+        raise SaltUsageError(f"--heads {heads} does not divide the width {width}")
+    return VideoMAEConfig(
+        image_size=geometry.IMAGE_SIZE, patch_size=int(patch), num_channels=int(channels),
+        num_frames=geometry.NUM_FRAMES, tubelet_size=int(tubelet), hidden_size=int(width),
+        num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=int(fc1.shape[0]),
+        hidden_act="gelu", layer_norm_eps=LAYER_NORM_EPS, qkv_bias=f"{ENCODER}blocks.0.attn.q_bias" in state,
+        use_mean_pooling=False,  # keeps the final norm, applied to every token
+    )
+
+
+def to_transformers(state: dict[str, Tensor], depth: int, model_keys: set[str]) -> dict[str, Tensor]:
+    """Original encoder names -> VideoMAEModel's (qkv split into query, key, value; the key has no bias)."""
+    src = lambda name: state[ENCODER + name]  # noqa: E731
+    out = {"embeddings.patch_embeddings.projection.weight": src("patch_embed.proj.weight"),
+           "embeddings.patch_embeddings.projection.bias": src("patch_embed.proj.bias"),
+           "layernorm.weight": src("norm.weight"), "layernorm.bias": src("norm.bias")}
+    for i in range(depth):
+        block, layer = f"blocks.{i}.", f"encoder.layer.{i}."
+        attention = layer + "attention.attention."
+        query, key, value = src(block + "attn.qkv.weight").chunk(3, dim=0)  # rows ordered q, k, v as in the original
+        out |= {attention + "query.weight": query, attention + "key.weight": key, attention + "value.weight": value}
+        if ENCODER + block + "attn.q_bias" in state:
+            # transformers 5 holds them as query.bias / value.bias; older releases as q_bias / v_bias.
+            q_name, v_name = (("query.bias", "value.bias") if attention + "query.bias" in model_keys
+                              else ("q_bias", "v_bias"))
+            out[attention + q_name] = src(block + "attn.q_bias")
+            out[attention + v_name] = src(block + "attn.v_bias")
+        for original, ours in (("attn.proj", "attention.output.dense"), ("norm1", "layernorm_before"),
+                               ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"),
+                               ("mlp.fc2", "output.dense")):
+            out[layer + ours + ".weight"] = src(block + original + ".weight")
+            out[layer + ours + ".bias"] = src(block + original + ".bias")
+    return out
+
+
+def convert_teacher(original: Path, out: Path, heads: int | None = None) -> Conversion:
+    """Convert ``original`` into a new ``save_pretrained`` folder ``out`` (written whole or not at all)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SaltUsageError(f"{out} already exists and is not an empty folder; nothing written, choose another OUT")
+    state, other_entries = read_checkpoint(original)
+    config = infer_config(state, heads, original)
+    expected = original_encoder_keys(config.num_hidden_layers, f"{ENCODER}blocks.0.attn.q_bias" in state)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        more = f" and {len(missing) - 1} more keys" if len(missing) > 1 else ""
+        raise SaltUsageError(f"{original} lacks {missing[0]}{more}")
+    ignored = sorted(k for k in state if k.startswith(DECODER_PREFIXES))
+    known = set(expected) | set(ignored)
+    extra = sorted(k for k in state if k not in known)
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise SaltUsageError(f"{original} has an unexpected key {extra[0]}{more}: "
+                             "not the original VideoMAE encoder layout")
+
+    model = VideoMAEModel(config)
+    try:
+        model.load_state_dict(to_transformers(state, config.num_hidden_layers, set(model.state_dict())), strict=True)
+    except RuntimeError as exc:  # a tensor of the wrong shape (e.g. a qkv that is not [3D, D])
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
+        raise SaltUsageError(f"{original} does not fit a VideoMAE of width {config.hidden_size}: {detail}") from None
+
+    partial = out.with_name(out.name + ".partial")
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        with quiet_transformers():
+            model.save_pretrained(partial)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(partial, out)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise SaltUsageError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return Conversion(config, converted=len(expected), ignored=ignored, other_entries=other_entries)
