@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 import yaml
 
-from shared import lifeline
-from shared.cli import DEVICE_HELP, Device, make_app, run_app
+from shared import config, lifeline
+from shared.cli import DEVICE_HELP, Device, choices, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
@@ -25,11 +24,7 @@ from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
 _DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe
 
 
-class SnapshotMode(str, Enum):
-    auto = "auto"
-    reflink = "reflink"
-    copy = "copy"
-    none = "none"
+SnapshotMode = choices("SnapshotMode", config.SnapshotMode)
 
 
 SNAPSHOT_HELP = ("auto: reflink clone where the filesystem can (XFS, btrfs), else read the live store with a warning "

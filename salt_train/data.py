@@ -441,21 +441,12 @@ def make_loader(spec: StreamSpec, loader: LoaderConfig, pin_memory: bool, ring: 
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _pixel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std on the device, made once: a fresh host-to-device copy every step
-    would be a synchronising copy from pageable memory."""
-    mean = torch.tensor(geometry.PIXEL_MEAN, dtype=torch.float32).view(1, 3, 1, 1, 1).to(device)
-    std = torch.tensor(geometry.PIXEL_STD, dtype=torch.float32).view(1, 3, 1, 1, 1).to(device)
-    return mean, std
-
-
 def normalised_pixels(views: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 ``[B, 16, 224, 224, 3]`` -> ImageNet-normalised float32 ``[B, 3, 16, 224, 224]`` on the device
     (autocast takes it to bf16 on CUDA)."""
-    mean, std = _pixel_statistics(device)
-    x = views.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float().div_(255.0)
-    return ((x - mean) / std).contiguous()
+    mean, std = geometry.pixel_statistics(device, (1, 3, 1, 1, 1))
+    x = views.to(device, non_blocking=True).permute(0, 4, 1, 2, 3)
+    return geometry.normalise_pixels(x, mean, std).contiguous()
 
 
 def to_model_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from shared.console import format_bytes, print_block, progress
 from shared.device import resolve_device
 from shared.distributed import Dist, backend_for, distributed, is_lost_peer, warn_if_oversubscribed
 from shared.durable import write_json_atomic
-from shared.errors import SaltUsageError
+from shared.errors import SaltUsageError, one_line
 from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, LatentStats, compute_stats
 from shared.store import LatentStore
 from salt_train import checkpoint as ckpt
@@ -486,7 +486,7 @@ def next_batch(batches: Iterable[dict]) -> tuple[dict | None, str | None]:
     try:
         return next(batches, None), None  # type: ignore[call-overload]
     except RuntimeError as exc:
-        text = " ".join(str(exc).split())
+        text = one_line(str(exc), None)
         if "DataLoader worker" not in text:
             raise
         return None, f"a loader worker died ({text[:160]})"
