@@ -1,6 +1,6 @@
 """What the student learns: the teacher's latents at masked tokens.
 
-- ``salt`` mode (DESIGN's default): the encoder sees only the visible tokens, the
+- ``salt`` mode (docs/DESIGN.md's default): the encoder sees only the visible tokens, the
   narrow predictor fills in the masked ones.
 - ``mask-token`` mode: a learned mask token replaces every patch outside the
   context inside the encoder, which runs over all 1568 tokens; a linear head predicts.

@@ -129,7 +129,7 @@ class PatchEmbed3d(nn.Module):
             self.proj.bias.copy_(proj2d.bias)
 
     def normalise(self, uint8_tubelets: Tensor) -> Tensor:
-        """uint8 tubelet values -> ImageNet-normalised float32 (DESIGN's pixel normalisation)."""
+        """uint8 tubelet values -> ImageNet-normalised float32 (docs/DESIGN.md's pixel normalisation)."""
         return geometry.normalise_pixels(uint8_tubelets, self.tubelet_mean, self.tubelet_std)
 
     def embed_tubelets(self, tubelets: Tensor) -> Tensor:
