@@ -232,7 +232,8 @@ def stats(
         print(json.dumps({"store": str(store), **measured.to_json()}, indent=1))
         return EXIT_OK
     print_block(f"latent statistics of {store}", {
-        **measured.summary(), "tokens": f"{measured.tokens} ({measured.rows_read} rows x {measured.tokens // measured.rows_read})",
+        **measured.summary(),
+        "tokens": f"{measured.tokens} ({measured.rows_read} rows x {measured.tokens // measured.rows_read})",
         "channel means": f"{measured.mean.min():.4g} to {measured.mean.max():.4g}",
     }, stream=sys.stdout)
     for line in measured.table():

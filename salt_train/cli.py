@@ -114,7 +114,8 @@ def run(
 
 @app.command("eval")
 def evaluate(
-    target: Path = typer.Argument(..., help="a run folder (its newest checkpoint, else its export) or an exported encoder folder"),
+    target: Path = typer.Argument(..., help="a run folder (its newest checkpoint, else its export) or an exported "
+                                  "encoder folder"),
     val_cache: Optional[Path] = typer.Option(None, "--val-cache",
                                              help="store of held-out clips (salt-cache build --split validation) "
                                                   "[from the recipe: eval.val_cache]"),
@@ -126,9 +127,11 @@ def evaluate(
                                           help="the store's teacher (hub id or folder): runs it on the transformed "
                                                "clips for the temporal probes' upper reference [not run]"),
     train_rows: Optional[int] = typer.Option(None, "--train-rows", min=1,
-                                             help=f"train rows the probes learn on [eval.train_rows: {_DEFAULTS.eval.train_rows}]"),
+                                             help="train rows the probes learn on "
+                                             f"[eval.train_rows: {_DEFAULTS.eval.train_rows}]"),
     val_rows: Optional[int] = typer.Option(None, "--val-rows", min=1,
-                                           help=f"validation rows they are scored on [eval.val_rows: {_DEFAULTS.eval.val_rows}]"),
+                                           help="validation rows they are scored on "
+                                           f"[eval.val_rows: {_DEFAULTS.eval.val_rows}]"),
     pipeline: Optional[str] = typer.Option(None, help="recipe for the eval settings of a bare export [ssv2]; "
                                                       "a run folder uses its own"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder [TARGET/eval]"),
@@ -262,7 +265,8 @@ def snapshots_prune(
     keep: int = typer.Option(0, min=0, help="keep the newest N snapshots"),
     names: list[str] = typer.Option([], "--name", help="remove only these snapshots (repeatable)"),
 ) -> int:
-    """Remove old snapshots (and leftovers of interrupted ones). A reflink snapshot frees only what the live store no longer shares."""
+    """Remove old snapshots (and leftovers of interrupted ones).
+    A reflink snapshot frees only what the live store no longer shares."""
     setup_logging()
     from salt_train.snapshot import prune_snapshots
 
