@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# ruff first: a lint failure stops before minutes of tests.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # Synthetic SSv2-layout clips -> train and validation stores built with the tiny teacher ->

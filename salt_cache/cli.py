@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from shared.cli import DEVICE_HELP, Device, make_app, run_app
-from shared.config import PipelineConfig, load_pipeline
+from shared.cli import DEVICE_HELP, Device, choices, make_app, run_app
+from shared.config import PipelineConfig, TeacherCompileMode, load_pipeline
 from shared import lifeline
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
 from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, compute_stats
@@ -180,11 +179,7 @@ def demo_data(
     return EXIT_OK
 
 
-class TeacherCompile(str, Enum):
-    auto = "auto"
-    off = "off"
-    default = "default"
-    max_autotune = "max-autotune"
+TeacherCompile = choices("TeacherCompile", TeacherCompileMode)
 
 
 @app.command()
@@ -237,7 +232,8 @@ def stats(
         print(json.dumps({"store": str(store), **measured.to_json()}, indent=1))
         return EXIT_OK
     print_block(f"latent statistics of {store}", {
-        **measured.summary(), "tokens": f"{measured.tokens} ({measured.rows_read} rows x {measured.tokens // measured.rows_read})",
+        **measured.summary(),
+        "tokens": f"{measured.tokens} ({measured.rows_read} rows x {measured.tokens // measured.rows_read})",
         "channel means": f"{measured.mean.min():.4g} to {measured.mean.max():.4g}",
     }, stream=sys.stdout)
     for line in measured.table():

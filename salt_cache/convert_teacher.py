@@ -28,7 +28,7 @@ from torch import Tensor
 from transformers import VideoMAEConfig, VideoMAEModel
 
 from shared import geometry
-from shared.errors import SaltUsageError
+from shared.errors import SaltUsageError, first_line
 from shared.teacher import quiet_transformers
 
 ENCODER = "encoder."
@@ -50,11 +50,6 @@ class Conversion:
     other_entries: list[str] = field(default_factory=list)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
-
-
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], list[str]]:
     """The state dict in ``path`` (unwrapped from ``model``/``module``) and the other top-level entries."""
     if not path.is_file():
@@ -69,9 +64,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], list[str]]:
         if refused:
             raise SaltUsageError(f"{path} needs pickle code to load ({refused.group(1)}); refusing: only tensors and "
                                  "plain containers are read (torch.load weights_only=True)") from None
-        raise SaltUsageError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+        raise SaltUsageError(f"{path} is not a PyTorch checkpoint ({first_line(exc)})") from None
     except Exception as exc:  # torch raises many types for a file that is no checkpoint at all
-        raise SaltUsageError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise SaltUsageError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
     if isinstance(loaded, dict) and not any(isinstance(v, Tensor) for v in loaded.values()):
         for wrapper in WRAPPERS:
             if isinstance(loaded.get(wrapper), dict):
@@ -178,7 +173,7 @@ def convert_teacher(original: Path, out: Path, heads: int | None = None) -> Conv
     try:
         model.load_state_dict(to_transformers(state, config.num_hidden_layers, set(model.state_dict())), strict=True)
     except RuntimeError as exc:  # a tensor of the wrong shape (e.g. a qkv that is not [3D, D])
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
         raise SaltUsageError(f"{original} does not fit a VideoMAE of width {config.hidden_size}: {detail}") from None
 
     partial = out.with_name(out.name + ".partial")

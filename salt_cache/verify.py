@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REQUIRED_ATTRS = ("schema_version", "geometry", "teacher", "latent_dtype", "view", "source", "checksums", "identity", "source_rows")
+REQUIRED_ATTRS = ("schema_version", "geometry", "teacher", "latent_dtype", "view", "source", "checksums", "identity",
+                  "source_rows")
 # Relative L2 error allowed between stored latents and a re-run: fp16 storage
 # alone gives ~5e-4; a half-precision build re-checked in fp32 a few 1e-3.
 DEEP_TOLERANCE = {"float32": 1e-2, "float16": 3e-2, "bfloat16": 6e-2}

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import get_args
 
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from shared.config import SamplingRule
 from shared.geometry import IMAGE_SIZE, NUM_FRAMES
 from salt_cache.views import view_crop_box, view_seed
 
-SAMPLING_RULES = ("segment-jitter", "segment-center")
+SAMPLING_RULES = get_args(SamplingRule)
 # Decoding less than this share of the declared duration means the file is cut short.
 MIN_DECODED_SHARE = 0.9
 _SWSCALE_INTERPOLATION = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "area": "AREA"}

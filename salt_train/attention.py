@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import ContextManager
+from typing import ContextManager, get_args
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from shared.config import AttentionKernel
+
 log = logging.getLogger(__name__)
 
-ATTENTION_CHOICES = ("auto", "flash", "cudnn", "efficient", "math")
+ATTENTION_CHOICES = get_args(AttentionKernel)
 NAMED = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 CPU_KERNELS = ("flash", "math")
 

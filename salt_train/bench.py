@@ -199,7 +199,8 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
     figures = {
         "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "") + ranks,
         "store": f"{cache} ({len(spec.rows)} committed rows, {format_bytes(bytes_per_clip)}/clip on disk)",
-        "raw read (page cache)": f"{raw_bytes / raw_seconds / 1e6:.0f} MB/s = {raw_bytes / raw_seconds / bytes_per_clip:.0f} clips/s",
+        "raw read (page cache)": f"{raw_bytes / raw_seconds / 1e6:.0f} MB/s = "
+                                 f"{raw_bytes / raw_seconds / bytes_per_clip:.0f} clips/s",
         "loader": f"{loader_clips:.1f} clips/s ({config.loader.num_workers} workers{' per rank' if dist.enabled else ''}, "
                   f"batch {spec.batch_size}, checksums {'on' if spec.verify_checksums else 'off'})",
         "step, batch from memory": f"{memory_clips:.1f} clips/s",

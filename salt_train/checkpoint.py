@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from shared.errors import SaltUsageError
+from shared.errors import SaltUsageError, first_line, one_line
 from shared.durable import fsync_path, write_json_atomic
 from salt_train.data import Position
 
@@ -179,14 +179,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         position = Position(epoch=_count(record["position"], "epoch"), index=_count(record["position"], "index"))
         counts = {key: _count(record, key, 0) for key in ("loader_errors", "clips_seen", "nonfinite_steps")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError, SafetensorError) as exc:
-        detail = " ".join(str(exc).split())[:200]
-        raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({type(exc).__name__}: {detail})") from None
+        raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({one_line(exc, 200)})") from None
     try:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise SaltUsageError(f"checkpoint {path} does not fit this model ({first})") from None
+        raise SaltUsageError(f"checkpoint {path} does not fit this model ({first_line(exc)})") from None
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda.")]

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 import yaml
 
-from shared import lifeline
-from shared.cli import DEVICE_HELP, Device, make_app, run_app
+from shared import config, lifeline
+from shared.cli import DEVICE_HELP, Device, choices, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
@@ -25,11 +24,7 @@ from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
 _DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe
 
 
-class SnapshotMode(str, Enum):
-    auto = "auto"
-    reflink = "reflink"
-    copy = "copy"
-    none = "none"
+SnapshotMode = choices("SnapshotMode", config.SnapshotMode)
 
 
 SNAPSHOT_HELP = ("auto: reflink clone where the filesystem can (XFS, btrfs), else read the live store with a warning "
@@ -119,7 +114,8 @@ def run(
 
 @app.command("eval")
 def evaluate(
-    target: Path = typer.Argument(..., help="a run folder (its newest checkpoint, else its export) or an exported encoder folder"),
+    target: Path = typer.Argument(..., help="a run folder (its newest checkpoint, else its export) or an exported "
+                                  "encoder folder"),
     val_cache: Optional[Path] = typer.Option(None, "--val-cache",
                                              help="store of held-out clips (salt-cache build --split validation) "
                                                   "[from the recipe: eval.val_cache]"),
@@ -131,9 +127,11 @@ def evaluate(
                                           help="the store's teacher (hub id or folder): runs it on the transformed "
                                                "clips for the temporal probes' upper reference [not run]"),
     train_rows: Optional[int] = typer.Option(None, "--train-rows", min=1,
-                                             help=f"train rows the probes learn on [eval.train_rows: {_DEFAULTS.eval.train_rows}]"),
+                                             help="train rows the probes learn on "
+                                             f"[eval.train_rows: {_DEFAULTS.eval.train_rows}]"),
     val_rows: Optional[int] = typer.Option(None, "--val-rows", min=1,
-                                           help=f"validation rows they are scored on [eval.val_rows: {_DEFAULTS.eval.val_rows}]"),
+                                           help="validation rows they are scored on "
+                                           f"[eval.val_rows: {_DEFAULTS.eval.val_rows}]"),
     pipeline: Optional[str] = typer.Option(None, help="recipe for the eval settings of a bare export [ssv2]; "
                                                       "a run folder uses its own"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder [TARGET/eval]"),
@@ -267,7 +265,8 @@ def snapshots_prune(
     keep: int = typer.Option(0, min=0, help="keep the newest N snapshots"),
     names: list[str] = typer.Option([], "--name", help="remove only these snapshots (repeatable)"),
 ) -> int:
-    """Remove old snapshots (and leftovers of interrupted ones). A reflink snapshot frees only what the live store no longer shares."""
+    """Remove old snapshots (and leftovers of interrupted ones).
+    A reflink snapshot frees only what the live store no longer shares."""
     setup_logging()
     from salt_train.snapshot import prune_snapshots
 

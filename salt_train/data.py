@@ -176,7 +176,8 @@ def stream_spec(store: LatentStore, config: PipelineConfig, start: Position = Po
 def check_stream(spec: StreamSpec, store_path: Path) -> None:
     """Refuse, with one line, a stream that could never yield a batch."""
     if len(spec.rows) == 0:
-        raise SaltUsageError(f"store {store_path} has no committed rows to train on (run salt-cache build, then salt-cache verify)")
+        raise SaltUsageError(f"store {store_path} has no committed rows to train on "
+                             "(run salt-cache build, then salt-cache verify)")
     if spec.batch_size % spec.world_size:
         raise SaltUsageError(f"train.batch_size {spec.batch_size} is not divisible by the {spec.world_size} ranks")
     if spec.batch_size > spec.clips:
@@ -238,8 +239,8 @@ class StoreStream(IterableDataset):
 
     Items are dicts: ``pixels`` uint8 [b, 16, 224, 224, 3], ``latents`` float16 [b, 1568, D],
     ``rows`` int64 [b], ``epoch``, ``index``, and with ``spec.mask_kind`` the batch's ``visible``
-    and ``masked`` token ids, a tuple with one [b, V_g] and one [b, M_g] per mask group; from a :class:`BufferRing`, ``slot`` ([worker, slot],
-    to hand back). A batch that cannot be read becomes
+    and ``masked`` token ids, a tuple with one [b, V_g] and one [b, M_g] per mask group; from a
+    :class:`BufferRing`, ``slot`` ([worker, slot], to hand back). A batch that cannot be read becomes
     ``{"error": reason, "rows", "epoch", "index", "worker"}`` so the trainer counts it and goes on.
     """
 
@@ -338,8 +339,8 @@ class RowReader:
     """Reads sorted rows of a store's arrays in as few, as large reads as the layout allows.
 
     Latents (raw fp16) and pixels (zstd) come straight from the shard files (``shared.shard_reader``:
-    3.7x zarr's path on 4 MB latent rows, ~20 ms less per batch of 8 pixel rows); the rest through zarr, one range read per contiguous run
-    of rows (~100x faster than zarr's ``oindex`` on an id list: 9 ms against 1.3 s for
+    3.7x zarr's path on 4 MB latent rows, ~20 ms less per batch of 8 pixel rows); the rest through zarr,
+    one range read per contiguous run of rows (~100x faster than zarr's ``oindex`` on an id list: 9 ms against 1.3 s for
     4 rows of pixels).
     """
 
@@ -414,7 +415,8 @@ def check_shm(loader: LoaderConfig, local_batch: int, teacher_width: int, shm: P
     if needed > free:
         raise SaltUsageError(
             f"the loader can hold up to {format_bytes(needed)} in {shm} "
-            f"({processes} rank(s) x {loader.num_workers} workers x {ring_slots(loader)} batches x {format_bytes(batch_bytes(local_batch, teacher_width))}) "
+            f"({processes} rank(s) x {loader.num_workers} workers x {ring_slots(loader)} batches x "
+            f"{format_bytes(batch_bytes(local_batch, teacher_width))}) "
             f"but only {format_bytes(free)} is free: lower loader.num_workers, loader.prefetch_factor or train.batch_size, "
             "or give the container more shared memory (docker run --shm-size)"
         )
@@ -441,21 +443,12 @@ def make_loader(spec: StreamSpec, loader: LoaderConfig, pin_memory: bool, ring: 
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _pixel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std on the device, made once: a fresh host-to-device copy every step
-    would be a synchronising copy from pageable memory."""
-    mean = torch.tensor(geometry.PIXEL_MEAN, dtype=torch.float32).view(1, 3, 1, 1, 1).to(device)
-    std = torch.tensor(geometry.PIXEL_STD, dtype=torch.float32).view(1, 3, 1, 1, 1).to(device)
-    return mean, std
-
-
 def normalised_pixels(views: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 ``[B, 16, 224, 224, 3]`` -> ImageNet-normalised float32 ``[B, 3, 16, 224, 224]`` on the device
     (autocast takes it to bf16 on CUDA)."""
-    mean, std = _pixel_statistics(device)
-    x = views.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float().div_(255.0)
-    return ((x - mean) / std).contiguous()
+    mean, std = geometry.pixel_statistics(device, (1, 3, 1, 1, 1))
+    x = views.to(device, non_blocking=True).permute(0, 4, 1, 2, 3)
+    return geometry.normalise_pixels(x, mean, std).contiguous()
 
 
 def to_model_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

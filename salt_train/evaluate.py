@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from shared.config import EvalConfig, PipelineConfig, dump_pipeline, load_pipeline
 from shared.console import print_block
 from shared.device import resolve_device
-from shared.errors import SaltUsageError
+from shared.errors import SaltUsageError, one_line
 from shared.store import LatentStore, RowStatus
 from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint
@@ -44,9 +44,9 @@ from salt_train.export import load_encoder, read_export_config
 from salt_train.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
                                   describe_bound, extract, pool_tokens)
 from salt_train.masks import describe_masks, make_masks
-from salt_train.objective import SaltStudent, build_salt_student, gather_tokens, normalise_targets
+from salt_train.objective import SaltStudent, build_salt_student, normalise_targets
 from salt_train.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1, stack_tasks
-from salt_train.student import VideoViT, create_timm_vit, one_line
+from salt_train.student import VideoViT, create_timm_vit, gather_tokens
 from salt_train.temporal import RETRIEVAL_PAIR, TASKS, VARIANTS
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ from torch import nn
 from safetensors.torch import save_file
 
 from shared import geometry
-from shared.errors import SaltUsageError
+from shared.errors import SaltUsageError, one_line
 from shared.durable import fsync_path
-from salt_train.student import VideoViT, create_timm_vit, one_line
+from salt_train.student import VideoViT, create_timm_vit
 
 EXPORT_FORMAT = "salt-video-vit"
 EXPORT_VERSION = 1

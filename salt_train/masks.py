@@ -45,14 +45,16 @@ index tensors to the device.
 from __future__ import annotations
 
 import math
+from typing import get_args
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from shared.config import MaskKind
 from shared.geometry import GRID_H, GRID_T, GRID_W, NUM_TOKENS, TOKENS_PER_FRAME
 
-MASK_KINDS = ("random", "tube", "multiblock")
+MASK_KINDS = get_args(MaskKind)
 
 
 @dataclass(frozen=True)

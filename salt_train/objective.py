@@ -1,6 +1,6 @@
 """What the student learns: the teacher's latents at masked tokens.
 
-- ``salt`` mode (DESIGN's default): the encoder sees only the visible tokens, the
+- ``salt`` mode (docs/DESIGN.md's default): the encoder sees only the visible tokens, the
   narrow predictor fills in the masked ones.
 - ``mask-token`` mode: a learned mask token replaces every patch outside the
   context inside the encoder, which runs over all 1568 tokens; a linear head predicts.
@@ -13,23 +13,20 @@ losses, each group with its own context and targets (salt_train/masks.py).
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared import geometry
-from shared.config import ModelConfig
+from shared.config import LossKind, ModelConfig, ModelMode
 from shared.flops import vit_forward_flops
-from salt_train.predictor import Predictor, gather
-from salt_train.student import VideoViT, build_student, tubelets, view_tubelets
+from salt_train.predictor import Predictor
+from salt_train.student import VideoViT, build_student, gather_tokens, tubelets, view_tubelets
 
-MODES = ("salt", "mask-token")
-LOSSES = ("mse", "l1")
-
-
-def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
-    """``x[b, ids[b]]``: ``[B, N, D]`` and ``[B, K]`` -> ``[B, K, D]``."""
-    return gather(x, ids)
+MODES = get_args(ModelMode)
+LOSSES = get_args(LossKind)
 
 
 def normalise_targets(latents: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
@@ -89,7 +86,7 @@ class SaltStudent(nn.Module):
         embed = self.encoder.patch_embed
         prepare = embed.normalise if from_uint8 else (lambda x: x)
         if self.mode == "salt":
-            context = self.encoder.encode_tokens(self.encoder.embed_at(prepare(gather(patches, visible)), visible))
+            context = self.encoder.encode_tokens(self.encoder.embed_at(prepare(gather_tokens(patches, visible)), visible))
             return self.predictor(context, visible, masked)
         # Mask tokens replace the patch content of every token outside the context (targets and
         # tokens left out of both alike, so nothing hidden leaks); positions are added after, so
@@ -99,7 +96,7 @@ class SaltStudent(nn.Module):
         seen.scatter_(1, visible, True)
         tokens = torch.where(seen.unsqueeze(-1), tokens, self.mask_token.to(tokens.dtype))
         tokens = self.encoder.encode_tokens(tokens + self.encoder.positions())
-        return self.head(gather(tokens, masked))
+        return self.head(gather_tokens(tokens, masked))
 
 
 class SaltObjective(nn.Module):

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from shared import geometry
-from salt_train.student import gather_rows as gather
+from salt_train.student import gather_tokens
 
 
 def _sincos_1d(dim: int, positions: Tensor) -> Tensor:
@@ -66,8 +66,8 @@ class Predictor(nn.Module):
         """context ``[B, V, encoder_width]`` at ``visible`` ids -> ``[B, M, out_width]`` at ``masked``, in its order."""
         batch = context.shape[0]
         positions = self.pos_embed.to(context.dtype).expand(batch, -1, -1)
-        seen = self.embed(context) + gather(positions, visible)
-        queries = self.mask_token.expand(batch, masked.shape[1], -1) + gather(positions, masked)
+        seen = self.embed(context) + gather_tokens(positions, visible)
+        queries = self.mask_token.expand(batch, masked.shape[1], -1) + gather_tokens(positions, masked)
         # Attention is order-free: ids travel in the positions, so no scatter into grid order is needed.
         tokens = torch.cat([seen, queries], dim=1)
         for block in self.blocks:

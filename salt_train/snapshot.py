@@ -38,8 +38,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Iterator
+from typing import ContextManager, Iterator, get_args
 
+from shared.config import SnapshotMode
 from shared.console import format_bytes, progress
 from shared.errors import SaltUsageError
 from shared.durable import fsync_path
@@ -47,7 +48,7 @@ from shared.store import store_lock
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_MODES = ("auto", "reflink", "copy", "none")
+SNAPSHOT_MODES = get_args(SnapshotMode)
 FICLONE = 0x40049409  # _IOW(0x94, 9, int): clone a whole file's extents (XFS, btrfs)
 RECORD_FILE = "snapshot.json"
 RECORD_FORMAT = "salt-train-snapshot"

@@ -21,13 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from shared import geometry
-from shared.errors import SaltUsageError
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one bounded line (torch's load errors span many lines)."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+from shared.errors import SaltUsageError, one_line
 
 
 def _close_names(model_name: str) -> list[str]:
@@ -121,10 +115,9 @@ class PatchEmbed3d(nn.Module):
         # ImageNet statistics per tubelet value (channel-major, as :func:`tubelets`), for uint8
         # input; buffers so they live on the model's device (no host copy per step), unsaved.
         per_channel = geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2
-        mean = torch.tensor(geometry.PIXEL_MEAN, dtype=torch.float32).repeat_interleave(per_channel)
-        std = torch.tensor(geometry.PIXEL_STD, dtype=torch.float32).repeat_interleave(per_channel)
-        self.register_buffer("tubelet_mean", mean, persistent=False)
-        self.register_buffer("tubelet_std", std, persistent=False)
+        mean, std = geometry.pixel_statistics(torch.device("cpu"), (3,))
+        self.register_buffer("tubelet_mean", mean.repeat_interleave(per_channel), persistent=False)
+        self.register_buffer("tubelet_std", std.repeat_interleave(per_channel), persistent=False)
 
     @torch.no_grad()
     def inflate_from(self, proj2d: nn.Conv2d) -> None:
@@ -136,8 +129,8 @@ class PatchEmbed3d(nn.Module):
             self.proj.bias.copy_(proj2d.bias)
 
     def normalise(self, uint8_tubelets: Tensor) -> Tensor:
-        """uint8 tubelet values -> ImageNet-normalised float32 (DESIGN's pixel normalisation)."""
-        return (uint8_tubelets.float() / 255.0 - self.tubelet_mean) / self.tubelet_std
+        """uint8 tubelet values -> ImageNet-normalised float32 (docs/DESIGN.md's pixel normalisation)."""
+        return geometry.normalise_pixels(uint8_tubelets, self.tubelet_mean, self.tubelet_std)
 
     def embed_tubelets(self, tubelets: Tensor) -> Tensor:
         """Normalised ``[B, K, 1536]`` tubelets -> ``[B, K, width]``: the Conv3d as a matmul."""
@@ -208,13 +201,13 @@ class VideoViT(nn.Module):
         """Normalised tubelets ``[B, K, 1536]`` of the tokens ``token_ids`` ``[B, K]``, embedded
         and positioned: equal to :meth:`embed` followed by a gather, without embedding the rest."""
         positions = self.positions().expand(tubelets.shape[0], -1, -1)
-        return self.patch_embed.embed_tubelets(tubelets) + gather_rows(positions, token_ids)
+        return self.patch_embed.embed_tubelets(tubelets) + gather_tokens(positions, token_ids)
 
     def forward(self, pixels: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``[B, 3, 16, 224, 224]`` -> ``[B, K, width]`` at ``token_ids`` ``[B, K]`` (all 1568 when None)."""
         if token_ids is None:
             return self.encode_tokens(self.embed(pixels))
-        return self.encode_tokens(self.embed_at(gather_rows(tubelets(pixels), token_ids), token_ids))
+        return self.encode_tokens(self.embed_at(gather_tokens(tubelets(pixels), token_ids), token_ids))
 
     def forward_views(self, views: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """The same from uint8 views ``[B, 16, 224, 224, 3]`` (the store's pixels), normalised here."""
@@ -222,11 +215,11 @@ class VideoViT(nn.Module):
         if token_ids is None:
             return self.encode_tokens(self.patch_embed.embed_tubelets(self.patch_embed.normalise(patches))
                                       + self.positions())
-        visible = self.patch_embed.normalise(gather_rows(patches, token_ids))
+        visible = self.patch_embed.normalise(gather_tokens(patches, token_ids))
         return self.encode_tokens(self.embed_at(visible, token_ids))
 
 
-def gather_rows(x: Tensor, ids: Tensor) -> Tensor:
+def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     """``x[b, ids[b]]``: ``[B, N, D]`` and ``[B, K]`` -> ``[B, K, D]``."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 

@@ -26,7 +26,7 @@ from shared.console import format_bytes, print_block, progress
 from shared.device import resolve_device
 from shared.distributed import Dist, backend_for, distributed, is_lost_peer, warn_if_oversubscribed
 from shared.durable import write_json_atomic
-from shared.errors import SaltUsageError
+from shared.errors import SaltUsageError, one_line
 from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, LatentStats, compute_stats
 from shared.store import LatentStore
 from salt_train import checkpoint as ckpt
@@ -298,7 +298,8 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                         if state.loader_errors > config.stream.max_errors:
                             checkpoint()
                             raise TrainingStopped(
-                                f"{state.loader_errors} unreadable batches, more than stream.max_errors={config.stream.max_errors}: "
+                                f"{state.loader_errors} unreadable batches, more than "
+                                f"stream.max_errors={config.stream.max_errors}: "
                                 f"stopped at step {state.step} with a checkpoint; check the store with `salt-cache verify --deep`"
                             )
                         continue
@@ -324,7 +325,8 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
                         last_loss = record["loss"]
                         if metrics is not None:
                             metrics.write(record)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{result.lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{result.lr:.2e}",
+                                        clips_s=f"{record['clips_per_s']:.1f}")
                         log.info(health_line(record))
                     if train.eval_every and state.step % train.eval_every == 0:
                         evaluate_now(quick_eval, model, state.step, metrics, dist)
@@ -486,7 +488,7 @@ def next_batch(batches: Iterable[dict]) -> tuple[dict | None, str | None]:
     try:
         return next(batches, None), None  # type: ignore[call-overload]
     except RuntimeError as exc:
-        text = " ".join(str(exc).split())
+        text = one_line(str(exc), None)
         if "DataLoader worker" not in text:
             raise
         return None, f"a loader worker died ({text[:160]})"
@@ -618,8 +620,8 @@ def health_line(record: dict[str, Any]) -> str:
 
 
 def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot: Snapshot,
-                      store: LatentStore, spec: StreamSpec, steps: int, layout: tuple[tuple[int, int], ...], model: torch.nn.Module,
-                      flops: dict[str, float], dist: Dist) -> None:
+                      store: LatentStore, spec: StreamSpec, steps: int, layout: tuple[tuple[int, int], ...],
+                      model: torch.nn.Module, flops: dict[str, float], dist: Dist) -> None:
     if not dist.is_main:
         return
     counts = store.counts()
@@ -628,22 +630,27 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
     loader = config.loader
     print_block("salt-train run", {
         "run folder": run_dir,
-        "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, {counts['pending']} pending rows"
+        "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, "
+                 f"{counts['pending']} pending rows"
                  + (f", {counts['other']} with an unknown status, not trained on" if counts["other"] else "") + ")",
         **({"views": f"{spec.views_per_clip} per clip: each epoch reads one view of each of its {spec.clips} clips"}
            if spec.views_per_clip > 1 else {}),
-        "snapshot": f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, {snapshot.seconds:.2f} s)",
+        "snapshot": f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, "
+                    f"{snapshot.seconds:.2f} s)",
         "teacher": f"{store.attrs.get('teacher', {}).get('name', '?')} (width {store.teacher_width})",
         "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-                  + f", {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, compile {resolve_compile_mode(config.model.compile_mode, device)}",
+                  + f", {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+                  f"compile {resolve_compile_mode(config.model.compile_mode, device)}",
         "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
-                   f"{encoder_parameters / 1e6:.1f}M encoder + {(parameters - encoder_parameters) / 1e6:.1f}M predictor/head params",
+                   f"{encoder_parameters / 1e6:.1f}M encoder + "
+                   f"{(parameters - encoder_parameters) / 1e6:.1f}M predictor/head params",
         "masks": describe_masks(config.mask.kind, config.mask.ratio),
         "FLOPs/clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
         "schedule": f"{steps} steps ({spec.steps_per_epoch}/epoch x {config.train.epochs} epochs"
                     f"{', capped by max_steps' if config.train.max_steps else ''}), batch {config.train.batch_size}, "
                     f"lr {config.train.lr} -> {config.train.min_lr}, warmup {config.train.warmup_steps}",
-        "loader": f"{loader.num_workers} workers x prefetch {loader.prefetch_factor}, {format_bytes(batch_bytes(spec.local_batch, store.teacher_width))}/batch, "
+        "loader": f"{loader.num_workers} workers x prefetch {loader.prefetch_factor}, "
+                  f"{format_bytes(batch_bytes(spec.local_batch, store.teacher_width))}/batch, "
                   f"shm bound {format_bytes(shm_bound(loader, spec.local_batch, store.teacher_width))}, "
                   f"shuffle window {config.stream.shuffle_buffer} rows, checksums {'on' if spec.verify_checksums else 'off'}",
         "start": f"epoch {spec.start.epoch}, batch {spec.start.index}" + (" (resumed)" if spec.start != Position() else ""),

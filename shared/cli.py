@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 from enum import Enum
-from typing import Sequence
+from typing import Any, Sequence, get_args
 
 import click
 import typer
 
+from shared.config import DeviceName
 from shared.console import rank_tag
-from shared.errors import EXIT_USAGE, SaltUsageError
+from shared.errors import EXIT_USAGE, SaltUsageError, one_line
 
 
 def _click_flavours(name: str) -> tuple[type[BaseException], ...]:
@@ -30,12 +31,13 @@ _EXITS = _click_flavours("Exit")
 _ABORTS = _click_flavours("Abort")
 
 
-class Device(str, Enum):
-    """What --device accepts (typer lists the choices in --help and refuses others)."""
+def choices(name: str, values: Any) -> Any:
+    """A str Enum of a config ``Literal``'s values, for a flag: typer lists the choices in --help
+    and refuses others. Members are named like the values, ``-`` as ``_`` (``max_autotune``)."""
+    return Enum(name, [(value.replace("-", "_"), value) for value in get_args(values)], type=str)
 
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+
+Device = choices("Device", DeviceName)  # what --device accepts
 
 
 DEVICE_HELP = "auto (CUDA when available), cpu or cuda"
@@ -67,8 +69,7 @@ def run_app(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None)
 
 
 def _error_line(prog_name: str, message: str) -> None:
-    one_line = " ".join(message.split())
-    print(f"{prog_name}{rank_tag()}: error: {one_line}", file=sys.stderr)
+    print(f"{prog_name}{rank_tag()}: error: {one_line(message, None)}", file=sys.stderr)
 
 
 def make_app(help_text: str) -> typer.Typer:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.errors import SaltUsageError
+from shared.errors import SaltUsageError, first_line
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 DEFAULT_PIPELINE = "ssv2"
@@ -22,6 +22,18 @@ DEFAULT_PIPELINE = "ssv2"
 DEFAULT_TEACHER = "MCG-NJU/videomae-huge-finetuned-kinetics"
 TINY_TEACHER = "builtin:tiny-videomae"
 HUGE_RANDOM_TEACHER = "builtin:videomae-huge-random"  # real size, random weights: benchmarks only
+
+# The value sets that more than one module checks, spelt once; elsewhere read them with
+# ``typing.get_args`` (e.g. ``get_args(MaskKind)``) rather than copying the strings.
+DeviceName = Literal["auto", "cpu", "cuda"]
+TeacherCompileMode = Literal["auto", "off", "default", "max-autotune"]
+SamplingRule = Literal["segment-jitter", "segment-center"]
+Interpolation = Literal["bicubic", "bilinear", "area"]
+SnapshotMode = Literal["auto", "reflink", "copy", "none"]
+MaskKind = Literal["multiblock", "random", "tube"]
+ModelMode = Literal["salt", "mask-token"]
+LossKind = Literal["mse", "l1"]
+AttentionKernel = Literal["auto", "flash", "cudnn", "efficient", "math"]
 
 
 class _Section(BaseModel):
@@ -35,14 +47,14 @@ class TeacherConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(16, gt=0, description="clips per teacher forward (any size: batches span shards)")
     # auto: torch.compile's default mode on CUDA, off on CPU (shared/teacher.py).
-    compile_mode: Literal["auto", "off", "default", "max-autotune"] = "auto"
+    compile_mode: TeacherCompileMode = "auto"
 
 
 class ViewConfig(_Section):
     """How a clip becomes the 16x224x224 view (geometry itself is fixed by contract)."""
 
-    sampling: Literal["segment-jitter", "segment-center"] = "segment-jitter"
-    interpolation: Literal["bicubic", "bilinear", "area"] = "bicubic"
+    sampling: SamplingRule = "segment-jitter"
+    interpolation: Interpolation = "bicubic"
     # 1: one view per clip, today's (centre crop). K >= 2: K rows per clip, view 0 that same centre view,
     # views 1..K-1 random resized crops with their own frame offsets (salt_cache/views.py).
     # Validation and test stores always keep the one centre view.
@@ -69,7 +81,7 @@ class CacheConfig(_Section):
 
     split: Literal["train", "validation", "test"] = "train"
     limit: int | None = Field(None, gt=0, description="first N clips of the split only")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: DeviceName = "auto"
 
 
 class TrainConfig(_Section):
@@ -84,7 +96,7 @@ class TrainConfig(_Section):
     epochs: int = Field(10, gt=0)
     max_steps: int | None = Field(None, gt=0)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: DeviceName = "auto"
     checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints (one is also written at the end)")
     keep_checkpoints: int = Field(3, gt=0, description="newest checkpoints kept in the run folder")
     log_every: int = Field(20, gt=0, description="steps between health lines and metrics records")
@@ -105,7 +117,7 @@ class StreamConfig(_Section):
     """How `salt-train` reads the store: snapshot, shuffling and tolerance of bad rows."""
 
     # auto: reflink where the filesystem clones, else read the live store (warned, manifest recorded).
-    snapshot: Literal["auto", "reflink", "copy", "none"] = "auto"
+    snapshot: SnapshotMode = "auto"
     # Row ids in the shuffle window. Ids only: the loader holds no row data for it, so a
     # large window costs no memory, only read locality (rows come from ~window/shard_rows shards).
     shuffle_buffer: int = Field(4096, gt=0)
@@ -115,7 +127,7 @@ class StreamConfig(_Section):
 
 
 class MaskConfig(_Section):
-    kind: Literal["multiblock", "random", "tube"] = "multiblock"
+    kind: MaskKind = "multiblock"
     ratio: float = Field(0.75, gt=0, lt=1, description="share of tokens masked by random and tube; multiblock's "
                                                        "counts come from its blocks (salt_train/masks.py)")
 
@@ -128,16 +140,16 @@ class ModelConfig(_Section):
     student_kwargs: dict[str, int | float | bool | str] = Field(default_factory=dict)
     # A local 2D timm checkpoint (.safetensors) whose patch embedding is inflated to the tubelet.
     pretrained: str | None = None
-    mode: Literal["salt", "mask-token"] = "salt"
+    mode: ModelMode = "salt"
     predictor_width: int = Field(384, gt=0)
     predictor_depth: int = Field(12, gt=0)
     predictor_heads: int = Field(12, gt=0)
-    loss: Literal["mse", "l1"] = "mse"
+    loss: LossKind = "mse"
     # auto: max-autotune on CUDA, off on CPU (inductor's CPU kernels gain little and compile for minutes).
     compile_mode: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
     grad_checkpointing: bool = False
     # Attention kernel (salt_train/attention.py): auto prefers cuDNN attention on Hopper.
-    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    attention: AttentionKernel = "auto"
     # What the targets are: the teacher latents layer-normed per token (layer), or first standardised
     # per channel with the store's statistics, recorded in the run folder (channel: tames outlier
     # channels that would dominate the per-token norm; `salt-cache stats` says whether a store has them).
@@ -232,8 +244,7 @@ def load_pipeline(pipeline: str | Path | None = None, overrides: dict[str, Any] 
         try:
             loaded = yaml.safe_load(path.read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SaltUsageError(f"{source}: cannot read YAML ({first_line})") from None
+            raise SaltUsageError(f"{source}: cannot read YAML ({first_line(exc)})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

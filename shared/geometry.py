@@ -6,6 +6,10 @@ N=1568 tokens, token index ``i = t*196 + h*14 + w``.
 
 from __future__ import annotations
 
+import functools
+
+import torch
+
 NUM_FRAMES = 16
 IMAGE_SIZE = 224
 TUBELET_SIZE = 2
@@ -23,6 +27,21 @@ STUDENT_WIDTH_BASE = 768
 # ImageNet statistics on [0, 1] values, for teacher and student alike.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=None)
+def pixel_statistics(device: torch.device, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIXEL_MEAN and PIXEL_STD as float32 tensors of ``shape`` (the channel axis of length 3) on
+    ``device``, made once: a fresh host-to-device copy every step would be a synchronising copy."""
+    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32).view(shape).to(device)
+    std = torch.tensor(PIXEL_STD, dtype=torch.float32).view(shape).to(device)
+    return mean, std
+
+
+def normalise_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 values -> float32 ``(x / 255 - mean) / std``, the one pixel rule of teacher and student
+    (``mean`` and ``std`` from :func:`pixel_statistics`, shaped to broadcast over ``pixels``)."""
+    return (pixels.float() / 255.0 - mean) / std
 
 
 def token_index(t: int, h: int, w: int) -> int:

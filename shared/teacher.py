@@ -181,8 +181,7 @@ class Teacher:
     compile_mode: str = "off"
 
     def __post_init__(self) -> None:
-        self.mean = torch.tensor(geometry.PIXEL_MEAN, device=self.device).view(1, 1, 3, 1, 1)
-        self.std = torch.tensor(geometry.PIXEL_STD, device=self.device).view(1, 1, 3, 1, 1)
+        self.mean, self.std = geometry.pixel_statistics(self.device, (1, 1, 3, 1, 1))
         embeddings = self.model.embeddings
         embeddings.position_embeddings = embeddings.position_embeddings.to(self.device)
         self.weights_dtype = torch.float32
@@ -233,7 +232,7 @@ class Teacher:
         """
         pixels = views.to(self.device, non_blocking=True)
         # VideoMAE takes (B, T, C, H, W) floats normalised with ImageNet statistics.
-        pixels = (pixels.permute(0, 1, 4, 2, 3).float().div_(255.0) - self.mean) / self.std
+        pixels = geometry.normalise_pixels(pixels.permute(0, 1, 4, 2, 3), self.mean, self.std)
         dtype = DTYPES[self.compute_dtype]
         if reference and self.weights_dtype != torch.float32:
             raise RuntimeError(f"teacher weights already converted to {self.weights_dtype}: no fp32 reference")

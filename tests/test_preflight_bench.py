@@ -13,10 +13,10 @@ def test_preflight_passes_on_a_sound_store(demo_reference, tmp_path) -> None:
     result = call_train("preflight", "--cache", demo_reference.store, "--pipeline", pipeline, "--batches", "20")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert any(l.startswith("PASS  single batch: pixels (2, 3, 16, 224, 224)") for l in lines), result.stdout
-    assert any(l.startswith("PASS  single batch") and "latents (2, 1568, 64) torch.float16" in l for l in lines)
-    assert any(l.startswith("PASS  worker stress (2 workers, prefetch 2): 20 batches") for l in lines)
-    assert any(l.startswith("PASS  /dev/shm use") and "flat" in l for l in lines), result.stdout
+    assert any(line.startswith("PASS  single batch: pixels (2, 3, 16, 224, 224)") for line in lines), result.stdout
+    assert any(line.startswith("PASS  single batch") and "latents (2, 1568, 64) torch.float16" in line for line in lines)
+    assert any(line.startswith("PASS  worker stress (2 workers, prefetch 2): 20 batches") for line in lines)
+    assert any(line.startswith("PASS  /dev/shm use") and "flat" in line for line in lines), result.stdout
     assert lines[-1] == "preflight: all checks passed"
 
 

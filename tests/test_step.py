@@ -59,7 +59,8 @@ def test_the_objective_equals_the_student_on_normalised_pixels_and_the_loss(demo
     """uint8 views normalised inside the graph, targets gathered and layer-normed inside it:
     the same loss as the student on to_model_inputs' pixels and the loss functions outside."""
     from salt_train.data import to_model_inputs
-    from salt_train.objective import gather_tokens, normalise_targets, regression_loss
+    from salt_train.objective import normalise_targets, regression_loss
+    from salt_train.student import gather_tokens
     store = LatentStore.open(demo_reference.store)
     for mode in ("salt", "mask-token"):
         config = tiny_config("off")

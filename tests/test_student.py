@@ -414,7 +414,7 @@ def test_flops_of_the_two_multiblock_groups() -> None:
 def test_embedding_only_the_visible_tubelets_equals_the_conv3d_then_the_gather(seed: int, keep: int) -> None:
     """The Conv3d as a matmul on gathered tubelets, from normalised float pixels and from uint8
     views: the full Conv3d followed by the gather, at any subset of token ids."""
-    from salt_train.student import gather_rows
+    from salt_train.student import gather_tokens
     generator = torch.Generator().manual_seed(seed)
     encoder = build_student(VIT, kwargs=TINY)
     views = torch.randint(0, 256, (2, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3),
@@ -424,10 +424,10 @@ def test_embedding_only_the_visible_tubelets_equals_the_conv3d_then_the_gather(s
     pixels = (views.permute(0, 4, 1, 2, 3).float() / 255 - mean) / std
     ids = torch.stack([torch.randperm(geometry.NUM_TOKENS, generator=generator)[:keep].sort().values for _ in range(2)])
     with torch.no_grad():
-        full = gather_rows(encoder.embed(pixels), ids)
-        torch.testing.assert_close(encoder.embed_at(gather_rows(tubelets(pixels), ids), ids), full,
+        full = gather_tokens(encoder.embed(pixels), ids)
+        torch.testing.assert_close(encoder.embed_at(gather_tokens(tubelets(pixels), ids), ids), full,
                                    rtol=1e-4, atol=1e-5)
-        from_views = encoder.patch_embed.normalise(gather_rows(view_tubelets(views), ids))
+        from_views = encoder.patch_embed.normalise(gather_tokens(view_tubelets(views), ids))
         torch.testing.assert_close(encoder.embed_at(from_views, ids), full, rtol=1e-4, atol=1e-5)
         # and the encoder's features, through the blocks: forward, forward_views
         torch.testing.assert_close(encoder(pixels, ids), encoder.encode_tokens(full), rtol=1e-4, atol=1e-5)

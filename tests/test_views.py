@@ -3,7 +3,6 @@ over it, evaluation's rows, and the disk check before a build."""
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 from pathlib import Path
