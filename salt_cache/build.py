@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -42,22 +44,44 @@ class Terminated(BaseException):
     failure must not record a stop as that clip's failure."""
 
 
+_sigterm_received = threading.Event()
+
+
 @contextmanager
 def stop_on_sigterm() -> Iterator[None]:
     """Turn SIGTERM into :class:`Terminated` in the main thread, so the build stops through its
-    ``finally`` blocks (the shard writer finishes its commit) and says so, instead of vanishing."""
+    ``finally`` blocks (the shard writer finishes its commit) and says so, instead of vanishing.
+
+    The raise can land inside a ``__del__`` or a weakref callback (garbage collection runs
+    anywhere), where Python only prints it as "Exception ignored" and carries on. So the stop is
+    also remembered, that print is kept quiet, and :func:`raise_if_stopped` raises it again at
+    the build's next safe point."""
     def handle(signum: int, frame: object) -> None:
+        _sigterm_received.set()
         raise Terminated("stopped by SIGTERM")
 
+    def unraisable(hook: Any) -> None:
+        if not isinstance(hook.exc_value, Terminated):
+            previous_hook(hook)
+
+    _sigterm_received.clear()
     try:
         previous = signal.signal(signal.SIGTERM, handle)
     except ValueError:  # not the main thread (tests calling in-process from a thread)
         yield
         return
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
+
+
+def raise_if_stopped() -> None:
+    """Raise :class:`Terminated` if a SIGTERM arrived whose raise was swallowed (see :func:`stop_on_sigterm`)."""
+    if _sigterm_received.is_set():
+        raise Terminated("stopped by SIGTERM")
 
 
 class DecodeWorkerDied(Exception):
@@ -243,6 +267,7 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
             _print_plan(store, source, teacher, config, pending, _rows_in(store, pending), dist, space)
         started = time.perf_counter()
         mine = _build_shards(store, source, teacher, config, shards, dist)
+        raise_if_stopped()  # a SIGTERM whose raise was swallowed stops here, not at the barrier
         # Wait for every rank's shards; then the store's counts are final.
         done = dist.all_gather(mine)
 
@@ -325,6 +350,7 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
         in_flight: TeacherBatch | None = None
         try:
             for batch in worker_batches(make_loader(dataset, config, teacher.device)):
+                raise_if_stopped()
                 arrivals.append((time.perf_counter(), len(batch["rows"])))
                 current = launch_teacher(teacher, batch)  # asynchronous on CUDA
                 if in_flight is not None:
@@ -332,6 +358,7 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
                     bar.update(in_flight.size)
                     bar.set_postfix(failed=collector.failed, refresh=False)
                 in_flight = current
+            raise_if_stopped()
             if in_flight is not None:
                 collector.add(in_flight)
                 bar.update(in_flight.size)
