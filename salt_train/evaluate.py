@@ -43,7 +43,7 @@ from salt_train.data import RowReader, normalised_pixels
 from salt_train.export import load_encoder, read_export_config
 from salt_train.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
                                   describe_bound, extract, pool_tokens)
-from salt_train.masks import describe_masks, make_masks
+from salt_train.masks import describe_masks, make_masks, mask_layout
 from salt_train.objective import SaltStudent, build_salt_student, normalise_targets
 from salt_train.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1, stack_tasks
 from salt_train.student import VideoViT, create_timm_vit, gather_tokens
@@ -235,7 +235,7 @@ def heldout_loss(student: SaltStudent, store: LatentStore, rows: np.ndarray, con
     mean, std = ((torch.as_tensor(a, dtype=torch.float32, device=device) for a in standardisation)
                  if standardisation is not None else (None, None))
     reader = RowReader(store)
-    groups = len(make_masks(config.mask.kind, config.mask.ratio, 1, seed, 0).masked)
+    groups = len(mask_layout(config.mask.kind, config.mask.ratio))
     sse, sae, count = np.zeros(groups), np.zeros(groups), np.zeros(groups)
     total = total_sq = 0.0
     cuda = device.type == "cuda"
