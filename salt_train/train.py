@@ -487,10 +487,14 @@ def next_batch(batches: Iterable[dict]) -> tuple[dict | None, str | None]:
     then stops between two whole steps, with a checkpoint, like on Ctrl-C."""
     try:
         return next(batches, None), None  # type: ignore[call-overload]
-    except RuntimeError as exc:
+    except (RuntimeError, ConnectionError, EOFError) as exc:
+        # A worker killed while the main process fetches its batch's shared-memory handles shows up as a
+        # reset connection before torch's own liveness check sees the worker gone (forkserver reaps late).
         text = one_line(str(exc), None)
-        if "DataLoader worker" not in text:
+        if isinstance(exc, RuntimeError) and "DataLoader worker" not in text:
             raise
+        if not isinstance(exc, RuntimeError):
+            text = f"lost the connection to it: {one_line(exc, None)}"
         return None, f"a loader worker died ({text[:160]})"
 
 

@@ -546,3 +546,21 @@ def test_a_sigterm_swallowed_by_a_finaliser_still_stops_the_build(capfd: pytest.
     assert "Exception ignored" not in capfd.readouterr().err
     with stop_on_sigterm():
         raise_if_stopped()  # the next build starts clean
+
+
+def test_a_connection_lost_to_a_killed_worker_counts_as_a_dead_worker() -> None:
+    """CI once saw the SIGKILLed worker surface as ConnectionResetError (the main process fetched the batch's
+    shared-memory handle from the dead worker before the forkserver had reaped it): that is a dead worker too."""
+    from salt_train.train import next_batch
+
+    def lost(exc: BaseException) -> Iterator[dict]:
+        raise exc
+        yield {}
+
+    for exc in (ConnectionResetError(104, "Connection reset by peer"), ConnectionRefusedError(111, "refused"),
+                EOFError(), RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly")):
+        batch, reason = next_batch(lost(exc))
+        assert batch is None and reason is not None and reason.startswith("a loader worker died ("), reason
+    with pytest.raises(RuntimeError, match="something else"):
+        next_batch(lost(RuntimeError("something else")))
+    assert next_batch(iter([{"rows": 1}])) == ({"rows": 1}, None)
