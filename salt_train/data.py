@@ -51,19 +51,12 @@ from shared.errors import SaltUsageError
 from shared.lifeline import worker_init
 from shared.shard_reader import open_raw_rows
 from shared.store import LatentStore, RowStatus
+from salt_train.checkpoint import Position
 from salt_train.masks import make_masks
 
 log = logging.getLogger(__name__)
 
 SHM_PATH = Path("/dev/shm")
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a stream is: the next global batch to read is ``index`` of ``epoch``."""
-
-    epoch: int = 0
-    index: int = 0
 
 
 def committed_rows(store: LatentStore) -> np.ndarray:

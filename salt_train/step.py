@@ -32,6 +32,12 @@ def resolve_compile_mode(requested: str, device: torch.device) -> str:
     return requested
 
 
+def seeded_student(config: PipelineConfig, teacher_width: int) -> SaltStudent:
+    """The student's initial weights, a pure function of ``train.seed`` (DDP also broadcasts rank 0's)."""
+    torch.manual_seed(config.train.seed)
+    return build_salt_student(config.model, teacher_width)
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # detached, on the device: read it only at log time (no sync per step)
@@ -50,13 +56,15 @@ class Stepper:
     """
 
     def __init__(self, config: PipelineConfig, teacher_width: int, device: torch.device, total_steps: int,
-                 dist: Dist = Dist()) -> None:
+                 dist: Dist = Dist(), student: SaltStudent | None = None) -> None:
+        """``student``: one :func:`seeded_student` built earlier (a run refuses a bad model before it
+        writes anything, and knows its step total only once it has its snapshot)."""
         self.config = config
         self.device = device
         self.total_steps = total_steps
         self.rank, self.world_size = dist.rank, dist.world_size
-        torch.manual_seed(config.train.seed)  # the student's initial weights (DDP also broadcasts rank 0's)
-        self.model: SaltStudent = build_salt_student(config.model, teacher_width).to(device)
+        student = student if student is not None else seeded_student(config, teacher_width)
+        self.model: SaltStudent = student.to(device)
         self.optimizer = build_optimizer(self.model, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                          device=device)
         self.compile_mode = resolve_compile_mode(config.model.compile_mode, device)

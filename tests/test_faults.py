@@ -551,7 +551,7 @@ def test_a_sigterm_swallowed_by_a_finaliser_still_stops_the_build(capfd: pytest.
 def test_a_connection_lost_to_a_killed_worker_counts_as_a_dead_worker() -> None:
     """CI once saw the SIGKILLed worker surface as ConnectionResetError (the main process fetched the batch's
     shared-memory handle from the dead worker before the forkserver had reaped it): that is a dead worker too."""
-    from salt_train.train import next_batch
+    from salt_train.batches import next_batch
 
     def lost(exc: BaseException) -> Iterator[dict]:
         raise exc
