@@ -5,6 +5,11 @@ steps (masks, forward, masked loss, backward, clip, step) -> checkpoints,
 health lines and metrics along the way -> final checkpoint, encoder export and
 summary. Everything a resumed run needs is in the checkpoint; data order, masks
 and learning rate are pure functions of the seed, epoch and step.
+
+The loop (:func:`_loop`) delegates: :class:`~salt_train.batches.AgreedBatches` yields
+the batches every rank steps on, :class:`~salt_train.step.Stepper` takes the step,
+:class:`~salt_train.metrics.Metrics` reports and :class:`~salt_train.checkpoint.Checkpointer`
+writes checkpoints. This module keeps the setup, the signals and a lost peer's last checkpoint.
 """
 
 from __future__ import annotations
@@ -210,8 +215,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     steps = total_steps(config, spec.steps_per_epoch)
     stepper = Stepper(config, store.teacher_width, device, steps, dist, student)
     model = stepper.model
-    state = _resume_state(run_dir, model, stepper.optimizer, dist) if resume else ckpt.TrainState(step=0,
-                                                                                                   position=Position())
+    state = _resume_state(run_dir, model, stepper.optimizer, dist) if resume else ckpt.TrainState(0, Position())
     spec = dataclasses.replace(spec, start=state.position)
     loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda", ring=True)
     flops = student_flops_per_clip(config.model, store.teacher_width, mask_layout(config.mask.kind, config.mask.ratio))
@@ -226,10 +230,10 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     metrics = Metrics(run_dir, config.train, steps, state, quick_eval, device, dist)  # only rank 0 writes
     checkpointer = Checkpointer(run_dir, model, stepper.optimizer, state, config.train.keep_checkpoints,
                                 config.train.max_nonfinite_steps, metrics.window, store, snapshot, dist)
-    stop = StopSignals(repeat_aborts=not dist.enabled)  # entered once the workers run (they set SIGCHLD)
+    stop = StopSignals(repeat_aborts=not dist.enabled)  # entered after the feed starts the workers (SIGCHLD)
     batches = AgreedBatches(BatchFeed(loader, device), config, steps, spec.steps_per_epoch, checkpointer,
                             lambda: stop.received is not None, metrics.window, run_dir, dist)
-    del loader  # the feed holds the only reference: closing it stops the workers
+    del loader  # the feed keeps the workers' iterator: closing it stops them
     try:
         with stop:
             _loop(stepper, batches, metrics, checkpointer, steps, config.train.checkpoint_every, dist)
