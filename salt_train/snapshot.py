@@ -42,8 +42,8 @@ from typing import Iterator, get_args
 from shared.config import SnapshotMode
 from shared.console import format_bytes, progress
 from shared.errors import SaltUsageError
-from shared.filesystem import (PARTIAL_SUFFIX, atomic_dir, clone_file, no_build_running, partial_path,
-                               reading_folder, unless_in_use)
+from shared.filesystem import (PARTIAL_SUFFIX, atomic_dir, clone_file, delete_dir, no_build_running,
+                               partial_path, reading_folder, unless_in_use)
 
 log = logging.getLogger(__name__)
 
@@ -440,10 +440,7 @@ def prune_snapshots(store: Path, keep: int = 0, names: list[str] | None = None) 
             if not free:
                 log.warning("snapshot %s is being read by a running salt-train run: kept", name)
                 continue
-            # Renamed to .partial first (atomic): a crash mid-delete leaves a leftover, never half a snapshot.
-            partial = partial_path(root / name)
-            os.rename(root / name, partial)
-            shutil.rmtree(partial)
+            delete_dir(root / name)  # a crash mid-delete leaves a .partial leftover, never half a snapshot
         removed.append(name)
         log.info("removed snapshot %s", name)
     return removed

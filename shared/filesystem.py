@@ -6,7 +6,7 @@ place (``rename(2)`` is atomic), then the parent folder is flushed so the rename
 power cut. A reader, or a ``kill -9`` at any instant, sees the old thing or the new one,
 whole, never half. A name ending in ``.partial`` is therefore never a finished file: readers
 skip it and cleaners delete it. :func:`atomic_file` and :func:`atomic_dir` do this; every
-writer of the package goes through them. The ``.partial`` name is either fixed
+writer of the package goes through them. :func:`delete_dir` is the same rule backwards. The ``.partial`` name is either fixed
 (``<name>.partial``: a retry of the same job removes what a crashed attempt left) or, where
 several writers may stage the same name at once, unique and hidden (``.<name>.<8 hex>.partial``).
 
@@ -158,6 +158,14 @@ def atomic_dir(final: Path, *, unique: bool = False, replace: Replace = "empty",
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def delete_dir(folder: Path) -> None:
+    """Delete ``folder``: renamed to its ``.partial`` name first (atomic), so a crash mid-delete
+    leaves a leftover that is never mistaken for the whole folder."""
+    partial = partial_path(folder)
+    os.rename(folder, partial)
+    shutil.rmtree(partial)
 
 
 def _rename_into_place(partial: Path, final: Path, replace: Replace) -> None:
