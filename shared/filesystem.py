@@ -5,8 +5,9 @@ written under a ``.partial`` name beside its final place, flushed to disk, and r
 place (``rename(2)`` is atomic), then the parent folder is flushed so the rename survives a
 power cut. A reader, or a ``kill -9`` at any instant, sees the old thing or the new one,
 whole, never half. A name ending in ``.partial`` is therefore never a finished file: readers
-skip it and cleaners delete it. :func:`atomic_file` and :func:`atomic_dir` do this; every
-writer of the package goes through them. :func:`delete_dir` is the same rule backwards. The ``.partial`` name is either fixed
+skip it and cleaners delete it. :func:`atomic_file` and :func:`atomic_dir` do this for every
+file and folder the package writes itself (Zarr writes its own chunks the same way);
+:func:`delete_dir` is the same rule backwards. The ``.partial`` name is either fixed
 (``<name>.partial``: a retry of the same job removes what a crashed attempt left) or, where
 several writers may stage the same name at once, unique and hidden (``.<name>.<8 hex>.partial``).
 
