@@ -161,14 +161,6 @@ def atomic_dir(final: Path, *, unique: bool = False, replace: Replace = "empty",
         raise
 
 
-def delete_dir(folder: Path) -> None:
-    """Delete ``folder``: renamed to its ``.partial`` name first (atomic), so a crash mid-delete
-    leaves a leftover that is never mistaken for the whole folder."""
-    partial = partial_path(folder)
-    os.rename(folder, partial)
-    shutil.rmtree(partial)
-
-
 def _rename_into_place(partial: Path, final: Path, replace: Replace) -> None:
     previous = final.with_name(final.name + ".previous")
     if replace == "delete" and final.exists():
@@ -181,6 +173,14 @@ def _rename_into_place(partial: Path, final: Path, replace: Replace) -> None:
     fsync_path(final.parent)
     if replace == "backup":
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def delete_dir(folder: Path) -> None:
+    """Delete ``folder``: renamed to its ``.partial`` name first (atomic), so a crash mid-delete
+    leaves a leftover that is never mistaken for the whole folder."""
+    partial = partial_path(folder)
+    os.rename(folder, partial)
+    shutil.rmtree(partial)
 
 
 # ---- locks (the protocol is in the module docstring) ------------------------------------------
