@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
 from shared.distributed import Dist, rank_share, warn_if_oversubscribed
-from shared.store import LatentStore, build_lock
+from shared.filesystem import build_lock
+from shared.store import LatentStore
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.source import SsV2Source

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.errors import SaltUsageError, first_line, one_line
 from shared.distributed import Dist
-from shared.durable import fsync_path, write_json_atomic
+from shared.filesystem import atomic_dir, write_json_atomic
 from shared.store import LatentStore
 from salt_train.finite import nonfinite_latent_rows, weights_finite
 from salt_train.snapshot import Snapshot, check_manifest
@@ -124,37 +123,28 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
                     state: TrainState, keep: int) -> Path:
     """Write ``step-N`` atomically, point ``latest.json`` at it, drop all but the newest ``keep``."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:08d}"
-    partial = root / f"{final.name}.partial"
     try:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        optimizer_tensors, optimizer_rest = _optimizer_split(optimizer)
-        save_file(_tensors(model.state_dict()), partial / "model.safetensors")
-        save_file(optimizer_tensors, partial / "optimizer.safetensors")
-        save_file(_rng_tensors(), partial / "rng.safetensors")
-        record = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            **asdict(state),
-            "optimizer": optimizer_rest,
-        }
-        (partial / "state.json").write_text(json.dumps(record, indent=1))  # the whole folder is renamed
-        for file in partial.iterdir():
-            fsync_path(file)
+        # A rerun of the same step (resume from an older checkpoint) replaces it.
+        with atomic_dir(final, replace="delete") as partial:
+            optimizer_tensors, optimizer_rest = _optimizer_split(optimizer)
+            save_file(_tensors(model.state_dict()), partial / "model.safetensors")
+            save_file(optimizer_tensors, partial / "optimizer.safetensors")
+            save_file(_rng_tensors(), partial / "rng.safetensors")
+            record = {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                **asdict(state),
+                "optimizer": optimizer_rest,
+            }
+            (partial / "state.json").write_text(json.dumps(record, indent=1))  # the whole folder is renamed
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
-        shutil.rmtree(partial, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
         raise CheckpointWriteError(
             f"cannot write checkpoint {final.name} in {root}: {reason}; "
             + (f"{previous.name} is intact: free space and continue with --resume" if previous else
                "no earlier checkpoint")) from None
-    if final.exists():  # a rerun of the same step (resume from an older checkpoint): replace
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    fsync_path(root)
     write_json_atomic(root / "latest.json", {"checkpoint": final.name, "step": state.step})
     _prune(root, keep)
     return final

@@ -27,7 +27,7 @@ from shared.config import PipelineConfig
 from shared.console import print_block
 from shared.device import resolve_device
 from shared.distributed import Dist, backend_for, distributed, is_lost_peer, warn_if_oversubscribed
-from shared.durable import write_json_atomic
+from shared.filesystem import write_json_atomic
 from shared.errors import SaltUsageError
 from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, LatentStats, compute_stats
 from shared.store import LatentStore
