@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.errors import SaltUsageError, first_line, one_line
 from shared.distributed import Dist
-from shared.filesystem import atomic_dir, write_json_atomic
+from shared.filesystem import PARTIAL_SUFFIX, atomic_dir, delete_dir, write_json_atomic
 from shared.store import LatentStore
 from salt_train.finite import nonfinite_latent_rows, weights_finite
 from salt_train.snapshot import Snapshot, check_manifest
@@ -153,7 +153,12 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
 def _prune(root: Path, keep: int) -> None:
     done = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".partial"))
     for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:  # renamed first: a kill mid-delete leaves a .partial, never a half checkpoint under its name
+            delete_dir(old)
+        except OSError as exc:
+            log.warning("could not delete the old checkpoint %s: %s", old, exc)
+    for leftover in root.glob(f"{PREFIX}*{PARTIAL_SUFFIX}"):  # of a crash mid-save or mid-delete (rank 0 only saves)
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

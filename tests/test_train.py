@@ -241,3 +241,20 @@ def test_a_change_to_the_live_store_is_reported_when_there_is_no_snapshot(demo_r
     assert proc.returncode == 0, stderr
     assert json.loads((run_dir / "summary.json").read_text())["live_store_changed"] is True
     assert "THE LIVE STORE CHANGED" in (run_dir / "train.log").read_text()
+
+
+def test_prune_deletes_by_rename_and_clears_crash_leftovers(tmp_path: Path) -> None:
+    """Old checkpoints go by rename-then-delete, and the .partial folders a crash left (mid-save or
+    mid-delete) are cleared by the next save; the newest `keep` stay whole."""
+    from salt_train.checkpoint import Position, TrainState, complete_checkpoints, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    leftover = tmp_path / "checkpoints" / "step-00000001.partial"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half")
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, model, optimizer, TrainState(step=step, position=Position()), keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest.json", "step-00000003", "step-00000004"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000004", "step-00000003"]
