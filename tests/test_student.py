@@ -15,8 +15,8 @@ from shared import geometry
 from shared.config import ModelConfig
 from shared.errors import SaltUsageError
 from salt_train.export import export_encoder, load_encoder
-from salt_train.objective import (build_salt_student, masked_loss, normalise_targets, regression_loss,
-                                  student_flops_per_clip)
+from salt_train.loss import masked_loss, normalise_targets, regression_loss
+from salt_train.model import build_salt_student, student_flops_per_clip
 from salt_train.predictor import Predictor, sincos_positions_3d
 from salt_train.student import VideoViT, build_student, tubelets, view_tubelets
 
