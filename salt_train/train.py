@@ -36,7 +36,7 @@ from salt_train.export import export_encoder
 from salt_train.feed import BatchFeed
 from salt_train.finite import nonfinite_latent_rows, weights_finite
 from salt_train.masks import describe_masks, mask_layout
-from salt_train.objective import student_flops_per_clip
+from salt_train.model import student_flops_per_clip
 from salt_train.quick_eval import QuickEval
 from salt_train.snapshot import Snapshot, check_manifest, reading_snapshot, reuse_snapshot, take_snapshot
 from salt_train.step import Stepper, resolve_compile_mode
@@ -157,9 +157,10 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
     live = dist.agree(lambda: LatentStore.open(request.cache).checked())
     spec = stream_spec(live, config, Position(), dist.rank, dist.world_size)
     dist.agree(lambda: check_stream(spec, live.path))
-    dist.agree(lambda: check_shm(config.loader, spec.local_batch, live.teacher_width, processes=dist.local_world_size))
+    dist.agree(lambda: check_shm(config.train_loader, spec.local_batch, live.teacher_width,
+                                 processes=dist.local_world_size))
     stepper = Stepper(config, live.teacher_width, device, total_steps(config, spec.steps_per_epoch), dist)
-    warn_if_oversubscribed(dist, config.loader.num_workers)
+    warn_if_oversubscribed(dist, config.train_loader.num_workers, "train_loader.num_workers")
 
     # ---- run folder and snapshot: rank 0 makes them, every rank reads them --------------
     def make_run_dir() -> Path:
@@ -222,7 +223,8 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, stepper: S
     steps = stepper.total_steps = total_steps(config, spec.steps_per_epoch)
     train = config.train
     layout = mask_layout(config.mask.kind, config.mask.ratio)
-    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda", ring=True)
+    settings = config.train_loader
+    loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda", ring=True)
     flops = student_flops_per_clip(config.model, store.teacher_width, layout)
     print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, layout, model, flops, dist)
     stats = dist.on_main(lambda: target_statistics(config, run_dir, store, resume))
@@ -631,7 +633,7 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
     counts = store.counts()
     parameters = sum(p.numel() for p in model.parameters())
     encoder_parameters = sum(p.numel() for p in model.encoder.parameters())
-    loader = config.loader
+    loader = config.train_loader
     print_block("salt-train run", {
         "run folder": run_dir,
         "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, "
