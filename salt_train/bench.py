@@ -53,15 +53,14 @@ def realistic_pixels(rng: np.random.Generator, n: int, textured: float = 0.5) ->
 
 
 def write_synthetic_store(path: Path, rows: int, teacher_width: int = geometry.TEACHER_WIDTH_HUGE,
-                          shard_rows: int = 16, seed: int = 0, checksum_algorithm: str = CHECKSUM_ALGORITHM
-                          ) -> LatentStore:
+                          shard_rows: int = 16, seed: int = 0) -> LatentStore:
     """A store of the production shape without running a teacher, to measure the loader anywhere.
 
     Pixels compress like real video (:func:`realistic_pixels`); latents are random fp16 at the
-    teacher's width, like real ones incompressible. ``checksum_algorithm``: an older store's
-    (blake2b) for tests of stores written before crc32c.
+    teacher's width, like real ones incompressible.
     """
-    checksums = {"algorithm": checksum_algorithm, "arrays": {"pixels": "pixels_checksum", "latents": "latents_checksum"}}
+    checksums = {"algorithm": CHECKSUM_ALGORITHM,
+                 "arrays": {"pixels": "pixels_checksum", "latents": "latents_checksum"}}
     store = create_store(path, clip_ids=[f"synthetic-{r}" for r in range(rows)], labels=[-1] * rows,
                          teacher_width=teacher_width, shard_rows=shard_rows, pixels_zstd_level=1,
                          attrs={"teacher": {"name": "synthetic (random latents)"}, "checksums": checksums})

@@ -43,12 +43,6 @@ def regression_loss(predicted: Tensor, targets: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown loss {kind!r} (one of {', '.join(LOSSES)})")
 
 
-def masked_loss(predictions: Tensor, latents: Tensor, masked: Tensor, kind: str = "mse") -> Tensor:
-    """The loss of full-grid predictions ``[B, 1568, D]``: only the tokens at ``masked`` count."""
-    targets = normalise_targets(gather_tokens(latents, masked))
-    return regression_loss(gather_tokens(predictions, masked), targets, kind)
-
-
 class SaltObjective(nn.Module):
     """The whole differentiable step, from what the loader delivers to the loss, as one module
     so that ``torch.compile`` makes it one graph: uint8 views to normalised visible tubelets,

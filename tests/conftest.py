@@ -186,11 +186,17 @@ class Build:
     extra: dict = field(default_factory=dict)
 
 
+def build_tiny_teacher(seed: int = 0):
+    """builtin:tiny-videomae's architecture with weights seeded by ``seed`` (0: the built-in's own)."""
+    from shared.config import TINY_TEACHER
+    from shared.teacher import build_builtin_teacher
+
+    return build_builtin_teacher(TINY_TEACHER, seed)
+
+
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The seeded tiny VideoMAE saved with save_pretrained (loaded back with from_pretrained)."""
-    from shared.teacher import build_tiny_teacher
-
     path = tmp_path_factory.mktemp("teacher-seed0")
     build_tiny_teacher(seed=0).save_pretrained(path)
     return path
@@ -199,8 +205,6 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def other_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture, other weights (seed 1): a different teacher."""
-    from shared.teacher import build_tiny_teacher
-
     path = tmp_path_factory.mktemp("teacher-seed1")
     build_tiny_teacher(seed=1).save_pretrained(path)
     return path
