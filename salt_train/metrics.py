@@ -171,7 +171,7 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
     counts = store.counts()
     parameters = sum(p.numel() for p in model.parameters())
     encoder_parameters = sum(p.numel() for p in model.encoder.parameters())
-    loader = config.loader
+    loader = config.train_loader
     print_block("salt-train run", {
         "run folder": run_dir,
         "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, "

@@ -19,7 +19,7 @@ from shared.config import PipelineConfig
 from shared.store import LatentStore
 from salt_train.evaluate import check_compatible, choose_rows, class_count, heldout_loss
 from salt_train.features import EncoderFeatures, ExtractionPlan, extract
-from salt_train.objective import SaltStudent
+from salt_train.model import SaltStudent
 from salt_train.probes import ProbeSettings, linear_probe
 
 

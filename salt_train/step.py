@@ -20,8 +20,9 @@ from shared.distributed import Dist
 from salt_train.attention import attention_backends, attention_context
 from salt_train.feed import to_device
 from salt_train.finite import guarded_step
+from salt_train.loss import SaltObjective
 from salt_train.masks import make_masks
-from salt_train.objective import SaltObjective, SaltStudent, build_salt_student
+from salt_train.model import SaltStudent, build_salt_student
 from salt_train.optim import build_optimizer
 from salt_train.schedule import lr_at, set_lr
 

@@ -40,7 +40,7 @@ from salt_train.export import export_encoder
 from salt_train.feed import BatchFeed
 from salt_train.masks import mask_layout
 from salt_train.metrics import Metrics, print_diagnostics
-from salt_train.objective import SaltStudent, student_flops_per_clip
+from salt_train.model import SaltStudent, student_flops_per_clip
 from salt_train.quick_eval import QuickEval
 from salt_train.snapshot import Snapshot, reading_snapshot, reuse_snapshot, take_snapshot
 from salt_train.step import Stepper, seeded_student
@@ -150,10 +150,10 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
     live = dist.agree(lambda: LatentStore.open(request.cache).checked())
     live_spec = stream_spec(live, config, Position(), dist.rank, dist.world_size)  # for these checks only
     dist.agree(lambda: check_stream(live_spec, live.path))
-    dist.agree(lambda: check_shm(config.loader, live_spec.local_batch, live.teacher_width,
+    dist.agree(lambda: check_shm(config.train_loader, live_spec.local_batch, live.teacher_width,
                                  processes=dist.local_world_size))
     student = seeded_student(config, live.teacher_width)  # stepped once the snapshot gives the step total
-    warn_if_oversubscribed(dist, config.loader.num_workers)
+    warn_if_oversubscribed(dist, config.train_loader.num_workers, "train_loader.num_workers")
 
     # ---- run folder and snapshot: rank 0 makes them, every rank reads them --------------
     def make_run_dir() -> Path:
@@ -217,7 +217,8 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     model = stepper.model
     state = _resume_state(run_dir, model, stepper.optimizer, dist) if resume else ckpt.TrainState(0, Position())
     spec = dataclasses.replace(spec, start=state.position)
-    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda", ring=True)
+    settings = config.train_loader
+    loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda", ring=True)
     flops = student_flops_per_clip(config.model, store.teacher_width, mask_layout(config.mask.kind, config.mask.ratio))
     print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, model, flops, dist)
     stats = dist.on_main(lambda: target_statistics(config, run_dir, store, resume))

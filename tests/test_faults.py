@@ -299,7 +299,7 @@ def test_too_many_non_finite_steps_stop_the_run_with_one_line(demo_reference: Bu
 
 def test_the_build_records_non_finite_teacher_latents_as_failed(demo_set: Path, tmp_path: Path) -> None:
     """A teacher whose output overflows fp16 (scaled last layer): every row failed, with the reason."""
-    from shared.teacher import build_tiny_teacher
+    from conftest import build_tiny_teacher
 
     teacher = build_tiny_teacher(seed=0)
     with torch.no_grad():

@@ -32,8 +32,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def trained(reference_build, tmp_path_factory) -> tuple[Path, object]:
     """One run on the mixed store (3 failed rows), two loader workers, 40 steps."""
     work = tmp_path_factory.mktemp("trained")
-    pipeline = train_pipeline(work / "train.yaml", train__max_steps=40, loader__num_workers=2,
-                              loader__multiprocessing_context="forkserver")
+    pipeline = train_pipeline(work / "train.yaml", train__max_steps=40, train_loader__num_workers=2,
+                              train_loader__multiprocessing_context="forkserver")
     run_dir = work / "run"
     result = call_train("run", "--cache", reference_build.store, "--pipeline", pipeline, "--run-dir", run_dir)
     return run_dir, result
@@ -165,7 +165,8 @@ def assert_one_line_usage_error(result, *fragments: str) -> None:
     ("model.student=vit_nonexistent_patch16", "vit_nonexistent_patch16"),
     ("train.batch_size=64", "larger than the 5 committed rows"),
     ("train.lr=-1", "train.lr"),
-    ("loader.num_workerz=2", "unknown key"),
+    ("train_loader.num_workerz=2", "unknown key"),
+    ("loader.num_workers=2", "old name of build_loader and train_loader"),
 ])
 def test_bad_settings_are_one_line(reference_build, tmp_path, setting, fragment) -> None:
     pipeline = train_pipeline(tmp_path / "train.yaml")
