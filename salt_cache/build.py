@@ -250,7 +250,10 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
         return plan
 
     # Rank 0 decides: the others must not look at a store it may be creating meanwhile.
-    if dist.on_main(lambda: out.exists() and not open_matching_store(out, identity, False).pending_shards(retry_failed)):
+    def finished() -> bool:
+        return out.exists() and not open_matching_store(out, identity, False).pending_shards(retry_failed)
+
+    if dist.on_main(finished):
         return dist.on_main(report_finished)
     space = dist.on_main(check_disk)
     with ExitStack() as held:

@@ -45,13 +45,16 @@ app = make_app(
 @app.command()
 def build(
     src: Path = typer.Option(..., "--src", help="SSv2 root (official or flat layout)"),
-    split: Optional[str] = typer.Option(None, help=f"train, validation or test {_from_pipeline(_DEFAULTS.cache.split)}"),
+    split: Optional[str] = typer.Option(None,
+                                        help=f"train, validation or test {_from_pipeline(_DEFAULTS.cache.split)}"),
     out: Optional[Path] = typer.Option(None, help="store path [SRC/latents.zarr]"),
-    teacher: Optional[str] = typer.Option(None, help="VideoMAE hub id, save_pretrained folder, or builtin:tiny-videomae"),
+    teacher: Optional[str] = typer.Option(None,
+                                          help="VideoMAE hub id, save_pretrained folder, or builtin:tiny-videomae"),
     pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
     limit: Optional[int] = typer.Option(None, help="only the first N clips of the split"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size",
-                                             help=f"clips per teacher forward {_from_pipeline(_DEFAULTS.teacher.batch_size)}"),
+                                             help="clips per teacher forward "
+                                                  f"{_from_pipeline(_DEFAULTS.teacher.batch_size)}"),
     workers: Optional[int] = typer.Option(
         None, help=f"decode workers, build_loader.num_workers {_from_pipeline(_DEFAULTS.build_loader.num_workers)}"),
     device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} {_from_pipeline(_DEFAULTS.cache.device)}"),
@@ -197,7 +200,8 @@ def bench(
     width: int = typer.Option(1280, min=1, help="latent width with --host-path (1280: ViT-H, production)"),
     writers: int = typer.Option(4, min=1, help="shard writer threads of the end-to-end build"),
     teacher_compile: TeacherCompile = typer.Option(TeacherCompile.auto, "--teacher-compile",
-                                                   help="torch.compile mode of the teacher (auto: default on CUDA, off on CPU)"),
+                                                   help="torch.compile mode of the teacher "
+                                                        "(auto: default on CUDA, off on CPU)"),
 ) -> int:
     """Print decode-only, teacher-only and end-to-end build rates from one run (figures for EXPERIMENTS.md)."""
     setup_logging()
@@ -278,7 +282,8 @@ def convert_teacher(
     done = convert(original, out, heads)
     config = done.config
     summary = {
-        "teacher": f"width {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
+        "teacher": f"width {config.hidden_size}, {config.num_hidden_layers} layers, "
+                   f"{config.num_attention_heads} heads, "
                    f"MLP {config.intermediate_size}, final norm applied to every token",
         "converted": f"{done.converted} encoder tensors",
         "left out": f"{len(done.ignored)} decoder tensors" + (f"; entries {', '.join(done.other_entries)}"

@@ -84,8 +84,8 @@ class AgreedBatches:
             batch, self.worker_died = next_batch(self.feed)
             self.window.data_wait += time.perf_counter() - waited
             unreadable = batch is not None and "error" in batch
-            stopping, skipping, exhausted = self.dist.any_of(self.stop_requested() or bool(self.worker_died), unreadable,
-                                                             batch is None)
+            stop = self.stop_requested() or bool(self.worker_died)
+            stopping, skipping, exhausted = self.dist.any_of(stop, unreadable, batch is None)
             if stopping:
                 self.interrupted = True
                 return

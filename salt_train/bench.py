@@ -205,7 +205,8 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
                   f"{' per rank' if dist.enabled else ''}, "
                   f"batch {spec.batch_size}, checksums {'on' if spec.verify_checksums else 'off'})",
         "step, batch from memory": f"{memory_clips:.1f} clips/s",
-        "step, batch from loader": f"{fed_clips:.1f} clips/s ({100 * (1 - fed_clips / memory_clips):.0f}% below memory)",
+        "step, batch from loader": f"{fed_clips:.1f} clips/s "
+                                   f"({100 * (1 - fed_clips / memory_clips):.0f}% below memory)",
         "FLOPs per clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
         "achieved": achieved(memory_clips * step_flops, fed_clips * step_flops, device, dist.world_size),
         "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "

@@ -27,8 +27,9 @@ _DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe
 SnapshotMode = choices("SnapshotMode", config.SnapshotMode)
 
 
-SNAPSHOT_HELP = ("auto: reflink clone where the filesystem can (XFS, btrfs), else read the live store with a warning "
-                 "and a recorded manifest; reflink: clone or refuse; copy: full copy (slow, explicit); none: live store")
+SNAPSHOT_HELP = ("auto: reflink clone where the filesystem can (XFS, btrfs), else read the live store with a "
+                 "warning and a recorded manifest; reflink: clone or refuse; copy: full copy (slow, explicit); "
+                 "none: live store")
 SET_HELP = "override one recipe field, e.g. --set train.lr=1e-4 --set train_loader.num_workers=4 (repeatable)"
 
 app = make_app(
@@ -70,7 +71,8 @@ def run(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder [runs/<pipeline>-<time>]"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after N optimizer steps"),
     resume: bool = typer.Option(False, "--resume",
-                                help="continue the run in --run-dir (or this cache's latest run) from its last checkpoint"),
+                                help="continue the run in --run-dir (or this cache's latest run) "
+                                     "from its last checkpoint"),
     snapshot: Optional[SnapshotMode] = typer.Option(None, help=f"{SNAPSHOT_HELP} [from the pipeline: auto]"),
     device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]"),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -255,7 +257,8 @@ def snapshots_list(cache: Path = typer.Option(..., "--cache", help="the live sto
     if not found:
         print(f"no snapshots of {cache}")
     for item in found:
-        print(f"{item['name']}  {item['mode']}  {item['files']} files  {item['bytes']} bytes  {item['created']}  {item['path']}")
+        print(f"{item['name']}  {item['mode']}  {item['files']} files  {item['bytes']} bytes  "
+              f"{item['created']}  {item['path']}")
     return EXIT_OK
 
 

@@ -40,9 +40,10 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
         rows.append((f"SSv2 classification: skipped ({classification['skipped']})", "", ["-"] * len(COLUMNS)))
     else:
         chance = f"{100 * classification['chance']:.1f}%"
-        rows.append(("SSv2 attentive probe top-1", chance, [_cell(classification["attentive"][c], "top1") for c in COLUMNS]))
+        attentive = classification["attentive"]
+        rows.append(("SSv2 attentive probe top-1", chance, [_cell(attentive[c], "top1") for c in COLUMNS]))
         if classification["classes"] > 5:
-            rows.append(("SSv2 attentive probe top-5", "", [_cell(classification["attentive"][c], "top5") for c in COLUMNS]))
+            rows.append(("SSv2 attentive probe top-5", "", [_cell(attentive[c], "top5") for c in COLUMNS]))
         rows.append(("SSv2 linear probe (mean-pooled) top-1", chance,
                      [_cell(classification["linear"][c], "top1") for c in COLUMNS]))
     return rows
@@ -99,7 +100,8 @@ def write_plot(report: dict[str, Any], path: Path, metrics: Path | None) -> None
     final = report["heldout"].get("student", {})
     if "loss" in final:
         step = train[-1][0] if train else 0
-        curve.plot([step], [final["loss"]], "D", color="tab:red", label=f"held-out loss, this eval ({final['loss']:.3f})")
+        curve.plot([step], [final["loss"]], "D", color="tab:red",
+                   label=f"held-out loss, this eval ({final['loss']:.3f})")
     random_loss = report["heldout"].get("random_init", {}).get("loss")
     if random_loss is not None:
         curve.axhline(random_loss, color="grey", linestyle=":", label=f"random-init held-out ({random_loss:.3f})")

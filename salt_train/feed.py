@@ -113,7 +113,8 @@ class BatchFeed:
                 continue
             error = torch.cuda.cudart().cudaHostRegister(ptr, storage.nbytes(), 0)
             if int(error) != 0:
-                log.warning("cannot pin a loader buffer (cudaHostRegister error %s): copies from pageable memory", error)
+                log.warning("cannot pin a loader buffer (cudaHostRegister error %s): copies from pageable memory",
+                            error)
                 self.unpinnable.add(ptr)
                 continue
             self.pinned[ptr] = storage  # kept alive, so the worker's next send maps to the same pages

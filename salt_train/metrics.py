@@ -104,7 +104,8 @@ class HealthWindow:
 
 def health_line(record: dict[str, Any]) -> str:
     gpu = f" gpu_mem {record['gpu_mem_gb']:.1f} GB" if record["gpu_mem_gb"] is not None else ""
-    return (f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
+    return (f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"grad_norm {record['grad_norm']:.3f} "
             f"| {record['clips_per_s']:.1f} clips/s, data wait {record['data_wait_ms']:.1f} ms/step, "
             f"step {record['step_ms']:.1f} ms{gpu} | loader errors {record['loader_errors']}"
             + (f", {record['skipped_steps']} non-finite steps skipped" if record.get("skipped_steps") else ""))
@@ -196,8 +197,10 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
         "loader": f"{loader.num_workers} workers x prefetch {loader.prefetch_factor}, "
                   f"{format_bytes(batch_bytes(spec.local_batch, store.teacher_width))}/batch, "
                   f"shm bound {format_bytes(shm_bound(loader, spec.local_batch, store.teacher_width))}, "
-                  f"shuffle window {config.stream.shuffle_buffer} rows, checksums {'on' if spec.verify_checksums else 'off'}",
-        "start": f"epoch {spec.start.epoch}, batch {spec.start.index}" + (" (resumed)" if spec.start != Position() else ""),
+                  f"shuffle window {config.stream.shuffle_buffer} rows, "
+                  f"checksums {'on' if spec.verify_checksums else 'off'}",
+        "start": f"epoch {spec.start.epoch}, batch {spec.start.index}"
+                 + (" (resumed)" if spec.start != Position() else ""),
         **({"ranks": f"{dist.world_size} (torchrun, {dist.local_world_size} on this node): DDP, "
                      f"{spec.local_batch} clips per rank per step, loader workers per rank"} if dist.enabled else {}),
     })

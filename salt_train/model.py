@@ -55,7 +55,8 @@ class SaltStudent(nn.Module):
         embed = self.encoder.patch_embed
         prepare = embed.normalise if from_uint8 else (lambda x: x)
         if self.mode == "salt":
-            context = self.encoder.encode_tokens(self.encoder.embed_at(prepare(gather_tokens(patches, visible)), visible))
+            embedded = self.encoder.embed_at(prepare(gather_tokens(patches, visible)), visible)
+            context = self.encoder.encode_tokens(embedded)
             return self.predictor(context, visible, masked)
         # Mask tokens replace the patch content of every token outside the context (targets and
         # tokens left out of both alike, so nothing hidden leaks); positions are added after, so

@@ -45,7 +45,8 @@ def new_run_dir(config: PipelineConfig, runs_dir: Path = DEFAULT_RUNS_DIR) -> Pa
 def create_run_dir(path: Path, config: PipelineConfig) -> None:
     """A fresh run folder; an existing run is never overwritten (continue it with --resume)."""
     if (path / "run.json").exists() or (path / "config.yaml").exists():
-        raise SaltUsageError(f"run folder {path} already holds a run: continue it with --resume, or pick another --run-dir")
+        raise SaltUsageError(f"run folder {path} already holds a run: continue it with --resume, "
+                             "or pick another --run-dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

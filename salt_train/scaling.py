@@ -53,5 +53,6 @@ def scaling_table(results: list[dict[str, float]]) -> list[str]:
         for result in results:
             k = int(result["processes"])
             efficiency = result[key] / (k * base[key]) if base[key] else float("nan")
-            lines.append(f"{label:<24} {k} process(es): {result[key]:8.1f} clips/s  efficiency {100 * efficiency:5.1f}%")
+            lines.append(f"{label:<24} {k} process(es): {result[key]:8.1f} clips/s  "
+                         f"efficiency {100 * efficiency:5.1f}%")
     return lines

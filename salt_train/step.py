@@ -91,7 +91,8 @@ class Stepper:
         workers make the masks (StreamSpec.mask_kind); a batch without them gets them here, from the step."""
         moved = [batch[name].to(self.device, non_blocking=True) for name in ("pixels", "latents")]
         if "masked" in batch:
-            return (*moved, to_device(batch["visible"], self.device, True), to_device(batch["masked"], self.device, True))
+            return (*moved, to_device(batch["visible"], self.device, True),
+                    to_device(batch["masked"], self.device, True))
         local = moved[0].shape[0]  # this rank's slice of the global batch, and of its masks
         mask = self.config.mask
         masks = make_masks(mask.kind, mask.ratio, local * self.world_size, self.config.train.seed, step)
@@ -101,7 +102,8 @@ class Stepper:
     def step(self, batch: dict, step: int) -> StepResult:
         train = self.config.train
         views, latents, visible, masked = self.inputs(batch, step)
-        lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=self.total_steps)
+        lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
+                   total_steps=self.total_steps)
         set_lr(self.optimizer, lr)
         if self.compile_mode != "off" and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (max-autotune)

@@ -134,7 +134,8 @@ def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
         if run_dir is None:
             run_dir = run_folder.find_latest_run(request.cache)
             if run_dir is None:
-                raise SaltUsageError(f"--resume: no run of {request.cache} under {run_folder.DEFAULT_RUNS_DIR}/ (pass --run-dir)")
+                raise SaltUsageError(f"--resume: no run of {request.cache} under {run_folder.DEFAULT_RUNS_DIR}/ "
+                                     "(pass --run-dir)")
             log.info("resuming the latest run of this cache: %s", run_dir)
         config = run_folder.read_run_config(run_dir)
     if request.max_steps is not None:

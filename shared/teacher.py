@@ -148,7 +148,8 @@ def _load_pretrained(name: str, local: Path) -> VideoMAEModel:
     dropped_norm = [k for k in unexpected if k.removeprefix("videomae.").startswith("layernorm.")]
     if dropped_norm:
         raise SaltUsageError(f"teacher {name} has a final norm ({dropped_norm[0]}) but its config says "
-                             "use_mean_pooling: true, so it would be dropped; set use_mean_pooling: false in its config.json")
+                             "use_mean_pooling: true, so it would be dropped; "
+                             "set use_mean_pooling: false in its config.json")
     return model
 
 
