@@ -15,7 +15,6 @@ latents are compared with the checksums stored beside them, so a flipped byte is
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -35,12 +34,6 @@ def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """Row ids as maximal contiguous ``[start, stop)`` runs, in their order."""
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks) if len(run)]
-
-
-def _missing_shard_files(store: LatentStore, name: str, rows: np.ndarray) -> list[Path]:
-    """The shard files of array ``name`` that hold some of ``rows`` and do not exist."""
-    shards = np.unique(np.asarray(rows, dtype=np.int64) // store.shard_rows)
-    return [path for path in (store.shard_file(name, int(shard)) for shard in shards) if not path.is_file()]
 
 
 def checksum_problem(store: LatentStore, name: str, row: np.ndarray, expected: int) -> str | None:
@@ -66,9 +59,7 @@ def read_rows(store: LatentStore, rows: np.ndarray, names: Sequence[str] = ("pix
         if raw is not None:
             raw.read(rows, out=target)
         else:
-            missing = _missing_shard_files(store, name, rows)
-            if missing:
-                raise ValueError(f"{name} shard file {missing[0]} is missing")
+            _require_files(store, name, rows)
             filled = 0
             for a, b in runs:
                 target[filled:filled + b - a] = array[a:b]
@@ -77,6 +68,16 @@ def read_rows(store: LatentStore, rows: np.ndarray, names: Sequence[str] = ("pix
     if check:
         _check_checksums(store, rows, dict(zip(names, results)))
     return tuple(results)
+
+
+def _require_files(store: LatentStore, name: str, rows: np.ndarray) -> None:
+    """zarr reads a missing shard file as the fill value; for rows being read it is damage."""
+    array = store.arrays[name]
+    grid = (array.shards or array.chunks)[0]  # shard_rows, or more for clip_id and label
+    for shard in np.unique(rows // grid):
+        path = store.shard_file(name, int(shard))
+        if not path.is_file():
+            raise ValueError(f"{name} shard {shard} file {path} is missing")
 
 
 def _check_checksums(store: LatentStore, rows: np.ndarray, data: dict[str, np.ndarray]) -> None:
