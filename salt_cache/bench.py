@@ -116,8 +116,8 @@ def time_loader_decode(clips: list[ClipRecord], config: PipelineConfig, scratch:
     batch_size = config.teacher.batch_size
     store = _scratch_store(scratch / "plan.zarr", len(clips), 1, config.store.shard_rows)
     plans = plan_batches(store, list(range(store.num_shards)), batch_size)
-    warm = config.loader.num_workers * config.loader.prefetch_factor
-    dataset = ViewBatches(clips, plans, config.view, config.loader.decode_threads, batch_size)
+    warm = config.build_loader.num_workers * config.build_loader.prefetch_factor
+    dataset = ViewBatches(clips, plans, config.view, config.build_loader.decode_threads, batch_size)
     total, count, steady_started = 0, 0, 0.0
     started = time.perf_counter()
     for k, batch in enumerate(make_loader(dataset, config, torch.device("cpu"))):
@@ -159,7 +159,7 @@ def time_build(source: SsV2Source, teacher: Teacher | HostPathTeacher, config: P
     """clips/s of a real build of ``source`` into a scratch store: in steady state (timed like the
     decode's, to the last commit), and over the whole build (worker start included)."""
     report = run_build(source, teacher, config, scratch / "build.zarr", dist=Dist())
-    warm = config.loader.num_workers * config.loader.prefetch_factor
+    warm = config.build_loader.num_workers * config.build_loader.prefetch_factor
     return report.steady_clips_per_second(warm), report.clips_per_second
 
 
@@ -238,8 +238,8 @@ def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: s
     config = PipelineConfig()
     config.teacher.compile_mode = teacher_compile
     config.teacher.batch_size = batch_size
-    config.loader.num_workers = workers
-    config.loader.persistent_workers = False
+    config.build_loader.num_workers = workers
+    config.build_loader.persistent_workers = False
     config.store.writers = writers
     return config
 

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
 from shared.distributed import Dist, rank_share, warn_if_oversubscribed
-from shared.store import LatentStore, build_lock
+from shared.filesystem import build_lock
+from shared.store import LatentStore
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.source import SsV2Source
@@ -260,7 +261,7 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
             return store.pending_shards(retry_failed)
 
         pending = dist.on_main(prepare)
-        warn_if_oversubscribed(dist, config.loader.num_workers)
+        warn_if_oversubscribed(dist, config.build_loader.num_workers, "build_loader.num_workers")
         store = dist.agree(lambda: open_matching_store(out, identity, writable=True))
         shards = rank_share(pending, dist.rank, dist.world_size)
         if dist.is_main:
@@ -314,10 +315,11 @@ def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config
         "teacher": f"{teacher.name} (width {teacher.width}, {teacher.compute_dtype}, hash {teacher.weights_hash[:12]})",
         "device": teacher.device,
         "shards": f"{store.num_shards} of {store.shard_rows} rows, {len(shards)} to do",
-        "loader": (f"workers={config.loader.num_workers} prefetch={config.loader.prefetch_factor} "
-                   f"pin_memory={config.loader.pin_memory and teacher.device.type == 'cuda'} "
-                   f"persistent={config.loader.persistent_workers} context={config.loader.multiprocessing_context} "
-                   f"decode_threads={config.loader.decode_threads}"),
+        "loader": (f"workers={config.build_loader.num_workers} prefetch={config.build_loader.prefetch_factor} "
+                   f"pin_memory={config.build_loader.pin_memory and teacher.device.type == 'cuda'} "
+                   f"persistent={config.build_loader.persistent_workers} "
+                   f"context={config.build_loader.multiprocessing_context} "
+                   f"decode_threads={config.build_loader.decode_threads}"),
         "teacher batch": config.teacher.batch_size,
         **({"ranks": f"{dist.world_size} (torchrun), each building a contiguous share of the shards to do; "
                      f"the bar shows rank 0's share"} if dist.enabled else {}),
@@ -344,7 +346,8 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
     arrivals: list[tuple[float, int]] = []
     collector = BatchCollector(store, source, writer)
     if plans:
-        dataset = ViewBatches(source.clips, plans, config.view, config.loader.decode_threads, config.teacher.batch_size)
+        dataset = ViewBatches(source.clips, plans, config.view, config.build_loader.decode_threads,
+                              config.teacher.batch_size)
         label = f"teacher, rank 0 of {dist.world_size}" if dist.enabled else "teacher"
         bar = progress(todo, label, unit="clip")
         in_flight: TeacherBatch | None = None

@@ -52,7 +52,8 @@ def build(
     limit: Optional[int] = typer.Option(None, help="only the first N clips of the split"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size",
                                              help=f"clips per teacher forward {_from_pipeline(_DEFAULTS.teacher.batch_size)}"),
-    workers: Optional[int] = typer.Option(None, help=f"DataLoader decode workers {_from_pipeline(_DEFAULTS.loader.num_workers)}"),
+    workers: Optional[int] = typer.Option(
+        None, help=f"decode workers, build_loader.num_workers {_from_pipeline(_DEFAULTS.build_loader.num_workers)}"),
     device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} {_from_pipeline(_DEFAULTS.cache.device)}"),
     retry_failed: bool = typer.Option(False, "--retry-failed",
                                       help="also redo shards holding failed rows (after their videos were fixed)"),
@@ -72,7 +73,7 @@ def build(
 
     config = load_pipeline(pipeline, {
         "cache.split": split, "cache.limit": limit, "cache.device": device.value if device else None,
-        "teacher.name": teacher, "teacher.batch_size": batch_size, "loader.num_workers": workers,
+        "teacher.name": teacher, "teacher.batch_size": batch_size, "build_loader.num_workers": workers,
     })
     from salt_cache.views import split_views
 

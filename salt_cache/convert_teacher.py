@@ -15,10 +15,8 @@ script saves beside the weights (a plain attribute bag: building one runs no cod
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import re
-import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from transformers import VideoMAEConfig, VideoMAEModel
 
 from shared import geometry
 from shared.errors import SaltUsageError, first_line
+from shared.filesystem import atomic_dir
 from shared.teacher import quiet_transformers
 
 ENCODER = "encoder."
@@ -176,15 +175,9 @@ def convert_teacher(original: Path, out: Path, heads: int | None = None) -> Conv
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
         raise SaltUsageError(f"{original} does not fit a VideoMAE of width {config.hidden_size}: {detail}") from None
 
-    partial = out.with_name(out.name + ".partial")
     try:
-        shutil.rmtree(partial, ignore_errors=True)
-        with quiet_transformers():
+        with atomic_dir(out) as partial, quiet_transformers():  # an empty `out` (checked above) is replaced
             model.save_pretrained(partial)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(partial, out)
     except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
         raise SaltUsageError(f"cannot write {out}: {exc.strerror or exc}") from None
     return Conversion(config, converted=len(expected), ignored=ignored, other_entries=other_entries)

@@ -16,13 +16,14 @@ features can separate them. Everything is deterministic given the seed.
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import av
 import numpy as np
+
+from shared.filesystem import PARTIAL_SUFFIX, atomic_dir
 
 TEMPLATES: tuple[str, ...] = (
     "Moving [something] from left to right",
@@ -182,22 +183,14 @@ def write_demo_dataset(root: Path, *, train: int = 96, validation: int = 64, tes
         more = f" and {len(conflicts) - 1} more paths already exist" if len(conflicts) > 1 else " already exists"
         raise DemoDataExists(f"{conflicts[0]}{more}; refusing to overwrite")
 
+    # Ctrl-C included, a failure leaves nothing half-written behind.
     if root.exists():
-        staging = root / f".salt-demo-data.partial-{uuid.uuid4().hex[:8]}"
+        with tempfile.TemporaryDirectory(prefix=".salt-demo-data.", suffix=PARTIAL_SUFFIX, dir=root) as staging:
+            _render_dataset(Path(staging), counts, iter(all_ids), rng, height, width, fps)
+            _move_files(Path(staging), root)
     else:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        staging = root.parent / f".{root.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()  # plain mkdir, not mkdtemp: the renamed folder keeps the umask's mode
-    try:
-        _render_dataset(staging, counts, iter(all_ids), rng, height, width, fps)
-        if root.exists():
-            _move_files(staging, root)
-            shutil.rmtree(staging)
-        else:
-            staging.rename(root)
-    except BaseException:  # Ctrl-C included: leave nothing half-written behind
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with atomic_dir(root, unique=True) as staging:
+            _render_dataset(staging, counts, iter(all_ids), rng, height, width, fps)
     return counts
 
 

@@ -90,7 +90,7 @@ class ViewBatches(Dataset):
 
 
 def make_loader(dataset: ViewBatches, config: PipelineConfig, device: torch.device) -> DataLoader:
-    settings = config.loader
+    settings = config.build_loader
     kwargs: dict = {"batch_size": None, "shuffle": False, "num_workers": settings.num_workers,
                     "pin_memory": settings.pin_memory and device.type == "cuda"}
     if settings.num_workers > 0:

@@ -33,7 +33,7 @@ from shared.store import CHECKSUM_ALGORITHM, LatentStore, RowStatus, ShardPayloa
 from salt_train.data import check_stream, make_loader, stream_spec
 from salt_train.feed import BatchFeed, batch_to_device
 from salt_train.masks import mask_layout
-from salt_train.objective import student_flops_per_clip
+from salt_train.model import student_flops_per_clip
 from salt_train.step import Stepper, resolve_compile_mode
 
 READ_BLOCK = 16 << 20
@@ -53,15 +53,14 @@ def realistic_pixels(rng: np.random.Generator, n: int, textured: float = 0.5) ->
 
 
 def write_synthetic_store(path: Path, rows: int, teacher_width: int = geometry.TEACHER_WIDTH_HUGE,
-                          shard_rows: int = 16, seed: int = 0, checksum_algorithm: str = CHECKSUM_ALGORITHM
-                          ) -> LatentStore:
+                          shard_rows: int = 16, seed: int = 0) -> LatentStore:
     """A store of the production shape without running a teacher, to measure the loader anywhere.
 
     Pixels compress like real video (:func:`realistic_pixels`); latents are random fp16 at the
-    teacher's width, like real ones incompressible. ``checksum_algorithm``: an older store's
-    (blake2b) for tests of stores written before crc32c.
+    teacher's width, like real ones incompressible.
     """
-    checksums = {"algorithm": checksum_algorithm, "arrays": {"pixels": "pixels_checksum", "latents": "latents_checksum"}}
+    checksums = {"algorithm": CHECKSUM_ALGORITHM,
+                 "arrays": {"pixels": "pixels_checksum", "latents": "latents_checksum"}}
     store = create_store(path, clip_ids=[f"synthetic-{r}" for r in range(rows)], labels=[-1] * rows,
                          teacher_width=teacher_width, shard_rows=shard_rows, pixels_zstd_level=1,
                          attrs={"teacher": {"name": "synthetic (random latents)"}, "checksums": checksums})
@@ -97,14 +96,15 @@ LOADER_MIN_BATCHES = 40  # a loader rate over fewer batches (well under a second
 
 def training_feed(spec, config: PipelineConfig, device: torch.device) -> BatchFeed:
     """The loader exactly as `salt-train run` builds it, delivering batches on ``device``."""
-    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda", ring=True)
+    settings = config.train_loader
+    loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda", ring=True)
     return BatchFeed(loader, device)
 
 
 def loader_window(spec, config: PipelineConfig, batches: int, device: torch.device) -> tuple[int, float, float]:
     """Clips the training loader delivered on the device once its prefetch queue was primed (worker
     start excluded), and the wall-clock start and end of that window (comparable between the ranks of a node)."""
-    warmup = max(2, config.loader.num_workers * config.loader.prefetch_factor)
+    warmup = max(2, config.train_loader.num_workers * config.train_loader.prefetch_factor)
     batches = max(batches, LOADER_MIN_BATCHES)
     loader = training_feed(spec, config, device)
     clips, started = 0, float("nan")
@@ -184,7 +184,7 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
     loader_clips = sum(w[0] for w in windows) / (max(w[2] for w in windows) - min(w[1] for w in windows))
 
     stepper = Stepper(config, store.teacher_width, device, total_steps=10 * batches, dist=dist)
-    first = next(iter(make_loader(spec, config.loader.model_copy(update={"num_workers": 0}), pin_memory=False)))
+    first = next(iter(make_loader(spec, config.train_loader.model_copy(update={"num_workers": 0}), pin_memory=False)))
     on_device = batch_to_device(first, device)
     memory_clips = step_rate(stepper, repeat(on_device), batches) * dist.world_size  # DDP keeps ranks in lockstep
     trace = profile_steps(stepper, on_device, profile) if profile is not None and dist.is_main else None
@@ -201,7 +201,8 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
         "store": f"{cache} ({len(spec.rows)} committed rows, {format_bytes(bytes_per_clip)}/clip on disk)",
         "raw read (page cache)": f"{raw_bytes / raw_seconds / 1e6:.0f} MB/s = "
                                  f"{raw_bytes / raw_seconds / bytes_per_clip:.0f} clips/s",
-        "loader": f"{loader_clips:.1f} clips/s ({config.loader.num_workers} workers{' per rank' if dist.enabled else ''}, "
+        "loader": f"{loader_clips:.1f} clips/s ({config.train_loader.num_workers} workers"
+                  f"{' per rank' if dist.enabled else ''}, "
                   f"batch {spec.batch_size}, checksums {'on' if spec.verify_checksums else 'off'})",
         "step, batch from memory": f"{memory_clips:.1f} clips/s",
         "step, batch from loader": f"{fed_clips:.1f} clips/s ({100 * (1 - fed_clips / memory_clips):.0f}% below memory)",

@@ -29,7 +29,7 @@ SnapshotMode = choices("SnapshotMode", config.SnapshotMode)
 
 SNAPSHOT_HELP = ("auto: reflink clone where the filesystem can (XFS, btrfs), else read the live store with a warning "
                  "and a recorded manifest; reflink: clone or refuse; copy: full copy (slow, explicit); none: live store")
-SET_HELP = "override one recipe field, e.g. --set train.lr=1e-4 --set loader.num_workers=4 (repeatable)"
+SET_HELP = "override one recipe field, e.g. --set train.lr=1e-4 --set train_loader.num_workers=4 (repeatable)"
 
 app = make_app(
     "Train the SALT student: a timm ViT with a 2x16x16 tubelet embedding regresses the cached "

@@ -45,25 +45,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared import geometry
-from shared.config import LoaderConfig, PipelineConfig
+from shared.config import PipelineConfig, TrainLoaderConfig
 from shared.console import format_bytes
 from shared.errors import SaltUsageError
 from shared.lifeline import worker_init
 from shared.rows import committed_rows, read_rows
 from shared.store import LatentStore
+from salt_train.checkpoint import Position
 from salt_train.masks import make_masks
 
 log = logging.getLogger(__name__)
 
 SHM_PATH = Path("/dev/shm")
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a stream is: the next global batch to read is ``index`` of ``epoch``."""
-
-    epoch: int = 0
-    index: int = 0
 
 
 def batches_per_epoch(num_rows: int, batch_size: int) -> int:
@@ -328,19 +321,19 @@ def batch_bytes(local_batch: int, teacher_width: int) -> int:
     return pixels + latents
 
 
-def ring_slots(loader: LoaderConfig) -> int:
+def ring_slots(loader: TrainLoaderConfig) -> int:
     """Buffers per worker: its prefetched batches, the one it reads, and one the main process holds."""
     return loader.prefetch_factor + 2
 
 
-def shm_bound(loader: LoaderConfig, local_batch: int, teacher_width: int) -> int:
+def shm_bound(loader: TrainLoaderConfig, local_batch: int, teacher_width: int) -> int:
     """The /dev/shm the training loader holds: every worker's ring of batch buffers."""
     if loader.num_workers == 0:
         return 0
     return loader.num_workers * ring_slots(loader) * batch_bytes(local_batch, teacher_width)
 
 
-def check_shm(loader: LoaderConfig, local_batch: int, teacher_width: int, shm: Path = SHM_PATH,
+def check_shm(loader: TrainLoaderConfig, local_batch: int, teacher_width: int, shm: Path = SHM_PATH,
               processes: int = 1) -> None:
     """Refuse to start workers that would exhaust /dev/shm (a bus error mid-run, not an error message).
     ``processes``: the ranks on this node, whose loaders share its /dev/shm."""
@@ -353,12 +346,13 @@ def check_shm(loader: LoaderConfig, local_batch: int, teacher_width: int, shm: P
             f"the loader can hold up to {format_bytes(needed)} in {shm} "
             f"({processes} rank(s) x {loader.num_workers} workers x {ring_slots(loader)} batches x "
             f"{format_bytes(batch_bytes(local_batch, teacher_width))}) "
-            f"but only {format_bytes(free)} is free: lower loader.num_workers, loader.prefetch_factor or train.batch_size, "
+            f"but only {format_bytes(free)} is free: lower train_loader.num_workers, train_loader.prefetch_factor "
+            "or train.batch_size, "
             "or give the container more shared memory (docker run --shm-size)"
         )
 
 
-def make_loader(spec: StreamSpec, loader: LoaderConfig, pin_memory: bool, ring: bool = False) -> DataLoader:
+def make_loader(spec: StreamSpec, loader: TrainLoaderConfig, pin_memory: bool, ring: bool = False) -> DataLoader:
     """A DataLoader over :class:`StoreStream`: batches are formed by the stream, so ``batch_size=None``.
 
     One iterator spans the whole run (epochs included), so ``persistent_workers`` has nothing to keep.

@@ -8,12 +8,10 @@ as a position between its lower and upper reference.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from shared.durable import write_json_atomic
+from shared.filesystem import atomic_file, write_json_atomic
 
 COLUMNS = ("random_init", "student", "teacher")
 TITLES = {"random_init": "random-init", "student": "student", "teacher": "teacher"}
@@ -132,8 +130,8 @@ def write_plot(report: dict[str, Any], path: Path, metrics: Path | None) -> None
     bars.legend(fontsize=8)
     figure.suptitle(f"salt-train eval: {Path(report['subject']['path']).name} ({report['subject']['source']})")
     figure.tight_layout()
-    handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".png.partial")
-    os.close(handle)
-    figure.savefig(partial, dpi=90, format="png")
-    plt.close(figure)
-    os.replace(partial, path)
+    try:
+        with atomic_file(path, unique=True) as partial:
+            figure.savefig(partial, dpi=90, format="png")
+    finally:
+        plt.close(figure)

@@ -44,8 +44,9 @@ from salt_train.data import normalised_pixels
 from salt_train.export import load_encoder, read_export_config
 from salt_train.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
                                   describe_bound, extract, pool_tokens)
+from salt_train.loss import normalise_targets
 from salt_train.masks import describe_masks, make_masks, mask_layout
-from salt_train.objective import SaltStudent, build_salt_student, normalise_targets
+from salt_train.model import SaltStudent, build_salt_student
 from salt_train.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1, stack_tasks
 from salt_train.student import VideoViT, create_timm_vit, gather_tokens
 from salt_train.temporal import RETRIEVAL_PAIR, TASKS, VARIANTS

@@ -14,8 +14,6 @@ a few recent frames (a robot policy).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import timm
@@ -25,7 +23,7 @@ from safetensors.torch import save_file
 
 from shared import geometry
 from shared.errors import SaltUsageError, one_line
-from shared.durable import fsync_path
+from shared.filesystem import atomic_dir
 from salt_train.student import VideoViT, create_timm_vit
 
 EXPORT_FORMAT = "salt-video-vit"
@@ -35,32 +33,20 @@ CONFIG = "config.json"
 
 
 def export_encoder(encoder: VideoViT, model_name: str, kwargs: dict, out_dir: Path) -> Path:
-    """Write the encoder to ``out_dir``, atomically: built in a sibling folder, then renamed into place."""
+    """Write the encoder to ``out_dir``, atomically: built in a sibling folder, then renamed into place.
+    An older export is moved aside, not deleted, until the new one is in place."""
     out_dir = Path(out_dir)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     # safetensors refuses shared or non-contiguous storage: own, contiguous CPU copies.
     state = {key: value.detach().to("cpu").contiguous().clone() for key, value in encoder.state_dict().items()}
-    save_file(state, str(partial / WEIGHTS), metadata={"format": EXPORT_FORMAT})
     config = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "architecture": model_name,
         "kwargs": dict(kwargs), "num_frames": geometry.NUM_FRAMES, "tubelet_size": geometry.TUBELET_SIZE,
         "num_tokens": geometry.NUM_TOKENS, "width": encoder.width,
         "pixel_mean": list(geometry.PIXEL_MEAN), "pixel_std": list(geometry.PIXEL_STD),
     }
-    (partial / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
-    for name in (WEIGHTS, CONFIG):
-        fsync_path(partial / name)
-    fsync_path(partial)
-    # An older export is moved aside, not deleted, until the new one is in place.
-    previous = out_dir.with_name(out_dir.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, previous)
-    os.replace(partial, out_dir)
-    fsync_path(out_dir.parent)
-    shutil.rmtree(previous, ignore_errors=True)
+    with atomic_dir(out_dir, replace="backup") as partial:
+        save_file(state, str(partial / WEIGHTS), metadata={"format": EXPORT_FORMAT})
+        (partial / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return out_dir
 
 

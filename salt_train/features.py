@@ -35,7 +35,7 @@ from shared.console import format_bytes, progress
 from shared.rows import read_rows
 from shared.store import LatentStore
 from salt_train.data import normalised_pixels
-from salt_train.objective import normalise_targets
+from salt_train.loss import normalise_targets
 from salt_train.student import VideoViT
 from salt_train.temporal import Variant
 

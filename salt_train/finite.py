@@ -4,7 +4,7 @@ One ``inf`` in one latent row makes a step's loss and gradients NaN; applied, th
 reaches every weight and every later checkpoint. :func:`guarded_step` decides on the
 device: the fused AdamW kernel takes a ``found_inf`` flag (the one ``GradScaler``
 uses) and then leaves weights, moments and step count untouched. The flag is read
-with the losses at log time (:class:`salt_train.train.HealthWindow`), where the
+with the losses at log time (:class:`salt_train.metrics.HealthWindow`), where the
 skipped steps and their rows are logged.
 
 The decision uses the gradient norm only: under DDP it is computed from the

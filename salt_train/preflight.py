@@ -132,7 +132,8 @@ def check_single_batch(stream: StoreStream, teacher_width: int, device: torch.de
 def check_workers(spec, config: PipelineConfig, batches: int, device: torch.device,
                   bound: int) -> tuple[CheckResult, CheckResult]:
     """The stress test and, sampled meanwhile, the /dev/shm probe."""
-    loader = make_loader(spec, config.loader, pin_memory=config.loader.pin_memory and device.type == "cuda")
+    settings = config.train_loader
+    loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda")
     sampler = ShmSampler()
     sampler.start()
     started = time.perf_counter()
@@ -152,9 +153,9 @@ def check_workers(spec, config: PipelineConfig, batches: int, device: torch.devi
     del loader, batch  # workers exit; the last batch's shared memory is released
     time.sleep(0.2)
     samples, left_over = sampler.stop()
-    workers = config.loader.num_workers
+    workers = config.train_loader.num_workers
     stress = CheckResult(
-        f"worker stress ({workers} workers, prefetch {config.loader.prefetch_factor})",
+        f"worker stress ({workers} workers, prefetch {config.train_loader.prefetch_factor})",
         errors == 0 and seen > 0,
         f"{seen} batches, {clips / elapsed:.1f} clips/s including worker start"
         + (f", {errors} unreadable (first: {first_error})" if errors else ", no errors"),
@@ -187,14 +188,14 @@ def run_preflight(cache: Path, config: PipelineConfig, stress_batches: int = 30)
     store = LatentStore.open(cache).checked()
     spec = stream_spec(store, config)
     check_stream(spec, store.path)
-    check_shm(config.loader, spec.local_batch, store.teacher_width)
+    check_shm(config.train_loader, spec.local_batch, store.teacher_width)
     counts = store.counts()
     print(f"preflight of {cache}: {counts['committed']} committed rows ({counts['failed']} failed, "
           f"{counts['pending']} pending), batch {spec.batch_size}, "
           f"{format_bytes(batch_bytes(spec.local_batch, store.teacher_width))} per batch", flush=True)
     results = [check_single_batch(StoreStream(spec), store.teacher_width, device)]
     print(results[-1].line(), flush=True)
-    bound = shm_bound(config.loader, spec.local_batch, store.teacher_width)
+    bound = shm_bound(config.train_loader, spec.local_batch, store.teacher_width)
     for result in check_workers(spec, config, stress_batches, device, bound):
         results.append(result)
         print(result.line(), flush=True)

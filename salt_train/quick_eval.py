@@ -19,7 +19,7 @@ from shared.config import PipelineConfig
 from shared.store import LatentStore
 from salt_train.evaluate import check_compatible, class_count, draw_eval_rows, heldout_loss
 from salt_train.features import EncoderFeatures, ExtractionPlan, extract
-from salt_train.objective import SaltStudent
+from salt_train.model import SaltStudent
 from salt_train.probes import ProbeSettings, linear_probe
 
 

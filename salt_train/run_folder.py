@@ -28,7 +28,7 @@ import yaml
 from shared.config import PipelineConfig, dump_pipeline
 from shared.errors import SaltUsageError
 from shared.latent_stats import LatentStats
-from shared.durable import write_json_atomic, write_text_atomic
+from shared.filesystem import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -19,15 +19,14 @@ Layout, beside the store so a clone stays on the same filesystem::
     <store>.snapshots/<name>.partial/          a snapshot being taken (or a crashed one)
 
 A snapshot is built under ``<name>.partial`` and renamed into place last, so a
-crash never leaves a half snapshot that looks whole.
+crash never leaves a half snapshot that looks whole. The locks that keep a build, a
+snapshot, a run and a prune out of each other's way are ``shared.filesystem``'s.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -38,22 +37,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Iterator, get_args
+from typing import Iterator, get_args
 
 from shared.config import SnapshotMode
 from shared.console import format_bytes, progress
 from shared.errors import SaltUsageError
-from shared.durable import fsync_path
-from shared.store import store_lock
+from shared.filesystem import (PARTIAL_SUFFIX, atomic_dir, clone_file, delete_dir, no_build_running,
+                               partial_path, reading_folder, unless_in_use)
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MODES = get_args(SnapshotMode)
-FICLONE = 0x40049409  # _IOW(0x94, 9, int): clone a whole file's extents (XFS, btrfs)
 RECORD_FILE = "snapshot.json"
 RECORD_FORMAT = "salt-train-snapshot"
 ROOT_SUFFIX = ".snapshots"
-PARTIAL_SUFFIX = ".partial"  # a snapshot being taken, or one a crash left; never listed
 MANIFEST_VERSION = 1
 # The two big arrays are not hashed (that would read every byte); each of their rows has a
 # checksum (crc32c; blake2b in older stores) in pixels_checksum / latents_checksum, which are
@@ -102,19 +99,6 @@ def snapshot_root(store: Path) -> Path:
     return store.with_name(store.name + ROOT_SUFFIX)
 
 
-def _clone(src: Path, dst: Path) -> None:
-    """Create ``dst`` sharing all of ``src``'s extents (raises OSError where cloning is unsupported)."""
-    src_fd = os.open(src, os.O_RDONLY)
-    try:
-        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            fcntl.ioctl(dst_fd, FICLONE, src_fd)
-        finally:
-            os.close(dst_fd)
-    finally:
-        os.close(src_fd)
-
-
 def _clone_works(directory: Path, src: Path | None = None) -> bool:
     """Clone ``src`` (or a tiny temp file) into ``directory``; True if the kernel did it."""
     directory = Path(directory)
@@ -128,7 +112,7 @@ def _clone_works(directory: Path, src: Path | None = None) -> bool:
             os.close(fd)
         dst = directory / f".reflink-probe-{os.getpid()}-{time.monotonic_ns()}"
         made.append(dst)
-        _clone(src, dst)
+        clone_file(src, dst)
         return True
     except OSError as exc:
         log.debug("FICLONE into %s failed: %s", directory, exc)
@@ -180,14 +164,6 @@ def _walk(store: Path) -> tuple[list[str], list[tuple[str, int, int]]]:
                 else:
                     raise SaltUsageError(f"store {store} holds {rel}, which is not a regular file or folder")
     return sorted(dirs), sorted(files)
-
-
-def _no_build_running(store: Path) -> ContextManager[None]:
-    """Refuse a store whose build lock is held, and hold it shared meanwhile so no build starts
-    while the files are cloned."""
-    return store_lock(store, exclusive=False, refusal=(
-        f"store {store} is being written by a running salt-cache build (it holds {{lock}}); "
-        "wait for the build to finish, then start the run"))
 
 
 # ---- manifest: detecting a change of the live store ---------------------------------------
@@ -252,42 +228,14 @@ def _check_name(name: str) -> None:
                              f"not ending in {PARTIAL_SUFFIX})")
 
 
-def _sync_filesystem(directory: Path) -> None:
-    """Flush the whole filesystem once (syncfs) instead of one fsync per cloned file."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            raise OSError(ctypes.get_errno(), "syncfs failed")
-    except (OSError, AttributeError):
-        os.sync()
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _locked_dir(directory: Path) -> Iterator[None]:
-    """flock a snapshot folder while it is built, so a concurrent prune leaves it alone."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def reading_snapshot(snapshot: "Snapshot") -> Iterator[None]:
     """Hold a shared lock on a snapshot while a run reads it: prune leaves it alone."""
     if snapshot.mode == "none":  # the live store itself: nothing to protect from prune
         yield
         return
-    fd = os.open(snapshot.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+    with reading_folder(snapshot.path.parent):
         yield
-    finally:
-        os.close(fd)
 
 
 def _remove_if_empty(directory: Path) -> None:
@@ -312,60 +260,51 @@ def _reflink_refusal(store: Path, root: Path) -> SaltUsageError:
 def _materialize(store: Path, root: Path, name: str, mode: str) -> Snapshot:
     """Clone (or copy) every file of ``store`` into ``<root>/<name>``, atomically."""
     started = time.perf_counter()
-    final, partial = root / name, root / f"{name}{PARTIAL_SUFFIX}"
+    final = root / name
     if final.exists():
         raise SaltUsageError(f"a snapshot named {name} already exists at {final}; "
                              "pick another run name, or remove it with `salt-train snapshots prune --name`")
-    if partial.exists():
-        log.warning("removing %s, left by an interrupted snapshot of the same name", partial)
-        shutil.rmtree(partial)
-    dirs, files = _walk(store)
-    total = sum(size for _, size, _ in files)
-    if mode == "copy":
-        free = shutil.disk_usage(root).free
-        log.info("copying %d files, %s, from %s (a full copy: --snapshot copy)", len(files), format_bytes(total), store)
-        if total > free:
-            raise SaltUsageError(f"--snapshot copy needs {format_bytes(total)} but {root} has {format_bytes(free)} "
-                                 "free; free space, use --snapshot none, or put the store on XFS/btrfs (reflink)")
-    target = partial / store.name
-    partial.mkdir()
-    try:
-        with _locked_dir(partial):
-            target.mkdir()
-            for rel in dirs:
-                (target / rel).mkdir()
-            bar = progress(total=len(files), description=f"snapshot ({mode})", unit="file") \
-                if len(files) > PROGRESS_MIN_FILES else None
-            for rel, size, _ in files:
-                try:
-                    if mode == "copy":
-                        shutil.copyfile(store / rel, target / rel)
-                    else:
-                        _clone(store / rel, target / rel)
-                except OSError as exc:
-                    if mode == "reflink" and exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
-                        raise _reflink_refusal(store, root) from None
-                    verb = "copying" if mode == "copy" else "cloning"
-                    raise SaltUsageError(f"snapshot of {store} failed {verb} {rel}: "
-                                         f"{exc.strerror or exc}") from None
-                if bar is not None:
-                    bar.update(1)
+    if partial_path(final).exists():  # atomic_dir removes it
+        log.warning("removing %s, left by an interrupted snapshot of the same name", partial_path(final))
+    # Flushed with one syncfs, not an fsync per clone: every clone durable before the snapshot claims to exist.
+    with atomic_dir(final, sync="filesystem") as partial:
+        dirs, files = _walk(store)
+        total = sum(size for _, size, _ in files)
+        if mode == "copy":
+            free = shutil.disk_usage(root).free
+            log.info("copying %d files, %s, from %s (a full copy: --snapshot copy)", len(files),
+                     format_bytes(total), store)
+            if total > free:
+                raise SaltUsageError(f"--snapshot copy needs {format_bytes(total)} but {root} has "
+                                     f"{format_bytes(free)} free; free space, use --snapshot none, "
+                                     "or put the store on XFS/btrfs (reflink)")
+        target = partial / store.name
+        target.mkdir()
+        for rel in dirs:
+            (target / rel).mkdir()
+        bar = progress(total=len(files), description=f"snapshot ({mode})", unit="file") \
+            if len(files) > PROGRESS_MIN_FILES else None
+        for rel, size, _ in files:
+            try:
+                if mode == "copy":
+                    shutil.copyfile(store / rel, target / rel)
+                else:
+                    clone_file(store / rel, target / rel)
+            except OSError as exc:
+                if mode == "reflink" and exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+                    raise _reflink_refusal(store, root) from None
+                verb = "copying" if mode == "copy" else "cloning"
+                raise SaltUsageError(f"snapshot of {store} failed {verb} {rel}: "
+                                     f"{exc.strerror or exc}") from None
             if bar is not None:
-                bar.close()
-            _sync_filesystem(partial)  # every clone durable before the snapshot claims to exist
-            seconds = time.perf_counter() - started
-            record = {"format": RECORD_FORMAT, "mode": mode, "name": name, "source": str(store),
-                      "store_dir": store.name, "created": _now_iso(), "files": len(files), "bytes": total,
-                      "seconds": round(seconds, 4)}
-            record_path = partial / RECORD_FILE
-            record_path.write_text(json.dumps(record, indent=2) + "\n")
-            with open(record_path, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.rename(partial, final)
-            fsync_path(root)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        record = {"format": RECORD_FORMAT, "mode": mode, "name": name, "source": str(store),
+                  "store_dir": store.name, "created": _now_iso(), "files": len(files), "bytes": total,
+                  "seconds": round(time.perf_counter() - started, 4)}  # the final flush not included
+        (partial / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    seconds = time.perf_counter() - started
     log.info("snapshot %s (%s) of %s: %d files, %s in %.2f s -> %s", name, mode, store, len(files),
              format_bytes(total), seconds, final / store.name)
     return Snapshot(mode=mode, path=final / store.name, source=store, name=name, files=len(files),
@@ -386,7 +325,7 @@ def take_snapshot(store: Path, name: str, mode: str = "auto") -> Snapshot:
         raise SaltUsageError(f"--snapshot {mode!r}: choose one of {', '.join(SNAPSHOT_MODES)}")
     _check_name(name)
     store = _check_store(store)
-    with _no_build_running(store):
+    with no_build_running(store):
         if mode == "none":
             log.info("--snapshot none: reading the live store %s; its manifest is recorded", store)
             return _live(store, name)
@@ -469,16 +408,11 @@ def _remove_partials(root: Path) -> list[str]:
     for entry in sorted(root.glob(f"*{PARTIAL_SUFFIX}")):
         if not entry.is_dir():
             continue
-        fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%s is being taken right now; left alone", entry.name)
-            continue
-        else:
+        with unless_in_use(entry) as free:
+            if not free:
+                log.info("%s is being taken right now; left alone", entry.name)
+                continue
             shutil.rmtree(entry)
-        finally:
-            os.close(fd)
         removed.append(entry.name)
     return removed
 
@@ -502,20 +436,11 @@ def prune_snapshots(store: Path, keep: int = 0, names: list[str] | None = None) 
         return []
     removed = _remove_partials(root)
     for name in doomed:
-        fd = os.open(root / name, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("snapshot %s is being read by a running salt-train run: kept", name)
-            os.close(fd)
-            continue
-        try:
-            # Renamed to .partial first (atomic): a crash mid-delete leaves a leftover, never half a snapshot.
-            partial = root / f"{name}{PARTIAL_SUFFIX}"
-            os.rename(root / name, partial)
-            shutil.rmtree(partial)
-        finally:
-            os.close(fd)
+        with unless_in_use(root / name) as free:
+            if not free:
+                log.warning("snapshot %s is being read by a running salt-train run: kept", name)
+                continue
+            delete_dir(root / name)  # a crash mid-delete leaves a .partial leftover, never half a snapshot
         removed.append(name)
         log.info("removed snapshot %s", name)
     return removed

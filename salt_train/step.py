@@ -20,8 +20,9 @@ from shared.distributed import Dist
 from salt_train.attention import attention_backends, attention_context
 from salt_train.feed import to_device
 from salt_train.finite import guarded_step
+from salt_train.loss import SaltObjective
 from salt_train.masks import make_masks
-from salt_train.objective import SaltObjective, SaltStudent, build_salt_student
+from salt_train.model import SaltStudent, build_salt_student
 from salt_train.optim import build_optimizer
 from salt_train.schedule import lr_at, set_lr
 
@@ -30,6 +31,12 @@ def resolve_compile_mode(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "max-autotune" if device.type == "cuda" else "off"
     return requested
+
+
+def seeded_student(config: PipelineConfig, teacher_width: int) -> SaltStudent:
+    """The student's initial weights, a pure function of ``train.seed`` (DDP also broadcasts rank 0's)."""
+    torch.manual_seed(config.train.seed)
+    return build_salt_student(config.model, teacher_width)
 
 
 @dataclass
@@ -50,13 +57,15 @@ class Stepper:
     """
 
     def __init__(self, config: PipelineConfig, teacher_width: int, device: torch.device, total_steps: int,
-                 dist: Dist = Dist()) -> None:
+                 dist: Dist = Dist(), student: SaltStudent | None = None) -> None:
+        """``student``: one :func:`seeded_student` built earlier (a run refuses a bad model before it
+        writes anything, and knows its step total only once it has its snapshot)."""
         self.config = config
         self.device = device
         self.total_steps = total_steps
         self.rank, self.world_size = dist.rank, dist.world_size
-        torch.manual_seed(config.train.seed)  # the student's initial weights (DDP also broadcasts rank 0's)
-        self.model: SaltStudent = build_salt_student(config.model, teacher_width).to(device)
+        student = student if student is not None else seeded_student(config, teacher_width)
+        self.model: SaltStudent = student.to(device)
         self.optimizer = build_optimizer(self.model, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                          device=device)
         self.compile_mode = resolve_compile_mode(config.model.compile_mode, device)

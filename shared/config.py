@@ -8,6 +8,7 @@ The defaults are the production recipe (``pipelines/ssv2.yaml``).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import SaltUsageError, first_line
+
+log = logging.getLogger(__name__)
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 DEFAULT_PIPELINE = "ssv2"
@@ -67,13 +70,25 @@ class StoreConfig(_Section):
     writers: int = Field(4, gt=0, le=64, description="threads committing shards during a build")
 
 
-class LoaderConfig(_Section):
-    num_workers: int = Field(8, ge=0)
-    prefetch_factor: int = Field(2, gt=0)
-    pin_memory: bool = True
-    persistent_workers: bool = True
+class _LoaderSettings(_Section):
+    """The DataLoader knobs both stages have (each stage has its own section: their workers do different work)."""
+
+    num_workers: int = Field(8, ge=0, description="worker processes (per rank under torchrun); 0 = in the main one")
+    prefetch_factor: int = Field(2, gt=0, description="batches each worker prepares ahead")
+    pin_memory: bool = Field(True, description="page-locked batches for faster host-to-GPU copies (CUDA only)")
     multiprocessing_context: Literal["forkserver", "spawn", "fork"] = "forkserver"
+
+
+class BuildLoaderConfig(_LoaderSettings):
+    """`salt-cache build`'s workers: each decodes whole teacher batches of clips with PyAV."""
+
+    persistent_workers: bool = True
     decode_threads: int = Field(1, ge=0, description="FFmpeg threads per decoding process; 0 = FFmpeg's choice")
+
+
+class TrainLoaderConfig(_LoaderSettings):
+    """`salt-train`'s workers: each reads store rows and draws the batch's masks (salt_train/data.py).
+    One iterator spans the whole run, so there is no persistent_workers to set."""
 
 
 class CacheConfig(_Section):
@@ -192,13 +207,35 @@ class PipelineConfig(_Section):
     teacher: TeacherConfig = TeacherConfig()
     view: ViewConfig = ViewConfig()
     store: StoreConfig = StoreConfig()
-    loader: LoaderConfig = LoaderConfig()
+    build_loader: BuildLoaderConfig = BuildLoaderConfig()
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
+    train_loader: TrainLoaderConfig = TrainLoaderConfig()
     stream: StreamConfig = StreamConfig()
     mask: MaskConfig = MaskConfig()
     model: ModelConfig = ModelConfig()
     eval: EvalConfig = EvalConfig()
+    # The one loader section of recipes, run folders and stores written before the two above: read
+    # as both (with a warning), never written back (exclude), refused beside them (ambiguous).
+    loader: BuildLoaderConfig | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _split_shared_loader(self) -> "PipelineConfig":
+        old = self.loader
+        if old is None:
+            return self
+        both = sorted({"build_loader", "train_loader"} & self.model_fields_set)
+        if both:
+            raise ValueError(f"loader is the old name of build_loader and train_loader, and this recipe has "
+                             f"{' and '.join(both)}: set those instead (e.g. train_loader.num_workers)")
+        given = old.model_dump(include=old.model_fields_set)
+        train = {key: value for key, value in given.items() if key in TrainLoaderConfig.model_fields}
+        log.warning("the recipe's loader section is the old name of build_loader (salt-cache build) and train_loader "
+                    "(salt-train): read as both (train_loader has no persistent_workers or decode_threads); rename it")
+        self.loader = None  # first: each assignment below runs this validator again
+        self.build_loader = self.build_loader.model_copy(update=given)
+        self.train_loader = self.train_loader.model_copy(update=train)
+        return self
 
 
 def describe_validation_error(err: ValidationError, source: str, from_flags: set[str] = frozenset()) -> str:
@@ -207,6 +244,9 @@ def describe_validation_error(err: ValidationError, source: str, from_flags: set
     for problem in err.errors():
         where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         message = problem["msg"]
+        if not problem["loc"] and problem["type"] == "value_error":  # a whole-recipe check: its own words
+            parts.append(str(problem["ctx"]["error"]))
+            continue
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
         if where in from_flags:

@@ -137,14 +137,15 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def warn_if_oversubscribed(dist: Dist, workers_per_rank: int) -> None:
-    """Say so (rank 0, once) when this node's ranks start more loader workers than it has cores."""
+def warn_if_oversubscribed(dist: Dist, workers_per_rank: int, setting: str) -> None:
+    """Say so (rank 0, once) when this node's ranks start more loader workers than it has cores
+    (``setting``: the recipe key that sets them, build_loader's or train_loader's ``num_workers``)."""
     cores = os.cpu_count() or 1
     total = dist.local_world_size * (workers_per_rank + 1)  # each rank's main process too
     if dist.enabled and dist.is_main and total > cores:
-        log.warning("%d ranks on this node x (%d workers + 1) = %d processes for %d cores: loader.num_workers "
+        log.warning("%d ranks on this node x (%d workers + 1) = %d processes for %d cores: %s "
                     "counts workers per rank; about %d would fit", dist.local_world_size, workers_per_rank, total,
-                    cores, max(0, cores // dist.local_world_size - 1))
+                    cores, setting, max(0, cores // dist.local_world_size - 1))
 
 
 def rank_share(items: Sequence[T], rank: int, world_size: int) -> list[T]:

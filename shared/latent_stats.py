@@ -42,7 +42,7 @@ from shared.store import LatentStore
 TOP_CHANNELS = 8
 OUTLIER_MULTIPLE = 10.0  # a channel with 10x the even energy share (3.2x the typical normed std) is an outlier
 MAX_WARNING_SHARE = 0.5  # for narrow teachers: warn once 8 channels hold half the energy
-LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, as salt_train.objective uses it
+LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, as salt_train.loss uses it
 STD_FLOOR = 1e-6  # a constant channel is left unscaled rather than divided by zero
 DEFAULT_ROWS = 512  # `salt-cache stats` and model.target_norm: channel read a seeded sample of this many rows
 SUMMARY_ROWS = 64  # the short blocks of a build and of a training run's start: cheap

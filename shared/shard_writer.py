@@ -7,8 +7,8 @@ simple to lay out ourselves, as the Zarr v3 sharding spec says (the mirror of
 ``shared.shard_reader``): every inner chunk (one row) encoded with the array's own codecs
 (raw little-endian bytes, or the same numcodecs zstd frame zarr would write), then the index
 of ``(offset, nbytes)`` uint64 pairs and its crc32c. ``os.write`` and zstd release the GIL,
-so writer threads run in parallel. The file is written to a ``.partial`` name, fsynced and
-renamed into place: either the old or the new shard, never a torn one. Arrays of any other
+so writer threads run in parallel. The file is staged, fsynced and renamed into place
+(``shared.filesystem.atomic_file``): either the old or the new shard, never a torn one. Arrays of any other
 layout return ``None`` from :func:`open_shard_writer` and are written through zarr.
 """
 
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import google_crc32c
 import numpy as np
 from numcodecs import Zstd
+
+from shared.filesystem import atomic_file
 
 _BYTES_LE = {"name": "bytes", "configuration": {"endian": "little"}}
 _BYTES = {"name": "bytes"}  # single-byte types carry no endianness
@@ -52,20 +53,15 @@ class ShardFileWriter:
         index = index.tobytes()
         chunks.append(index + google_crc32c.value(index).to_bytes(4, "little"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.partial")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view.nbytes:
-                    view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            partial.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(partial, path)
+        with atomic_file(path, unique=True) as partial:  # unique: no two writers share a partial file
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view.nbytes:
+                        view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
 
 
 def open_shard_writer(array_dir: Path) -> ShardFileWriter | None:

@@ -14,18 +14,13 @@ the shard's rows pending, and a resumed build redoes the whole shard.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import logging
-import os
-import shutil
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, ContextManager, Iterator
+from typing import Any, Iterator
 
 import google_crc32c
 import numpy as np
@@ -34,7 +29,7 @@ import zarr.codecs
 
 from shared import geometry
 from shared.errors import SaltUsageError
-from shared.durable import fsync_path
+from shared.filesystem import atomic_dir, fsync_path
 from shared.shard_reader import RawRows, open_raw_rows
 from shared.shard_writer import ShardFileWriter, open_shard_writer
 
@@ -91,39 +86,6 @@ def clip_ids_sha256(clip_ids: list[str]) -> str:
 
 def labels_sha256(labels: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(labels, dtype="<i4").tobytes()).hexdigest()
-
-
-@contextmanager
-def store_lock(path: Path, *, exclusive: bool, refusal: str) -> Iterator[None]:
-    """Hold ``<store>.lock`` (flock) without waiting, or refuse with ``refusal`` (``{lock}`` is filled in).
-
-    Exclusive for a build (a second writer is refused, not interleaved), shared while
-    salt-train clones the store (no build starts meanwhile). Only a build creates the
-    file: none means no build ever ran there. The kernel drops the lock when the
-    process dies, kill -9 included."""
-    lock_path = path.with_name(path.name + ".lock")
-    if exclusive:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "a")
-    else:
-        try:
-            handle = open(lock_path, "rb")
-        except FileNotFoundError:
-            yield
-            return
-    with handle:
-        try:
-            fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SaltUsageError(refusal.format(lock=lock_path)) from None
-        yield
-
-
-def build_lock(path: Path) -> ContextManager[None]:
-    """The build's exclusive hold on the store."""
-    return store_lock(path, exclusive=True, refusal=(
-        f"another build is writing {path}, or salt-train is taking a snapshot of it (either holds {{lock}}); "
-        "wait for it to finish or stop it"))
 
 
 def pixels_shape(rows: int) -> tuple[int, ...]:
@@ -458,10 +420,9 @@ def create_store(
     if not clip_ids:
         raise SaltUsageError("no clips to store")
     rows = len(clip_ids)
-    staging = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        group = zarr.open_group(zarr.storage.LocalStore(staging), mode="w", zarr_format=3)
+    with atomic_dir(path, unique=True) as staging:
+        # "w-", not "w": "w" would delete and re-create the (locked) staging folder
+        group = zarr.open_group(zarr.storage.LocalStore(staging), mode="w-", zarr_format=3)
         pixel_compressors = [zarr.codecs.ZstdCodec(level=pixels_zstd_level)] if pixels_zstd_level > 0 else None
         group.create_array(
             "pixels", shape=pixels_shape(rows), dtype="uint8",
@@ -513,8 +474,4 @@ def create_store(
             **view_attrs,
             **attrs,
         }})
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return LatentStore.open(path, writable=True)

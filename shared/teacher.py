@@ -50,11 +50,6 @@ def huge_teacher_config() -> VideoMAEConfig:
 BUILTIN_CONFIGS = {TINY_TEACHER: tiny_teacher_config, HUGE_RANDOM_TEACHER: huge_teacher_config}
 
 
-def build_tiny_teacher(seed: int = 0) -> VideoMAEModel:
-    """The seeded tiny teacher of the demo and tests (the same weights on every run)."""
-    return build_builtin_teacher(TINY_TEACHER, seed)
-
-
 def build_builtin_teacher(name: str, seed: int = 0) -> VideoMAEModel:
     """A built-in teacher from its config with weights seeded by ``seed`` (no download)."""
     generator_state = torch.random.get_rng_state()

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
+from shared.config import BuildLoaderConfig, TrainLoaderConfig
 from salt_cache.demo_data import TEMPLATES, render_motion_clip, write_demo_dataset, write_video
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,19 +69,29 @@ def run_train(*args: str | Path, timeout: float = 300) -> CliResult:
     return run_cli(*args, timeout=timeout, module="salt_train")
 
 
+# Each stage's loader section, for ``loader__key`` overrides (the recipes' old shared section).
+STAGE_LOADERS = {"build_loader": BuildLoaderConfig, "train_loader": TrainLoaderConfig}
+
+
 def write_pipeline(path: Path, **overrides: Any) -> Path:
-    """pipelines/demo.yaml with dotted overrides (``loader__num_workers=0`` style keys)."""
+    """pipelines/demo.yaml with dotted overrides (``train_loader__num_workers=0`` style keys).
+    ``loader__key`` sets the key in both stages' loader sections that have it, as a recipe's old
+    shared ``loader:`` section is read (shared/config.py)."""
     recipe = yaml.safe_load(DEMO_PIPELINE.read_text())
     for key, value in overrides.items():
         section, leaf = key.split("__")
-        recipe[section][leaf] = value
+        sections = [name for name, model in STAGE_LOADERS.items() if leaf in model.model_fields] \
+            if section == "loader" else [section]
+        for name in sections:
+            recipe[name][leaf] = value
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
 def fast_pipeline(path: Path, **overrides: Any) -> Path:
-    """The tests' default recipe: no decode workers, 3-row shards, teacher batches of 2."""
-    settings = {"loader__num_workers": 0, "store__shard_rows": 3, "teacher__batch_size": 2, **overrides}
+    """The tests' default recipe: no loader workers, 3-row shards, teacher batches of 2."""
+    settings = {"build_loader__num_workers": 0, "train_loader__num_workers": 0, "store__shard_rows": 3,
+                "teacher__batch_size": 2, **overrides}
     return write_pipeline(path, **settings)
 
 
@@ -175,11 +186,17 @@ class Build:
     extra: dict = field(default_factory=dict)
 
 
+def build_tiny_teacher(seed: int = 0):
+    """builtin:tiny-videomae's architecture with weights seeded by ``seed`` (0: the built-in's own)."""
+    from shared.config import TINY_TEACHER
+    from shared.teacher import build_builtin_teacher
+
+    return build_builtin_teacher(TINY_TEACHER, seed)
+
+
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The seeded tiny VideoMAE saved with save_pretrained (loaded back with from_pretrained)."""
-    from shared.teacher import build_tiny_teacher
-
     path = tmp_path_factory.mktemp("teacher-seed0")
     build_tiny_teacher(seed=0).save_pretrained(path)
     return path
@@ -188,8 +205,6 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def other_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture, other weights (seed 1): a different teacher."""
-    from shared.teacher import build_tiny_teacher
-
     path = tmp_path_factory.mktemp("teacher-seed1")
     build_tiny_teacher(seed=1).save_pretrained(path)
     return path
@@ -204,8 +219,8 @@ def mixed_set(tmp_path_factory: pytest.TempPathFactory) -> SsV2Set:
 def reference_build(mixed_set: SsV2Set, teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Build:
     """The mixed set built once, uninterrupted, through two forkserver DataLoader workers."""
     work = tmp_path_factory.mktemp("reference")
-    pipeline = fast_pipeline(work / "pipeline.yaml", loader__num_workers=2,
-                             loader__multiprocessing_context="forkserver")
+    pipeline = fast_pipeline(work / "pipeline.yaml", build_loader__num_workers=2,
+                             build_loader__multiprocessing_context="forkserver")
     store = work / "latents.zarr"
     result = call_cli("build", "--src", mixed_set.root, "--out", store, "--teacher", teacher_dir,
                       "--pipeline", pipeline)
@@ -263,7 +278,8 @@ TINY_STUDENT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 def train_pipeline(path: Path, **overrides: Any) -> Path:
     """The tests' training recipe: tiny student and predictor, batch 2, no workers, frequent logs."""
     settings = {
-        "loader__num_workers": 0, "model__student_kwargs": TINY_STUDENT, "model__predictor_width": 32,
+        "build_loader__num_workers": 0, "train_loader__num_workers": 0,
+        "model__student_kwargs": TINY_STUDENT, "model__predictor_width": 32,
         "model__predictor_depth": 1, "model__predictor_heads": 2, "train__batch_size": 2, "train__lr": 3e-3,
         "train__min_lr": 3e-4, "train__warmup_steps": 4, "train__max_steps": 24, "train__epochs": 100,
         "train__checkpoint_every": 8, "train__log_every": 4, "stream__shuffle_buffer": 4, **overrides,

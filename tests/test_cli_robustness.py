@@ -156,7 +156,7 @@ def tiny_tmpfs(tmp_path: Path):
 def test_build_disk_full_is_one_line_with_resume_hint(corrupt_set: Path, tiny_tmpfs: Path, tmp_path: Path) -> None:
     """Uncompressed pixels (2.4 MB a row) fill the 1 MB disk at the first shard, after the store exists."""
     pipeline = tmp_path / "raw-pixels.yaml"
-    pipeline.write_text("store: {pixels_zstd_level: 0}\nloader: {num_workers: 0}\n")
+    pipeline.write_text("store: {pixels_zstd_level: 0}\nbuild_loader: {num_workers: 0}\n")
     result = call_cli("build", "--src", corrupt_set, "--out", tiny_tmpfs / "s.zarr", "--teacher",
                       "builtin:tiny-videomae", "--device", "cpu", "--pipeline", pipeline, "--batch-size", "1",
                       "--force")  # past the refusal of a store larger than the disk: a disk filling up mid-build

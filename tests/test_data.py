@@ -25,8 +25,9 @@ def spec_for(store: Path, batch: int = 2, epochs: int = 3, **fields) -> StreamSp
 
 
 def sequence(spec: StreamSpec, workers: int = 0) -> list[tuple[int, int, list[int]]]:
-    config = load_pipeline("demo", {"loader.num_workers": workers})
-    return [(b["epoch"], b["index"], b["rows"].tolist()) for b in make_loader(spec, config.loader, pin_memory=False)]
+    config = load_pipeline("demo", {"train_loader.num_workers": workers})
+    batches = make_loader(spec, config.train_loader, pin_memory=False)
+    return [(b["epoch"], b["index"], b["rows"].tolist()) for b in batches]
 
 
 def test_failed_rows_never_stream(reference_build, mixed_set) -> None:
@@ -40,7 +41,8 @@ def test_failed_rows_never_stream(reference_build, mixed_set) -> None:
 
 def test_batches_hold_the_stored_rows(reference_build) -> None:
     store = LatentStore.open(reference_build.store)
-    batch = next(iter(make_loader(spec_for(reference_build.store), load_pipeline("demo").loader, pin_memory=False)))
+    settings = load_pipeline("demo").train_loader
+    batch = next(iter(make_loader(spec_for(reference_build.store), settings, pin_memory=False)))
     rows = batch["rows"].numpy()
     assert batch["pixels"].dtype == torch.uint8 and batch["latents"].dtype == torch.float16
     for k, row in enumerate(rows):
@@ -104,7 +106,7 @@ def test_refuses_streams_that_cannot_yield(reference_build, tmp_path) -> None:
 
 
 def test_refuses_a_loader_that_would_exhaust_shm() -> None:
-    loader = load_pipeline("ssv2").loader  # 8 workers, prefetch 2
+    loader = load_pipeline("ssv2").train_loader  # 8 workers, prefetch 2
     with pytest.raises(SaltUsageError, match="shm-size"):
         check_shm(loader, local_batch=4096, teacher_width=1280)  # ~8 workers x 3 x 27 GB
     check_shm(loader.model_copy(update={"num_workers": 0}), local_batch=4096, teacher_width=1280)
@@ -117,7 +119,8 @@ def test_damaged_shard_becomes_an_error_item(demo_reference, tmp_path) -> None:
     data[100:4000] = bytes(3900)  # zero the start of a zstd frame: undecodable
     shard_file.write_bytes(bytes(data))
     spec = spec_for(store, batch=4, epochs=1, verify_checksums=True)
-    items = list(make_loader(spec, load_pipeline("demo", {"loader.num_workers": 2}).loader, pin_memory=False))
+    items = list(make_loader(spec, load_pipeline("demo", {"train_loader.num_workers": 2}).train_loader,
+                             pin_memory=False))
     errors = [item for item in items if "error" in item]
     assert len(items) == spec.steps_per_epoch
     assert errors and all(item["worker"] in (0, 1) and item["error"] for item in errors)
@@ -146,7 +149,8 @@ def test_the_buffer_ring_delivers_the_stored_rows_with_their_masks_in_reused_buf
     from salt_train.masks import make_masks
     store = LatentStore.open(demo_reference.store)
     spec = spec_for(demo_reference.store, batch=4, epochs=3)
-    loader_config = load_pipeline("demo", {"loader.num_workers": 2, "loader.prefetch_factor": 1}).loader
+    overrides = {"train_loader.num_workers": 2, "train_loader.prefetch_factor": 1}
+    loader_config = load_pipeline("demo", overrides).train_loader
     loader = make_loader(spec, loader_config, pin_memory=False, ring=True)
     feed = BatchFeed(loader, torch.device("cpu"))
     buffers, steps, seen = set(), 0, []
@@ -163,7 +167,7 @@ def test_the_buffer_ring_delivers_the_stored_rows_with_their_masks_in_reused_buf
     feed.close()
     assert steps == 3 * spec.steps_per_epoch > 2 * 3  # more batches than the two rings' slots ...
     assert len(buffers) <= 2 * 3  # ... all read into the same few buffers
-    in_process = [b["masked"] for b in make_loader(spec, load_pipeline("demo").loader.model_copy(
+    in_process = [b["masked"] for b in make_loader(spec, load_pipeline("demo").train_loader.model_copy(
         update={"num_workers": 0}), pin_memory=False)]
     assert len(in_process) == steps and all(all(map(torch.equal, a, b)) for a, b in zip(in_process, seen))
 

@@ -202,7 +202,7 @@ def test_bad_input_is_one_line_and_exit_2(stores: EvalStores, tmp_path: Path) ->
     # Validation stores made by another teacher and by another view recipe.
     other_teacher = tmp_path / "val-other-teacher.zarr"
     other_teacher_dir = tmp_path / "teacher-seed1"
-    from shared.teacher import build_tiny_teacher
+    from tests.conftest import build_tiny_teacher
 
     build_tiny_teacher(seed=1).save_pretrained(other_teacher_dir)
     small = fast_pipeline(tmp_path / "small.yaml", store__shard_rows=8, teacher__batch_size=8, cache__limit=4)

@@ -299,7 +299,7 @@ def test_too_many_non_finite_steps_stop_the_run_with_one_line(demo_reference: Bu
 
 def test_the_build_records_non_finite_teacher_latents_as_failed(demo_set: Path, tmp_path: Path) -> None:
     """A teacher whose output overflows fp16 (scaled last layer): every row failed, with the reason."""
-    from shared.teacher import build_tiny_teacher
+    from conftest import build_tiny_teacher
 
     teacher = build_tiny_teacher(seed=0)
     with torch.no_grad():
@@ -551,7 +551,7 @@ def test_a_sigterm_swallowed_by_a_finaliser_still_stops_the_build(capfd: pytest.
 def test_a_connection_lost_to_a_killed_worker_counts_as_a_dead_worker() -> None:
     """CI once saw the SIGKILLed worker surface as ConnectionResetError (the main process fetched the batch's
     shared-memory handle from the dead worker before the forkserver had reaped it): that is a dead worker too."""
-    from salt_train.train import next_batch
+    from salt_train.batches import next_batch
 
     def lost(exc: BaseException) -> Iterator[dict]:
         raise exc

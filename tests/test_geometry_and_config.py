@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import geometry
-from shared.config import PIPELINES_DIR, PipelineConfig, dump_pipeline, load_pipeline
+from shared.config import (PIPELINES_DIR, BuildLoaderConfig, PipelineConfig, TrainLoaderConfig, dump_pipeline,
+                           load_pipeline)
 from shared.errors import SaltUsageError
 from shared.geometry import GRID_H, GRID_T, GRID_W, NUM_TOKENS, token_index, token_position
 
@@ -74,11 +76,12 @@ def test_ssv2_recipe_has_seed_hyperparameters() -> None:
     assert cfg.train.batch_size == 32
     assert cfg.train.epochs == 10
     assert cfg.train.max_steps is None
-    assert cfg.loader.num_workers == 8
-    assert cfg.loader.prefetch_factor == 2
-    assert cfg.loader.pin_memory is True
-    assert cfg.loader.persistent_workers is True
-    assert cfg.loader.multiprocessing_context == "forkserver"
+    for loader in (cfg.build_loader, cfg.train_loader):
+        assert loader.num_workers == 8
+        assert loader.prefetch_factor == 2
+        assert loader.pin_memory is True
+        assert loader.multiprocessing_context == "forkserver"
+    assert cfg.build_loader.persistent_workers is True
     assert cfg.model.student == "vit_base_patch16_224"
     assert cfg.model.predictor_width == 384 and cfg.model.predictor_depth == 12
     assert cfg.model.loss == "mse"
@@ -114,7 +117,7 @@ def test_dotted_overrides_apply_and_none_is_ignored() -> None:
         "teacher.batch_size": 4,
         "train.max_steps": 100,
         "cache.limit": 10,
-        "loader.num_workers": 0,
+        "train_loader.num_workers": 0,
         "view.sampling": "segment-center",
         "train.lr": None,
         "cache.split": None,
@@ -122,11 +125,53 @@ def test_dotted_overrides_apply_and_none_is_ignored() -> None:
     assert cfg.teacher.batch_size == 4
     assert cfg.train.max_steps == 100
     assert cfg.cache.limit == 10
-    assert cfg.loader.num_workers == 0
+    assert cfg.train_loader.num_workers == 0 and cfg.build_loader.num_workers == base.build_loader.num_workers
     assert cfg.view.sampling == "segment-center"
     assert cfg.train.lr == base.train.lr
     assert cfg.cache.split == base.cache.split
     assert load_pipeline("ssv2", {"train.lr": None}) == base
+
+
+# The one loader section of recipes, run folders and stores written before each stage had its own.
+OLD_LOADER_KEYS = {
+    "num_workers": st.integers(0, 64), "prefetch_factor": st.integers(1, 8), "pin_memory": st.booleans(),
+    "persistent_workers": st.booleans(), "multiprocessing_context": st.sampled_from(["forkserver", "spawn", "fork"]),
+    "decode_threads": st.integers(0, 16),
+}
+
+
+@settings(deadline=None, max_examples=40)
+@given(old=st.fixed_dictionaries({}, optional=OLD_LOADER_KEYS))
+def test_an_old_loader_section_is_read_as_both_stages_and_never_written_back(old: dict) -> None:
+    cfg = PipelineConfig.model_validate({"loader": old})
+    assert cfg.build_loader == BuildLoaderConfig(**old)
+    train_keys = {key: value for key, value in old.items() if key in TrainLoaderConfig.model_fields}
+    assert cfg.train_loader == TrainLoaderConfig(**train_keys)
+    dumped = yaml.safe_load(dump_pipeline(cfg))
+    assert "loader" not in dumped and PipelineConfig.model_validate(dumped) == cfg
+
+
+def test_an_old_recipe_warns_once_and_reads_as_before(tmp_path: Path) -> None:
+    recipe = yaml.safe_load((PIPELINES_DIR / "demo.yaml").read_text())
+    recipe["loader"] = recipe.pop("build_loader")
+    del recipe["train_loader"]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # on the logger itself: setup_logging may have stopped it propagating
+    logger = logging.getLogger("shared.config")
+    logger.addHandler(handler)
+    try:
+        cfg = load_pipeline(_write(tmp_path, recipe))
+    finally:
+        logger.removeHandler(handler)
+    assert cfg == load_pipeline("demo")
+    warnings = [r.getMessage() for r in records]
+    assert len(warnings) == 1 and "build_loader" in warnings[0] and "train_loader" in warnings[0], warnings
+
+
+def test_an_old_loader_section_beside_the_new_ones_is_refused() -> None:
+    msg = _usage_error("demo", {"loader.num_workers": 4})
+    assert "loader is the old name" in msg and "train_loader.num_workers" in msg
 
 
 # ---------------------------------------------------------------- refusals

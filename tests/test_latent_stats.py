@@ -160,7 +160,8 @@ def test_bad_store_is_one_line(make, fragment, tmp_path) -> None:
 def test_channel_standardisation_matches_numpy(planted) -> None:
     """The objective's transform: (x - mean) / std per channel with the run's statistics, then the per-token
     layer norm; the standardised latents have unit per-channel scale before that norm."""
-    from salt_train.objective import SaltObjective, build_salt_student, normalise_targets
+    from salt_train.loss import SaltObjective, normalise_targets
+    from salt_train.model import build_salt_student
     from shared.config import ModelConfig
 
     stats = compute_stats(LatentStore.open(planted), rows=0)

@@ -9,7 +9,8 @@ from conftest import call_train, copy_store, train_pipeline
 
 
 def test_preflight_passes_on_a_sound_store(demo_reference, tmp_path) -> None:
-    pipeline = train_pipeline(tmp_path / "p.yaml", loader__num_workers=2, loader__multiprocessing_context="forkserver")
+    pipeline = train_pipeline(tmp_path / "p.yaml", train_loader__num_workers=2,
+                              train_loader__multiprocessing_context="forkserver")
     result = call_train("preflight", "--cache", demo_reference.store, "--pipeline", pipeline, "--batches", "20")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()

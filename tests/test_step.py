@@ -17,7 +17,7 @@ def tiny_config(compile_mode: str):
     return load_pipeline("demo", {
         "model.student_kwargs": TINY_STUDENT, "model.predictor_width": 32, "model.predictor_depth": 1,
         "model.predictor_heads": 2, "model.compile_mode": compile_mode, "train.batch_size": 2,
-        "loader.num_workers": 0,
+        "train_loader.num_workers": 0,
     })
 
 
@@ -59,7 +59,7 @@ def test_the_objective_equals_the_student_on_normalised_pixels_and_the_loss(demo
     """uint8 views normalised inside the graph, targets gathered and layer-normed inside it:
     the same loss as the student on to_model_inputs' pixels and the loss functions outside."""
     from salt_train.data import to_model_inputs
-    from salt_train.objective import normalise_targets, regression_loss
+    from salt_train.loss import normalise_targets, regression_loss
     from salt_train.student import gather_tokens
     store = LatentStore.open(demo_reference.store)
     for mode in ("salt", "mask-token"):

@@ -12,7 +12,7 @@ import zarr
 from transformers import BertConfig, BertModel
 
 from conftest import Build, call_cli, copy_store, run_cli
-from shared.store import build_lock
+from shared.filesystem import build_lock
 
 
 def _one_error_line(result) -> str:

@@ -15,10 +15,10 @@ from shared import geometry
 from shared.config import ModelConfig
 from shared.errors import SaltUsageError
 from salt_train.export import export_encoder, load_encoder
-from salt_train.objective import (build_salt_student, masked_loss, normalise_targets, regression_loss,
-                                  student_flops_per_clip)
+from salt_train.loss import normalise_targets, regression_loss
+from salt_train.model import build_salt_student, student_flops_per_clip
 from salt_train.predictor import Predictor, sincos_positions_3d
-from salt_train.student import VideoViT, build_student, tubelets, view_tubelets
+from salt_train.student import VideoViT, build_student, gather_tokens, tubelets, view_tubelets
 
 VIT = "vit_tiny_patch16_224"
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -177,6 +177,14 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
 
 
 # --- the loss ---------------------------------------------------------------------------------------------------
+
+
+def masked_loss(predictions: torch.Tensor, latents: torch.Tensor, masked: torch.Tensor, kind: str = "mse"
+                ) -> torch.Tensor:
+    """The loss of full-grid predictions ``[B, 1568, D]``, as SaltObjective takes it of the predictor's
+    ``[B, M, D]``: only the tokens at ``masked`` count."""
+    targets = normalise_targets(gather_tokens(latents, masked))
+    return regression_loss(gather_tokens(predictions, masked), targets, kind)
 
 
 @pytest.mark.parametrize("kind", ["mse", "l1"])

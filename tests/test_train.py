@@ -32,8 +32,8 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def trained(reference_build, tmp_path_factory) -> tuple[Path, object]:
     """One run on the mixed store (3 failed rows), two loader workers, 40 steps."""
     work = tmp_path_factory.mktemp("trained")
-    pipeline = train_pipeline(work / "train.yaml", train__max_steps=40, loader__num_workers=2,
-                              loader__multiprocessing_context="forkserver")
+    pipeline = train_pipeline(work / "train.yaml", train__max_steps=40, train_loader__num_workers=2,
+                              train_loader__multiprocessing_context="forkserver")
     run_dir = work / "run"
     result = call_train("run", "--cache", reference_build.store, "--pipeline", pipeline, "--run-dir", run_dir)
     return run_dir, result
@@ -165,7 +165,8 @@ def assert_one_line_usage_error(result, *fragments: str) -> None:
     ("model.student=vit_nonexistent_patch16", "vit_nonexistent_patch16"),
     ("train.batch_size=64", "larger than the 5 committed rows"),
     ("train.lr=-1", "train.lr"),
-    ("loader.num_workerz=2", "unknown key"),
+    ("train_loader.num_workerz=2", "unknown key"),
+    ("loader.num_workers=2", "old name of build_loader and train_loader"),
 ])
 def test_bad_settings_are_one_line(reference_build, tmp_path, setting, fragment) -> None:
     pipeline = train_pipeline(tmp_path / "train.yaml")
@@ -241,3 +242,20 @@ def test_a_change_to_the_live_store_is_reported_when_there_is_no_snapshot(demo_r
     assert proc.returncode == 0, stderr
     assert json.loads((run_dir / "summary.json").read_text())["live_store_changed"] is True
     assert "THE LIVE STORE CHANGED" in (run_dir / "train.log").read_text()
+
+
+def test_prune_deletes_by_rename_and_clears_crash_leftovers(tmp_path: Path) -> None:
+    """Old checkpoints go by rename-then-delete, and the .partial folders a crash left (mid-save or
+    mid-delete) are cleared by the next save; the newest `keep` stay whole."""
+    from salt_train.checkpoint import Position, TrainState, complete_checkpoints, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    leftover = tmp_path / "checkpoints" / "step-00000001.partial"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half")
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, model, optimizer, TrainState(step=step, position=Position()), keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest.json", "step-00000003", "step-00000004"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000004", "step-00000003"]

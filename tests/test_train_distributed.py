@@ -110,9 +110,9 @@ def test_loss_curve_and_weights_match_one_process(runs: Runs) -> None:
 def test_replicas_stay_identical(runs: Runs) -> None:
     from safetensors.torch import load_file
 
-    from salt_train.objective import build_salt_student
+    from salt_train.model import build_salt_student
     from salt_train.run_folder import read_run_config
-    from salt_train.train import replica_digest
+    from salt_train.checkpoint import replica_digest
     from shared.store import LatentStore
 
     summary = json.loads((runs.ranks2 / "summary.json").read_text())

@@ -27,11 +27,12 @@ def rewrite_every_shard(store: Path) -> None:
 
 def test_rewriting_the_live_store_mid_stream_changes_nothing_read(demo_reference, xfs_dir: Path) -> None:
     live = Path(shutil.copytree(demo_reference.store, xfs_dir / "stream" / "latents.zarr"))
-    config = load_pipeline("demo", {"train.batch_size": 4, "train.epochs": 1, "loader.num_workers": 0})
+    config = load_pipeline("demo", {"train.batch_size": 4, "train.epochs": 1, "train_loader.num_workers": 0})
     snapshot = take_snapshot(live, "stream-run", "reflink")
     assert snapshot.mode == "reflink" and snapshot.path != live
     reference = LatentStore.open(demo_reference.store)
-    batches = iter(make_loader(stream_spec(LatentStore.open(snapshot.path), config), config.loader, pin_memory=False))
+    batches = iter(make_loader(stream_spec(LatentStore.open(snapshot.path), config), config.train_loader,
+                                     pin_memory=False))
     seen = [next(batches)]
     rewrite_every_shard(live)  # mid-epoch
     shard = next(p for p in (live / "latents" / "c").rglob("*") if p.is_file())

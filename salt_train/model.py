@@ -1,14 +1,12 @@
-"""What the student learns: the teacher's latents at masked tokens.
+"""The model: the student encoder with its predictor (``salt``) or mask token and linear head
+(``mask-token``), built from a pipeline's ``model`` section, and its FLOPs per clip.
 
 - ``salt`` mode (docs/DESIGN.md's default): the encoder sees only the visible tokens, the
   narrow predictor fills in the masked ones.
 - ``mask-token`` mode: a learned mask token replaces every patch outside the
   context inside the encoder, which runs over all 1568 tokens; a linear head predicts.
 
-The loss is MSE (or L1) on the target tokens only, against per-token layer-normed
-teacher latents (VideoMAEModel's output has no final norm), in float32; with
-several mask groups (multiblock: short- and long-range), the mean of the groups'
-losses, each group with its own context and targets (salt_train/masks.py).
+What it learns from is the loss (salt_train/loss.py).
 """
 
 from __future__ import annotations
@@ -16,44 +14,15 @@ from __future__ import annotations
 from typing import get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared import geometry
-from shared.config import LossKind, ModelConfig, ModelMode
+from shared.config import ModelConfig, ModelMode
 from shared.flops import vit_forward_flops
 from salt_train.predictor import Predictor
-from salt_train.student import VideoViT, build_student, gather_tokens, tubelets, view_tubelets
+from salt_train.student import VideoViT, build_student, gather_tokens, tubelets
 
 MODES = get_args(ModelMode)
-LOSSES = get_args(LossKind)
-
-
-def normalise_targets(latents: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
-    """Per-token layer norm without affine parameters, in float32 (fp16 latents would lose the small ones).
-    With ``mean`` and ``std`` (``model.target_norm: channel``), each channel is first standardised,
-    ``(x - mean) / std``, with the store's statistics, so that no outlier channel dominates the norm."""
-    latents = latents.float()
-    if mean is not None and std is not None:
-        latents = (latents - mean) / std
-    return F.layer_norm(latents, latents.shape[-1:])
-
-
-def regression_loss(predicted: Tensor, targets: Tensor, kind: str) -> Tensor:
-    """Mean MSE or L1 in float32 over aligned ``[B, K, D]`` predictions and (normalised) targets."""
-    if predicted.shape != targets.shape:  # broadcasting would silently average the wrong pairs
-        raise ValueError(f"predictions {tuple(predicted.shape)} and targets {tuple(targets.shape)} differ in shape")
-    if kind == "mse":
-        return F.mse_loss(predicted.float(), targets.float())
-    if kind == "l1":
-        return F.l1_loss(predicted.float(), targets.float())
-    raise ValueError(f"unknown loss {kind!r} (one of {', '.join(LOSSES)})")
-
-
-def masked_loss(predictions: Tensor, latents: Tensor, masked: Tensor, kind: str = "mse") -> Tensor:
-    """The loss of full-grid predictions ``[B, 1568, D]``: only the tokens at ``masked`` count."""
-    targets = normalise_targets(gather_tokens(latents, masked))
-    return regression_loss(gather_tokens(predictions, masked), targets, kind)
 
 
 class SaltStudent(nn.Module):
@@ -97,47 +66,6 @@ class SaltStudent(nn.Module):
         tokens = torch.where(seen.unsqueeze(-1), tokens, self.mask_token.to(tokens.dtype))
         tokens = self.encoder.encode_tokens(tokens + self.encoder.positions())
         return self.head(gather_tokens(tokens, masked))
-
-
-class SaltObjective(nn.Module):
-    """The whole differentiable step, from what the loader delivers to the loss, as one module
-    so that ``torch.compile`` makes it one graph: uint8 views to normalised visible tubelets,
-    the student, the target gather, the per-token layer norm and the loss.
-
-    Its parameters are the student's: DDP wraps it, checkpoints save ``student``.
-    """
-
-    def __init__(self, student: SaltStudent, loss: str, standardised_width: int | None = None) -> None:
-        super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r} (one of {', '.join(LOSSES)})")
-        self.student = student
-        self.loss = loss
-        # model.target_norm: channel: per-channel (x - mean) / std of the targets before the layer norm,
-        # set with set_target_standardisation before the first step (None buffers: layer norm only).
-        channel = standardised_width is not None
-        self.register_buffer("target_mean", torch.zeros(standardised_width) if channel else None, persistent=False)
-        self.register_buffer("target_std", torch.ones(standardised_width) if channel else None, persistent=False)
-
-    @torch.no_grad()
-    def set_target_standardisation(self, mean: Tensor, std: Tensor) -> None:
-        """The run's recorded per-channel statistics (in place: a compiled graph keeps reading these buffers)."""
-        if self.target_mean is None or self.target_std is None:
-            raise ValueError("this objective was built without per-channel standardisation (model.target_norm: layer)")
-        self.target_mean.copy_(mean)
-        self.target_std.copy_(std)
-
-    def forward(self, views: Tensor, latents: Tensor, visible: tuple[Tensor, ...],
-                masked: tuple[Tensor, ...]) -> Tensor:
-        """uint8 ``[B, 16, 224, 224, 3]``, fp16 ``[B, 1568, D]`` and, per mask group, context ids
-        ``[B, V_g]`` and target ids ``[B, M_g]`` -> the mean of the groups' losses."""
-        patches = view_tubelets(views)
-        losses = []
-        for group_visible, group_masked in zip(visible, masked, strict=True):  # unrolled: one graph
-            predicted = self.student.predict(patches, group_visible, group_masked, from_uint8=True)
-            targets = normalise_targets(gather_tokens(latents, group_masked), self.target_mean, self.target_std)
-            losses.append(regression_loss(predicted, targets, self.loss))
-        return torch.stack(losses).mean()
 
 
 def build_salt_student(model_cfg: ModelConfig, teacher_width: int) -> SaltStudent:

@@ -1,0 +1,84 @@
+"""What the student learns: the teacher's latents at masked tokens (the model is salt_train/model.py).
+
+The loss is MSE (or L1) on the target tokens only, against per-token layer-normed
+teacher latents (VideoMAEModel's output has no final norm), in float32; with
+several mask groups (multiblock: short- and long-range), the mean of the groups'
+losses, each group with its own context and targets (salt_train/masks.py).
+:class:`SaltObjective` wraps the student and this loss into one module for ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shared.config import LossKind
+from salt_train.model import SaltStudent
+from salt_train.student import gather_tokens, view_tubelets
+
+LOSSES = get_args(LossKind)
+
+
+def normalise_targets(latents: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """Per-token layer norm without affine parameters, in float32 (fp16 latents would lose the small ones).
+    With ``mean`` and ``std`` (``model.target_norm: channel``), each channel is first standardised,
+    ``(x - mean) / std``, with the store's statistics, so that no outlier channel dominates the norm."""
+    latents = latents.float()
+    if mean is not None and std is not None:
+        latents = (latents - mean) / std
+    return F.layer_norm(latents, latents.shape[-1:])
+
+
+def regression_loss(predicted: Tensor, targets: Tensor, kind: str) -> Tensor:
+    """Mean MSE or L1 in float32 over aligned ``[B, K, D]`` predictions and (normalised) targets."""
+    if predicted.shape != targets.shape:  # broadcasting would silently average the wrong pairs
+        raise ValueError(f"predictions {tuple(predicted.shape)} and targets {tuple(targets.shape)} differ in shape")
+    if kind == "mse":
+        return F.mse_loss(predicted.float(), targets.float())
+    if kind == "l1":
+        return F.l1_loss(predicted.float(), targets.float())
+    raise ValueError(f"unknown loss {kind!r} (one of {', '.join(LOSSES)})")
+
+
+class SaltObjective(nn.Module):
+    """The whole differentiable step, from what the loader delivers to the loss, as one module
+    so that ``torch.compile`` makes it one graph: uint8 views to normalised visible tubelets,
+    the student, the target gather, the per-token layer norm and the loss.
+
+    Its parameters are the student's: DDP wraps it, checkpoints save ``student``.
+    """
+
+    def __init__(self, student: SaltStudent, loss: str, standardised_width: int | None = None) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r} (one of {', '.join(LOSSES)})")
+        self.student = student
+        self.loss = loss
+        # model.target_norm: channel: per-channel (x - mean) / std of the targets before the layer norm,
+        # set with set_target_standardisation before the first step (None buffers: layer norm only).
+        channel = standardised_width is not None
+        self.register_buffer("target_mean", torch.zeros(standardised_width) if channel else None, persistent=False)
+        self.register_buffer("target_std", torch.ones(standardised_width) if channel else None, persistent=False)
+
+    @torch.no_grad()
+    def set_target_standardisation(self, mean: Tensor, std: Tensor) -> None:
+        """The run's recorded per-channel statistics (in place: a compiled graph keeps reading these buffers)."""
+        if self.target_mean is None or self.target_std is None:
+            raise ValueError("this objective was built without per-channel standardisation (model.target_norm: layer)")
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std)
+
+    def forward(self, views: Tensor, latents: Tensor, visible: tuple[Tensor, ...],
+                masked: tuple[Tensor, ...]) -> Tensor:
+        """uint8 ``[B, 16, 224, 224, 3]``, fp16 ``[B, 1568, D]`` and, per mask group, context ids
+        ``[B, V_g]`` and target ids ``[B, M_g]`` -> the mean of the groups' losses."""
+        patches = view_tubelets(views)
+        losses = []
+        for group_visible, group_masked in zip(visible, masked, strict=True):  # unrolled: one graph
+            predicted = self.student.predict(patches, group_visible, group_masked, from_uint8=True)
+            targets = normalise_targets(gather_tokens(latents, group_masked), self.target_mean, self.target_std)
+            losses.append(regression_loss(predicted, targets, self.loss))
+        return torch.stack(losses).mean()
