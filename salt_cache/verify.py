@@ -19,8 +19,9 @@ import torch
 from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
-from shared.store import (CHECKSUM_ALGORITHMS, STATUS_UNREADABLE, VIEW_DATA_ARRAYS, LatentStore, RowStatus,
-                          clip_ids_sha256, labels_sha256, row_checksum, status_counts)
+from shared.rows import checksum_problem, read_rows
+from shared.store import (CHECKSUM_ALGORITHMS, CHECKSUM_ARRAYS, STATUS_UNREADABLE, VIEW_DATA_ARRAYS, LatentStore,
+                          RowStatus, clip_ids_sha256, labels_sha256, status_counts)
 
 if TYPE_CHECKING:
     from shared.teacher import Teacher
@@ -121,10 +122,16 @@ def check_source_rows(store: LatentStore, report: VerifyReport) -> None:
         report.problems.append(Problem("label array differs from the labels the store was created with"))
 
 
-def _read_shard(store: LatentStore, start: int, stop: int) -> tuple[dict[str, np.ndarray] | None, str]:
+def _row_arrays(store: LatentStore) -> tuple[str, ...]:
+    """The arrays a committed row is checked on."""
     names = ("pixels", "latents", "frame_index", "pixels_checksum", "latents_checksum", "error")
+    return names + (VIEW_DATA_ARRAYS if store.views_per_clip > 1 else ())
+
+
+def _read_shard(store: LatentStore, start: int, stop: int,
+                names: tuple[str, ...]) -> tuple[dict[str, np.ndarray] | None, str]:
     try:
-        return store.read_rows(start, stop, names + (VIEW_DATA_ARRAYS if store.views_per_clip > 1 else ())), ""
+        return dict(zip(names, read_rows(store, np.arange(start, stop), names))), ""
     except Exception as exc:  # a damaged shard file: fall back to reading row by row
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -140,16 +147,16 @@ def _status_problem(status: int) -> str | None:
     return None
 
 
-def _check_row(status: int, data: dict[str, np.ndarray], i: int, algorithm: str) -> str | None:
+def _check_row(store: LatentStore, status: int, data: dict[str, np.ndarray], i: int) -> str | None:
     """The first problem of a committed or failed row, or None."""
     if status == RowStatus.FAILED:
         return None if str(data["error"][i]).strip() else "failed without a recorded reason"
-    if algorithm not in CHECKSUM_ALGORITHMS:
-        return f"checksums of unknown algorithm {algorithm!r}"
-    if row_checksum(data["pixels"][i], algorithm) != int(data["pixels_checksum"][i]):
-        return "pixels checksum mismatch"
-    if row_checksum(data["latents"][i], algorithm) != int(data["latents_checksum"][i]):
-        return "latents checksum mismatch"
+    if store.checksum_algorithm not in CHECKSUM_ALGORITHMS:
+        return f"checksums of unknown algorithm {store.checksum_algorithm!r}"
+    for name, checksums in CHECKSUM_ARRAYS.items():
+        problem = checksum_problem(store, name, data[name][i], data[checksums][i])
+        if problem:
+            return problem
     if not np.isfinite(data["latents"][i]).all():
         return "latents hold NaN or inf"
     frames = data["frame_index"][i]
@@ -163,7 +170,8 @@ def _check_row(status: int, data: dict[str, np.ndarray], i: int, algorithm: str)
 
 
 def _missing_files(store: LatentStore, start: int) -> str | None:
-    """A shard holding committed rows always has its data files: a missing one reads as zeros."""
+    """A shard holding committed rows always has its data files: a missing one is named as such
+    (reading the rows would only say they are unreadable)."""
     shard = start // store.shard_rows
     gone = [name for name in ("pixels", "latents") if not store.shard_file(name, shard).is_file()]
     return f"{' and '.join(gone)} shard file missing ({store.shard_file(gone[0], shard)})" if gone else None
@@ -171,7 +179,8 @@ def _missing_files(store: LatentStore, start: int) -> str | None:
 
 def check_shard(store: LatentStore, start: int, stop: int, status: np.ndarray, ids: np.ndarray) -> list[Problem]:
     """The problems of rows [start, stop): one read of the shard, row by row only if it is damaged."""
-    data, _ = _read_shard(store, start, stop)
+    names = _row_arrays(store)
+    data, _ = _read_shard(store, start, stop, names)
     missing = _missing_files(store, start) if np.any(status[start:stop] == RowStatus.COMMITTED) else None
     problems = []
     for row in range(start, stop):
@@ -179,11 +188,12 @@ def check_shard(store: LatentStore, start: int, stop: int, status: np.ndarray, i
         if problem is None and missing and status[row] == RowStatus.COMMITTED:
             problem = missing
         if problem is None and data is None:  # damaged shard: find which rows still read
-            row_data, row_error = _read_shard(store, row, row + 1)
+            needed = ("error",) if status[row] == RowStatus.FAILED else names  # a failed row: its reason only
+            row_data, row_error = _read_shard(store, row, row + 1, needed)
             problem = (f"unreadable ({row_error})" if row_data is None
-                       else _check_row(status[row], row_data, 0, store.checksum_algorithm))
+                       else _check_row(store, status[row], row_data, 0))
         elif problem is None:
-            problem = _check_row(status[row], data, row - start, store.checksum_algorithm)
+            problem = _check_row(store, status[row], data, row - start)
         if problem:
             problems.append(Problem(problem, row, str(ids[row])))
     return problems

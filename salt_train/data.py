@@ -49,19 +49,14 @@ from shared.config import PipelineConfig, TrainLoaderConfig
 from shared.console import format_bytes
 from shared.errors import SaltUsageError
 from shared.lifeline import worker_init
-from shared.shard_reader import open_raw_rows
-from shared.store import LatentStore, RowStatus
+from shared.rows import committed_rows, read_rows
+from shared.store import LatentStore
 from salt_train.checkpoint import Position
 from salt_train.masks import make_masks
 
 log = logging.getLogger(__name__)
 
 SHM_PATH = Path("/dev/shm")
-
-
-def committed_rows(store: LatentStore) -> np.ndarray:
-    """Row ids whose status says committed: failed, pending and unreadable rows never stream."""
-    return np.flatnonzero(store.status() == RowStatus.COMMITTED).astype(np.int64)
 
 
 def batches_per_epoch(num_rows: int, batch_size: int) -> int:
@@ -240,7 +235,7 @@ class StoreStream(IterableDataset):
     def __init__(self, spec: StreamSpec, ring: BufferRing | None = None) -> None:
         self.spec = spec
         self.ring = ring
-        self._reader: RowReader | None = None
+        self._store: LatentStore | None = None
 
     def positions(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(epoch, index, this rank's rows)`` of every remaining global batch, in order. A global batch
@@ -262,10 +257,10 @@ class StoreStream(IterableDataset):
             if n % workers == worker:
                 yield self.read_batch(epoch, index, rows, worker)
 
-    def reader(self) -> RowReader:
-        if self._reader is None:  # opened lazily, inside the worker process
-            self._reader = RowReader(LatentStore.open(self.spec.store_path))
-        return self._reader
+    def store(self) -> LatentStore:
+        if self._store is None:  # opened lazily, inside the worker process
+            self._store = LatentStore.open(self.spec.store_path)
+        return self._store
 
     def masks(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         """This rank's slice of global batch ``(epoch, index)``'s masks (none without ``mask_kind``)."""
@@ -281,19 +276,18 @@ class StoreStream(IterableDataset):
     def read_batch(self, epoch: int, index: int, rows: np.ndarray, worker: int) -> dict:
         slot = None
         try:
-            reader = self.reader()
+            store = self.store()
             n = len(rows)
-            pixels_shape = (n, *reader.store.arrays["pixels"].shape[1:])
-            latents_shape = (n, *reader.store.arrays["latents"].shape[1:])
+            pixels_shape = (n, *store.arrays["pixels"].shape[1:])
+            latents_shape = (n, *store.arrays["latents"].shape[1:])
             if self.ring is not None and get_worker_info() is not None:
                 slot, pixels, latents = self.ring.claim(worker, pixels_shape, latents_shape)
             elif get_worker_info() is not None:
                 pixels, latents = shared_buffer(pixels_shape, torch.uint8), shared_buffer(latents_shape, torch.float16)
             else:
                 pixels, latents = torch.empty(pixels_shape, dtype=torch.uint8), torch.empty(latents_shape, dtype=torch.float16)
-            reader.read(rows, out=(pixels.numpy(), latents.numpy()))
-            if self.spec.verify_checksums:
-                self._check(rows, pixels.numpy(), latents.numpy())
+            read_rows(store, rows, ("pixels", "latents"), out=(pixels.numpy(), latents.numpy()),
+                      check=self.spec.verify_checksums)
             masks = self.masks(epoch, index)
         except Exception as exc:  # a damaged chunk or file: reported, counted, skipped
             if slot is not None:
@@ -311,64 +305,6 @@ class StoreStream(IterableDataset):
         if slot is not None:
             batch["slot"] = torch.tensor([worker, slot])
         return batch
-
-    def _check(self, rows: np.ndarray, pixels: np.ndarray, latents: np.ndarray) -> None:
-        expected_pixels, expected_latents = self.reader().read(rows, ("pixels_checksum", "latents_checksum"))
-        store = self.reader().store
-        for k, row in enumerate(rows):
-            if store.row_checksum(pixels[k]) != int(expected_pixels[k]):
-                raise ValueError(f"row {row}: pixels checksum mismatch")
-            if store.row_checksum(latents[k]) != int(expected_latents[k]):
-                raise ValueError(f"row {row}: latents checksum mismatch")
-
-
-def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted row ids as maximal contiguous ``[start, stop)`` runs."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks) if len(run)]
-
-
-class RowReader:
-    """Reads sorted rows of a store's arrays in as few, as large reads as the layout allows.
-
-    Latents (raw fp16) and pixels (zstd) come straight from the shard files (``shared.shard_reader``:
-    3.7x zarr's path on 4 MB latent rows, ~20 ms less per batch of 8 pixel rows); the rest through zarr,
-    one range read per contiguous run of rows (~100x faster than zarr's ``oindex`` on an id list: 9 ms against 1.3 s for
-    4 rows of pixels).
-    """
-
-    RAW_ARRAYS = ("latents", "pixels")
-
-    def __init__(self, store: LatentStore) -> None:
-        self.store = store
-        raw = {name: open_raw_rows(store.path / name) for name in self.RAW_ARRAYS}
-        self.raw = {name: reader for name, reader in raw.items() if reader is not None}
-
-    def read(self, rows: np.ndarray, names: tuple[str, ...] = ("pixels", "latents"),
-             out: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, ...]:
-        """The rows of each array, written into ``out`` when given (the batch's shared-memory buffers)."""
-        runs = row_runs(rows)
-        results = []
-        for n, name in enumerate(names):
-            array = self.store.arrays[name]
-            target = out[n] if out is not None else np.empty((len(rows), *array.shape[1:]), array.dtype)
-            raw = self.raw.get(name)
-            if raw is not None:
-                raw.read(rows, out=target)
-            else:
-                self._require_files(name, runs)  # zarr would read a missing file as zeros
-                filled = 0
-                for a, b in runs:
-                    target[filled:filled + b - a] = array[a:b]
-                    filled += b - a
-            results.append(target)
-        return tuple(results)
-
-    def _require_files(self, name: str, runs: list[tuple[int, int]]) -> None:
-        shard_rows = self.store.shard_rows
-        for shard in sorted({k for a, b in runs for k in range(a // shard_rows, (b - 1) // shard_rows + 1)}):
-            if not self.store.shard_file(name, shard).is_file():
-                raise ValueError(f"{name} shard {shard} file {self.store.shard_file(name, shard)} is missing")
 
 
 def shared_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -36,10 +36,11 @@ from shared.config import EvalConfig, PipelineConfig, dump_pipeline, load_pipeli
 from shared.console import print_block
 from shared.device import resolve_device
 from shared.errors import SaltUsageError, one_line
-from shared.store import LatentStore, RowStatus
+from shared.rows import committed_rows, read_rows
+from shared.store import LatentStore
 from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint
-from salt_train.data import RowReader, normalised_pixels
+from salt_train.data import normalised_pixels
 from salt_train.export import load_encoder, read_export_config
 from salt_train.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
                                   describe_bound, extract, pool_tokens)
@@ -203,10 +204,10 @@ def _view_recipe(store: LatentStore) -> dict:
     return view
 
 
-def choose_rows(store: LatentStore, count: int, seed: int, flag: str) -> tuple[np.ndarray, np.ndarray]:
+def draw_eval_rows(store: LatentStore, count: int, seed: int, flag: str) -> tuple[np.ndarray, np.ndarray]:
     """``count`` committed rows, a seeded choice: (sorted rows, their order of choice for subsets).
     Of a store of several views per clip, view 0 only (the centre view: one row per clip)."""
-    committed = store.first_views(np.flatnonzero(store.status() == RowStatus.COMMITTED).astype(np.int64))
+    committed = store.first_views(committed_rows(store))
     if count > len(committed):
         what = "committed rows" if store.views_per_clip == 1 else "clips with a committed view 0"
         raise SaltUsageError(f"{flag} {count}: store {store.path} has only {len(committed)} {what} "
@@ -235,14 +236,13 @@ def heldout_loss(student: SaltStudent, store: LatentStore, rows: np.ndarray, con
     student.to(device).eval()
     mean, std = ((torch.as_tensor(a, dtype=torch.float32, device=device) for a in standardisation)
                  if standardisation is not None else (None, None))
-    reader = RowReader(store)
     groups = len(mask_layout(config.mask.kind, config.mask.ratio))
     sse, sae, count = np.zeros(groups), np.zeros(groups), np.zeros(groups)
     total = total_sq = 0.0
     cuda = device.type == "cuda"
     for k, start in enumerate(range(0, len(rows), batch_size)):
         ids = rows[start:start + batch_size]
-        views, latents = reader.read(ids, ("pixels", "latents"))
+        views, latents = read_rows(store, ids, ("pixels", "latents"))
         masks = make_masks(config.mask.kind, config.mask.ratio, len(ids), seed, k).to(device)
         pixels, latents = normalised_pixels(torch.from_numpy(views), device), torch.from_numpy(latents).to(device)
         for group, (visible, masked) in enumerate(zip(masks.visible, masks.masked)):
@@ -273,7 +273,7 @@ class RowSet:
 
 
 def _row_set(store: LatentStore, count: int, temporal_rows: int | None, seed: int, flag: str) -> RowSet:
-    rows, rank = choose_rows(store, count, seed, flag)
+    rows, rank = draw_eval_rows(store, count, seed, flag)
     temporal = rank < (temporal_rows if temporal_rows is not None else count)
     labels = np.asarray(store.array("label")[:], dtype=np.int64)[rows]
     return RowSet(store, rows, temporal, labels)

@@ -32,8 +32,9 @@ import zarr
 
 from shared import geometry
 from shared.console import format_bytes, progress
+from shared.rows import read_rows
 from shared.store import LatentStore
-from salt_train.data import RowReader, normalised_pixels
+from salt_train.data import normalised_pixels
 from salt_train.loss import normalise_targets
 from salt_train.student import VideoViT
 from salt_train.temporal import Variant
@@ -157,7 +158,6 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
             with_latents: bool = False) -> tuple[dict[str, Features], Features | None]:
     """Run every model over the plan's rows (each batch read once); with ``with_latents`` also
     the store's own teacher latents as features (``None`` otherwise)."""
-    reader = RowReader(store)
     rows, count = plan.rows, len(plan.rows)
     temporal_index = np.cumsum(plan.temporal) - 1  # row position -> position among temporal rows
     temporal_count = int(plan.temporal.sum())
@@ -176,12 +176,12 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
     starts = list(range(0, count, batch_size))
     device = next((m.device for m in models.values() if getattr(m, "device", None) is not None), torch.device("cpu"))
     with ThreadPoolExecutor(max_workers=1) as reading:  # the next batch is read while this one runs
-        pending = reading.submit(reader.read, rows[:batch_size], names) if starts else None
+        pending = reading.submit(read_rows, store, rows[:batch_size], names) if starts else None
         for n, start in enumerate(starts):
             ids = rows[start:start + batch_size]
             arrays = pending.result()
             if n + 1 < len(starts):
-                pending = reading.submit(reader.read, rows[starts[n + 1]:starts[n + 1] + batch_size], names)
+                pending = reading.submit(read_rows, store, rows[starts[n + 1]:starts[n + 1] + batch_size], names)
             # One upload per batch; the temporal variants are frame gathers on the device.
             views = torch.from_numpy(arrays[0]).to(device, non_blocking=True)
             if latents_features is not None:

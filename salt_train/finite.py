@@ -37,11 +37,11 @@ def weights_finite(model: torch.nn.Module) -> bool:
 
 def nonfinite_latent_rows(store, rows: list[int]) -> list[int]:
     """Which of ``rows`` hold a NaN or inf latent (read again from the store: rare, so no per-step cost)."""
-    from salt_train.data import RowReader
+    from shared.rows import read_rows
 
     ordered = np.unique(np.asarray(rows, dtype=np.int64))
     try:
-        (latents,) = RowReader(store).read(ordered, ("latents",))
+        (latents,) = read_rows(store, ordered, ("latents",))
     except Exception:  # the row is unreadable now: the loader's own checks will say so
         return []
     bad = ~np.isfinite(latents.reshape(len(ordered), -1)).all(axis=1)

@@ -23,7 +23,7 @@ outliers; the warning fires when the top-8 share exceeds :func:`warning_share` (
 multiple of 8/D, capped at :data:`MAX_WARNING_SHARE` for narrow teachers, where 10 x 8/D
 could not be reached). Sums are accumulated in float64.
 
-Rows are read through the store's own read path (``shared.shard_reader``, else zarr), each
+Rows are read through the store's one read path (:func:`shared.rows.read_rows`), each
 checked against its stored checksum: a damaged or non-finite row is skipped and counted,
 never averaged in.
 """
@@ -36,8 +36,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from shared.errors import SaltUsageError
-from shared.shard_reader import open_raw_rows
-from shared.store import LatentStore, RowStatus
+from shared.rows import committed_rows, read_rows
+from shared.store import LatentStore
 
 TOP_CHANNELS = 8
 OUTLIER_MULTIPLE = 10.0  # a channel with 10x the even energy share (3.2x the typical normed std) is an outlier
@@ -193,10 +193,10 @@ class ChannelAccumulator:
                 "energy": self.energy_sum / self.tokens}
 
 
-def choose_rows(store: LatentStore, rows: int | None, seed: int) -> tuple[np.ndarray, int]:
+def sample_committed_rows(store: LatentStore, rows: int | None, seed: int) -> tuple[np.ndarray, int]:
     """Sorted committed row ids: a seeded sample of ``rows`` of them (all when ``rows`` is None or 0,
     or when there are no more); and the committed count."""
-    committed = np.flatnonzero(store.status() == RowStatus.COMMITTED)
+    committed = committed_rows(store)
     if not len(committed):
         raise SaltUsageError(f"store {store.path} has no committed rows: nothing to measure")
     if rows and rows < len(committed):
@@ -208,30 +208,25 @@ def choose_rows(store: LatentStore, rows: int | None, seed: int) -> tuple[np.nda
 def iter_latent_rows(store: LatentStore, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray | None]]:
     """``(row, latents [1568, D])`` for each row, read through the store's read path;
     ``None`` for a row whose bytes do not match its stored checksum or cannot be read."""
-    raw = open_raw_rows(store.path / "latents")
-    expected = np.asarray(store.array("latents_checksum")[:])
     for start in range(0, len(rows), READ_BATCH):
         block = rows[start:start + READ_BATCH]
         try:
-            data = raw.read(block) if raw is not None else np.stack([store.array("latents")[int(r)] for r in block])
-        except ValueError:  # a damaged shard file: try the rows one by one
-            data = None
-        for k, row in enumerate(block):
-            latents = data[k] if data is not None else _read_one(store, raw, int(row))
-            ok = latents is not None and store.row_checksum(latents) == int(expected[row])
-            yield int(row), latents if ok else None
+            (data,) = read_rows(store, block, ("latents",), check=True)
+        except Exception:  # a damaged row or shard file: read the rows one by one, to skip only the bad ones
+            data = [_read_one(store, int(row)) for row in block]
+        yield from zip((int(row) for row in block), data)
 
 
-def _read_one(store: LatentStore, raw: Any, row: int) -> np.ndarray | None:
+def _read_one(store: LatentStore, row: int) -> np.ndarray | None:
     try:
-        return raw.read(np.array([row]))[0] if raw is not None else np.asarray(store.array("latents")[row])
-    except (ValueError, OSError):
+        return read_rows(store, np.array([row]), ("latents",), check=True)[0][0]
+    except Exception:
         return None
 
 
 def compute_stats(store: LatentStore, rows: int | None = DEFAULT_ROWS, seed: int = 0) -> LatentStats:
     """The statistics of ``rows`` seeded-sampled committed rows (all of them when ``rows`` is None or 0)."""
-    chosen, committed = choose_rows(store, rows, seed)
+    chosen, committed = sample_committed_rows(store, rows, seed)
     width = store.teacher_width
     accumulator = ChannelAccumulator(width)
     skipped: list[int] = []

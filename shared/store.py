@@ -30,6 +30,7 @@ import zarr.codecs
 from shared import geometry
 from shared.errors import SaltUsageError
 from shared.filesystem import atomic_dir, fsync_path
+from shared.shard_reader import RawRows, open_raw_rows
 from shared.shard_writer import ShardFileWriter, open_shard_writer
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ CRC32C = "crc32c of the row's C-order bytes"
 BLAKE2B = "blake2b-64 of the row's C-order bytes"
 CHECKSUM_ALGORITHM = CRC32C  # what new stores use
 CHECKSUM_ALGORITHMS = (CRC32C, BLAKE2B)
+CHECKSUM_ARRAYS = {"pixels": "pixels_checksum", "latents": "latents_checksum"}  # the array holding each's digests
 
 # Arrays written shard by shard, status last (it is the commit record).
 DATA_ARRAYS = ("pixels", "latents", "frame_index", "pixels_checksum", "latents_checksum", "error")
@@ -293,8 +295,16 @@ class LatentStore:
             return np.full(self.rows, "?", dtype=object)
 
     def read_rows(self, start: int, stop: int, names: tuple[str, ...] = ("pixels", "latents")) -> dict[str, np.ndarray]:
-        """Contiguous rows ``[start, stop)``: one range read per array and shard."""
-        return {name: np.asarray(self.arrays[name][start:stop]) for name in names}
+        """Contiguous rows ``[start, stop)`` by array name, through :func:`shared.rows.read_rows`."""
+        from shared.rows import read_rows  # shared.rows builds on this module
+
+        return dict(zip(names, read_rows(self, np.arange(start, stop), names)))
+
+    @functools.cached_property
+    def raw_rows(self) -> dict[str, RawRows]:
+        """Readers straight from the shard files, for the big arrays whose layout is the one we write."""
+        readers = {name: open_raw_rows(self.path / name) for name in FILE_WRITTEN_ARRAYS}
+        return {name: reader for name, reader in readers.items() if reader is not None}
 
     def pending_shards(self, retry_failed: bool = False) -> list[int]:
         """Shards that still hold a pending (or unreadable) row: the work a resumed build must do.

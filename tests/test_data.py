@@ -13,9 +13,10 @@ import torch
 from conftest import FAILING_KINDS, copy_store
 from shared.config import load_pipeline
 from shared.errors import SaltUsageError
+from shared.rows import committed_rows, row_runs
 from shared.store import LatentStore
-from salt_train.data import (Position, StoreStream, StreamSpec, check_shm, check_stream, committed_rows, epoch_order,
-                             make_loader, row_runs, stream_spec, to_model_inputs)
+from salt_train.data import (Position, StoreStream, StreamSpec, check_shm, check_stream, epoch_order, make_loader,
+                             stream_spec, to_model_inputs)
 
 
 def spec_for(store: Path, batch: int = 2, epochs: int = 3, **fields) -> StreamSpec:

@@ -77,3 +77,52 @@ def test_shards_written_to_their_files_read_back_through_zarr(tmp_path_factory, 
     np.testing.assert_array_equal(open_raw_rows(path / "latents").read(np.arange(rows)), latents)
     np.testing.assert_array_equal(open_raw_rows(path / "pixels").read(np.arange(rows)), pixels)
     assert list(path.rglob("*.partial")) == []
+
+
+# ---- shared.rows.read_rows: the one read path over every per-row array --------------------------
+
+ROW_ARRAYS = ("pixels", "latents", "frame_index", "status", "pixels_checksum", "latents_checksum", "error",
+              "clip_id", "label")
+
+
+@settings(max_examples=8, deadline=None)
+@given(picks=st.lists(st.integers(0, 10_000), min_size=1, max_size=6))
+def test_read_rows_equals_zarr_for_any_rows(reference_build, picks: list[int]) -> None:
+    """Any rows (unsorted, repeated, across shards, failed ones included) of every per-row array read
+    the same through the one read path as through zarr, into the caller's buffers when given."""
+    from shared.rows import read_rows
+
+    store = LatentStore.open(reference_build.store)
+    rows = np.array([p % store.rows for p in picks])
+    expected = [store.arrays[name].oindex[rows] for name in ROW_ARRAYS]
+    for got, want in zip(read_rows(store, rows, ROW_ARRAYS), expected):
+        np.testing.assert_array_equal(got, want)
+    buffers = tuple(np.empty_like(want) for want in expected[:2])
+    returned = read_rows(store, rows, ROW_ARRAYS[:2], out=buffers)
+    assert all(r is b for r, b in zip(returned, buffers))  # filled in place: the loader's ring relies on it
+    for got, want in zip(buffers, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_read_rows_checks_checksums_and_refuses_missing_files(reference_build, tmp_path) -> None:
+    """Latents rewritten without their checksum read back as written, and are named with ``check``;
+    a missing shard file is an error, where zarr alone reads the fill value."""
+    from shared.rows import committed_rows, read_rows
+
+    path = copy_store(reference_build.store, tmp_path / "s.zarr")
+    store = LatentStore.open(path)
+    rows = committed_rows(store)[:3]
+    (latents,) = read_rows(store, rows, ("latents",), check=True)  # sound rows pass
+    changed = latents[1].copy()
+    changed[0, 0] += np.float16(1)
+    zarr.open_group(str(path), mode="r+")["latents"][int(rows[1])] = changed
+    (silent,) = read_rows(store, rows, ("latents",))
+    np.testing.assert_array_equal(silent[1], changed)
+    with pytest.raises(ValueError, match=f"row {rows[1]}: latents checksum mismatch"):
+        read_rows(store, rows, ("pixels", "latents"), check=True)
+
+    frames_file = store.shard_file("frame_index", int(rows[0]) // store.shard_rows)
+    frames_file.unlink()
+    assert (store.arrays["frame_index"][int(rows[0])] == -1).all()  # what zarr makes of it
+    with pytest.raises(ValueError, match="frame_index shard .* is missing"):
+        read_rows(store, rows[:1], ("frame_index",))

@@ -78,7 +78,7 @@ def runs(demo_reference: Build, tmp_path_factory: pytest.TempPathFactory) -> Run
 
 
 def test_each_rank_steps_on_its_half_of_the_one_process_batch(runs: Runs) -> None:
-    from salt_train.data import committed_rows
+    from shared.rows import committed_rows
     from shared.store import LatentStore
 
     committed = set(committed_rows(LatentStore.open(runs.store)).tolist())

@@ -174,15 +174,15 @@ def test_the_stream_passes_over_the_clips_once_per_epoch(demo_views_reference: B
 
 
 def test_evaluation_reads_view_0_of_each_clip(demo_views_reference: Build, demo_reference: Build) -> None:
-    from salt_train.evaluate import check_compatible, choose_rows
+    from salt_train.evaluate import check_compatible, draw_eval_rows
     from shared.errors import SaltUsageError
 
     store = LatentStore.open(demo_views_reference.store)
     check_compatible(store, LatentStore.open(demo_reference.store))  # a one-view validation store fits it
-    rows, _ = choose_rows(store, VIEWS_LIMIT, 0, "--train-rows")
+    rows, _ = draw_eval_rows(store, VIEWS_LIMIT, 0, "--train-rows")
     np.testing.assert_array_equal(rows, np.arange(0, 2 * VIEWS_LIMIT, 2))
     with pytest.raises(SaltUsageError, match="only 10 clips with a committed view 0"):
-        choose_rows(store, VIEWS_LIMIT + 1, 0, "--train-rows")
+        draw_eval_rows(store, VIEWS_LIMIT + 1, 0, "--train-rows")
 
 
 # ---- the disk a build needs ---------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Reading rows of a store: the one read path of verify, the training loader, eval and the latent statistics.
+
+:func:`read_rows` reads the named per-row arrays of any rows, in the order given:
+
+- ``pixels`` (zstd) and ``latents`` (raw fp16) straight from their shard files when their layout is
+  the one :func:`shared.store.create_store` writes (:mod:`shared.shard_reader`: 3.7x zarr's path on
+  4 MB latent rows, ~20 ms less per batch of 8 pixel rows), one open per shard, one range read per row;
+- every other array through zarr, one range read per contiguous run of rows (~100x faster than
+  zarr's ``oindex`` on an id list: 9 ms against 1.3 s for 4 rows of pixels).
+
+A missing shard file is an error, never zeros (zarr reads one as the fill value): the rows read are
+committed ones, and a committed row's files are always written. With ``check`` each row's pixels and
+latents are compared with the checksums stored beside them, so a flipped byte is never trained on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from shared.store import CHECKSUM_ARRAYS, RowStatus
+
+if TYPE_CHECKING:
+    from shared.store import LatentStore
+
+
+def committed_rows(store: LatentStore) -> np.ndarray:
+    """Row ids whose status says committed: failed, pending and unreadable rows are never read for use."""
+    return np.flatnonzero(store.status() == RowStatus.COMMITTED).astype(np.int64)
+
+
+def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Row ids as maximal contiguous ``[start, stop)`` runs, in their order."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks) if len(run)]
+
+
+def checksum_problem(store: LatentStore, name: str, row: np.ndarray, expected: int) -> str | None:
+    """``"<name> checksum mismatch"`` when one row's bytes do not match its stored checksum, else None."""
+    return None if store.row_checksum(row) == int(expected) else f"{name} checksum mismatch"
+
+
+def read_rows(store: LatentStore, rows: np.ndarray, names: Sequence[str] = ("pixels", "latents"),
+              out: Sequence[np.ndarray] | None = None, check: bool = False) -> tuple[np.ndarray, ...]:
+    """The ``rows`` of each array of ``names`` (``[len(rows), *row_shape]`` each), written into ``out``
+    when given (one buffer per name, e.g. the loader's shared-memory batch: no further copy).
+
+    ``check``: compare the rows of every named array that has stored checksums (pixels, latents) with
+    them; the first mismatch raises ``ValueError("row R: <name> checksum mismatch")``. Damaged or missing
+    files raise too (``ValueError`` from the shard files, zarr's own errors otherwise)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    runs = row_runs(rows)
+    results = []
+    for n, name in enumerate(names):
+        array = store.arrays[name]
+        target = out[n] if out is not None else np.empty((len(rows), *array.shape[1:]), array.dtype)
+        raw = store.raw_rows.get(name)
+        if raw is not None:
+            raw.read(rows, out=target)
+        else:
+            _require_files(store, name, rows)
+            filled = 0
+            for a, b in runs:
+                target[filled:filled + b - a] = array[a:b]
+                filled += b - a
+        results.append(target)
+    if check:
+        _check_checksums(store, rows, dict(zip(names, results)))
+    return tuple(results)
+
+
+def _require_files(store: LatentStore, name: str, rows: np.ndarray) -> None:
+    """zarr reads a missing shard file as the fill value; for rows being read it is damage."""
+    array = store.arrays[name]
+    grid = (array.shards or array.chunks)[0]  # shard_rows, or more for clip_id and label
+    for shard in np.unique(rows // grid):
+        path = store.shard_file(name, int(shard))
+        if not path.is_file():
+            raise ValueError(f"{name} shard {shard} file {path} is missing")
+
+
+def _check_checksums(store: LatentStore, rows: np.ndarray, data: dict[str, np.ndarray]) -> None:
+    checked = [name for name in CHECKSUM_ARRAYS if name in data]
+    expected = dict(zip(checked, read_rows(store, rows, [CHECKSUM_ARRAYS[name] for name in checked])))
+    for k, row in enumerate(rows):
+        for name in checked:
+            problem = checksum_problem(store, name, data[name][k], expected[name][k])
+            if problem:
+                raise ValueError(f"row {row}: {problem}")
