@@ -100,7 +100,8 @@ def epoch_order(rows: np.ndarray, shard_rows: int, seed: int, epoch: int, window
     shard_of = rows // shard_rows
     shards, first = np.unique(shard_of, return_index=True)  # rows are sorted, so runs are contiguous
     bounds = np.append(first, len(rows))
-    stream = np.concatenate([rows[bounds[k]:bounds[k + 1]] for k in rng.permutation(len(shards))]) if len(rows) else rows
+    runs = [rows[bounds[k]:bounds[k + 1]] for k in rng.permutation(len(shards))]
+    stream = np.concatenate(runs) if len(rows) else rows
     window = max(1, min(window, len(stream)))
     out = np.empty_like(stream)
     buffer = stream[:window].copy()
@@ -285,7 +286,8 @@ class StoreStream(IterableDataset):
             elif get_worker_info() is not None:
                 pixels, latents = shared_buffer(pixels_shape, torch.uint8), shared_buffer(latents_shape, torch.float16)
             else:
-                pixels, latents = torch.empty(pixels_shape, dtype=torch.uint8), torch.empty(latents_shape, dtype=torch.float16)
+                pixels = torch.empty(pixels_shape, dtype=torch.uint8)
+                latents = torch.empty(latents_shape, dtype=torch.float16)
             read_rows(store, rows, ("pixels", "latents"), out=(pixels.numpy(), latents.numpy()),
                       check=self.spec.verify_checksums)
             masks = self.masks(epoch, index)

@@ -212,7 +212,8 @@ def draw_eval_rows(store: LatentStore, count: int, seed: int, flag: str) -> tupl
         what = "committed rows" if store.views_per_clip == 1 else "clips with a committed view 0"
         raise SaltUsageError(f"{flag} {count}: store {store.path} has only {len(committed)} {what} "
                              f"(ask for at most {len(committed)})")
-    chosen = np.random.default_rng(np.random.SeedSequence([seed % 2**64, len(committed)])).permutation(committed)[:count]
+    rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, len(committed)]))
+    chosen = rng.permutation(committed)[:count]
     rank = np.empty(count, dtype=np.int64)
     order = np.argsort(chosen)
     rank[order] = np.arange(count)
@@ -415,7 +416,8 @@ def _classification(train_set: RowSet, val_set: RowSet, train_features: dict[str
         pool = settings.probe_pool
         read_train = lambda ids, f=train_f: pool_tokens(f.tokens.read(train_ids[ids], attentive.device), pool)  # noqa: E731
         read_val = lambda ids, f=val_f: pool_tokens(f.tokens.read(val_ids[ids], attentive.device), pool)  # noqa: E731
-        result["attentive"][name] = vars(attentive_probe(read_train, train_y, read_val, val_y, width, classes, attentive))
+        probe = attentive_probe(read_train, train_y, read_val, val_y, width, classes, attentive)
+        result["attentive"][name] = vars(probe)
         result["linear"][name] = vars(linear_probe(train_f.mean[train_ids], train_y, val_f.mean[val_ids], val_y,
                                                    classes, linear))
     return result

@@ -169,7 +169,8 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
     latents_features = None
     if with_latents:
         width = store.teacher_width
-        bank = TokenBank(count, width, memory_bytes, spill_dir, f"{label}-teacher-latents") if plan.keep_tokens else None
+        bank = (TokenBank(count, width, memory_bytes, spill_dir, f"{label}-teacher-latents")
+                if plan.keep_tokens else None)
         latents_features = Features(bank, torch.empty(count, width))
     bar = progress(total=count, description=f"features ({label})", unit="clip")
     names = ("pixels", "latents") if with_latents else ("pixels",)

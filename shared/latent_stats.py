@@ -122,7 +122,8 @@ class LatentStats:
         return {
             "rows read": self.rows_line(),
             "channels": f"{self.width}; std {self.std.min():.3g} to {self.std.max():.3g} (median "
-                        f"{np.median(self.std):.3g}), max |x| {self.max_abs.max():.4g} (channel {int(self.max_abs.argmax())})",
+                        f"{np.median(self.std):.3g}), max |x| {self.max_abs.max():.4g} "
+                        f"(channel {int(self.max_abs.argmax())})",
             f"top-{TOP_CHANNELS} energy": self.share_line(),
             "outlier channels": self.outliers_line(),
         }

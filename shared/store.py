@@ -167,12 +167,14 @@ class LatentStore:
         if not path.is_dir():
             raise SaltUsageError(f"store {path} is not a directory (a Zarr store is a folder)")
         try:
-            group = zarr.open_group(zarr.storage.LocalStore(path, read_only=not writable), mode="r+" if writable else "r")
+            local = zarr.storage.LocalStore(path, read_only=not writable)
+            group = zarr.open_group(local, mode="r+" if writable else "r")
         except Exception as exc:  # zarr raises several types for "not a group"
             raise SaltUsageError(f"store {path} is not a Zarr v3 group ({type(exc).__name__}: {exc})") from None
         attrs = group.attrs.get(ATTRS_KEY)
         if not isinstance(attrs, dict) or attrs.get("format") != STORE_FORMAT:
-            raise SaltUsageError(f"store {path} is a Zarr group but not a SALT latent cache (no '{ATTRS_KEY}' attributes)")
+            raise SaltUsageError(f"store {path} is a Zarr group but not a SALT latent cache "
+                                 f"(no '{ATTRS_KEY}' attributes)")
         if attrs.get("schema_version") != SCHEMA_VERSION:
             raise SaltUsageError(
                 f"store {path} has schema version {attrs.get('schema_version')}, this SALT reads {SCHEMA_VERSION}"
@@ -192,7 +194,8 @@ class LatentStore:
                 except KeyError:
                     missing.append(name)
                 except Exception as exc:  # garbage in the array's zarr.json
-                    raise SaltUsageError(f"store {path}: metadata of array {name} unreadable ({type(exc).__name__})") from None
+                    raise SaltUsageError(f"store {path}: metadata of array {name} unreadable "
+                                         f"({type(exc).__name__})") from None
         if missing:
             raise SaltUsageError(f"store {path} lacks arrays: {', '.join(missing)}")
         return cls(path, group, arrays)
@@ -238,7 +241,8 @@ class LatentStore:
             array = self.arrays[name]
             grid = (array.shards or array.chunks)[0]
             if grid != self.shard_rows:
-                problems.append(f"array {name} is cut into {grid}-row shards, the recorded shard_rows is {self.shard_rows}")
+                problems.append(f"array {name} is cut into {grid}-row shards, "
+                                f"the recorded shard_rows is {self.shard_rows}")
         return problems
 
     def check_layout(self) -> None:
@@ -338,8 +342,11 @@ class LatentStore:
         if len(payload.status) != stop - start:
             raise ValueError(f"shard {payload.index} holds rows [{start}, {stop}), payload has {len(payload.status)}")
         committed = payload.status == RowStatus.COMMITTED
-        pixels_sums = np.array([self.row_checksum(p) if ok else 0 for p, ok in zip(payload.pixels, committed)], np.uint64)
-        latents_sums = np.array([self.row_checksum(x) if ok else 0 for x, ok in zip(payload.latents, committed)], np.uint64)
+
+        def sums(rows: np.ndarray) -> np.ndarray:
+            return np.array([self.row_checksum(row) if ok else 0 for row, ok in zip(rows, committed)], np.uint64)
+
+        pixels_sums, latents_sums = sums(payload.pixels), sums(payload.latents)
         values = {
             "pixels": payload.pixels,
             "latents": payload.latents,

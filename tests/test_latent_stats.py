@@ -91,7 +91,8 @@ def test_figures_match_numpy_over_every_row(planted) -> None:
 
 def test_a_seeded_sample_is_reproducible_and_says_so(planted) -> None:
     store = LatentStore.open(planted)
-    a, b, c = compute_stats(store, rows=6, seed=3), compute_stats(store, rows=6, seed=3), compute_stats(store, rows=6, seed=4)
+    a, b = compute_stats(store, rows=6, seed=3), compute_stats(store, rows=6, seed=3)
+    c = compute_stats(store, rows=6, seed=4)
     assert a.rows_read == 6 and a.sampled and "sample of 6 of 20 committed rows (seed 3)" in a.rows_line()
     np.testing.assert_array_equal(a.mean, b.mean)
     assert not np.array_equal(a.mean, c.mean)
@@ -175,7 +176,8 @@ def test_channel_standardisation_matches_numpy(planted) -> None:
     model = ModelConfig(student="vit_tiny_patch16_224", student_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
                         predictor_width=32, predictor_depth=1, predictor_heads=2, target_norm="channel")
     objective = SaltObjective(build_salt_student(model, stats.width), "mse", stats.width)
-    objective.set_target_standardisation(torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
+    objective.set_target_standardisation(torch.tensor(mean, dtype=torch.float32),
+                                         torch.tensor(std, dtype=torch.float32))
     latents16 = torch.from_numpy(x[:2].astype(np.float16))
     ours = normalise_targets(latents16, objective.target_mean, objective.target_std)
     reference = numpy_layer_norm((latents16.double().numpy() - mean) / std)

@@ -15,7 +15,8 @@ def test_preflight_passes_on_a_sound_store(demo_reference, tmp_path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith("PASS  single batch: pixels (2, 3, 16, 224, 224)") for line in lines), result.stdout
-    assert any(line.startswith("PASS  single batch") and "latents (2, 1568, 64) torch.float16" in line for line in lines)
+    assert any(line.startswith("PASS  single batch") and "latents (2, 1568, 64) torch.float16" in line
+               for line in lines)
     assert any(line.startswith("PASS  worker stress (2 workers, prefetch 2): 20 batches") for line in lines)
     assert any(line.startswith("PASS  /dev/shm use") and "flat" in line for line in lines), result.stdout
     assert lines[-1] == "preflight: all checks passed"
@@ -68,7 +69,8 @@ def test_bad_input_is_one_line(reference_build, tmp_path) -> None:
                  ("snapshots", "list", "--cache", tmp_path / "missing.zarr")):
         result = call_train(*args)
         lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("salt-train: error:"), (args, result.stderr)
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("salt-train: error:"), \
+            (args, result.stderr)
 
 
 def test_scaling_prints_loader_and_step_efficiency_for_1_and_2_processes(demo_reference, tmp_path) -> None:

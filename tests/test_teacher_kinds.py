@@ -29,8 +29,9 @@ WIDTH, DEPTH, HEADS = 32, 2, 2
 
 def tiny_pretrain_config() -> VideoMAEConfig:
     return VideoMAEConfig(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=64,
-                          use_mean_pooling=False, layer_norm_eps=1e-6, attn_implementation="sdpa", decoder_hidden_size=16,
-                          decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32)
+                          use_mean_pooling=False, layer_norm_eps=1e-6, attn_implementation="sdpa",
+                          decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                          decoder_intermediate_size=32)
 
 
 def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -251,7 +252,8 @@ def test_a_final_norm_the_config_would_drop_is_refused(pretraining_dir, tmp_path
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["VideoMAEModel"],
                                                     "use_mean_pooling": True}))
-    with pytest.raises(SaltUsageError, match=r"final norm \(videomae\.layernorm\.(weight|bias)\).*use_mean_pooling: false"):
+    with pytest.raises(SaltUsageError,
+                       match=r"final norm \(videomae\.layernorm\.(weight|bias)\).*use_mean_pooling: false"):
         load_teacher_model(str(folder))
 
 

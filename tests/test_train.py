@@ -205,7 +205,8 @@ def test_set_values_parse_like_the_recipe() -> None:
     from salt_train.cli import parse_sets
     from shared.config import load_pipeline
 
-    sets = parse_sets(["model.compile_mode=off", "train.lr=1e-4", "stream.verify_checksums=true", "train.max_steps=null"])
+    sets = parse_sets(["model.compile_mode=off", "train.lr=1e-4", "stream.verify_checksums=true",
+                       "train.max_steps=null"])
     assert sets["model.compile_mode"] == "off" and sets["stream.verify_checksums"] is True
     config = load_pipeline("ssv2", sets)
     assert config.model.compile_mode == "off" and config.train.lr == 1e-4 and config.train.max_steps is None
