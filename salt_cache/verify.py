@@ -20,8 +20,8 @@ from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
 from shared.rows import checksum_problem, read_rows
-from shared.store import (CHECKSUM_ALGORITHMS, CHECKSUM_ARRAYS, STATUS_UNREADABLE, VIEW_DATA_ARRAYS, LatentStore,
-                          RowStatus, clip_ids_sha256, labels_sha256, status_counts)
+from shared.store import (CHECKSUM_ALGORITHMS, CHECKSUM_ARRAYS, DATA_ARRAYS, STATUS_UNREADABLE, VIEW_DATA_ARRAYS,
+                          LatentStore, RowStatus, clip_ids_sha256, labels_sha256, status_counts)
 
 if TYPE_CHECKING:
     from shared.teacher import Teacher
@@ -124,8 +124,7 @@ def check_source_rows(store: LatentStore, report: VerifyReport) -> None:
 
 def _row_arrays(store: LatentStore) -> tuple[str, ...]:
     """The arrays a committed row is checked on."""
-    names = ("pixels", "latents", "frame_index", "pixels_checksum", "latents_checksum", "error")
-    return names + (VIEW_DATA_ARRAYS if store.views_per_clip > 1 else ())
+    return DATA_ARRAYS + (VIEW_DATA_ARRAYS if store.views_per_clip > 1 else ())
 
 
 def _read_shard(store: LatentStore, start: int, stop: int,

@@ -29,7 +29,7 @@ from shared.console import format_bytes, progress
 from shared.device import resolve_device
 from shared.distributed import Dist
 from shared.flops import peak_bf16_tflops
-from shared.store import CHECKSUM_ALGORITHM, LatentStore, RowStatus, ShardPayload, create_store
+from shared.store import CHECKSUM_ALGORITHM, CHECKSUM_ARRAYS, LatentStore, RowStatus, ShardPayload, create_store
 from salt_train.data import check_stream, make_loader, stream_spec
 from salt_train.feed import BatchFeed, batch_to_device
 from salt_train.masks import mask_layout
@@ -59,8 +59,7 @@ def write_synthetic_store(path: Path, rows: int, teacher_width: int = geometry.T
     Pixels compress like real video (:func:`realistic_pixels`); latents are random fp16 at the
     teacher's width, like real ones incompressible.
     """
-    checksums = {"algorithm": CHECKSUM_ALGORITHM,
-                 "arrays": {"pixels": "pixels_checksum", "latents": "latents_checksum"}}
+    checksums = {"algorithm": CHECKSUM_ALGORITHM, "arrays": dict(CHECKSUM_ARRAYS)}
     store = create_store(path, clip_ids=[f"synthetic-{r}" for r in range(rows)], labels=[-1] * rows,
                          teacher_width=teacher_width, shard_rows=shard_rows, pixels_zstd_level=1,
                          attrs={"teacher": {"name": "synthetic (random latents)"}, "checksums": checksums})

@@ -474,7 +474,7 @@ def create_store(
             "latent_dtype": "float16",
             "checksums": {
                 "algorithm": CHECKSUM_ALGORITHM,
-                "arrays": {"pixels": "pixels_checksum", "latents": "latents_checksum"},
+                "arrays": dict(CHECKSUM_ARRAYS),
             },
             "row_status": {s.name.lower(): int(s) for s in RowStatus},
             "source_rows": {"clip_id_sha256": clip_ids_sha256(list(clip_ids)), "label_sha256": labels_sha256(labels)},
