@@ -204,10 +204,16 @@ def _view_recipe(store: LatentStore) -> dict:
     return view
 
 
+def eval_candidates(store: LatentStore) -> np.ndarray:
+    """The rows an evaluation may draw: committed ones, and of a store of several views per clip
+    view 0 only (the centre view: one row per clip)."""
+    return store.first_views(committed_rows(store))
+
+
 def draw_eval_rows(store: LatentStore, count: int, seed: int, flag: str) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` committed rows, a seeded choice: (sorted rows, their order of choice for subsets).
-    Of a store of several views per clip, view 0 only (the centre view: one row per clip)."""
-    committed = store.first_views(committed_rows(store))
+    """``count`` of the :func:`eval_candidates`, a seeded choice: (sorted rows, their order of choice
+    for subsets)."""
+    committed = eval_candidates(store)
     if count > len(committed):
         what = "committed rows" if store.views_per_clip == 1 else "clips with a committed view 0"
         raise SaltUsageError(f"{flag} {count}: store {store.path} has only {len(committed)} {what} "

@@ -17,7 +17,7 @@ import torch
 
 from shared.config import PipelineConfig
 from shared.store import LatentStore
-from salt_train.evaluate import check_compatible, class_count, draw_eval_rows, heldout_loss
+from salt_train.evaluate import check_compatible, class_count, draw_eval_rows, eval_candidates, heldout_loss
 from salt_train.features import EncoderFeatures, ExtractionPlan, extract
 from salt_train.model import SaltStudent
 from salt_train.probes import ProbeSettings, linear_probe
@@ -33,16 +33,12 @@ class QuickEval:
         self.val_store = LatentStore.open(settings.val_cache)
         check_compatible(train_store, self.val_store)
         self.train_store = train_store
-        rows = min(settings.quick_rows, self._committed(train_store), self._committed(self.val_store))
+        rows = min(settings.quick_rows, len(eval_candidates(train_store)), len(eval_candidates(self.val_store)))
         self.val_rows = draw_eval_rows(self.val_store, rows, settings.seed, "eval.quick_rows")[0]
         self.train_rows = draw_eval_rows(train_store, rows, settings.seed, "eval.quick_rows")[0]
         self.val_labels = np.asarray(self.val_store.array("label")[:], dtype=np.int64)[self.val_rows]
         self.train_labels = np.asarray(train_store.array("label")[:], dtype=np.int64)[self.train_rows]
         self.classes = class_count(train_store, self.val_store)
-
-    @staticmethod
-    def _committed(store: LatentStore) -> int:
-        return int(store.counts()["committed"])
 
     def __call__(self, model: SaltStudent) -> dict[str, Any]:
         settings = self.config.eval

@@ -226,3 +226,18 @@ def test_the_projection_bounds_an_uncompressed_store(demo_set: Path, tmp_path: P
     plan = plan_space(store, opened.rows, opened.rows, opened.num_shards, opened.teacher_width, 2, 0)
     taken = sum(p.stat().st_blocks * 512 for p in store.rglob("*") if p.is_file())
     assert opened.rows == 6 and 0.9 * plan.needed < taken <= plan.needed, (taken, plan.needed)
+
+
+def test_quick_eval_sizes_its_rows_by_the_clips_it_can_draw(demo_views_reference: Build, demo_reference: Build,
+                                                            tmp_path: Path) -> None:
+    """A two-view train store of 10 clips has 20 committed rows but only 10 view-0 rows to evaluate on:
+    the quick eval takes 10 from each store instead of asking for 20 and refusing the run's start."""
+    import torch
+
+    from salt_train.quick_eval import QuickEval
+    from shared.config import PipelineConfig
+
+    config = PipelineConfig.model_validate({"eval": {"val_cache": str(demo_reference.store), "quick_rows": 64}})
+    quick = QuickEval(config, LatentStore.open(demo_views_reference.store), torch.device("cpu"), tmp_path / "spill")
+    np.testing.assert_array_equal(quick.train_rows, np.arange(0, 2 * VIEWS_LIMIT, 2))
+    assert len(quick.val_rows) == VIEWS_LIMIT
