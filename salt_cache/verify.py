@@ -19,9 +19,9 @@ import torch
 from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
-from shared.rows import checksum_problem, read_rows
-from shared.store import (CHECKSUM_ALGORITHMS, CHECKSUM_ARRAYS, DATA_ARRAYS, STATUS_UNREADABLE, VIEW_DATA_ARRAYS,
-                          LatentStore, RowStatus, clip_ids_sha256, labels_sha256, status_counts)
+from shared.rows import checksum_problem
+from shared.store import (CHECKSUM_ALGORITHMS, CHECKSUM_ARRAYS, STATUS_UNREADABLE, LatentStore, RowStatus,
+                          clip_ids_sha256, labels_sha256, status_counts)
 
 if TYPE_CHECKING:
     from shared.teacher import Teacher
@@ -122,15 +122,10 @@ def check_source_rows(store: LatentStore, report: VerifyReport) -> None:
         report.problems.append(Problem("label array differs from the labels the store was created with"))
 
 
-def _row_arrays(store: LatentStore) -> tuple[str, ...]:
-    """The arrays a committed row is checked on."""
-    return DATA_ARRAYS + (VIEW_DATA_ARRAYS if store.views_per_clip > 1 else ())
-
-
 def _read_shard(store: LatentStore, start: int, stop: int,
                 names: tuple[str, ...]) -> tuple[dict[str, np.ndarray] | None, str]:
     try:
-        return dict(zip(names, read_rows(store, np.arange(start, stop), names))), ""
+        return store.read_rows(start, stop, names), ""
     except Exception as exc:  # a damaged shard file: fall back to reading row by row
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -178,7 +173,7 @@ def _missing_files(store: LatentStore, start: int) -> str | None:
 
 def check_shard(store: LatentStore, start: int, stop: int, status: np.ndarray, ids: np.ndarray) -> list[Problem]:
     """The problems of rows [start, stop): one read of the shard, row by row only if it is damaged."""
-    names = _row_arrays(store)
+    names = store.data_arrays  # the arrays a committed row is checked on
     data, _ = _read_shard(store, start, stop, names)
     missing = _missing_files(store, start) if np.any(status[start:stop] == RowStatus.COMMITTED) else None
     problems = []

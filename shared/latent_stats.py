@@ -182,8 +182,8 @@ class ChannelAccumulator:
         self.sum_sq += np.square(x).sum(axis=0)
         np.maximum(self.max_abs, np.abs(x).max(axis=0), out=self.max_abs)
         centred = x - x.mean(axis=1, keepdims=True)
-        normed_sq = np.square(centred) / (np.square(centred).mean(axis=1, keepdims=True) + LAYER_NORM_EPS)
-        self.energy_sum += normed_sq.sum(axis=0)
+        squared = np.square(centred)  # each token's layer-normed energy per channel, below
+        self.energy_sum += (squared / (squared.mean(axis=1, keepdims=True) + LAYER_NORM_EPS)).sum(axis=0)
 
     def finish(self) -> dict[str, np.ndarray]:
         if not self.tokens:
