@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from shared.config import PipelineConfig
 from shared.console import format_bytes, print_block, progress
 from shared.distributed import Dist, rank_share, warn_if_oversubscribed
+from shared.errors import first_line
 from shared.filesystem import build_lock
 from shared.store import LatentStore
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
@@ -99,9 +100,7 @@ def worker_batches(loader: DataLoader) -> Iterator[dict]:
         except StopIteration:
             return
         except (RuntimeError, ConnectionError, EOFError) as exc:
-            text = str(exc).strip()
-            detail = text.splitlines()[0] if text else type(exc).__name__
-            raise DecodeWorkerDied(f"a decode worker died ({detail})") from exc
+            raise DecodeWorkerDied(f"a decode worker died ({first_line(exc)})") from exc
         yield batch
 
 

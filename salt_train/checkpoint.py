@@ -140,7 +140,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
             (partial / "state.json").write_text(json.dumps(record, indent=1))  # the whole folder is renamed
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         previous = latest_checkpoint(run_dir)
-        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        reason = getattr(exc, "strerror", None) or first_line(exc)
         raise CheckpointWriteError(
             f"cannot write checkpoint {final.name} in {root}: {reason}; "
             + (f"{previous.name} is intact: free space and continue with --resume" if previous else
@@ -151,7 +151,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
 
 
 def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".partial"))
+    done = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX))
     for old in done[:-keep]:
         try:  # renamed first: a kill mid-delete leaves a .partial, never a half checkpoint under its name
             delete_dir(old)
@@ -165,7 +165,8 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     """A run's complete checkpoints, newest first."""
     root = checkpoint_dir(run_dir)
     return sorted((p for p in root.glob(f"{PREFIX}*")
-                   if p.is_dir() and not p.name.endswith(".partial") and (p / "state.json").is_file()), reverse=True)
+                   if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) and (p / "state.json").is_file()),
+                  reverse=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

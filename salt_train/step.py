@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shared.config import PipelineConfig
 from shared.distributed import Dist
 from salt_train.attention import attention_backends, attention_context
-from salt_train.feed import to_device
+from salt_train.feed import ON_DEVICE, to_device
 from salt_train.finite import guarded_step
 from salt_train.loss import SaltObjective
 from salt_train.masks import make_masks
@@ -89,15 +89,14 @@ class Stepper:
     def inputs(self, batch: dict, step: int) -> tuple:
         """Views, latents and, per mask group, the visible and masked ids, on the device. The loader's
         workers make the masks (StreamSpec.mask_kind); a batch without them gets them here, from the step."""
-        moved = [batch[name].to(self.device, non_blocking=True) for name in ("pixels", "latents")]
         if "masked" in batch:
-            return (*moved, to_device(batch["visible"], self.device, True),
-                    to_device(batch["masked"], self.device, True))
-        local = moved[0].shape[0]  # this rank's slice of the global batch, and of its masks
+            return tuple(to_device(batch[name], self.device, True) for name in ON_DEVICE)
+        views, latents = (to_device(batch[name], self.device, True) for name in ("pixels", "latents"))
+        local = views.shape[0]  # this rank's slice of the global batch, and of its masks
         mask = self.config.mask
         masks = make_masks(mask.kind, mask.ratio, local * self.world_size, self.config.train.seed, step)
         masks = masks[self.rank * local:(self.rank + 1) * local].to(self.device, non_blocking=True)
-        return (*moved, masks.visible, masks.masked)
+        return views, latents, masks.visible, masks.masked
 
     def step(self, batch: dict, step: int) -> StepResult:
         train = self.config.train

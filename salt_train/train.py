@@ -292,9 +292,8 @@ def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics:
                               f"{final.name if final else '(rank 0)'}; {resume_hint}")
     if batches.interrupted:
         if main:
-            log.warning("stopped at step %d of %d; checkpoint %s; continue with: %s run --cache %s --run-dir %s "
-                        "--resume (any number of ranks)", state.step, steps, final.name,
-                        "torchrun ... -m salt_train" if dist.enabled else "salt-train", snapshot.source, run_dir)
+            log.warning("stopped at step %d of %d; checkpoint %s; %s (any number of ranks)", state.step, steps,
+                        final.name, resume_hint)
         return report
     replicas = checkpointer.check_replicas()
     if main:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as torch_dist
 
-from shared.errors import SaltUsageError
+from shared.errors import SaltUsageError, first_line
 from shared.torchrun_env import env_world_size
 
 T = TypeVar("T")
@@ -189,8 +189,7 @@ def distributed(backend: str) -> Iterator[Dist]:
         # Its own group even on gloo: control messages never interleave with DDP's gradient buckets.
         control = torch_dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SaltUsageError(f"could not join the torchrun job as rank {rank} of {world}: {first}") from None
+        raise SaltUsageError(f"could not join the torchrun job as rank {rank} of {world}: {first_line(exc)}") from None
     try:
         yield Dist(rank, world, local, local_world, control)
     finally:

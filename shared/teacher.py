@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from shared import geometry
 from shared.config import HUGE_RANDOM_TEACHER, TINY_TEACHER
-from shared.errors import SaltUsageError
+from shared.errors import SaltUsageError, first_line
 from shared.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,7 @@ def _load_pretrained(name: str, local: Path) -> VideoMAEModel:
     except SaltUsageError:
         raise
     except Exception as exc:  # transformers raises many types for a bad or absent checkpoint
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
+        first = first_line(exc)
         if "connect" in first.lower():
             first += (" Offline: download it once where there is a network (huggingface-cli download "
                       f"{name} --local-dir DIR) and pass --teacher DIR; HF_HUB_OFFLINE=1 skips the retries")
