@@ -242,19 +242,19 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
         _print_plan(store, source, teacher, config, [], 0, dist, _space_plan(out, store, [], source, teacher, config))
         return _report(store, todo=0, failed=0, seconds=0.0, write_mb_per_s=0.0)
 
-    def check_disk() -> SpacePlan:  # rank 0, before anything is written
+    def survey() -> SpacePlan | None:  # rank 0, before anything is written; None: nothing left to build
         store = open_matching_store(out, identity, False) if out.exists() else None
-        plan = _space_plan(out, store, store.pending_shards(retry_failed) if store else [], source, teacher, config)
+        pending = store.pending_shards(retry_failed) if store is not None else []
+        if store is not None and not pending:
+            return None
+        plan = _space_plan(out, store, pending, source, teacher, config)
         check_space(plan, force)
         return plan
 
     # Rank 0 decides: the others must not look at a store it may be creating meanwhile.
-    def finished() -> bool:
-        return out.exists() and not open_matching_store(out, identity, False).pending_shards(retry_failed)
-
-    if dist.on_main(finished):
+    space = dist.on_main(survey)
+    if space is None:
         return dist.on_main(report_finished)
-    space = dist.on_main(check_disk)
     with ExitStack() as held:
         def prepare() -> list[int]:  # rank 0: lock, create or open, clean up, list the work
             held.enter_context(build_lock(out))
