@@ -427,6 +427,8 @@ def create_store(
     if not clip_ids:
         raise SaltUsageError("no clips to store")
     rows = len(clip_ids)
+    if views_per_clip > 1 and rows % views_per_clip:
+        raise ValueError(f"{rows} rows are not clips of {views_per_clip} views")
     with atomic_dir(path, unique=True) as staging:
         # "w-", not "w": "w" would delete and re-create the (locked) staging folder
         group = zarr.open_group(zarr.storage.LocalStore(staging), mode="w-", zarr_format=3)
@@ -457,8 +459,6 @@ def create_store(
         group["label"][:] = np.asarray(labels, dtype=np.int32)
         view_attrs: dict[str, Any] = {}
         if views_per_clip > 1:
-            if rows % views_per_clip:
-                raise ValueError(f"{rows} rows are not clips of {views_per_clip} views")
             group.create_array("view_index", shape=(rows,), dtype="int32", fill_value=-1,
                                chunks=(max(shard_rows, 4096),), compressors=None)
             group["view_index"][:] = np.arange(rows, dtype=np.int32) % views_per_clip
