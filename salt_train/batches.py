@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Iterator
 from shared.config import PipelineConfig
 from shared.distributed import Dist
 from shared.errors import one_line
-from salt_train.checkpoint import Checkpointer, Position, TrainingStopped
+from salt_train.checkpoint import Checkpointer, TrainingStopped
+from salt_train.state import Position
 from salt_train.feed import BatchFeed
 from salt_train.metrics import HealthWindow
 from salt_train.run_folder import MetricsLog

@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from shared.filesystem import PARTIAL_SUFFIX, atomic_dir, delete_dir, write_json
 from shared.store import LatentStore
 from salt_train.finite import nonfinite_latent_rows, weights_finite
 from salt_train.snapshot import Snapshot, check_manifest
+from salt_train.state import Position, TrainState
 
 if TYPE_CHECKING:
     from salt_train.metrics import HealthWindow
@@ -49,25 +50,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "salt-train-checkpoint"
 CHECKPOINT_VERSION = 1
 PREFIX = "step-"
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a stream is: the next global batch to read is ``index`` of ``epoch``."""
-
-    epoch: int = 0
-    index: int = 0
-
-
-@dataclass
-class TrainState:
-    """The non-tensor part of a checkpoint."""
-
-    step: int  # optimizer steps done
-    position: Position  # next global batch to read
-    loader_errors: int = 0
-    clips_seen: int = 0
-    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient
 
 
 class CheckpointUnreadable(SaltUsageError):

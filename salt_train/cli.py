@@ -144,7 +144,7 @@ def evaluate(
     playback stride, clip retrieval), SSv2 attentive and linear probes; beside a random-init student and the
     teacher. Writes eval/eval.json and eval/eval.png and prints the table."""
     setup_logging()
-    from salt_train.evaluate import EvalRequest, run_eval
+    from salt_train.eval.command import EvalRequest, run_eval
 
     overrides = parse_sets(sets)
     for key in overrides:

@@ -51,7 +51,7 @@ from shared.errors import SaltUsageError
 from shared.lifeline import worker_init
 from shared.rows import committed_rows, read_rows
 from shared.store import LatentStore
-from salt_train.checkpoint import Position
+from salt_train.state import Position
 from salt_train.masks import make_masks
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as torch_dist
@@ -20,15 +20,19 @@ from shared.config import PipelineConfig, TrainConfig
 from shared.console import format_bytes, print_block, progress
 from shared.distributed import Dist
 from shared.store import LatentStore
-from salt_train.checkpoint import Position, TrainState
+from salt_train.state import Position, TrainState
 from salt_train.data import StreamSpec, batch_bytes, shm_bound
 from salt_train.masks import describe_masks
-from salt_train.quick_eval import QuickEval
 from salt_train.run_folder import MetricsLog
 from salt_train.snapshot import Snapshot
 from salt_train.step import StepResult, resolve_compile_mode
 
 log = logging.getLogger(__name__)
+
+
+# The quick evaluation, handed in by the loop: the model -> its record (heldout_loss, heldout_r2, ...).
+# A callable rather than the evaluation's class, so that training imports nothing of the eval wing here.
+Evaluation = Callable[[torch.nn.Module], dict[str, Any]]
 
 
 class HealthWindow:
@@ -116,7 +120,7 @@ class Metrics:
 
     Every rank calls every method (the loss is averaged over the ranks); only rank 0 writes."""
 
-    def __init__(self, run_dir: Path, train: TrainConfig, steps: int, state: TrainState, quick_eval: QuickEval | None,
+    def __init__(self, run_dir: Path, train: TrainConfig, steps: int, state: TrainState, quick_eval: Evaluation | None,
                  device: torch.device, dist: Dist) -> None:
         self.train, self.steps, self.quick_eval, self.device, self.dist = train, steps, quick_eval, device, dist
         self.file = MetricsLog(run_dir / "metrics.jsonl") if dist.is_main else None

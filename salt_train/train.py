@@ -34,14 +34,15 @@ from shared.store import LatentStore
 from salt_train import checkpoint as ckpt
 from salt_train import run_folder
 from salt_train.batches import AgreedBatches
-from salt_train.checkpoint import Checkpointer, Position, TrainingStopped
+from salt_train.checkpoint import Checkpointer, TrainingStopped
+from salt_train.state import Position, TrainState
 from salt_train.data import check_shm, check_stream, make_loader, stream_spec
 from salt_train.export import export_encoder
 from salt_train.feed import BatchFeed
 from salt_train.masks import mask_layout
 from salt_train.metrics import Metrics, print_diagnostics
 from salt_train.model import SaltStudent, student_flops_per_clip
-from salt_train.quick_eval import QuickEval
+from salt_train.eval.quick import QuickEval
 from salt_train.snapshot import Snapshot, reading_snapshot, reuse_snapshot, take_snapshot
 from salt_train.step import Stepper, seeded_student
 
@@ -216,7 +217,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     steps = total_steps(config, spec.steps_per_epoch)
     stepper = Stepper(config, store.teacher_width, device, steps, dist, student)
     model = stepper.model
-    state = _resume_state(run_dir, model, stepper.optimizer, dist) if resume else ckpt.TrainState(0, Position())
+    state = _resume_state(run_dir, model, stepper.optimizer, dist) if resume else TrainState(0, Position())
     spec = dataclasses.replace(spec, start=state.position)
     settings = config.train_loader
     loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda", ring=True)
@@ -361,16 +362,16 @@ class LostPeer(Exception):
 
 
 def _resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  dist: Dist) -> ckpt.TrainState:
+                  dist: Dist) -> TrainState:
     """Load the run's newest whole checkpoint (the ones rank 0 found, on every rank); none yet is step 0.
     A damaged newest checkpoint (truncated file, garbage state.json) is passed over, loudly."""
     candidates = dist.broadcast(ckpt.complete_checkpoints(run_dir))
     if not candidates:
         log.warning("no checkpoint in %s yet: starting this run from step 0", run_dir)
-        return ckpt.TrainState(step=0, position=Position())
+        return TrainState(step=0, position=Position())
     damaged: list[str] = []
     for path in candidates:
-        def attempt() -> ckpt.TrainState | str:
+        def attempt() -> TrainState | str:
             try:
                 return ckpt.load_checkpoint(path, model, optimizer)
             except ckpt.CheckpointUnreadable as exc:  # damaged: try the one before (a misfit model still raises)

@@ -18,9 +18,9 @@ import yaml
 
 from salt_cache.demo_data import write_demo_dataset
 from shared.store import LatentStore
-from salt_train.features import normed_latents
-from salt_train.probes import ProbeSettings, attentive_probe, linear_probe
-from salt_train import temporal
+from salt_train.eval.features import normed_latents
+from salt_train.eval.probes import ProbeSettings, attentive_probe, linear_probe
+from salt_train.eval import temporal
 from tests.conftest import call_cli, call_train, fast_pipeline, train_pipeline
 
 TEACHER = "builtin:tiny-videomae"

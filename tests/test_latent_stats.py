@@ -213,7 +213,7 @@ def test_target_norm_channel_trains_on_the_planted_store(channel_run, planted) -
 
 def test_resume_and_eval_use_the_recorded_statistics(channel_run, planted, tmp_path) -> None:
     from salt_train import run_folder
-    from salt_train.evaluate import EvalRequest, heldout_loss, load_subject, run_standardisation, subject_config
+    from salt_train.eval.command import EvalRequest, heldout_loss, load_subject, run_standardisation, subject_config
     from salt_train.train import target_statistics
 
     run_dir, _ = channel_run

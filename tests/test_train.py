@@ -248,7 +248,8 @@ def test_a_change_to_the_live_store_is_reported_when_there_is_no_snapshot(demo_r
 def test_prune_deletes_by_rename_and_clears_crash_leftovers(tmp_path: Path) -> None:
     """Old checkpoints go by rename-then-delete, and the .partial folders a crash left (mid-save or
     mid-delete) are cleared by the next save; the newest `keep` stay whole."""
-    from salt_train.checkpoint import Position, TrainState, complete_checkpoints, save_checkpoint
+    from salt_train.checkpoint import complete_checkpoints, save_checkpoint
+    from salt_train.state import Position, TrainState
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())

@@ -174,7 +174,7 @@ def test_the_stream_passes_over_the_clips_once_per_epoch(demo_views_reference: B
 
 
 def test_evaluation_reads_view_0_of_each_clip(demo_views_reference: Build, demo_reference: Build) -> None:
-    from salt_train.evaluate import check_compatible, draw_eval_rows
+    from salt_train.eval.command import check_compatible, draw_eval_rows
     from shared.errors import SaltUsageError
 
     store = LatentStore.open(demo_views_reference.store)
@@ -234,7 +234,7 @@ def test_quick_eval_sizes_its_rows_by_the_clips_it_can_draw(demo_views_reference
     the quick eval takes 10 from each store instead of asking for 20 and refusing the run's start."""
     import torch
 
-    from salt_train.quick_eval import QuickEval
+    from salt_train.eval.quick import QuickEval
     from shared.config import PipelineConfig
 
     config = PipelineConfig.model_validate({"eval": {"val_cache": str(demo_reference.store), "quick_rows": 64}})

@@ -15,7 +15,7 @@ architecture at its seeded random initialisation, and the teacher):
    (no rerun), the teacher run on the transformed clips for the temporal probes
    (only with ``--teacher``), and the random-init student everywhere.
 
-Features are computed once per model and row set (:mod:`salt_train.features`);
+Features are computed once per model and row set (:mod:`salt_train.eval.features`);
 rows, masks and probes are pure functions of ``eval.seed``.
 """
 
@@ -42,14 +42,14 @@ from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint
 from salt_train.data import normalised_pixels
 from salt_train.export import load_encoder, read_export_config
-from salt_train.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
+from salt_train.eval.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
                                   describe_bound, extract, pool_tokens)
 from salt_train.loss import normalise_targets
 from salt_train.masks import describe_masks, make_masks, mask_layout
 from salt_train.model import SaltStudent, build_salt_student
-from salt_train.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1, stack_tasks
+from salt_train.eval.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1, stack_tasks
 from salt_train.student import VideoViT, create_timm_vit, gather_tokens
-from salt_train.temporal import RETRIEVAL_PAIR, TASKS, VARIANTS
+from salt_train.eval.temporal import RETRIEVAL_PAIR, TASKS, VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "heldout": heldout, "temporal": temporal, "classification": classification,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    from salt_train.eval_report import print_table, write_outputs
+    from salt_train.eval.report import print_table, write_outputs
 
     write_outputs(report, out_dir, subject.path / "metrics.jsonl" if subject.kind == "run" else None)
     print_table(report)

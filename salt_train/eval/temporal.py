@@ -16,7 +16,7 @@ geometry takes it unchanged:
   frames: two temporal sub-views of one clip, for the retrieval test
   (``first_half`` equals stride 2).
 
-The probes learn on features of these views (see :mod:`salt_train.evaluate`).
+The probes learn on features of these views (see :mod:`salt_train.eval.command`).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from shared.store import LatentStore
 from salt_train.data import normalised_pixels
 from salt_train.loss import normalise_targets
 from salt_train.student import VideoViT
-from salt_train.temporal import Variant
+from salt_train.eval.temporal import Variant
 
 
 class FeatureModel(Protocol):

@@ -17,10 +17,10 @@ import torch
 
 from shared.config import PipelineConfig
 from shared.store import LatentStore
-from salt_train.evaluate import check_compatible, class_count, draw_eval_rows, eval_candidates, heldout_loss
-from salt_train.features import EncoderFeatures, ExtractionPlan, extract
+from salt_train.eval.command import check_compatible, class_count, draw_eval_rows, eval_candidates, heldout_loss
+from salt_train.eval.features import EncoderFeatures, ExtractionPlan, extract
 from salt_train.model import SaltStudent
-from salt_train.probes import ProbeSettings, linear_probe
+from salt_train.eval.probes import ProbeSettings, linear_probe
 
 
 class QuickEval:
