@@ -32,6 +32,11 @@ def normalise_targets(latents: Tensor, mean: Tensor | None = None, std: Tensor |
     return F.layer_norm(latents, latents.shape[-1:])
 
 
+def masked_targets(latents: Tensor, masked: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """The targets at token ids ``masked`` ``[B, M]``: those latents, normalised (:func:`normalise_targets`)."""
+    return normalise_targets(gather_tokens(latents, masked), mean, std)
+
+
 def regression_loss(predicted: Tensor, targets: Tensor, kind: str) -> Tensor:
     """Mean MSE or L1 in float32 over aligned ``[B, K, D]`` predictions and (normalised) targets."""
     if predicted.shape != targets.shape:  # broadcasting would silently average the wrong pairs
@@ -75,10 +80,18 @@ class SaltObjective(nn.Module):
                 masked: tuple[Tensor, ...]) -> Tensor:
         """uint8 ``[B, 16, 224, 224, 3]``, fp16 ``[B, 1568, D]`` and, per mask group, context ids
         ``[B, V_g]`` and target ids ``[B, M_g]`` -> the mean of the groups' losses."""
+        losses = [regression_loss(predicted, targets, self.loss)
+                  for predicted, targets in self.group_outputs(views, latents, visible, masked)]
+        return torch.stack(losses).mean()
+
+    def group_outputs(self, views: Tensor, latents: Tensor, visible: tuple[Tensor, ...],
+                      masked: tuple[Tensor, ...]) -> list[tuple[Tensor, Tensor]]:
+        """Per mask group, the student's predictions and the normalised targets ``[B, M_g, D]`` at its
+        target tokens: what :meth:`forward` scores, and what the evaluation's held-out loss reads."""
         patches = view_tubelets(views)
-        losses = []
+        outputs = []
         for group_visible, group_masked in zip(visible, masked, strict=True):  # unrolled: one graph
             predicted = self.student.predict(patches, group_visible, group_masked, from_uint8=True)
-            targets = normalise_targets(gather_tokens(latents, group_masked), self.target_mean, self.target_std)
-            losses.append(regression_loss(predicted, targets, self.loss))
-        return torch.stack(losses).mean()
+            targets = masked_targets(latents, group_masked, self.target_mean, self.target_std)
+            outputs.append((predicted, targets))
+        return outputs

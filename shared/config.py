@@ -193,6 +193,8 @@ class EvalConfig(_Section):
     probe_batch_size: int = Field(64, gt=0)
     probe_pool: Literal[1, 2, 7] = Field(1, description="spatial mean pooling of the tokens before the attentive "
                                          "probe: 1 is V-JEPA's (all 1568 tokens); 2 costs 4x less (CPU demos)")
+    probe_seeds: int = Field(3, gt=0, le=10, description="every probe is trained with seeds eval.seed, +1, ...: "
+                             "the table shows their mean (rows and masks stay those of eval.seed)")
     linear_iterations: int = Field(300, gt=0, description="L-BFGS iterations of the linear and temporal probes "
                                    "(logistic regression on standardised features)")
     linear_l2: float = Field(1e-3, ge=0, description="their L2 penalty on the weights")

@@ -10,6 +10,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import yaml
 from salt_cache.demo_data import write_demo_dataset
 from shared.store import LatentStore
 from salt_train.eval.features import normed_latents
-from salt_train.eval.probes import ProbeSettings, attentive_probe, linear_probe
+from salt_train.eval.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1
 from salt_train.eval import temporal
 from tests.conftest import call_cli, call_train, fast_pipeline, train_pipeline
 
@@ -70,7 +71,8 @@ def test_attentive_probe_on_teacher_latents_beats_chance_and_shuffled_labels_do_
     read = lambda x: (lambda ids: x[torch.as_tensor(ids)])  # noqa: E731
     probe = lambda labels, epochs: attentive_probe(  # noqa: E731
         read(train_x), labels, read(val_x), val_y, train_x.shape[-1], 4,
-        ProbeSettings(epochs=epochs, lr=2e-2, weight_decay=0.01, batch_size=8, seed=0, device=torch.device("cpu")))
+        ProbeSettings(epochs=epochs, lr=2e-2, weight_decay=0.01, batch_size=8, seed=0, device=torch.device("cpu")),
+        heads=16)  # the probe's capacity is under test here, not the head rule (16 heads of 4 channels)
     real = probe(train_y, 200)
     assert real.chance == 0.25
     assert real.top1 >= 0.6, real  # 4 motion classes, 12 per class in validation: chance is 25%
@@ -94,32 +96,21 @@ def test_linear_probe_is_deterministic_and_learns_a_separable_problem() -> None:
 def test_temporal_transforms() -> None:
     clip = np.random.default_rng(0).integers(0, 256, size=(2, 16, 4, 4, 3), dtype=np.uint8)
     rows = np.array([5, 9])
-    assert np.array_equal(temporal.reverse(clip), clip[:, ::-1])
-    static = temporal.static(clip)
-    assert static.shape == clip.shape and all(np.array_equal(static[:, t], clip[:, 0]) for t in range(16))
-    for stride in temporal.STRIDES:
-        played = temporal.playback(clip, stride)
-        assert played.shape == clip.shape  # 16 frames, always
-        assert all(np.array_equal(played[:, j], clip[:, (j * stride) // 4]) for j in range(16))
-    assert np.array_equal(temporal.playback(clip, 4), clip)
-    assert np.array_equal(temporal.half(clip, second=False), temporal.playback(clip, 2))
-    second = temporal.half(clip, second=True)
-    assert all(np.array_equal(second[:, j], clip[:, 8 + j // 2]) for j in range(16))
-    shuffled = temporal.shuffle(clip, rows, seed=0)
-    for k, row in enumerate(rows):
-        order = temporal.shuffle_order(0, int(row))
-        assert sorted(order) == list(range(16)) and not np.array_equal(order, np.arange(16))
-        assert np.array_equal(shuffled[k], clip[k][order])
-    assert np.array_equal(temporal.shuffle(clip, rows, seed=0), shuffled)  # a pure function of (seed, row)
-    assert not np.array_equal(temporal.shuffle_order(0, 5), temporal.shuffle_order(0, 9))
-    # What evaluation runs: each variant as a frame gather, on numpy and on torch tensors alike.
-    expected = {"original": clip, "reversed": temporal.reverse(clip), "static": static,
-                "shuffled": shuffled, "stride1": temporal.playback(clip, 1), "stride2": temporal.playback(clip, 2),
-                "second_half": second}
+    frames = lambda order: clip[:, np.asarray(order)]  # noqa: E731
+    # Tubelet k holds frames 2k and 2k+1; the probes move whole tubelets, so no tubelet gets a new frame pair.
+    swapped = frames([2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13])
+    stutter = frames([0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13])
+    expected = {"original": clip, "reversed": clip[:, ::-1], "swapped": swapped, "stutter": stutter,
+                "stride1": frames([j // 4 for j in range(16)]), "stride2": frames([j // 2 for j in range(16)]),
+                "second_half": frames([8 + j // 2 for j in range(16)])}
     assert set(expected) == set(temporal.VARIANTS)
-    for name, want in expected.items():
-        assert np.array_equal(temporal.Variant(name).apply(clip, rows, 0), want), name
-        assert np.array_equal(temporal.Variant(name).apply(torch.from_numpy(clip), rows, 0).numpy(), want), name
+    for name, want in expected.items():  # each variant is a frame gather, on numpy and on torch alike
+        assert np.array_equal(temporal.Variant(name).apply(clip, rows), want), name
+        assert np.array_equal(temporal.Variant(name).apply(torch.from_numpy(clip), rows).numpy(), want), name
+    pairs = lambda v: {tuple(v[0, 2 * k:2 * k + 2, 0, 0, 0]) for k in range(8)}  # noqa: E731
+    for name in ("swapped", "stutter"):
+        assert pairs(expected[name]) <= pairs(clip), name  # every tubelet is one of the clip's own
+    assert {t.name for t in temporal.TASKS if t.sanity} == {"playback_stride"} and temporal.RETRIEVAL_SANITY
 
 
 def _eval(stores: EvalStores, *args: str | Path) -> tuple[int, str, dict | None]:
@@ -135,18 +126,31 @@ def test_eval_of_a_trained_run(stores: EvalStores) -> None:
     heldout = report["heldout"]
     assert heldout["student"]["loss"] < heldout["random_init"]["loss"]  # training helped on held-out clips
     assert heldout["student"]["r2"] > heldout["random_init"]["r2"]
-    for task in ("arrow_of_time", "motion_static", "order", "playback_stride", "clip_consistency"):
-        for model in ("random_init", "student", "teacher"):
-            assert 0.0 <= report["temporal"][task][model]["top1"] <= 1.0
+    # The mean-latent baseline (no input) is the floor: R^2 about 0 per channel, and the student is above it.
+    baseline = heldout["mean_latent"]
+    assert abs(baseline["r2"]) < 0.05 and max(abs(r) for r in baseline["r2_channels"]) < 0.2, baseline
+    assert heldout["student"]["r2"] > baseline["r2"] and heldout["student"]["loss"] < baseline["loss"]
+    for name in ("student", "random_init", "mean_latent"):
+        low, high = heldout[name]["loss_interval"]
+        assert low <= heldout[name]["loss"] <= high
+    for task in ("arrow_of_time", "order", "continuity", "playback_stride", "clip_consistency"):
+        assert report["temporal"][task]["sanity_check"] == (task in ("playback_stride", "clip_consistency"))
+        for model in ("pixels", "random_init", "student", "teacher"):
+            figure = report["temporal"][task][model]
+            assert 0.0 <= figure["top1_interval"][0] <= figure["top1"] <= figure["top1_interval"][1] <= 1.0
+            assert len(figure["top1_seeds"]) == (3 if task != "clip_consistency" else 1)
+    assert report["summary"]["tasks"] == ["arrow_of_time", "order", "continuity"]
     classification = report["classification"]
     assert classification["classes"] == 4 and classification["val_rows"] == 24
-    assert set(classification["attentive"]) == {"random_init", "student", "teacher"}
+    assert set(classification["attentive"]) == {"pixels", "random_init", "student", "teacher"}
+    # The attentive probe takes each encoder's own head count (the teacher's from the store).
+    assert classification["heads"] == {"pixels": 4, "random_init": 2, "student": 2, "teacher": 4}
     assert len(report["rows"]["train"]) == 32 and len(report["rows"]["val"]) == 24
     assert report["stores"]["val"]["identity"] == LatentStore.open(stores.val).attrs["identity"]
     assert (Path(report["subject"]["path"]) / "metrics.jsonl").is_file()
     png = next(stores.root.glob("eval-*/eval.png")).read_bytes()
     assert png.startswith(b"\x89PNG")
-    assert "held-out R^2" in output and "random-init" in output
+    assert "held-out R^2" in output and "random-init" in output and "pixels" in output and "[sanity]" in output
 
     # The same inputs and seed give the same numbers; without --teacher its temporal column is "not run".
     code, output, again = _eval(stores)
@@ -234,7 +238,8 @@ def test_eval_every_records_quick_evaluations_and_trains_the_same(stores: EvalSt
         runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in runs["with-eval"] if "eval" in r]
     assert [r["step"] for r in evals] == [5, 10]
-    assert all(set(r["eval"]) >= {"heldout_loss", "heldout_r2", "linear_top1"} for r in evals)
+    assert all(set(r["eval"]) >= {"heldout_loss", "heldout_r2"} for r in evals)
+    assert not any("linear_top1" in r["eval"] for r in evals)  # 8 rows of 4 classes: under 10 a class, no probe
     losses = lambda records: [r["loss"] for r in records if "eval" not in r]  # noqa: E731
     assert losses(runs["with-eval"]) == losses(runs["plain"])  # evaluating does not change training
     weights = [load_file(latest_checkpoint(tmp_path / name) / "model.safetensors") for name in ("plain", "with-eval")]
@@ -243,3 +248,164 @@ def test_eval_every_records_quick_evaluations_and_trains_the_same(stores: EvalSt
     recipe = train_pipeline(tmp_path / "no-val.yaml", train__eval_every=5)
     result = call_train("run", "--cache", stores.train, "--pipeline", recipe, "--run-dir", tmp_path / "no-val")
     assert result.returncode == 2 and "train.eval_every needs eval.val_cache" in result.stderr, result.stderr
+
+
+# ---- the floor: what raw pixels pass -------------------------------------------------------------
+
+def _pixel_slots(store_path: Path, orders: dict[str, Callable[[int], np.ndarray] | None]) -> tuple[np.ndarray, dict]:
+    """Slot-pooled pixel features of every committed row under each frame order: ``order(row)`` gives the
+    16 frame indices of that row, None takes the eval's own variant of that name."""
+    from shared.rows import read_rows
+    from salt_train.eval.features import slot_pool
+    from salt_train.eval.pixels import pixel_tokens
+    from salt_train.eval.rows import eval_candidates
+
+    store = LatentStore.open(store_path)
+    rows = eval_candidates(store)
+    slots: dict[str, list[torch.Tensor]] = {name: [] for name in orders}
+    for start in range(0, len(rows), 8):
+        ids = rows[start:start + 8]
+        (views,) = read_rows(store, ids, ("pixels",))
+        for name, order in orders.items():
+            varied = (temporal.Variant(name).apply(views, ids) if order is None
+                      else np.stack([view[order(int(row))] for view, row in zip(views, ids)]))
+            slots[name].append(slot_pool(pixel_tokens(torch.from_numpy(np.ascontiguousarray(varied)))))
+    return rows, {name: torch.cat(parts) for name, parts in slots.items()}
+
+
+def _pixels_top1(train: dict, val: dict, classes: tuple[str, ...], val_rows: np.ndarray) -> dict:
+    from salt_train.eval.command import over_seeds
+    from salt_train.eval.probes import stack_tasks
+
+    scores = []
+    for seed in (0, 1, 2):
+        train_x, train_y = stack_tasks(train, classes)
+        val_x, val_y = stack_tasks(val, classes)
+        scores.append(linear_probe(train_x, train_y, val_x, val_y, len(classes),
+                                   ProbeSettings(300, 0.0, 1e-3, 64, seed, torch.device("cpu"))))
+    return over_seeds(scores, np.tile(val_rows, len(classes)), 0)
+
+
+def test_pixels_cannot_pass_the_temporal_probes_but_solve_the_old_ones(stores: EvalStores) -> None:
+    """The encoder-free feature sits within 10 points of chance on every temporal probe that is not a
+    sanity check, and solves the probes as they were before (so this test can fail)."""
+    n = np.arange(16)
+
+    def frame_shuffle(row: int) -> np.ndarray:  # the old single-frame shuffle
+        rng = np.random.default_rng(np.random.SeedSequence([0, row, 7]))
+        return next(o for o in iter(lambda: rng.permutation(16), None) if not np.array_equal(o, n))
+
+    orders: dict[str, Callable[[int], np.ndarray] | None] = {v: None for v in temporal.VARIANTS}
+    orders |= {"static": lambda row: np.zeros(16, dtype=int), "frames_shuffled": frame_shuffle}
+    train_rows, train = _pixel_slots(stores.train, orders)
+    val_rows, val = _pixel_slots(stores.val, orders)
+    for task in temporal.TASKS:
+        figure = _pixels_top1(train, val, task.classes, val_rows)
+        chance = 1 / len(task.classes)
+        if task.sanity:
+            assert figure["top1"] > chance + 0.2, (task.name, figure)  # labelled a sanity check for a reason
+        else:
+            assert abs(figure["top1"] - chance) <= 0.10, (task.name, figure)
+
+    # Today's probes as they were: pixels pass them.
+    assert _pixels_top1(train, val, ("original", "static"), val_rows)["top1"] >= 0.9
+    assert _pixels_top1(train, val, ("original", "frames_shuffled"), val_rows)["top1"] >= 0.75
+    first, second = temporal.RETRIEVAL_PAIR
+    assert retrieval_top1(val[first], val[second]).top1 >= 0.5  # chance 1/48
+
+
+def test_label_probes_on_shuffled_labels_sit_at_chance(stores: EvalStores) -> None:
+    """Labels shuffled: every label probe, the pixels column included, has chance inside its interval."""
+    from salt_train.eval.command import over_seeds
+    from salt_train.eval.pixels import HEADS, pixel_tokens
+
+    rng = np.random.default_rng(5)
+    features = {}
+    for split, path in (("train", stores.train), ("val", stores.val)):
+        latents, labels = _labelled(path)
+        store = LatentStore.open(path)
+        rows = np.flatnonzero(np.asarray(store.array("label")[:]) >= 0)
+        from shared.rows import read_rows
+
+        (views,) = read_rows(store, rows, ("pixels",))
+        features[split] = {"teacher": latents, "pixels": pixel_tokens(torch.from_numpy(views)),
+                           "labels": rng.permutation(labels), "rows": rows}
+    train, val = features["train"], features["val"]
+    for name, heads in (("teacher", 4), ("pixels", HEADS)):
+        read = lambda x: (lambda ids: x[torch.as_tensor(ids)])  # noqa: E731
+        attentive, linear = [], []
+        for seed in (0, 1, 2):
+            settings = ProbeSettings(30, 2e-2, 0.01, 8, seed, torch.device("cpu"))
+            attentive.append(attentive_probe(read(train[name]), train["labels"], read(val[name]), val["labels"],
+                                             train[name].shape[-1], 4, settings, heads))
+            linear.append(linear_probe(train[name].mean(1), train["labels"], val[name].mean(1), val["labels"], 4,
+                                       ProbeSettings(100, 0.0, 1e-3, 64, seed, torch.device("cpu"))))
+        for probe, scores in (("attentive", attentive), ("linear", linear)):
+            figure = over_seeds(scores, val["rows"], 0)
+            low, high = figure["top1_interval"]
+            assert low <= 0.25 <= high, (name, probe, figure)
+
+
+def test_held_out_r2_is_per_channel_and_the_mean_latent_baseline_scores_zero() -> None:
+    from salt_train.eval.heldout import RowSums, summarise
+
+    rng = np.random.default_rng(0)
+    rows, tokens, width = 12, 20, 6
+    scale = torch.tensor([10.0, 1, 1, 1, 1, 0.1])  # one loud channel must not carry R^2
+    targets = torch.from_numpy(rng.normal(size=(rows, tokens, width))).float() * scale
+    mean = targets.mean((0, 1))
+    sums = {k: RowSums.zeros(rows, 1, width) for k in ("mean", "loud")}
+    good_on_loud = targets.clone()
+    good_on_loud[..., 1:] = mean[1:]  # perfect on the loud channel, the mean elsewhere
+    for r in range(rows):
+        sums["mean"].add(slice(r, r + 1), 0, mean - targets[r:r + 1], targets[r:r + 1])
+        sums["loud"].add(slice(r, r + 1), 0, good_on_loud[r:r + 1] - targets[r:r + 1], targets[r:r + 1])
+    baseline = summarise(sums["mean"], "mse", 0)
+    assert np.allclose(baseline["r2_channels"], 0.0, atol=1e-6) and abs(baseline["r2"]) < 1e-6
+    loud = summarise(sums["loud"], "mse", 0)
+    assert np.isclose(loud["r2"], 1 / width, atol=1e-6)  # pooled variance would have called this 0.97
+    assert loud["r2_interval"][0] <= loud["r2"] <= loud["r2_interval"][1]
+
+
+# ---- held out means held out ---------------------------------------------------------------------
+
+def test_a_validation_store_that_is_not_held_out_is_refused(stores: EvalStores, tmp_path: Path) -> None:
+    def refused(val: Path) -> str:
+        result = call_train("eval", stores.run, "--val-cache", val, "--out", tmp_path / "eval")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        return result.stderr
+
+    assert "is the train store" in refused(stores.train)
+    small = fast_pipeline(tmp_path / "small.yaml", store__shard_rows=8, teacher__batch_size=8, cache__limit=4)
+    same_split = tmp_path / "train-again.zarr"
+    assert call_cli("build", "--src", stores.root, "--split", "train", "--out", same_split, "--teacher", TEACHER,
+                    "--pipeline", small).returncode == 0
+    assert "same split (train)" in refused(same_split)
+    # The same clips under another root (a copied download) and called validation: shared clip ids.
+    copy = tmp_path / "copy"
+    shutil.copytree(stores.root / "20bn-something-something-v2", copy / "20bn-something-something-v2")
+    (copy / "labels").mkdir()
+    for name in ("labels.json", "train.json"):
+        shutil.copy(stores.root / "labels" / name, copy / "labels" / name)
+    shutil.copy(stores.root / "labels" / "train.json", copy / "labels" / "validation.json")
+    shared = tmp_path / "shared-clips.zarr"
+    assert call_cli("build", "--src", copy, "--split", "validation", "--out", shared, "--teacher", TEACHER,
+                    "--pipeline", small).returncode == 0
+    assert "shares 4 clip(s) with the train store" in refused(shared)
+
+
+def test_pixel_tokens_follow_the_token_grid() -> None:
+    """Token t*196 + h*14 + w describes frames 2t, 2t+1 at rows 16h.. and columns 16w.. and nothing else."""
+    from salt_train.eval.pixels import WIDTH, pixel_tokens
+
+    views = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(2, 16, 224, 224, 3), dtype=np.uint8))
+    tokens = pixel_tokens(views)
+    assert tokens.shape == (2, 1568, WIDTH) and WIDTH == 36
+    t, h, w = 5, 3, 11
+    patch = views[1, 2 * t:2 * t + 2, 16 * h:16 * h + 16, 16 * w:16 * w + 16].float() / 255  # [2, 16, 16, 3]
+    looks = patch.view(2, 2, 8, 2, 8, 3).mean((2, 4))  # [frame, 2, 2, rgb]
+    moves = (patch[1] - patch[0]).abs().view(2, 8, 2, 8, 3).mean((1, 3))  # [2, 2, rgb]
+    token = tokens[1, t * 196 + h * 14 + w]
+    assert torch.allclose(token[:24], looks.permute(0, 3, 1, 2).reshape(-1), atol=1e-6)
+    assert torch.allclose(token[24:], moves.permute(2, 0, 1).reshape(-1), atol=1e-6)

@@ -1,22 +1,25 @@
-"""`salt-train eval`: how good is a student encoder, next to its teacher and a random init.
+"""`salt-train eval`: how good is a student encoder, next to a floor and its references.
 
-One evaluation, four sections, three models (the trained student, the same
-architecture at its seeded random initialisation, and the teacher):
+One evaluation, four sections, four columns: the encoder-free ``pixels``
+feature (:mod:`salt_train.eval.pixels`, the floor), the same architecture at
+its seeded random initialisation, the trained student, and the teacher.
 
-1. held-out distillation loss: the training objective on validation rows with
-   masks fixed by ``eval.seed`` (the same for every model), and
-   R^2 = 1 - MSE / variance of the normed targets;
-2. temporal probes (no labels): a linear probe on per-slot pooled features
-   tells forward from reversed, motion from static, ordered from shuffled and
-   playback stride 1/2/4; plus top-1 retrieval between the two halves of a clip;
-3. SSv2 action classification: V-JEPA's attentive probe on frozen tokens
-   (top-1, top-5) and a linear probe on mean-pooled tokens;
-4. the references: the teacher's latents from the store for the label probes
-   (no rerun), the teacher run on the transformed clips for the temporal probes
-   (only with ``--teacher``), and the random-init student everywhere.
+1. held-out distillation loss and per-channel R^2 (:mod:`salt_train.eval.heldout`):
+   the training objective itself on validation rows with masks fixed by
+   ``eval.seed``, beside the mean-latent baseline (no input at all);
+2. temporal probes (no labels, :mod:`salt_train.eval.temporal`): a linear probe
+   on per-slot pooled features; the probes that pixels pass by construction are
+   labelled sanity checks and left out of the summary;
+3. SSv2 action classification: V-JEPA's attentive probe on frozen tokens (with
+   the encoder's own head count) and a linear probe on mean-pooled tokens;
+4. the references: the teacher's latents from the store for the label probes,
+   the teacher run on the transformed clips for the temporal probes (only with
+   ``--teacher``), normalised exactly as the training targets are.
 
-Features are computed once per model and row set (:mod:`salt_train.eval.features`);
-rows, masks and probes are pure functions of ``eval.seed``.
+Every probe figure is the mean over ``eval.probe_seeds`` probe seeds with a 95%
+bootstrap interval over validation rows (:mod:`salt_train.eval.stats`). The
+validation store must be held out: another split, and no clip shared with the
+train store. Rows, masks and probes are pure functions of ``eval.seed``.
 """
 
 from __future__ import annotations
@@ -36,26 +39,27 @@ from shared.config import EvalConfig, PipelineConfig, dump_pipeline, load_pipeli
 from shared.console import print_block
 from shared.device import resolve_device
 from shared.errors import SaltUsageError, one_line
-from shared.rows import committed_rows, read_rows
 from shared.store import LatentStore
 from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint
-from salt_train.data import normalised_pixels
-from salt_train.export import load_encoder, read_export_config
 from salt_train.eval.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
-                                  describe_bound, extract, pool_tokens)
-from salt_train.loss import normalise_targets
-from salt_train.masks import describe_masks, make_masks, mask_layout
+                                      describe_bound, extract, pool_tokens, standardisation_tensors)
+from salt_train.eval.heldout import channel_means, heldout_figures
+from salt_train.eval.pixels import PixelFeatures
+from salt_train.eval.probes import (ProbeScore, ProbeSettings, attentive_probe, linear_probe, retrieval_top1,
+                                    stack_tasks)
+from salt_train.eval.report import COLUMNS, print_table, write_outputs
+from salt_train.eval.rows import RowSet, check_compatible, class_count, row_set
+from salt_train.eval.stats import seeded_score
+from salt_train.eval.temporal import RETRIEVAL_PAIR, RETRIEVAL_SANITY, TASKS, VARIANTS
+from salt_train.export import load_encoder, read_export_config
 from salt_train.model import SaltStudent, build_salt_student
-from salt_train.eval.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1, stack_tasks
-from salt_train.student import VideoViT, create_timm_vit, gather_tokens
-from salt_train.eval.temporal import RETRIEVAL_PAIR, TASKS, VARIANTS
+from salt_train.student import VideoViT, create_timm_vit
 
 log = logging.getLogger(__name__)
 
 EVAL_FORMAT = "salt-eval"
-EVAL_VERSION = 1
-STUDENT, RANDOM, TEACHER = "student", "random_init", "teacher"
+EVAL_VERSION = 2
 
 
 @dataclass
@@ -174,116 +178,9 @@ def run_standardisation(subject: Subject) -> tuple[np.ndarray, np.ndarray] | Non
     return stats.standardisation()
 
 
-# ---- which stores and rows ---------------------------------------------------------------
-
-def check_compatible(train: LatentStore, val: LatentStore) -> None:
-    """Refuse a validation store made by another teacher, view recipe or geometry than the train store."""
-    found = []
-    t_id, v_id = train.attrs.get("identity", {}), val.attrs.get("identity", {})
-    if t_id.get("teacher_weights_hash") != v_id.get("teacher_weights_hash") or train.teacher_width != val.teacher_width:
-        found.append(f"another teacher ({val.attrs.get('teacher', {}).get('name')} vs "
-                     f"{train.attrs.get('teacher', {}).get('name')})")
-    if t_id.get("teacher_compute_dtype") != v_id.get("teacher_compute_dtype"):
-        found.append("another teacher precision")
-    if _view_recipe(train) != _view_recipe(val):
-        found.append("another view recipe")
-    if train.attrs.get("geometry") != val.attrs.get("geometry"):
-        found.append("another geometry")
-    if found:
-        raise SaltUsageError(f"validation store {val.path} was built with {', '.join(found)} than the train store "
-                             f"{train.path}: build it with the same teacher and recipe (salt-cache build --split "
-                             "validation --teacher ... --pipeline ...)")
-
-
-def _view_recipe(store: LatentStore) -> dict:
-    """The view recipe without the sampling offset (a validation store may use centre sampling) and the
-    extra views (a validation store has one view per clip, the train store's view 0)."""
-    view = dict(store.attrs.get("view", {}))
-    for key in ("sampling", "sampling_rule", "views_per_clip", "view_rule", "crop_scale", "crop_ratio"):
-        view.pop(key, None)
-    return view
-
-
-def eval_candidates(store: LatentStore) -> np.ndarray:
-    """The rows an evaluation may draw: committed ones, and of a store of several views per clip
-    view 0 only (the centre view: one row per clip)."""
-    return store.first_views(committed_rows(store))
-
-
-def draw_eval_rows(store: LatentStore, count: int, seed: int, flag: str) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` of the :func:`eval_candidates`, a seeded choice: (sorted rows, their order of choice
-    for subsets)."""
-    committed = eval_candidates(store)
-    if count > len(committed):
-        what = "committed rows" if store.views_per_clip == 1 else "clips with a committed view 0"
-        raise SaltUsageError(f"{flag} {count}: store {store.path} has only {len(committed)} {what} "
-                             f"(ask for at most {len(committed)})")
-    rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, len(committed)]))
-    chosen = rng.permutation(committed)[:count]
-    rank = np.empty(count, dtype=np.int64)
-    order = np.argsort(chosen)
-    rank[order] = np.arange(count)
-    return chosen[order], rank[order]  # rank[i]: when row i was chosen (first chosen: 0)
-
-
-def class_count(*stores: LatentStore) -> int:
-    return int(max(int(np.max(s.array("label")[:], initial=-1)) for s in stores)) + 1
-
-
-# ---- held-out distillation loss --------------------------------------------------------
-
-@torch.inference_mode()
-def heldout_loss(student: SaltStudent, store: LatentStore, rows: np.ndarray, config: PipelineConfig,
-                 device: torch.device, batch_size: int, seed: int,
-                 standardisation: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
-    """The training objective on ``rows`` with masks fixed by ``seed`` (batch k: ``make_masks(..., seed, k)``):
-    per mask group the mean error over its targets, then the mean over groups, as in training.
-    R^2 is 1 - that MSE / the variance of all the groups' normed targets. ``standardisation``:
-    the run's per-channel (mean, std) of ``model.target_norm: channel``."""
-    student.to(device).eval()
-    mean, std = ((torch.as_tensor(a, dtype=torch.float32, device=device) for a in standardisation)
-                 if standardisation is not None else (None, None))
-    groups = len(mask_layout(config.mask.kind, config.mask.ratio))
-    sse, sae, count = np.zeros(groups), np.zeros(groups), np.zeros(groups)
-    total = total_sq = 0.0
-    cuda = device.type == "cuda"
-    for k, start in enumerate(range(0, len(rows), batch_size)):
-        ids = rows[start:start + batch_size]
-        views, latents = read_rows(store, ids, ("pixels", "latents"))
-        masks = make_masks(config.mask.kind, config.mask.ratio, len(ids), seed, k).to(device)
-        pixels, latents = normalised_pixels(torch.from_numpy(views), device), torch.from_numpy(latents).to(device)
-        for group, (visible, masked) in enumerate(zip(masks.visible, masks.masked)):
-            with torch.autocast(device.type, dtype=torch.bfloat16 if cuda else torch.float32, enabled=cuda):
-                predicted = student(pixels, visible, masked)
-            targets = normalise_targets(gather_tokens(latents, masked), mean, std)
-            error = predicted.float() - targets
-            sse[group] += float(error.square().sum())
-            sae[group] += float(error.abs().sum())
-            count[group] += targets.numel()
-            total += float(targets.sum())
-            total_sq += float(targets.square().sum())
-    mse = float(np.mean(sse / count))
-    variance = total_sq / count.sum() - (total / count.sum()) ** 2
-    return {"loss": mse if config.model.loss == "mse" else float(np.mean(sae / count)), "loss_kind": config.model.loss,
-            "mse": mse, "r2": 1.0 - mse / variance, "rows": len(rows),
-            "mask": describe_masks(config.mask.kind, config.mask.ratio)}
-
-
 # ---- the evaluation ----------------------------------------------------------------------
 
-@dataclass
-class RowSet:
-    store: LatentStore
-    rows: np.ndarray
-    temporal: np.ndarray  # bool per row
-    labels: np.ndarray  # per row, -1 unknown
-
-
-def _row_set(store: LatentStore, count: int, temporal_rows: int | None, seed: int, flag: str) -> RowSet:
-    rows, rank = draw_eval_rows(store, count, seed, flag)
-    temporal = rank < (temporal_rows if temporal_rows is not None else count)
-    labels = np.asarray(store.array("label")[:], dtype=np.int64)[rows]
-    return RowSet(store, rows, temporal, labels)
+PIXELS, RANDOM, STUDENT, TEACHER, MEAN_LATENT = "pixels", "random_init", "student", "teacher", "mean_latent"
 
 
 def run_eval(request: EvalRequest) -> dict[str, Any]:
@@ -305,9 +202,9 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     settings: EvalConfig = subject.config.eval
     out_dir = request.out or subject.path / "eval"
 
-    train_set = _row_set(train_store, settings.train_rows, settings.temporal_rows, settings.seed, "--train-rows")
-    val_set = _row_set(val_store, settings.val_rows, settings.temporal_rows, settings.seed, "--val-rows")
-    standardisation = run_standardisation(subject)
+    train_set = row_set(train_store, settings.train_rows, settings.temporal_rows, settings.seed, "--train-rows")
+    val_set = row_set(val_store, settings.val_rows, settings.temporal_rows, settings.seed, "--val-rows")
+    standardisation = standardisation_tensors(run_standardisation(subject))
     random_encoder, random_student = random_init(subject, val_store.teacher_width)
     models: dict[str, FeatureModel] = {
         RANDOM: EncoderFeatures(RANDOM, random_encoder, device),
@@ -315,61 +212,74 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     }
     teacher_note = "not run (pass --teacher to run the teacher on the transformed clips)"
     if request.teacher:
-        models[TEACHER] = TeacherFeatures(TEACHER, _load_matching_teacher(request.teacher, train_store, device))
+        models[TEACHER] = TeacherFeatures(TEACHER, _load_matching_teacher(request.teacher, train_store, device),
+                                          standardisation)
         teacher_note = f"{request.teacher} run on the transformed clips"
-    labelled = (train_set.labels >= 0).any() and (val_set.labels >= 0).any()
+    models[PIXELS] = PixelFeatures(PIXELS)
+    labelled = bool((train_set.labels >= 0).any() and (val_set.labels >= 0).any())
     memory = int(settings.feature_memory_gb * 1e9)
+    seeds = [settings.seed + k for k in range(settings.probe_seeds)]
     print_block("salt-train eval", {
         "subject": f"{subject.path} ({subject.source}; {subject.architecture} {subject.kwargs or ''})",
         "device": str(device),
         "train store": f"{train_store.path}: {len(train_set.rows)} rows ({int(train_set.temporal.sum())} with temporal "
                        f"variants), {int((train_set.labels >= 0).sum())} labelled",
         "val store": f"{val_store.path}: {len(val_set.rows)} rows ({int(val_set.temporal.sum())} with temporal "
-                     f"variants), {int((val_set.labels >= 0).sum())} labelled",
+                     f"variants), {int((val_set.labels >= 0).sum())} labelled (held out: no shared clip)",
         "teacher (temporal)": teacher_note,
+        "targets": "layer norm" if standardisation is None else "per-channel standardisation, then layer norm",
         "tokens": describe_bound(len(train_set.rows), {m: models[m].width for m in models}, memory)
                   if labelled else "not kept (no labels)",
-        "seed": settings.seed,
+        "probes": f"{len(seeds)} seeds each ({', '.join(map(str, seeds))}), 95% bootstrap intervals over "
+                  f"validation rows",
     })
     spill = out_dir / "features"
     # Retrieval pairs halves of validation clips only: the train rows skip the second half.
     train_variants = tuple(v for v in VARIANTS if v != RETRIEVAL_PAIR[1])
     train_features, train_latents = extract(
-        train_store, ExtractionPlan(train_set.rows, train_set.temporal, train_variants, bool(labelled), settings.seed),
-        models, settings.batch_size, memory, spill, "train", with_latents=bool(labelled))
+        train_store, ExtractionPlan(train_set.rows, train_set.temporal, train_variants, labelled, settings.seed),
+        models, settings.batch_size, memory, spill, "train", with_latents=labelled, standardisation=standardisation)
     val_features, val_latents = extract(
-        val_store, ExtractionPlan(val_set.rows, val_set.temporal, VARIANTS, bool(labelled), settings.seed),
-        models, settings.batch_size, memory, spill, "val", with_latents=bool(labelled))
-    probe = lambda epochs, lr, wd, batch: ProbeSettings(epochs, lr, wd, batch, settings.seed, device)  # noqa: E731
-    linear = probe(settings.linear_iterations, 0.0, settings.linear_l2, settings.probe_batch_size)
+        val_store, ExtractionPlan(val_set.rows, val_set.temporal, VARIANTS, labelled, settings.seed),
+        models, settings.batch_size, memory, spill, "val", with_latents=labelled, standardisation=standardisation)
+    probe = lambda epochs, lr, wd, batch, seed: ProbeSettings(epochs, lr, wd, batch, seed, device)  # noqa: E731
+    linear = lambda seed: probe(settings.linear_iterations, 0.0, settings.linear_l2,  # noqa: E731
+                                settings.probe_batch_size, seed)
 
-    heldout: dict[str, Any] = {}
+    baseline = channel_means(train_store, train_set.rows, standardisation, settings.batch_size)
+    heldout: dict[str, Any] = heldout_figures(
+        val_store, val_set.rows, subject.config, device, settings.batch_size, settings.seed,
+        {RANDOM: random_student, STUDENT: subject.student}, standardisation, baseline)
     for name, student in ((RANDOM, random_student), (STUDENT, subject.student)):
-        heldout[name] = (heldout_loss(student, val_store, val_set.rows, subject.config, device, settings.batch_size,
-                                      settings.seed, standardisation) if student is not None
-                         else {"not_run": "an export holds the encoder only (no predictor): evaluate a run folder"})
+        if student is None:
+            heldout[name] = {"not_run": "an export holds the encoder only (no predictor): evaluate a run folder"}
     heldout[TEACHER] = {"not_run": "the teacher's own latents are the targets"}
+    heldout[PIXELS] = {"not_run": "pixels predict no latents; the mean-latent baseline is the floor"}
 
+    val_temporal_rows = val_set.rows[val_set.temporal]
     temporal: dict[str, Any] = {}
     for task in TASKS:
-        temporal[task.name] = {"description": task.description, "chance": 1 / len(task.classes)}
-        for name in (RANDOM, STUDENT, TEACHER):
+        temporal[task.name] = {"description": task.description, "chance": 1 / len(task.classes),
+                               "sanity_check": task.sanity}
+        row_of_sample = np.tile(val_temporal_rows, len(task.classes))
+        for name in COLUMNS:
             if name not in models:
                 temporal[task.name][name] = {"not_run": teacher_note}
                 continue
             train_x, train_y = stack_tasks(train_features[name].slots, task.classes)
             val_x, val_y = stack_tasks(val_features[name].slots, task.classes)
-            temporal[task.name][name] = vars(linear_probe(train_x, train_y, val_x, val_y, len(task.classes), linear))
+            scores = [linear_probe(train_x, train_y, val_x, val_y, len(task.classes), linear(seed)) for seed in seeds]
+            temporal[task.name][name] = over_seeds(scores, row_of_sample, settings.seed)
     first, second = RETRIEVAL_PAIR
-    temporal["clip_consistency"] = {"description": "top-1 retrieval: first half finds second half",
-                                    "chance": 1 / max(1, int(val_set.temporal.sum()))}
-    for name in (RANDOM, STUDENT, TEACHER):
+    temporal["clip_consistency"] = {"description": "first half retrieves second half (shared background)",
+                                    "chance": 1 / max(1, len(val_temporal_rows)), "sanity_check": RETRIEVAL_SANITY}
+    for name in COLUMNS:
         temporal["clip_consistency"][name] = (
-            vars(retrieval_top1(val_features[name].slots[first], val_features[name].slots[second]))
-            if name in models else {"not_run": teacher_note})
+            over_seeds([retrieval_top1(val_features[name].slots[first], val_features[name].slots[second])],
+                       val_temporal_rows, settings.seed) if name in models else {"not_run": teacher_note})
 
     classification = _classification(train_set, val_set, train_features, val_features, train_latents, val_latents,
-                                     models, settings, probe, linear)
+                                     models, settings, seeds, probe, linear, train_store)
     for features in (*train_features.values(), *val_features.values(), train_latents, val_latents):
         if features is not None and features.tokens is not None:
             features.tokens.release()
@@ -379,28 +289,49 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "subject": {"path": str(subject.path), "kind": subject.kind, "source": subject.source,
                     "architecture": subject.architecture, "kwargs": subject.kwargs},
-        "models": {RANDOM: f"{subject.architecture} at its seeded initialisation (train.seed "
+        "models": {PIXELS: "no encoder: per-tubelet 2x2 colours and frame differences (salt_train/eval/pixels.py)",
+                   RANDOM: f"{subject.architecture} at its seeded initialisation (train.seed "
                            f"{subject.config.train.seed})",
-                   STUDENT: subject.source, TEACHER: f"latents in the store; temporal: {teacher_note}"},
+                   STUDENT: subject.source, TEACHER: f"latents in the store; temporal: {teacher_note}",
+                   MEAN_LATENT: "each channel's mean of the normed targets over the train rows (no input)"},
         "stores": {"train": _store_record(train_store), "val": _store_record(val_store)},
         "rows": {"train": train_set.rows.tolist(), "val": val_set.rows.tolist(),
                  "train_temporal": int(train_set.temporal.sum()), "val_temporal": int(val_set.temporal.sum())},
-        "seed": settings.seed, "device": str(device),
+        "seed": settings.seed, "probe_seeds": seeds, "device": str(device),
         "recipe": dump_pipeline(subject.config),
         "versions": run_folder.versions(),
         "heldout": heldout, "temporal": temporal, "classification": classification,
+        "summary": temporal_summary(temporal),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    from salt_train.eval.report import print_table, write_outputs
-
     write_outputs(report, out_dir, subject.path / "metrics.jsonl" if subject.kind == "run" else None)
     print_table(report)
     return report
 
 
+def over_seeds(scores: list[ProbeScore], row_of_sample: np.ndarray, seed: int) -> dict[str, Any]:
+    """eval.json's record of one probe figure: the mean over probe seeds and its interval over rows."""
+    correct1 = np.array([s.correct for s in scores], dtype=np.float64)
+    correct5 = (np.array([s.correct5 for s in scores], dtype=np.float64)
+                if scores[0].correct5 is not None else None)
+    return seeded_score(correct1, correct5, row_of_sample, scores[0].chance, seed).record()
+
+
+def temporal_summary(temporal: dict[str, Any]) -> dict[str, Any]:
+    """The mean top-1 over the temporal probes that are not sanity checks, per column."""
+    tasks = [name for name, task in temporal.items() if not task.get("sanity_check")]
+    summary: dict[str, Any] = {"tasks": tasks}
+    for column in COLUMNS:
+        values = [temporal[t][column]["top1"] for t in tasks if "top1" in temporal[t].get(column, {})]
+        summary[column] = float(np.mean(values)) if values and len(values) == len(tasks) else None
+    summary["chance"] = float(np.mean([temporal[t]["chance"] for t in tasks])) if tasks else None
+    return summary
+
+
 def _classification(train_set: RowSet, val_set: RowSet, train_features: dict[str, Features],
                     val_features: dict[str, Features], train_latents: Features | None, val_latents: Features | None,
-                    models: dict[str, FeatureModel], settings: EvalConfig, probe: Any, linear: ProbeSettings) -> dict:
+                    models: dict[str, FeatureModel], settings: EvalConfig, seeds: list[int], probe: Any,
+                    linear: Any, train_store: LatentStore) -> dict:
     """Attentive and linear probes on the train store's labels, scored on the validation store's."""
     train_ok, val_ok = train_set.labels >= 0, val_set.labels >= 0
     if not train_ok.any() or not val_ok.any():
@@ -410,22 +341,28 @@ def _classification(train_set: RowSet, val_set: RowSet, train_features: dict[str
     classes = class_count(train_set.store, val_set.store)
     train_ids, val_ids = np.flatnonzero(train_ok), np.flatnonzero(val_ok)
     train_y, val_y = train_set.labels[train_ids], val_set.labels[val_ids]
-    attentive = probe(settings.probe_epochs, settings.probe_lr, settings.probe_weight_decay, settings.probe_batch_size)
-    sources = {RANDOM: (train_features[RANDOM], val_features[RANDOM]),
-               STUDENT: (train_features[STUDENT], val_features[STUDENT]),
-               TEACHER: (train_latents, val_latents)}
+    val_rows = val_set.rows[val_ids]
+    sources = {name: (train_features[name], val_features[name], models[name].heads)
+               for name in (PIXELS, RANDOM, STUDENT)}
+    sources[TEACHER] = (train_latents, val_latents, int(train_store.attrs.get("teacher", {}).get("heads", 16)))
     result: dict[str, Any] = {"classes": classes, "chance": 1 / classes, "train_rows": len(train_ids),
-                              "val_rows": len(val_ids), "attentive": {}, "linear": {}}
-    for name, (train_f, val_f) in sources.items():
+                              "val_rows": len(val_ids), "attentive": {}, "linear": {}, "heads": {}}
+    for name, (train_f, val_f, heads) in sources.items():
         assert train_f is not None and val_f is not None and train_f.tokens is not None and val_f.tokens is not None
         width = train_f.mean.shape[1]
         pool = settings.probe_pool
-        read_train = lambda ids, f=train_f: pool_tokens(f.tokens.read(train_ids[ids], attentive.device), pool)  # noqa: E731
-        read_val = lambda ids, f=val_f: pool_tokens(f.tokens.read(val_ids[ids], attentive.device), pool)  # noqa: E731
-        probe = attentive_probe(read_train, train_y, read_val, val_y, width, classes, attentive)
-        result["attentive"][name] = vars(probe)
-        result["linear"][name] = vars(linear_probe(train_f.mean[train_ids], train_y, val_f.mean[val_ids], val_y,
-                                                   classes, linear))
+        attentive, linear_scores = [], []
+        for seed in seeds:
+            settings_k = probe(settings.probe_epochs, settings.probe_lr, settings.probe_weight_decay,
+                               settings.probe_batch_size, seed)
+            read_train = lambda ids, f=train_f, d=settings_k.device: pool_tokens(f.tokens.read(train_ids[ids], d), pool)  # noqa: E731,E501
+            read_val = lambda ids, f=val_f, d=settings_k.device: pool_tokens(f.tokens.read(val_ids[ids], d), pool)  # noqa: E731,E501
+            attentive.append(attentive_probe(read_train, train_y, read_val, val_y, width, classes, settings_k, heads))
+            linear_scores.append(linear_probe(train_f.mean[train_ids], train_y, val_f.mean[val_ids], val_y, classes,
+                                              linear(seed)))
+        result["attentive"][name] = over_seeds(attentive, val_rows, settings.seed)
+        result["linear"][name] = over_seeds(linear_scores, val_rows, settings.seed)
+        result["heads"][name] = heads
     return result
 
 

@@ -43,14 +43,30 @@ from salt_train.eval.temporal import Variant
 class FeatureModel(Protocol):
     name: str
     width: int
+    heads: int  # the attentive probe's heads: the encoder's own head count, as V-JEPA's probe
 
     def tokens(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 16, 224, 224, 3]`` on the CPU -> float32 ``[B, 1568, width]`` on the model's device."""
 
 
-def normed_latents(latents: np.ndarray) -> torch.Tensor:
-    """Store latents normed like the training targets."""
-    return normalise_targets(torch.from_numpy(latents))
+# ``model.target_norm: channel``: the run's per-channel (mean, std), applied before the layer norm; None: layer only.
+Standardisation = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def standardisation_tensors(stats: tuple[np.ndarray, np.ndarray] | None) -> Standardisation:
+    return None if stats is None else tuple(torch.as_tensor(a, dtype=torch.float32) for a in stats)  # type: ignore
+
+
+def normed_latents(latents: np.ndarray | torch.Tensor, standardisation: Standardisation = None) -> torch.Tensor:
+    """Teacher latents normed exactly as the training targets are (layer, or channel then layer)."""
+    latents = torch.as_tensor(latents)
+    mean, std = (None, None) if standardisation is None else (t.to(latents.device) for t in standardisation)
+    return normalise_targets(latents, mean, std)
+
+
+def encoder_heads(encoder: VideoViT) -> int:
+    """The head count of a timm ViT's attention blocks."""
+    return int(encoder.blocks[0].attn.num_heads)
 
 
 @dataclass
@@ -64,6 +80,7 @@ class EncoderFeatures:
     def __post_init__(self) -> None:
         self.encoder.to(self.device).eval()  # tokens() runs under inference_mode: no graph, no grads
         self.width = self.encoder.width
+        self.heads = encoder_heads(self.encoder)
 
     @torch.inference_mode()
     def tokens(self, views: torch.Tensor) -> torch.Tensor:
@@ -79,12 +96,14 @@ class TeacherFeatures:
 
     name: str
     teacher: object  # shared.teacher.Teacher (imported lazily: transformers is slow to import)
+    standardisation: Standardisation = None
 
     def __post_init__(self) -> None:
         self.width = self.teacher.width
+        self.heads = int(self.teacher.model.config.num_attention_heads)
 
     def tokens(self, views: torch.Tensor) -> torch.Tensor:
-        return normalise_targets(self.teacher.encode(views))
+        return normed_latents(self.teacher.encode(views), self.standardisation)
 
 
 class TokenBank:
@@ -154,10 +173,10 @@ class ExtractionPlan:
 
 
 def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureModel], batch_size: int,
-            memory_bytes: int, spill_dir: Path, label: str,
-            with_latents: bool = False) -> tuple[dict[str, Features], Features | None]:
+            memory_bytes: int, spill_dir: Path, label: str, with_latents: bool = False,
+            standardisation: Standardisation = None) -> tuple[dict[str, Features], Features | None]:
     """Run every model over the plan's rows (each batch read once); with ``with_latents`` also
-    the store's own teacher latents as features (``None`` otherwise)."""
+    the store's own teacher latents as features (``None`` otherwise), normed as the training targets."""
     rows, count = plan.rows, len(plan.rows)
     temporal_index = np.cumsum(plan.temporal) - 1  # row position -> position among temporal rows
     temporal_count = int(plan.temporal.sum())
@@ -186,7 +205,7 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
             # One upload per batch; the temporal variants are frame gathers on the device.
             views = torch.from_numpy(arrays[0]).to(device, non_blocking=True)
             if latents_features is not None:
-                tokens = normed_latents(arrays[1])
+                tokens = normed_latents(arrays[1], standardisation)
                 latents_features.mean[start:start + len(ids)] = tokens.mean(1)
                 if latents_features.tokens is not None:
                     latents_features.tokens.write(start, tokens)
@@ -203,7 +222,7 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
                     continue
                 for variant in plan.variants:
                     varied = tokens[torch.as_tensor(in_temporal, device=tokens.device)] if variant == "original" else \
-                        model.tokens(Variant(variant).apply(subset, ids[in_temporal], plan.seed))
+                        model.tokens(Variant(variant).apply(subset, ids[in_temporal]))
                     features.slots[variant][where] = slot_pool(varied).cpu()
             bar.update(len(ids))
     bar.close()

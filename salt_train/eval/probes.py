@@ -46,20 +46,22 @@ class ProbeScore:
     top5: float | None  # None where there are 5 classes or fewer
     chance: float
     samples: int
+    correct: tuple[bool, ...] = ()  # per sample: top-1 right (for intervals over rows)
+    correct5: tuple[bool, ...] | None = None  # per sample: in the top 5 (more than 5 classes only)
 
 
-def attention_heads(width: int) -> int:
-    """V-JEPA's 16 heads where the width allows (ViT-B: 48 wide each, ViT-H: 80), else the largest divisor below.
-    Many narrow heads matter on small widths too: each head can pick out another time range."""
-    return max(h for h in range(1, 17) if width % h == 0)
+def attention_heads(width: int, wanted: int = 16) -> int:
+    """``wanted`` heads where the width allows, else the largest divisor of ``width`` below it.
+    V-JEPA's probe takes the encoder's own head count (ViT-B 12, ViT-L and ViT-H 16)."""
+    return max(h for h in range(1, wanted + 1) if width % h == 0)
 
 
 class AttentiveProbe(nn.Module):
     """One learned query, one cross-attention block with an MLP, a linear head."""
 
-    def __init__(self, width: int, classes: int, heads: int | None = None, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, width: int, classes: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.heads = heads or attention_heads(width)
+        self.heads = attention_heads(width, heads)
         self.query = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.trunc_normal_(self.query, std=0.02)
         self.norm_tokens = nn.LayerNorm(width)
@@ -125,16 +127,18 @@ def train_classifier(model: nn.Module, read: RowReader, labels: np.ndarray, sett
 def score_classifier(model: nn.Module, read: RowReader, labels: np.ndarray, classes: int,
                      batch_size: int) -> ProbeScore:
     """Top-1 (and top-5 where there are more than 5 classes) accuracy over every row."""
-    top1 = top5 = 0
+    right1: list[bool] = []
+    right5: list[bool] = []
     for start in range(0, len(labels), batch_size):
         ids = np.arange(start, min(start + batch_size, len(labels)))
         logits = model(read(ids)).float().cpu()
         truth = torch.as_tensor(labels[ids], dtype=torch.long)
         ranked = logits.topk(min(5, classes), dim=1).indices
-        top1 += int((ranked[:, 0] == truth).sum())
-        top5 += int((ranked == truth[:, None]).any(dim=1).sum())
+        right1 += (ranked[:, 0] == truth).tolist()
+        right5 += (ranked == truth[:, None]).any(dim=1).tolist()
     n = max(1, len(labels))
-    return ProbeScore(top1 / n, top5 / n if classes > 5 else None, 1 / classes, len(labels))
+    return ProbeScore(sum(right1) / n, sum(right5) / n if classes > 5 else None, 1 / classes, len(labels),
+                      tuple(right1), tuple(right5) if classes > 5 else None)
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -145,9 +149,9 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def attentive_probe(train: RowReader, train_labels: np.ndarray, val: RowReader, val_labels: np.ndarray,
-                    width: int, classes: int, settings: ProbeSettings) -> ProbeScore:
-    """V-JEPA's attentive probe on frozen tokens ``[rows, N, width]``."""
-    probe = _seeded(settings.seed, lambda: AttentiveProbe(width, classes))
+                    width: int, classes: int, settings: ProbeSettings, heads: int) -> ProbeScore:
+    """V-JEPA's attentive probe on frozen tokens ``[rows, N, width]``, with the encoder's ``heads``."""
+    probe = _seeded(settings.seed, lambda: AttentiveProbe(width, classes, heads))
     train_classifier(probe, train, train_labels, settings)
     return score_classifier(probe, val, val_labels, classes, settings.batch_size)
 
@@ -186,8 +190,8 @@ def retrieval_top1(queries: Tensor, keys: Tensor) -> ProbeScore:
     k = F.normalize(keys.float(), dim=1)
     nearest = (q @ k.T).argmax(dim=1).cpu()
     rows = len(queries)
-    return ProbeScore(float((nearest == torch.arange(rows)).float().mean()) if rows else 0.0, None,
-                      1 / max(1, rows), rows)
+    right = (nearest == torch.arange(rows)).tolist()
+    return ProbeScore(sum(right) / rows if rows else 0.0, None, 1 / max(1, rows), rows, tuple(right))
 
 
 def stack_tasks(features: dict[str, Tensor], classes: Sequence[str]) -> tuple[Tensor, np.ndarray]:

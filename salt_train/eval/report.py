@@ -13,53 +13,74 @@ from typing import Any
 
 from shared.filesystem import atomic_file, write_json_atomic
 
-COLUMNS = ("random_init", "student", "teacher")
-TITLES = {"random_init": "random-init", "student": "student", "teacher": "teacher"}
+# The floor first, then the lower reference, the student, the upper reference.
+COLUMNS = ("pixels", "random_init", "student", "teacher")
+TITLES = {"pixels": "pixels", "random_init": "random-init", "student": "student", "teacher": "teacher"}
+CELL = 21
 
 
 def _cell(entry: Any, key: str) -> str:
+    """``61.2 [52,70]`` (top-1 %, 95% interval) or ``0.455 [0.448,0.463]``; ``-`` where not run."""
     if not isinstance(entry, dict) or "not_run" in entry or entry.get(key) is None:
         return "-"
-    value = entry[key]
-    return f"{100 * value:.1f}%" if key in ("top1", "top5") else f"{value:.4f}"
+    value, bounds = entry[key], entry.get(f"{key}_interval")
+    if key in ("top1", "top5"):
+        text = f"{100 * value:.1f}"
+        return text + (f" [{100 * bounds[0]:.0f},{100 * bounds[1]:.0f}]" if bounds else "")
+    return f"{value:.3f}" + (f" [{bounds[0]:.3f},{bounds[1]:.3f}]" if bounds else "")
 
 
 def table_rows(report: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
-    """(figure, chance, one cell per column) for every figure of the report."""
+    """(figure, floor, one cell per column) for every figure of the report. The floor is chance for a probe
+    and the mean-latent baseline (no input) for the held-out figures."""
     rows = []
     heldout = report["heldout"]
     kind = next((v.get("loss_kind") for v in heldout.values() if "loss_kind" in v), "mse")
-    rows.append((f"held-out loss ({kind}, lower is better)", "", [_cell(heldout[c], "loss") for c in COLUMNS]))
-    rows.append(("held-out R^2 (higher is better)", "", [_cell(heldout[c], "r2") for c in COLUMNS]))
+    base = heldout.get("mean_latent", {})
+    rows.append((f"held-out loss ({kind}, lower is better)", _cell(base, "loss").split(" ")[0],
+                 [_cell(heldout.get(c), "loss") for c in COLUMNS]))
+    rows.append(("held-out R^2 per channel (higher is better)", _cell(base, "r2").split(" ")[0],
+                 [_cell(heldout.get(c), "r2") for c in COLUMNS]))
     for name, task in report["temporal"].items():
         chance = f"{100 * task['chance']:.1f}%"
-        rows.append((f"{name.replace('_', ' ')}: {task['description']}", chance,
-                     [_cell(task.get(c), "top1") for c in COLUMNS]))
+        label = f"{name.replace('_', ' ')}: {task['description']}" + (" [sanity]" if task.get("sanity_check") else "")
+        rows.append((label, chance, [_cell(task.get(c), "top1") for c in COLUMNS]))
+    summary = report.get("summary")
+    if summary and summary.get("tasks"):
+        rows.append((f"temporal mean ({len(summary['tasks'])} probes, no sanity checks)",
+                     f"{100 * summary['chance']:.1f}%",
+                     [f"{100 * summary[c]:.1f}" if summary.get(c) is not None else "-" for c in COLUMNS]))
     classification = report["classification"]
     if "skipped" in classification:
         rows.append((f"SSv2 classification: skipped ({classification['skipped']})", "", ["-"] * len(COLUMNS)))
     else:
         chance = f"{100 * classification['chance']:.1f}%"
         attentive = classification["attentive"]
-        rows.append(("SSv2 attentive probe top-1", chance, [_cell(attentive[c], "top1") for c in COLUMNS]))
+        rows.append(("SSv2 attentive probe top-1", chance, [_cell(attentive.get(c), "top1") for c in COLUMNS]))
         if classification["classes"] > 5:
-            rows.append(("SSv2 attentive probe top-5", "", [_cell(attentive[c], "top5") for c in COLUMNS]))
+            rows.append(("SSv2 attentive probe top-5", "", [_cell(attentive.get(c), "top5") for c in COLUMNS]))
         rows.append(("SSv2 linear probe (mean-pooled) top-1", chance,
-                     [_cell(classification["linear"][c], "top1") for c in COLUMNS]))
+                     [_cell(classification["linear"].get(c), "top1") for c in COLUMNS]))
     return rows
 
 
 def print_table(report: dict[str, Any]) -> None:
     rows = table_rows(report)
     width = max(len(r[0]) for r in rows)
-    header = f"{'figure':<{width}}  {'chance':>7}  " + "  ".join(f"{TITLES[c]:>11}" for c in COLUMNS)
+    header = f"{'figure':<{width}}  {'floor':>7}  " + "  ".join(f"{TITLES[c]:>{CELL}}" for c in COLUMNS)
+    seeds = report.get("probe_seeds", [report["seed"]])
     print(f"== salt-train eval: {report['subject']['path']} ({report['subject']['source']}), "
-          f"{len(report['rows']['train'])} train / {len(report['rows']['val'])} val rows, seed {report['seed']}")
+          f"{len(report['rows']['train'])} train / {len(report['rows']['val'])} val rows, seed {report['seed']}, "
+          f"probes: mean of {len(seeds)} seeds [95% interval over val rows]")
     print(header)
     print("-" * len(header))
-    for figure, chance, cells in rows:
-        print(f"{figure:<{width}}  {chance:>7}  " + "  ".join(f"{cell:>11}" for cell in cells))
+    for figure, floor, cells in rows:
+        print(f"{figure:<{width}}  {floor:>7}  " + "  ".join(f"{cell:>{CELL}}" for cell in cells))
     notes = [f"{TITLES[c]}: {report['models'][c]}" for c in COLUMNS]
+    notes.append("floor: chance for a probe; for the held-out figures the mean-latent baseline, "
+                 + report["models"].get("mean_latent", ""))
+    notes.append("[sanity]: pixels pass it by construction; left out of the temporal mean. Overlapping intervals: "
+                 "no difference shown.")
     print("  " + "\n  ".join(notes))
 
 
@@ -111,24 +132,28 @@ def write_plot(report: dict[str, Any], path: Path, metrics: Path | None) -> None
     if curve.get_legend_handles_labels()[0]:
         curve.legend(fontsize=8)
 
-    probes = [(name, task) for name, task in report["temporal"].items()]
+    probes = [(name + (" (sanity)" if task.get("sanity_check") else ""), task)
+              for name, task in report["temporal"].items()]
     classification = report["classification"]
     if "skipped" not in classification:
         probes += [("ssv2_attentive", {**classification["attentive"], "chance": classification["chance"]}),
                    ("ssv2_linear", {**classification["linear"], "chance": classification["chance"]})]
-    width = 0.26
-    colours = {"random_init": "tab:grey", "student": "tab:blue", "teacher": "tab:green"}
+    width = 0.2
+    colours = {"pixels": "tab:olive", "random_init": "tab:grey", "student": "tab:blue", "teacher": "tab:green"}
     for k, column in enumerate(COLUMNS):
-        values = [task.get(column, {}).get("top1", 0.0) if "not_run" not in task.get(column, {}) else 0.0
-                  for _, task in probes]
-        bars.bar([i + (k - 1) * width for i in range(len(probes))], values, width, label=TITLES[column],
-                 color=colours[column])
+        entries = [task.get(column, {}) for _, task in probes]
+        values = [e.get("top1", 0.0) if "not_run" not in e else 0.0 for e in entries]
+        bounds = [e.get("top1_interval", (v, v)) for v, e in zip(values, entries)]
+        errors = [[max(0.0, v - lo) for v, (lo, _) in zip(values, bounds)],
+                  [max(0.0, hi - v) for v, (_, hi) in zip(values, bounds)]]
+        bars.bar([i + (k - 1.5) * width for i in range(len(probes))], values, width, label=TITLES[column],
+                 color=colours[column], yerr=errors, capsize=2, error_kw={"elinewidth": 0.8})
     for i, (_, task) in enumerate(probes):
-        bars.hlines(task["chance"], i - 1.5 * width, i + 1.5 * width, colors="black", linestyles="dashed")
+        bars.hlines(task["chance"], i - 2 * width, i + 2 * width, colors="black", linestyles="dashed")
     bars.set_xticks(range(len(probes)), [name.replace("_", "\n") for name, _ in probes], fontsize=8)
     bars.set_ylim(0, 1.05)
     bars.set_ylabel("top-1 accuracy (dashes: chance)")
-    bars.set_title("probes (missing bar: not run)")
+    bars.set_title("probes, 95% intervals (missing bar: not run)")
     bars.legend(fontsize=8)
     figure.suptitle(f"salt-train eval: {Path(report['subject']['path']).name} ({report['subject']['source']})")
     figure.tight_layout()
