@@ -364,7 +364,7 @@ def test_held_out_r2_is_per_channel_and_the_mean_latent_baseline_scores_zero() -
     assert np.allclose(baseline["r2_channels"], 0.0, atol=1e-6) and abs(baseline["r2"]) < 1e-6
     loud = summarise(sums["loud"], "mse", 0)
     assert np.isclose(loud["r2"], 1 / width, atol=1e-6)  # pooled variance would have called this 0.97
-    assert loud["r2_interval"][0] <= loud["r2"] <= loud["r2_interval"][1]
+    assert loud["r2_interval"][0] < loud["r2_interval"][1] <= loud["r2"] + 1e-9  # resampled rows move the means
 
 
 # ---- held out means held out ---------------------------------------------------------------------

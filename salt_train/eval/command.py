@@ -43,8 +43,10 @@ from shared.store import LatentStore
 from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint
 from salt_train.eval.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
-                                      describe_bound, extract, pool_tokens, standardisation_tensors)
+                                      describe_bound, extract, pool_tokens, spilled_bytes,
+                                      standardisation_tensors)
 from salt_train.eval.heldout import channel_means, heldout_figures
+from salt_train.eval.output import prepare_output, scratch
 from salt_train.eval.pixels import PixelFeatures
 from salt_train.eval.probes import (ProbeScore, ProbeSettings, attentive_probe, linear_probe, retrieval_top1,
                                     stack_tasks)
@@ -233,56 +235,62 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "probes": f"{len(seeds)} seeds each ({', '.join(map(str, seeds))}), 95% bootstrap intervals over "
                   f"validation rows",
     })
-    spill = out_dir / "features"
-    # Retrieval pairs halves of validation clips only: the train rows skip the second half.
-    train_variants = tuple(v for v in VARIANTS if v != RETRIEVAL_PAIR[1])
-    train_features, train_latents = extract(
-        train_store, ExtractionPlan(train_set.rows, train_set.temporal, train_variants, labelled, settings.seed),
-        models, settings.batch_size, memory, spill, "train", with_latents=labelled, standardisation=standardisation)
-    val_features, val_latents = extract(
-        val_store, ExtractionPlan(val_set.rows, val_set.temporal, VARIANTS, labelled, settings.seed),
-        models, settings.batch_size, memory, spill, "val", with_latents=labelled, standardisation=standardisation)
-    probe = lambda epochs, lr, wd, batch, seed: ProbeSettings(epochs, lr, wd, batch, seed, device)  # noqa: E731
-    linear = lambda seed: probe(settings.linear_iterations, 0.0, settings.linear_l2,  # noqa: E731
-                                settings.probe_batch_size, seed)
+    widths = {m: models[m].width for m in models} | {"teacher latents": val_store.teacher_width}
+    spill_bytes = spilled_bytes(len(train_set.rows), widths, memory) + spilled_bytes(len(val_set.rows), widths, memory)
+    prepare_output(out_dir, spill_bytes if labelled else 0)
+    with scratch(out_dir) as spill:
+        # Retrieval pairs halves of validation clips only: the train rows skip the second half.
+        train_variants = tuple(v for v in VARIANTS if v != RETRIEVAL_PAIR[1])
+        train_features, train_latents = extract(
+            train_store, ExtractionPlan(train_set.rows, train_set.temporal, train_variants, labelled, settings.seed),
+            models, settings.batch_size, memory, spill, "train", with_latents=labelled,
+            standardisation=standardisation)
+        val_features, val_latents = extract(
+            val_store, ExtractionPlan(val_set.rows, val_set.temporal, VARIANTS, labelled, settings.seed),
+            models, settings.batch_size, memory, spill, "val", with_latents=labelled,
+            standardisation=standardisation)
+        probe = lambda epochs, lr, wd, batch, seed: ProbeSettings(epochs, lr, wd, batch, seed, device)  # noqa: E731
+        linear = lambda seed: probe(settings.linear_iterations, 0.0, settings.linear_l2,  # noqa: E731
+                                    settings.probe_batch_size, seed)
 
-    baseline = channel_means(train_store, train_set.rows, standardisation, settings.batch_size)
-    heldout: dict[str, Any] = heldout_figures(
-        val_store, val_set.rows, subject.config, device, settings.batch_size, settings.seed,
-        {RANDOM: random_student, STUDENT: subject.student}, standardisation, baseline)
-    for name, student in ((RANDOM, random_student), (STUDENT, subject.student)):
-        if student is None:
-            heldout[name] = {"not_run": "an export holds the encoder only (no predictor): evaluate a run folder"}
-    heldout[TEACHER] = {"not_run": "the teacher's own latents are the targets"}
-    heldout[PIXELS] = {"not_run": "pixels predict no latents; the mean-latent baseline is the floor"}
+        baseline = channel_means(train_store, train_set.rows, standardisation, settings.batch_size)
+        heldout: dict[str, Any] = heldout_figures(
+            val_store, val_set.rows, subject.config, device, settings.batch_size, settings.seed,
+            {RANDOM: random_student, STUDENT: subject.student}, standardisation, baseline)
+        for name, student in ((RANDOM, random_student), (STUDENT, subject.student)):
+            if student is None:
+                heldout[name] = {"not_run": "an export holds the encoder only (no predictor): evaluate a run folder"}
+        heldout[TEACHER] = {"not_run": "the teacher's own latents are the targets"}
+        heldout[PIXELS] = {"not_run": "pixels predict no latents; the mean-latent baseline is the floor"}
 
-    val_temporal_rows = val_set.rows[val_set.temporal]
-    temporal: dict[str, Any] = {}
-    for task in TASKS:
-        temporal[task.name] = {"description": task.description, "chance": 1 / len(task.classes),
-                               "sanity_check": task.sanity}
-        row_of_sample = np.tile(val_temporal_rows, len(task.classes))
+        val_temporal_rows = val_set.rows[val_set.temporal]
+        temporal: dict[str, Any] = {}
+        for task in TASKS:
+            temporal[task.name] = {"description": task.description, "chance": 1 / len(task.classes),
+                                   "sanity_check": task.sanity}
+            row_of_sample = np.tile(val_temporal_rows, len(task.classes))
+            for name in COLUMNS:
+                if name not in models:
+                    temporal[task.name][name] = {"not_run": teacher_note}
+                    continue
+                train_x, train_y = stack_tasks(train_features[name].slots, task.classes)
+                val_x, val_y = stack_tasks(val_features[name].slots, task.classes)
+                scores = [linear_probe(train_x, train_y, val_x, val_y, len(task.classes), linear(seed))
+                          for seed in seeds]
+                temporal[task.name][name] = over_seeds(scores, row_of_sample, settings.seed)
+        first, second = RETRIEVAL_PAIR
+        temporal["clip_consistency"] = {"description": "first half retrieves second half (shared background)",
+                                        "chance": 1 / max(1, len(val_temporal_rows)), "sanity_check": RETRIEVAL_SANITY}
         for name in COLUMNS:
-            if name not in models:
-                temporal[task.name][name] = {"not_run": teacher_note}
-                continue
-            train_x, train_y = stack_tasks(train_features[name].slots, task.classes)
-            val_x, val_y = stack_tasks(val_features[name].slots, task.classes)
-            scores = [linear_probe(train_x, train_y, val_x, val_y, len(task.classes), linear(seed)) for seed in seeds]
-            temporal[task.name][name] = over_seeds(scores, row_of_sample, settings.seed)
-    first, second = RETRIEVAL_PAIR
-    temporal["clip_consistency"] = {"description": "first half retrieves second half (shared background)",
-                                    "chance": 1 / max(1, len(val_temporal_rows)), "sanity_check": RETRIEVAL_SANITY}
-    for name in COLUMNS:
-        temporal["clip_consistency"][name] = (
-            over_seeds([retrieval_top1(val_features[name].slots[first], val_features[name].slots[second])],
-                       val_temporal_rows, settings.seed) if name in models else {"not_run": teacher_note})
+            temporal["clip_consistency"][name] = (
+                over_seeds([retrieval_top1(val_features[name].slots[first], val_features[name].slots[second])],
+                           val_temporal_rows, settings.seed) if name in models else {"not_run": teacher_note})
 
-    classification = _classification(train_set, val_set, train_features, val_features, train_latents, val_latents,
-                                     models, settings, seeds, probe, linear, train_store)
-    for features in (*train_features.values(), *val_features.values(), train_latents, val_latents):
-        if features is not None and features.tokens is not None:
-            features.tokens.release()
+        classification = _classification(train_set, val_set, train_features, val_features, train_latents, val_latents,
+                                         models, settings, seeds, probe, linear, train_store)
+        for features in (*train_features.values(), *val_features.values(), train_latents, val_latents):
+            if features is not None and features.tokens is not None:
+                features.tokens.release()
 
     report = {
         "format": EVAL_FORMAT, "format_version": EVAL_VERSION,
@@ -304,8 +312,8 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "summary": temporal_summary(temporal),
         "seconds": round(time.perf_counter() - started, 1),
     }
+    print_table(report)  # first: a failed write below still leaves the figures on screen
     write_outputs(report, out_dir, subject.path / "metrics.jsonl" if subject.kind == "run" else None)
-    print_table(report)
     return report
 
 

@@ -229,6 +229,12 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
     return out, latents_features
 
 
+def spilled_bytes(rows: int, widths: dict[str, int], memory_bytes: int) -> int:
+    """Bytes of tokens that will go to disk: each model's ``[rows, 1568, width]`` fp16 beyond the bound."""
+    sizes = (rows * geometry.NUM_TOKENS * width * 2 for width in widths.values())
+    return sum(size for size in sizes if size > memory_bytes)
+
+
 def describe_bound(rows: int, widths: dict[str, int], memory_bytes: int) -> str:
     """One line: where each model's tokens will live, for the startup block."""
     parts = []

@@ -8,10 +8,14 @@ as a position between its lower and upper reference.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+from shared.errors import SaltUsageError, one_line
 from shared.filesystem import atomic_file, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 # The floor first, then the lower reference, the student, the upper reference.
 COLUMNS = ("pixels", "random_init", "student", "teacher")
@@ -85,10 +89,18 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path, metrics: Path | None) -> None:
-    """``eval.json`` (atomically) and ``eval.png`` (loss curve with eval points, probe bars)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "eval.json", report)
-    write_plot(report, out_dir / "eval.png", metrics)
+    """``eval.json`` (atomically; a failure is one line, exit 2) and ``eval.png`` (loss curve with eval points,
+    probe bars; a failure there is a warning: eval.json holds every figure)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "eval.json", report)
+    except OSError as exc:
+        raise SaltUsageError(f"could not write {out_dir / 'eval.json'} ({one_line(exc)}); the table above holds "
+                             "the figures") from None
+    try:
+        write_plot(report, out_dir / "eval.png", metrics)
+    except OSError as exc:
+        log.warning("eval.png not written (%s); eval.json holds every figure", one_line(exc))
 
 
 def _read_metrics(path: Path | None) -> list[dict[str, Any]]:
