@@ -140,9 +140,11 @@ def evaluate(
     device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help="override an eval field, e.g. --set eval.probe_epochs=40"),
 ) -> int:
-    """Measure an encoder: held-out distillation loss and R^2, temporal probes (arrow of time, motion, order,
-    playback stride, clip retrieval), SSv2 attentive and linear probes; beside a random-init student and the
-    teacher. Writes eval/eval.json and eval/eval.png and prints the table."""
+    """Measure an encoder: held-out distillation loss and per-channel R^2 (beside a mean-latent baseline), temporal
+    probes (arrow of time, order, continuity; stride and clip retrieval as sanity checks), SSv2 attentive and
+    linear probes; in columns pixels (no encoder: the floor), random-init, student and teacher, each probe the mean
+    of eval.probe_seeds seeds with a 95% interval over validation rows. The validation store must be held out
+    (another split, no shared clip). Writes eval/eval.json and eval/eval.png and prints the table."""
     setup_logging()
     from salt_train.eval.command import EvalRequest, run_eval
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -293,7 +295,9 @@ def test_pixels_cannot_pass_the_temporal_probes_but_solve_the_old_ones(stores: E
 
     def frame_shuffle(row: int) -> np.ndarray:  # the old single-frame shuffle
         rng = np.random.default_rng(np.random.SeedSequence([0, row, 7]))
-        return next(o for o in iter(lambda: rng.permutation(16), None) if not np.array_equal(o, n))
+        while np.array_equal(order := rng.permutation(16), n):
+            pass
+        return order
 
     orders: dict[str, Callable[[int], np.ndarray] | None] = {v: None for v in temporal.VARIANTS}
     orders |= {"static": lambda row: np.zeros(16, dtype=int), "frames_shuffled": frame_shuffle}
@@ -409,3 +413,67 @@ def test_pixel_tokens_follow_the_token_grid() -> None:
     token = tokens[1, t * 196 + h * 14 + w]
     assert torch.allclose(token[:24], looks.permute(0, 3, 1, 2).reshape(-1), atol=1e-6)
     assert torch.allclose(token[24:], moves.permute(2, 0, 1).reshape(-1), atol=1e-6)
+
+
+# ---- where eval writes -------------------------------------------------------------------------------
+
+TINY_EVAL = ("--val-rows", "8", "--set", "eval.temporal_rows=2", "--set", "eval.probe_epochs=2",
+             "--set", "eval.probe_seeds=1", "--set", "eval.linear_iterations=20", "--set", "eval.batch_size=4",
+             "--set", "eval.feature_memory_gb=0.000001")  # every token bank spills to disk
+
+
+def _table(stdout: str) -> list[str]:
+    """The printed table's figure lines (not the header line, which names the output folder)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("figure"))
+    return [line for line in lines[start:] if not line.startswith("==")]
+
+
+def test_two_evaluations_of_one_run_at_once_give_the_figures_each_gives_alone(stores: EvalStores) -> None:
+    """They spill tokens into the same run's eval/ folder: each has a scratch folder of its own."""
+    from tests.conftest import REPO
+
+    def launch(train_rows: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "salt_train", "eval", str(stores.run), "--val-cache",
+                                 str(stores.val), "--train-rows", train_rows, *TINY_EVAL], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    together = [launch("8"), launch("12")]
+    outputs = [p.communicate(timeout=600) for p in together]
+    assert all(p.returncode == 0 for p in together), [o[1][-2000:] for o in outputs]
+    for (stdout, _), train_rows in zip(outputs, ("8", "12")):
+        alone = call_train("eval", stores.run, "--val-cache", stores.val, "--train-rows", train_rows, *TINY_EVAL,
+                           "--out", stores.root / f"alone-{train_rows}")
+        assert alone.returncode == 0, alone.stderr
+        assert _table(stdout) == _table(alone.stdout)
+    assert not list((stores.run / "eval").glob(".features-*"))  # no scratch left behind
+
+
+def test_an_output_folder_that_cannot_take_the_evaluation_is_one_line(stores: EvalStores, tmp_path: Path) -> None:
+    from tests.test_faults import small_tmpfs
+
+    def refused(out: Path) -> str:
+        result = call_train("eval", stores.run, "--val-cache", stores.val, "--train-rows", "16", *TINY_EVAL,
+                            "--out", out)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        return result.stderr
+
+    with small_tmpfs(tmp_path / "full", "256k") as small:  # the spilled tokens need about 1.6 MB
+        assert "free under" in refused(small / "eval")
+        assert not any(small.rglob("*.zarr"))
+    with small_tmpfs(tmp_path / "ro", "1m") as read_only:
+        subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+        assert "cannot write to" in refused(read_only / "eval")
+
+
+def test_a_disk_that_fills_during_the_evaluation_is_one_line_and_keeps_no_scratch(tmp_path: Path) -> None:
+    from shared.errors import SaltUsageError
+    from salt_train.eval.output import scratch
+    from tests.test_faults import small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", "64k") as small:
+        with pytest.raises(SaltUsageError, match="could not write under"):
+            with scratch(small) as spill:
+                (spill / "tokens.bin").write_bytes(b"\0" * 1_000_000)
+        assert list(small.iterdir()) == []

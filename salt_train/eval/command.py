@@ -221,6 +221,9 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     labelled = bool((train_set.labels >= 0).any() and (val_set.labels >= 0).any())
     memory = int(settings.feature_memory_gb * 1e9)
     seeds = [settings.seed + k for k in range(settings.probe_seeds)]
+    widths = {m: models[m].width for m in models} | {"teacher latents": val_store.teacher_width}
+    spill_bytes = spilled_bytes(len(train_set.rows), widths, memory) + spilled_bytes(len(val_set.rows), widths, memory)
+    prepare_output(out_dir, spill_bytes if labelled else 0)
     print_block("salt-train eval", {
         "subject": f"{subject.path} ({subject.source}; {subject.architecture} {subject.kwargs or ''})",
         "device": str(device),
@@ -235,9 +238,6 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "probes": f"{len(seeds)} seeds each ({', '.join(map(str, seeds))}), 95% bootstrap intervals over "
                   f"validation rows",
     })
-    widths = {m: models[m].width for m in models} | {"teacher latents": val_store.teacher_width}
-    spill_bytes = spilled_bytes(len(train_set.rows), widths, memory) + spilled_bytes(len(val_set.rows), widths, memory)
-    prepare_output(out_dir, spill_bytes if labelled else 0)
     with scratch(out_dir) as spill:
         # Retrieval pairs halves of validation clips only: the train rows skip the second half.
         train_variants = tuple(v for v in VARIANTS if v != RETRIEVAL_PAIR[1])
