@@ -77,8 +77,8 @@ class SaltObjective(nn.Module):
         ``[B, V_g]`` and target ids ``[B, M_g]`` -> the mean of the groups' losses."""
         patches = view_tubelets(views)
         losses = []
-        for group_visible, group_masked in zip(visible, masked, strict=True):  # unrolled: one graph
-            predicted = self.student.predict(patches, group_visible, group_masked, from_uint8=True)
+        for group, (group_visible, group_masked) in enumerate(zip(visible, masked, strict=True)):  # unrolled
+            predicted = self.student.predict(patches, group_visible, group_masked, from_uint8=True, group=group)
             targets = normalise_targets(gather_tokens(latents, group_masked), self.target_mean, self.target_std)
             losses.append(regression_loss(predicted, targets, self.loss))
         return torch.stack(losses).mean()

@@ -22,7 +22,7 @@ from salt_train.feed import ON_DEVICE, to_device
 from salt_train.finite import guarded_step
 from salt_train.loss import SaltObjective
 from salt_train.masks import make_masks
-from salt_train.model import SaltStudent, build_salt_student
+from salt_train.model import SaltStudent, build_salt_student, mask_groups
 from salt_train.optim import build_optimizer
 from salt_train.schedule import lr_at, set_lr
 
@@ -36,7 +36,7 @@ def resolve_compile_mode(requested: str, device: torch.device) -> str:
 def seeded_student(config: PipelineConfig, teacher_width: int) -> SaltStudent:
     """The student's initial weights, a pure function of ``train.seed`` (DDP also broadcasts rank 0's)."""
     torch.manual_seed(config.train.seed)
-    return build_salt_student(config.model, teacher_width)
+    return build_salt_student(config.model, teacher_width, mask_groups(config.mask))
 
 
 @dataclass

@@ -46,7 +46,7 @@ from salt_train.eval.features import (EncoderFeatures, ExtractionPlan, FeatureMo
                                   describe_bound, extract, pool_tokens)
 from salt_train.loss import normalise_targets
 from salt_train.masks import describe_masks, make_masks, mask_layout
-from salt_train.model import SaltStudent, build_salt_student
+from salt_train.model import SaltStudent, build_salt_student, mask_groups
 from salt_train.eval.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1, stack_tasks
 from salt_train.student import VideoViT, create_timm_vit, gather_tokens
 from salt_train.eval.temporal import RETRIEVAL_PAIR, TASKS, VARIANTS
@@ -137,7 +137,7 @@ def _checkpoint_path(run_dir: Path, name: str | None) -> Path | None:
 
 def _load_student(checkpoint: Path, config: PipelineConfig, teacher_width: int) -> SaltStudent:
     """The whole student of ``checkpoint``, built from the recipe and loaded strictly."""
-    student = build_salt_student(config.model, teacher_width)
+    student = build_salt_student(config.model, teacher_width, mask_groups(config.mask))
     try:
         state = load_file(checkpoint / "model.safetensors")
     except Exception as exc:  # truncated or not safetensors
@@ -157,7 +157,7 @@ def random_init(subject: Subject, teacher_width: int) -> tuple[VideoViT, SaltStu
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(subject.config.train.seed)  # as Stepper does before building the student
         if subject.student is not None:
-            student = build_salt_student(subject.config.model, teacher_width)
+            student = build_salt_student(subject.config.model, teacher_width, mask_groups(subject.config.mask))
             return student.encoder, student
         return VideoViT(create_timm_vit(subject.architecture, subject.kwargs)), None
 
