@@ -12,7 +12,8 @@ project's masks (salt_train/masks.py; multiblock: two groups), per group:
   fixed 3D sin-cos positions, narrow blocks) predicts the 1536 values of every target tubelet;
 - the loss is the MSE against the target tubelets' pixels normalised per patch, as VideoMAE's
   ``norm_pix_loss``: each colour channel of a 2x16x16 tubelet (512 values in [0, 1]) to zero
-  mean and unit (unbiased) standard deviation, + 1e-6.
+  mean and unit (unbiased) standard deviation, + 1e-6 (``teacher_train.norm_pix_loss: false``:
+  the ImageNet-normalised pixels themselves, VideoMAE's other option).
 
 The loss is the mean of the groups' losses, as the student's.
 """
@@ -56,9 +57,13 @@ def teacher_config(cfg: TeacherTrainConfig) -> VideoMAEConfig:
     return config
 
 
-def pixel_targets(uint8_tubelets: Tensor) -> Tensor:
+def pixel_targets(uint8_tubelets: Tensor, norm_pix: bool = True, mean: Tensor | None = None,
+                  std: Tensor | None = None) -> Tensor:
     """uint8 ``[B, M, 1536]`` tubelets (channel, frame, row, column) -> float32, each channel of each
-    tubelet normalised to zero mean and unit unbiased std over its 512 values (VideoMAE's norm_pix_loss)."""
+    tubelet normalised to zero mean and unit unbiased std over its 512 values (VideoMAE's norm_pix_loss);
+    ``norm_pix`` False: normalised with the per-value ImageNet ``mean`` and ``std`` instead."""
+    if not norm_pix:
+        return geometry.normalise_pixels(uint8_tubelets, mean, std)
     batch, tokens = uint8_tubelets.shape[:2]
     x = uint8_tubelets.float().div(255.0).reshape(batch, tokens, 3, -1)
     mean = x.mean(dim=-1, keepdim=True)
@@ -107,9 +112,10 @@ class PixelObjective(nn.Module):
     """The stage-1 step from what the loader delivers (uint8 views, no latents) to the loss, one module
     for ``torch.compile`` and DDP (its parameters are the teacher's)."""
 
-    def __init__(self, teacher: PixelTeacher) -> None:
+    def __init__(self, teacher: PixelTeacher, norm_pix: bool = True) -> None:
         super().__init__()
         self.teacher = teacher
+        self.norm_pix = norm_pix
 
     def forward(self, views: Tensor, latents: Tensor | None, visible: tuple[Tensor, ...],
                 masked: tuple[Tensor, ...]) -> Tensor:
@@ -119,7 +125,8 @@ class PixelObjective(nn.Module):
         losses = []
         for group, (group_visible, group_masked) in enumerate(zip(visible, masked, strict=True)):  # unrolled
             predicted = self.teacher(tubelets, group_visible, group_masked, group)
-            targets = pixel_targets(gather_tokens(tubelets, group_masked))
+            targets = pixel_targets(gather_tokens(tubelets, group_masked), self.norm_pix,
+                                    self.teacher.tubelet_mean, self.teacher.tubelet_std)
             losses.append(F.mse_loss(predicted.float(), targets))
         return torch.stack(losses).mean()
 

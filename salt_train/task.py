@@ -77,11 +77,11 @@ class Task:
         except ValueError as exc:
             raise SaltUsageError(str(exc)) from None
 
-    def objective(self, model: nn.Module) -> nn.Module | None:
+    def objective(self, model: nn.Module, config: PipelineConfig) -> nn.Module | None:
         """The loss module over ``model``; None: the Stepper's default (SALT's, over the student)."""
         from salt_train.pixel_teacher import PixelObjective
 
-        return None if self.name == "student" else PixelObjective(model)
+        return None if self.name == "student" else PixelObjective(model, config.teacher_train.norm_pix_loss)
 
     def flops(self, config: PipelineConfig, latent_width: int) -> dict[str, float]:
         from salt_train.pixel_teacher import teacher_flops_per_clip
@@ -103,8 +103,10 @@ class Task:
             "teacher": f"VideoMAE {shape.size} (width {vit.hidden_size}, {vit.num_hidden_layers} blocks, "
                        f"{vit.num_attention_heads} heads, final norm {'on' if shape.final_norm else 'off'}), "
                        f"{encoder / 1e6:.1f}M encoder + {decoder / 1e6:.1f}M decoder params",
-            "objective": "pixel reconstruction of the target tubelets, normalised per patch (VideoMAE's "
-                         f"norm_pix_loss), MSE; {describe_masks(config.mask.kind, config.mask.ratio)}",
+            "objective": "pixel reconstruction of the target tubelets, "
+                         + ("normalised per patch (VideoMAE's norm_pix_loss)" if shape.norm_pix_loss else
+                            "ImageNet-normalised pixels (norm_pix_loss: false)")
+                         + f", MSE; {describe_masks(config.mask.kind, config.mask.ratio)}",
         }
 
     def export(self, model: nn.Module, config: PipelineConfig, out_dir: Path) -> Path:

@@ -221,7 +221,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     dist.agree(lambda: check_stream(spec, store.path))
     steps = total_steps(config, spec.steps_per_epoch)
     width = task.latent_width(store)
-    stepper = Stepper(config, width, device, steps, dist, student, objective=task.objective(student))
+    stepper = Stepper(config, width, device, steps, dist, student, objective=task.objective(student, config))
     model = stepper.model
     state = _resume_state(run_dir, model, stepper.optimizer, dist) if resume else TrainState(0, Position())
     spec = dataclasses.replace(spec, start=state.position)

@@ -196,6 +196,9 @@ class TeacherTrainConfig(_Section):
     mlp_ratio: float = Field(4.0, gt=0)
     final_norm: bool = Field(True, description="apply the encoder's final LayerNorm to every token (VideoMAE "
                              "pretraining's; saved as use_mean_pooling: false) or leave the raw residual stream")
+    norm_pix_loss: bool = Field(True, description="targets: each tubelet's pixels normalised per patch and channel "
+                                "(VideoMAE's default), or the ImageNet-normalised pixels (VideoMAE's option; near-flat "
+                                "synthetic clips, whose per-patch std is mostly codec noise, learn more from these)")
     decoder_width: int = Field(384, gt=0, description="the light pixel decoder (VideoMAE's: 384 wide, 4 blocks)")
     decoder_depth: int = Field(4, gt=0)
     decoder_heads: int = Field(6, gt=0)
