@@ -98,6 +98,8 @@ def test_the_teacher_encoder_is_videomae_on_the_context_tokens() -> None:
     targets = pixel_targets(view_tubelets(views)[:, :5]).reshape(2, 5, 3, -1)
     torch.testing.assert_close(targets.mean(-1), torch.zeros(2, 5, 3), atol=1e-5, rtol=0)
     torch.testing.assert_close(targets.std(-1), torch.ones(2, 5, 3), atol=1e-4, rtol=0)
+    plain = pixel_targets(view_tubelets(views), False, teacher.tubelet_mean, teacher.tubelet_std)  # norm_pix_loss off
+    torch.testing.assert_close(plain, view_tubelets(pixel_values.permute(0, 1, 3, 4, 2).contiguous()))
 
 
 def test_the_trained_teacher_builds_a_store_that_verify_deep_matches(stage1_run: Path, pixels_store: Path,
