@@ -22,21 +22,28 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# Synthetic SSv2-layout clips -> train and validation stores built with the tiny teacher ->
-# verified -> preflight -> the tiny student trained on CPU (a new run folder under demo/runs/
-# each time) -> salt-train eval: its table beside the random-init student and the teacher.
-# Rerunning resumes the builds: the data and committed shards are kept.
-DATA := $(DEMO)/ssv2-demo
+# Synthetic SSv2-layout clips -> a pixels-only train store -> SALT's stage 1: a tiny teacher trained on
+# them by pixel reconstruction (CPU, demo/teacher/) -> the train store's latents filled in with it (no
+# second decode) and the validation store built with it -> verified -> preflight -> the tiny student
+# trained on CPU (a new run folder under demo/runs/ each time) -> salt-train eval: its table beside the
+# random-init student and the teacher. Rerunning resumes: the data, the teacher and committed shards are kept.
+DATA    := $(DEMO)/ssv2-demo
+TEACHER := $(DEMO)/teacher
 demo: $(STAMP)
 	test -d $(DATA) || $(BIN)/salt-cache demo-data --out $(DATA) --train 96 --validation 64
-	$(BIN)/salt-cache build --src $(DATA) --pipeline demo
-	$(BIN)/salt-cache build --src $(DATA) --pipeline demo --split validation --out $(DATA)/latents-val.zarr
-	$(BIN)/salt-cache verify $(DATA)/latents.zarr --deep 2
-	$(BIN)/salt-cache verify $(DATA)/latents-val.zarr
-	$(BIN)/salt-train preflight --cache $(DATA)/latents.zarr --pipeline demo --batches 20
+	$(BIN)/salt-cache build --src $(DATA) --pipeline demo --pixels-only --out $(DATA)/pixels.zarr
+	test -f $(TEACHER)/summary.json || $(BIN)/salt-train teacher --cache $(DATA)/pixels.zarr --pipeline demo \
+		--run-dir $(TEACHER) $$(test -f $(TEACHER)/config.yaml && echo --resume)
+	$(BIN)/salt-cache build --from-store $(DATA)/pixels.zarr --teacher $(TEACHER)/export --pipeline demo \
+		--out $(DATA)/latents-stage1.zarr
+	$(BIN)/salt-cache build --src $(DATA) --pipeline demo --split validation --teacher $(TEACHER)/export \
+		--out $(DATA)/latents-stage1-val.zarr
+	$(BIN)/salt-cache verify $(DATA)/latents-stage1.zarr --deep 2
+	$(BIN)/salt-cache verify $(DATA)/latents-stage1-val.zarr
+	$(BIN)/salt-train preflight --cache $(DATA)/latents-stage1.zarr --pipeline demo --batches 20
 	run=$(DEMO)/runs/demo-$$(date +%Y%m%d-%H%M%S) && \
-	$(BIN)/salt-train run --cache $(DATA)/latents.zarr --pipeline demo --run-dir $$run && \
-	$(BIN)/salt-train eval $$run --val-cache $(DATA)/latents-val.zarr --teacher builtin:tiny-videomae
+	$(BIN)/salt-train run --cache $(DATA)/latents-stage1.zarr --pipeline demo --run-dir $$run && \
+	$(BIN)/salt-train eval $$run --val-cache $(DATA)/latents-stage1-val.zarr --teacher $(TEACHER)/export
 
 bench: $(STAMP)
 	test -d $(DEMO)/bench || $(BIN)/salt-cache demo-data --out $(DEMO)/bench --train 128 --validation 0 --test 0

@@ -29,6 +29,7 @@ from shared.distributed import Dist, rank_share, warn_if_oversubscribed
 from shared.errors import first_line
 from shared.filesystem import build_lock
 from shared.store import LatentStore
+from salt_cache.fill import StoredViews, StoreSource
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.source import SsV2Source
@@ -348,8 +349,9 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
     arrivals: list[tuple[float, int]] = []
     collector = BatchCollector(store, source, writer)
     if plans:
-        dataset = ViewBatches(source.clips, plans, config.view, config.build_loader.decode_threads,
-                              config.teacher.batch_size)
+        dataset = (StoredViews(source.store.path, plans, config.teacher.batch_size) if isinstance(source, StoreSource)
+                   else ViewBatches(source.clips, plans, config.view, config.build_loader.decode_threads,
+                                    config.teacher.batch_size))  # --from-store reads its views, never decodes
         label = f"teacher, rank 0 of {dist.world_size}" if dist.enabled else "teacher"
         bar = progress(todo, label, unit="clip")
         in_flight: TeacherBatch | None = None

@@ -44,7 +44,7 @@ app = make_app(
 
 @app.command()
 def build(
-    src: Path = typer.Option(..., "--src", help="SSv2 root (official or flat layout)"),
+    src: Optional[Path] = typer.Option(None, "--src", help="SSv2 root (official or flat layout)"),
     split: Optional[str] = typer.Option(None,
                                         help=f"train, validation or test {_from_pipeline(_DEFAULTS.cache.split)}"),
     out: Optional[Path] = typer.Option(None, help="store path [SRC/latents.zarr]"),
@@ -63,17 +63,34 @@ def build(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging (per-shard and per-clip detail)"),
     force: bool = typer.Option(False, "--force", help="start even when the projected store size exceeds the free "
                                "disk space (the projection counts pixels uncompressed)"),
+    pixels_only: bool = typer.Option(False, "--pixels-only", help="no teacher: store the views only (for salt-train "
+                                     "teacher, and a later --from-store build of its latents)"),
+    from_store: Optional[Path] = typer.Option(None, "--from-store", help="read the views from this (pixels-only) "
+                                              "store instead of decoding --src: a new store at --out with the same "
+                                              "rows and --teacher's latents"),
 ) -> int:
     """Build or resume a store. Rerunning the same command finishes only what is not committed.
 
     Under torchrun (torchrun --nproc-per-node=K -m salt_cache build ...) the ranks split the shards
     still to do; a stopped multi-rank build resumes with any number of ranks."""
+    if (src is None) == (from_store is None):
+        raise SaltUsageError("pass --src DIR (decode the videos) or --from-store STORE (read its views), not "
+                             + ("both" if src is not None else "neither"))
+    if from_store is not None and (pixels_only or out is None or split or limit):
+        raise SaltUsageError("--from-store builds a new store of the pixels store's rows: it needs --out and takes "
+                             "no --pixels-only, --split or --limit")
+    if pixels_only and teacher:
+        raise SaltUsageError("--pixels-only stores no latents: drop --teacher")
     if out is not None:
         _check_out_path(out, "a store")
     setup_logging(verbose)
     lifeline.install()  # decode workers and the forkserver die with this process, even by kill -9
     from salt_cache.source import discover
 
+    if from_store is not None:  # the pixels store's split decides its views per clip, as a decoding build's would
+        from shared.store import LatentStore
+
+        split = LatentStore.open(from_store).attrs.get("source", {}).get("split")
     config = load_pipeline(pipeline, {
         "cache.split": split, "cache.limit": limit, "cache.device": device.value if device else None,
         "teacher.name": teacher, "teacher.batch_size": batch_size, "build_loader.num_workers": workers,
@@ -83,7 +100,12 @@ def build(
     config, note = split_views(config)
     if note and is_console_rank():
         print(f"salt-cache: note: {note}", file=sys.stderr)
-    source = discover(src, config.cache.split, config.cache.limit)
+    if from_store is not None:
+        from salt_cache.fill import open_pixels_source
+
+        source = open_pixels_source(from_store, config)
+    else:
+        source = discover(src, config.cache.split, config.cache.limit)
     out = out or source.root / "latents.zarr"
     _check_out_path(out, "a store")
     from salt_cache.build import DecodeWorkerDied, Terminated, run_build, stop_on_sigterm  # torch only now
@@ -99,8 +121,11 @@ def build(
 
     with distributed("gloo") as dist, stop_on_sigterm():
         try:
-            model = dist.agree(lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype,
-                                                    config.teacher.compile_mode))
+            from salt_cache.fill import NoTeacher
+
+            model = NoTeacher() if pixels_only else dist.agree(
+                lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype,
+                                     config.teacher.compile_mode))
             report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist, force=force)
         except KeyboardInterrupt:
             print(f"salt-cache{rank_tag()}: interrupted{resume_hint()}", file=sys.stderr)
@@ -124,7 +149,8 @@ def build(
                   f"({type(exc).__name__}){resume_hint()}", file=sys.stderr)
             return EXIT_PROBLEMS
     print_block(f"built {out}", report.summary(), stream=sys.stdout)
-    build_stats_block(out)
+    if not pixels_only:
+        build_stats_block(out)
     return EXIT_OK if report.pending == 0 else EXIT_PROBLEMS
 
 

@@ -20,7 +20,11 @@ from salt_cache.views import CROP_RATIO, CROP_SCALE
 
 
 def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> dict[str, object]:
-    """What must match for a build to add rows to an existing store."""
+    """What must match for a build to add rows to an existing store. A pixels-only store has no teacher
+    (``content: pixels``); a store built from a pixels store records that store's identity too."""
+    if not teacher.weights_hash:  # salt_cache.fill.NoTeacher
+        return {"content": "pixels", "view": view_attrs(config),
+                "rows_sha256": clip_ids_sha256([clip.clip_id for clip in source.clips])}
     identity: dict[str, object] = {
         "teacher_weights_hash": teacher.weights_hash,
         "teacher_compute_dtype": teacher.compute_dtype,
@@ -29,6 +33,7 @@ def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source)
     }
     if teacher.final_norm:  # only then: stores of the raw-residual teachers built before keep their identity
         identity["teacher_final_norm"] = True
+    identity.update(getattr(source, "identity", {}))  # salt_cache.fill.StoreSource: the pixels store's
     return identity
 
 
@@ -66,6 +71,8 @@ def _describe_mismatch(found: dict, wanted: dict) -> str:
         "teacher_final_norm": "another teacher kind (final norm applied or not)",
         "view": "another view recipe",
         "rows_sha256": "another clip list (split, --limit or source)",
+        "content": "pixels only (no teacher)",
+        "pixels_from": "pixels from another store",
     }
     return ", ".join(messages.get(k, k) for k in keys)
 
@@ -94,12 +101,12 @@ def open_or_create_store(out: Path, teacher: Teacher, config: PipelineConfig, so
         clip_ids=[clip.clip_id for clip in source.clips for _ in range(views)],
         labels=[clip.label for clip in source.clips for _ in range(views)],
         views_per_clip=views,
-        teacher_width=teacher.width,
+        teacher_width=teacher.width or None,  # 0: a pixels-only store
         shard_rows=config.store.shard_rows,
         pixels_zstd_level=config.store.pixels_zstd_level,
         attrs={
             "identity": identity,
-            "teacher": teacher.identity(),
+            **({"teacher": teacher.identity()} if teacher.width else {}),
             "view": view_attrs(config),
             "source": source.to_attrs(),
             "pipeline": dump_pipeline(config),

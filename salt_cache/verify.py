@@ -20,7 +20,7 @@ from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
 from shared.rows import checksum_problem
-from shared.store import (CHECKSUM_ALGORITHMS, CHECKSUM_ARRAYS, STATUS_UNREADABLE, LatentStore, RowStatus,
+from shared.store import (CHECKSUM_ALGORITHMS, STATUS_UNREADABLE, LatentStore, RowStatus,
                           clip_ids_sha256, labels_sha256, status_counts)
 
 if TYPE_CHECKING:
@@ -77,6 +77,8 @@ def check_schema(store: LatentStore, report: VerifyReport) -> bool:
     report.problems.extend(Problem(problem) for problem in layout)
     sound = not layout
     for name, dtype in expected.items():
+        if name not in store.arrays:  # a pixels-only store has no latents arrays
+            continue
         array = store.array(name)
         if str(array.dtype) != dtype:
             report.problems.append(Problem(f"array {name} is {array.dtype}, expected {dtype}"))
@@ -84,7 +86,7 @@ def check_schema(store: LatentStore, report: VerifyReport) -> bool:
     if tuple(store.array("frame_index").shape) != (rows, geometry.NUM_FRAMES):
         report.problems.append(Problem(f"array frame_index has shape {store.array('frame_index').shape}"))
         sound = False
-    missing = [key for key in REQUIRED_ATTRS if key not in store.attrs]
+    missing = [key for key in REQUIRED_ATTRS if key not in store.attrs and not (store.pixels_only and key == "teacher")]
     if missing:
         report.problems.append(Problem(f"attributes missing: {', '.join(missing)}"))
     if sound:
@@ -147,11 +149,11 @@ def _check_row(store: LatentStore, status: int, data: dict[str, np.ndarray], i: 
         return None if str(data["error"][i]).strip() else "failed without a recorded reason"
     if store.checksum_algorithm not in CHECKSUM_ALGORITHMS:
         return f"checksums of unknown algorithm {store.checksum_algorithm!r}"
-    for name, checksums in CHECKSUM_ARRAYS.items():
+    for name, checksums in store.checksum_arrays.items():
         problem = checksum_problem(store, name, data[name][i], data[checksums][i])
         if problem:
             return problem
-    if not np.isfinite(data["latents"][i]).all():
+    if "latents" in data and not np.isfinite(data["latents"][i]).all():
         return "latents hold NaN or inf"
     frames = data["frame_index"][i]
     if frames.min() < 0 or np.any(np.diff(frames) < 0):
@@ -167,7 +169,7 @@ def _missing_files(store: LatentStore, start: int) -> str | None:
     """A shard holding committed rows always has its data files: a missing one is named as such
     (reading the rows would only say they are unreadable)."""
     shard = start // store.shard_rows
-    gone = [name for name in ("pixels", "latents") if not store.shard_file(name, shard).is_file()]
+    gone = [name for name in store.checksum_arrays if not store.shard_file(name, shard).is_file()]
     return f"{' and '.join(gone)} shard file missing ({store.shard_file(gone[0], shard)})" if gone else None
 
 
@@ -210,6 +212,7 @@ def load_recorded_teacher(store: LatentStore, device: str) -> Teacher:
     """The teacher the store names, loaded before the long row scan so a missing one fails fast."""
     from shared.teacher import load_teacher  # only deep checks need torch models
 
+    store.require_latents("--deep has no teacher latents to re-check")
     name = store.attrs.get("teacher", {}).get("name", "")
     try:
         return load_teacher(name, device=device, compile_mode="off")  # a few rows: compiling would cost more

@@ -1,6 +1,7 @@
 """`salt-train`: train the SALT student on a latent-cache store.
 
-Commands: ``run`` (train, or continue with ``--resume``), ``preflight`` (checks
+Commands: ``run`` (train, or continue with ``--resume``), ``teacher`` (SALT's stage 1: train
+the teacher by pixel reconstruction, same loop and flags), ``preflight`` (checks
 before a long run), ``bench`` (loader and step throughput), ``snapshots``
 (list and prune the store's snapshots).
 """
@@ -82,6 +83,39 @@ def run(
 
     Under torchrun (torchrun --nproc-per-node=K -m salt_train run ...) it trains with DDP on the same
     global batches; checkpoints resume with any number of ranks."""
+    return _train_command(cache, pipeline, run_dir, max_steps, resume, snapshot, device, sets, verbose, "student")
+
+
+@app.command()
+def teacher(
+    cache: Path = typer.Option(..., "--cache", help="a store with pixels (salt-cache build --pixels-only makes one; "
+                               "latents, if any, are not read)"),
+    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]: its teacher_train "
+                                           "section (size, decoder, schedule) and mask section"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder [runs/<pipeline>-<time>]"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after N optimizer steps"),
+    resume: bool = typer.Option(False, "--resume",
+                                help="continue the run in --run-dir (or this cache's latest run) "
+                                     "from its last checkpoint"),
+    snapshot: Optional[SnapshotMode] = typer.Option(None, help=f"{SNAPSHOT_HELP} [from the pipeline: auto]"),
+    device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]"),
+    sets: list[str] = typer.Option([], "--set", help="override one recipe field, e.g. --set teacher_train.lr=1e-4 "
+                                   "(repeatable)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+) -> int:
+    """SALT's stage 1: train a video ViT teacher by masked pixel reconstruction (VideoMAE's objective under the
+    recipe's masks). Its run folder's export/ is a save_pretrained VideoMAE folder: salt-cache build --teacher
+    RUN/export (or --from-store PIXELS --teacher RUN/export) fills a store with its latents.
+
+    The loop is salt-train run's: snapshot, loader, bf16 and compile on CUDA, checkpoints and exact resume,
+    health lines, metrics.jsonl, torchrun."""
+    return _train_command(cache, pipeline, run_dir, max_steps, resume, snapshot, device, sets, verbose, "teacher")
+
+
+def _train_command(cache: Path, pipeline: Optional[str], run_dir: Optional[Path], max_steps: Optional[int],
+                   resume: bool, snapshot: Any, device: Optional[Device], sets: list[str], verbose: bool,
+                   task_name: str) -> int:
+    """``run`` and ``teacher``: one loop, two tasks (salt_train/task.py)."""
     setup_logging(verbose)
     lifeline.install()  # loader workers and the forkserver die with this process, even by kill -9
     config = _config(pipeline, sets, device)
@@ -89,12 +123,13 @@ def run(
         print("salt-train: --resume continues with the run's recorded config.yaml; --pipeline/--set are ignored",
               file=sys.stderr)
     from salt_train.checkpoint import CheckpointWriteError
+    from salt_train.task import Task
     from salt_train.train import EXIT_STOPPED, LostPeer, RunRequest, TrainingStopped, run_training
 
     import torch
 
     request = RunRequest(cache=cache, config=config, run_dir=run_dir, resume=resume,
-                         snapshot=snapshot.value if snapshot else None, max_steps=max_steps)
+                         snapshot=snapshot.value if snapshot else None, max_steps=max_steps, task=Task(task_name))
     try:
         report = run_training(request)
     except torch.cuda.OutOfMemoryError:

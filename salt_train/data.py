@@ -132,6 +132,7 @@ class StreamSpec:
     mask_kind: str | None = None  # None: batches carry no masks (the step draws them)
     mask_ratio: float = 0.75
     views_per_clip: int = 1  # the store's: an epoch reads one view of each clip
+    arrays: tuple[str, ...] = ("pixels", "latents")  # what a batch carries; stage 1 (salt-train teacher): pixels
 
     @property
     def local_batch(self) -> int:
@@ -151,14 +152,14 @@ class StreamSpec:
 
 
 def stream_spec(store: LatentStore, config: PipelineConfig, start: Position = Position(),
-                rank: int = 0, world_size: int = 1) -> StreamSpec:
-    """The stream a run of ``config`` reads from ``store``, starting at ``start``."""
+                rank: int = 0, world_size: int = 1, arrays: tuple[str, ...] = ("pixels", "latents")) -> StreamSpec:
+    """The stream a run of ``config`` reads from ``store``, starting at ``start``; ``arrays``: what it reads."""
     return StreamSpec(
         store_path=str(store.path), rows=committed_rows(store), shard_rows=store.shard_rows,
         batch_size=config.train.batch_size, seed=config.train.seed, shuffle_buffer=config.stream.shuffle_buffer,
         epochs=config.train.epochs, start=start, rank=rank, world_size=world_size,
         verify_checksums=config.stream.verify_checksums, mask_kind=config.mask.kind, mask_ratio=config.mask.ratio,
-        views_per_clip=store.views_per_clip,
+        views_per_clip=store.views_per_clip, arrays=arrays,
     )
 
 
@@ -204,11 +205,13 @@ class BufferRing:
         self.state, self.slots = state["state"], state["slots"]
         self._buffers, self._next, self._parent = [], 0, os.getppid()
 
-    def claim(self, worker: int, pixels_shape: tuple[int, ...], latents_shape: tuple[int, ...]
-              ) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """The worker's next slot, once the main process has freed it, and its two buffers."""
+    def claim(self, worker: int, pixels_shape: tuple[int, ...], latents_shape: tuple[int, ...] | None
+              ) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+        """The worker's next slot, once the main process has freed it, and its buffers (no latents buffer
+        for a stream of pixels only)."""
         if not self._buffers:
-            self._buffers = [(shared_buffer(pixels_shape, torch.uint8), shared_buffer(latents_shape, torch.float16))
+            self._buffers = [(shared_buffer(pixels_shape, torch.uint8),
+                              shared_buffer(latents_shape, torch.float16) if latents_shape else None)
                              for _ in range(self.slots)]
         slot, self._next = self._next, (self._next + 1) % self.slots
         while int(self.state[worker, slot]) != 0:
@@ -217,7 +220,7 @@ class BufferRing:
             time.sleep(0.0005)
         self.state[worker, slot] = 1
         pixels, latents = self._buffers[slot]
-        return slot, pixels[:pixels_shape[0]], latents[:latents_shape[0]]
+        return slot, pixels[:pixels_shape[0]], latents[:latents_shape[0]] if latents is not None else None
 
     def release(self, worker: int, slot: int) -> None:
         self.state[worker, slot] = 0
@@ -280,15 +283,17 @@ class StoreStream(IterableDataset):
             store = self.store()
             n = len(rows)
             pixels_shape = (n, *store.arrays["pixels"].shape[1:])
-            latents_shape = (n, *store.arrays["latents"].shape[1:])
+            latents_shape = (n, *store.arrays["latents"].shape[1:]) if "latents" in self.spec.arrays else None
             if self.ring is not None and get_worker_info() is not None:
                 slot, pixels, latents = self.ring.claim(worker, pixels_shape, latents_shape)
             elif get_worker_info() is not None:
-                pixels, latents = shared_buffer(pixels_shape, torch.uint8), shared_buffer(latents_shape, torch.float16)
+                pixels = shared_buffer(pixels_shape, torch.uint8)
+                latents = shared_buffer(latents_shape, torch.float16) if latents_shape else None
             else:
                 pixels = torch.empty(pixels_shape, dtype=torch.uint8)
-                latents = torch.empty(latents_shape, dtype=torch.float16)
-            read_rows(store, rows, ("pixels", "latents"), out=(pixels.numpy(), latents.numpy()),
+                latents = torch.empty(latents_shape, dtype=torch.float16) if latents_shape else None
+            buffers = (pixels, latents) if latents is not None else (pixels,)
+            read_rows(store, rows, self.spec.arrays, out=tuple(buffer.numpy() for buffer in buffers),
                       check=self.spec.verify_checksums)
             masks = self.masks(epoch, index)
         except Exception as exc:  # a damaged chunk or file: reported, counted, skipped
@@ -298,7 +303,7 @@ class StoreStream(IterableDataset):
             return {"error": reason, "rows": torch.from_numpy(rows), "epoch": epoch, "index": index, "worker": worker}
         batch = {
             "pixels": pixels,
-            "latents": latents,
+            **({"latents": latents} if latents is not None else {}),
             "rows": torch.from_numpy(rows),
             "epoch": epoch,
             "index": index,

@@ -107,6 +107,8 @@ class BatchFeed:
         if self.ring is None:
             return  # the DataLoader pinned the batch (pin_memory), or the caller chose pageable memory
         for name in ("pixels", "latents"):
+            if name not in host:  # a stream of pixels only (salt-train teacher)
+                continue
             storage = host[name].untyped_storage()
             ptr = storage.data_ptr()
             if ptr in self.pinned or ptr in self.unpinnable:

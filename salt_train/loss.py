@@ -90,8 +90,8 @@ class SaltObjective(nn.Module):
         target tokens: what :meth:`forward` scores, and what the evaluation's held-out loss reads."""
         patches = view_tubelets(views)
         outputs = []
-        for group_visible, group_masked in zip(visible, masked, strict=True):  # unrolled: one graph
-            predicted = self.student.predict(patches, group_visible, group_masked, from_uint8=True)
+        for group, (group_visible, group_masked) in enumerate(zip(visible, masked, strict=True)):  # unrolled
+            predicted = self.student.predict(patches, group_visible, group_masked, from_uint8=True, group=group)
             targets = masked_targets(latents, group_masked, self.target_mean, self.target_std)
             outputs.append((predicted, targets))
         return outputs

@@ -169,15 +169,24 @@ class Metrics:
 
 def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot: Snapshot,
                       store: LatentStore, spec: StreamSpec, steps: int, model: torch.nn.Module,
-                      flops: dict[str, float], dist: Dist) -> None:
-    """Rank 0: the block of what this run is about to do, before the first step."""
+                      flops: dict[str, float], dist: Dist, task_lines: dict[str, str] | None = None) -> None:
+    """Rank 0: the block of what this run is about to do, before the first step. ``task_lines``: the lines
+    of a run that trains something other than the student (salt-train teacher) replace its student line."""
     if not dist.is_main:
         return
     counts = store.counts()
     parameters = sum(p.numel() for p in model.parameters())
     encoder_parameters = sum(p.numel() for p in model.encoder.parameters())
     loader = config.train_loader
-    print_block("salt-train run", {
+    width = store.teacher_width if "latents" in spec.arrays else 0  # what each batch carries
+    student = {
+        "teacher": f"{store.attrs.get('teacher', {}).get('name', '?')} (width {store.teacher_width})",
+        "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
+                   f"{encoder_parameters / 1e6:.1f}M encoder + "
+                   f"{(parameters - encoder_parameters) / 1e6:.1f}M predictor/head params",
+        "masks": describe_masks(config.mask.kind, config.mask.ratio),
+    }
+    print_block("salt-train run" if not task_lines else "salt-train teacher", {
         "run folder": run_dir,
         "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, "
                  f"{counts['pending']} pending rows"
@@ -186,21 +195,17 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
            if spec.views_per_clip > 1 else {}),
         "snapshot": f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, "
                     f"{snapshot.seconds:.2f} s)",
-        "teacher": f"{store.attrs.get('teacher', {}).get('name', '?')} (width {store.teacher_width})",
+        **(task_lines or student),
         "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
                   + f", {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
                   f"compile {resolve_compile_mode(config.model.compile_mode, device)}",
-        "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
-                   f"{encoder_parameters / 1e6:.1f}M encoder + "
-                   f"{(parameters - encoder_parameters) / 1e6:.1f}M predictor/head params",
-        "masks": describe_masks(config.mask.kind, config.mask.ratio),
         "FLOPs/clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
         "schedule": f"{steps} steps ({spec.steps_per_epoch}/epoch x {config.train.epochs} epochs"
                     f"{', capped by max_steps' if config.train.max_steps else ''}), batch {config.train.batch_size}, "
                     f"lr {config.train.lr} -> {config.train.min_lr}, warmup {config.train.warmup_steps}",
         "loader": f"{loader.num_workers} workers x prefetch {loader.prefetch_factor}, "
-                  f"{format_bytes(batch_bytes(spec.local_batch, store.teacher_width))}/batch, "
-                  f"shm bound {format_bytes(shm_bound(loader, spec.local_batch, store.teacher_width))}, "
+                  f"{format_bytes(batch_bytes(spec.local_batch, width))}/batch, "
+                  f"shm bound {format_bytes(shm_bound(loader, spec.local_batch, width))}, "
                   f"shuffle window {config.stream.shuffle_buffer} rows, "
                   f"checksums {'on' if spec.verify_checksums else 'off'}",
         "start": f"epoch {spec.start.epoch}, batch {spec.start.index}"

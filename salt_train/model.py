@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from shared import geometry
-from shared.config import ModelConfig, ModelMode
+from shared.config import MaskConfig, ModelConfig, ModelMode
 from shared.flops import vit_forward_flops
+from salt_train.masks import mask_layout
 from salt_train.predictor import Predictor
 from salt_train.student import VideoViT, build_student, gather_tokens, tubelets
 
@@ -29,14 +30,15 @@ class SaltStudent(nn.Module):
     """Encoder plus predictor (``salt``) or encoder with mask tokens plus a linear head (``mask-token``)."""
 
     def __init__(self, encoder: VideoViT, mode: str, teacher_width: int, predictor_width: int,
-                 predictor_depth: int, predictor_heads: int) -> None:
+                 predictor_depth: int, predictor_heads: int, groups: int = 1) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
         self.encoder = encoder
         self.mode = mode
         if mode == "salt":
-            self.predictor = Predictor(encoder.width, predictor_width, predictor_depth, predictor_heads, teacher_width)
+            self.predictor = Predictor(encoder.width, predictor_width, predictor_depth, predictor_heads, teacher_width,
+                                       groups)
         else:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.width))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -44,12 +46,12 @@ class SaltStudent(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, pixels: Tensor, visible: Tensor, masked: Tensor) -> Tensor:
+    def forward(self, pixels: Tensor, visible: Tensor, masked: Tensor, group: int = 0) -> Tensor:
         """Predictions ``[B, M, teacher_width]`` at the ``masked`` token ids, in their order,
-        from normalised float pixels ``[B, 3, 16, 224, 224]``."""
-        return self.predict(tubelets(pixels), visible, masked, from_uint8=False)
+        from normalised float pixels ``[B, 3, 16, 224, 224]``; ``group``: the mask group of the targets."""
+        return self.predict(tubelets(pixels), visible, masked, from_uint8=False, group=group)
 
-    def predict(self, patches: Tensor, visible: Tensor, masked: Tensor, from_uint8: bool) -> Tensor:
+    def predict(self, patches: Tensor, visible: Tensor, masked: Tensor, from_uint8: bool, group: int = 0) -> Tensor:
         """The same from tubelets ``[B, 1568, 1536]`` (:func:`tubelets` or :func:`view_tubelets`);
         uint8 ones are normalised after the gather, so only the tubelets embedded are converted."""
         embed = self.encoder.patch_embed
@@ -57,7 +59,7 @@ class SaltStudent(nn.Module):
         if self.mode == "salt":
             embedded = self.encoder.embed_at(prepare(gather_tokens(patches, visible)), visible)
             context = self.encoder.encode_tokens(embedded)
-            return self.predictor(context, visible, masked)
+            return self.predictor(context, visible, masked, group)
         # Mask tokens replace the patch content of every token outside the context (targets and
         # tokens left out of both alike, so nothing hidden leaks); positions are added after, so
         # each mask token still knows where it is.
@@ -69,12 +71,18 @@ class SaltStudent(nn.Module):
         return self.head(gather_tokens(tokens, masked))
 
 
-def build_salt_student(model_cfg: ModelConfig, teacher_width: int) -> SaltStudent:
-    """The student of a pipeline's ``model`` section, predicting ``teacher_width``-wide latents."""
+def build_salt_student(model_cfg: ModelConfig, teacher_width: int, groups: int = 1) -> SaltStudent:
+    """The student of a pipeline's ``model`` section, predicting ``teacher_width``-wide latents;
+    ``groups``: the mask groups its predictor has a mask token for (:func:`mask_groups`)."""
     encoder = build_student(model_cfg.student, kwargs=dict(model_cfg.student_kwargs), pretrained=model_cfg.pretrained,
                             grad_checkpointing=model_cfg.grad_checkpointing)
     return SaltStudent(encoder, model_cfg.mode, teacher_width, model_cfg.predictor_width,
-                       model_cfg.predictor_depth, model_cfg.predictor_heads)
+                       model_cfg.predictor_depth, model_cfg.predictor_heads, groups)
+
+
+def mask_groups(mask_cfg: MaskConfig) -> int:
+    """How many mask groups a step draws (multiblock: 2), so how many predictor mask tokens."""
+    return len(mask_layout(mask_cfg.kind, mask_cfg.ratio))
 
 
 def student_flops_per_clip(model_cfg: ModelConfig, teacher_width: int,

@@ -2,7 +2,9 @@
 
 It sees the encoder's outputs at the context (visible) tokens plus a learned
 mask token at every target (masked) position, each with its grid position, and
-predicts the teacher latent at the targets. Narrow on purpose: the predictor
+predicts the teacher latent at the targets. As V-JEPA's predictor, it learns one
+mask token per mask group (multiblock: short- and long-range), so the predictor
+can tell which kind of gap it fills. Narrow on purpose: the predictor
 runs on context and targets together (up to all 1568 tokens), the encoder on
 the context only (a quarter or less of the grid).
 """
@@ -16,6 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from shared import geometry
+from shared.errors import SaltUsageError
 from salt_train.student import gather_tokens
 
 
@@ -44,12 +47,15 @@ def sincos_positions_3d(width: int) -> Tensor:
 class Predictor(nn.Module):
     """Encoder outputs at ``visible`` plus mask tokens at ``masked`` -> predictions at ``masked``."""
 
-    def __init__(self, encoder_width: int, width: int, depth: int, heads: int, out_width: int) -> None:
+    def __init__(self, encoder_width: int, width: int, depth: int, heads: int, out_width: int,
+                 groups: int = 1) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"predictor width {width} is not divisible by its {heads} heads")
+        if groups < 1:
+            raise ValueError(f"a predictor needs at least one mask group, got {groups}")
         self.embed = nn.Linear(encoder_width, width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.mask_tokens = nn.Parameter(torch.zeros(groups, 1, width))  # one per mask group, as V-JEPA's
         # Fixed 3D sin-cos positions (V-JEPA's predictor, VideoMAE's decoder): the predictor
         # starts from scratch, and a fixed table tells it where every mask token sits from
         # step 0, with no parameters to learn. Non-persistent: rebuilt, never checkpointed.
@@ -59,20 +65,35 @@ class Predictor(nn.Module):
             Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth))
         self.norm = norm_layer(width)
         self.head = nn.Linear(width, out_width)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.mask_tokens, std=0.02)
         self.apply(_init_linear)
 
-    def forward(self, context: Tensor, visible: Tensor, masked: Tensor) -> Tensor:
-        """context ``[B, V, encoder_width]`` at ``visible`` ids -> ``[B, M, out_width]`` at ``masked``, in its order."""
+    @property
+    def groups(self) -> int:
+        return self.mask_tokens.shape[0]
+
+    def forward(self, context: Tensor, visible: Tensor, masked: Tensor, group: int = 0) -> Tensor:
+        """context ``[B, V, encoder_width]`` at ``visible`` ids -> ``[B, M, out_width]`` at ``masked``, in its
+        order; ``group``: the mask group the targets come from (its mask token fills them)."""
         batch = context.shape[0]
         positions = self.pos_embed.to(context.dtype).expand(batch, -1, -1)
         seen = self.embed(context) + gather_tokens(positions, visible)
-        queries = self.mask_token.expand(batch, masked.shape[1], -1) + gather_tokens(positions, masked)
+        queries = self.mask_tokens[group].expand(batch, masked.shape[1], -1) + gather_tokens(positions, masked)
         # Attention is order-free: ids travel in the positions, so no scatter into grid order is needed.
         tokens = torch.cat([seen, queries], dim=1)
         for block in self.blocks:
             tokens = block(tokens)
         return self.head(self.norm(tokens[:, seen.shape[1]:]))
+
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        """Refuse, in one line, weights of the one-token predictor this one replaced."""
+        if prefix + "mask_token" in state_dict and prefix + "mask_tokens" not in state_dict:
+            raise SaltUsageError(
+                f"these weights have one predictor mask token ({prefix}mask_token), from before the predictor "
+                f"learned one per mask group ({prefix}mask_tokens, V-JEPA's): this version cannot load them; "
+                "train a new run (its export/, the encoder alone, still loads)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from shared.config import PipelineConfig
@@ -22,7 +23,7 @@ from salt_train.feed import ON_DEVICE, to_device
 from salt_train.finite import guarded_step
 from salt_train.loss import SaltObjective
 from salt_train.masks import make_masks
-from salt_train.model import SaltStudent, build_salt_student
+from salt_train.model import SaltStudent, build_salt_student, mask_groups
 from salt_train.optim import build_optimizer
 from salt_train.schedule import lr_at, set_lr
 
@@ -36,7 +37,7 @@ def resolve_compile_mode(requested: str, device: torch.device) -> str:
 def seeded_student(config: PipelineConfig, teacher_width: int) -> SaltStudent:
     """The student's initial weights, a pure function of ``train.seed`` (DDP also broadcasts rank 0's)."""
     torch.manual_seed(config.train.seed)
-    return build_salt_student(config.model, teacher_width)
+    return build_salt_student(config.model, teacher_width, mask_groups(config.mask))
 
 
 @dataclass
@@ -57,9 +58,11 @@ class Stepper:
     """
 
     def __init__(self, config: PipelineConfig, teacher_width: int, device: torch.device, total_steps: int,
-                 dist: Dist = Dist(), student: SaltStudent | None = None) -> None:
+                 dist: Dist = Dist(), student: SaltStudent | None = None, objective: nn.Module | None = None) -> None:
         """``student``: one :func:`seeded_student` built earlier (a run refuses a bad model before it
-        writes anything, and knows its step total only once it has its snapshot)."""
+        writes anything, and knows its step total only once it has its snapshot). ``objective``: another
+        loss module over ``student`` (stage 1's :class:`~salt_train.pixel_teacher.PixelObjective` over the
+        teacher it trains), called like :class:`SaltObjective`; default: SALT's, over the student."""
         self.config = config
         self.device = device
         self.total_steps = total_steps
@@ -70,7 +73,8 @@ class Stepper:
                                          device=device)
         self.compile_mode = resolve_compile_mode(config.model.compile_mode, device)
         channel = config.model.target_norm == "channel"
-        self.objective = SaltObjective(self.model, config.model.loss, teacher_width if channel else None).to(device)
+        self.objective = (objective if objective is not None else
+                          SaltObjective(self.model, config.model.loss, teacher_width if channel else None)).to(device)
         trained: torch.nn.Module = self.objective
         if dist.enabled:
             trained = DistributedDataParallel(self.objective,
@@ -89,9 +93,10 @@ class Stepper:
     def inputs(self, batch: dict, step: int) -> tuple:
         """Views, latents and, per mask group, the visible and masked ids, on the device. The loader's
         workers make the masks (StreamSpec.mask_kind); a batch without them gets them here, from the step."""
-        if "masked" in batch:
-            return tuple(to_device(batch[name], self.device, True) for name in ON_DEVICE)
-        views, latents = (to_device(batch[name], self.device, True) for name in ("pixels", "latents"))
+        if "masked" in batch:  # no latents in a stream of pixels only (salt-train teacher): None
+            return tuple(to_device(batch[name], self.device, True) if name in batch else None for name in ON_DEVICE)
+        views, latents = (to_device(batch[name], self.device, True) if name in batch else None
+                          for name in ("pixels", "latents"))
         local = views.shape[0]  # this rank's slice of the global batch, and of its masks
         mask = self.config.mask
         masks = make_masks(mask.kind, mask.ratio, local * self.world_size, self.config.train.seed, step)

@@ -37,14 +37,13 @@ from salt_train.batches import AgreedBatches
 from salt_train.checkpoint import Checkpointer, TrainingStopped
 from salt_train.state import Position, TrainState
 from salt_train.data import check_shm, check_stream, make_loader, stream_spec
-from salt_train.export import export_encoder
 from salt_train.feed import BatchFeed
-from salt_train.masks import mask_layout
 from salt_train.metrics import Metrics, print_diagnostics
-from salt_train.model import SaltStudent, student_flops_per_clip
+from salt_train.model import SaltStudent
 from salt_train.eval.quick import QuickEval
 from salt_train.snapshot import Snapshot, reading_snapshot, reuse_snapshot, take_snapshot
-from salt_train.step import Stepper, seeded_student
+from salt_train.step import Stepper
+from salt_train.task import STUDENT, TASKS, Task
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,7 @@ class RunRequest:
     resume: bool = False
     snapshot: str | None = None  # overrides config.stream.snapshot
     max_steps: int | None = None  # the one setting a resume may change
+    task: Task = STUDENT  # salt-train run; TEACHER: salt-train teacher (SALT's stage 1)
 
 
 @dataclass
@@ -130,7 +130,7 @@ def run_training(request: RunRequest) -> RunReport:
 
 def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
     """The recipe and run folder: a resumed run continues with the config it recorded."""
-    config, run_dir = request.config, request.run_dir
+    config, run_dir = request.task.run_config(request.config), request.run_dir
     if request.resume:
         if run_dir is None:
             run_dir = run_folder.find_latest_run(request.cache)
@@ -138,6 +138,7 @@ def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
                 raise SaltUsageError(f"--resume: no run of {request.cache} under {run_folder.DEFAULT_RUNS_DIR}/ "
                                      "(pass --run-dir)")
             log.info("resuming the latest run of this cache: %s", run_dir)
+        check_run_task(run_dir, request.task)
         config = run_folder.read_run_config(run_dir)
     if request.max_steps is not None:
         config.train.max_steps = request.max_steps
@@ -149,12 +150,15 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
     # ---- the store and the model: refuse bad input before anything is written ----------
     dist.agree(lambda: check_quick_eval(config))
     dist.agree(lambda: recorded_target_stats(config, run_dir, request.resume))  # before anything is printed
+    task = request.task
     live = dist.agree(lambda: LatentStore.open(request.cache).checked())
+    dist.agree(lambda: task.check_store(live))
     live_spec = stream_spec(live, config, Position(), dist.rank, dist.world_size)  # for these checks only
     dist.agree(lambda: check_stream(live_spec, live.path))
-    dist.agree(lambda: check_shm(config.train_loader, live_spec.local_batch, live.teacher_width,
+    dist.agree(lambda: check_shm(config.train_loader, live_spec.local_batch, task.latent_width(live),
                                  processes=dist.local_world_size))
-    student = seeded_student(config, live.teacher_width)  # stepped once the snapshot gives the step total
+    student = dist.agree(lambda: task.build_model(config, task.latent_width(live)))  # stepped once the snapshot
+    # gives the step total; "student" is the model this run trains (the teacher, for salt-train teacher)
     warn_if_oversubscribed(dist, config.train_loader.num_workers, "train_loader.num_workers")
 
     # ---- run folder and snapshot: rank 0 makes them, every rank reads them --------------
@@ -170,7 +174,7 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
         snapshot_record = dist.on_main(lambda: _snapshot_for(request, config, run_dir, live, device, dist).to_record())
         snapshot = dist.agree(lambda: _visible_snapshot(snapshot_record))
         with reading_snapshot(snapshot):  # `salt-train snapshots prune` leaves it alone meanwhile
-            return _train(config, run_dir, snapshot, student, request.resume, device, dist)
+            return _train(config, run_dir, snapshot, student, request.resume, device, dist, task)
     finally:
         if log_handler is not None:
             run_folder.detach_log_file(log_handler)
@@ -191,7 +195,7 @@ def _snapshot_for(request: RunRequest, config: PipelineConfig, run_dir: Path, li
     snapshot = take_snapshot(live.path, run_dir.name, request.snapshot or config.stream.snapshot)
     run_folder.write_run_record(
         run_dir, cache=str(live.path.resolve()), snapshot=snapshot.to_record(), device=str(device),
-        world_size=dist.world_size,
+        world_size=dist.world_size, task=request.task.name,
         store={"identity": live.attrs.get("identity"), "teacher": live.attrs.get("teacher"),
                "counts": live.counts(), "rows_sha256": live.attrs.get("source_rows")},
     )
@@ -209,22 +213,25 @@ def _visible_snapshot(record: dict) -> Snapshot:
 
 
 def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: SaltStudent, resume: bool,
-           device: torch.device, dist: Dist) -> RunReport:
+           device: torch.device, dist: Dist, task: Task = STUDENT) -> RunReport:
     """Set up on the snapshot, step on every batch the ranks agree on, then the last checkpoint and summary."""
     store = LatentStore.open(snapshot.path).checked()  # from here on, only the snapshot is read
-    spec = stream_spec(store, config, Position(), dist.rank, dist.world_size)  # starts where a resume says, below
+    # starts where a resume says, below
+    spec = stream_spec(store, config, Position(), dist.rank, dist.world_size, arrays=task.arrays)
     dist.agree(lambda: check_stream(spec, store.path))
     steps = total_steps(config, spec.steps_per_epoch)
-    stepper = Stepper(config, store.teacher_width, device, steps, dist, student)
+    width = task.latent_width(store)
+    stepper = Stepper(config, width, device, steps, dist, student, objective=task.objective(student, config))
     model = stepper.model
     state = _resume_state(run_dir, model, stepper.optimizer, dist) if resume else TrainState(0, Position())
     spec = dataclasses.replace(spec, start=state.position)
     settings = config.train_loader
     loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda", ring=True)
-    flops = student_flops_per_clip(config.model, store.teacher_width, mask_layout(config.mask.kind, config.mask.ratio))
-    print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, model, flops, dist)
-    stats = dist.on_main(lambda: target_statistics(config, run_dir, store, resume))
-    standardisation = stats.standardisation() if config.model.target_norm == "channel" else None
+    flops = task.flops(config, width)
+    print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, model, flops, dist,
+                      task.describe(config, model))
+    stats = dist.on_main(lambda: target_statistics(config, run_dir, store, resume)) if task == STUDENT else None
+    standardisation = stats.standardisation() if stats is not None and config.model.target_norm == "channel" else None
     if standardisation is not None:
         stepper.set_target_standardisation(standardisation)
 
@@ -243,7 +250,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     finally:
         batches.close()  # stop the workers before writing the last files
         metrics.close()
-    return _finish(config, steps, batches, metrics, checkpointer, stop.received)
+    return _finish(config, steps, batches, metrics, checkpointer, stop.received, task)
 
 
 def _loop(stepper: Stepper, batches: AgreedBatches, metrics: Metrics, checkpointer: Checkpointer, steps: int,
@@ -275,7 +282,7 @@ def _loop(stepper: Stepper, batches: AgreedBatches, metrics: Metrics, checkpoint
 
 
 def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics: Metrics, checkpointer: Checkpointer,
-            stop_signal: int | None) -> RunReport:
+            stop_signal: int | None, task: Task = STUDENT) -> RunReport:
     """The last checkpoint; then a stopped run says how to continue, a finished one exports and sums up."""
     run_dir, snapshot, state, dist = checkpointer.run_dir, checkpointer.snapshot, checkpointer.state, checkpointer.dist
     main, train = dist.is_main, config.train
@@ -286,8 +293,8 @@ def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics:
     first_loss, last_loss = metrics.first_loss, metrics.last_loss
     report = RunReport(run_dir, state.step, first_loss, last_loss, state.loader_errors, batches.interrupted,
                        stop_signal=stop_signal)
-    resume_hint = (f"continue with: {'torchrun ... -m salt_train' if dist.enabled else 'salt-train'} run --cache "
-                   f"{snapshot.source} --run-dir {run_dir} --resume")
+    resume_hint = (f"continue with: {'torchrun ... -m salt_train' if dist.enabled else 'salt-train'} {task.command} "
+                   f"--cache {snapshot.source} --run-dir {run_dir} --resume")
     if worker_died and stop_signal is None:
         raise TrainingStopped(f"{worker_died}: stopped at step {state.step} of {steps} with checkpoint "
                               f"{final.name if final else '(rank 0)'}; {resume_hint}")
@@ -298,8 +305,7 @@ def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics:
         return report
     replicas = checkpointer.check_replicas()
     if main:
-        report.export = export_encoder(checkpointer.model.encoder, config.model.student,
-                                       dict(config.model.student_kwargs), run_dir / "export")
+        report.export = task.export(checkpointer.model, config, run_dir / "export")
         checkpointer.check_live_store()
         summary = {"steps": state.step, "planned_steps": steps, "clips_seen": state.clips_seen,
                    "first_loss": first_loss, "last_loss": last_loss, "loader_errors": state.loader_errors,
@@ -349,6 +355,16 @@ def recorded_target_stats(config: PipelineConfig, run_dir: Path | None, resume: 
                              f"{run_folder.TARGET_STATS}: its targets cannot be normalised as before; restore the "
                              "file or start a new run")
     return stats
+
+
+def check_run_task(run_dir: Path, task: Task) -> None:
+    """Refuse to resume a teacher run with ``salt-train run`` or a student run with ``salt-train teacher``."""
+    if not (run_dir / "run.json").exists():
+        return  # stopped before it recorded anything: the checkpoints (none) cannot disagree
+    recorded = run_folder.read_run_record(run_dir).get("task", "student")  # runs before stage 1 were students
+    if recorded != task.name:
+        raise SaltUsageError(f"{run_dir} is a {recorded} run: resume it with salt-train "
+                             f"{Task(recorded).command if recorded in TASKS else '...'} --resume")
 
 
 def check_quick_eval(config: PipelineConfig) -> None:

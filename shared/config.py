@@ -178,6 +178,48 @@ class ModelConfig(_Section):
         return self
 
 
+TeacherSize = Literal["tiny", "small", "base", "large", "huge"]
+
+
+class TeacherTrainConfig(_Section):
+    """`salt-train teacher` (SALT's stage 1): a VideoMAE-shaped ViT trained by masked pixel reconstruction.
+
+    The encoder is a transformers ``VideoMAEModel`` of ``size`` (ViT-Ti/S/B/L/H widths and depths; ``width``,
+    ``depth`` and ``heads`` override the preset), so its export loads as ``salt-cache build --teacher FOLDER``.
+    The schedule fields replace ``train``'s for a teacher run (seed, device, checkpoints and logs stay
+    ``train``'s); masks are ``mask``'s."""
+
+    size: TeacherSize = "large"
+    width: int | None = Field(None, gt=0, description="hidden size, overriding the preset's")
+    depth: int | None = Field(None, gt=0, description="encoder blocks, overriding the preset's")
+    heads: int | None = Field(None, gt=0, description="attention heads, overriding the preset's")
+    mlp_ratio: float = Field(4.0, gt=0)
+    final_norm: bool = Field(True, description="apply the encoder's final LayerNorm to every token (VideoMAE "
+                             "pretraining's; saved as use_mean_pooling: false) or leave the raw residual stream")
+    norm_pix_loss: bool = Field(True, description="targets: each tubelet's pixels normalised per patch and channel "
+                                "(VideoMAE's default), or the ImageNet-normalised pixels (VideoMAE's option; near-flat "
+                                "synthetic clips, whose per-patch std is mostly codec noise, learn more from these)")
+    decoder_width: int = Field(384, gt=0, description="the light pixel decoder (VideoMAE's: 384 wide, 4 blocks)")
+    decoder_depth: int = Field(4, gt=0)
+    decoder_heads: int = Field(6, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    warmup_steps: int = Field(300, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int = Field(32, gt=0)
+    epochs: int = Field(10, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TeacherTrainConfig":
+        if self.decoder_width % self.decoder_heads:
+            raise ValueError(f"decoder_width {self.decoder_width} is not divisible by decoder_heads "
+                             f"{self.decoder_heads}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
 class EvalConfig(_Section):
     """`salt-train eval`: which rows the probes see, and how the probes train (V-JEPA's attentive probe recipe)."""
 
@@ -217,6 +259,7 @@ class PipelineConfig(_Section):
     mask: MaskConfig = MaskConfig()
     model: ModelConfig = ModelConfig()
     eval: EvalConfig = EvalConfig()
+    teacher_train: TeacherTrainConfig = TeacherTrainConfig()
     # The one loader section of recipes, run folders and stores written before the two above: read
     # as both (with a warning), never written back (exclude), refused beside them (ambiguous).
     loader: BuildLoaderConfig | None = Field(None, exclude=True)

@@ -55,6 +55,9 @@ ALL_ARRAYS = tuple(dict.fromkeys(CONTRACT_ARRAYS + DATA_ARRAYS))
 # view_index is written at creation like clip_id, crop_box shard by shard like frame_index.
 VIEW_ARRAYS = ("view_index", "crop_box")
 VIEW_DATA_ARRAYS = ("crop_box",)
+# Absent from a pixels-only store (attribute ``pixels_only``; salt-cache build --pixels-only): it holds the
+# views for stage 1 (salt-train teacher) and for a later build of latents from it (salt-cache build --from-store).
+LATENT_ARRAYS = ("latents", "latents_checksum")
 CROP_BOX_FIELDS = ("top", "left", "height", "width")  # in source-frame pixels
 
 
@@ -155,7 +158,9 @@ class LatentStore:
         self.shard_rows = int(self.attrs["shard_rows"])
         # A store without the attribute (every store before views existed) has one view per clip.
         self.views_per_clip = int(self.attrs.get("views_per_clip", 1))
-        self.data_arrays = DATA_ARRAYS + (VIEW_DATA_ARRAYS if self.views_per_clip > 1 else ())
+        self.pixels_only = self.attrs.get("pixels_only") is True  # views without teacher latents
+        self.data_arrays = tuple(name for name in DATA_ARRAYS if not (self.pixels_only and name in LATENT_ARRAYS)) \
+            + (VIEW_DATA_ARRAYS if self.views_per_clip > 1 else ())
 
     # ---- opening -----------------------------------------------------------------
     @classmethod
@@ -187,6 +192,8 @@ class LatentStore:
         # A writer stores every chunk, even one equal to the fill value: then a committed row always has
         # its shard file, and a missing file is damage, never "all zeros" (zarr decides this at open).
         names = ALL_ARRAYS + (VIEW_ARRAYS if attrs.get("views_per_clip", 1) > 1 else ())
+        if attrs.get("pixels_only") is True:
+            names = tuple(name for name in names if name not in LATENT_ARRAYS)
         with zarr.config.set({"array.write_empty_chunks": writable}):
             for name in names:
                 try:
@@ -210,8 +217,23 @@ class LatentStore:
         return -(-self.rows // self.shard_rows)
 
     @property
+    def checksum_arrays(self) -> dict[str, str]:
+        """The big arrays this store holds, each with the array of its per-row checksums."""
+        return {name: sums for name, sums in CHECKSUM_ARRAYS.items() if name in self.arrays}
+
+    def require_latents(self, what: str) -> None:
+        """Refuse, in one line, a pixels-only store where teacher latents are needed."""
+        if self.pixels_only:
+            raise SaltUsageError(f"store {self.path} holds pixels only (no teacher latents), so {what}; build its "
+                                 f"latents first: salt-cache build --from-store {self.path} --teacher FOLDER "
+                                 "--out STORE")
+
+    @property
     def teacher_width(self) -> int:
-        """The recorded teacher's width (:meth:`layout_problems` checks the latents array against it)."""
+        """The recorded teacher's width (:meth:`layout_problems` checks the latents array against it); 0 for a
+        pixels-only store."""
+        if self.pixels_only:
+            return 0
         recorded = self.attrs.get("teacher", {}).get("width")
         if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
             return recorded
@@ -226,8 +248,8 @@ class LatentStore:
         recorded_geometry = self.attrs.get("geometry")
         if recorded_geometry is not None and recorded_geometry != geometry.as_dict():
             problems.append(f"recorded geometry {recorded_geometry} is not this SALT's {geometry.as_dict()}")
-        expected = {"pixels": pixels_shape(rows), "latents": latents_shape(rows, width),
-                    "crop_box": (rows, len(CROP_BOX_FIELDS))}
+        expected = {"pixels": pixels_shape(rows), "crop_box": (rows, len(CROP_BOX_FIELDS)),
+                    **({} if self.pixels_only else {"latents": latents_shape(rows, width)})}
         if rows % self.views_per_clip:
             problems.append(f"{rows} rows are not a whole number of clips of {self.views_per_clip} views")
         for name, array in self.arrays.items():
@@ -346,7 +368,8 @@ class LatentStore:
         def sums(rows: np.ndarray) -> np.ndarray:
             return np.array([self.row_checksum(row) if ok else 0 for row, ok in zip(rows, committed)], np.uint64)
 
-        pixels_sums, latents_sums = sums(payload.pixels), sums(payload.latents)
+        pixels_sums = sums(payload.pixels)
+        latents_sums = None if self.pixels_only else sums(payload.latents)
         values = {
             "pixels": payload.pixels,
             "latents": payload.latents,
@@ -411,7 +434,7 @@ def create_store(
     *,
     clip_ids: list[str],
     labels: list[int],
-    teacher_width: int,
+    teacher_width: int | None,
     shard_rows: int,
     pixels_zstd_level: int,
     attrs: dict[str, Any],
@@ -420,7 +443,8 @@ def create_store(
     """Create an empty store (every row pending) atomically: built aside, then renamed into place.
 
     ``clip_ids`` and ``labels`` are per row: with ``views_per_clip`` K >= 2, each clip's K times in a
-    row (row ``clip * K + k``), and the store gets the view arrays and records K."""
+    row (row ``clip * K + k``), and the store gets the view arrays and records K. ``teacher_width`` None: a
+    pixels-only store (no latents arrays, attribute ``pixels_only``)."""
     path = Path(path)
     if path.exists():
         raise SaltUsageError(f"store {path} already exists")
@@ -439,18 +463,19 @@ def create_store(
             compressors=pixel_compressors, fill_value=0,
             dimension_names=("row", "frame", "height", "width", "channel"),
         )
-        # fp16 latents compress ~1.06x (docs/DESIGN.md): stored raw, no codec CPU cost.
-        group.create_array(
-            "latents", shape=latents_shape(rows, teacher_width), dtype="float16",
-            chunks=latents_shape(1, teacher_width), shards=latents_shape(shard_rows, teacher_width),
-            compressors=None, fill_value=0.0, dimension_names=("row", "token", "channel"),
-        )
         small = {"chunks": (shard_rows,), "compressors": None}
+        if teacher_width is not None:
+            # fp16 latents compress ~1.06x (docs/DESIGN.md): stored raw, no codec CPU cost.
+            group.create_array(
+                "latents", shape=latents_shape(rows, teacher_width), dtype="float16",
+                chunks=latents_shape(1, teacher_width), shards=latents_shape(shard_rows, teacher_width),
+                compressors=None, fill_value=0.0, dimension_names=("row", "token", "channel"),
+            )
+            group.create_array("latents_checksum", shape=(rows,), dtype="uint64", fill_value=0, **small)
         group.create_array("frame_index", shape=(rows, geometry.NUM_FRAMES), dtype="int32",
                            chunks=(shard_rows, geometry.NUM_FRAMES), fill_value=-1, compressors=None)
         group.create_array("status", shape=(rows,), dtype="uint8", fill_value=int(RowStatus.PENDING), **small)
         group.create_array("pixels_checksum", shape=(rows,), dtype="uint64", fill_value=0, **small)
-        group.create_array("latents_checksum", shape=(rows,), dtype="uint64", fill_value=0, **small)
         group.create_array("error", shape=(rows,), dtype=str, fill_value="", chunks=(shard_rows,))
         group.create_array("clip_id", shape=(rows,), dtype=str, fill_value="", chunks=(max(shard_rows, 4096),))
         group.create_array("label", shape=(rows,), dtype="int32", fill_value=-1,
@@ -474,8 +499,10 @@ def create_store(
             "latent_dtype": "float16",
             "checksums": {
                 "algorithm": CHECKSUM_ALGORITHM,
-                "arrays": dict(CHECKSUM_ARRAYS),
+                "arrays": {name: sums for name, sums in CHECKSUM_ARRAYS.items()
+                           if teacher_width is not None or name not in LATENT_ARRAYS},
             },
+            **({"pixels_only": True} if teacher_width is None else {}),
             "row_status": {s.name.lower(): int(s) for s in RowStatus},
             "source_rows": {"clip_id_sha256": clip_ids_sha256(list(clip_ids)), "label_sha256": labels_sha256(labels)},
             **view_attrs,

@@ -122,9 +122,16 @@ def quiet_transformers() -> Iterator[None]:
 
 def _load_pretrained(name: str, local: Path) -> VideoMAEModel:
     try:
+        if local.is_dir() and not (local / "config.json").is_file():
+            raise SaltUsageError(f"teacher folder {name} has no config.json: not a save_pretrained video ViT "
+                                 "(salt-train teacher's RUN/export is one)")
         config = PretrainedConfig.get_config_dict(str(local) if local.is_dir() else name)[0]
+        if config.get("format") == "salt-video-vit":  # salt_train/export.py's
+            raise SaltUsageError(f"teacher {name} is a SALT student export (salt-train run's export/), not a "
+                                 "teacher: pass a salt-train teacher run's export/ or a VideoMAE folder")
         if config.get("model_type") != "videomae":
-            raise SaltUsageError(f"teacher {name} is a {config.get('model_type')!r} model, not VideoMAE")
+            raise SaltUsageError(f"teacher {name} is a {config.get('model_type')!r} model, not a video ViT teacher "
+                                 "(VideoMAE, e.g. salt-train teacher's RUN/export)")
         # A pretraining checkpoint keeps its encoder's final norm (as ``videomae.layernorm``, which
         # VideoMAEModel loads as ``layernorm``): build the model with it, so that it must load.
         overrides = {"use_mean_pooling": False} if is_pretrain_style(config) else {}

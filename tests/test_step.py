@@ -71,9 +71,9 @@ def test_the_objective_equals_the_student_on_normalised_pixels_and_the_loss(demo
         pixels, _ = to_model_inputs(batch, torch.device("cpu"))
         with torch.no_grad():
             assert len(visible) == len(masked) == 2  # the default multiblock: short- and long-range groups
-            expected = torch.stack([regression_loss(stepper.model(pixels, v, m),
+            expected = torch.stack([regression_loss(stepper.model(pixels, v, m, group=g),
                                                     normalise_targets(gather_tokens(latents, m)), "mse")
-                                    for v, m in zip(visible, masked)]).mean()
+                                    for g, (v, m) in enumerate(zip(visible, masked))]).mean()
             torch.testing.assert_close(stepper.objective(views, latents, visible, masked), expected,
                                        rtol=1e-5, atol=1e-6)
 

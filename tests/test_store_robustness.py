@@ -107,7 +107,7 @@ def test_a_checkpoint_that_is_not_videomae_is_refused(demo_set: Path, demo_pipel
                          intermediate_size=32)).save_pretrained(bert)
     line = _one_error_line(run_cli("build", "--src", demo_set, "--out", tmp_path / "x.zarr", "--teacher", bert,
                                    "--pipeline", demo_pipeline))
-    assert "not VideoMAE" in line
+    assert "not a video ViT teacher" in line
     assert not (tmp_path / "x.zarr").exists()
 
 

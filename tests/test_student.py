@@ -441,3 +441,34 @@ def test_embedding_only_the_visible_tubelets_equals_the_conv3d_then_the_gather(s
         torch.testing.assert_close(encoder(pixels, ids), encoder.encode_tokens(full), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(encoder.forward_views(views, ids), encoder(pixels, ids), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(encoder.forward_views(views), encoder(pixels), rtol=1e-4, atol=1e-5)
+
+
+def test_predictor_has_one_mask_token_per_mask_group() -> None:
+    # V-JEPA's predictor learns a mask token per mask group: multiblock's short- and long-range targets
+    # start from different tokens, so the same context and target ids predict differently per group.
+    from salt_train.model import mask_groups
+    from shared.config import MaskConfig
+
+    assert mask_groups(MaskConfig(kind="multiblock")) == 2 and mask_groups(MaskConfig(kind="random")) == 1
+    torch.manual_seed(0)
+    student = build_salt_student(tiny_config(), TEACHER_WIDTH, groups=2).eval()
+    assert student.predictor.mask_tokens.shape == (2, 1, 32)
+    assert "predictor.mask_token" not in student.state_dict()
+    masked, visible = random_masks(1, 1176)
+    video = pixels(1)
+    with torch.no_grad():
+        first, second = (student(video, visible, masked, group=g) for g in (0, 1))
+        assert not torch.allclose(first, second)
+        student.predictor.mask_tokens[1] = student.predictor.mask_tokens[0]  # same token: same predictions
+        torch.testing.assert_close(student(video, visible, masked, group=1), first)
+
+
+def test_weights_of_the_one_token_predictor_are_refused_in_one_line() -> None:
+    from shared.errors import SaltUsageError
+
+    student = build_salt_student(tiny_config(), TEACHER_WIDTH, groups=2)
+    old = dict(student.state_dict())
+    old["predictor.mask_token"] = old.pop("predictor.mask_tokens")[:1]
+    with pytest.raises(SaltUsageError, match=r"one predictor mask token \(predictor.mask_token\)") as refused:
+        student.load_state_dict(old)
+    assert "\n" not in str(refused.value)

@@ -110,7 +110,7 @@ def test_loss_curve_and_weights_match_one_process(runs: Runs) -> None:
 def test_replicas_stay_identical(runs: Runs) -> None:
     from safetensors.torch import load_file
 
-    from salt_train.model import build_salt_student
+    from salt_train.model import build_salt_student, mask_groups
     from salt_train.run_folder import read_run_config
     from salt_train.checkpoint import replica_digest
     from shared.store import LatentStore
@@ -121,7 +121,8 @@ def test_replicas_stay_identical(runs: Runs) -> None:
     assert replicas["identical"] is True and len(replicas["digests"]) == 2
     assert replicas["digests"][0] == replicas["digests"][1]
     # ... and they are the digest of the weights rank 0 checkpointed at the end.
-    model = build_salt_student(read_run_config(runs.ranks2).model, LatentStore.open(runs.store).teacher_width)
+    recipe = read_run_config(runs.ranks2)
+    model = build_salt_student(recipe.model, LatentStore.open(runs.store).teacher_width, mask_groups(recipe.mask))
     checkpoint = runs.ranks2 / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"
     model.load_state_dict(load_file(checkpoint))
     assert replica_digest(model) == replicas["digests"][0]

@@ -55,7 +55,7 @@ from salt_train.eval.rows import RowSet, check_compatible, class_count, row_set
 from salt_train.eval.stats import seeded_score
 from salt_train.eval.temporal import RETRIEVAL_PAIR, RETRIEVAL_SANITY, TASKS, VARIANTS
 from salt_train.export import load_encoder, read_export_config
-from salt_train.model import SaltStudent, build_salt_student
+from salt_train.model import SaltStudent, build_salt_student, mask_groups
 from salt_train.student import VideoViT, create_timm_vit
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _checkpoint_path(run_dir: Path, name: str | None) -> Path | None:
 
 def _load_student(checkpoint: Path, config: PipelineConfig, teacher_width: int) -> SaltStudent:
     """The whole student of ``checkpoint``, built from the recipe and loaded strictly."""
-    student = build_salt_student(config.model, teacher_width)
+    student = build_salt_student(config.model, teacher_width, mask_groups(config.mask))
     try:
         state = load_file(checkpoint / "model.safetensors")
     except Exception as exc:  # truncated or not safetensors
@@ -163,7 +163,7 @@ def random_init(subject: Subject, teacher_width: int) -> tuple[VideoViT, SaltStu
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(subject.config.train.seed)  # as Stepper does before building the student
         if subject.student is not None:
-            student = build_salt_student(subject.config.model, teacher_width)
+            student = build_salt_student(subject.config.model, teacher_width, mask_groups(subject.config.mask))
             return student.encoder, student
         return VideoViT(create_timm_vit(subject.architecture, subject.kwargs)), None
 
