@@ -25,9 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
-from shared.config import PipelineConfig, dump_pipeline
+from shared.config import PipelineConfig, dump_pipeline, read_recipe_yaml
 from shared.errors import SaltUsageError
 from shared.latent_stats import LatentStats
 from shared.filesystem import sole_writer, write_json_atomic, write_text_atomic
@@ -77,7 +75,9 @@ def read_run_config(path: Path) -> PipelineConfig:
     if not config_file.is_file():
         raise SaltUsageError(f"{path} is not a run folder (no config.yaml): nothing to resume")
     try:
-        return PipelineConfig.model_validate(yaml.safe_load(config_file.read_text()))
+        return PipelineConfig.model_validate(read_recipe_yaml(config_file.read_text(), str(config_file)))
+    except SaltUsageError:
+        raise
     except Exception as exc:
         raise SaltUsageError(f"{config_file} is unreadable ({type(exc).__name__})") from None
 
