@@ -43,7 +43,9 @@ LossKind = Literal["mse", "l1"]
 AttentionKernel = Literal["auto", "flash", "cudnn", "efficient", "math"]
 
 
-MAX_COUNT = 2**31 - 1  # the largest count (steps, rows, sizes) a recipe may give: an int32 everywhere
+# The largest count (steps, rows, sizes) a recipe may give: an int32 everywhere. For a field without a
+# tighter bound of its own (one `le` per field: pydantic keeps only the last of two).
+MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**32 - 1  # seeds: 0 .. 2**32 - 1, numpy's and torch's common range
 Count = Annotated[int, Field(le=MAX_COUNT)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
@@ -71,21 +73,21 @@ class ViewConfig(_Section):
     # 1: one view per clip, today's (centre crop). K >= 2: K rows per clip, view 0 that same centre view,
     # views 1..K-1 random resized crops with their own frame offsets (salt_cache/views.py).
     # Validation and test stores always keep the one centre view.
-    views_per_clip: Count = Field(1, gt=0, le=64, description="views cached per clip (store rows = clips x K)")
+    views_per_clip: int = Field(1, gt=0, le=64, description="views cached per clip (store rows = clips x K)")
 
 
 class StoreConfig(_Section):
-    shard_rows: Count = Field(16, gt=0, le=4096, description="rows per shard file")
-    pixels_zstd_level: Count = Field(1, ge=0, le=22, description="0 stores pixels uncompressed")
-    writers: Count = Field(4, gt=0, le=64, description="threads committing shards during a build")
+    shard_rows: int = Field(16, gt=0, le=4096, description="rows per shard file")
+    pixels_zstd_level: int = Field(1, ge=0, le=22, description="0 stores pixels uncompressed")
+    writers: int = Field(4, gt=0, le=64, description="threads committing shards during a build")
 
 
 class _LoaderSettings(_Section):
     """The DataLoader knobs both stages have (each stage has its own section: their workers do different work)."""
 
-    num_workers: Count = Field(8, ge=0, le=1024,
+    num_workers: int = Field(8, ge=0, le=1024,
                                description="worker processes (per rank under torchrun); 0 = in the main one")
-    prefetch_factor: Count = Field(2, gt=0, le=1024, description="batches each worker prepares ahead")
+    prefetch_factor: int = Field(2, gt=0, le=1024, description="batches each worker prepares ahead")
     pin_memory: bool = Field(True, description="page-locked batches for faster host-to-GPU copies (CUDA only)")
     multiprocessing_context: Literal["forkserver", "spawn", "fork"] = "forkserver"
 
@@ -94,7 +96,7 @@ class BuildLoaderConfig(_LoaderSettings):
     """`salt-cache build`'s workers: each decodes whole teacher batches of clips with PyAV."""
 
     persistent_workers: bool = True
-    decode_threads: Count = Field(1, ge=0, le=1024,
+    decode_threads: int = Field(1, ge=0, le=1024,
                                   description="FFmpeg threads per decoding process; 0 = FFmpeg's choice")
 
 
