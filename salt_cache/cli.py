@@ -149,9 +149,27 @@ def build(
                   f"({type(exc).__name__}){resume_hint()}", file=sys.stderr)
             return EXIT_PROBLEMS
     print_block(f"built {out}", report.summary(), stream=sys.stdout)
+    if report.committed == 0 and report.failed > 0:
+        if is_console_rank():
+            print(f"salt-cache: error: {nothing_built(out, report.failed)}", file=sys.stderr)
+        return EXIT_PROBLEMS
     if not pixels_only:
         build_stats_block(out)
     return EXIT_OK if report.pending == 0 else EXIT_PROBLEMS
+
+
+def nothing_built(out: Path, failed: int) -> str:
+    """The line of a build whose every row failed: the store holds nothing to train on."""
+    import numpy as np
+
+    from shared.errors import one_line
+    from shared.store import LatentStore, RowStatus
+
+    store = LatentStore.open(out)
+    failures = np.flatnonzero(store.status() == RowStatus.FAILED)
+    reason = str(store.array("error")[int(failures[0])]) if len(failures) else "unknown"
+    return (f"every one of the {failed} rows failed, none committed: {out} holds nothing to train on "
+            f"(first reason: {one_line(reason, 200)}); fix the source or the teacher, then rerun with --retry-failed")
 
 
 @app.command()

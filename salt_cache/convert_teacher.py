@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from transformers import VideoMAEConfig, VideoMAEModel
 from shared import geometry
 from shared.errors import SaltUsageError, first_line
 from shared.filesystem import atomic_dir
-from shared.teacher import quiet_transformers
+from shared.teacher import quiet_transformers, refuse_nonfinite_weights
 
 ENCODER = "encoder."
 # The pretraining model's pixel decoder: left out on purpose, the teacher is the encoder alone.
@@ -56,14 +57,12 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], list[str]]:
     try:
         # Memory-mapped where the format allows (torch.save's zip format, torch >= 1.6): an optimizer
         # state saved beside the weights is then never read into memory.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if refused:
-            raise SaltUsageError(f"{path} needs pickle code to load ({refused.group(1)}); refusing: only tensors and "
-                                 "plain containers are read (torch.load weights_only=True)") from None
-        raise SaltUsageError(f"{path} is not a PyTorch checkpoint ({first_line(exc)})") from None
+        raise SaltUsageError(f"{path} {_refused_pickle(exc)}; refusing: nothing in it ran, and only tensors and plain "
+                             "containers are read (a torch.save state dict)") from None
     except Exception as exc:  # torch raises many types for a file that is no checkpoint at all
         raise SaltUsageError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
     if isinstance(loaded, dict) and not any(isinstance(v, Tensor) for v in loaded.values()):
@@ -73,6 +72,21 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], list[str]]:
     if isinstance(loaded, dict):
         return _tensors_only(loaded, path), []
     raise SaltUsageError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+
+
+def _refused_pickle(exc: pickle.UnpicklingError) -> str:
+    """What torch's weights-only reader refused, in our words: torch's own message goes on to advise
+    ``weights_only=False``, which would run the file's code, so it is never passed on."""
+    text = str(exc)
+    refused = re.search(r"GLOBAL (\S+)", text)
+    if refused:
+        return f"needs pickle code to load (it calls {refused.group(1)})"
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand:
+        return (f"is not a PyTorch checkpoint readable without pickle code (pickle opcode {operand.group(1)} is "
+                "outside torch.save's weights-only format: a plain pickle file, or no checkpoint at all)")
+    detail = first_line(exc) if "weights_only" not in text else "not torch.save's weights-only format"
+    return f"is not a PyTorch checkpoint ({detail})"
 
 
 def _tensors_only(state: dict, path: Path) -> dict[str, Tensor]:
@@ -160,6 +174,7 @@ def convert_teacher(original: Path, out: Path, heads: int | None = None) -> Conv
     if missing:
         more = f" and {len(missing) - 1} more keys" if len(missing) > 1 else ""
         raise SaltUsageError(f"{original} lacks {missing[0]}{more}")
+    refuse_nonfinite_weights(((k, state[k]) for k in expected), str(original))  # the decoder is left out anyway
     ignored = sorted(k for k in state if k.startswith(DECODER_PREFIXES))
     known = set(expected) | set(ignored)
     extra = sorted(k for k in state if k not in known)

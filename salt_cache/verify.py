@@ -89,6 +89,10 @@ def check_schema(store: LatentStore, report: VerifyReport) -> bool:
     missing = [key for key in REQUIRED_ATTRS if key not in store.attrs and not (store.pixels_only and key == "teacher")]
     if missing:
         report.problems.append(Problem(f"attributes missing: {', '.join(missing)}"))
+    recorded_dtype = store.attrs.get("latent_dtype")
+    if recorded_dtype is not None and str(recorded_dtype) != str(store.array("latents").dtype):
+        report.problems.append(Problem(f"attribute latent_dtype says {recorded_dtype!r} but the latents array is "
+                                       f"{store.array('latents').dtype}: the store's record disagrees with its data"))
     if sound:
         check_source_rows(store, report)
         if store.views_per_clip > 1:

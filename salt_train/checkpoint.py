@@ -5,7 +5,15 @@ A checkpoint is a folder ``checkpoints/step-00000500/``:
 - ``model.safetensors``: the student's weights;
 - ``optimizer.safetensors``: the optimizer's per-parameter tensors (``state.<i>.<key>``);
 - ``rng.safetensors``: the torch CPU (and CUDA) generator states;
-- ``state.json``: step, loader position, error count, optimizer hyperparameters.
+- ``state.json``: step, loader position, error count, optimizer hyperparameters;
+- ``checksums.json``: the crc32c of each of the four files above, taken at save time.
+
+A checkpoint proves itself before it is trusted (:func:`verify_checkpoint`): every file's content
+matches its recorded crc32c (safetensors checks structure, not content: a flipped byte in a
+tensor loads silently), ``state.json``'s step is the one its folder is named after and its stream
+position lies within the run's stream. A resume, and :func:`latest_checkpoint` (what eval reads),
+pass over a checkpoint that fails, with one line, to the whole one before it. Checkpoints written
+before checksums (version 1) are read unverified, with a warning.
 
 The learning rate is a pure function of the step (``schedule.lr_at``) and masks
 and data order are pure functions of ``(seed, step)`` and ``(seed, epoch)``, so
@@ -30,6 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import google_crc32c
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -48,8 +57,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "salt-train-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: checksums.json; version 1 checkpoints still load, unverified
+READABLE_VERSIONS = (1, 2)
 PREFIX = "step-"
+CHECKSUMS = "checksums.json"
+CHECKSUM_ALGORITHM = "crc32c"  # as the store's rows; about twice as fast as sha256 from a file (EXPERIMENTS.md)
+CHECKED_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
 class CheckpointUnreadable(SaltUsageError):
@@ -120,6 +133,9 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
                 "optimizer": optimizer_rest,
             }
             (partial / "state.json").write_text(json.dumps(record, indent=1))  # the whole folder is renamed
+            (partial / CHECKSUMS).write_text(json.dumps(
+                {"algorithm": CHECKSUM_ALGORITHM, "files": {name: file_checksum(partial / name)
+                                                            for name in CHECKED_FILES}}, indent=1))
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         previous = latest_checkpoint(run_dir)
         reason = getattr(exc, "strerror", None) or first_line(exc)
@@ -152,9 +168,31 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None (a run killed before its first one)."""
-    complete = complete_checkpoints(run_dir)
-    return complete[0] if complete else None
+    """The newest complete checkpoint of a run that proves itself (:func:`verify_checkpoint`), or None
+    (a run killed before its first one). Each newer one that fails is passed over with one warning."""
+    for path in complete_checkpoints(run_dir):
+        try:
+            verify_checkpoint(path)
+        except CheckpointUnreadable as exc:
+            log.warning("%s; passing over it to the checkpoint before it", exc)
+            continue
+        return path
+    return None
+
+
+def file_checksum(path: Path, chunk: int = 64 << 20) -> str:
+    """The crc32c of a file's content, as 8 hex digits."""
+    checksum = google_crc32c.Checksum()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            checksum.update(block)
+    return checksum.digest().hex()
+
+
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint folder is named after (``step-00000500`` -> 500), None for another name."""
+    digits = path.name.removeprefix(PREFIX)
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
 
 
 def _count(record: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -164,19 +202,72 @@ def _count(record: dict[str, Any], key: str, default: int | None = None) -> int:
     return value
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore model, optimizer and RNG from ``path``; returns the step and loader position."""
+def _read_record(path: Path) -> dict[str, Any]:
+    """``state.json``, once every file's content matched ``checksums.json`` (raises ValueError, OSError)."""
+    record = json.loads((path / "state.json").read_text())
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT \
+            or record.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"not a version {CHECKPOINT_VERSION} SALT checkpoint")
+    if record["version"] >= 2 or (path / CHECKSUMS).exists():  # a version edited down to 1 is still checked
+        manifest = json.loads((path / CHECKSUMS).read_text())
+        if not isinstance(manifest, dict) or manifest.get("algorithm") != CHECKSUM_ALGORITHM \
+                or not isinstance(manifest.get("files"), dict) or set(manifest["files"]) != set(CHECKED_FILES):
+            raise ValueError(f"{CHECKSUMS} does not list the {CHECKSUM_ALGORITHM} of {', '.join(CHECKED_FILES)}")
+        for name in CHECKED_FILES:
+            actual = file_checksum(path / name)
+            if actual != manifest["files"][name]:
+                raise ValueError(f"{name} is damaged: its {CHECKSUM_ALGORITHM} is {actual}, "
+                                 f"{manifest['files'][name]} when it was saved")
+    else:
+        log.warning("checkpoint %s predates checksums (version 1): its content cannot be verified", path)
+    return record
+
+
+def _check_state(path: Path, record: dict[str, Any], stream: tuple[int, int] | None) -> TrainState:
+    """The record's counts as a TrainState, checked against the folder's name and the stream's size
+    (``stream``: its epochs and batches per epoch)."""
+    step = _count(record, "step")
+    if step != step_of(path):
+        raise ValueError(f"state.json says step {step} in folder {path.name}")
+    position = Position(epoch=_count(record["position"], "epoch"), index=_count(record["position"], "index"))
+    if stream is not None:
+        epochs, steps_per_epoch = stream
+        if position.epoch > epochs:
+            raise ValueError(f"state.json position.epoch {position.epoch} is past the stream's {epochs} epochs")
+        if position.index >= steps_per_epoch:
+            raise ValueError(f"state.json position.index {position.index} is past the stream's {steps_per_epoch} "
+                             "batches per epoch")
+        if step > position.epoch * steps_per_epoch + position.index:
+            raise ValueError(f"state.json says step {step} after reading only {position.epoch} epoch(s) and "
+                             f"{position.index} batch(es) of {steps_per_epoch}")
+    counts = {key: _count(record, key, 0) for key in ("loader_errors", "clips_seen", "nonfinite_steps")}
+    return TrainState(step=step, position=position, **counts)
+
+
+_DAMAGE = (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError, SafetensorError)
+
+
+def verify_checkpoint(path: Path, stream: tuple[int, int] | None = None) -> TrainState:
+    """Check a checkpoint without loading it: every file's crc32c, ``state.json`` against the folder's
+    name and (given ``stream``, its epochs and batches per epoch) the stream's size. Returns its state;
+    raises :class:`CheckpointUnreadable` in one line."""
     try:
-        record = json.loads((path / "state.json").read_text())
-        if record.get("format") != CHECKPOINT_FORMAT or record.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"not a version {CHECKPOINT_VERSION} SALT checkpoint")
+        return _check_state(path, _read_record(path), stream)
+    except _DAMAGE as exc:
+        raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({one_line(exc, 200)})") from None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    stream: tuple[int, int] | None = None) -> TrainState:
+    """Restore model, optimizer and RNG from ``path`` once it proved itself (:func:`verify_checkpoint`,
+    with the stream's epochs and batches per epoch when given); returns the step and loader position."""
+    try:
+        record = _read_record(path)
+        state = _check_state(path, record, stream)
         model_state = load_file(path / "model.safetensors")
         optimizer_state = _optimizer_join(load_file(path / "optimizer.safetensors"), record["optimizer"])
         rng = load_file(path / "rng.safetensors")
-        step = _count(record, "step")
-        position = Position(epoch=_count(record["position"], "epoch"), index=_count(record["position"], "index"))
-        counts = {key: _count(record, key, 0) for key in ("loader_errors", "clips_seen", "nonfinite_steps")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError, SafetensorError) as exc:
+    except _DAMAGE as exc:
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({one_line(exc, 200)})") from None
     try:
         model.load_state_dict(model_state)
@@ -188,7 +279,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda.")]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
-    return TrainState(step=step, position=position, **counts)
+    return state
 
 
 class TrainingStopped(Exception):

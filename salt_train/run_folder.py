@@ -1,6 +1,7 @@
 """The run folder: what was run, on what, and what came out.
 
 ``runs/<pipeline>-<timestamp>/``
+  ``run.lock``        held by the one process training the folder, its PID inside (:func:`writing`)
   ``config.yaml``     the resolved recipe (the one a ``--resume`` continues with)
   ``run.json``        command, cache, snapshot, store identity, versions, git commit, device
   ``metrics.jsonl``   one JSON record per health interval, plus the final summary
@@ -20,15 +21,14 @@ import logging
 import platform
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import yaml
-
-from shared.config import PipelineConfig, dump_pipeline
+from shared.config import PipelineConfig, dump_pipeline, read_recipe_yaml
 from shared.errors import SaltUsageError
 from shared.latent_stats import LatentStats
-from shared.filesystem import write_json_atomic, write_text_atomic
+from shared.filesystem import sole_writer, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,30 @@ def new_run_dir(config: PipelineConfig, runs_dir: Path = DEFAULT_RUNS_DIR) -> Pa
     return runs_dir / f"{config.name}-{stamp}"
 
 
+@contextmanager
+def writing(path: Path, config: PipelineConfig | None) -> Iterator[None]:
+    """Be the run folder's one writer for the ``with`` block (``shared.filesystem.sole_writer``: a second
+    ``run`` or ``--resume`` of it is refused, naming this process). A new run (``config`` given) creates
+    the folder and records its recipe once it holds the lock, so of two new runs on one folder the
+    second is refused cleanly, whichever step it has reached."""
+    if config is not None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SaltUsageError(f"cannot create run folder {path}: {exc.strerror or exc}") from None
+    elif not path.is_dir():
+        raise SaltUsageError(f"{path} is not a run folder: nothing to resume")
+    with sole_writer(path):
+        if config is not None:
+            create_run_dir(path, config)
+        yield
+
+
 def create_run_dir(path: Path, config: PipelineConfig) -> None:
-    """A fresh run folder; an existing run is never overwritten (continue it with --resume)."""
+    """A fresh run folder's recipe; an existing run is never overwritten (continue it with --resume)."""
     if (path / "run.json").exists() or (path / "config.yaml").exists():
         raise SaltUsageError(f"run folder {path} already holds a run: continue it with --resume, "
                              "or pick another --run-dir")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SaltUsageError(f"cannot create run folder {path}: {exc.strerror or exc}") from None
     write_text_atomic(path / "config.yaml", dump_pipeline(config))  # a kill never leaves it empty
 
 
@@ -60,7 +75,9 @@ def read_run_config(path: Path) -> PipelineConfig:
     if not config_file.is_file():
         raise SaltUsageError(f"{path} is not a run folder (no config.yaml): nothing to resume")
     try:
-        return PipelineConfig.model_validate(yaml.safe_load(config_file.read_text()))
+        return PipelineConfig.model_validate(read_recipe_yaml(config_file.read_text(), str(config_file)))
+    except SaltUsageError:
+        raise
     except Exception as exc:
         raise SaltUsageError(f"{config_file} is unreadable ({type(exc).__name__})") from None
 

@@ -17,18 +17,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from shared.config import PipelineConfig
 from shared.console import print_block
 from shared.device import resolve_device
 from shared.distributed import Dist, backend_for, distributed, is_lost_peer, warn_if_oversubscribed
 from shared.filesystem import write_json_atomic
-from shared.errors import SaltUsageError
+from shared.errors import SaltUsageError, first_line
 from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, LatentStats, compute_stats
 from shared.store import LatentStore
 from salt_train import checkpoint as ckpt
@@ -162,22 +164,25 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
     warn_if_oversubscribed(dist, config.train_loader.num_workers, "train_loader.num_workers")
 
     # ---- run folder and snapshot: rank 0 makes them, every rank reads them --------------
+    writer = ExitStack()  # rank 0 is the run folder's one writer until the run ends (run_folder.writing)
+
     def make_run_dir() -> Path:
         path = run_dir or run_folder.new_run_dir(config)
-        if not request.resume:
-            run_folder.create_run_dir(path, config)
+        writer.enter_context(run_folder.writing(path, None if request.resume else config))
         return path
 
-    run_dir = dist.on_main(make_run_dir)
-    log_handler = run_folder.attach_log_file(run_dir / "train.log") if dist.is_main else None
-    try:
-        snapshot_record = dist.on_main(lambda: _snapshot_for(request, config, run_dir, live, device, dist).to_record())
-        snapshot = dist.agree(lambda: _visible_snapshot(snapshot_record))
-        with reading_snapshot(snapshot):  # `salt-train snapshots prune` leaves it alone meanwhile
-            return _train(config, run_dir, snapshot, student, request.resume, device, dist, task)
-    finally:
-        if log_handler is not None:
-            run_folder.detach_log_file(log_handler)
+    with writer:
+        run_dir = dist.on_main(make_run_dir)
+        log_handler = run_folder.attach_log_file(run_dir / "train.log") if dist.is_main else None
+        try:
+            snapshot_record = dist.on_main(
+                lambda: _snapshot_for(request, config, run_dir, live, device, dist).to_record())
+            snapshot = dist.agree(lambda: _visible_snapshot(snapshot_record))
+            with reading_snapshot(snapshot):  # `salt-train snapshots prune` leaves it alone meanwhile
+                return _train(config, run_dir, snapshot, student, request.resume, device, dist, task)
+        finally:
+            if log_handler is not None:
+                run_folder.detach_log_file(log_handler)
 
 
 def _snapshot_for(request: RunRequest, config: PipelineConfig, run_dir: Path, live: LatentStore,
@@ -223,7 +228,8 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     width = task.latent_width(store)
     stepper = Stepper(config, width, device, steps, dist, student, objective=task.objective(student, config))
     model = stepper.model
-    state = _resume_state(run_dir, model, stepper.optimizer, dist) if resume else TrainState(0, Position())
+    state = (_resume_state(run_dir, model, stepper.optimizer, (spec.epochs, spec.steps_per_epoch), dist) if resume
+             else TrainState(0, Position()))
     spec = dataclasses.replace(spec, start=state.position)
     settings = config.train_loader
     loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda", ring=True)
@@ -305,7 +311,7 @@ def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics:
         return report
     replicas = checkpointer.check_replicas()
     if main:
-        report.export = task.export(checkpointer.model, config, run_dir / "export")
+        report.export = _export(checkpointer, config, final, resume_hint, task)
         checkpointer.check_live_store()
         summary = {"steps": state.step, "planned_steps": steps, "clips_seen": state.clips_seen,
                    "first_loss": first_loss, "last_loss": last_loss, "loader_errors": state.loader_errors,
@@ -318,6 +324,18 @@ def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics:
         print_block("summary", {"loss": loss_line, **summary, "run folder": str(run_dir)})
     dist.barrier()  # the others exit only once rank 0 has written everything
     return report
+
+
+def _export(checkpointer: Checkpointer, config: PipelineConfig, final: Path, resume_hint: str, task: Task) -> Path:
+    """Rank 0: the encoder export, written whole or not at all (an older one stays); a disk that cannot
+    take it is one line: the last checkpoint is intact and a resume writes the export again."""
+    out = checkpointer.run_dir / "export"
+    try:
+        return task.export(checkpointer.model, config, out)
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        reason = getattr(exc, "strerror", None) or first_line(exc)
+        raise SaltUsageError(f"cannot write the export {out}: {reason}; checkpoint {final.name} is intact: free "
+                             f"space, then {resume_hint} (it writes the export again)") from None
 
 
 def target_statistics(config: PipelineConfig, run_dir: Path, store: LatentStore, resume: bool) -> LatentStats:
@@ -350,7 +368,7 @@ def recorded_target_stats(config: PipelineConfig, run_dir: Path | None, resume: 
     if config.model.target_norm != "channel" or run_dir is None:
         return None
     stats = run_folder.read_target_stats(run_dir)
-    if stats is None and resume and ckpt.latest_checkpoint(run_dir) is not None:
+    if stats is None and resume and ckpt.complete_checkpoints(run_dir):
         raise SaltUsageError(f"{run_dir} has checkpoints trained with model.target_norm: channel but no "
                              f"{run_folder.TARGET_STATS}: its targets cannot be normalised as before; restore the "
                              "file or start a new run")
@@ -378,9 +396,10 @@ class LostPeer(Exception):
 
 
 def _resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  dist: Dist) -> TrainState:
+                  stream: tuple[int, int], dist: Dist) -> TrainState:
     """Load the run's newest whole checkpoint (the ones rank 0 found, on every rank); none yet is step 0.
-    A damaged newest checkpoint (truncated file, garbage state.json) is passed over, loudly."""
+    A damaged newest checkpoint (a file whose checksum differs, a state.json that disagrees with its
+    folder or with ``stream``, the snapshot's epochs and batches per epoch) is passed over, loudly."""
     candidates = dist.broadcast(ckpt.complete_checkpoints(run_dir))
     if not candidates:
         log.warning("no checkpoint in %s yet: starting this run from step 0", run_dir)
@@ -389,7 +408,7 @@ def _resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
     for path in candidates:
         def attempt() -> TrainState | str:
             try:
-                return ckpt.load_checkpoint(path, model, optimizer)
+                return ckpt.load_checkpoint(path, model, optimizer, stream)
             except ckpt.CheckpointUnreadable as exc:  # damaged: try the one before (a misfit model still raises)
                 return str(exc)
 

@@ -1,8 +1,12 @@
 """The pipeline schema: one pydantic model per component, loaded from YAML.
 
 A recipe in ``pipelines/*.yaml`` fills these models; CLI flags override single
-fields afterwards (``override``). Unknown keys and out-of-range values are
-refused with one readable line (:class:`SaltUsageError`, exit 2).
+fields afterwards (``override``). Recipes are read strictly, each problem refused
+with one readable line naming the field (:class:`SaltUsageError`, exit 2): an
+unknown key, a key given twice in one mapping, an empty file, and a value out of
+its field's range. Every number has a range: floats are finite, counts are at
+most :data:`MAX_COUNT` (what every library the numbers reach takes), seeds lie in
+``0 .. 2**32 - 1`` (:data:`MAX_SEED`), and most fields have tighter bounds below.
 The defaults are the production recipe (``pipelines/ssv2.yaml``).
 """
 
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -39,16 +43,24 @@ LossKind = Literal["mse", "l1"]
 AttentionKernel = Literal["auto", "flash", "cudnn", "efficient", "math"]
 
 
+# The largest count (steps, rows, sizes) a recipe may give: an int32 everywhere. For a field without a
+# tighter bound of its own (one `le` per field: pydantic keeps only the last of two).
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**32 - 1  # seeds: 0 .. 2**32 - 1, numpy's and torch's common range
+Count = Annotated[int, Field(le=MAX_COUNT)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
 class _Section(BaseModel):
-    # Unknown keys are typos in a recipe: refuse them rather than ignore them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are typos in a recipe: refuse them rather than ignore them. No float is inf or nan.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TeacherConfig(_Section):
     name: str = Field(DEFAULT_TEACHER, description="hub id, local save_pretrained dir, or builtin:tiny-videomae")
     # auto: float32 on CPU, float16 autocast on CUDA (closest to fp32, see EXPERIMENTS.md).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(16, gt=0, description="clips per teacher forward (any size: batches span shards)")
+    batch_size: Count = Field(16, gt=0, description="clips per teacher forward (any size: batches span shards)")
     # auto: torch.compile's default mode on CUDA, off on CPU (shared/teacher.py).
     compile_mode: TeacherCompileMode = "auto"
 
@@ -73,8 +85,9 @@ class StoreConfig(_Section):
 class _LoaderSettings(_Section):
     """The DataLoader knobs both stages have (each stage has its own section: their workers do different work)."""
 
-    num_workers: int = Field(8, ge=0, description="worker processes (per rank under torchrun); 0 = in the main one")
-    prefetch_factor: int = Field(2, gt=0, description="batches each worker prepares ahead")
+    num_workers: int = Field(8, ge=0, le=1024,
+                               description="worker processes (per rank under torchrun); 0 = in the main one")
+    prefetch_factor: int = Field(2, gt=0, le=1024, description="batches each worker prepares ahead")
     pin_memory: bool = Field(True, description="page-locked batches for faster host-to-GPU copies (CUDA only)")
     multiprocessing_context: Literal["forkserver", "spawn", "fork"] = "forkserver"
 
@@ -83,7 +96,8 @@ class BuildLoaderConfig(_LoaderSettings):
     """`salt-cache build`'s workers: each decodes whole teacher batches of clips with PyAV."""
 
     persistent_workers: bool = True
-    decode_threads: int = Field(1, ge=0, description="FFmpeg threads per decoding process; 0 = FFmpeg's choice")
+    decode_threads: int = Field(1, ge=0, le=1024,
+                                  description="FFmpeg threads per decoding process; 0 = FFmpeg's choice")
 
 
 class TrainLoaderConfig(_LoaderSettings):
@@ -95,7 +109,7 @@ class CacheConfig(_Section):
     """`salt-cache build` settings."""
 
     split: Literal["train", "validation", "test"] = "train"
-    limit: int | None = Field(None, gt=0, description="first N clips of the split only")
+    limit: Count | None = Field(None, gt=0, description="first N clips of the split only")
     device: DeviceName = "auto"
 
 
@@ -104,21 +118,21 @@ class TrainConfig(_Section):
 
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)
-    warmup_steps: int = Field(300, ge=0)
+    warmup_steps: Count = Field(300, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    batch_size: int = Field(32, gt=0)
-    epochs: int = Field(10, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    seed: int = 0
+    batch_size: Count = Field(32, gt=0)
+    epochs: Count = Field(10, gt=0)
+    max_steps: Count | None = Field(None, gt=0)
+    seed: Seed = Field(0, description=f"0 to {MAX_SEED}: data order, masks and initialisation")
     device: DeviceName = "auto"
-    checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints (one is also written at the end)")
-    keep_checkpoints: int = Field(3, gt=0, description="newest checkpoints kept in the run folder")
-    log_every: int = Field(20, gt=0, description="steps between health lines and metrics records")
+    checkpoint_every: Count = Field(500, gt=0, description="steps between checkpoints (one is also written at the end)")
+    keep_checkpoints: Count = Field(3, gt=0, description="newest checkpoints kept in the run folder")
+    log_every: Count = Field(20, gt=0, description="steps between health lines and metrics records")
     record_rows: bool = Field(False, description="write rows.jsonl: every step's row ids, per rank (data provenance)")
-    eval_every: int | None = Field(None, gt=0, description="steps between quick evaluations (held-out loss and "
+    eval_every: Count | None = Field(None, gt=0, description="steps between quick evaluations (held-out loss and "
                                    "linear probe on eval.quick_rows of eval.val_cache) written to metrics.jsonl")
-    max_nonfinite_steps: int = Field(10, ge=0, description="steps skipped for a non-finite loss or gradient "
+    max_nonfinite_steps: Count = Field(10, ge=0, description="steps skipped for a non-finite loss or gradient "
                                                            "before the run stops")
 
     @model_validator(mode="after")
@@ -135,10 +149,10 @@ class StreamConfig(_Section):
     snapshot: SnapshotMode = "auto"
     # Row ids in the shuffle window. Ids only: the loader holds no row data for it, so a
     # large window costs no memory, only read locality (rows come from ~window/shard_rows shards).
-    shuffle_buffer: int = Field(4096, gt=0)
+    shuffle_buffer: Count = Field(4096, gt=0)
     verify_checksums: bool = Field(True, description="check each row's crc32c checksum on read (~1 ms per 4 MB "
                                                      "row): a damaged row is skipped, never trained on")
-    max_errors: int = Field(20, ge=0, description="unreadable batches tolerated before the run stops")
+    max_errors: Count = Field(20, ge=0, description="unreadable batches tolerated before the run stops")
 
 
 class MaskConfig(_Section):
@@ -156,9 +170,9 @@ class ModelConfig(_Section):
     # A local 2D timm checkpoint (.safetensors) whose patch embedding is inflated to the tubelet.
     pretrained: str | None = None
     mode: ModelMode = "salt"
-    predictor_width: int = Field(384, gt=0)
-    predictor_depth: int = Field(12, gt=0)
-    predictor_heads: int = Field(12, gt=0)
+    predictor_width: Count = Field(384, gt=0)
+    predictor_depth: Count = Field(12, gt=0)
+    predictor_heads: Count = Field(12, gt=0)
     loss: LossKind = "mse"
     # auto: max-autotune on CUDA, off on CPU (inductor's CPU kernels gain little and compile for minutes).
     compile_mode: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
@@ -223,27 +237,28 @@ class TeacherTrainConfig(_Section):
 class EvalConfig(_Section):
     """`salt-train eval`: which rows the probes see, and how the probes train (V-JEPA's attentive probe recipe)."""
 
-    train_rows: int = Field(2000, gt=0, description="train-store rows the probes learn on (seeded choice)")
-    val_rows: int = Field(1000, gt=0, description="validation-store rows the probes are scored on (seeded choice)")
-    temporal_rows: int | None = Field(None, gt=0, description="of those, rows that also get the 6 temporal variants "
+    train_rows: Count = Field(2000, gt=0, description="train-store rows the probes learn on (seeded choice)")
+    val_rows: Count = Field(1000, gt=0, description="validation-store rows the probes are scored on (seeded choice)")
+    temporal_rows: Count | None = Field(None, gt=0, description="of those, rows that also get the 6 temporal variants "
                                       "(each a full encoder forward); null: all")
-    seed: int = Field(0, description="row choice, held-out masks, probe initialisation and batch order")
-    batch_size: int = Field(32, gt=0, description="clips per encoder forward while extracting features")
-    probe_epochs: int = Field(20, gt=0, description="attentive probe epochs")
+    seed: Seed = Field(0, description="0 to 2**32 - 1: row choice, held-out masks, probe initialisation and "
+                                      "batch order")
+    batch_size: Count = Field(32, gt=0, description="clips per encoder forward while extracting features")
+    probe_epochs: Count = Field(20, gt=0, description="attentive probe epochs")
     probe_lr: float = Field(1e-3, gt=0)
     probe_weight_decay: float = Field(0.01, ge=0)
-    probe_batch_size: int = Field(64, gt=0)
+    probe_batch_size: Count = Field(64, gt=0)
     probe_pool: Literal[1, 2, 7] = Field(1, description="spatial mean pooling of the tokens before the attentive "
                                          "probe: 1 is V-JEPA's (all 1568 tokens); 2 costs 4x less (CPU demos)")
-    probe_seeds: int = Field(3, gt=0, le=10, description="every probe is trained with seeds eval.seed, +1, ...: "
-                             "the table shows their mean (rows and masks stay those of eval.seed)")
-    linear_iterations: int = Field(300, gt=0, description="L-BFGS iterations of the linear and temporal probes "
+    probe_seeds: Count = Field(3, gt=0, le=10, description="every probe is trained with seeds eval.seed, +1, ...: "
+                               "the table shows their mean (rows and masks stay those of eval.seed)")
+    linear_iterations: Count = Field(300, gt=0, description="L-BFGS iterations of the linear and temporal probes "
                                    "(logistic regression on standardised features)")
     linear_l2: float = Field(1e-3, ge=0, description="their L2 penalty on the weights")
     feature_memory_gb: float = Field(16.0, gt=0, description="tokens of one model held in memory up to this; "
                                      "beyond it they go to a Zarr array under eval/")
     val_cache: str | None = Field(None, description="validation store for `salt-train eval` and train.eval_every")
-    quick_rows: int = Field(64, gt=0, description="validation rows of the quick evaluation during training")
+    quick_rows: Count = Field(64, gt=0, description="validation rows of the quick evaluation during training")
 
 
 class PipelineConfig(_Section):
@@ -316,6 +331,44 @@ def resolve_pipeline_path(pipeline: str | Path | None) -> Path | None:
     raise SaltUsageError(f"pipeline {pipeline} not found (a YAML file, or a name in {PIPELINES_DIR})")
 
 
+def read_recipe_yaml(text: str, source: str) -> dict[str, Any]:
+    """A recipe's YAML as a mapping of sections, read strictly: a key twice in one mapping (PyYAML would
+    keep the last silently, a whole section replaced), an empty file (it would mean the production
+    defaults without a word) and a top level that is no mapping are refused in one line."""
+    try:
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
+        if document is not None:
+            _refuse_duplicate_keys(document, source)
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SaltUsageError(f"{source}: cannot read YAML ({first_line(exc)})") from None
+    if loaded is None:
+        raise SaltUsageError(f"{source} is empty: a recipe sets its sections (see pipelines/demo.yaml); "
+                             f"for the production recipe pass --pipeline {DEFAULT_PIPELINE}")
+    if not isinstance(loaded, dict):
+        raise SaltUsageError(f"{source}: top level must be a mapping of sections")
+    return loaded
+
+
+def _refuse_duplicate_keys(node: yaml.Node, source: str, where: str = "") -> None:
+    """Walk the composed document; a mapping key given twice is named with its dotted path and lines."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            path = f"{where}.{key}" if where else str(key)
+            if key is not None and key != "<<":  # a merge key is YAML's own way to combine mappings
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise SaltUsageError(f"{source}: {path} is given twice (lines {seen[key]} and {line}); "
+                                         "the second would silently replace the first: keep one")
+                seen[key] = line
+            _refuse_duplicate_keys(value_node, source, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, source, f"{where}[{index}]")
+
+
 def load_pipeline(pipeline: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Load a recipe and apply dotted overrides such as ``{"teacher.batch_size": 4}``.
 
@@ -327,14 +380,10 @@ def load_pipeline(pipeline: str | Path | None = None, overrides: dict[str, Any] 
     if path is not None:
         source = f"pipeline {path}"
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
             raise SaltUsageError(f"{source}: cannot read YAML ({first_line(exc)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise SaltUsageError(f"{source}: top level must be a mapping of sections")
-        raw = loaded
+        raw = read_recipe_yaml(text, source)
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     for dotted, value in given.items():
         node = raw

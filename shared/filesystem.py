@@ -28,7 +28,14 @@ a snapshot folder              shared     yes     a run, while it reads the snap
                                                   (:func:`reading_folder`)
 a snapshot or a ``.partial``   exclusive  no      ``salt-train snapshots prune`` before deleting
                                                   (:func:`unless_in_use`): a held one is kept
+``<run>/run.lock`` (a file)    exclusive  no      ``salt-train run`` (rank 0), for its whole life
+                                                  (:func:`sole_writer`): a second run or
+                                                  ``--resume`` of the folder is refused, naming
+                                                  the holder's PID (written in the file)
 ============================  =========  ======  =============================================
+
+A held lock's descriptor is closed in every child made by ``fork`` (a ``fork``-context loader worker):
+the lock dies with its holder alone, not with the last of its children.
 
 Only a build creates ``<store>.lock``: no file means no build ever ran there, and a snapshot
 goes ahead without it. A run takes the store's lock before its snapshot folder's, never the
@@ -46,6 +53,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -199,6 +207,60 @@ def _flock(path: Path, *, exclusive: bool, wait: bool, create: bool = False) -> 
         yield held
     finally:
         os.close(fd)
+
+
+# Descriptors of the sole_writer locks this process holds: closed in a forked child (see the docstring).
+_HELD_BY_THIS_PROCESS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD_BY_THIS_PROCESS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_BY_THIS_PROCESS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+WRITER_LOCK = "run.lock"
+
+
+@contextmanager
+def sole_writer(folder: Path, what: str = "run folder") -> Iterator[None]:
+    """Be ``folder``'s one writer for the ``with`` block (``folder`` exists): an exclusive flock on
+    ``<folder>/run.lock``, taken without waiting, with this process's PID written in it. Held by another
+    process: a :class:`SaltUsageError` naming that process's PID. The file stays (deleting a lock file
+    lets two processes lock two different files)."""
+    lock = Path(folder) / WRITER_LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_pid(fd)
+            raise SaltUsageError(
+                f"{what} {folder} is in use by another process ({f'PID {holder}' if holder else 'PID unknown'}, "
+                f"holding {lock}): one process writes a run folder at a time; wait for it to end or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD_BY_THIS_PROCESS.add(fd)
+        yield
+    finally:
+        _HELD_BY_THIS_PROCESS.discard(fd)
+        os.close(fd)  # releases the lock
+
+
+def _holder_pid(fd: int, attempts: int = 20) -> int | None:
+    """The PID the lock's holder wrote (it writes just after locking: read again briefly while empty)."""
+    for _ in range(attempts):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.01)
+    return None
 
 
 def store_lock_path(store: Path) -> Path:

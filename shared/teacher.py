@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,22 @@ def weights_hash(model: torch.nn.Module) -> str:
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
+
+
+def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an inf, or None."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def refuse_nonfinite_weights(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """A teacher with a NaN or inf weight turns every clip into NaN latents: refuse it before any work."""
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise SaltUsageError(f"{what} has a non-finite weight ({bad} holds NaN or inf): every latent it gives would "
+                             "be NaN; refusing it (a damaged download or a diverged training run?)")
 
 
 def _check_geometry(config: VideoMAEConfig, name: str) -> None:
@@ -269,6 +285,7 @@ def load_teacher(name: str, device: str = "auto", dtype: str = "auto", compile_m
     name = resolve_teacher_name(name)
     model = load_teacher_model(name)
     _check_geometry(model.config, name)
+    refuse_nonfinite_weights(model.state_dict().items(), f"teacher {name}")
     model.requires_grad_(False).eval()
     fingerprint = weights_hash(model)
     model.to(torch_device)

@@ -310,7 +310,9 @@ def test_the_build_records_non_finite_teacher_latents_as_failed(demo_set: Path, 
     store = tmp_path / "latents.zarr"
     result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", tmp_path / "overflowing",
                       "--pipeline", pipeline, "--limit", "4")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]  # nothing committed: not a success
+    line = one_error_line(result.stderr, "salt-cache")
+    assert "every one of the 4 rows failed, none committed" in line and "NaN or inf" in line
     group = zarr.open_group(str(store), mode="r")
     assert list(group["status"][:]) == [RowStatus.FAILED] * 4
     assert all("NaN or inf" in reason for reason in group["error"][:])

@@ -245,10 +245,10 @@ def test_invalid_yaml_refused(tmp_path: Path) -> None:
     assert str(path) in msg
 
 
-def test_empty_yaml_gives_defaults(tmp_path: Path) -> None:
+def test_an_empty_recipe_is_refused_not_read_as_the_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
-    path.write_text("")
-    assert load_pipeline(path) == PipelineConfig()
+    path.write_text("# nothing but a comment\n")
+    assert "is empty" in _usage_error(path)
 
 
 def test_missing_file_refused(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def test_checkpoints_are_written_and_pruned(trained) -> None:
     state = json.loads((run_dir / "checkpoints" / "step-00000040" / "state.json").read_text())
     assert state["step"] == 40 and state["clips_seen"] == 80
     files = {p.name for p in (run_dir / "checkpoints" / "step-00000040").iterdir()}
-    assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
+    assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", "checksums.json"}
 
 
 def test_export_loads_back_with_timm(trained) -> None:

@@ -25,7 +25,7 @@ from torchrun_job import OUR_FRAME, run_job
 STEPS = 8
 BATCH = 4  # global: 2 clips per rank
 RESUME_AT = 4  # the 2-rank checkpoint the 1-process resume continues from
-RUN_FILES = {"config.yaml", "run.json", "train.log", "metrics.jsonl", "rows.jsonl", "checkpoints", "export",
+RUN_FILES = {"run.lock", "config.yaml", "run.json", "train.log", "metrics.jsonl", "rows.jsonl", "checkpoints", "export",
              "summary.json"}
 def torchrun_train(nproc: int, *args: str | Path, timeout: float = 180) -> CliResult:
     """``torchrun --standalone --nproc-per-node=NPROC -m salt_train run ARGS`` as a real job."""
