@@ -354,13 +354,15 @@ def check_shm(loader: TrainLoaderConfig, local_batch: int, teacher_width: int, s
         )
 
 
-def make_loader(spec: StreamSpec, loader: TrainLoaderConfig, pin_memory: bool, ring: bool = False) -> DataLoader:
+def make_loader(spec: StreamSpec, loader: TrainLoaderConfig, pin_memory: bool, ring: bool = False,
+                poll_s: float = 0.0) -> DataLoader:
     """A DataLoader over :class:`StoreStream`: batches are formed by the stream, so ``batch_size=None``.
 
     One iterator spans the whole run (epochs included), so ``persistent_workers`` has nothing to keep.
     ``ring``: workers read into a :class:`BufferRing` (with workers only); its consumer must hand
     each batch back (:class:`salt_train.feed.BatchFeed` does, and pins the buffers itself, so the
-    DataLoader's pinning copy is off).
+    DataLoader's pinning copy is off). ``poll_s`` (with workers only): a wait for a batch raises
+    DataLoader's time-out error after that long, to be asked again (salt_train/workers.py).
     """
     workers = loader.num_workers
     buffers = BufferRing(workers, ring_slots(loader)) if ring and workers else None
@@ -372,6 +374,7 @@ def make_loader(spec: StreamSpec, loader: TrainLoaderConfig, pin_memory: bool, r
         prefetch_factor=loader.prefetch_factor if workers else None,
         multiprocessing_context=loader.multiprocessing_context if workers else None,
         worker_init_fn=worker_init if workers else None,  # die with the main process; Ctrl-C is its to handle
+        timeout=poll_s if workers else 0,
     )
 
 
