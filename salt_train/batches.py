@@ -21,7 +21,7 @@ from salt_train.state import Position
 from salt_train.feed import BatchFeed
 from salt_train.metrics import HealthWindow
 from salt_train.run_folder import MetricsLog
-from salt_train.workers import timed_out
+from salt_train.workers import LoaderStalled, StopWaiting, waiting_for_batch
 
 log = logging.getLogger(__name__)
 
@@ -35,33 +35,30 @@ def next_position(position: Position, steps_per_epoch: int) -> Position:
 def next_batch(batches: Iterable[dict], stop_requested: Callable[[], bool] = lambda: False,
                stall_timeout_s: float | None = None, describe_workers: Callable[[], str] = lambda: "") \
         -> tuple[dict | None, str | None]:
-    """The next batch; ``(None, None)`` at the stream's end, or once a stop was requested while waiting;
-    ``(None, reason)`` when a loader worker died (OOM killer, a signal) or no batch came within
+    """The next batch; ``(None, None)`` at the stream's end, or when a stop signal came before or during
+    the wait; ``(None, reason)`` when a loader worker died (OOM killer, a signal) or no batch came within
     ``stall_timeout_s`` (a hung read): the run then stops between two whole steps, with a checkpoint.
-
-    With a DataLoader made with ``poll_s`` the wait comes back every ``poll_s`` seconds to look at
-    both (salt_train/workers.py); without, it waits as long as the loader does."""
+    A stop signal's handler ends the wait at once (salt_train/workers.py)."""
     started = time.monotonic()
-    while True:
-        try:
+    try:
+        with waiting_for_batch(stall_timeout_s):
+            if stop_requested():  # the signal came before the wait began
+                return None, None
             return next(batches, None), None  # type: ignore[call-overload]
-        except (RuntimeError, ConnectionError, EOFError) as exc:
-            if timed_out(exc):
-                waited = time.monotonic() - started
-                if stop_requested():
-                    return None, None
-                if stall_timeout_s is not None and waited >= stall_timeout_s:
-                    return None, (f"no batch from the loader in {waited:.0f} s (train_loader.stall_timeout_s="
-                                  f"{stall_timeout_s:g}): a read is hanging ({describe_workers()})")
-                continue
-            # A worker killed while the main process fetches its batch's shared-memory handles shows up as a
-            # reset connection before torch's own liveness check sees the worker gone (forkserver reaps late).
-            text = one_line(str(exc), None)
-            if isinstance(exc, RuntimeError) and "DataLoader worker" not in text:
-                raise
-            if not isinstance(exc, RuntimeError):
-                text = f"lost the connection to it: {one_line(exc, None)}"
-            return None, f"a loader worker died ({text[:160]})"
+    except StopWaiting:
+        return None, None
+    except LoaderStalled:
+        return None, (f"no batch from the loader in {time.monotonic() - started:.0f} s "
+                      f"(train_loader.stall_timeout_s={stall_timeout_s:g}): a read is hanging ({describe_workers()})")
+    except (RuntimeError, ConnectionError, EOFError) as exc:
+        # A worker killed while the main process fetches its batch's shared-memory handles shows up as a
+        # reset connection before torch's own liveness check sees the worker gone (forkserver reaps late).
+        text = one_line(str(exc), None)
+        if isinstance(exc, RuntimeError) and "DataLoader worker" not in text:
+            raise
+        if not isinstance(exc, RuntimeError):
+            text = f"lost the connection to it: {one_line(exc, None)}"
+        return None, f"a loader worker died ({text[:160]})"
 
 
 def _loader_error(batch: dict) -> dict[str, Any]:

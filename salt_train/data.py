@@ -48,7 +48,7 @@ from shared import geometry
 from shared.config import PipelineConfig, TrainLoaderConfig
 from shared.console import format_bytes
 from shared.errors import SaltUsageError
-from shared.lifeline import worker_init
+from shared.lifeline import share_temp_dir, worker_init
 from shared.rows import committed_rows, read_rows
 from shared.store import LatentStore
 from salt_train.state import Position
@@ -354,18 +354,18 @@ def check_shm(loader: TrainLoaderConfig, local_batch: int, teacher_width: int, s
         )
 
 
-def make_loader(spec: StreamSpec, loader: TrainLoaderConfig, pin_memory: bool, ring: bool = False,
-                poll_s: float = 0.0) -> DataLoader:
+def make_loader(spec: StreamSpec, loader: TrainLoaderConfig, pin_memory: bool, ring: bool = False) -> DataLoader:
     """A DataLoader over :class:`StoreStream`: batches are formed by the stream, so ``batch_size=None``.
 
     One iterator spans the whole run (epochs included), so ``persistent_workers`` has nothing to keep.
     ``ring``: workers read into a :class:`BufferRing` (with workers only); its consumer must hand
     each batch back (:class:`salt_train.feed.BatchFeed` does, and pins the buffers itself, so the
-    DataLoader's pinning copy is off). ``poll_s`` (with workers only): a wait for a batch raises
-    DataLoader's time-out error after that long, to be asked again (salt_train/workers.py).
+    DataLoader's pinning copy is off).
     """
     workers = loader.num_workers
     buffers = BufferRing(workers, ring_slots(loader)) if ring and workers else None
+    if workers:
+        share_temp_dir()  # a worker killed by a stop leaves no temp folder of its own
     return DataLoader(
         StoreStream(spec, buffers),
         batch_size=None,
@@ -374,7 +374,6 @@ def make_loader(spec: StreamSpec, loader: TrainLoaderConfig, pin_memory: bool, r
         prefetch_factor=loader.prefetch_factor if workers else None,
         multiprocessing_context=loader.multiprocessing_context if workers else None,
         worker_init_fn=worker_init if workers else None,  # die with the main process; Ctrl-C is its to handle
-        timeout=poll_s if workers else 0,
     )
 
 

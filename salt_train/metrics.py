@@ -200,7 +200,7 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
                     f"{', capped by max_steps' if config.train.max_steps else ''}), batch {config.train.batch_size}, "
                     f"lr {config.train.lr} -> {config.train.min_lr}, warmup {config.train.warmup_steps}",
         "loader": f"{loader.num_workers} workers x prefetch {loader.prefetch_factor}, "
-                  + (f"stall timeout {loader.stall_timeout_s:g} s, " if loader.num_workers else "") +
+                  f"stall timeout {loader.stall_timeout_s:g} s, "
                   f"{format_bytes(batch_bytes(spec.local_batch, store.teacher_width))}/batch, "
                   f"shm bound {format_bytes(shm_bound(loader, spec.local_batch, store.teacher_width))}, "
                   f"shuffle window {config.stream.shuffle_buffer} rows, "

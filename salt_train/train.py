@@ -47,7 +47,7 @@ from salt_train.eval.quick import QuickEval
 from salt_train.resume import changed_settings, resumed_config
 from salt_train.snapshot import Snapshot, reading_snapshot, reuse_snapshot, take_snapshot
 from salt_train.step import Stepper, seeded_student
-from salt_train.workers import POLL_S
+from salt_train.workers import interrupt_wait
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ def total_steps(config: PipelineConfig, steps_per_epoch: int) -> int:
 
 class StopSignals:
     """SIGINT/SIGTERM finish the current step, write a checkpoint and exit: a preempted job loses nothing.
-    Within ``workers.STOP_BOUND_S`` (30 s) whatever the loader workers do: a wait for a batch looks at
-    the signal every second, and workers stuck in a read are ended after the checkpoint.
+    Within ``workers.STOP_BOUND_S`` (30 s) whatever the loader workers do: a wait for a batch ends at
+    the signal, and workers stuck in a read are ended after the checkpoint.
 
     Alone, a second signal stops at once. Under torchrun it does not: Ctrl-C reaches each rank
     twice (from the terminal and from torchrun), and torchrun itself kills ranks that outlive
@@ -120,6 +120,7 @@ class StopSignals:
         self.received = signum
         log.warning("%s received: stopping after this step and writing a checkpoint%s", signal.Signals(signum).name,
                     " (again to stop at once)" if self.repeat_aborts else "")
+        interrupt_wait()  # waiting for a batch (a worker stuck in a read, say): stop waiting now
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -234,8 +235,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     state = _resume_state(run_dir, model, stepper.optimizer, dist) if resume else TrainState(0, Position())
     spec = dataclasses.replace(spec, start=state.position)
     settings = config.train_loader
-    loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda", ring=True,
-                         poll_s=POLL_S)  # a wait for a batch looks up at the signals and the stall bound
+    loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda", ring=True)
     flops = student_flops_per_clip(config.model, store.teacher_width, mask_layout(config.mask.kind, config.mask.ratio))
     print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, model, flops, dist)
     stats = dist.on_main(lambda: target_statistics(config, run_dir, store, resume))

@@ -93,7 +93,7 @@ class TrainLoaderConfig(_LoaderSettings):
     # A read that never returns (a hung NFS mount or NVMe) must not hang the run: past this, it stops with a
     # checkpoint of the last whole step (salt_train/workers.py). Worker start and the first batch count too.
     stall_timeout_s: float = Field(300.0, gt=0, description="seconds without a batch from the workers before "
-                                   "the run stops (exit 1, checkpoint written); with workers only")
+                                   "the run stops (exit 1, checkpoint written)")
 
 
 class CacheConfig(_Section):
