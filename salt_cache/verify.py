@@ -20,6 +20,7 @@ from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
 from shared.rows import checksum_problem
+from salt_cache.repair import repair_command
 from shared.store import (CHECKSUM_ALGORITHMS, CHECKSUM_ARRAYS, STATUS_UNREADABLE, LatentStore, RowStatus,
                           clip_ids_sha256, labels_sha256, status_counts)
 
@@ -56,6 +57,7 @@ class VerifyReport:
     other: int = 0  # status values outside 0/1/2: a damaged commit record, never trained on
     problems: list[Problem] = field(default_factory=list)
     deep: list[dict] = field(default_factory=list)
+    fix: str | None = None  # the command that rebuilds the rows named in problems (salt_cache/repair.py)
 
     @property
     def ok(self) -> bool:
@@ -252,6 +254,8 @@ def verify_store(path: str, deep: int = 0, device: str = "auto", threads: int = 
     report = VerifyReport(store=str(path), **status_counts(status))
     if check_schema(store, report):
         check_rows(store, report, status, threads)
+        if any(problem.row is not None for problem in report.problems):
+            report.fix = repair_command(store)  # damaged, pending or unreadable rows: their shards rebuilt whole
         if deep > 0:
             deep_check(store, teacher, deep, report, status)
     return report
