@@ -6,19 +6,19 @@ bytes were damaged afterwards (a flipped bit, a truncated or deleted file) stays
 row, whole, as the first build wrote it: the same clips, teacher and recipe give the same rows.
 
 The recipe is the store's own (the resolved one it recorded at creation) unless ``--pipeline`` is
-given, so the command verify prints needs only the source and the store.
+given, so the command verify prints (``verify.repair_command``) needs only the source and the store.
 """
 
 from __future__ import annotations
 
 import logging
-import shlex
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from salt_cache.verify import VerifyReport, check_rows
 from shared.errors import SaltUsageError
 from shared.store import LatentStore, RowStatus
 
@@ -30,8 +30,6 @@ BUILD_SECTIONS = ("teacher", "view", "store", "build_loader", "cache")
 
 def damaged_shards(store: LatentStore, threads: int = 4) -> list[int]:
     """Shards holding a committed or failed row that verify's row checks find damaged."""
-    from salt_cache.verify import VerifyReport, check_rows
-
     status = store.status()
     report = VerifyReport(store=str(store.path))
     check_rows(store, report, status, threads)
@@ -62,9 +60,3 @@ def recorded_recipe(store_path: Path) -> dict[str, Any]:
     if not isinstance(recipe, dict):
         raise SaltUsageError(f"store {store_path} records no readable recipe: pass the --pipeline it was built with")
     return _flatten({section: recipe[section] for section in BUILD_SECTIONS if isinstance(recipe.get(section), dict)})
-
-
-def repair_command(store: LatentStore) -> str:
-    """The command that rebuilds the damaged shards of ``store`` (what verify prints)."""
-    source = store.attrs.get("source", {}).get("root", "SRC")
-    return f"salt-cache build --src {shlex.quote(str(source))} --out {shlex.quote(str(store.path))} --repair"

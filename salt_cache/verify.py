@@ -9,6 +9,7 @@ indices valid; failed rows: a reason; pending rows: a problem); and with
 from __future__ import annotations
 
 import logging
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -20,7 +21,6 @@ from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
 from shared.rows import checksum_problem
-from salt_cache.repair import repair_command
 from shared.store import (CHECKSUM_ALGORITHMS, CHECKSUM_ARRAYS, STATUS_UNREADABLE, LatentStore, RowStatus,
                           clip_ids_sha256, labels_sha256, status_counts)
 
@@ -245,6 +245,12 @@ def deep_check(store: LatentStore, teacher: Teacher, k: int, report: VerifyRepor
         if not relative <= tolerance:
             report.problems.append(Problem(
                 f"teacher re-run differs: relative L2 {relative:.2e} > {tolerance:.0e}", int(row), str(ids[row])))
+
+
+def repair_command(store: LatentStore) -> str:
+    """The command that rebuilds the shards of the damaged or pending rows of ``store`` (salt_cache/repair.py)."""
+    source = store.attrs.get("source", {}).get("root", "SRC")
+    return f"salt-cache build --src {shlex.quote(str(source))} --out {shlex.quote(str(store.path))} --repair"
 
 
 def verify_store(path: str, deep: int = 0, device: str = "auto", threads: int = 4) -> VerifyReport:

@@ -25,6 +25,7 @@ from conftest import REPO, Build, call_cli, call_train, copy_store, train_pipeli
 from test_faults import _alive, _flip, _shard_file, latest_weights, one_error_line, start, wait_for
 from salt_train.preflight import process_tree
 from salt_train.workers import STOP_BOUND_S
+from xfs_mount import xfs_dir  # noqa: F401  (the fixture)
 
 FORKSERVER = {"train_loader__num_workers": 2, "train_loader__multiprocessing_context": "forkserver"}
 STEPS = 40  # more than the stopped run can take: the SIGSTOP lands after its first step
@@ -149,6 +150,14 @@ KILL_POINTS = {
 }
 
 
+def _kill_at(event: str, needle: str, count: int, *args: str | Path) -> subprocess.CompletedProcess:
+    """``salt-train ARGS`` killed by SIGKILL just before its ``count``-th audit event ``event`` on ``needle``."""
+    return subprocess.run(
+        [sys.executable, REPO / "tests" / "kill_at.py", event, needle, str(count), "salt_train", *map(str, args)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+
+
 @pytest.fixture(scope="module")
 def copy_runs(demo_reference: Build, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A live store of its own (the snapshots go beside it), a recipe, and the uninterrupted copy-mode run."""
@@ -166,12 +175,8 @@ def test_kill_9_during_a_copy_snapshot_then_resume(point: str, copy_runs: tuple[
                                                    tmp_path: Path) -> None:
     live, pipeline, straight = copy_runs
     run_dir = tmp_path / f"killed-{point.split()[0].strip(',')}"
-    event, needle, count = KILL_POINTS[point]
-    killed = subprocess.run(
-        [sys.executable, REPO / "tests" / "kill_at.py", event, needle, str(count), "salt_train", "run", "--cache",
-         live, "--pipeline", pipeline, "--run-dir", run_dir, "--snapshot", "copy"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    killed = _kill_at(*KILL_POINTS[point], "run", "--cache", live, "--pipeline", pipeline, "--run-dir", run_dir,
+                      "--snapshot", "copy")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["stream"]["snapshot"] == "copy"  # as given
 
@@ -185,6 +190,26 @@ def test_kill_9_during_a_copy_snapshot_then_resume(point: str, copy_runs: tuple[
     assert Path(record["path"]).is_dir() and not list(root.glob("*.partial"))
     a, b = latest_weights(straight), latest_weights(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a), f"{point}: weights differ from the uninterrupted run"
+
+
+def test_kill_9_before_a_reflink_snapshot_is_recorded_then_resume(demo_reference: Build, xfs_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    """On a real XFS (reflink=1): a run killed between finishing its clone and recording it resumes on that
+    clone, in reflink mode, with nothing else left beside the store."""
+    live = copy_store(demo_reference.store, xfs_dir / "reflink-kill" / "latents.zarr")
+    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=4, train__checkpoint_every=2)
+    run_dir = tmp_path / "run"
+    killed = _kill_at("open", "run.json.partial", 1, "run", "--cache", live, "--pipeline", pipeline,
+                      "--run-dir", run_dir, "--snapshot", "reflink")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    root = live.with_name(live.name + ".snapshots")
+    assert [p.name for p in root.iterdir()] == ["run"]  # finished, unrecorded
+    resumed = call_train("run", "--cache", live, "--run-dir", run_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((run_dir / "run.json").read_text())["snapshot"]
+    assert record["mode"] == "reflink" and Path(record["path"]).parent == root / "run"
+    assert sorted(p.name for p in root.iterdir()) == ["run"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".reflink-probe")]
 
 
 def test_a_resume_refuses_another_snapshot_mode(copy_runs: tuple[Path, Path, Path]) -> None:
