@@ -32,6 +32,7 @@ from shared.store import LatentStore
 from salt_cache.fill import StoredViews, StoreSource
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
+from salt_cache.repair import damaged_shards
 from salt_cache.source import SsV2Source
 from salt_cache.space import SpacePlan, check_space, plan_space
 from shared.teacher import Teacher
@@ -222,11 +223,13 @@ class BuildReport:
 
 
 def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out: Path,
-              retry_failed: bool = False, dist: Dist = Dist(), force: bool = False) -> BuildReport:
+              retry_failed: bool = False, dist: Dist = Dist(), force: bool = False,
+              repair: bool = False) -> BuildReport:
     """Build (or resume) the store at ``out``; returns counts and rates.
 
     A finished store is only read (a rerun on a read-only mount works); any writing happens
-    under the store's lock. ``retry_failed`` also redoes the shards that hold failed rows.
+    under the store's lock. ``retry_failed`` also redoes the shards that hold failed rows; ``repair``
+    the committed shards verify's row checks find damaged (salt_cache/repair.py).
     A build whose rows to write could need more than the free disk space is refused before
     anything is written, unless ``force`` (salt_cache/space.py).
 
@@ -237,6 +240,7 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
     again, so it works with any number of ranks.
     """
     identity = store_identity(teacher, config, source)
+    damaged: list[int] = []  # with ``repair``: found by rank 0's survey, redone with the pending ones
 
     def report_finished() -> BuildReport:
         store = LatentStore.open(out)
@@ -245,7 +249,10 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
 
     def survey() -> SpacePlan | None:  # rank 0, before anything is written; None: nothing left to build
         store = open_matching_store(out, identity, False) if out.exists() else None
-        pending = store.pending_shards(retry_failed) if store is not None else []
+        if store is not None and repair:
+            damaged.extend(damaged_shards(store))
+            log.info("--repair: %d damaged shard(s) to rebuild%s", len(damaged), f": {damaged[:20]}" if damaged else "")
+        pending = sorted({*store.pending_shards(retry_failed), *damaged}) if store is not None else []
         if store is not None and not pending:
             return None
         plan = _space_plan(out, store, pending, source, teacher, config)
@@ -261,14 +268,14 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
             held.enter_context(build_lock(out))
             store = open_or_create_store(out, teacher, config, source)
             store.remove_partial_files()  # what a killed writer left; nobody else writes now
-            return store.pending_shards(retry_failed)
+            return sorted({*store.pending_shards(retry_failed), *damaged})
 
         pending = dist.on_main(prepare)
         warn_if_oversubscribed(dist, config.build_loader.num_workers, "build_loader.num_workers")
         store = dist.agree(lambda: open_matching_store(out, identity, writable=True))
         shards = rank_share(pending, dist.rank, dist.world_size)
         if dist.is_main:
-            _print_plan(store, source, teacher, config, pending, _rows_in(store, pending), dist, space)
+            _print_plan(store, source, teacher, config, pending, _rows_in(store, pending), dist, space, len(damaged))
         started = time.perf_counter()
         mine = _build_shards(store, source, teacher, config, shards, dist)
         raise_if_stopped()  # a SIGTERM whose raise was swallowed stops here, not at the barrier
@@ -305,13 +312,14 @@ def _space_plan(out: Path, store: LatentStore | None, pending: list[int], source
 
 
 def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
-                shards: list[int], todo: int, dist: Dist, space: SpacePlan) -> None:
+                shards: list[int], todo: int, dist: Dist, space: SpacePlan, damaged: int = 0) -> None:
     counts = store.counts()
     views = store.views_per_clip
     print_block("salt-cache build", {
         **source.describe(),
         "store": f"{store.path} ({counts['committed']} committed, {counts['failed']} failed, {todo} to do"
-                 + (f"; {counts['other']} rows with an unknown status, redone" if counts["other"] else "") + ")",
+                 + (f"; {counts['other']} rows with an unknown status, redone" if counts["other"] else "")
+                 + (f"; {damaged} damaged shard(s) rebuilt (--repair)" if damaged else "") + ")",
         **({"views": f"{views} per clip: {counts['rows']} rows = {counts['rows'] // views} clips x {views} "
                      "(view 0 the centre view, the others random resized crops)"} if views > 1 else {}),
         "store size": space.describe(),

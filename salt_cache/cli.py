@@ -60,6 +60,9 @@ def build(
     device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} {_from_pipeline(_DEFAULTS.cache.device)}"),
     retry_failed: bool = typer.Option(False, "--retry-failed",
                                       help="also redo shards holding failed rows (after their videos were fixed)"),
+    repair: bool = typer.Option(False, "--repair",
+                                help="also rebuild the committed shards salt-cache verify finds damaged (read "
+                                     "whole first); the recipe is the store's own unless --pipeline is given"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging (per-shard and per-clip detail)"),
     force: bool = typer.Option(False, "--force", help="start even when the projected store size exceeds the free "
                                "disk space (the projection counts pixels uncompressed)"),
@@ -85,16 +88,20 @@ def build(
         _check_out_path(out, "a store")
     setup_logging(verbose)
     lifeline.install()  # decode workers and the forkserver die with this process, even by kill -9
+    from salt_cache.repair import recorded_recipe
     from salt_cache.source import discover
 
     if from_store is not None:  # the pixels store's split decides its views per clip, as a decoding build's would
         from shared.store import LatentStore
 
         split = LatentStore.open(from_store).attrs.get("source", {}).get("split")
-    config = load_pipeline(pipeline, {
+    flags = {
         "cache.split": split, "cache.limit": limit, "cache.device": device.value if device else None,
         "teacher.name": teacher, "teacher.batch_size": batch_size, "build_loader.num_workers": workers,
-    })
+    }
+    # A repair rebuilds shards as the store was built: its recorded recipe, unless --pipeline says otherwise.
+    recorded = recorded_recipe(out or src / "latents.zarr") if repair and pipeline is None else {}
+    config = load_pipeline(pipeline, {**recorded, **{key: value for key, value in flags.items() if value is not None}})
     from salt_cache.views import split_views
 
     config, note = split_views(config)
@@ -126,7 +133,8 @@ def build(
             model = NoTeacher() if pixels_only else dist.agree(
                 lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype,
                                      config.teacher.compile_mode))
-            report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist, force=force)
+            report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist, force=force,
+                               repair=repair)
         except KeyboardInterrupt:
             print(f"salt-cache{rank_tag()}: interrupted{resume_hint()}", file=sys.stderr)
             return 130
@@ -199,6 +207,8 @@ def verify(
             print(f"  problem: {problem.line()}")
         if len(report.problems) > 50:
             print(f"  ... and {len(report.problems) - 50} more (use --json for all)")
+        if report.fix:
+            print(f"  fix: {report.fix}")
     return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 

@@ -9,6 +9,7 @@ indices valid; failed rows: a reason; pending rows: a problem); and with
 from __future__ import annotations
 
 import logging
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -56,6 +57,7 @@ class VerifyReport:
     other: int = 0  # status values outside 0/1/2: a damaged commit record, never trained on
     problems: list[Problem] = field(default_factory=list)
     deep: list[dict] = field(default_factory=list)
+    fix: str | None = None  # the command that rebuilds the rows named in problems (salt_cache/repair.py)
 
     @property
     def ok(self) -> bool:
@@ -252,6 +254,12 @@ def deep_check(store: LatentStore, teacher: Teacher, k: int, report: VerifyRepor
                 f"teacher re-run differs: relative L2 {relative:.2e} > {tolerance:.0e}", int(row), str(ids[row])))
 
 
+def repair_command(store: LatentStore) -> str:
+    """The command that rebuilds the shards of the damaged or pending rows of ``store`` (salt_cache/repair.py)."""
+    source = store.attrs.get("source", {}).get("root", "SRC")
+    return f"salt-cache build --src {shlex.quote(str(source))} --out {shlex.quote(str(store.path))} --repair"
+
+
 def verify_store(path: str, deep: int = 0, device: str = "auto", threads: int = 4) -> VerifyReport:
     store = LatentStore.open(path)
     teacher = load_recorded_teacher(store, device) if deep > 0 else None
@@ -259,6 +267,8 @@ def verify_store(path: str, deep: int = 0, device: str = "auto", threads: int = 
     report = VerifyReport(store=str(path), **status_counts(status))
     if check_schema(store, report):
         check_rows(store, report, status, threads)
+        if any(problem.row is not None for problem in report.problems):
+            report.fix = repair_command(store)  # damaged, pending or unreadable rows: their shards rebuilt whole
         if deep > 0:
             deep_check(store, teacher, deep, report, status)
     return report

@@ -21,6 +21,7 @@ from salt_train.state import Position
 from salt_train.feed import BatchFeed
 from salt_train.metrics import HealthWindow
 from salt_train.run_folder import MetricsLog
+from salt_train.workers import LoaderStalled, StopWaiting, waiting_for_batch
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,24 @@ def next_position(position: Position, steps_per_epoch: int) -> Position:
     return Position(position.epoch, position.index + 1)
 
 
-def next_batch(batches: Iterable[dict]) -> tuple[dict | None, str | None]:
-    """The next batch, or ``(None, reason)`` when a loader worker died (OOM killer, a signal): the run
-    then stops between two whole steps, with a checkpoint, like on Ctrl-C."""
+def next_batch(batches: Iterable[dict], stop_requested: Callable[[], bool] = lambda: False,
+               stall_timeout_s: float | None = None, describe_workers: Callable[[], str] = lambda: "") \
+        -> tuple[dict | None, str | None]:
+    """The next batch; ``(None, None)`` at the stream's end, or when a stop signal came before or during
+    the wait; ``(None, reason)`` when a loader worker died (OOM killer, a signal) or no batch came within
+    ``stall_timeout_s`` (a hung read): the run then stops between two whole steps, with a checkpoint.
+    A stop signal's handler ends the wait at once (salt_train/workers.py)."""
+    started = time.monotonic()
     try:
-        return next(batches, None), None  # type: ignore[call-overload]
+        with waiting_for_batch(stall_timeout_s):
+            if stop_requested():  # the signal came before the wait began
+                return None, None
+            return next(batches, None), None  # type: ignore[call-overload]
+    except StopWaiting:
+        return None, None
+    except LoaderStalled:
+        return None, (f"no batch from the loader in {time.monotonic() - started:.0f} s "
+                      f"(train_loader.stall_timeout_s={stall_timeout_s:g}): a read is hanging ({describe_workers()})")
     except (RuntimeError, ConnectionError, EOFError) as exc:
         # A worker killed while the main process fetches its batch's shared-memory handles shows up as a
         # reset connection before torch's own liveness check sees the worker gone (forkserver reaps late).
@@ -63,9 +77,10 @@ def log_skipped_batch(position: Position, errors: list[dict[str, Any] | None]) -
 class AgreedBatches:
     """Iterating yields ``(batch, position after it)`` while ``checkpointer.state.step < steps``.
 
-    It ends early when a rank is stopping (``interrupted``; ``worker_died`` says why when a loader
-    worker died here) or the stream has run out; past ``stream.max_errors`` unreadable batches it
-    writes a checkpoint and raises :class:`TrainingStopped`. With ``train.record_rows``, rank 0
+    It ends early when a rank is stopping (``interrupted``; ``loader_failure`` says why when a loader
+    worker died here or no batch came within ``train_loader.stall_timeout_s``) or the stream has run
+    out; past ``stream.max_errors`` unreadable batches it writes a checkpoint and raises
+    :class:`TrainingStopped`. With ``train.record_rows``, rank 0
     records every step's rows (all ranks') in ``rows.jsonl``. ``close()`` when done."""
 
     def __init__(self, feed: BatchFeed, config: PipelineConfig, steps: int, steps_per_epoch: int,
@@ -77,15 +92,17 @@ class AgreedBatches:
         self.stop_requested, self.window, self.dist = stop_requested, window, dist  # whether a signal arrived
         self.rows_log = MetricsLog(run_dir / "rows.jsonl") if dist.is_main and config.train.record_rows else None
         self.interrupted = False
-        self.worker_died: str | None = None
+        self.loader_failure: str | None = None
 
     def __iter__(self) -> Iterator[tuple[dict, Position]]:
         while self.state.step < self.steps:
             waited = time.perf_counter()
-            batch, self.worker_died = next_batch(self.feed)
+            batch, self.loader_failure = next_batch(self.feed, self.stop_requested,
+                                                    self.config.train_loader.stall_timeout_s,
+                                                    self.feed.describe_workers)
             self.window.data_wait += time.perf_counter() - waited
             unreadable = batch is not None and "error" in batch
-            stop = self.stop_requested() or bool(self.worker_died)
+            stop = self.stop_requested() or bool(self.loader_failure)
             stopping, skipping, exhausted = self.dist.any_of(stop, unreadable, batch is None)
             if stopping:
                 self.interrupted = True

@@ -118,18 +118,23 @@ def _train_command(cache: Path, pipeline: Optional[str], run_dir: Optional[Path]
     """``run`` and ``teacher``: one loop, two tasks (salt_train/task.py)."""
     setup_logging(verbose)
     lifeline.install()  # loader workers and the forkserver die with this process, even by kill -9
-    config = _config(pipeline, sets, device)
-    if resume and (pipeline or sets):
-        print("salt-train: --resume continues with the run's recorded config.yaml; --pipeline/--set are ignored",
-              file=sys.stderr)
+    # --snapshot is recorded in config.yaml with the rest: a resume takes a snapshot the run never finished
+    # in the mode it was given.
+    flags = {"stream.snapshot": snapshot.value if snapshot else None,
+             "train.device": device.value if device else None}
+    config = _config(pipeline, sets, None, **flags)
+    if resume and pipeline:
+        print("salt-train: --resume continues with the run's recorded config.yaml; --pipeline is ignored "
+              "(--set may change the settings a resume allows)", file=sys.stderr)
     from salt_train.checkpoint import CheckpointWriteError
     from salt_train.task import Task
     from salt_train.train import EXIT_STOPPED, LostPeer, RunRequest, TrainingStopped, run_training
 
     import torch
 
-    request = RunRequest(cache=cache, config=config, run_dir=run_dir, resume=resume,
-                         snapshot=snapshot.value if snapshot else None, max_steps=max_steps, task=Task(task_name))
+    overrides = {**parse_sets(sets), **{key: value for key, value in flags.items() if value is not None}}
+    request = RunRequest(cache=cache, config=config, run_dir=run_dir, resume=resume, max_steps=max_steps,
+                         overrides=overrides, task=Task(task_name))
     try:
         report = run_training(request)
     except torch.cuda.OutOfMemoryError:

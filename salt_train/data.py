@@ -48,7 +48,7 @@ from shared import geometry
 from shared.config import PipelineConfig, TrainLoaderConfig
 from shared.console import format_bytes
 from shared.errors import SaltUsageError
-from shared.lifeline import worker_init
+from shared.lifeline import share_temp_dir, worker_init
 from shared.rows import committed_rows, read_rows
 from shared.store import LatentStore
 from salt_train.state import Position
@@ -369,6 +369,8 @@ def make_loader(spec: StreamSpec, loader: TrainLoaderConfig, pin_memory: bool, r
     """
     workers = loader.num_workers
     buffers = BufferRing(workers, ring_slots(loader)) if ring and workers else None
+    if workers:
+        share_temp_dir()  # a worker killed by a stop leaves no temp folder of its own
     return DataLoader(
         StoreStream(spec, buffers),
         batch_size=None,

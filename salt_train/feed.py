@@ -18,6 +18,8 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from salt_train.workers import describe_workers, end_workers
+
 log = logging.getLogger(__name__)
 
 ON_DEVICE = ("pixels", "latents", "visible", "masked")  # visible/masked: a tuple, one tensor per mask group
@@ -126,11 +128,17 @@ class BatchFeed:
         if self.ring is not None and slot is not None:
             self.ring.release(int(slot[0]), int(slot[1]))
 
+    def describe_workers(self) -> str:
+        """What the loader's worker processes are doing (for a stalled wait's message)."""
+        return describe_workers(self.batches)
+
     def close(self) -> None:
-        """Wait for the copies in flight and unpin the ring buffers (before the workers unmap them)."""
+        """Wait for the copies in flight, unpin the ring buffers (before the workers unmap them), then end
+        the workers, in bounded time whatever they are doing (salt_train/workers.py)."""
         if self.cuda:
             self.stream.synchronize()
             for ptr in self.pinned:
                 torch.cuda.cudart().cudaHostUnregister(ptr)
         self.pinned.clear()
         self.next = self.held = None
+        end_workers(self.batches)

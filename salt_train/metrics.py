@@ -193,8 +193,9 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
                  + (f", {counts['other']} with an unknown status, not trained on" if counts["other"] else "") + ")",
         **({"views": f"{spec.views_per_clip} per clip: each epoch reads one view of each of its {spec.clips} clips"}
            if spec.views_per_clip > 1 else {}),
-        "snapshot": f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, "
-                    f"{snapshot.seconds:.2f} s)",
+        "snapshot": (f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, "
+                     f"{snapshot.seconds:.2f} s)") if snapshot.mode != "none" else
+                    f"NONE: reading the live store {snapshot.path} (a change to it is detected, not prevented)",
         **(task_lines or student),
         "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
                   + f", {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
@@ -204,6 +205,7 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
                     f"{', capped by max_steps' if config.train.max_steps else ''}), batch {config.train.batch_size}, "
                     f"lr {config.train.lr} -> {config.train.min_lr}, warmup {config.train.warmup_steps}",
         "loader": f"{loader.num_workers} workers x prefetch {loader.prefetch_factor}, "
+                  f"stall timeout {loader.stall_timeout_s:g} s, "
                   f"{format_bytes(batch_bytes(spec.local_batch, width))}/batch, "
                   f"shm bound {format_bytes(shm_bound(loader, spec.local_batch, width))}, "
                   f"shuffle window {config.stream.shuffle_buffer} rows, "

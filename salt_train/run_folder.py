@@ -82,6 +82,11 @@ def read_run_config(path: Path) -> PipelineConfig:
         raise SaltUsageError(f"{config_file} is unreadable ({type(exc).__name__})") from None
 
 
+def rewrite_run_config(path: Path, config: PipelineConfig) -> None:
+    """Replace a run's config.yaml (what a resume set, later resumes continue with)."""
+    write_text_atomic(path / "config.yaml", dump_pipeline(config))
+
+
 def find_latest_run(cache: Path, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path | None:
     """The newest run under ``runs_dir`` that trained on ``cache`` (for ``--resume`` without ``--run-dir``)."""
     candidates = []

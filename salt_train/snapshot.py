@@ -258,11 +258,32 @@ def _reflink_refusal(store: Path, root: Path) -> SaltUsageError:
         "or put the store on XFS/btrfs")
 
 
-def _materialize(store: Path, root: Path, name: str, mode: str) -> Snapshot:
+def _finished_by(final: Path, owner: Path | None, mode: str, store: Path) -> Snapshot | None:
+    """The snapshot at ``final`` if ``owner`` (a run folder) finished it in ``mode``: a run stopped between
+    finishing its snapshot and recording it uses it as it is (it was flushed before it got its name)."""
+    if owner is None:
+        return None
+    try:
+        record = json.loads((final / RECORD_FILE).read_text())
+        if record.get("owner") != str(Path(owner).resolve()) or record.get("mode") != mode \
+                or record.get("source") != str(store):
+            return None
+        return Snapshot(mode=mode, path=final / record["store_dir"], source=store, name=final.name,
+                        files=int(record["files"]), bytes=int(record["bytes"]), seconds=float(record["seconds"]),
+                        manifest=None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _materialize(store: Path, root: Path, name: str, mode: str, owner: Path | None = None) -> Snapshot:
     """Clone (or copy) every file of ``store`` into ``<root>/<name>``, atomically."""
     started = time.perf_counter()
     final = root / name
     if final.exists():
+        finished = _finished_by(final, owner, mode, store)
+        if finished is not None:
+            log.info("using snapshot %s (%s), which this run finished before it was stopped", final, mode)
+            return finished
         raise SaltUsageError(f"a snapshot named {name} already exists at {final}; "
                              "pick another run name, or remove it with `salt-train snapshots prune --name`")
     if partial_path(final).exists():  # atomic_dir removes it
@@ -303,7 +324,8 @@ def _materialize(store: Path, root: Path, name: str, mode: str) -> Snapshot:
             bar.close()
         record = {"format": RECORD_FORMAT, "mode": mode, "name": name, "source": str(store),
                   "store_dir": store.name, "created": _now_iso(), "files": len(files), "bytes": total,
-                  "seconds": round(time.perf_counter() - started, 4)}  # the final flush not included
+                  "seconds": round(time.perf_counter() - started, 4),  # the final flush not included
+                  "owner": str(Path(owner).resolve()) if owner is not None else None}
         (partial / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     seconds = time.perf_counter() - started
     log.info("snapshot %s (%s) of %s: %d files, %s in %.2f s -> %s", name, mode, store, len(files),
@@ -320,8 +342,10 @@ def _live(store: Path, name: str) -> Snapshot:
                     seconds=time.perf_counter() - started, manifest=manifest)
 
 
-def take_snapshot(store: Path, name: str, mode: str = "auto") -> Snapshot:
-    """Snapshot ``store`` for the run ``name`` (see the module docstring for the modes)."""
+def take_snapshot(store: Path, name: str, mode: str = "auto", owner: Path | None = None) -> Snapshot:
+    """Snapshot ``store`` for the run ``name`` (see the module docstring for the modes). ``owner``: the run
+    folder, recorded in the snapshot, so that the run, stopped before it recorded a snapshot it finished,
+    takes that one again rather than being refused for the name."""
     if mode not in SNAPSHOT_MODES:
         raise SaltUsageError(f"--snapshot {mode!r}: choose one of {', '.join(SNAPSHOT_MODES)}")
     _check_name(name)
@@ -355,7 +379,7 @@ def take_snapshot(store: Path, name: str, mode: str = "auto") -> Snapshot:
                     "store on XFS (reflink=1) or btrfs, or pass --snapshot copy (a full copy); "
                     "--snapshot none silences this warning.", store, snapshot_root(store))
                 return _live(store, name)
-        return _materialize(store, root, name, mode)
+        return _materialize(store, root, name, mode, owner)
 
 
 # ---- resuming, listing, pruning ------------------------------------------------------------
@@ -372,7 +396,8 @@ def reuse_snapshot(record: dict) -> Snapshot:
                 f"the live store {snapshot.source} changed since this run started (it read the store itself, "
                 f"--snapshot none): {len(differences)} difference(s), e.g. {'; '.join(differences[:3])}; "
                 "resuming would mix data: start a new run (on XFS/btrfs it gets a reflink snapshot)")
-        log.info("resuming on the live store %s: unchanged since the run started", snapshot.source)
+        log.warning("NO SNAPSHOT: resuming on the live store %s, as this run started (its manifest is unchanged "
+                    "since)", snapshot.source)
         return snapshot
     if not snapshot.path.is_dir():
         raise SaltUsageError(f"the snapshot this run read ({snapshot.path}) is gone (pruned?); a resumed run must "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import signal
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -43,9 +44,11 @@ from salt_train.feed import BatchFeed
 from salt_train.metrics import Metrics, print_diagnostics
 from salt_train.model import SaltStudent
 from salt_train.eval.quick import QuickEval
+from salt_train.resume import changed_settings, resumed_config
 from salt_train.snapshot import Snapshot, reading_snapshot, reuse_snapshot, take_snapshot
 from salt_train.step import Stepper
 from salt_train.task import STUDENT, TASKS, Task
+from salt_train.workers import interrupt_wait
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +63,10 @@ class RunRequest:
     config: PipelineConfig  # a new run's recipe; a resumed run continues with the one it recorded
     run_dir: Path | None = None
     resume: bool = False
-    snapshot: str | None = None  # overrides config.stream.snapshot
-    max_steps: int | None = None  # the one setting a resume may change
+    max_steps: int | None = None  # the one setting a resume may change beyond resume.py's list
     task: Task = STUDENT  # salt-train run; TEACHER: salt-train teacher (SALT's stage 1)
+    # --set (and --device, --snapshot) as given: a resume applies those resume.py allows to its recorded recipe
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -84,6 +88,8 @@ def total_steps(config: PipelineConfig, steps_per_epoch: int) -> int:
 
 class StopSignals:
     """SIGINT/SIGTERM finish the current step, write a checkpoint and exit: a preempted job loses nothing.
+    Within ``workers.STOP_BOUND_S`` (30 s) whatever the loader workers do: a wait for a batch ends at
+    the signal, and workers stuck in a read are ended after the checkpoint.
 
     Alone, a second signal stops at once. Under torchrun it does not: Ctrl-C reaches each rank
     twice (from the terminal and from torchrun), and torchrun itself kills ranks that outlive
@@ -116,6 +122,7 @@ class StopSignals:
         self.received = signum
         log.warning("%s received: stopping after this step and writing a checkpoint%s", signal.Signals(signum).name,
                     " (again to stop at once)" if self.repeat_aborts else "")
+        interrupt_wait()  # waiting for a batch (a worker stuck in a read, say): stop waiting now
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -141,7 +148,7 @@ def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
                                      "(pass --run-dir)")
             log.info("resuming the latest run of this cache: %s", run_dir)
         check_run_task(run_dir, request.task)
-        config = run_folder.read_run_config(run_dir)
+        config = resumed_config(run_folder.read_run_config(run_dir), request.overrides)
     if request.max_steps is not None:
         config.train.max_steps = request.max_steps
     return config, run_dir
@@ -187,17 +194,25 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
 
 def _snapshot_for(request: RunRequest, config: PipelineConfig, run_dir: Path, live: LatentStore,
                   device: torch.device, dist: Dist) -> Snapshot:
-    """Rank 0: the snapshot a resumed run recorded, or a new one, recorded in run.json (taken once per run)."""
+    """Rank 0: the snapshot a resumed run recorded, or a new one, recorded in run.json (taken once per run).
+
+    A run stopped before it recorded its snapshot takes it again in the mode its config.yaml recorded
+    (``--snapshot`` as given, never silently another): a copy it left half-made is removed first, and
+    one it finished is used (snapshot.py)."""
     record = run_folder.read_run_record(run_dir) if request.resume and (run_dir / "run.json").exists() else None
+    resumed_with = changed_settings(request.overrides) if request.resume else {}
+    if resumed_with:  # what this resume changed is what later resumes continue with
+        run_folder.rewrite_run_config(run_dir, config)
     if record is not None and "snapshot" in record:
         if Path(record["cache"]).resolve() != live.path.resolve():
             raise SaltUsageError(f"{run_dir} trained on {record['cache']}, not {live.path}: "
                                  "resume it with its own --cache")
         snapshot = reuse_snapshot(record["snapshot"])
-        run_folder.write_run_record(run_dir, world_size=dist.world_size)
+        run_folder.write_run_record(run_dir, world_size=dist.world_size, **({"set": resumed_with} if resumed_with
+                                                                            else {}))
         return snapshot
     # A new run, or one stopped before it recorded its snapshot.
-    snapshot = take_snapshot(live.path, run_dir.name, request.snapshot or config.stream.snapshot)
+    snapshot = take_snapshot(live.path, run_dir.name, config.stream.snapshot, owner=run_dir)
     run_folder.write_run_record(
         run_dir, cache=str(live.path.resolve()), snapshot=snapshot.to_record(), device=str(device),
         world_size=dist.world_size, task=request.task.name,
@@ -250,13 +265,15 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     batches = AgreedBatches(BatchFeed(loader, device), config, steps, spec.steps_per_epoch, checkpointer,
                             lambda: stop.received is not None, metrics.window, run_dir, dist)
     del loader  # the feed keeps the workers' iterator: closing it stops them
-    try:
-        with stop:
+    with stop:  # to the end: a second SIGTERM while the last checkpoint is written must not kill it half-way
+        try:
             _loop(stepper, batches, metrics, checkpointer, steps, config.train.checkpoint_every, dist)
-    finally:
-        batches.close()  # stop the workers before writing the last files
-        metrics.close()
-    return _finish(config, steps, batches, metrics, checkpointer, stop.received, task)
+            # The last whole step's checkpoint first: ending workers stuck in a read may take a while.
+            final = checkpointer.save(last_step=True)
+        finally:
+            batches.close()  # ends the workers within seconds, whatever they are doing (workers.py)
+            metrics.close()
+        return _finish(config, steps, batches, metrics, checkpointer, final, stop.received, task)
 
 
 def _loop(stepper: Stepper, batches: AgreedBatches, metrics: Metrics, checkpointer: Checkpointer, steps: int,
@@ -288,21 +305,21 @@ def _loop(stepper: Stepper, batches: AgreedBatches, metrics: Metrics, checkpoint
 
 
 def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics: Metrics, checkpointer: Checkpointer,
-            stop_signal: int | None, task: Task = STUDENT) -> RunReport:
-    """The last checkpoint; then a stopped run says how to continue, a finished one exports and sums up."""
+            final: Path | None, stop_signal: int | None, task: Task = STUDENT) -> RunReport:
+    """After the last checkpoint (``final``): a stopped run says how to continue, a finished one exports and
+    sums up."""
     run_dir, snapshot, state, dist = checkpointer.run_dir, checkpointer.snapshot, checkpointer.state, checkpointer.dist
     main, train = dist.is_main, config.train
-    final = checkpointer.save(last_step=True)
-    worker_died = batches.worker_died
-    if dist.enabled:  # a worker that died on one rank stopped them all: every rank reports it
-        worker_died = next((reason for reason in dist.all_gather(worker_died) if reason), None)
+    loader_failure = batches.loader_failure
+    if dist.enabled:  # a worker that died (or hung) on one rank stopped them all: every rank reports it
+        loader_failure = next((reason for reason in dist.all_gather(loader_failure) if reason), None)
     first_loss, last_loss = metrics.first_loss, metrics.last_loss
     report = RunReport(run_dir, state.step, first_loss, last_loss, state.loader_errors, batches.interrupted,
                        stop_signal=stop_signal)
     resume_hint = (f"continue with: {'torchrun ... -m salt_train' if dist.enabled else 'salt-train'} {task.command} "
-                   f"--cache {snapshot.source} --run-dir {run_dir} --resume")
-    if worker_died and stop_signal is None:
-        raise TrainingStopped(f"{worker_died}: stopped at step {state.step} of {steps} with checkpoint "
+                   f"--cache {shlex.quote(str(snapshot.source))} --run-dir {shlex.quote(str(run_dir))} --resume")
+    if loader_failure and stop_signal is None:
+        raise TrainingStopped(f"{loader_failure}: stopped at step {state.step} of {steps} with checkpoint "
                               f"{final.name if final else '(rank 0)'}; {resume_hint}")
     if batches.interrupted:
         if main:

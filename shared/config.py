@@ -104,6 +104,11 @@ class TrainLoaderConfig(_LoaderSettings):
     """`salt-train`'s workers: each reads store rows and draws the batch's masks (salt_train/data.py).
     One iterator spans the whole run, so there is no persistent_workers to set."""
 
+    # A read that never returns (a hung NFS mount or NVMe) must not hang the run: past this, it stops with a
+    # checkpoint of the last whole step (salt_train/workers.py). Worker start and the first batch count too.
+    stall_timeout_s: float = Field(300.0, gt=0, description="seconds without a batch from the workers before "
+                                   "the run stops (exit 1, checkpoint written)")
+
 
 class CacheConfig(_Section):
     """`salt-cache build` settings."""

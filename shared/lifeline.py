@@ -12,9 +12,10 @@ The chain here, each link a Linux parent-death signal (``prctl(PR_SET_PDEATHSIG)
   main process dies; its handler removes the main process's ``/tmp/pymp-*`` folder
   (which holds the forkserver's socket) and exits;
 - every DataLoader worker (:func:`worker_init`) gets SIGTERM when its parent, the
-  forkserver or the main process, dies; its handler removes the worker's own
-  ``pymp-*`` folder (torch passes batches' file descriptors through a socket there)
-  and exits;
+  forkserver or the main process, dies; its handler exits, and once the main process
+  is gone it first removes the ``pymp-*`` folder it shares with it (torch passes
+  batches' file descriptors through sockets there; while the main process lives the
+  folder is its to remove, and a worker killed by a stop leaves nothing else);
 - the resource tracker then reads EOF on its pipe (nobody holds it any more), unlinks
   the ``/dev/shm/sem.mp-*`` semaphores it was told about, and exits.
 
@@ -50,13 +51,17 @@ def _die_with_parent(signum: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Running: a zombie (killed, not yet reaped by its parent) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux): the kill above said it exists
+        return True
 
 
 def _env_pid(name: str) -> int | None:
@@ -74,13 +79,36 @@ def install() -> None:
         pass
 
 
+def share_temp_dir() -> None:
+    """In the main process, before workers start: make its multiprocessing temp folder now, so that every
+    worker's Process object carries it and none makes its own. A worker killed where it stands (SIGKILL
+    of a stopped one) then leaves nothing: the folder is removed with the main process, however it ends."""
+    from multiprocessing import util
+
+    util.get_temp_dir()
+
+
 def _worker_exit(signum: int, frame: object) -> None:
-    """SIGTERM in a worker (its parent died, or a stop): remove the worker's own multiprocessing temp
-    folder (it holds the socket through which torch passes batch file descriptors) and exit."""
+    """SIGTERM in a worker (its parent died, or a stop): remove its multiprocessing temp folder (it holds
+    the sockets through which torch passes batch file descriptors) and exit. A worker whose Process
+    object was made after the main process had its folder shares that one (the object carries it):
+    while the main process lives, that folder is the main process's to remove at exit (removed under
+    it, its exit printed a finaliser's traceback)."""
     tempdir = multiprocessing.current_process()._config.get("tempdir")
-    if isinstance(tempdir, str) and Path(tempdir).name.startswith("pymp-"):
+    main = _env_pid(MAIN_PID_ENV)
+    if isinstance(tempdir, str) and Path(tempdir).name.startswith("pymp-") \
+            and (_made_here(tempdir) or main is None or not _alive(main)):
         shutil.rmtree(tempdir, ignore_errors=True)
     os._exit(128 + signum)
+
+
+def _made_here(tempdir: str) -> bool:
+    """Whether this process made ``tempdir`` (multiprocessing registers its removal where it is made)."""
+    from multiprocessing import util
+
+    return any(getattr(finalizer, "_callback", None) is util._remove_temp_dir
+               and tempdir in (getattr(finalizer, "_args", None) or ())
+               for finalizer in list(util._finalizer_registry.values()))
 
 
 def worker_init(worker_id: int) -> None:
