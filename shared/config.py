@@ -209,25 +209,25 @@ class TeacherTrainConfig(_Section):
     ``train``'s); masks are ``mask``'s."""
 
     size: TeacherSize = "large"
-    width: int | None = Field(None, gt=0, description="hidden size, overriding the preset's")
-    depth: int | None = Field(None, gt=0, description="encoder blocks, overriding the preset's")
-    heads: int | None = Field(None, gt=0, description="attention heads, overriding the preset's")
+    width: Count | None = Field(None, gt=0, description="hidden size, overriding the preset's")
+    depth: Count | None = Field(None, gt=0, description="encoder blocks, overriding the preset's")
+    heads: Count | None = Field(None, gt=0, description="attention heads, overriding the preset's")
     mlp_ratio: float = Field(4.0, gt=0)
     final_norm: bool = Field(True, description="apply the encoder's final LayerNorm to every token (VideoMAE "
                              "pretraining's; saved as use_mean_pooling: false) or leave the raw residual stream")
     norm_pix_loss: bool = Field(True, description="targets: each tubelet's pixels normalised per patch and channel "
                                 "(VideoMAE's default), or the ImageNet-normalised pixels (VideoMAE's option; near-flat "
                                 "synthetic clips, whose per-patch std is mostly codec noise, learn more from these)")
-    decoder_width: int = Field(384, gt=0, description="the light pixel decoder (VideoMAE's: 384 wide, 4 blocks)")
-    decoder_depth: int = Field(4, gt=0)
-    decoder_heads: int = Field(6, gt=0)
+    decoder_width: Count = Field(384, gt=0, description="the light pixel decoder (VideoMAE's: 384 wide, 4 blocks)")
+    decoder_depth: Count = Field(4, gt=0)
+    decoder_heads: Count = Field(6, gt=0)
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)
-    warmup_steps: int = Field(300, ge=0)
+    warmup_steps: Count = Field(300, ge=0)
     weight_decay: float = Field(0.05, ge=0)
-    batch_size: int = Field(32, gt=0)
-    epochs: int = Field(10, gt=0)
-    max_steps: int | None = Field(None, gt=0)
+    batch_size: Count = Field(32, gt=0)
+    epochs: Count = Field(10, gt=0)
+    max_steps: Count | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TeacherTrainConfig":
@@ -255,7 +255,7 @@ class EvalConfig(_Section):
     probe_batch_size: Count = Field(64, gt=0)
     probe_pool: Literal[1, 2, 7] = Field(1, description="spatial mean pooling of the tokens before the attentive "
                                          "probe: 1 is V-JEPA's (all 1568 tokens); 2 costs 4x less (CPU demos)")
-    probe_seeds: Count = Field(3, gt=0, le=10, description="every probe is trained with seeds eval.seed, +1, ...: "
+    probe_seeds: int = Field(3, gt=0, le=10, description="every probe is trained with seeds eval.seed, +1, ...: "
                                "the table shows their mean (rows and masks stay those of eval.seed)")
     linear_iterations: Count = Field(300, gt=0, description="L-BFGS iterations of the linear and temporal probes "
                                    "(logistic regression on standardised features)")

@@ -229,9 +229,9 @@ def reference_build(mixed_set: SsV2Set, teacher_dir: Path, tmp_path_factory: pyt
 
 @pytest.fixture(scope="session")
 def demo_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A plain demo-data train split, many small shards: the kill -9 test's source."""
+    """A plain demo-data set, 20 train and 6 validation clips: the kill -9 test's source."""
     root = tmp_path_factory.mktemp("ssv2-demo")
-    write_demo_dataset(root, train=20, validation=0, test=0, seed=5, height=120, width=160)
+    write_demo_dataset(root, train=20, validation=6, test=0, seed=5, height=120, width=160)
     return root
 
 
@@ -249,6 +249,18 @@ def demo_reference(demo_set: Path, demo_pipeline: Path, tmp_path_factory: pytest
     result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae",
                       "--pipeline", demo_pipeline)
     return Build(store, result, "builtin:tiny-videomae", demo_pipeline, demo_set)
+
+
+@pytest.fixture(scope="session")
+def demo_val_reference(demo_set: Path, demo_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """The demo set's validation split built by the builtin tiny teacher: a held-out store for the
+    demo_reference and demo_views_reference train stores."""
+    store = tmp_path_factory.mktemp("demo-val-reference") / "latents.zarr"
+    args = ["--split", "validation"]
+    result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae",
+                      "--pipeline", demo_pipeline, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Build(store, result, "builtin:tiny-videomae", demo_pipeline, demo_set, {"args": args})
 
 
 @pytest.fixture(scope="session")

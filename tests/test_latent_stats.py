@@ -213,7 +213,9 @@ def test_target_norm_channel_trains_on_the_planted_store(channel_run, planted) -
 
 def test_resume_and_eval_use_the_recorded_statistics(channel_run, planted, tmp_path) -> None:
     from salt_train import run_folder
-    from salt_train.eval.command import EvalRequest, heldout_loss, load_subject, run_standardisation, subject_config
+    from salt_train.eval.command import EvalRequest, load_subject, run_standardisation, subject_config
+    from salt_train.eval.features import standardisation_tensors
+    from salt_train.eval.heldout import heldout_figures
     from salt_train.train import target_statistics
 
     run_dir, _ = channel_run
@@ -242,8 +244,10 @@ def test_resume_and_eval_use_the_recorded_statistics(channel_run, planted, tmp_p
     np.testing.assert_array_equal(standardisation[0], np.asarray(record["mean"]))
     rows = np.arange(4)
     device = torch.device("cpu")
-    with_record = heldout_loss(subject.student, store, rows, subject.config, device, 4, 0, standardisation)
-    layer_only = heldout_loss(subject.student, store, rows, subject.config, device, 4, 0)
+    students = {"student": subject.student}
+    with_record = heldout_figures(store, rows, subject.config, device, 4, 0, students,
+                                  standardisation_tensors(standardisation), None)["student"]
+    layer_only = heldout_figures(store, rows, subject.config, device, 4, 0, students, None, None)["student"]
     assert np.isfinite(with_record["loss"]) and with_record["loss"] != layer_only["loss"]
 
     (resumed_dir / "target_stats.json").unlink()  # checkpoints but no record: refused, one line

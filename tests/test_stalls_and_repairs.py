@@ -262,7 +262,8 @@ def test_the_resume_hint_quotes_paths_with_spaces_and_works_as_printed(demo_refe
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
-def test_a_resume_takes_a_set_that_fixes_a_wrong_val_cache(demo_reference: Build, tmp_path: Path) -> None:
+def test_a_resume_takes_a_set_that_fixes_a_wrong_val_cache(demo_reference: Build, demo_val_reference: Build,
+                                                           tmp_path: Path) -> None:
     pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=4, train__eval_every=2,
                               eval__quick_rows=4)
     run_dir = tmp_path / "run"
@@ -273,9 +274,9 @@ def test_a_resume_takes_a_set_that_fixes_a_wrong_val_cache(demo_reference: Build
                          "--set", "train.lr=1e-2")
     assert refused.returncode == 2 and "a resume may set only eval.*" in one_error_line(refused.stderr)
     fixed = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume",
-                       "--set", f"eval.val_cache={demo_reference.store}")
+                       "--set", f"eval.val_cache={demo_val_reference.store}")
     assert fixed.returncode == 0, fixed.stderr[-3000:]
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["val_cache"] == str(demo_reference.store)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["val_cache"] == str(demo_val_reference.store)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval" in r] == [2, 4]
     again = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume", "--max-steps", "6")

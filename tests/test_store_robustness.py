@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
-
-import json
 
 import numpy as np
 import zarr
@@ -122,7 +121,8 @@ def test_retry_failed_redoes_rows_whose_videos_were_fixed(demo_set: Path, demo_p
                                                          demo_reference: Build, tmp_path: Path) -> None:
     """A missing video fails its row; once it is back, --retry-failed rebuilds it (and only then)."""
     src = shutil.copytree(demo_set, tmp_path / "ssv2")
-    video = next((src / "20bn-something-something-v2").glob("*.webm"))
+    first_train_clip = json.loads((src / "labels" / "train.json").read_text())[0]["id"]
+    video = src / "20bn-something-something-v2" / f"{first_train_clip}.webm"
     hidden = video.rename(tmp_path / video.name)
     store = tmp_path / "latents.zarr"
     args = ["build", "--src", src, "--out", store, "--teacher", "builtin:tiny-videomae", "--pipeline", demo_pipeline]

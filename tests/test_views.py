@@ -173,12 +173,12 @@ def test_the_stream_passes_over_the_clips_once_per_epoch(demo_views_reference: B
         np.testing.assert_array_equal(rows, np.concatenate([first, second]))
 
 
-def test_evaluation_reads_view_0_of_each_clip(demo_views_reference: Build, demo_reference: Build) -> None:
-    from salt_train.eval.command import check_compatible, draw_eval_rows
+def test_evaluation_reads_view_0_of_each_clip(demo_views_reference: Build, demo_val_reference: Build) -> None:
+    from salt_train.eval.rows import check_compatible, draw_eval_rows
     from shared.errors import SaltUsageError
 
     store = LatentStore.open(demo_views_reference.store)
-    check_compatible(store, LatentStore.open(demo_reference.store))  # a one-view validation store fits it
+    check_compatible(store, LatentStore.open(demo_val_reference.store))  # a one-view validation store fits it
     rows, _ = draw_eval_rows(store, VIEWS_LIMIT, 0, "--train-rows")
     np.testing.assert_array_equal(rows, np.arange(0, 2 * VIEWS_LIMIT, 2))
     with pytest.raises(SaltUsageError, match="only 10 clips with a committed view 0"):
@@ -228,16 +228,17 @@ def test_the_projection_bounds_an_uncompressed_store(demo_set: Path, tmp_path: P
     assert opened.rows == 6 and 0.9 * plan.needed < taken <= plan.needed, (taken, plan.needed)
 
 
-def test_quick_eval_sizes_its_rows_by_the_clips_it_can_draw(demo_views_reference: Build, demo_reference: Build,
+def test_quick_eval_sizes_its_rows_by_the_clips_it_can_draw(demo_views_reference: Build, demo_val_reference: Build,
                                                             tmp_path: Path) -> None:
     """A two-view train store of 10 clips has 20 committed rows but only 10 view-0 rows to evaluate on:
-    the quick eval takes 10 from each store instead of asking for 20 and refusing the run's start."""
+    the quick eval takes as many as both stores hold (the validation store's 6 clips), all view 0, instead of
+    asking for 20 and refusing the run's start."""
     import torch
 
     from salt_train.eval.quick import QuickEval
     from shared.config import PipelineConfig
 
-    config = PipelineConfig.model_validate({"eval": {"val_cache": str(demo_reference.store), "quick_rows": 64}})
+    config = PipelineConfig.model_validate({"eval": {"val_cache": str(demo_val_reference.store), "quick_rows": 64}})
     quick = QuickEval(config, LatentStore.open(demo_views_reference.store), torch.device("cpu"), tmp_path / "spill")
-    np.testing.assert_array_equal(quick.train_rows, np.arange(0, 2 * VIEWS_LIMIT, 2))
-    assert len(quick.val_rows) == VIEWS_LIMIT
+    assert len(quick.train_rows) == len(quick.val_rows) == 6  # every clip of the validation store
+    assert set(quick.train_rows) <= set(range(0, 2 * VIEWS_LIMIT, 2))  # view 0 rows only
