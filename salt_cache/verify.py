@@ -92,7 +92,8 @@ def check_schema(store: LatentStore, report: VerifyReport) -> bool:
     if missing:
         report.problems.append(Problem(f"attributes missing: {', '.join(missing)}"))
     recorded_dtype = store.attrs.get("latent_dtype")
-    if recorded_dtype is not None and "latents" in store.arrays and str(recorded_dtype) != str(store.array("latents").dtype):
+    latents_dtype = str(store.array("latents").dtype) if "latents" in store.arrays else None
+    if recorded_dtype is not None and latents_dtype is not None and str(recorded_dtype) != latents_dtype:
         report.problems.append(Problem(f"attribute latent_dtype says {recorded_dtype!r} but the latents array is "
                                        f"{store.array('latents').dtype}: the store's record disagrees with its data"))
     if sound:
