@@ -190,6 +190,17 @@ def test_latest_checkpoint_passes_over_a_damaged_one_with_one_line(straight_run:
     assert len(warnings) == 1 and "model.safetensors is damaged" in warnings[0], warnings
 
 
+def test_eval_of_a_named_damaged_checkpoint_is_refused_in_one_line(straight_run: Path, demo_val_reference: Build,
+                                                                   tmp_path: Path) -> None:
+    run_dir = shutil.copytree(straight_run, tmp_path / "run")
+    _flip_byte(run_dir / NEWEST / "model.safetensors", 0.9)
+    result = call_train("eval", run_dir, "--checkpoint", "step-00000008", "--val-cache", demo_val_reference.store,
+                        "--out", tmp_path / "eval")
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert "step-00000008 is unreadable" in line and "model.safetensors" in line, line
+
+
 # ---- 4. a full disk at the export ------------------------------------------------------------------
 
 def _bytes_on_disk(folder: Path) -> int:

@@ -41,7 +41,7 @@ from shared.device import resolve_device
 from shared.errors import SaltUsageError, one_line
 from shared.store import LatentStore
 from salt_train import run_folder
-from salt_train.checkpoint import checkpoint_dir, latest_checkpoint
+from salt_train.checkpoint import checkpoint_dir, latest_checkpoint, verify_checkpoint
 from salt_train.eval.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
                                       describe_bound, extract, pool_tokens, spilled_bytes,
                                       standardisation_tensors)
@@ -142,7 +142,9 @@ def _checkpoint_path(run_dir: Path, name: str | None) -> Path | None:
 
 
 def _load_student(checkpoint: Path, config: PipelineConfig, teacher_width: int) -> SaltStudent:
-    """The whole student of ``checkpoint``, built from the recipe and loaded strictly."""
+    """The whole student of ``checkpoint``, proved by its checksums (a damaged one is refused in one line),
+    built from the recipe and loaded strictly."""
+    verify_checkpoint(checkpoint)
     student = build_salt_student(config.model, teacher_width, mask_groups(config.mask))
     try:
         state = load_file(checkpoint / "model.safetensors")
