@@ -62,7 +62,7 @@ class Setup:
     out_dir: Path
 
 
-def _setup(request: EvalRequest, world_size: int) -> Setup:
+def _setup(request: EvalRequest, dist: Dist) -> Setup:
     """What is evaluated, on which videos, and every refusal (one line, exit 2) before any work."""
     config = subject_config(request)
     settings = config.eval.vjepa
@@ -79,13 +79,16 @@ def _setup(request: EvalRequest, world_size: int) -> Setup:
     train = split_clips(train_store, settings.train_clips, settings.seed, "eval.vjepa.train_clips")
     val = split_clips(val_store, settings.val_clips, settings.seed, "eval.vjepa.val_clips")
     check_held_out(train, val)
-    if settings.batch_size % world_size:
-        raise SaltUsageError(f"eval.vjepa.batch_size {settings.batch_size} is not a multiple of the {world_size} "
+    if settings.batch_size % dist.world_size:
+        raise SaltUsageError(f"eval.vjepa.batch_size {settings.batch_size} is not a multiple of the {dist.world_size} "
                              "ranks: each rank takes an equal share of every global batch")
     if settings.batch_size > len(train.clips):
         raise SaltUsageError(f"eval.vjepa.batch_size {settings.batch_size} is more than the {len(train.clips)} "
                              "train videos: no whole batch to step on")
-    return Setup(config, settings, subject, train, val, request.out or subject.path / OUT_NAME)
+    out_dir = request.out or subject.path / OUT_NAME
+    if dist.is_main:
+        prepare_output(out_dir, 0)  # an output folder that cannot be written is refused before hours of work
+    return Setup(config, settings, subject, train, val, out_dir)
 
 
 def _autocast(device: torch.device) -> ContextManager:
@@ -110,9 +113,7 @@ def run_vjepa(request: EvalRequest) -> dict[str, Any] | None:
     device = resolve_device(request.device or "auto", "--device")
     with distributed(backend_for(device)) as dist:
         device = dist.device(device)
-        setup = dist.agree(lambda: _setup(request, dist.world_size))
-        if dist.is_main:
-            prepare_output(setup.out_dir, 0)
+        setup = dist.agree(lambda: _setup(request, dist))
         return _evaluate(setup, dist, device, started)
 
 
@@ -272,4 +273,5 @@ def _print_result(report: dict[str, Any]) -> None:
         lines["top-5"] = f"{100 * score['top5']:.1f}%"
     lines["time"] = (f"{report['seconds']['train']:.0f} s training, {report['seconds']['val']:.0f} s validation on "
                      f"{report['device']} x {report['schedule']['world_size']}")
-    print_block("V-JEPA frozen protocol (16x2x3)", lines)
+    shape = "x".join(str(report["settings"][key]) for key in ("frames_per_clip", "clips", "spatial_views"))
+    print_block(f"V-JEPA frozen protocol ({shape})", lines)

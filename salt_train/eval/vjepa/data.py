@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shared import geometry
 from shared.config import VjepaEvalConfig
 from shared.distributed import rank_share
 from shared.lifeline import worker_init
@@ -60,7 +61,8 @@ class ProtocolClips(Dataset):
 
     def shape(self, training: bool) -> tuple[int, ...]:
         s = self.settings
-        return (s.clips, 1 if training else s.spatial_views, 3, s.frames_per_clip, 224, 224)
+        size = geometry.IMAGE_SIZE
+        return (s.clips, 1 if training else s.spatial_views, 3, s.frames_per_clip, size, size)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, video = key
