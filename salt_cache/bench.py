@@ -40,9 +40,10 @@ from shared.flops import vit_forward_flops
 from shared.store import RowStatus, ShardPayload, create_store, pixels_shape
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.build import run_build
-from salt_cache.source import ClipRecord, SsV2Source, discover
+from shared.ssv2 import ClipRecord, SsV2Source, discover
 from shared.teacher import Teacher, load_teacher
-from salt_cache.video import ClipDecodeError, decode_view
+from shared.video import ClipDecodeError
+from salt_cache.video import decode_view
 
 log = logging.getLogger(__name__)
 

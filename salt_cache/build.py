@@ -33,7 +33,7 @@ from salt_cache.fill import StoredViews, StoreSource
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, make_loader, plan_batches
 from salt_cache.repair import damaged_shards
-from salt_cache.source import SsV2Source
+from shared.ssv2 import SsV2Source
 from salt_cache.space import SpacePlan, check_space, plan_space
 from shared.teacher import Teacher
 from salt_cache.writer import ShardAssembler, ShardWriter, drop_nonfinite

@@ -89,7 +89,7 @@ def build(
     setup_logging(verbose)
     lifeline.install()  # decode workers and the forkserver die with this process, even by kill -9
     from salt_cache.repair import recorded_recipe
-    from salt_cache.source import discover
+    from shared.ssv2 import discover
 
     if from_store is not None:  # the pixels store's split decides its views per clip, as a decoding build's would
         from shared.store import LatentStore

@@ -28,7 +28,7 @@ from shared.errors import SaltUsageError
 from shared.rows import read_rows
 from shared.store import CROP_BOX_FIELDS, LatentStore, RowStatus, pixels_shape
 from salt_cache.loader import BatchPlan
-from salt_cache.source import ClipRecord
+from shared.ssv2 import ClipRecord
 
 PIXELS_ONLY = "none (pixels only)"
 

@@ -22,8 +22,9 @@ from shared import geometry
 from shared.config import PipelineConfig, ViewConfig
 from shared.lifeline import worker_init
 from shared.store import CROP_BOX_FIELDS, LatentStore, pixels_shape
-from salt_cache.source import ClipRecord
-from salt_cache.video import ClipDecodeError, decode_clip_views
+from shared.ssv2 import ClipRecord
+from shared.video import ClipDecodeError
+from salt_cache.video import decode_clip_views
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,11 @@ from av.video.reformatter import VideoReformatter
 
 from shared.config import SamplingRule
 from shared.geometry import IMAGE_SIZE, NUM_FRAMES
+from shared.video import decode_frames
 from salt_cache.views import view_crop_box, view_seed
 
 SAMPLING_RULES = get_args(SamplingRule)
-# Decoding less than this share of the declared duration means the file is cut short.
-MIN_DECODED_SHARE = 0.9
 _SWSCALE_INTERPOLATION = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "area": "AREA"}
-
-
-class ClipDecodeError(Exception):
-    """A clip that cannot give a view; the message is the reason stored in the row."""
 
 
 def clip_seed(clip_id: str) -> int:
@@ -73,56 +68,6 @@ def center_crop_box(height: int, width: int, size: int = IMAGE_SIZE) -> tuple[in
     if height < size or width < size:
         raise ValueError(f"cannot crop {size}x{size} from {height}x{width}")
     return (height - size) // 2, (width - size) // 2
-
-
-def _decode_all_frames(path: Path, threads: int = 1) -> list[av.VideoFrame]:
-    if not path.exists():
-        raise ClipDecodeError("missing file")
-    if path.stat().st_size == 0:
-        raise ClipDecodeError("zero-byte file")
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as exc:
-        raise ClipDecodeError(f"unreadable container (truncated, corrupt or not a video): {exc}") from None
-    with container:
-        if not container.streams.video:
-            raise ClipDecodeError("no video stream")
-        stream = container.streams.video[0]
-        if threads == 0:
-            stream.thread_type = "AUTO"  # FFmpeg's choice: best when one process decodes alone
-        else:
-            # One thread per DataLoader worker: 16 workers x FFmpeg's default thread pools
-            # oversubscribe the CPU, and at 240p frame threading buys little (EXPERIMENTS.md).
-            stream.codec_context.thread_count = threads
-        frames: list[av.VideoFrame] = []
-        try:
-            for frame in container.decode(stream):
-                frames.append(frame)
-        except (av.FFmpegError, OSError) as exc:
-            raise ClipDecodeError(f"undecodable stream after {len(frames)} frames: {exc}") from None
-        if not frames:
-            raise ClipDecodeError("no frames decoded (empty or truncated stream)")
-        _check_not_truncated(container, stream, frames)
-    return frames
-
-
-def _check_not_truncated(container: av.container.InputContainer, stream: av.VideoStream,
-                         frames: list[av.VideoFrame]) -> None:
-    """Compare what was decoded with the duration the container declares."""
-    declared = None
-    if stream.duration is not None and stream.time_base is not None:
-        declared = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
-        declared = container.duration / av.time_base
-    last = frames[-1]
-    if not declared or last.time is None:
-        return
-    rate = float(stream.average_rate or stream.guessed_rate or 0) or len(frames) / declared
-    decoded = last.time + 1.0 / rate - (frames[0].time or 0.0)
-    if decoded < MIN_DECODED_SHARE * declared:
-        raise ClipDecodeError(
-            f"truncated stream: decoded {decoded:.2f} s of the {declared:.2f} s the container declares"
-        )
 
 
 _reformatter: VideoReformatter | None = None
@@ -191,7 +136,7 @@ def decode_clip_views(path: str | Path, clip_id: str, views: list[int], sampling
                       interpolation: str = "bicubic", threads: int = 1
                       ) -> list[tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]]:
     """Views ``views`` of one clip from a single decode (see :func:`render_view`)."""
-    frames = _decode_all_frames(Path(path), threads)
+    frames = decode_frames(Path(path), threads)
     return [render_view(frames, clip_id, k, sampling, interpolation) for k in views]
 
 

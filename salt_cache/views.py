@@ -22,15 +22,14 @@ in source-frame pixels) and the frames in ``frame_index``.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 
 from shared.config import PipelineConfig
+from shared.video import random_resized_crop as shared_random_resized_crop
 
 CROP_SCALE = (0.3, 1.0)  # V-JEPA: share of the frame's area
 CROP_RATIO = (0.75, 1.35)  # V-JEPA: width / height
-CROP_TRIES = 10  # torchvision's draws before the centred fallback
 
 
 def view_seed(clip_id: str, k: int, what: str) -> int:
@@ -40,26 +39,9 @@ def view_seed(clip_id: str, k: int, what: str) -> int:
 
 
 def random_resized_crop(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """(top, left, box height, box width) inside a ``height`` x ``width`` frame, torchvision's rule."""
-    area = height * width
-    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-    for _ in range(CROP_TRIES):
-        target = area * rng.uniform(*CROP_SCALE)
-        ratio = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * ratio)))
-        h = int(round(math.sqrt(target / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height  # fallback: the largest centred box within the ratio range
-    if in_ratio < CROP_RATIO[0]:
-        w, h = width, int(round(width / CROP_RATIO[0]))
-    elif in_ratio > CROP_RATIO[1]:
-        h, w = height, int(round(height * CROP_RATIO[1]))
-    else:
-        h, w = height, width
-    return (height - h) // 2, (width - w) // 2, h, w
+    """(top, left, box height, box width) inside a ``height`` x ``width`` frame, torchvision's rule
+    with V-JEPA's pretraining scale and ratio (shared/video.py draws it)."""
+    return shared_random_resized_crop(height, width, rng, CROP_SCALE, CROP_RATIO)
 
 
 def view_crop_box(height: int, width: int, clip_id: str, k: int) -> tuple[int, int, int, int]:

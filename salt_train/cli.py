@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import typer
 import yaml
@@ -26,6 +26,7 @@ _DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe
 
 
 SnapshotMode = choices("SnapshotMode", config.SnapshotMode)
+Protocol = choices("Protocol", Literal["fast", "vjepa"])  # salt-train eval's two protocols
 
 
 SNAPSHOT_HELP = ("auto: reflink clone where the filesystem can (XFS, btrfs), else read the live store with a "
@@ -179,6 +180,10 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="output folder [TARGET/eval]"),
     device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help="override an eval field, e.g. --set eval.probe_epochs=40"),
+    protocol: Protocol = typer.Option("fast", help="fast: the table below, on cached views (minutes); vjepa: "
+                                      "V-JEPA's frozen SSv2 protocol (16x2x3, the whole splits decoded again each "
+                                      "epoch: hours on GPUs, figures comparable with published ones; eval.vjepa.*), "
+                                      "into TARGET/eval-vjepa/"),
 ) -> int:
     """Measure an encoder: held-out distillation loss and per-channel R^2 (beside a mean-latent baseline), temporal
     probes (arrow of time, order, continuity; stride and clip retrieval as sanity checks), SSv2 attentive and
@@ -197,6 +202,18 @@ def evaluate(
     if val_rows is not None:
         overrides["eval.val_rows"] = val_rows
     load_pipeline(pipeline, overrides)  # bad values are refused here, with the recipe's messages
+    if protocol.value == "vjepa":
+        from salt_train.eval.vjepa.command import run_vjepa
+
+        if teacher:
+            raise SaltUsageError("--teacher runs the teacher for the fast protocol's temporal column; --protocol "
+                                 "vjepa evaluates the encoder alone")
+
+        lifeline.install()  # its decoding workers die with this process
+        run_vjepa(EvalRequest(target=target, val_cache=val_cache, train_cache=train_cache, checkpoint=checkpoint,
+                              pipeline=pipeline, overrides=overrides, device=device.value if device else None,
+                              out=out))
+        return EXIT_OK
     run_eval(EvalRequest(target=target, val_cache=val_cache, train_cache=train_cache, checkpoint=checkpoint,
                          teacher=teacher, pipeline=pipeline, overrides=overrides,
                          device=device.value if device else None, out=out))

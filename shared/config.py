@@ -239,6 +239,45 @@ class TeacherTrainConfig(_Section):
         return self
 
 
+class VjepaEvalConfig(_Section):
+    """`salt-train eval --protocol vjepa`: V-JEPA's frozen SSv2 evaluation (configs/evals/vitl16_ssv2_16x2x3.yaml
+    in facebookresearch/jepa), clips decoded from the stores' recorded source videos every epoch."""
+
+    frames_per_clip: int = Field(16, ge=2, le=16, description="frames of each clip (even: whole tubelets)")
+    frame_step: int = Field(4, ge=1, le=64, description="source frames between a clip's frames")
+    clips: int = Field(2, ge=1, le=8, description="clips (temporal segments) per video; the probe attends across them")
+    spatial_views: int = Field(3, ge=1, le=8, description="validation crops along the long side, softmax averaged")
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(256, ge=1, le=65_536, description="global batch (all ranks, all accumulated micro-batches)")
+    micro_batch_size: int = Field(16, ge=1, le=4096, description="videos per encoder forward on one rank; "
+                                  "gradients accumulate to batch_size")
+    lr: float = Field(1e-3, gt=0, description="cosine from lr to final_lr over every step, no warmup")
+    final_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay of weights; biases and 1-D tensors take none")
+    final_weight_decay: float = Field(1e-6, ge=0, description="cosine from weight_decay to this (V-JEPA's default)")
+    grad_clip: float = Field(1.0, gt=0, description="gradient norm clip, as V-JEPA's probe training")
+    crop_scale_min: float = Field(0.08, gt=0, le=1, description="random resized crop: least share of the area")
+    crop_scale_max: float = Field(1.0, gt=0, le=1)
+    crop_ratio_min: float = Field(0.75, gt=0, le=10, description="random resized crop: aspect ratio w/h range")
+    crop_ratio_max: float = Field(4 / 3, gt=0, le=10)
+    randaugment: str | None = Field("rand-m7-n4-mstd0.5-inc1", description="timm RandAugment policy, the same draw "
+                                    "for every frame of a clip (V-JEPA's); null: none")
+    erase_prob: float = Field(0.25, ge=0, le=1, description="random erasing (one box per clip, per-pixel noise)")
+    train_clips: Count | None = Field(None, gt=0, description="a seeded subset of the train split; null: all of it")
+    val_clips: Count | None = Field(None, gt=0, description="a seeded subset of the validation split; null: all")
+    num_workers: int = Field(8, ge=0, le=1024, description="decoding processes per rank")
+    seed: Seed = Field(0, description="clip subsets, clip positions, augmentation, probe initialisation, order")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "VjepaEvalConfig":
+        if self.frames_per_clip % 2:
+            raise ValueError(f"eval.vjepa.frames_per_clip {self.frames_per_clip} is odd: the encoder takes whole "
+                             "tubelets of 2 frames")
+        if self.crop_scale_min > self.crop_scale_max or self.crop_ratio_min > self.crop_ratio_max:
+            raise ValueError("eval.vjepa: crop_scale_min/crop_ratio_min must not exceed their max")
+        return self
+
+
 class EvalConfig(_Section):
     """`salt-train eval`: which rows the probes see, and how the probes train (V-JEPA's attentive probe recipe)."""
 
@@ -264,6 +303,7 @@ class EvalConfig(_Section):
                                      "beyond it they go to a Zarr array under eval/")
     val_cache: str | None = Field(None, description="validation store for `salt-train eval` and train.eval_every")
     quick_rows: Count = Field(64, gt=0, description="validation rows of the quick evaluation during training")
+    vjepa: VjepaEvalConfig = VjepaEvalConfig()
 
 
 class PipelineConfig(_Section):

@@ -317,7 +317,7 @@ def test_teacher_batches_span_shards_and_pad_failed_rows_without_changing_the_st
     as the reference's batches of 2 and four writers."""
     from salt_cache.loader import ViewBatches, plan_batches
     from shared.config import load_pipeline
-    from salt_cache.source import discover
+    from shared.ssv2 import discover
     from shared.store import LatentStore
 
     pipeline = fast_pipeline(tmp_path / "pipeline.yaml", teacher__batch_size=5, store__writers=1)

@@ -92,7 +92,7 @@ def test_bench_host_path_builds_at_the_production_width_without_a_teacher(corrup
 
 def test_bench_loader_rate_with_too_few_clips(corrupt_set: Path, tmp_path: Path) -> None:
     from salt_cache.bench import bench_config, time_loader_decode
-    from salt_cache.source import discover
+    from shared.ssv2 import discover
 
     clips = discover(corrupt_set, "train").clips[:2]
     timing = time_loader_decode(clips, bench_config(batch_size=1, workers=2, writers=1), tmp_path)

@@ -278,14 +278,20 @@ def _numeric_fields() -> list[tuple[str, Any]]:
     from shared.config import PipelineConfig
 
     found = []
-    for section, section_field in PipelineConfig.model_fields.items():
-        model = section_field.annotation
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            continue
+
+    def visit(model: Any, prefix: str) -> None:
         for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                visit(field.annotation, f"{prefix}{name}.")  # a nested section (eval.vjepa)
+                continue
             kinds = set(get_args(field.annotation)) or {field.annotation}
             if kinds & {int, float} and bool not in kinds:
-                found.append((f"{section}.{name}", field))
+                found.append((f"{prefix}{name}", field))
+
+    for section, section_field in PipelineConfig.model_fields.items():
+        model = section_field.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            visit(model, f"{section}.")
     return found
 
 

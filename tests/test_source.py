@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from salt_cache.demo_data import TEMPLATES, write_demo_dataset
-from salt_cache.source import discover, template_key
+from shared.ssv2 import discover, template_key
 from shared.errors import SaltUsageError
 
 LABELS = {template_key(t): str(i) for i, t in enumerate(TEMPLATES)}

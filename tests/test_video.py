@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from salt_cache.demo_data import write_video
 from salt_cache.video import (
     SAMPLING_RULES,
-    ClipDecodeError,
     center_crop_box,
     decode_view,
     resized_size,
     sample_frame_indices,
 )
 from shared.geometry import IMAGE_SIZE, NUM_FRAMES
+from shared.video import ClipDecodeError
 
 FAST = settings(deadline=None, max_examples=200)
 
