@@ -20,7 +20,7 @@ import torch
 from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
-from shared.rows import checksum_problem
+from shared.rows import checksum_problem, read_row_range
 from shared.store import (CHECKSUM_ALGORITHMS, STATUS_UNREADABLE, LatentStore, RowStatus,
                           clip_ids_sha256, labels_sha256, status_counts)
 
@@ -134,7 +134,7 @@ def check_source_rows(store: LatentStore, report: VerifyReport) -> None:
 def _read_shard(store: LatentStore, start: int, stop: int,
                 names: tuple[str, ...]) -> tuple[dict[str, np.ndarray] | None, str]:
     try:
-        return store.read_rows(start, stop, names), ""
+        return read_row_range(store, start, stop, names), ""
     except Exception as exc:  # a damaged shard file: fall back to reading row by row
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -244,7 +244,7 @@ def deep_check(store: LatentStore, teacher: Teacher, k: int, report: VerifyRepor
     ids = store.clip_ids()
     tolerance = DEEP_TOLERANCE.get(str(recorded.get("compute_dtype")), 6e-2)
     for row in np.unique(chosen):
-        data = store.read_rows(int(row), int(row) + 1)
+        data = read_row_range(store, int(row), int(row) + 1)
         again = teacher.encode(torch.from_numpy(data["pixels"])).float().cpu()
         stored = torch.from_numpy(data["latents"]).float()
         relative = float((again - stored).norm() / stored.norm().clamp_min(1e-12))

@@ -70,6 +70,12 @@ def read_rows(store: LatentStore, rows: np.ndarray, names: Sequence[str] = ("pix
     return tuple(results)
 
 
+def read_row_range(store: LatentStore, start: int, stop: int,
+                   names: Sequence[str] = ("pixels", "latents")) -> dict[str, np.ndarray]:
+    """Contiguous rows ``[start, stop)`` by array name."""
+    return dict(zip(names, read_rows(store, np.arange(start, stop), names)))
+
+
 def _require_files(store: LatentStore, name: str, rows: np.ndarray) -> None:
     """zarr reads a missing shard file as the fill value; for rows being read it is damage."""
     array = store.arrays[name]

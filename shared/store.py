@@ -320,12 +320,6 @@ class LatentStore:
             log.warning("clip_id array unreadable: %s: %s", type(exc).__name__, exc)
             return np.full(self.rows, "?", dtype=object)
 
-    def read_rows(self, start: int, stop: int, names: tuple[str, ...] = ("pixels", "latents")) -> dict[str, np.ndarray]:
-        """Contiguous rows ``[start, stop)`` by array name, through :func:`shared.rows.read_rows`."""
-        from shared.rows import read_rows  # shared.rows builds on this module
-
-        return dict(zip(names, read_rows(self, np.arange(start, stop), names)))
-
     @functools.cached_property
     def raw_rows(self) -> dict[str, RawRows]:
         """Readers straight from the shard files, for the big arrays whose layout is the one we write."""

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from conftest import call_cli, call_train, copy_store, train_pipeline
 from shared.latent_stats import (LAYER_NORM_EPS, OUTLIER_MULTIPLE, TOP_CHANNELS, ChannelAccumulator, LatentStats,
                                  compute_stats, warning_share)
+from shared.rows import read_row_range
 from shared.store import LatentStore, RowStatus, ShardPayload, create_store
 
 PLANTED = (5, 41)  # channels of the tiny teacher's 64 scaled up
@@ -28,7 +29,7 @@ def plant_outliers(store_path: Path, channels: tuple[int, ...], scale: float) ->
     own writer (new checksums, status last), as if the teacher had produced them."""
     store = LatentStore.open(store_path, writable=True)
     for shard, start, stop in store.iter_shards():
-        rows = store.read_rows(start, stop, ("pixels", "latents", "frame_index", "status", "error"))
+        rows = read_row_range(store, start, stop, ("pixels", "latents", "frame_index", "status", "error"))
         latents = rows["latents"].astype(np.float32)
         latents[..., list(channels)] *= scale
         store.write_shard(ShardPayload(shard, rows["pixels"], latents.astype(np.float16), rows["frame_index"],

@@ -26,6 +26,7 @@ from salt_train.snapshot import (
     store_manifest, take_snapshot,
 )
 from shared.errors import SaltUsageError
+from shared.rows import read_row_range
 from shared.store import LatentStore, RowStatus, ShardPayload, create_store, latents_shape, pixels_shape
 from xfs_mount import xfs_dir  # noqa: F401  (a pytest fixture)
 
@@ -121,12 +122,12 @@ def test_reflink_cost_grows_with_files_not_bytes(xfs_dir: Path) -> None:
 
 def test_rewriting_live_store_leaves_snapshot_unchanged(xfs_dir: Path) -> None:
     live = make_store(xfs_dir / "rewrite" / "cache", rows=4, shard_rows=2, seed=10)
-    original = live.read_rows(0, 4, ("pixels", "latents", "status", "pixels_checksum"))
+    original = read_row_range(live, 0, 4, ("pixels", "latents", "status", "pixels_checksum"))
     snap = take_snapshot(live.path, "run-1", "auto")
     assert snap.mode == "reflink"
     before = file_digests(snap.path)
     reader = LatentStore.open(snap.path)  # training has the snapshot open while the live store changes
-    assert np.array_equal(reader.read_rows(0, 2)["pixels"], original["pixels"][:2])
+    assert np.array_equal(read_row_range(reader, 0, 2)["pixels"], original["pixels"][:2])
 
     # In place, as a careless writer would: the clone's shared extents are copied on write.
     shard_file = next((live.path / "pixels").rglob("c/*/*/*/*/*"))
@@ -136,10 +137,10 @@ def test_rewriting_live_store_leaves_snapshot_unchanged(xfs_dir: Path) -> None:
     # Wholesale, as a rebuild does (zarr writes a temporary file and renames it over the old one).
     write_shard(live, 1, 2, np.random.default_rng(99))
     (live.path / "extra.bin").write_bytes(b"new")
-    assert not np.array_equal(live.read_rows(2, 4)["pixels"], original["pixels"][2:])
+    assert not np.array_equal(read_row_range(live, 2, 4)["pixels"], original["pixels"][2:])
 
     assert file_digests(snap.path) == before
-    after = reader.read_rows(0, 4, ("pixels", "latents", "status", "pixels_checksum"))
+    after = read_row_range(reader, 0, 4, ("pixels", "latents", "status", "pixels_checksum"))
     for name, values in original.items():
         assert np.array_equal(after[name], values), name
 

@@ -20,6 +20,7 @@ from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEModel
 
 from shared import geometry
 from shared.errors import SaltUsageError
+from shared.rows import read_row_range
 from shared.store import LatentStore
 from shared.teacher import load_teacher, load_teacher_model
 from tests.conftest import call_cli
@@ -221,7 +222,7 @@ def test_pretrain_style_teacher_builds_a_store_of_normed_latents(pretraining_dir
     store = LatentStore.open(store_path)
     assert store.attrs["teacher"]["final_norm"] is True and store.attrs["teacher"]["width"] == WIDTH
     assert store.attrs["identity"]["teacher_final_norm"] is True
-    rows = store.read_rows(0, 3)
+    rows = read_row_range(store, 0, 3)
     assert (store.status(0, 3) == 1).all()
 
     # The reference, with transformers directly: the encoder's blocks, then its final norm.
@@ -241,7 +242,7 @@ def test_pretrain_style_teacher_builds_a_store_of_normed_latents(pretraining_dir
     again = call_cli("build", "--src", demo_set, "--out", store_path, "--teacher", "builtin:tiny-videomae",
                      "--pipeline", demo_pipeline, "--limit", 3)
     assert again.returncode == 2 and "another teacher kind" in again.stderr, again.stderr
-    assert (torch.from_numpy(LatentStore.open(store_path).read_rows(0, 3)["latents"]).float() == latents).all()
+    assert (torch.from_numpy(read_row_range(LatentStore.open(store_path), 0, 3)["latents"]).float() == latents).all()
 
 
 def test_a_final_norm_the_config_would_drop_is_refused(pretraining_dir, tmp_path) -> None:
