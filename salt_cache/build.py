@@ -1,7 +1,7 @@
 """`salt-cache build`: decode views in DataLoader workers, run the teacher, write shards.
 
 The pieces: ``loader`` plans shard-aligned teacher batches and decodes them in
-workers; the main process runs the teacher one batch ahead of the host work
+workers; the main process keeps two teacher batches queued ahead of the host work
 (so on CUDA the GPU never waits for bookkeeping); ``writer`` commits finished
 shards on background threads while the next ones compute; ``identity`` keeps
 one store to one teacher, view recipe and clip list.
@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from shared.filesystem import build_lock
 from shared.store import LatentStore
 from salt_cache.fill import StoredViews, StoreSource
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
-from salt_cache.loader import ViewBatches, make_loader, plan_batches
+from salt_cache.loader import ViewBatches, decode_workers, make_loader, plan_batches
 from salt_cache.repair import damaged_shards
 from shared.ssv2 import SsV2Source
 from salt_cache.space import SpacePlan, check_space, plan_space
@@ -106,6 +107,9 @@ def worker_batches(loader: DataLoader) -> Iterator[dict]:
         yield batch
 
 
+TEACHER_BATCHES_IN_FLIGHT = 2  # queued on the GPU while the host assembles an older one
+
+
 @dataclass
 class TeacherBatch:
     """A decoded batch whose latents are on their way back from the teacher."""
@@ -113,29 +117,36 @@ class TeacherBatch:
     batch: dict
     latents: torch.Tensor | None  # float16 [batch size, 1568, D] on the host once ``ready`` has fired
     ready: torch.cuda.Event | None
+    finite: torch.Tensor | None = None  # bool [batch size], checked on the device (CUDA); None: on the host
 
     @property
     def size(self) -> int:
         return len(self.batch["errors"])
 
-    def host_latents(self) -> np.ndarray | None:
+    def host_latents(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The latents on the host, and which rows are finite where the device said (else None: the
+        shard copies check them, off the main thread)."""
         if self.ready is not None:
             self.ready.synchronize()
-        return None if self.latents is None else self.latents.numpy()
+        if self.latents is None:
+            return None, None
+        return self.latents.numpy(), self.finite.numpy() if self.finite is not None else None
 
 
 def launch_teacher(teacher: Teacher, batch: dict) -> TeacherBatch:
     """Queue the teacher on the whole padded batch (failed rows are zeros: one shape for every
-    batch); on CUDA the copy back is non-blocking too."""
+    batch); on CUDA the copy back is non-blocking too, and which rows are finite is decided there
+    (a reduction on the device, 16 bytes back, no host pass over 64 MB of latents)."""
     if all(batch["errors"]):
         return TeacherBatch(batch, None, None)
     latents = teacher.encode(batch["pixels"])
     if latents.device.type != "cuda":
         return TeacherBatch(batch, latents, None)
+    finite = torch.isfinite(latents).flatten(1).all(dim=1).to("cpu", non_blocking=True)
     host = latents.to("cpu", non_blocking=True)  # lands in pinned memory
     ready = torch.cuda.Event()
     ready.record()
-    return TeacherBatch(batch, host, ready)
+    return TeacherBatch(batch, host, ready, finite)
 
 
 class BatchCollector:
@@ -146,17 +157,24 @@ class BatchCollector:
         self.source = source
         self.writer = writer
         self.open_shards: dict[int, ShardAssembler] = {}
-        self.failed = 0
+        self.decode_failed = 0
+        self.nonfinite: list[int] = []  # rows whose latents the shard copies found not finite (CPU teacher)
+
+    @property
+    def failed(self) -> int:
+        return self.decode_failed + len(self.nonfinite)
 
     def add(self, item: TeacherBatch) -> None:
         batch = item.batch
-        errors, latents = drop_nonfinite(batch["errors"], item.host_latents())  # never commit NaN or inf
+        latents, finite = item.host_latents()
+        errors = drop_nonfinite(batch["errors"], finite)  # never commit NaN or inf (checked on the device)
+        check_on_host = self.nonfinite if finite is None else None  # else the shard copies check them
         # The DataLoader's default_convert turns numpy arrays into tensors; index with numpy.
         rows, frame_index = np.asarray(batch["rows"]), np.asarray(batch["frame_index"])
         crop_box = np.asarray(batch["crop_box"])
         for row, error in zip(rows, errors):
             if error:
-                self.failed += 1
+                self.decode_failed += 1
                 clip = self.source.clips[row // self.store.views_per_clip]
                 log.warning("clip %s failed (row %d, %s, worker %s): %s",
                             clip.clip_id, row, clip.path, batch["worker"], error)
@@ -170,9 +188,10 @@ class BatchCollector:
                 self.open_shards[shard] = ShardAssembler.empty(self.store, shard, self.writer.buffers)
             assembler = self.open_shards[shard]
             assembler.add(rows[at], pixels[at], None if latents is None else latents[at], frame_index[at],
-                          errors[at], crop_box[at])
+                          errors[at], crop_box[at], self.writer.copier, check_on_host)
             if assembler.complete:
-                self.writer.submit(self.open_shards.pop(shard).payload)
+                done = self.open_shards.pop(shard)
+                self.writer.submit(done.payload, done.copies)
 
 
 @dataclass
@@ -187,16 +206,26 @@ class BuildReport:
     disk_bytes: int
     write_mb_per_s: float
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # rank 0: (perf_counter, clips) per batch
-    finished: float = 0.0  # rank 0: perf_counter once its last shard was committed
+    handed_over: float = 0.0  # rank 0: perf_counter once its last shard was with the writer (before the flush)
+    host_cpu_seconds: float = 0.0  # rank 0: its main thread's CPU in the build loop, teacher launches excluded
     views_per_clip: int = 1  # rows per clip: the counts and rates below are per row
 
     def steady_clips_per_second(self, skip: int) -> float | None:
         """clips/s after the first ``skip`` batches (those decoded while the workers started), to the
-        last commit; None with too few batches. ``salt-cache bench`` compares it with decode-only."""
+        last shard handed to the writer: the final flush (the last few shards written after the
+        input has ended) is no steady state. None with too few batches. ``salt-cache bench``
+        compares it with decode-only."""
         if len(self.arrivals) <= skip + 1:
             return None
         started = self.arrivals[skip][0]
-        return sum(clips for _, clips in self.arrivals[skip + 1:]) / (self.finished - started)
+        return sum(clips for _, clips in self.arrivals[skip + 1:]) / (self.handed_over - started)
+
+    @property
+    def host_ms_per_clip(self) -> float:
+        """The main thread's CPU per clip this run (rank 0): receiving batches, finiteness, shard
+        assembly, hand-off to the writer; the teacher's own launches are not counted."""
+        clips = sum(clips for _, clips in self.arrivals)
+        return 1e3 * self.host_cpu_seconds / clips if clips else 0.0
 
     @property
     def clips_per_second(self) -> float:
@@ -271,7 +300,8 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
             return sorted({*store.pending_shards(retry_failed), *damaged})
 
         pending = dist.on_main(prepare)
-        warn_if_oversubscribed(dist, config.build_loader.num_workers, "build_loader.num_workers")
+        warn_if_oversubscribed(dist, decode_workers(config.build_loader, dist.local_world_size),
+                               "build_loader.num_workers")
         store = dist.agree(lambda: open_matching_store(out, identity, writable=True))
         shards = rank_share(pending, dist.rank, dist.world_size)
         if dist.is_main:
@@ -286,7 +316,8 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
             report = _report(store, todo=sum(work.todo for work in done), failed=sum(work.failed for work in done),
                              seconds=time.perf_counter() - started,
                              write_mb_per_s=sum(work.write_mb_per_s for work in done))
-            report.arrivals, report.finished = mine.arrivals, mine.finished
+            report.arrivals, report.handed_over = mine.arrivals, mine.handed_over
+            report.host_cpu_seconds = mine.host_cpu_seconds
             if report.pending == 0:
                 store.update_attrs(build={"complete": True, "committed": report.committed, "failed": report.failed,
                                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -326,7 +357,9 @@ def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config
         "teacher": f"{teacher.name} (width {teacher.width}, {teacher.compute_dtype}, hash {teacher.weights_hash[:12]})",
         "device": teacher.device,
         "shards": f"{store.num_shards} of {store.shard_rows} rows, {len(shards)} to do",
-        "loader": (f"workers={config.build_loader.num_workers} prefetch={config.build_loader.prefetch_factor} "
+        "loader": (f"workers={decode_workers(config.build_loader, dist.local_world_size)}"
+                   f"{' (auto)' if config.build_loader.num_workers == 'auto' else ''} "
+                   f"prefetch={config.build_loader.prefetch_factor} "
                    f"pin_memory={config.build_loader.pin_memory and teacher.device.type == 'cuda'} "
                    f"persistent={config.build_loader.persistent_workers} "
                    f"context={config.build_loader.multiprocessing_context} "
@@ -345,7 +378,8 @@ class RankWork:
     failed: int
     write_mb_per_s: float
     arrivals: list[tuple[float, int]]
-    finished: float
+    handed_over: float  # perf_counter once the last shard was handed to the writer (before its final flush)
+    host_cpu_seconds: float  # the main thread's CPU time in the build loop, the teacher's launches left out
 
 
 def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
@@ -362,27 +396,35 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
                                     config.teacher.batch_size))  # --from-store reads its views, never decodes
         label = f"teacher, rank 0 of {dist.world_size}" if dist.enabled else "teacher"
         bar = progress(todo, label, unit="clip")
-        in_flight: TeacherBatch | None = None
+        in_flight: deque[TeacherBatch] = deque()
+        cpu_started, teacher_cpu = time.thread_time(), 0.0
+
+        def collect(item: TeacherBatch) -> None:
+            collector.add(item)
+            bar.update(item.size)
+            bar.set_postfix(failed=collector.failed, refresh=False)
+
         try:
-            for batch in worker_batches(make_loader(dataset, config, teacher.device)):
+            for batch in worker_batches(make_loader(dataset, config, teacher.device, dist.local_world_size)):
                 raise_if_stopped()
                 arrivals.append((time.perf_counter(), len(batch["rows"])))
-                current = launch_teacher(teacher, batch)  # asynchronous on CUDA
-                if in_flight is not None:
-                    collector.add(in_flight)  # host work for batch k-1 overlaps the GPU on batch k
-                    bar.update(in_flight.size)
-                    bar.set_postfix(failed=collector.failed, refresh=False)
-                in_flight = current
+                launched = time.thread_time()
+                in_flight.append(launch_teacher(teacher, batch))  # asynchronous on CUDA
+                teacher_cpu += time.thread_time() - launched
+                if len(in_flight) > TEACHER_BATCHES_IN_FLIGHT:
+                    collect(in_flight.popleft())  # host work for batch k-2 overlaps the GPU on k-1 and k
             raise_if_stopped()
-            if in_flight is not None:
-                collector.add(in_flight)
-                bar.update(in_flight.size)
-                bar.set_postfix(failed=collector.failed)
+            while in_flight:
+                collect(in_flight.popleft())
+            handed_over = time.perf_counter()  # every shard is with the writer: the final flush starts
+            host_cpu = time.thread_time() - cpu_started - teacher_cpu
         finally:
             bar.close()
             writer.close()
+    else:
+        handed_over, host_cpu = time.perf_counter(), 0.0
     rate = writer.bytes_written / 1e6 / writer.seconds if writer.seconds else 0.0
-    return RankWork(todo, collector.failed, rate, arrivals, time.perf_counter())
+    return RankWork(todo, collector.failed, rate, arrivals, handed_over, host_cpu)
 
 
 def _report(store: LatentStore, todo: int, failed: int, seconds: float, write_mb_per_s: float) -> BuildReport:

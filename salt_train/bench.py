@@ -30,7 +30,7 @@ from shared.device import resolve_device
 from shared.distributed import Dist
 from shared.flops import peak_bf16_tflops
 from shared.store import CHECKSUM_ALGORITHM, CHECKSUM_ARRAYS, LatentStore, RowStatus, ShardPayload, create_store
-from salt_train.data import check_stream, make_loader, stream_spec
+from salt_train.data import check_stream, make_loader, ring_slots, stream_spec
 from salt_train.feed import BatchFeed, batch_to_device
 from salt_train.masks import mask_layout
 from salt_train.model import student_flops_per_clip
@@ -100,11 +100,21 @@ def training_feed(spec, config: PipelineConfig, device: torch.device) -> BatchFe
     return BatchFeed(loader, device)
 
 
+def ring_warmup(spec, config: PipelineConfig, timed: int) -> int:
+    """Batches to take before timing: every buffer of every worker's ring once, so each is mapped (first
+    touch) and, on CUDA, pinned by :class:`BatchFeed` outside the timed window (at the ssv2 recipe 64
+    buffers, 6.4 GB, which the issue saw as much of a 19% gap), and the prefetch queue primed; fewer where
+    the stream is short."""
+    ring = config.train_loader.num_workers * ring_slots(config.train_loader)
+    return max(2, min(ring, spec.remaining_batches - timed))
+
+
 def loader_window(spec, config: PipelineConfig, batches: int, device: torch.device) -> tuple[int, float, float]:
-    """Clips the training loader delivered on the device once its prefetch queue was primed (worker
-    start excluded), and the wall-clock start and end of that window (comparable between the ranks of a node)."""
-    warmup = max(2, config.train_loader.num_workers * config.train_loader.prefetch_factor)
+    """Clips the training loader delivered on the device once every ring buffer had arrived (worker
+    start and first-touch pinning excluded), and the wall-clock start and end of that window
+    (comparable between the ranks of a node)."""
     batches = max(batches, LOADER_MIN_BATCHES)
+    warmup = ring_warmup(spec, config, batches)
     loader = training_feed(spec, config, device)
     clips, started = 0, float("nan")
     for n, batch in enumerate(loader):
@@ -188,7 +198,8 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
     memory_clips = step_rate(stepper, repeat(on_device), batches) * dist.world_size  # DDP keeps ranks in lockstep
     trace = profile_steps(stepper, on_device, profile) if profile is not None and dist.is_main else None
     loader = training_feed(spec, config, device)
-    fed_clips = step_rate(stepper, loader, batches) * dist.world_size
+    fed_warmup = ring_warmup(spec, config, batches) if device.type == "cuda" else 2  # CPU: nothing to pin
+    fed_clips = step_rate(stepper, loader, batches, warmup=fed_warmup) * dist.world_size
     loader.close()
     del loader
 

@@ -49,7 +49,7 @@ from shared.config import PipelineConfig, TrainLoaderConfig
 from shared.console import format_bytes
 from shared.errors import SaltUsageError
 from shared.lifeline import share_temp_dir, worker_init
-from shared.rows import committed_rows, read_rows
+from shared.rows import ChecksumCache, committed_rows, read_rows
 from shared.store import LatentStore
 from salt_train.state import Position
 from salt_train.masks import make_masks
@@ -240,6 +240,7 @@ class StoreStream(IterableDataset):
         self.spec = spec
         self.ring = ring
         self._store: LatentStore | None = None
+        self._checksums: ChecksumCache | None = None  # the worker's, kept for the run: read once per chunk
 
     def positions(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(epoch, index, this rank's rows)`` of every remaining global batch, in order. A global batch
@@ -264,6 +265,7 @@ class StoreStream(IterableDataset):
     def store(self) -> LatentStore:
         if self._store is None:  # opened lazily, inside the worker process
             self._store = LatentStore.open(self.spec.store_path)
+            self._checksums = ChecksumCache(self._store)
         return self._store
 
     def masks(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
@@ -294,7 +296,7 @@ class StoreStream(IterableDataset):
                 latents = torch.empty(latents_shape, dtype=torch.float16) if latents_shape else None
             buffers = (pixels, latents) if latents is not None else (pixels,)
             read_rows(store, rows, self.spec.arrays, out=tuple(buffer.numpy() for buffer in buffers),
-                      check=self.spec.verify_checksums)
+                      check=self.spec.verify_checksums, checksums=self._checksums)
             masks = self.masks(epoch, index)
         except Exception as exc:  # a damaged chunk or file: reported, counted, skipped
             if slot is not None:

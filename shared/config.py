@@ -95,6 +95,11 @@ class _LoaderSettings(_Section):
 class BuildLoaderConfig(_LoaderSettings):
     """`salt-cache build`'s workers: each decodes whole teacher batches of clips with PyAV."""
 
+    # auto: salt_cache.loader.decode_workers (the cores this process may use, less two for the main thread
+    # and the shard writers, shared by the node's ranks). A fixed 8 left half of a 16-core GPU box idle.
+    num_workers: Annotated[int, Field(ge=0, le=1024)] | Literal["auto"] = Field(
+        "auto", description="decode processes per rank; 0 = in the main one; auto = the usable cores less 2")
+
     persistent_workers: bool = True
     decode_threads: int = Field(1, ge=0, le=1024,
                                   description="FFmpeg threads per decoding process; 0 = FFmpeg's choice")

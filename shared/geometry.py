@@ -32,9 +32,11 @@ PIXEL_STD = (0.229, 0.224, 0.225)
 @functools.lru_cache(maxsize=None)
 def pixel_statistics(device: torch.device, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """PIXEL_MEAN and PIXEL_STD as float32 tensors of ``shape`` (the channel axis of length 3) on
-    ``device``, made once: a fresh host-to-device copy every step would be a synchronising copy."""
-    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32).view(shape).to(device)
-    std = torch.tensor(PIXEL_STD, dtype=torch.float32).view(shape).to(device)
+    ``device``, made once: a fresh host-to-device copy every step would be a synchronising copy.
+    Made on the CPU first, explicitly: under a ``torch.device("meta")`` context (FLOPs counted on a
+    shapes-only model) an implicit device would give meta tensors that cannot be copied anywhere."""
+    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32, device="cpu").view(shape).to(device)
+    std = torch.tensor(PIXEL_STD, dtype=torch.float32, device="cpu").view(shape).to(device)
     return mean, std
 
 

@@ -10,7 +10,9 @@
 
 A missing shard file is an error, never zeros (zarr reads one as the fill value): the rows read are
 committed ones, and a committed row's files are always written. With ``check`` each row's pixels and
-latents are compared with the checksums stored beside them, so a flipped byte is never trained on.
+latents are compared with the checksums stored beside them, so a flipped byte is never trained on;
+a reader of many batches (a loader worker) passes a :class:`ChecksumCache`, so it reads each chunk of
+the checksum arrays once (two zarr reads per batch were ~18 ms of a 46 ms batch of 8 rows).
 """
 
 from __future__ import annotations
@@ -41,14 +43,47 @@ def checksum_problem(store: LatentStore, name: str, row: np.ndarray, expected: i
     return None if store.row_checksum(row) == int(expected) else f"{name} checksum mismatch"
 
 
+class ChecksumCache:
+    """The stored checksums of one store that a reader has read, kept for its next reads.
+
+    Whole chunks are read (one zarr read per run of missing chunks) and never read again. Only for
+    rows whose checksums cannot change while it lives: committed rows of a snapshot, or of a live store
+    that nothing repairs meanwhile (a repaired row would then fail its check, never pass a wrong one).
+    """
+
+    def __init__(self, store: LatentStore) -> None:
+        self.store = store
+        self.values: dict[str, np.ndarray] = {}  # checksum array -> uint64 [rows], valid where loaded
+        self.loaded: dict[str, np.ndarray] = {}  # checksum array -> bool [chunks]
+
+    def expected(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """The stored checksums of ``rows`` in the checksum array ``name``, reading only chunks not yet held."""
+        array = self.store.arrays[name]
+        chunk, total = array.chunks[0], array.shape[0]
+        if name not in self.values:
+            self.values[name] = np.zeros(total, np.uint64)
+            self.loaded[name] = np.zeros(-(-total // chunk), bool)
+        values, loaded = self.values[name], self.loaded[name]
+        chunks = np.unique(rows // chunk)
+        missing = chunks[~loaded[chunks]]
+        if len(missing):
+            _require_files(self.store, name, missing * chunk)
+            for a, b in row_runs(missing):
+                values[a * chunk:min(b * chunk, total)] = array[a * chunk:min(b * chunk, total)]
+            loaded[missing] = True
+        return values[rows]
+
+
 def read_rows(store: LatentStore, rows: np.ndarray, names: Sequence[str] = ("pixels", "latents"),
-              out: Sequence[np.ndarray] | None = None, check: bool = False) -> tuple[np.ndarray, ...]:
+              out: Sequence[np.ndarray] | None = None, check: bool = False,
+              checksums: ChecksumCache | None = None) -> tuple[np.ndarray, ...]:
     """The ``rows`` of each array of ``names`` (``[len(rows), *row_shape]`` each), written into ``out``
     when given (one buffer per name, e.g. the loader's shared-memory batch: no further copy).
 
     ``check``: compare the rows of every named array that has stored checksums (pixels, latents) with
     them; the first mismatch raises ``ValueError("row R: <name> checksum mismatch")``. Damaged or missing
-    files raise too (``ValueError`` from the shard files, zarr's own errors otherwise)."""
+    files raise too (``ValueError`` from the shard files, zarr's own errors otherwise). ``checksums``:
+    where the stored checksums come from when held already (else they are read for these rows)."""
     rows = np.asarray(rows, dtype=np.int64)
     runs = row_runs(rows)
     results = []
@@ -66,7 +101,7 @@ def read_rows(store: LatentStore, rows: np.ndarray, names: Sequence[str] = ("pix
                 filled += b - a
         results.append(target)
     if check:
-        _check_checksums(store, rows, dict(zip(names, results)))
+        _check_checksums(store, rows, dict(zip(names, results)), checksums)
     return tuple(results)
 
 
@@ -86,9 +121,14 @@ def _require_files(store: LatentStore, name: str, rows: np.ndarray) -> None:
             raise ValueError(f"{name} shard {shard} file {path} is missing")
 
 
-def _check_checksums(store: LatentStore, rows: np.ndarray, data: dict[str, np.ndarray]) -> None:
+def _check_checksums(store: LatentStore, rows: np.ndarray, data: dict[str, np.ndarray],
+                     checksums: ChecksumCache | None) -> None:
     checked = [name for name in CHECKSUM_ARRAYS if name in data]
-    expected = dict(zip(checked, read_rows(store, rows, [CHECKSUM_ARRAYS[name] for name in checked])))
+    sums = [CHECKSUM_ARRAYS[name] for name in checked]
+    if checksums is not None:
+        expected = {name: checksums.expected(sum_name, rows) for name, sum_name in zip(checked, sums)}
+    else:
+        expected = dict(zip(checked, read_rows(store, rows, sums)))
     for k, row in enumerate(rows):
         for name in checked:
             problem = checksum_problem(store, name, data[name][k], expected[name][k])

@@ -334,3 +334,27 @@ def test_teacher_batches_span_shards_and_pad_failed_rows_without_changing_the_st
     source = discover(reference_build.src, "train", None)
     batches = ViewBatches(source.clips, plans, load_pipeline("demo").view, 1, batch_size=4)
     assert all(batches[k]["pixels"].shape[0] == 4 for k in range(len(plans)))  # one shape, padded
+
+
+def test_finite_rows_reads_the_fp16_exponent_bits_as_isfinite_does() -> None:
+    """The build's host finiteness check (no float conversion) agrees with np.isfinite on every edge:
+    the largest finite values, subnormals, signed zeros, infinities and NaNs of either sign."""
+    from salt_cache.writer import finite_rows
+
+    edges = np.array([65504, -65504, 6e-8, -6e-8, 0.0, -0.0, np.inf, -np.inf, np.nan], np.float16)
+    edges = np.concatenate([edges, -edges[-1:]])  # a NaN with the sign bit set
+    rows = np.zeros((len(edges), 3, 5), np.float16)
+    rows[:, 1, 2] = edges  # one edge value in an otherwise finite row
+    np.testing.assert_array_equal(finite_rows(rows), np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
+    assert finite_rows(rows).tolist() == [True] * 6 + [False] * 4
+
+
+def test_decode_workers_auto_leaves_two_cores_and_shares_them_between_ranks() -> None:
+    from shared.config import BuildLoaderConfig
+    from salt_cache.loader import decode_workers
+
+    cores = len(os.sched_getaffinity(0))
+    auto = BuildLoaderConfig()
+    assert auto.num_workers == "auto" and decode_workers(auto) == max(1, cores - 2)
+    assert decode_workers(auto, ranks_on_node=cores) == 1  # never none: a decoder per rank at least
+    assert decode_workers(BuildLoaderConfig(num_workers=0), ranks_on_node=4) == 0  # an explicit count is kept

@@ -142,6 +142,29 @@ def test_checksums_catch_silent_corruption(demo_reference, tmp_path) -> None:
     assert "error" not in unchecked
 
 
+def test_a_worker_reads_each_checksum_chunk_once_and_still_checks_every_row(demo_reference, tmp_path) -> None:
+    """Checksum arrays are read once per chunk and kept: with their files gone after the first epoch,
+    the next epochs stream the same rows, checked against the held checksums (a flipped byte still caught)."""
+    store = copy_store(demo_reference.store, tmp_path / "held.zarr")
+    spec = spec_for(store, batch=4, epochs=2, verify_checksums=True)
+    stream = StoreStream(spec)
+    positions = list(stream.positions())
+    first_epoch = [p for p in positions if p[0] == 0]
+    assert all("error" not in stream.read_batch(*p, worker=0) for p in first_epoch)
+    for name in ("pixels_checksum", "latents_checksum"):
+        for chunk in (store / name / "c").rglob("*"):
+            chunk.unlink() if chunk.is_file() else None
+    second_epoch = [p for p in positions if p[0] == 1]
+    assert second_epoch and all("error" not in stream.read_batch(*p, worker=0) for p in second_epoch)
+    assert "error" in StoreStream(spec).read_batch(*second_epoch[0], worker=0)  # a fresh worker reads them
+    shard_rows = np.array([r for r in spec.rows if r // spec.shard_rows == 0])  # all held by the stream now
+    latents_file = sorted(p for p in (store / "latents" / "c").rglob("*") if p.is_file())[0]  # shard 0
+    data = bytearray(latents_file.read_bytes())
+    data[1000] ^= 0x40
+    latents_file.write_bytes(bytes(data))
+    assert "latents checksum mismatch" in stream.read_batch(1, 0, shard_rows, worker=0).get("error", "")
+
+
 def test_the_buffer_ring_delivers_the_stored_rows_with_their_masks_in_reused_buffers(demo_reference) -> None:
     """Workers read into a fixed ring of shared-memory buffers, handed back by the feed; every batch
     still holds its stored rows, and its masks are the step's (the same with 0 or 2 workers)."""

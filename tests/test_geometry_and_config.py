@@ -76,8 +76,9 @@ def test_ssv2_recipe_has_seed_hyperparameters() -> None:
     assert cfg.train.batch_size == 32
     assert cfg.train.epochs == 10
     assert cfg.train.max_steps is None
+    assert cfg.build_loader.num_workers == "auto"  # sized from the cores (salt_cache.loader.decode_workers)
+    assert cfg.train_loader.num_workers == 8
     for loader in (cfg.build_loader, cfg.train_loader):
-        assert loader.num_workers == 8
         assert loader.prefetch_factor == 2
         assert loader.pin_memory is True
         assert loader.multiprocessing_context == "forkserver"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -401,6 +405,19 @@ def test_flops_match_the_design_budget() -> None:
     mask_token = student_flops_per_clip(ModelConfig(mode="mask-token"), 1280, ((392, 1176),))
     assert mask_token["encoder"] == pytest.approx(4 * flops["encoder"], rel=0.35)  # 1568 tokens, attention grows
     assert mask_token["encoder"] > 4 * flops["encoder"]
+
+
+def test_flops_in_a_fresh_process_before_any_model_is_built() -> None:
+    """The first use of the cached pixel statistics may come from the shapes-only (meta device) model
+    that counts FLOPs: a fresh interpreter, no model built before, must still count them."""
+    script = ("import json; from shared.config import ModelConfig; "
+              "from salt_train.model import student_flops_per_clip; "
+              "print(json.dumps(student_flops_per_clip(ModelConfig(), 1280, ((392, 1176),))))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    in_process = student_flops_per_clip(ModelConfig(), 1280, ((392, 1176),))
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == pytest.approx(in_process)
 
 
 def test_flops_of_the_two_multiblock_groups() -> None:
