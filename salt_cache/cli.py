@@ -256,6 +256,8 @@ def bench(
     teacher_compile: TeacherCompile = typer.Option(TeacherCompile.auto, "--teacher-compile",
                                                    help="torch.compile mode of the teacher "
                                                         "(auto: default on CUDA, off on CPU)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as numbers to this file "
+                                            "(each with its unit in its name)"),
 ) -> int:
     """Print decode-only, teacher-only and end-to-end build rates from one run (figures for EXPERIMENTS.md)."""
     setup_logging()
@@ -264,12 +266,15 @@ def bench(
                                                 "does not exist; create it or drop --out"))
     from salt_cache.bench import run_bench
     from shared.device import resolve_device
+    from shared.filesystem import write_json_atomic
 
     resolve_device(device.value)  # e.g. cuda without CUDA: say so before minutes of decoding
-    figures = run_bench(src, clips=clips, teacher_name=teacher, batch_size=batch_size,
-                        workers=workers, device=device.value, scratch=out, host_path=host_path, width=width,
-                        writers=writers, teacher_compile=teacher_compile.value)
+    figures, numbers = run_bench(src, clips=clips, teacher_name=teacher, batch_size=batch_size,
+                                 workers=workers, device=device.value, scratch=out, host_path=host_path, width=width,
+                                 writers=writers, teacher_compile=teacher_compile.value)
     print_block("salt-cache bench", figures, stream=sys.stdout)
+    if json_out is not None:
+        write_json_atomic(json_out, numbers)
     return EXIT_OK
 
 
