@@ -36,7 +36,7 @@ from shared.config import PipelineConfig
 from shared.console import format_bytes
 from shared.distributed import Dist
 from shared.errors import SaltUsageError
-from shared.flops import vit_forward_flops
+from shared.flops import matmul_tflops, vit_forward_flops
 from shared.store import RowStatus, ShardPayload, create_store, pixels_shape
 from salt_cache.loader import ViewBatches, decode_workers, make_loader, plan_batches
 from salt_cache.build import run_build
@@ -206,19 +206,6 @@ def precision_drift(teacher: Teacher, batch_size: int) -> dict[str, float]:
     finally:
         teacher.compute_dtype = saved
     return results
-
-
-def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
 def time_store_write(views: np.ndarray, width: int, shard_rows: int, scratch: Path) -> tuple[float, float]:
