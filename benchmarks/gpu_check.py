@@ -102,7 +102,7 @@ def sizes(dry: bool) -> Sizes:
         return Sizes(dry=True, budget_s=200, min_step_s=5, device="cpu", base_recipe="demo",
                      bench_teacher=TINY_TEACHER, bench_clips=8, teacher_batch=2, decode_workers=0,
                      train_clips=8, val_clips=8, step_batches=2, synthetic_rows=None, matmul_size=256,
-                     compile_mode="off", cap_scale=0.25,
+                     compile_mode="off", cap_scale=0.4,
                      recipe_overrides={"build_loader.num_workers": 0, "train_loader.num_workers": 0,
                                        "train.batch_size": 1, "model.student_kwargs": {"depth": 1, "embed_dim": 64,
                                                                                        "num_heads": 2},
@@ -370,7 +370,8 @@ def summary(record: dict[str, Any]) -> str:
         lines += [f"- {key}: {value}" for key, value in step.get("info", {}).items()]
         lines += [f"- {key}: {_fmt(pair)}" for key, pair in step["figures"].items()]
         for table, rows in step.get("tables", {}).items():
-            lines += ["", f"{table}:", "", "| kernel | per step | calls per step | share |", "| --- | --- | --- | --- |"]
+            lines += ["", f"{table}:", "", "| kernel | per step | calls per step | share |",
+                      "| --- | --- | --- | --- |"]
             lines += [f"| `{row['name'][:80]}` | {_fmt(row['ms_per_step'])} | {_fmt(row['calls_per_step_count'])} "
                       f"| {_fmt(row['share_fraction'])} |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -395,7 +396,8 @@ def device_step(device_name: str, matmul_size: int, out: Path) -> None:
         peak = peak_bf16_tflops(properties.name)
         info |= {"name": properties.name, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                  "peak_source": f"shared/flops.py: {peak[0]}" if peak else "not in shared/flops.py"}
-        numbers |= {"gpu_memory_bytes": properties.total_memory, "multiprocessors_count": properties.multi_processor_count,
+        numbers |= {"gpu_memory_bytes": properties.total_memory,
+                    "multiprocessors_count": properties.multi_processor_count,
                     "peak_bf16_tflop_per_s": peak[1] if peak else None,
                     "matmul_peak_fraction": measured / peak[1] if peak else None}
     write_json_atomic(out, numbers | {"info": info})
