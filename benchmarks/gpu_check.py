@@ -9,7 +9,7 @@ device and its bf16 matmul rate -> demo clips -> two small stores for the eval -
 end-to-end build rates (ViT-H, random weights, production geometry) -> the ViT-B step from memory and
 from the loader, random-0.75 and multiblock, compile ``default`` (multiblock also profiled: top kernels,
 busy fraction) -> the fast eval's wall time by phase -> with the time left: ``max-autotune`` steps, the
-teacher at batch 32 and with ``max-autotune``.
+teacher at batch 32, with cuDNN attention and with ``max-autotune``.
 
 Writes into ``--out``: ``gpu-check.json`` (every figure a ``{"value", "unit"}`` pair; rewritten after
 each step, so a killed check keeps the steps it finished), ``summary.md``, and ``steps/`` (each step's
@@ -175,12 +175,14 @@ def plan(size: Sizes, out: Path) -> list[Step]:
     def cap(seconds: float) -> float:
         return seconds * scale
 
-    def build_bench(name: str, what: str, batch: int, compile_mode: str, cap_s: float, cuda_only: bool) -> Step:
+    def build_bench(name: str, what: str, batch: int, compile_mode: str, cap_s: float, cuda_only: bool,
+                    attention: str = "auto") -> Step:
         result = steps_dir / f"{name}.json"
         return Step(name, what, [py, "-m", "salt_cache", "bench", "--src", str(src), "--clips", str(size.bench_clips),
                                  "--teacher", size.bench_teacher, "--batch-size", str(batch),
                                  "--workers", str(size.decode_workers), "--device", size.device,
-                                 "--teacher-compile", compile_mode, "--out", str(work), "--json", str(result)],
+                                 "--teacher-compile", compile_mode, "--teacher-attention", attention,
+                                 "--out", str(work), "--json", str(result)],
                     cap(cap_s), needs=("demo_data",), read=read_bench(result), cuda_only=cuda_only)
 
     def step_bench(name: str, mask: str, compile_mode: str, cap_s: float, profile: bool, cuda_only: bool) -> Step:
@@ -225,9 +227,12 @@ def plan(size: Sizes, out: Path) -> list[Step]:
         Step("eval", "the fast eval's wall time and its phases",
              [py, "-m", "salt_train", "eval", str(run_dir), "--val-cache", str(val_store), "--device", size.device],
              cap(150), needs=("eval_run", "eval_store_val"), read=read_eval(run_dir / "eval" / "eval.json")),
-        # With the time left (CUDA only): the slower compiles and the teacher's choices (issue 21, item 5).
+        # With the time left (CUDA only): the slower compiles and the teacher's choices (batch, attention kernel,
+        # compile mode).
         step_bench("step_multiblock_max_autotune", "multiblock", "max-autotune", 270, False, True),
         build_bench("teacher_batch32", "the build at teacher batch 32", 32, "default", 180, True),
+        build_bench("teacher_cudnn", "the build with the teacher's attention on cuDNN", size.teacher_batch, "default",
+                    180, True, attention="cudnn"),
         build_bench("teacher_max_autotune", "the build with the teacher compiled max-autotune", size.teacher_batch,
                     "max-autotune", 300, True),
         step_bench("step_random_max_autotune", "random", "max-autotune", 270, False, True),

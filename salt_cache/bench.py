@@ -228,10 +228,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: str = "auto") -> PipelineConfig:
-    """The production recipe's build settings, with the bench's batch, workers, writers and teacher compilation."""
+def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: str = "auto",
+                 teacher_attention: str = "auto") -> PipelineConfig:
+    """The production recipe's build settings, with the bench's batch, workers, writers and the teacher's
+    compilation and attention kernel."""
     config = PipelineConfig()
     config.teacher.compile_mode = teacher_compile
+    config.teacher.attention = teacher_attention
     config.teacher.batch_size = batch_size
     config.build_loader.num_workers = workers
     config.build_loader.persistent_workers = False
@@ -241,10 +244,11 @@ def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: s
 
 def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers: int,
               device: str, scratch: Path | None, host_path: bool = False, width: int = geometry.TEACHER_WIDTH_HUGE,
-              writers: int = 4, teacher_compile: str = "auto") -> tuple[dict[str, str], dict[str, float | None]]:
+              writers: int = 4, teacher_compile: str = "auto",
+              teacher_attention: str = "auto") -> tuple[dict[str, str], dict[str, float | None]]:
     """Printed figures, and the same as numbers, each with its unit in its name (``--json``; None: not measured)."""
     source = discover(src, "train", clips)
-    config = bench_config(batch_size, workers, writers, teacher_compile)
+    config = bench_config(batch_size, workers, writers, teacher_compile, teacher_attention)
     figures: dict[str, str] = {"clips": "", "clips skipped (undecodable)": "",
                                "torch threads": str(torch.get_num_threads())}
     numbers: dict[str, float | None] = {"batch_size_clips": batch_size, "decode_workers_count": workers,
@@ -278,14 +282,15 @@ def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers
             teacher_rate = float("inf")
             figures["TEACHER-ONLY"] = "n/a (--host-path: no teacher; the build's host path alone)"
         else:
-            teacher = load_teacher(teacher_name, device=device, compile_mode=config.teacher.compile_mode)
+            teacher = load_teacher(teacher_name, device=device, compile_mode=config.teacher.compile_mode,
+                                   attention=config.teacher.attention)
             # Before the first half-precision encode: that one converts the weights for good.
             drift = precision_drift(teacher, min(batch_size, 2))
             per_clip = vit_forward_flops(geometry.NUM_TOKENS, teacher.width, teacher.model.config.num_hidden_layers,
                                          teacher.model.config.intermediate_size / teacher.width)
             teacher_rate = time_teacher(teacher, batch_size, repeats=3)  # warms up (compiles) for the build too
             figures["teacher"] = (f"{teacher.name} on {teacher.device} ({teacher.compute_dtype}, "
-                                  f"compile {teacher.compile_mode}), batch {batch_size}")
+                                  f"compile {teacher.compile_mode}, attention {teacher.attention}), batch {batch_size}")
             figures["TEACHER-ONLY"] = f"{teacher_rate:.2f} clips/s"
             figures["teacher FLOP per clip"] = f"{per_clip / 1e12:.3f} TFLOP"
             figures["teacher achieved"] = f"{teacher_rate * per_clip / 1e12:.2f} TFLOP/s"

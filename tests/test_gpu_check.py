@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, call_cli
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 MAIN_STEPS = ("device", "demo_data", "eval_store_train", "eval_store_val", "build_bench", "step_random",
               "step_multiblock", "eval_run", "eval")
-CUDA_ONLY_STEPS = ("step_multiblock_max_autotune", "teacher_batch32", "teacher_max_autotune",
+CUDA_ONLY_STEPS = ("step_multiblock_max_autotune", "teacher_batch32", "teacher_cudnn", "teacher_max_autotune",
                    "step_random_max_autotune")
 # The figures each step must give (more may be there); on CPU some are None (no GPU peak), never absent.
 EXPECTED = {
@@ -108,3 +108,25 @@ def test_an_out_folder_it_did_not_write_is_refused(tmp_path) -> None:
                           text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "did not write" in done.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep" and not (tmp_path / "gpu-check.json").exists()
+
+
+def test_teacher_attention_kernel_is_a_choice_refused_off_cuda(tmp_path) -> None:
+    """teacher.attention (item 5: cuDNN attention as a choice): math gives auto's latents on CPU; a CUDA kernel
+    on CPU is one line and exit 2, from the recipe's loader and from the bench's flag."""
+    import pytest
+    import torch
+
+    from shared.config import TINY_TEACHER, load_pipeline
+    from shared.errors import SaltUsageError
+    from shared.teacher import load_teacher
+
+    assert load_pipeline("demo", {"teacher.attention": "cudnn"}).teacher.attention == "cudnn"
+    views = torch.randint(0, 256, (1, 16, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    auto = load_teacher(TINY_TEACHER, device="cpu").encode(views).float()
+    math = load_teacher(TINY_TEACHER, device="cpu", attention="math").encode(views).float()
+    assert torch.allclose(auto, math, rtol=1e-2, atol=1e-2) and not torch.equal(auto, torch.zeros_like(auto))
+    with pytest.raises(SaltUsageError, match="cudnn is a CUDA kernel"):
+        load_teacher(TINY_TEACHER, device="cpu", attention="cudnn")
+    result = call_cli("bench", "--src", tmp_path, "--device", "cpu", "--teacher-attention", "flash")
+    assert result.returncode == 2 and "--teacher-attention flash is a CUDA kernel" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
