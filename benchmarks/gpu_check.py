@@ -307,7 +307,8 @@ def run_check(size: Sizes, out: Path, keep_work: bool) -> dict[str, Any]:
                                      "wall": unit_pair(None, "s"), "reason": None, "figures": {}}
             missing = [need for need in step.needs if record["steps"].get(need, {}).get("status") != "ok"]
             if step.cuda_only and size.dry:
-                entry |= {"status": "skipped", "reason": "--dry: compile modes are CUDA-only"}
+                entry |= {"status": "skipped",
+                          "reason": "--dry: a CUDA-only step (compile modes, cuDNN, GPU batch sizes)"}
             elif missing:
                 entry |= {"status": "skipped", "reason": f"needs {', '.join(missing)}, which did not pass"}
             elif left < size.min_step_s:

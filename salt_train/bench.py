@@ -185,14 +185,15 @@ def profile_summary(events, on_cuda: bool, steps: int) -> dict:
     """The steps' top kernels by device time (CUDA; on CPU the top operators by CPU time) and how busy the
     device was: the union of kernel (CPU: ``aten::`` operator) time over the window of the profiled steps."""
     step_events = [e for e in events if e.name.startswith("step ") and e.device_type.name == "CPU"]
-    if on_cuda:
-        work = [e for e in events if e.device_type.name == "CUDA"]
+    if on_cuda:  # kernels, copies and sets; not the GPU-side copies of the "step n" annotations
+        work = [e for e in events if e.device_type.name == "CUDA" and not e.name.startswith("step ")
+                and not getattr(e, "is_user_annotation", False)]
         total_us = lambda e: e.time_range.elapsed_us()  # noqa: E731
     else:
         work = [e for e in events if e.device_type.name == "CPU" and e.name.startswith("aten::")]
         total_us = lambda e: e.self_cpu_time_total  # noqa: E731
     if not step_events or not work:
-        return {"top": [], "busy_fraction": None, "launches_per_step_count": None}
+        return {"top": [], "busy_fraction": None, "kernels_per_step_count": None, "window_ms_per_step": None}
     window_start = min(e.time_range.start for e in step_events)
     window_end = max(max(e.time_range.end for e in step_events), max(e.time_range.end for e in work))
     busy = _union_us([(e.time_range.start, e.time_range.end) for e in work]) / max(1.0, window_end - window_start)
@@ -203,8 +204,8 @@ def profile_summary(events, on_cuda: bool, steps: int) -> dict:
     ranked = sorted(per_name.items(), key=lambda item: -sum(item[1]))[:PROFILE_TOP]
     top = [{"name": name[:120], "ms_per_step": sum(times) / 1e3 / steps, "calls_per_step_count": len(times) / steps,
             "share_fraction": sum(times) / total} for name, times in ranked]
-    launches = len(work) / steps if on_cuda else None
-    return {"top": top, "busy_fraction": min(1.0, busy), "launches_per_step_count": launches,
+    kernels = len(work) / steps if on_cuda else None
+    return {"top": top, "busy_fraction": min(1.0, busy), "kernels_per_step_count": kernels,
             "window_ms_per_step": (window_end - window_start) / 1e3 / steps}
 
 
