@@ -1,5 +1,6 @@
 # Two entry points: `make demo` (the main job on built-in demo data) and `make test`.
 # Each creates .venv with `pip install -e '.[dev]'` when it is missing or stale.
+# `make gpu-check` (DRY=1: on CPU, tiny) measures a lent GPU; `make wheelhouse` readies it for a machine without network.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: demo test bench venv clean-demo
+.PHONY: demo test bench venv clean-demo gpu-check wheelhouse
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,3 +54,27 @@ bench: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# Every figure a lent one-GPU machine should give, within 9 minutes (benchmarks/gpu_check.py): gpu-check/gpu-check.json
+# and gpu-check/summary.md. DRY=1: the same steps on CPU at tiny sizes. Without network: a missing venv is made from
+# wheelhouse/ (see `wheelhouse`) on top of the machine's own packages (its torch), else the normal install.
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	@if [ ! -x $(BIN)/python ] && [ -d $(WHEELHOUSE) ]; then \
+		$(PYTHON) -m venv --system-site-packages $(VENV) && \
+		$(BIN)/python -m pip install -q --no-index --find-links $(WHEELHOUSE) -e . && touch $(STAMP); \
+	else $(MAKE) --no-print-directory venv; fi
+	$(BIN)/python benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(DRY),--dry)
+
+# Wheels of this venv's dependencies (pinned by pip freeze) for a machine without network, in wheelhouse/ (ignored).
+# WHEELHOUSE_SKIP: what such a machine already has (the GPU stack: torch and its CUDA wheels, gigabytes);
+# WHEEL_TARGET: pip download's target when it differs from here, e.g.
+#   WHEEL_TARGET='--only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64'
+WHEELHOUSE      := wheelhouse
+WHEELHOUSE_SKIP ?= ^(torch|torchvision|torchaudio|triton|nvidia-|cuda-)
+WHEEL_TARGET    ?=
+wheelhouse: $(STAMP)
+	mkdir -p $(WHEELHOUSE)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -Eiv '$(WHEELHOUSE_SKIP)' > $(WHEELHOUSE)/requirements.txt
+	$(BIN)/python -m pip download -q --no-deps -d $(WHEELHOUSE) $(WHEEL_TARGET) \
+		-r $(WHEELHOUSE)/requirements.txt setuptools wheel

@@ -36,7 +36,7 @@ from shared.config import PipelineConfig
 from shared.console import format_bytes
 from shared.distributed import Dist
 from shared.errors import SaltUsageError
-from shared.flops import vit_forward_flops
+from shared.flops import matmul_tflops, vit_forward_flops
 from shared.store import RowStatus, ShardPayload, create_store, pixels_shape
 from salt_cache.loader import ViewBatches, decode_workers, make_loader, plan_batches
 from salt_cache.build import run_build
@@ -208,19 +208,6 @@ def precision_drift(teacher: Teacher, batch_size: int) -> dict[str, float]:
     return results
 
 
-def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
-
-
 def time_store_write(views: np.ndarray, width: int, shard_rows: int, scratch: Path) -> tuple[float, float]:
     """MB/s of durable shard writes of real pixels and random fp16 latents; bytes per row on disk."""
     rows = len(views)
@@ -241,10 +228,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: str = "auto") -> PipelineConfig:
-    """The production recipe's build settings, with the bench's batch, workers, writers and teacher compilation."""
+def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: str = "auto",
+                 teacher_attention: str = "auto") -> PipelineConfig:
+    """The production recipe's build settings, with the bench's batch, workers, writers and the teacher's
+    compilation and attention kernel."""
     config = PipelineConfig()
     config.teacher.compile_mode = teacher_compile
+    config.teacher.attention = teacher_attention
     config.teacher.batch_size = batch_size
     config.build_loader.num_workers = workers
     config.build_loader.persistent_workers = False
@@ -254,11 +244,17 @@ def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: s
 
 def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers: int,
               device: str, scratch: Path | None, host_path: bool = False, width: int = geometry.TEACHER_WIDTH_HUGE,
-              writers: int = 4, teacher_compile: str = "auto") -> dict[str, str]:
+              writers: int = 4, teacher_compile: str = "auto",
+              teacher_attention: str = "auto") -> tuple[dict[str, str], dict[str, float | None]]:
+    """Printed figures, and the same as numbers, each with its unit in its name (``--json``; None: not measured)."""
     source = discover(src, "train", clips)
-    config = bench_config(batch_size, workers, writers, teacher_compile)
+    config = bench_config(batch_size, workers, writers, teacher_compile, teacher_attention)
     figures: dict[str, str] = {"clips": "", "clips skipped (undecodable)": "",
                                "torch threads": str(torch.get_num_threads())}
+    numbers: dict[str, float | None] = {"batch_size_clips": batch_size, "decode_workers_count": workers,
+                                        "teacher_only_clips_per_s": None, "teacher_tflop_per_clip": None,
+                                        "teacher_achieved_tflop_per_s": None, "matmul_bf16_tflop_per_s": None,
+                                        "teacher_share_of_matmul_fraction": None}
     work = Path(tempfile.mkdtemp(prefix="salt-bench-", dir=scratch))
     try:
         decode = time_decode(source.clips)
@@ -272,6 +268,9 @@ def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers
         figures["decode, plain PyAV loop (1 proc)"] = f"{decode.plain:.1f} clips/s"
         figures["decode, salt view (1 proc)"] = f"{decode.ours:.1f} clips/s"
         loader = time_loader_decode(decode.good, config, work)
+        numbers |= {"clips_count": len(decode.good), "clips_skipped_count": len(decode.skipped),
+                    "decode_plain_pyav_clips_per_s": decode.plain, "decode_salt_view_clips_per_s": decode.ours,
+                    "decode_only_clips_per_s": loader.steady, "decode_whole_pass_clips_per_s": loader.whole_pass}
         label = f"DataLoader, {workers} workers, batch {batch_size}"
         figures[f"DECODE-ONLY ({label}, steady state)"] = (
             f"{loader.steady:.1f} clips/s" if loader.steady is not None
@@ -283,19 +282,24 @@ def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers
             teacher_rate = float("inf")
             figures["TEACHER-ONLY"] = "n/a (--host-path: no teacher; the build's host path alone)"
         else:
-            teacher = load_teacher(teacher_name, device=device, compile_mode=config.teacher.compile_mode)
+            teacher = load_teacher(teacher_name, device=device, compile_mode=config.teacher.compile_mode,
+                                   attention=config.teacher.attention)
             # Before the first half-precision encode: that one converts the weights for good.
             drift = precision_drift(teacher, min(batch_size, 2))
             per_clip = vit_forward_flops(geometry.NUM_TOKENS, teacher.width, teacher.model.config.num_hidden_layers,
                                          teacher.model.config.intermediate_size / teacher.width)
             teacher_rate = time_teacher(teacher, batch_size, repeats=3)  # warms up (compiles) for the build too
             figures["teacher"] = (f"{teacher.name} on {teacher.device} ({teacher.compute_dtype}, "
-                                  f"compile {teacher.compile_mode}), batch {batch_size}")
+                                  f"compile {teacher.compile_mode}, attention {teacher.attention}), batch {batch_size}")
             figures["TEACHER-ONLY"] = f"{teacher_rate:.2f} clips/s"
             figures["teacher FLOP per clip"] = f"{per_clip / 1e12:.3f} TFLOP"
             figures["teacher achieved"] = f"{teacher_rate * per_clip / 1e12:.2f} TFLOP/s"
+            numbers |= {"teacher_only_clips_per_s": teacher_rate, "teacher_tflop_per_clip": per_clip / 1e12,
+                        "teacher_achieved_tflop_per_s": teacher_rate * per_clip / 1e12}
             if teacher.device.type == "cuda":
                 peak = matmul_tflops(teacher.device)
+                numbers |= {"matmul_bf16_tflop_per_s": peak,
+                            "teacher_share_of_matmul_fraction": teacher_rate * per_clip / 1e12 / peak}
                 figures["GPU bf16 matmul (8192^3)"] = f"{peak:.0f} TFLOP/s"
                 figures["teacher share of matmul rate"] = f"{teacher_rate * per_clip / 1e12 / peak:.0%}"
             figures["bf16 autocast vs fp32 (rel L2)"] = f"{drift['bfloat16']:.2e}"
@@ -310,10 +314,14 @@ def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers
         figures["end-to-end build, whole (worker start and final flush included)"] = f"{build.whole:.1f} clips/s"
         figures["MAIN-THREAD HOST COST (build loop CPU, teacher launches excluded)"] = (
             f"{build.host_ms_per_clip:.2f} ms/clip (budget 6; 200 clips/s needs under 5)")
+        numbers |= {"end_to_end_clips_per_s": build.steady, "end_to_end_whole_clips_per_s": build.whole,
+                    "end_to_end_share_of_slower_fraction": build.steady / slower if build.steady is not None else None,
+                    "main_thread_host_ms_per_clip": build.host_ms_per_clip}
 
         write_rate, per_row = time_store_write(decode.views, teacher.width, shard_rows=4, scratch=work)
         figures["store write (durable shards, 1 thread)"] = f"{write_rate:.0f} MB/s"
         figures["bytes per clip on disk"] = f"{format_bytes(per_row)} (pixels zstd-1 + fp16 latents, D={teacher.width})"
+        numbers |= {"store_write_mb_per_s": write_rate, "disk_bytes_per_clip": per_row}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return figures
+    return figures, numbers

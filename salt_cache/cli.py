@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from shared.cli import DEVICE_HELP, Device, choices, make_app, run_app
-from shared.config import PipelineConfig, TeacherCompileMode, load_pipeline
+from shared.config import PipelineConfig, TeacherAttention, TeacherCompileMode, load_pipeline
 from shared import lifeline
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
 from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, compute_stats
@@ -132,7 +132,7 @@ def build(
 
             model = NoTeacher() if pixels_only else dist.agree(
                 lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype,
-                                     config.teacher.compile_mode))
+                                     config.teacher.compile_mode, config.teacher.attention))
             report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist, force=force,
                                repair=repair)
         except KeyboardInterrupt:
@@ -238,6 +238,7 @@ def demo_data(
 
 
 TeacherCompile = choices("TeacherCompile", TeacherCompileMode)
+TeacherAttentionChoice = choices("TeacherAttentionChoice", TeacherAttention)
 
 
 @app.command()
@@ -256,6 +257,11 @@ def bench(
     teacher_compile: TeacherCompile = typer.Option(TeacherCompile.auto, "--teacher-compile",
                                                    help="torch.compile mode of the teacher "
                                                         "(auto: default on CUDA, off on CPU)"),
+    teacher_attention: TeacherAttentionChoice = typer.Option(
+        TeacherAttentionChoice.auto, "--teacher-attention",
+        help="the teacher's attention kernel (auto: PyTorch's choice; cudnn, flash, efficient: CUDA only)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as numbers to this file "
+                                            "(each with its unit in its name)"),
 ) -> int:
     """Print decode-only, teacher-only and end-to-end build rates from one run (figures for EXPERIMENTS.md)."""
     setup_logging()
@@ -264,12 +270,19 @@ def bench(
                                                 "does not exist; create it or drop --out"))
     from salt_cache.bench import run_bench
     from shared.device import resolve_device
+    from shared.filesystem import write_json_atomic
 
-    resolve_device(device.value)  # e.g. cuda without CUDA: say so before minutes of decoding
-    figures = run_bench(src, clips=clips, teacher_name=teacher, batch_size=batch_size,
-                        workers=workers, device=device.value, scratch=out, host_path=host_path, width=width,
-                        writers=writers, teacher_compile=teacher_compile.value)
+    resolved = resolve_device(device.value)  # e.g. cuda without CUDA: say so before minutes of decoding
+    if teacher_attention.value not in ("auto", "math") and resolved.type != "cuda":
+        raise SaltUsageError(f"--teacher-attention {teacher_attention.value} is a CUDA kernel; on {resolved} use "
+                             "auto or math")
+    figures, numbers = run_bench(src, clips=clips, teacher_name=teacher, batch_size=batch_size,
+                                 workers=workers, device=device.value, scratch=out, host_path=host_path, width=width,
+                                 writers=writers, teacher_compile=teacher_compile.value,
+                                 teacher_attention=teacher_attention.value)
     print_block("salt-cache bench", figures, stream=sys.stdout)
+    if json_out is not None:
+        write_json_atomic(json_out, numbers)
     return EXIT_OK
 
 

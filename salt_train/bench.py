@@ -150,8 +150,12 @@ def step_rate(stepper: Stepper, batches, count: int, warmup: int = 2) -> float:
     return clips / (time.perf_counter() - started)
 
 
-def profile_steps(stepper: Stepper, batch: dict, out: Path, steps: int = 4) -> Path:
-    """A torch.profiler chrome trace of ``steps`` steps on one batch (after the measured ones: warm)."""
+PROFILE_TOP = 10  # kernels (CUDA) or operators (CPU) in the profile table
+
+
+def profile_steps(stepper: Stepper, batch: dict, out: Path, steps: int = 4) -> tuple[Path, dict]:
+    """A torch.profiler chrome trace of ``steps`` steps on one batch (after the measured ones: warm), and
+    its summary (:func:`profile_summary`)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if stepper.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -164,7 +168,45 @@ def profile_steps(stepper: Stepper, batch: dict, out: Path, steps: int = 4) -> P
         if stepper.device.type == "cuda":
             torch.cuda.synchronize(stepper.device)
     profiler.export_chrome_trace(str(trace))
-    return trace
+    return trace, profile_summary(profiler.events(), stepper.device.type == "cuda", steps)
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """Microseconds covered by the union of ``(start, end)`` intervals."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
+
+
+def profile_summary(events, on_cuda: bool, steps: int) -> dict:
+    """The steps' top kernels by device time (CUDA; on CPU the top operators by CPU time) and how busy the
+    device was: the union of kernel (CPU: ``aten::`` operator) time over the window of the profiled steps."""
+    step_events = [e for e in events if e.name.startswith("step ") and e.device_type.name == "CPU"]
+    if on_cuda:  # kernels, copies and sets; not the GPU-side copies of the "step n" annotations
+        work = [e for e in events if e.device_type.name == "CUDA" and not e.name.startswith("step ")
+                and not getattr(e, "is_user_annotation", False)]
+        total_us = lambda e: e.time_range.elapsed_us()  # noqa: E731
+    else:
+        work = [e for e in events if e.device_type.name == "CPU" and e.name.startswith("aten::")]
+        total_us = lambda e: e.self_cpu_time_total  # noqa: E731
+    if not step_events or not work:
+        return {"top": [], "busy_fraction": None, "kernels_per_step_count": None, "window_ms_per_step": None}
+    window_start = min(e.time_range.start for e in step_events)
+    window_end = max(max(e.time_range.end for e in step_events), max(e.time_range.end for e in work))
+    busy = _union_us([(e.time_range.start, e.time_range.end) for e in work]) / max(1.0, window_end - window_start)
+    per_name: dict[str, list[float]] = {}
+    for event in work:
+        per_name.setdefault(event.name, []).append(total_us(event))
+    total = sum(sum(times) for times in per_name.values()) or 1.0
+    ranked = sorted(per_name.items(), key=lambda item: -sum(item[1]))[:PROFILE_TOP]
+    top = [{"name": name[:120], "ms_per_step": sum(times) / 1e3 / steps, "calls_per_step_count": len(times) / steps,
+            "share_fraction": sum(times) / total} for name, times in ranked]
+    kernels = len(work) / steps if on_cuda else None
+    return {"top": top, "busy_fraction": min(1.0, busy), "kernels_per_step_count": kernels,
+            "window_ms_per_step": (window_end - window_start) / 1e3 / steps}
 
 
 def repeat(batch: dict):
@@ -196,7 +238,8 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
     first = next(iter(make_loader(spec, config.train_loader.model_copy(update={"num_workers": 0}), pin_memory=False)))
     on_device = batch_to_device(first, device)
     memory_clips = step_rate(stepper, repeat(on_device), batches) * dist.world_size  # DDP keeps ranks in lockstep
-    trace = profile_steps(stepper, on_device, profile) if profile is not None and dist.is_main else None
+    trace, profiled = (profile_steps(stepper, on_device, profile) if profile is not None and dist.is_main
+                       else (None, None))
     loader = training_feed(spec, config, device)
     fed_warmup = ring_warmup(spec, config, batches) if device.type == "cuda" else 2  # CPU: nothing to pin
     fed_clips = step_rate(stepper, loader, batches, warmup=fed_warmup) * dist.world_size
@@ -224,10 +267,20 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
     }
     if trace is not None:
         figures["profile"] = f"{trace} (chrome://tracing or https://ui.perfetto.dev)"
+    peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    per_gpu_peak = peak[1] * dist.world_size if peak is not None else None
     numbers = {"processes": dist.world_size, "threads": torch.get_num_threads(), "batch": spec.batch_size,
+               "raw_read_clips_per_s": raw_bytes / raw_seconds / bytes_per_clip,
                "loader_clips_per_s": loader_clips, "step_memory_clips_per_s": memory_clips,
                "step_loader_clips_per_s": fed_clips,
-               "step_memory_tflops": memory_clips * step_flops / 1e12}
+               "step_memory_tflops": memory_clips * step_flops / 1e12,
+               "step_loader_tflops": fed_clips * step_flops / 1e12,
+               "train_step_gflop_per_clip": step_flops / 1e9,
+               "peak_bf16_tflops": peak[1] if peak is not None else None,
+               "step_memory_peak_fraction": memory_clips * step_flops / 1e12 / per_gpu_peak if per_gpu_peak else None,
+               "step_loader_peak_fraction": fed_clips * step_flops / 1e12 / per_gpu_peak if per_gpu_peak else None}
+    if profiled is not None:
+        numbers["profile"] = profiled
     return figures, numbers
 
 

@@ -34,6 +34,7 @@ HUGE_RANDOM_TEACHER = "builtin:videomae-huge-random"  # real size, random weight
 # ``typing.get_args`` (e.g. ``get_args(MaskKind)``) rather than copying the strings.
 DeviceName = Literal["auto", "cpu", "cuda"]
 TeacherCompileMode = Literal["auto", "off", "default", "max-autotune"]
+TeacherAttention = Literal["auto", "cudnn", "flash", "efficient", "math"]  # the teacher's SDPA kernel
 SamplingRule = Literal["segment-jitter", "segment-center"]
 Interpolation = Literal["bicubic", "bilinear", "area"]
 SnapshotMode = Literal["auto", "reflink", "copy", "none"]
@@ -63,6 +64,8 @@ class TeacherConfig(_Section):
     batch_size: Count = Field(16, gt=0, description="clips per teacher forward (any size: batches span shards)")
     # auto: torch.compile's default mode on CUDA, off on CPU (shared/teacher.py).
     compile_mode: TeacherCompileMode = "auto"
+    # auto: PyTorch picks per call; cudnn, flash, efficient: that kernel only (CUDA); math: the reference.
+    attention: TeacherAttention = "auto"
 
 
 class ViewConfig(_Section):

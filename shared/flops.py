@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+import torch
+
 
 def vit_forward_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
     """Multiply-adds counted as 2 FLOPs: per layer, the qkv/out projections
@@ -40,3 +44,19 @@ def peak_bf16_tflops(device_name: str) -> tuple[str, float] | None:
         if key in device_name:
             return label, peak
     return None
+
+
+def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
+    """The device's measured bf16 matmul rate (TFLOP/s) on ``size``-square random matrices, after warm-up."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12

@@ -50,6 +50,11 @@ def _die_with_parent(signum: int) -> bool:
         return False
 
 
+def die_with_parent() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child gets SIGTERM when the process that started it dies."""
+    _die_with_parent(signal.SIGTERM)
+
+
 def _alive(pid: int) -> bool:
     """Running: a zombie (killed, not yet reaped by its parent) counts as gone."""
     try:

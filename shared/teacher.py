@@ -197,6 +197,7 @@ class Teacher:
     compute_dtype: str
     weights_hash: str
     compile_mode: str = "off"
+    attention: str = "auto"  # the SDPA kernel (shared.config.TeacherAttention)
 
     def __post_init__(self) -> None:
         self.mean, self.std = geometry.pixel_statistics(self.device, (1, 1, 3, 1, 1))
@@ -257,7 +258,8 @@ class Teacher:
         if dtype != torch.float32 and self.device.type == "cuda" and not reference:
             self._convert_weights(dtype)
         forward = self.model if reference else self.forward
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32), \
+                attention_kernel(self.attention):
             latents = forward(pixel_values=pixels).last_hidden_state
         if latents.shape[1] != geometry.NUM_TOKENS:
             raise SaltUsageError(f"teacher {self.name} gave {latents.shape[1]} tokens, not {geometry.NUM_TOKENS}")
@@ -279,9 +281,27 @@ def resolve_teacher_compile(mode: str, device: torch.device) -> str:
     return mode
 
 
-def load_teacher(name: str, device: str = "auto", dtype: str = "auto", compile_mode: str = "auto") -> Teacher:
+# The kernels behind teacher.attention's names (torch.nn.attention.SDPBackend members).
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def attention_kernel(choice: str) -> contextlib.AbstractContextManager[None]:
+    """Scaled dot-product attention restricted to ``choice``'s kernel (auto: PyTorch's own choice). Compiled
+    forwards take the kernel chosen while they are traced: the same context every call."""
+    if choice == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[choice]))
+
+
+def load_teacher(name: str, device: str = "auto", dtype: str = "auto", compile_mode: str = "auto",
+                 attention: str = "auto") -> Teacher:
     """Load, freeze and fingerprint the teacher, ready for ``encode``."""
     torch_device = resolve_device(device)
+    if attention not in ("auto", "math") and torch_device.type != "cuda":
+        raise SaltUsageError(f"teacher.attention {attention} is a CUDA kernel; on {torch_device} use auto or math")
     name = resolve_teacher_name(name)
     model = load_teacher_model(name)
     _check_geometry(model.config, name)
@@ -290,4 +310,4 @@ def load_teacher(name: str, device: str = "auto", dtype: str = "auto", compile_m
     fingerprint = weights_hash(model)
     model.to(torch_device)
     return Teacher(model, name, torch_device, resolve_dtype(dtype, torch_device), fingerprint,
-                   resolve_teacher_compile(compile_mode, torch_device))
+                   resolve_teacher_compile(compile_mode, torch_device), attention)

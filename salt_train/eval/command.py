@@ -240,6 +240,9 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "probes": f"{len(seeds)} seeds each ({', '.join(map(str, seeds))}), 95% bootstrap intervals over "
                   f"validation rows",
     })
+    phases: dict[str, float] = {}  # wall seconds of each part (eval.json "seconds_by_phase"; make gpu-check reads it)
+    mark = _phase_clock(phases, started)
+    mark("setup")
     with scratch(out_dir) as spill:
         # Retrieval pairs halves of validation clips only: the train rows skip the second half.
         train_variants = tuple(v for v in VARIANTS if v != RETRIEVAL_PAIR[1])
@@ -247,10 +250,12 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
             train_store, ExtractionPlan(train_set.rows, train_set.temporal, train_variants, labelled, settings.seed),
             models, settings.batch_size, memory, spill, "train", with_latents=labelled,
             standardisation=standardisation)
+        mark("features_train")
         val_features, val_latents = extract(
             val_store, ExtractionPlan(val_set.rows, val_set.temporal, VARIANTS, labelled, settings.seed),
             models, settings.batch_size, memory, spill, "val", with_latents=labelled,
             standardisation=standardisation)
+        mark("features_val")
         probe = lambda epochs, lr, wd, batch, seed: ProbeSettings(epochs, lr, wd, batch, seed, device)  # noqa: E731
         linear = lambda seed: probe(settings.linear_iterations, 0.0, settings.linear_l2,  # noqa: E731
                                     settings.probe_batch_size, seed)
@@ -264,6 +269,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
                 heldout[name] = {"not_run": "an export holds the encoder only (no predictor): evaluate a run folder"}
         heldout[TEACHER] = {"not_run": "the teacher's own latents are the targets"}
         heldout[PIXELS] = {"not_run": "pixels predict no latents; the mean-latent baseline is the floor"}
+        mark("heldout")
 
         val_temporal_rows = val_set.rows[val_set.temporal]
         temporal: dict[str, Any] = {}
@@ -288,11 +294,13 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
                 over_seeds([retrieval_top1(val_features[name].slots[first], val_features[name].slots[second])],
                            val_temporal_rows, settings.seed) if name in models else {"not_run": teacher_note})
 
+        mark("temporal_probes")
         classification = _classification(train_set, val_set, train_features, val_features, train_latents, val_latents,
                                          models, settings, seeds, probe, linear, train_store)
         for features in (*train_features.values(), *val_features.values(), train_latents, val_latents):
             if features is not None and features.tokens is not None:
                 features.tokens.release()
+    mark("classification_probes")
 
     report = {
         "format": EVAL_FORMAT, "format_version": EVAL_VERSION,
@@ -313,10 +321,22 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "heldout": heldout, "temporal": temporal, "classification": classification,
         "summary": temporal_summary(temporal),
         "seconds": round(time.perf_counter() - started, 1),
+        "seconds_by_phase": {name: round(seconds, 2) for name, seconds in phases.items()},
     }
     print_table(report)  # first: a failed write below still leaves the figures on screen
     write_outputs(report, out_dir, subject.path / "metrics.jsonl" if subject.kind == "run" else None)
     return report
+
+
+def _phase_clock(phases: dict[str, float], started: float):
+    """``mark(name)``: wall seconds since the previous mark (the first: since ``started``) into ``phases[name]``."""
+    last = [started]
+
+    def mark(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = now - last[0]
+        last[0] = now
+    return mark
 
 
 def over_seeds(scores: list[ProbeScore], row_of_sample: np.ndarray, seed: int) -> dict[str, Any]:
