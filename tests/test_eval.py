@@ -206,9 +206,10 @@ def test_eval_of_an_imported_vjepa_encoder_with_few_frame_rows_and_latency(store
     result = call_train("import-encoder", checkpoint, tmp_path / "export", "--heads", "2")
     assert result.returncode == 0, result.stderr
     result = call_train("eval", tmp_path / "export", "--val-cache", stores.val, "--train-cache", stores.train,
-                        "--pipeline", stores.pipeline, "--train-rows", "16", "--val-rows", "12",
+                        "--pipeline", stores.pipeline, "--train-rows", "12", "--val-rows", "8",
                         "--set", "eval.few_frames=[2,4]", "--set", "eval.latency_repeats=2",
-                        "--set", "eval.probe_seeds=2", "--set", "eval.temporal_rows=8", "--out", tmp_path / "eval")
+                        "--set", "eval.probe_seeds=2", "--set", "eval.temporal_rows=6",
+                        "--set", "eval.linear_iterations=10", "--set", "eval.probe_epochs=2", "--out", tmp_path / "eval")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     few = report["few_frames"]["frames"]
