@@ -209,7 +209,8 @@ def test_eval_of_an_imported_vjepa_encoder_with_few_frame_rows_and_latency(store
                         "--pipeline", stores.pipeline, "--train-rows", "12", "--val-rows", "8",
                         "--set", "eval.few_frames=[2,4]", "--set", "eval.latency_repeats=2",
                         "--set", "eval.probe_seeds=2", "--set", "eval.temporal_rows=6",
-                        "--set", "eval.linear_iterations=10", "--set", "eval.probe_epochs=2", "--out", tmp_path / "eval")
+                        "--set", "eval.linear_iterations=10", "--set", "eval.probe_epochs=2",
+                        "--out", tmp_path / "eval")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     few = report["few_frames"]["frames"]
