@@ -7,22 +7,15 @@ that a teacher does not use. This maps the encoder onto transformers' ``VideoMAE
 ``use_mean_pooling: false`` (so ``encoder.norm`` becomes its final ``layernorm``, applied to every
 token), checks every key, and saves it where ``--teacher DIR`` can load it.
 
-The file is read with ``torch.load(weights_only=True)``: no pickle code runs. The one class allowed
-besides tensors and containers is ``argparse.Namespace``, the ``args`` entry the original training
-script saves beside the weights (a plain attribute bag: building one runs no code of the file's).
+The file is read with ``torch.load(weights_only=True)`` (``shared/torch_file.py``): no pickle code runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import pickle
 import re
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor
 from transformers import VideoMAEConfig, VideoMAEModel
 
@@ -30,6 +23,7 @@ from shared import geometry
 from shared.errors import SaltUsageError, first_line
 from shared.filesystem import atomic_dir
 from shared.teacher import quiet_transformers, refuse_nonfinite_weights
+from shared.torch_file import load_weights_only, tensors_only
 
 ENCODER = "encoder."
 # The pretraining model's pixel decoder: left out on purpose, the teacher is the encoder alone.
@@ -52,50 +46,14 @@ class Conversion:
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], list[str]]:
     """The state dict in ``path`` (unwrapped from ``model``/``module``) and the other top-level entries."""
-    if not path.is_file():
-        raise SaltUsageError(f"{path} " + ("is a folder; pass the .pth file" if path.is_dir() else "does not exist"))
-    try:
-        # Memory-mapped where the format allows (torch.save's zip format, torch >= 1.6): an optimizer
-        # state saved beside the weights is then never read into memory.
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as exc:
-        raise SaltUsageError(f"{path} {_refused_pickle(exc)}; refusing: nothing in it ran, and only tensors and plain "
-                             "containers are read (a torch.save state dict)") from None
-    except Exception as exc:  # torch raises many types for a file that is no checkpoint at all
-        raise SaltUsageError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
+    loaded = load_weights_only(path, "the .pth file")
     if isinstance(loaded, dict) and not any(isinstance(v, Tensor) for v in loaded.values()):
         for wrapper in WRAPPERS:
             if isinstance(loaded.get(wrapper), dict):
-                return _tensors_only(loaded[wrapper], path), sorted(str(k) for k in loaded if k != wrapper)
+                return tensors_only(loaded[wrapper], path), sorted(str(k) for k in loaded if k != wrapper)
     if isinstance(loaded, dict):
-        return _tensors_only(loaded, path), []
+        return tensors_only(loaded, path), []
     raise SaltUsageError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-
-
-def _refused_pickle(exc: pickle.UnpicklingError) -> str:
-    """What torch's weights-only reader refused, in our words: torch's own message goes on to advise
-    ``weights_only=False``, which would run the file's code, so it is never passed on."""
-    text = str(exc)
-    refused = re.search(r"GLOBAL (\S+)", text)
-    if refused:
-        return f"needs pickle code to load (it calls {refused.group(1)})"
-    operand = re.search(r"Unsupported operand (\d+)", text)
-    if operand:
-        return (f"is not a PyTorch checkpoint readable without pickle code (pickle opcode {operand.group(1)} is "
-                "outside torch.save's weights-only format: a plain pickle file, or no checkpoint at all)")
-    detail = first_line(exc) if "weights_only" not in text else "not torch.save's weights-only format"
-    return f"is not a PyTorch checkpoint ({detail})"
-
-
-def _tensors_only(state: dict, path: Path) -> dict[str, Tensor]:
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, Tensor):
-            raise SaltUsageError(f"{path}: entry {key!r} of the state dict is a {type(value).__name__}, not a tensor")
-    if not state:
-        raise SaltUsageError(f"{path} holds an empty state dict")
-    return state
 
 
 def original_encoder_keys(depth: int, qkv_bias: bool) -> list[str]:

@@ -3,7 +3,8 @@
 Commands: ``run`` (train, or continue with ``--resume``), ``teacher`` (SALT's stage 1: train
 the teacher by pixel reconstruction, same loop and flags), ``preflight`` (checks
 before a long run), ``bench`` (loader and step throughput), ``snapshots``
-(list and prune the store's snapshots).
+(list and prune the store's snapshots), ``eval`` (measure an encoder) and ``import-encoder``
+(a released V-JEPA or VideoMAE encoder into the export format eval reads).
 """
 
 from __future__ import annotations
@@ -217,6 +218,38 @@ def evaluate(
     run_eval(EvalRequest(target=target, val_cache=val_cache, train_cache=train_cache, checkpoint=checkpoint,
                          teacher=teacher, pipeline=pipeline, overrides=overrides,
                          device=device.value if device else None, out=out))
+    return EXIT_OK
+
+
+@app.command("import-encoder")
+def import_encoder(
+    source: Path = typer.Argument(..., help="a V-JEPA checkpoint (.pth.tar, e.g. vitl16.pth.tar) or a VideoMAE "
+                                  "save_pretrained folder"),
+    out: Path = typer.Argument(..., help="new folder for the exported encoder (pass it to salt-train eval)"),
+    key: str = typer.Option("target_encoder", help="V-JEPA: the checkpoint entry holding the encoder"),
+    heads: Optional[int] = typer.Option(None, min=1, help="V-JEPA: attention heads [inferred for V-JEPA's widths "
+                                        "192, 384, 768, 1024, 1280, 1408]"),
+    uniform_power: bool = typer.Option(True, "--uniform-power/--no-uniform-power",
+                                       help="V-JEPA without pos_embed in the file: how its sin-cos positions "
+                                            "were laid out [uniform power, as V-JEPA's released configs]"),
+) -> int:
+    """Convert a released encoder into salt-train's export format, so that salt-train eval measures it as it
+    measures a student (calibration against published figures). Read without pickle code; every tensor is
+    checked (a missing, unexpected or misshapen one is named, exit 2)."""
+    setup_logging()
+    from salt_train.import_encoder import import_encoder as convert
+
+    done = convert(source, out, key=key, heads=heads, uniform_power=uniform_power)
+    kwargs = done.kwargs
+    norm = "final norm" if kwargs.get("final_norm", True) else "no final norm"
+    print_block(f"imported {source} -> {out}", {
+        "encoder": f"{done.layout}: width {kwargs['embed_dim']}, {kwargs['depth']} blocks, {kwargs['num_heads']} "
+                   f"heads, MLP x{kwargs['mlp_ratio']:.3g}, {norm}, LayerNorm eps {done.layer_norm_eps:g}",
+        "converted": f"{done.tensors} tensors" + (f"; left out: {len(done.left_out)} head/decoder tensors"
+                                                 if done.left_out else ""),
+        "positions": done.positions,
+        "use it": f"salt-train eval {out} --train-cache TRAIN_STORE --val-cache VAL_STORE",
+    }, stream=sys.stdout)
     return EXIT_OK
 
 

@@ -9,6 +9,12 @@ video conversion and loads the weights with timm's own ``load_checkpoint``
 (safetensors: no pickle), strictly. ``num_frames=T`` (any even T from 2 to 16)
 keeps the positions of the first T/2 temporal slots, for callers that have only
 a few recent frames (a robot policy).
+
+Version 2 adds two optional fields, for encoders imported from other code
+(``salt-train import-encoder``): ``layer_norm_eps`` (every LayerNorm's epsilon,
+where it is not timm's 1e-6: transformers' VideoMAE uses 1e-12) and ``source``
+(what it was converted from). An export without an epsilon of its own is written
+as version 1 (``source`` is information only).
 """
 
 from __future__ import annotations
@@ -27,14 +33,17 @@ from shared.filesystem import atomic_dir
 from salt_train.student import VideoViT, create_timm_vit
 
 EXPORT_FORMAT = "salt-video-vit"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+TIMM_LAYER_NORM_EPS = 1e-6
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def export_encoder(encoder: VideoViT, model_name: str, kwargs: dict, out_dir: Path) -> Path:
+def export_encoder(encoder: VideoViT, model_name: str, kwargs: dict, out_dir: Path, *,
+                   layer_norm_eps: float | None = None, source: dict | None = None) -> Path:
     """Write the encoder to ``out_dir``, atomically: built in a sibling folder, then renamed into place.
-    An older export is moved aside, not deleted, until the new one is in place."""
+    An older export is moved aside, not deleted, until the new one is in place. ``layer_norm_eps`` and
+    ``source``: see the module's docstring."""
     out_dir = Path(out_dir)
     # safetensors refuses shared or non-contiguous storage: own, contiguous CPU copies.
     state = {key: value.detach().to("cpu").contiguous().clone() for key, value in encoder.state_dict().items()}
@@ -44,6 +53,12 @@ def export_encoder(encoder: VideoViT, model_name: str, kwargs: dict, out_dir: Pa
         "num_tokens": geometry.NUM_TOKENS, "width": encoder.width,
         "pixel_mean": list(geometry.PIXEL_MEAN), "pixel_std": list(geometry.PIXEL_STD),
     }
+    if layer_norm_eps is not None and layer_norm_eps != TIMM_LAYER_NORM_EPS:
+        config["layer_norm_eps"] = float(layer_norm_eps)
+    if source is not None:
+        config["source"] = dict(source)
+    if "layer_norm_eps" in config:
+        config["format_version"] = 2  # a version-1 reader would silently use timm's epsilon
     with atomic_dir(out_dir, replace="backup") as partial:
         save_file(state, str(partial / WEIGHTS), metadata={"format": EXPORT_FORMAT})
         (partial / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
@@ -63,6 +78,9 @@ def read_export_config(export_dir: Path) -> dict:
             raise ValueError("architecture must be a timm name and kwargs a mapping")
         if config.get("num_tokens") != geometry.NUM_TOKENS:
             raise ValueError(f"num_tokens {config.get('num_tokens')!r}, expected {geometry.NUM_TOKENS}")
+        eps = config.get("layer_norm_eps", TIMM_LAYER_NORM_EPS)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"layer_norm_eps {eps!r} is not a small positive number")
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SaltUsageError(f"{export_dir} is not a SALT encoder export ({one_line(exc)})") from None
     return config
@@ -105,4 +123,8 @@ def load_encoder(export_dir: str | Path, num_frames: int = geometry.NUM_FRAMES) 
         timm.models.load_checkpoint(encoder, str(weights), strict=True)
     except Exception as exc:  # truncated file, wrong keys or shapes
         raise SaltUsageError(f"{weights} does not load into {config['architecture']} ({one_line(exc)})") from None
+    if "layer_norm_eps" in config:
+        for module in encoder.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = float(config["layer_norm_eps"])
     return encoder if num_frames == geometry.NUM_FRAMES else keep_first_slots(encoder, num_frames)

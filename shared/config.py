@@ -312,6 +312,22 @@ class EvalConfig(_Section):
     val_cache: str | None = Field(None, description="validation store for `salt-train eval` and train.eval_every")
     quick_rows: Count = Field(64, gt=0, description="validation rows of the quick evaluation during training")
     vjepa: VjepaEvalConfig = VjepaEvalConfig()
+    few_frames: list[int] = Field(default_factory=list, description="input frame counts (even, 2 to 14) of the "
+                                  "few-frame rows: the SSv2 attentive probe and the temporal probes on T frames of "
+                                  "each clip (salt_train/eval/frames.py); []: none (each T costs about T/16 of the "
+                                  "16-frame extraction)")
+    latency_repeats: int = Field(10, ge=0, le=1000, description="timed forwards of one clip per frame count "
+                                 "(2, 4, 8, 16) for the encoder's latency, after 2 warm-up ones; 0: not measured")
+
+    @model_validator(mode="after")
+    def _check_few_frames(self) -> "EvalConfig":
+        bad = [t for t in self.few_frames if not (2 <= t < 16 and t % 2 == 0)]
+        if bad:
+            raise ValueError(f"few_frames: {bad[0]} is not an even frame count from 2 to 14 (whole tubelets of 2, "
+                             "fewer than the 16 of the main rows)")
+        if len(set(self.few_frames)) != len(self.few_frames):
+            raise ValueError(f"few_frames: {self.few_frames} names a frame count twice")
+        return self
 
 
 class PipelineConfig(_Section):

@@ -177,6 +177,62 @@ def test_eval_of_an_export_and_of_a_store_without_labels(stores: EvalStores, tmp
     assert "skipped" in result.stdout
 
 
+def test_few_frame_clips_and_encoders() -> None:
+    from salt_train.eval.frames import frame_window, with_slots
+    from salt_train.eval.pixels import pixel_tokens
+    from salt_train.student import build_student
+
+    # The T centre frames from a tubelet boundary: each input tubelet is one of the 16-frame clip's own.
+    assert [frame_window(t).tolist() for t in (2, 4, 8)] == [[6, 7], [6, 7, 8, 9], list(range(4, 12))]
+    assert [[task.name for task in temporal.tasks_at(t)] for t in (2, 4)] == [
+        ["arrow_of_time"], ["arrow_of_time", "order", "continuity"]]
+    clip = np.random.default_rng(0).integers(0, 256, size=(1, 4, 224, 224, 3), dtype=np.uint8)
+    assert np.array_equal(temporal.Variant("swapped").apply(clip, np.zeros(1)), clip[:, [2, 3, 0, 1]])
+    assert np.array_equal(temporal.Variant("stutter").apply(clip, np.zeros(1)), clip[:, [0, 1, 0, 1]])
+    # The pixel floor of T frames is the 16-frame one's tokens of those tubelets.
+    views = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(1, 16, 224, 224, 3), dtype=np.uint8))
+    assert torch.equal(pixel_tokens(views[:, 6:10]), pixel_tokens(views)[:, 3 * 196:5 * 196])
+    encoder = build_student("vit_tiny_patch16_224", kwargs={"depth": 1}).eval()
+    few = with_slots(encoder, 4)
+    assert few.blocks is encoder.blocks and encoder.pos_embed.shape[1] == 1568 and few.pos_embed.shape[1] == 392
+    assert few(torch.zeros(1, 3, 4, 224, 224)).shape == (1, 392, encoder.width)
+
+
+def test_eval_of_an_imported_vjepa_encoder_with_few_frame_rows_and_latency(stores: EvalStores,
+                                                                          tmp_path: Path) -> None:
+    from tests.vjepa_checkpoint import vjepa_encoder_state, write_vjepa_checkpoint
+
+    checkpoint = write_vjepa_checkpoint(tmp_path / "vitt16.pth.tar", vjepa_encoder_state(32, 1))
+    result = call_train("import-encoder", checkpoint, tmp_path / "export", "--heads", "2")
+    assert result.returncode == 0, result.stderr
+    result = call_train("eval", tmp_path / "export", "--val-cache", stores.val, "--train-cache", stores.train,
+                        "--pipeline", stores.pipeline, "--train-rows", "12", "--val-rows", "8",
+                        "--set", "eval.few_frames=[2,4]", "--set", "eval.latency_repeats=2",
+                        "--set", "eval.probe_seeds=2", "--set", "eval.temporal_rows=6",
+                        "--set", "eval.linear_iterations=10", "--set", "eval.probe_epochs=2",
+                        "--out", tmp_path / "eval")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    few = report["few_frames"]["frames"]
+    assert set(few) == {"2", "4"} and few["2"]["frames"] == [6, 7] and few["4"]["frames"] == [6, 7, 8, 9]
+    assert list(few["2"]["temporal"]) == ["arrow_of_time"] and few["2"]["undefined"] == ["order", "continuity"]
+    assert list(few["4"]["temporal"]) == ["arrow_of_time", "order", "continuity"]
+    for entry in few.values():
+        for figures in (*entry["temporal"].values(), entry["classification"]["attentive"]):
+            for column in ("pixels", "random_init", "student"):
+                figure = figures[column]
+                assert 0.0 <= figure["top1_interval"][0] <= figure["top1"] <= figure["top1_interval"][1] <= 1.0
+                assert len(figure["top1_seeds"]) == 2
+            assert "takes 16 frames" in figures["teacher"]["not_run"]
+        assert entry["classification"]["heads"] == {"pixels": 4, "random_init": 2, "student": 2}
+    latency = report["latency"]
+    assert set(latency["frames"]) == {"2", "4", "8", "16"} and latency["repeats"] == 2
+    for figure in latency["frames"].values():
+        assert 0 < figure["min_ms"] <= figure["median_ms"] <= figure["max_ms"] < float("inf")
+    assert "SSv2 attentive probe top-1, 2 frames (6-7)" in result.stdout and "order, 4 frames (6-9)" in result.stdout
+    assert "encoder ms per clip at T=2/4/8/16" in result.stdout
+
+
 def _damaged_run(stores: EvalStores, tmp_path: Path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(stores.run, run)

@@ -43,16 +43,16 @@ from shared.store import LatentStore
 from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint, verify_checkpoint
 from salt_train.eval.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
-                                      describe_bound, extract, pool_tokens, spilled_bytes,
-                                      standardisation_tensors)
+                                      describe_bound, extract, spilled_bytes, standardisation_tensors)
 from salt_train.eval.heldout import channel_means, heldout_figures
 from salt_train.eval.output import prepare_output, scratch
+from salt_train.eval.figures import attentive_figure, over_seeds, probe_settings, temporal_figures
+from salt_train.eval.frames import RULE as FEW_FRAMES_RULE, few_frame_figures, few_frame_spill
 from salt_train.eval.pixels import PixelFeatures
-from salt_train.eval.probes import (ProbeScore, ProbeSettings, attentive_probe, linear_probe, retrieval_top1,
-                                    stack_tasks)
+from salt_train.eval.latency import encoder_latency
+from salt_train.eval.probes import linear_probe, retrieval_top1
 from salt_train.eval.report import COLUMNS, print_table, write_outputs
 from salt_train.eval.rows import RowSet, check_compatible, class_count, row_set
-from salt_train.eval.stats import seeded_score
 from salt_train.eval.temporal import RETRIEVAL_PAIR, RETRIEVAL_SANITY, TASKS, VARIANTS
 from salt_train.export import load_encoder, read_export_config
 from salt_train.model import SaltStudent, build_salt_student, mask_groups
@@ -225,6 +225,10 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     seeds = [settings.seed + k for k in range(settings.probe_seeds)]
     widths = {m: models[m].width for m in models} | {"teacher latents": val_store.teacher_width}
     spill_bytes = spilled_bytes(len(train_set.rows), widths, memory) + spilled_bytes(len(val_set.rows), widths, memory)
+    # The few-frame banks come after the 16-frame ones are released: the larger of the two is the peak.
+    few_widths = {m: models[m].width for m in (PIXELS, RANDOM, STUDENT)}
+    spill_bytes = max(spill_bytes, few_frame_spill(len(train_set.rows), len(val_set.rows), few_widths, memory,
+                                                   settings.few_frames))
     prepare_output(out_dir, spill_bytes if labelled else 0)
     print_block("salt-train eval", {
         "subject": f"{subject.path} ({subject.source}; {subject.architecture} {subject.kwargs or ''})",
@@ -239,6 +243,8 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
                   if labelled else "not kept (no labels)",
         "probes": f"{len(seeds)} seeds each ({', '.join(map(str, seeds))}), 95% bootstrap intervals over "
                   f"validation rows",
+        "few frames": (f"T = {', '.join(map(str, settings.few_frames))}: {FEW_FRAMES_RULE}" if settings.few_frames
+                       else "none (eval.few_frames: [])"),
     })
     phases: dict[str, float] = {}  # wall seconds of each part (eval.json "seconds_by_phase"; make gpu-check reads it)
     mark = _phase_clock(phases, started)
@@ -256,9 +262,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
             models, settings.batch_size, memory, spill, "val", with_latents=labelled,
             standardisation=standardisation)
         mark("features_val")
-        probe = lambda epochs, lr, wd, batch, seed: ProbeSettings(epochs, lr, wd, batch, seed, device)  # noqa: E731
-        linear = lambda seed: probe(settings.linear_iterations, 0.0, settings.linear_l2,  # noqa: E731
-                                    settings.probe_batch_size, seed)
+        attentive, linear = probe_settings(settings, device)
 
         baseline = channel_means(train_store, train_set.rows, standardisation, settings.batch_size)
         heldout: dict[str, Any] = heldout_figures(
@@ -272,20 +276,10 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         mark("heldout")
 
         val_temporal_rows = val_set.rows[val_set.temporal]
-        temporal: dict[str, Any] = {}
-        for task in TASKS:
-            temporal[task.name] = {"description": task.description, "chance": 1 / len(task.classes),
-                                   "sanity_check": task.sanity}
-            row_of_sample = np.tile(val_temporal_rows, len(task.classes))
-            for name in COLUMNS:
-                if name not in models:
-                    temporal[task.name][name] = {"not_run": teacher_note}
-                    continue
-                train_x, train_y = stack_tasks(train_features[name].slots, task.classes)
-                val_x, val_y = stack_tasks(val_features[name].slots, task.classes)
-                scores = [linear_probe(train_x, train_y, val_x, val_y, len(task.classes), linear(seed))
-                          for seed in seeds]
-                temporal[task.name][name] = over_seeds(scores, row_of_sample, settings.seed)
+        temporal: dict[str, Any] = {
+            task.name: temporal_figures(task, train_features, val_features, COLUMNS, val_temporal_rows, seeds, linear,
+                                        settings.seed, {TEACHER: teacher_note})
+            for task in TASKS}
         first, second = RETRIEVAL_PAIR
         temporal["clip_consistency"] = {"description": "first half retrieves second half (shared background)",
                                         "chance": 1 / max(1, len(val_temporal_rows)), "sanity_check": RETRIEVAL_SANITY}
@@ -296,11 +290,18 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
 
         mark("temporal_probes")
         classification = _classification(train_set, val_set, train_features, val_features, train_latents, val_latents,
-                                         models, settings, seeds, probe, linear, train_store)
+                                         models, settings, seeds, attentive, linear, train_store)
         for features in (*train_features.values(), *val_features.values(), train_latents, val_latents):
             if features is not None and features.tokens is not None:
                 features.tokens.release()
-    mark("classification_probes")
+        mark("classification_probes")
+        few_frames = {"not_run": "eval.few_frames is [] (e.g. --set eval.few_frames=[2,4,8])"}
+        if settings.few_frames:
+            few_frames = few_frame_figures(train_set, val_set, models, settings, COLUMNS, seeds, attentive, linear,
+                                           memory, spill, labelled)
+            mark("few_frames")
+    latency = encoder_latency(subject.encoder, device, settings.latency_repeats)
+    mark("latency")
 
     report = {
         "format": EVAL_FORMAT, "format_version": EVAL_VERSION,
@@ -319,7 +320,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "recipe": dump_pipeline(subject.config),
         "versions": run_folder.versions(),
         "heldout": heldout, "temporal": temporal, "classification": classification,
-        "summary": temporal_summary(temporal),
+        "summary": temporal_summary(temporal), "few_frames": few_frames, "latency": latency,
         "seconds": round(time.perf_counter() - started, 1),
         "seconds_by_phase": {name: round(seconds, 2) for name, seconds in phases.items()},
     }
@@ -339,14 +340,6 @@ def _phase_clock(phases: dict[str, float], started: float):
     return mark
 
 
-def over_seeds(scores: list[ProbeScore], row_of_sample: np.ndarray, seed: int) -> dict[str, Any]:
-    """eval.json's record of one probe figure: the mean over probe seeds and its interval over rows."""
-    correct1 = np.array([s.correct for s in scores], dtype=np.float64)
-    correct5 = (np.array([s.correct5 for s in scores], dtype=np.float64)
-                if scores[0].correct5 is not None else None)
-    return seeded_score(correct1, correct5, row_of_sample, scores[0].chance, seed).record()
-
-
 def temporal_summary(temporal: dict[str, Any]) -> dict[str, Any]:
     """The mean top-1 over the temporal probes that are not sanity checks, per column."""
     tasks = [name for name, task in temporal.items() if not task.get("sanity_check")]
@@ -360,7 +353,7 @@ def temporal_summary(temporal: dict[str, Any]) -> dict[str, Any]:
 
 def _classification(train_set: RowSet, val_set: RowSet, train_features: dict[str, Features],
                     val_features: dict[str, Features], train_latents: Features | None, val_latents: Features | None,
-                    models: dict[str, FeatureModel], settings: EvalConfig, seeds: list[int], probe: Any,
+                    models: dict[str, FeatureModel], settings: EvalConfig, seeds: list[int], attentive: Any,
                     linear: Any, train_store: LatentStore) -> dict:
     """Attentive and linear probes on the train store's labels, scored on the validation store's."""
     train_ok, val_ok = train_set.labels >= 0, val_set.labels >= 0
@@ -378,19 +371,13 @@ def _classification(train_set: RowSet, val_set: RowSet, train_features: dict[str
     result: dict[str, Any] = {"classes": classes, "chance": 1 / classes, "train_rows": len(train_ids),
                               "val_rows": len(val_ids), "attentive": {}, "linear": {}, "heads": {}}
     for name, (train_f, val_f, heads) in sources.items():
-        assert train_f is not None and val_f is not None and train_f.tokens is not None and val_f.tokens is not None
-        width = train_f.mean.shape[1]
-        pool = settings.probe_pool
-        attentive, linear_scores = [], []
-        for seed in seeds:
-            settings_k = probe(settings.probe_epochs, settings.probe_lr, settings.probe_weight_decay,
-                               settings.probe_batch_size, seed)
-            read_train = lambda ids, f=train_f, d=settings_k.device: pool_tokens(f.tokens.read(train_ids[ids], d), pool)  # noqa: E731,E501
-            read_val = lambda ids, f=val_f, d=settings_k.device: pool_tokens(f.tokens.read(val_ids[ids], d), pool)  # noqa: E731,E501
-            attentive.append(attentive_probe(read_train, train_y, read_val, val_y, width, classes, settings_k, heads))
-            linear_scores.append(linear_probe(train_f.mean[train_ids], train_y, val_f.mean[val_ids], val_y, classes,
-                                              linear(seed)))
-        result["attentive"][name] = over_seeds(attentive, val_rows, settings.seed)
+        assert train_f is not None and val_f is not None
+        # Each probe is a pure function of its seed: attentive and linear need not interleave.
+        result["attentive"][name] = attentive_figure(train_f, val_f, train_ids, train_y, val_ids, val_y, val_rows,
+                                                     classes, heads, settings.probe_pool, seeds, attentive,
+                                                     settings.seed, label=f"attentive probe ({name})")
+        linear_scores = [linear_probe(train_f.mean[train_ids], train_y, val_f.mean[val_ids], val_y, classes,
+                                      linear(seed)) for seed in seeds]
         result["linear"][name] = over_seeds(linear_scores, val_rows, settings.seed)
         result["heads"][name] = heads
     return result

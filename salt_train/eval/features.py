@@ -46,7 +46,8 @@ class FeatureModel(Protocol):
     heads: int  # the attentive probe's heads: the encoder's own head count, as V-JEPA's probe
 
     def tokens(self, views: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, 16, 224, 224, 3]`` on the CPU -> float32 ``[B, 1568, width]`` on the model's device."""
+        """uint8 ``[B, T, 224, 224, 3]`` on the CPU -> float32 ``[B, T/2 * 196, width]`` on the model's device
+        (T = 16; fewer for the few-frame rows, salt_train/eval/frames.py)."""
 
 
 # ``model.target_norm: channel``: the run's per-channel (mean, std), applied before the layer norm; None: layer only.
@@ -107,10 +108,12 @@ class TeacherFeatures:
 
 
 class TokenBank:
-    """``[rows, 1568, width]`` fp16 tokens: a numpy array in memory, or a Zarr array on disk past the bound."""
+    """``[rows, tokens, width]`` fp16 tokens (1568 per clip, fewer for fewer frames): a numpy array in memory,
+    or a Zarr array on disk past the bound."""
 
-    def __init__(self, rows: int, width: int, memory_bytes: int, spill_dir: Path, name: str) -> None:
-        shape = (rows, geometry.NUM_TOKENS, width)
+    def __init__(self, rows: int, width: int, memory_bytes: int, spill_dir: Path, name: str,
+                 tokens: int = geometry.NUM_TOKENS) -> None:
+        shape = (rows, tokens, width)
         self.nbytes = int(np.prod(shape)) * 2
         self.on_disk = self.nbytes > memory_bytes
         self.path: Path | None = None
@@ -141,22 +144,23 @@ class Features:
 
     tokens: TokenBank | None  # original views, for the attentive probe
     mean: torch.Tensor  # [rows, width] mean over tokens of the original view
-    slots: dict[str, torch.Tensor] = field(default_factory=dict)  # variant -> [temporal rows, 8 * width]
+    slots: dict[str, torch.Tensor] = field(default_factory=dict)  # variant -> [temporal rows, slots * width]
 
 
 def slot_pool(tokens: torch.Tensor) -> torch.Tensor:
-    """``[B, 1568, D]`` -> ``[B, 8 * D]``: the mean over each tubelet slot's 196 tokens, in time order."""
+    """``[B, S * 196, D]`` -> ``[B, S * D]``: the mean over each tubelet slot's 196 tokens, in time order
+    (S = 8 for 16 frames)."""
     batch, _, width = tokens.shape
-    return tokens.view(batch, geometry.GRID_T, geometry.TOKENS_PER_FRAME, width).mean(2).reshape(batch, -1)
+    return tokens.view(batch, -1, geometry.TOKENS_PER_FRAME, width).mean(2).reshape(batch, -1)
 
 
 def pool_tokens(tokens: torch.Tensor, factor: int) -> torch.Tensor:
-    """``[B, 1568, D]`` -> ``[B, 8 * (14/f)^2, D]``: ``f x f`` spatial mean pooling in each tubelet slot
+    """``[B, S * 196, D]`` -> ``[B, S * (14/f)^2, D]``: ``f x f`` spatial mean pooling in each tubelet slot
     (``factor`` 1: unchanged). The attentive probe's cost falls by f^2; where things are stays coarse."""
     if factor == 1:
         return tokens
     batch, _, width = tokens.shape
-    grid = tokens.view(batch * geometry.GRID_T, geometry.GRID_H, geometry.GRID_W, width).permute(0, 3, 1, 2)
+    grid = tokens.view(-1, geometry.GRID_H, geometry.GRID_W, width).permute(0, 3, 1, 2)
     pooled = F.avg_pool2d(grid, factor)
     return pooled.permute(0, 2, 3, 1).reshape(batch, -1, width)
 
@@ -170,6 +174,7 @@ class ExtractionPlan:
     variants: tuple[str, ...]
     keep_tokens: bool
     seed: int
+    frames: np.ndarray | None = None  # the view frames the models see (the few-frame rows); None: all 16
 
 
 def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureModel], batch_size: int,
@@ -180,11 +185,13 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
     rows, count = plan.rows, len(plan.rows)
     temporal_index = np.cumsum(plan.temporal) - 1  # row position -> position among temporal rows
     temporal_count = int(plan.temporal.sum())
+    slots = geometry.GRID_T if plan.frames is None else len(plan.frames) // geometry.TUBELET_SIZE
     out: dict[str, Features] = {}
     for name, model in models.items():
-        bank = TokenBank(count, model.width, memory_bytes, spill_dir, f"{label}-{name}") if plan.keep_tokens else None
+        bank = (TokenBank(count, model.width, memory_bytes, spill_dir, f"{label}-{name}",
+                          slots * geometry.TOKENS_PER_FRAME) if plan.keep_tokens else None)
         out[name] = Features(bank, torch.empty(count, model.width),
-                             {v: torch.empty(temporal_count, geometry.GRID_T * model.width) for v in plan.variants})
+                             {v: torch.empty(temporal_count, slots * model.width) for v in plan.variants})
     latents_features = None
     if with_latents:
         width = store.teacher_width
@@ -202,8 +209,9 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
             arrays = pending.result()
             if n + 1 < len(starts):
                 pending = reading.submit(read_rows, store, rows[starts[n + 1]:starts[n + 1] + batch_size], names)
-            # One upload per batch; the temporal variants are frame gathers on the device.
-            views = torch.from_numpy(arrays[0]).to(device, non_blocking=True)
+            # One upload per batch (of the plan's frames only); the temporal variants are frame gathers on the device.
+            pixels = arrays[0] if plan.frames is None else np.ascontiguousarray(arrays[0][:, plan.frames])
+            views = torch.from_numpy(pixels).to(device, non_blocking=True)
             if latents_features is not None:
                 tokens = normed_latents(arrays[1], standardisation)
                 latents_features.mean[start:start + len(ids)] = tokens.mean(1)
@@ -229,9 +237,9 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
     return out, latents_features
 
 
-def spilled_bytes(rows: int, widths: dict[str, int], memory_bytes: int) -> int:
-    """Bytes of tokens that will go to disk: each model's ``[rows, 1568, width]`` fp16 beyond the bound."""
-    sizes = (rows * geometry.NUM_TOKENS * width * 2 for width in widths.values())
+def spilled_bytes(rows: int, widths: dict[str, int], memory_bytes: int, tokens: int = geometry.NUM_TOKENS) -> int:
+    """Bytes of tokens that will go to disk: each model's ``[rows, tokens, width]`` fp16 beyond the bound."""
+    sizes = (rows * tokens * width * 2 for width in widths.values())
     return sum(size for size in sizes if size > memory_bytes)
 
 

@@ -28,22 +28,22 @@ HEADS = 4  # the attentive probe's heads on this 36-wide feature (no encoder to 
 
 
 def pixel_tokens(views: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, 16, 224, 224, 3]`` -> float32 ``[B, 1568, 36]`` in the token order ``t*196 + h*14 + w``."""
-    batch = views.shape[0]
-    frames = views.float().div_(255).permute(0, 1, 4, 2, 3)  # [B, 16, 3, 224, 224]
-    pairs = frames.reshape(batch, geometry.GRID_T, geometry.TUBELET_SIZE, 3, geometry.IMAGE_SIZE,
-                           geometry.IMAGE_SIZE)
-    motion = (pairs[:, :, 1] - pairs[:, :, 0]).abs()  # [B, 8, 3, 224, 224]
+    """uint8 ``[B, T, 224, 224, 3]`` -> float32 ``[B, T/2 * 196, 36]`` in the token order ``t*196 + h*14 + w``
+    (T = 16: 1568 tokens; any even T for the few-frame rows)."""
+    batch, slots = views.shape[0], views.shape[1] // geometry.TUBELET_SIZE
+    frames = views.float().div_(255).permute(0, 1, 4, 2, 3)  # [B, T, 3, 224, 224]
+    pairs = frames.reshape(batch, slots, geometry.TUBELET_SIZE, 3, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE)
+    motion = (pairs[:, :, 1] - pairs[:, :, 0]).abs()  # [B, T/2, 3, 224, 224]
     looks = F.avg_pool2d(frames.reshape(-1, 3, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE), POOL)
     moves = F.avg_pool2d(motion.reshape(-1, 3, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE), POOL)
     sub = geometry.PATCH_SIZE // POOL  # 2 pooled cells per patch side
     grid = geometry.GRID_H
-    # [B, 8, 2 frames, 3, 14, 2, 14, 2] -> [B, 8, 14, 14, (2 frames, 3, 2, 2)]
-    looks = looks.view(batch, geometry.GRID_T, geometry.TUBELET_SIZE, 3, grid, sub, grid, sub)
-    looks = looks.permute(0, 1, 4, 6, 2, 3, 5, 7).reshape(batch, geometry.GRID_T, grid, grid, -1)
-    moves = moves.view(batch, geometry.GRID_T, 3, grid, sub, grid, sub)
-    moves = moves.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, geometry.GRID_T, grid, grid, -1)
-    return torch.cat([looks, moves], dim=-1).reshape(batch, geometry.NUM_TOKENS, WIDTH)
+    # [B, T/2, 2 frames, 3, 14, 2, 14, 2] -> [B, T/2, 14, 14, (2 frames, 3, 2, 2)]
+    looks = looks.view(batch, slots, geometry.TUBELET_SIZE, 3, grid, sub, grid, sub)
+    looks = looks.permute(0, 1, 4, 6, 2, 3, 5, 7).reshape(batch, slots, grid, grid, -1)
+    moves = moves.view(batch, slots, 3, grid, sub, grid, sub)
+    moves = moves.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, slots, grid, grid, -1)
+    return torch.cat([looks, moves], dim=-1).reshape(batch, slots * geometry.TOKENS_PER_FRAME, WIDTH)
 
 
 class PixelFeatures:

@@ -2,7 +2,8 @@
 
 The table has one row per figure and one column per model, references first
 (random-init, student, teacher) with chance beside them, so a student reads
-as a position between its lower and upper reference.
+as a position between its lower and upper reference. The few-frame rows
+(``eval.few_frames``) and the encoder's latency per clip come last.
 """
 
 from __future__ import annotations
@@ -65,7 +66,34 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
             rows.append(("SSv2 attentive probe top-5", "", [_cell(attentive.get(c), "top5") for c in COLUMNS]))
         rows.append(("SSv2 linear probe (mean-pooled) top-1", chance,
                      [_cell(classification["linear"].get(c), "top1") for c in COLUMNS]))
+    rows += few_frame_rows(report.get("few_frames", {}))
+    latency = report.get("latency", {})
+    if "frames" in latency:
+        counts = sorted(latency["frames"], key=int)
+        cells = ["-"] * len(COLUMNS)
+        cells[COLUMNS.index("student")] = "/".join(_ms(latency["frames"][t]["median_ms"]) for t in counts)
+        rows.append((f"encoder ms per clip at T={'/'.join(counts)} ({latency['device']}, batch 1, median)", "", cells))
     return rows
+
+
+def few_frame_rows(few: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """The few-frame rows (salt_train/eval/frames.py): per frame count, the SSv2 attentive probe and the
+    temporal probes defined there."""
+    rows = []
+    for count, entry in sorted(few.get("frames", {}).items(), key=lambda item: int(item[0])):
+        frames = f"{count} frames ({entry['frames'][0]}-{entry['frames'][-1]})"
+        classification = entry["classification"]
+        if "skipped" not in classification:
+            rows.append((f"SSv2 attentive probe top-1, {frames}", f"{100 * classification['chance']:.1f}%",
+                         [_cell(classification["attentive"].get(c), "top1") for c in COLUMNS]))
+        for name, task in entry["temporal"].items():
+            rows.append((f"{name.replace('_', ' ')}, {frames}", f"{100 * task['chance']:.1f}%",
+                         [_cell(task.get(c), "top1") for c in COLUMNS]))
+    return rows
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -85,6 +113,8 @@ def print_table(report: dict[str, Any]) -> None:
                  + report["models"].get("mean_latent", ""))
     notes.append("[sanity]: pixels pass it by construction; left out of the temporal mean. Overlapping intervals: "
                  "no difference shown.")
+    if "rule" in report.get("few_frames", {}):
+        notes.append(f"T frames: {report['few_frames']['rule']}; the teacher takes 16 frames only")
     print("  " + "\n  ".join(notes))
 
 

@@ -56,8 +56,22 @@ STRIDES = (1, 2, 4)
 TUBELETS = NUM_FRAMES // TUBELET_SIZE
 
 
-SWAPPED = np.array([1, 0, 3, 2, 5, 4, 7, 6])  # tubelet k shows tubelet SWAPPED[k]
-STUTTER = np.array([0, 0, 2, 2, 4, 4, 6, 6])
+def swapped_tubelets(count: int) -> np.ndarray:
+    """Tubelet k shows tubelet ``k xor 1``: ``1 0 3 2 ...`` (an even count of tubelets)."""
+    if count < 2 or count % 2:
+        raise ValueError(f"swapping tubelet pairs needs an even number of tubelets, not {count}")
+    return np.arange(count) ^ 1
+
+
+def stutter_tubelets(count: int) -> np.ndarray:
+    """Each even tubelet played twice: ``0 0 2 2 ...`` (two tubelets at least)."""
+    if count < 2:
+        raise ValueError(f"a stutter needs two tubelets at least, not {count}")
+    return np.arange(count) & ~1
+
+
+SWAPPED = swapped_tubelets(TUBELETS)  # tubelet k shows tubelet SWAPPED[k]
+STUTTER = stutter_tubelets(TUBELETS)
 
 
 def tubelet_frames(tubelets: np.ndarray) -> np.ndarray:
@@ -72,38 +86,57 @@ def stride_indices(stride: int) -> np.ndarray:
     return (np.arange(NUM_FRAMES) * stride) // max(STRIDES)
 
 
-def frame_indices(name: str, rows: np.ndarray) -> np.ndarray:
-    """``[len(rows), 16]``: which view frame each output frame of variant ``name`` shows.
-    Every variant is such a gather, so it runs on whatever device holds the views."""
+def frame_indices(name: str, rows: np.ndarray, num_frames: int = NUM_FRAMES) -> np.ndarray:
+    """``[len(rows), num_frames]``: which input frame each output frame of variant ``name`` shows.
+    Every variant is such a gather, so it runs on whatever device holds the views. Reversal, swapped pairs
+    and the stutter are defined on any whole number of tubelets (the few-frame rows); the stride and
+    half-clip variants on the 16 stored frames only (ValueError elsewhere)."""
     count = len(rows)
-    frames = np.arange(NUM_FRAMES)
+    frames = np.arange(num_frames)
+    tubelets = num_frames // TUBELET_SIZE
+    if name in ("original", "reversed", "swapped", "stutter") and (num_frames % TUBELET_SIZE or not tubelets):
+        raise ValueError(f"{num_frames} frames are not whole tubelets of {TUBELET_SIZE}")
     if name == "original":
         order = frames
     elif name == "reversed":
         order = frames[::-1]
     elif name == "swapped":
-        order = tubelet_frames(SWAPPED)
+        order = tubelet_frames(swapped_tubelets(tubelets))
     elif name == "stutter":
-        order = tubelet_frames(STUTTER)
-    elif name.startswith("stride"):
-        order = stride_indices(int(name.removeprefix("stride")))
-    elif name == "second_half":
-        order = NUM_FRAMES // 2 + frames // 2
+        order = tubelet_frames(stutter_tubelets(tubelets))
+    elif name.startswith("stride") or name == "second_half":
+        if num_frames != NUM_FRAMES:
+            raise ValueError(f"variant {name!r} is defined on the {NUM_FRAMES} stored frames only")
+        order = stride_indices(int(name.removeprefix("stride"))) if name != "second_half" \
+            else NUM_FRAMES // 2 + frames // 2
     else:
         raise ValueError(f"unknown variant {name!r}")
     return np.tile(order, (count, 1))
 
 
+def tasks_at(num_frames: int) -> tuple["TemporalTask", ...]:
+    """The summarised (non-sanity) tasks whose every class is a distinct clip at ``num_frames`` frames:
+    at 2 frames (one tubelet) only the arrow of time; pairs need two tubelets to swap or repeat."""
+    def distinct(name: str) -> bool:
+        try:
+            order = frame_indices(name, np.zeros(1), num_frames)[0]
+        except ValueError:
+            return False
+        return name == "original" or not np.array_equal(order, np.arange(num_frames))
+
+    return tuple(task for task in TASKS if not task.sanity and all(distinct(name) for name in task.classes))
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A named transform of a batch of views ``[B, 16, H, W, 3]`` (numpy, or a torch tensor on any device)."""
+    """A named transform of a batch of views ``[B, T, H, W, 3]`` (numpy, or a torch tensor on any device)."""
 
     name: str
 
     def apply(self, views, rows: np.ndarray):
         if self.name == "original":
             return views
-        index = frame_indices(self.name, rows)
+        index = frame_indices(self.name, rows, views.shape[1])
         if isinstance(views, np.ndarray):
             return views[np.arange(len(views))[:, None], index]
         import torch
