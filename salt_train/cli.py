@@ -189,7 +189,7 @@ def evaluate(
     """Measure an encoder: held-out distillation loss and per-channel R^2 (beside a mean-latent baseline), temporal
     probes (arrow of time, order, continuity; stride and clip retrieval as sanity checks), SSv2 attentive and
     linear probes; in columns pixels (no encoder: the floor), random-init, student and teacher, each probe the mean
-    of eval.probe_seeds seeds with a 95% interval over validation rows. The validation store must be held out
+    of eval.probe_seeds seeds with a 95% interval over validation rows and seeds. The validation store must be held out
     (another split, no shared clip). Writes eval/eval.json and eval/eval.png and prints the table."""
     setup_logging()
     from salt_train.eval.command import EvalRequest, run_eval

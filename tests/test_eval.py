@@ -547,3 +547,22 @@ def test_a_disk_that_fills_during_the_evaluation_is_one_line_and_keeps_no_scratc
             with scratch(small) as spill:
                 (spill / "tokens.bin").write_bytes(b"\0" * 1_000_000)
         assert list(small.iterdir()) == []
+
+
+def test_the_interval_widens_when_one_probe_seed_fails() -> None:
+    """Three seeds right on 80% of 64 rows, or two such seeds and one at chance: the same rows, so a
+    rows-only interval of the mean would look as tight as ever; resampling the seeds too shows the failure."""
+    from salt_train.eval.stats import seeded_score
+
+    rng = np.random.default_rng(0)
+    good = (rng.random((3, 64)) < 0.8).astype(np.float64)
+    failed = good.copy()
+    failed[2] = rng.random(64) < 0.25
+    rows = np.arange(64)
+    steady, unstable = (seeded_score(c, None, rows, 0.25, 0) for c in (good, failed))
+    steady_width = steady.top1_interval[1] - steady.top1_interval[0]
+    unstable_width = unstable.top1_interval[1] - unstable.top1_interval[0]
+    assert unstable_width > 1.5 * steady_width, (steady, unstable)
+    assert unstable.top1_interval[0] < min(unstable.top1_seeds) + 0.05  # the failed seed's level is in reach
+    one = seeded_score(good[:1], None, rows, 0.25, 0)  # one seed: rows only
+    assert one.top1_interval[0] < one.top1 < one.top1_interval[1]

@@ -2,10 +2,12 @@
 
 Every probe figure of the table is a mean over validation rows of a per-row
 score (1 if the row's prediction was right, averaged over the row's samples
-and the probe's seeds). Its interval resamples the rows with replacement,
-``resamples`` times from a generator seeded by the evaluation's seed, and takes
-the 2.5th and 97.5th percentiles of the resampled means: the spread that
-another draw of validation clips of the same kind would give. Two figures whose
+and the probe's seeds). Its interval resamples the rows with replacement, and
+the probe seeds too, ``resamples`` times from a generator seeded by the
+evaluation's seed, and takes the 2.5th and 97.5th percentiles of the resampled
+means: the spread that another draw of validation clips of the same kind, and
+other probe initialisations, would give (a probe that fails for one seed in
+three widens its interval instead of hiding in the mean). Two figures whose
 intervals overlap are not told apart (README, "Reading the table").
 """
 
@@ -31,13 +33,16 @@ def interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def mean_interval(per_row: np.ndarray, seed: int) -> tuple[float, float]:
-    """The 95% bootstrap interval of ``per_row.mean()``."""
-    per_row = np.asarray(per_row, dtype=np.float64)
-    if len(per_row) == 0:
+def seeds_and_rows_interval(per_seed_row: np.ndarray, seed: int) -> tuple[float, float]:
+    """The 95% bootstrap interval of ``per_seed_row.mean()`` (``[seeds, rows]``), resampling rows and seeds."""
+    per_seed_row = np.asarray(per_seed_row, dtype=np.float64)
+    seeds, rows = per_seed_row.shape
+    if rows == 0:
         return (float("nan"), float("nan"))
-    weights = resample_weights(len(per_row), seed)
-    return interval(weights @ per_row / len(per_row))
+    row_weights = resample_weights(rows, seed)  # [resamples, rows]
+    seed_weights = resample_weights(seeds, seed + 1)  # [resamples, seeds]; all ones for one seed
+    per_resample_seed = row_weights @ per_seed_row.T / rows  # [resamples, seeds]
+    return interval((per_resample_seed * seed_weights).sum(axis=1) / seeds)
 
 
 def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, seed: int) -> tuple[float, float]:
@@ -52,7 +57,7 @@ class SeededScore:
     """One probe figure over several probe seeds: what eval.json records in full."""
 
     top1: float  # mean over seeds
-    top1_interval: tuple[float, float]  # 95% bootstrap over validation rows of the seed-averaged per-row score
+    top1_interval: tuple[float, float]  # 95% bootstrap over validation rows and probe seeds
     top1_seeds: tuple[float, ...]
     top5: float | None
     top5_interval: tuple[float, float] | None
@@ -69,19 +74,21 @@ class SeededScore:
 def seeded_score(correct1: np.ndarray, correct5: np.ndarray | None, row_of_sample: np.ndarray, chance: float,
                  seed: int) -> SeededScore:
     """From ``[seeds, samples]`` right/wrong (top-1, and top-5 or None) and each sample's validation row:
-    the means over seeds and samples, and their intervals over rows."""
+    the means over seeds and samples, and their intervals over rows and seeds."""
     rows, inverse = np.unique(row_of_sample, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(rows))
 
-    def per_row(correct: np.ndarray) -> np.ndarray:
-        sums = np.zeros(len(rows))
-        np.add.at(sums, inverse, correct.mean(axis=0))
-        return sums / np.bincount(inverse, minlength=len(rows))
+    def per_seed_row(correct: np.ndarray) -> np.ndarray:
+        sums = np.zeros((correct.shape[0], len(rows)))
+        for k, per_sample in enumerate(correct):
+            np.add.at(sums[k], inverse, per_sample)
+        return sums / counts
 
-    top1_rows = per_row(correct1)
-    top5_rows = per_row(correct5) if correct5 is not None else None
+    top1_rows = per_seed_row(correct1)
+    top5_rows = per_seed_row(correct5) if correct5 is not None else None
     return SeededScore(
-        top1=float(correct1.mean()), top1_interval=mean_interval(top1_rows, seed),
+        top1=float(correct1.mean()), top1_interval=seeds_and_rows_interval(top1_rows, seed),
         top1_seeds=tuple(float(c.mean()) for c in correct1),
         top5=None if correct5 is None else float(correct5.mean()),
-        top5_interval=None if top5_rows is None else mean_interval(top5_rows, seed),
+        top5_interval=None if top5_rows is None else seeds_and_rows_interval(top5_rows, seed),
         chance=chance, samples=correct1.shape[1], rows=len(rows))
