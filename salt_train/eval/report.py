@@ -103,7 +103,7 @@ def print_table(report: dict[str, Any]) -> None:
     seeds = report.get("probe_seeds", [report["seed"]])
     print(f"== salt-train eval: {report['subject']['path']} ({report['subject']['source']}), "
           f"{len(report['rows']['train'])} train / {len(report['rows']['val'])} val rows, seed {report['seed']}, "
-          f"probes: mean of {len(seeds)} seeds [95% interval over val rows]")
+          f"probes: mean of {len(seeds)} seeds [95% interval over val rows and seeds]")
     print(header)
     print("-" * len(header))
     for figure, floor, cells in rows:
