@@ -170,6 +170,21 @@ def random_init(subject: Subject, teacher_width: int) -> tuple[VideoViT, SaltStu
         return VideoViT(create_timm_vit(subject.architecture, subject.kwargs)), None
 
 
+def open_subject_and_stores(request: EvalRequest, config: PipelineConfig,
+                            val_hint: str) -> tuple[Subject, LatentStore, LatentStore]:
+    """The validation store (``--val-cache``, else the recipe's ``eval.val_cache``; ``val_hint`` says what it
+    must be), what is evaluated, and its train store (``--train-cache``, else the run's own)."""
+    val_path = request.val_cache or (Path(config.eval.val_cache) if config.eval.val_cache else None)
+    if val_path is None:
+        raise SaltUsageError(f"--val-cache is required: {val_hint}")
+    val_store = LatentStore.open(val_path)
+    subject = load_subject(request, config, val_store.teacher_width)
+    train_path = request.train_cache or subject.train_cache
+    if train_path is None:
+        raise SaltUsageError(f"--train-cache is required for {subject.path} (an export records no training store)")
+    return subject, LatentStore.open(train_path), val_store
+
+
 def run_standardisation(subject: Subject) -> tuple[np.ndarray, np.ndarray] | None:
     """A run of ``model.target_norm: channel``: the per-channel (mean, std) it recorded, so that the
     held-out loss is the objective it trained on."""
@@ -192,16 +207,9 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     started = time.perf_counter()
     device = resolve_device(request.device or "auto", "--device")
     config = subject_config(request)
-    val_path = request.val_cache or (Path(config.eval.val_cache) if config.eval.val_cache else None)
-    if val_path is None:
-        raise SaltUsageError("--val-cache is required: a store of held-out clips (salt-cache build --src DIR "
-                             "--split validation --out DIR/latents-val.zarr)")
-    val_store = LatentStore.open(val_path)
-    subject = load_subject(request, config, val_store.teacher_width)
-    train_path = request.train_cache or subject.train_cache
-    if train_path is None:
-        raise SaltUsageError(f"--train-cache is required for {subject.path} (an export records no training store)")
-    train_store = LatentStore.open(train_path)
+    subject, train_store, val_store = open_subject_and_stores(
+        request, config, "a store of held-out clips (salt-cache build --src DIR --split validation "
+                         "--out DIR/latents-val.zarr)")
     check_compatible(train_store, val_store)
     settings: EvalConfig = subject.config.eval
     out_dir = request.out or subject.path / "eval"

@@ -32,9 +32,9 @@ from shared.distributed import Dist, backend_for, distributed, warn_if_oversubsc
 from shared.errors import SaltUsageError, one_line
 from shared.filesystem import write_json_atomic
 from shared.geometry import TOKENS_PER_FRAME, TUBELET_SIZE
-from shared.store import LatentStore
 from salt_train import run_folder
-from salt_train.eval.command import EVAL_FORMAT, EVAL_VERSION, EvalRequest, Subject, load_subject, subject_config
+from salt_train.eval.command import (EVAL_FORMAT, EVAL_VERSION, EvalRequest, Subject, open_subject_and_stores,
+                                     subject_config)
 from salt_train.eval.features import encoder_heads
 from salt_train.eval.output import prepare_output
 from salt_train.eval.stats import seeded_score
@@ -66,16 +66,8 @@ def _setup(request: EvalRequest, dist: Dist) -> Setup:
     """What is evaluated, on which videos, and every refusal (one line, exit 2) before any work."""
     config = subject_config(request)
     settings = config.eval.vjepa
-    val_path = request.val_cache or (Path(config.eval.val_cache) if config.eval.val_cache else None)
-    if val_path is None:
-        raise SaltUsageError("--val-cache is required: a store built from the validation split (its source "
-                             "videos are decoded again)")
-    val_store = LatentStore.open(val_path)
-    subject = load_subject(request, config, val_store.teacher_width)
-    train_path = request.train_cache or subject.train_cache
-    if train_path is None:
-        raise SaltUsageError(f"--train-cache is required for {subject.path} (an export records no training store)")
-    train_store = LatentStore.open(train_path)
+    subject, train_store, val_store = open_subject_and_stores(
+        request, config, "a store built from the validation split (its source videos are decoded again)")
     train = split_clips(train_store, settings.train_clips, settings.seed, "eval.vjepa.train_clips")
     val = split_clips(val_store, settings.val_clips, settings.seed, "eval.vjepa.val_clips")
     check_held_out(train, val)
