@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from shared.shard_format import rows_per_file
 from shared.store import CHECKSUM_ARRAYS, RowStatus
 
 if TYPE_CHECKING:
@@ -113,8 +114,7 @@ def read_row_range(store: LatentStore, start: int, stop: int,
 
 def _require_files(store: LatentStore, name: str, rows: np.ndarray) -> None:
     """zarr reads a missing shard file as the fill value; for rows being read it is damage."""
-    array = store.arrays[name]
-    grid = (array.shards or array.chunks)[0]  # shard_rows, or more for clip_id and label
+    grid = rows_per_file(store.arrays[name])  # shard_rows, or more for clip_id and label
     for shard in np.unique(rows // grid):
         path = store.shard_file(name, int(shard))
         if not path.is_file():

@@ -30,6 +30,7 @@ import zarr.codecs
 from shared import geometry
 from shared.errors import SaltUsageError
 from shared.filesystem import atomic_dir, fsync_path
+from shared.shard_format import CHUNK_KEY_ENCODING, rows_per_file, shard_path
 from shared.shard_reader import RawRows, open_raw_rows
 from shared.shard_writer import ShardFileWriter, open_shard_writer
 
@@ -259,9 +260,11 @@ class LatentStore:
                                 + (f" (teacher width {width})" if name == "latents" else ""))
             elif shape[:1] != (rows,):
                 problems.append(f"array {name} has {shape[0] if shape else 0} rows, status has {rows}")
+            if array.metadata.chunk_key_encoding.to_dict() != CHUNK_KEY_ENCODING:  # as shard_file() names files
+                problems.append(f"array {name} has chunk keys {array.metadata.chunk_key_encoding.to_dict()}, "
+                                f"not {CHUNK_KEY_ENCODING}")
         for name in self.data_arrays + ("status",):
-            array = self.arrays[name]
-            grid = (array.shards or array.chunks)[0]
+            grid = rows_per_file(self.arrays[name])
             if grid != self.shard_rows:
                 problems.append(f"array {name} is cut into {grid}-row shards, "
                                 f"the recorded shard_rows is {self.shard_rows}")
@@ -280,8 +283,8 @@ class LatentStore:
         return self
 
     def shard_file(self, name: str, shard: int) -> Path:
-        """The file holding ``shard`` of array ``name``."""
-        return self._shard_path(shard, name)
+        """The file holding ``shard`` of array ``name`` (its chunk, for the unsharded ``clip_id`` and ``label``)."""
+        return shard_path(self.path / name, shard, self.arrays[name].ndim)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_rows
@@ -380,11 +383,11 @@ class LatentStore:
             # Nothing here was ever committed: drop what a crashed writer left (Zarr merges a shard
             # write into the file already there, and a torn file would fail every resume).
             for name in self.data_arrays:
-                self._shard_path(payload.index, name).unlink(missing_ok=True)
+                self.shard_file(name, payload.index).unlink(missing_ok=True)
         for name in self.data_arrays:
             writer = self._file_writers.get(name)
             if writer is not None:  # the big arrays: straight to the shard file (fsynced), in parallel threads
-                writer.write(self._shard_path(payload.index, name), values[name])
+                writer.write(self.shard_file(name, payload.index), values[name])
             else:
                 self.arrays[name][start:stop] = values[name]
         self._fsync_shard(payload.index, self.data_arrays)
@@ -396,13 +399,9 @@ class LatentStore:
         writers = {name: open_shard_writer(self.path / name) for name in FILE_WRITTEN_ARRAYS}
         return {name: writer for name, writer in writers.items() if writer is not None}
 
-    def _shard_path(self, shard: int, name: str) -> Path:
-        array = self.arrays[name]
-        return self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
-
     def _fsync_shard(self, shard: int, names: tuple[str, ...]) -> None:
         for name in names:
-            path = self._shard_path(shard, name)
+            path = self.shard_file(name, shard)
             if path.exists():  # an all-fill chunk may not be written at all
                 fsync_path(path)
                 fsync_path(path.parent)
