@@ -30,9 +30,8 @@ def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source)
         "teacher_compute_dtype": teacher.compute_dtype,
         "view": view_attrs(config),
         "rows_sha256": clip_ids_sha256([clip.clip_id for clip in source.clips]),
+        "teacher_final_norm": teacher.final_norm,
     }
-    if teacher.final_norm:  # only then: stores of the raw-residual teachers built before keep their identity
-        identity["teacher_final_norm"] = True
     identity.update(getattr(source, "identity", {}))  # salt_cache.fill.StoreSource: the pixels store's
     return identity
 

@@ -21,7 +21,7 @@ from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
 from shared.rows import checksum_problem, read_row_range
-from shared.store import (CHECKSUM_ALGORITHMS, STATUS_UNREADABLE, LatentStore, RowStatus,
+from shared.store import (STATUS_UNREADABLE, LatentStore, RowStatus,
                           clip_ids_sha256, labels_sha256, status_counts)
 
 if TYPE_CHECKING:
@@ -154,10 +154,8 @@ def _check_row(store: LatentStore, status: int, data: dict[str, np.ndarray], i: 
     """The first problem of a committed or failed row, or None."""
     if status == RowStatus.FAILED:
         return None if str(data["error"][i]).strip() else "failed without a recorded reason"
-    if store.checksum_algorithm not in CHECKSUM_ALGORITHMS:
-        return f"checksums of unknown algorithm {store.checksum_algorithm!r}"
     for name, checksums in store.checksum_arrays.items():
-        problem = checksum_problem(store, name, data[name][i], data[checksums][i])
+        problem = checksum_problem(name, data[name][i], data[checksums][i])
         if problem:
             return problem
     if "latents" in data and not np.isfinite(data["latents"][i]).all():

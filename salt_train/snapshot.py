@@ -53,7 +53,7 @@ RECORD_FORMAT = "salt-train-snapshot"
 ROOT_SUFFIX = ".snapshots"
 MANIFEST_VERSION = 1
 # The two big arrays are not hashed (that would read every byte); each of their rows has a
-# checksum (crc32c; blake2b in older stores) in pixels_checksum / latents_checksum, which are
+# checksum (crc32c) in pixels_checksum / latents_checksum, which are
 # hashed, so a rebuilt row still shows. Every other file (zarr.json, status, checksums, labels, ...) is O(rows)
 # and hashed.
 UNHASHED_ARRAYS = ("pixels", "latents")

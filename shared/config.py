@@ -12,7 +12,6 @@ The defaults are the production recipe (``pipelines/ssv2.yaml``).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shared.errors import SaltUsageError, first_line
 
-log = logging.getLogger(__name__)
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 DEFAULT_PIPELINE = "ssv2"
@@ -344,27 +342,14 @@ class PipelineConfig(_Section):
     model: ModelConfig = ModelConfig()
     eval: EvalConfig = EvalConfig()
     teacher_train: TeacherTrainConfig = TeacherTrainConfig()
-    # The one loader section of recipes, run folders and stores written before the two above: read
-    # as both (with a warning), never written back (exclude), refused beside them (ambiguous).
-    loader: BuildLoaderConfig | None = Field(None, exclude=True)
 
-    @model_validator(mode="after")
-    def _split_shared_loader(self) -> "PipelineConfig":
-        old = self.loader
-        if old is None:
-            return self
-        both = sorted({"build_loader", "train_loader"} & self.model_fields_set)
-        if both:
-            raise ValueError(f"loader is the old name of build_loader and train_loader, and this recipe has "
-                             f"{' and '.join(both)}: set those instead (e.g. train_loader.num_workers)")
-        given = old.model_dump(include=old.model_fields_set)
-        train = {key: value for key, value in given.items() if key in TrainLoaderConfig.model_fields}
-        log.warning("the recipe's loader section is the old name of build_loader (salt-cache build) and train_loader "
-                    "(salt-train): read as both (train_loader has no persistent_workers or decode_threads); rename it")
-        self.loader = None  # first: each assignment below runs this validator again
-        self.build_loader = self.build_loader.model_copy(update=given)
-        self.train_loader = self.train_loader.model_copy(update=train)
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_shared_loader(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "loader" in data:
+            raise ValueError("loader is the old name of build_loader (salt-cache build) and train_loader (salt-train): "
+                             "rename it to those (e.g. train_loader.num_workers)")
+        return data
 
 
 def describe_validation_error(err: ValidationError, source: str, from_flags: set[str] = frozenset()) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from shared.shard_format import rows_per_file
-from shared.store import CHECKSUM_ARRAYS, RowStatus
+from shared.store import CHECKSUM_ARRAYS, RowStatus, row_checksum
 
 if TYPE_CHECKING:
     from shared.store import LatentStore
@@ -39,9 +39,9 @@ def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks) if len(run)]
 
 
-def checksum_problem(store: LatentStore, name: str, row: np.ndarray, expected: int) -> str | None:
+def checksum_problem(name: str, row: np.ndarray, expected: int) -> str | None:
     """``"<name> checksum mismatch"`` when one row's bytes do not match its stored checksum, else None."""
-    return None if store.row_checksum(row) == int(expected) else f"{name} checksum mismatch"
+    return None if row_checksum(row) == int(expected) else f"{name} checksum mismatch"
 
 
 class ChecksumCache:
@@ -131,6 +131,6 @@ def _check_checksums(store: LatentStore, rows: np.ndarray, data: dict[str, np.nd
         expected = dict(zip(checked, read_rows(store, rows, sums)))
     for k, row in enumerate(rows):
         for name in checked:
-            problem = checksum_problem(store, name, data[name][k], expected[name][k])
+            problem = checksum_problem(name, data[name][k], expected[name][k])
             if problem:
                 raise ValueError(f"row {row}: {problem}")

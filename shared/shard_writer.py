@@ -6,9 +6,9 @@ every caller, so several build writer threads still committed shards at one core
 simple to lay out ourselves, as the Zarr v3 sharding spec says (:mod:`shared.shard_format`,
 the mirror of ``shared.shard_reader``): every inner chunk (one row) encoded with the array's own
 codecs (raw little-endian bytes, or the same numcodecs zstd frame zarr would write), then the index.
-``os.write`` and zstd release the GIL, so writer threads run in parallel. The file is staged, fsynced and renamed into place
-(``shared.filesystem.atomic_file``): either the old or the new shard, never a torn one. Arrays of any other
-layout return ``None`` from :func:`open_shard_writer` and are written through zarr.
+``os.write`` and zstd release the GIL, so writer threads run in parallel. The file is staged, fsynced
+and renamed into place (``shared.filesystem.atomic_file``): either the old or the new shard, never a
+torn one. Arrays of any other layout return ``None`` from :func:`open_shard_writer` and are written through zarr.
 """
 
 from __future__ import annotations

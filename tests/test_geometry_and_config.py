@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import geometry
-from shared.config import (PIPELINES_DIR, BuildLoaderConfig, PipelineConfig, TrainLoaderConfig, dump_pipeline,
-                           load_pipeline)
+from shared.config import PIPELINES_DIR, PipelineConfig, dump_pipeline, load_pipeline
 from shared.errors import SaltUsageError
 from shared.geometry import GRID_H, GRID_T, GRID_W, NUM_TOKENS, token_index, token_position
 
@@ -133,46 +131,14 @@ def test_dotted_overrides_apply_and_none_is_ignored() -> None:
     assert load_pipeline("ssv2", {"train.lr": None}) == base
 
 
-# The one loader section of recipes, run folders and stores written before each stage had its own.
-OLD_LOADER_KEYS = {
-    "num_workers": st.integers(0, 64), "prefetch_factor": st.integers(1, 8), "pin_memory": st.booleans(),
-    "persistent_workers": st.booleans(), "multiprocessing_context": st.sampled_from(["forkserver", "spawn", "fork"]),
-    "decode_threads": st.integers(0, 16),
-}
-
-
-@settings(deadline=None, max_examples=40)
-@given(old=st.fixed_dictionaries({}, optional=OLD_LOADER_KEYS))
-def test_an_old_loader_section_is_read_as_both_stages_and_never_written_back(old: dict) -> None:
-    cfg = PipelineConfig.model_validate({"loader": old})
-    assert cfg.build_loader == BuildLoaderConfig(**old)
-    train_keys = {key: value for key, value in old.items() if key in TrainLoaderConfig.model_fields}
-    assert cfg.train_loader == TrainLoaderConfig(**train_keys)
-    dumped = yaml.safe_load(dump_pipeline(cfg))
-    assert "loader" not in dumped and PipelineConfig.model_validate(dumped) == cfg
-
-
-def test_an_old_recipe_warns_once_and_reads_as_before(tmp_path: Path) -> None:
+def test_an_old_recipe_with_one_loader_section_is_refused_in_one_line(tmp_path: Path) -> None:
     recipe = yaml.safe_load((PIPELINES_DIR / "demo.yaml").read_text())
     recipe["loader"] = recipe.pop("build_loader")
     del recipe["train_loader"]
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append  # on the logger itself: setup_logging may have stopped it propagating
-    logger = logging.getLogger("shared.config")
-    logger.addHandler(handler)
-    try:
-        cfg = load_pipeline(_write(tmp_path, recipe))
-    finally:
-        logger.removeHandler(handler)
-    assert cfg == load_pipeline("demo")
-    warnings = [r.getMessage() for r in records]
-    assert len(warnings) == 1 and "build_loader" in warnings[0] and "train_loader" in warnings[0], warnings
-
-
-def test_an_old_loader_section_beside_the_new_ones_is_refused() -> None:
-    msg = _usage_error("demo", {"loader.num_workers": 4})
-    assert "loader is the old name" in msg and "train_loader.num_workers" in msg
+    msg = _usage_error(_write(tmp_path, recipe))
+    assert "loader is the old name" in msg and "rename it" in msg and "train_loader.num_workers" in msg
+    msg = _usage_error("demo", {"loader.num_workers": 4})  # beside the new sections too
+    assert "loader is the old name" in msg
 
 
 # ---------------------------------------------------------------- refusals
