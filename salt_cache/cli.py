@@ -26,14 +26,15 @@ def _from_pipeline(value: object) -> str:
     return f"[from the pipeline; ssv2: {value}]"
 
 
-def _check_out_path(out: Path, what: str) -> None:
-    """Refuse an --out that is a file or lies under one, before anything is loaded or written."""
+def _check_out_path(out: Path, what: str, named: str = "--out") -> None:
+    """Refuse an --out that is a file or lies under one, before anything is loaded or written.
+    ``named``: how the message names the path (the flag, or where a default came from)."""
     for ancestor in (out, *out.parents):
         if os.path.exists(ancestor):
             if os.path.isdir(ancestor):
                 return
-            raise SaltUsageError(f"--out {out} is a file; {what} is a folder" if ancestor == out
-                                 else f"--out {out}: {ancestor} is a file")
+            raise SaltUsageError(f"{named} {out} is a file; {what} is a folder" if ancestor == out
+                                 else f"{named} {out}: {ancestor} is a file")
 
 
 app = make_app(
@@ -84,7 +85,11 @@ def build(
                              "no --pixels-only, --split or --limit")
     if pixels_only and teacher:
         raise SaltUsageError("--pixels-only stores no latents: drop --teacher")
-    if out is not None:
+    if out is None:  # beside the videos (--from-store needs --out); a --src that is no folder is discover()'s to refuse
+        out = src / "latents.zarr"
+        if src.is_dir():
+            _check_out_path(out, "a store", named="the default store")
+    else:
         _check_out_path(out, "a store")
     setup_logging(verbose)
     lifeline.install()  # decode workers and the forkserver die with this process, even by kill -9
@@ -100,7 +105,7 @@ def build(
         "teacher.name": teacher, "teacher.batch_size": batch_size, "build_loader.num_workers": workers,
     }
     # A repair rebuilds shards as the store was built: its recorded recipe, unless --pipeline says otherwise.
-    recorded = recorded_recipe(out or src / "latents.zarr") if repair and pipeline is None else {}
+    recorded = recorded_recipe(out) if repair and pipeline is None else {}
     config = load_pipeline(pipeline, {**recorded, **{key: value for key, value in flags.items() if value is not None}})
     from salt_cache.views import split_views
 
@@ -113,8 +118,6 @@ def build(
         source = open_pixels_source(from_store, config)
     else:
         source = discover(src, config.cache.split, config.cache.limit)
-    out = out or source.root / "latents.zarr"
-    _check_out_path(out, "a store")
     from salt_cache.build import DecodeWorkerDied, Terminated, run_build, stop_on_sigterm  # torch only now
     from shared.teacher import load_teacher
 
