@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: this tree's packages
     sys.path.insert(0, str(ROOT))
 
-from shared import lifeline  # noqa: E402
+from shared import parent_death  # noqa: E402
 from shared.config import HUGE_RANDOM_TEACHER, TINY_TEACHER, dump_pipeline, load_pipeline  # noqa: E402
 from shared.errors import EXIT_OK, EXIT_USAGE, SaltUsageError  # noqa: E402
 from shared.filesystem import write_json_atomic, write_text_atomic  # noqa: E402
@@ -252,7 +252,7 @@ def run_command(command: list[str], log_path: Path, timeout_s: float) -> tuple[s
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, process_group=0, preexec_fn=lifeline.die_with_parent)
+                                   stderr=subprocess.STDOUT, process_group=0, preexec_fn=parent_death.die_with_parent)
         try:
             code = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

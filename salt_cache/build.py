@@ -35,7 +35,7 @@ from salt_cache.identity import open_matching_store, open_or_create_store, store
 from salt_cache.loader import ViewBatches, decode_workers, make_loader, plan_batches
 from salt_cache.repair import damaged_shards
 from shared.ssv2 import SsV2Source
-from salt_cache.space import SpacePlan, check_space, plan_space
+from salt_cache.disk_space import SpacePlan, check_space, plan_space
 from shared.teacher import Teacher
 from salt_cache.writer import ShardAssembler, ShardWriter, drop_nonfinite
 
@@ -260,7 +260,7 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
     under the store's lock. ``retry_failed`` also redoes the shards that hold failed rows; ``repair``
     the committed shards verify's row checks find damaged (salt_cache/repair.py).
     A build whose rows to write could need more than the free disk space is refused before
-    anything is written, unless ``force`` (salt_cache/space.py).
+    anything is written, unless ``force`` (salt_cache/disk_space.py).
 
     Under torchrun, rank 0 takes the lock, creates or opens the store and lists the pending
     shards; each rank then builds its contiguous share of them (shard files are per shard,

@@ -12,7 +12,7 @@ import typer
 
 from shared.cli import DEVICE_HELP, Device, choices, make_app, run_app
 from shared.config import PipelineConfig, TeacherAttention, TeacherCompileMode, load_pipeline
-from shared import lifeline
+from shared import parent_death
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
 from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, compute_stats
 from shared.torchrun_env import env_world_size
@@ -92,7 +92,7 @@ def build(
     else:
         _check_out_path(out, "a store")
     setup_logging(verbose)
-    lifeline.install()  # decode workers and the forkserver die with this process, even by kill -9
+    parent_death.install()  # decode workers and the forkserver die with this process, even by kill -9
     from salt_cache.repair import recorded_recipe
     from shared.ssv2 import discover
 
@@ -107,9 +107,9 @@ def build(
     # A repair rebuilds shards as the store was built: its recorded recipe, unless --pipeline says otherwise.
     recorded = recorded_recipe(out) if repair and pipeline is None else {}
     config = load_pipeline(pipeline, {**recorded, **{key: value for key, value in flags.items() if value is not None}})
-    from salt_cache.views import split_views
+    from salt_cache.views import recipe_for_split
 
-    config, note = split_views(config)
+    config, note = recipe_for_split(config)
     if note and is_console_rank():
         print(f"salt-cache: note: {note}", file=sys.stderr)
     if from_store is not None:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from shared import geometry
 from shared.config import BuildLoaderConfig, PipelineConfig, ViewConfig
-from shared.lifeline import worker_init
+from shared.parent_death import worker_init
 from shared.store import CROP_BOX_FIELDS, LatentStore, pixels_shape
 from shared.ssv2 import ClipRecord
 from shared.video import ClipDecodeError

@@ -53,7 +53,7 @@ def view_crop_box(height: int, width: int, clip_id: str, k: int) -> tuple[int, i
     return random_resized_crop(height, width, np.random.default_rng(view_seed(clip_id, k, "crop")))
 
 
-def split_views(config: PipelineConfig) -> tuple[PipelineConfig, str | None]:
+def recipe_for_split(config: PipelineConfig) -> tuple[PipelineConfig, str | None]:
     """The recipe a build of ``config.cache.split`` uses, and a note when it changed it: a validation or
     test store keeps one centre view per clip (probes and held-out losses score the view the teacher
     is compared on), whatever ``views_per_clip`` the recipe asks for."""

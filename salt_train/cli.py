@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 import typer
 import yaml
 
-from shared import config, lifeline
+from shared import config, parent_death
 from shared.cli import DEVICE_HELP, Device, choices, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
@@ -119,7 +119,7 @@ def _train_command(cache: Path, pipeline: Optional[str], run_dir: Optional[Path]
                    task_name: str) -> int:
     """``run`` and ``teacher``: one loop, two tasks (salt_train/task.py)."""
     setup_logging(verbose)
-    lifeline.install()  # loader workers and the forkserver die with this process, even by kill -9
+    parent_death.install()  # loader workers and the forkserver die with this process, even by kill -9
     # --snapshot is recorded in config.yaml with the rest: a resume takes a snapshot the run never finished
     # in the mode it was given.
     flags = {"stream.snapshot": snapshot.value if snapshot else None,
@@ -210,7 +210,7 @@ def evaluate(
             raise SaltUsageError("--teacher runs the teacher for the fast protocol's temporal column; --protocol "
                                  "vjepa evaluates the encoder alone")
 
-        lifeline.install()  # its decoding workers die with this process
+        parent_death.install()  # its decoding workers die with this process
         run_vjepa(EvalRequest(target=target, val_cache=val_cache, train_cache=train_cache, checkpoint=checkpoint,
                               pipeline=pipeline, overrides=overrides, device=device.value if device else None,
                               out=out))
@@ -263,7 +263,7 @@ def preflight(
 ) -> int:
     """Checks to run before a long run: one batch's shapes and values, a worker stress test, /dev/shm use."""
     setup_logging()
-    lifeline.install()
+    parent_death.install()
     from salt_train.preflight import run_preflight
 
     config = _config(pipeline, sets, device)
@@ -291,7 +291,7 @@ def bench(
     Under torchrun (torchrun --nproc-per-node=K -m salt_train bench ...) each rank runs its loader and
     its DDP step on its slice of the global batch at once: the figures are the job's totals."""
     setup_logging()
-    lifeline.install()
+    parent_death.install()
     from salt_train.bench import run_bench, write_synthetic_store
     from shared.device import resolve_device
     from shared.distributed import backend_for, distributed

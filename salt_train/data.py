@@ -48,7 +48,7 @@ from shared import geometry
 from shared.config import PipelineConfig, TrainLoaderConfig
 from shared.console import format_bytes
 from shared.errors import SaltUsageError
-from shared.lifeline import share_temp_dir, worker_init
+from shared.parent_death import share_temp_dir, worker_init
 from shared.rows import ChecksumCache, committed_rows, read_rows
 from shared.store import LatentStore
 from salt_train.state import Position

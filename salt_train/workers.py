@@ -15,7 +15,7 @@ a socket the (stopped) worker must answer. And DataLoader's own shutdown joins e
   (DataLoader's, the stream's) mistakes them for a read error; the run stops either way, so the
   batch being taken is not needed;
 - :func:`end_workers` ends them: SIGKILL for a stopped one, SIGTERM for the others (their handler,
-  ``shared.lifeline``, exits), ``END_GRACE_S`` to go, then SIGKILL. A worker in
+  ``shared.parent_death``, exits), ``END_GRACE_S`` to go, then SIGKILL. A worker in
   uninterruptible I/O (state D) dies when its read returns, not before: no signal can end it
   sooner, which is why the run writes its checkpoint before ending them.
 

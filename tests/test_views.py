@@ -17,8 +17,8 @@ from conftest import VIEWS_LIMIT, Build, call_cli, copy_store, fast_pipeline
 from shared.config import load_pipeline
 from shared.console import format_bytes
 from shared.store import LatentStore, RowStatus
-from salt_cache.space import plan_space
-from salt_cache.views import CROP_RATIO, CROP_SCALE, random_resized_crop, split_views, view_crop_box
+from salt_cache.disk_space import plan_space
+from salt_cache.views import CROP_RATIO, CROP_SCALE, random_resized_crop, recipe_for_split, view_crop_box
 from salt_train.data import StoreStream, epoch_views, stream_spec
 from test_faults import small_tmpfs
 
@@ -61,10 +61,10 @@ def test_view_boxes_are_a_pure_function_of_clip_and_view() -> None:
 
 def test_validation_and_test_stores_keep_one_view() -> None:
     config = load_pipeline("demo-k2")
-    assert config.view.views_per_clip == 2 and split_views(config) == (config, None)
+    assert config.view.views_per_clip == 2 and recipe_for_split(config) == (config, None)
     for split in ("validation", "test"):
         config.cache.split = split
-        kept, note = split_views(config)
+        kept, note = recipe_for_split(config)
         assert kept.view.views_per_clip == 1 and config.view.views_per_clip == 2
         assert split in note and "one centre view" in note
 

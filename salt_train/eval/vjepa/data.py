@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from shared import geometry
 from shared.config import VjepaEvalConfig
 from shared.distributed import rank_share
-from shared.lifeline import worker_init
+from shared.parent_death import worker_init
 from shared.ssv2 import ClipRecord
 from shared.video import ClipDecodeError, decode_frames
 from salt_train.eval.vjepa.augment import AugmentSettings, TrainAugment, eval_views
