@@ -53,15 +53,16 @@ _VIDEO_DIR = "20bn-something-something-v2"
 _FIRST_ID = 100001  # real SSv2 ids are plain integers too
 
 
-def _sample_object(rng: np.random.Generator) -> tuple[str, np.ndarray, str]:
+def sample_object(rng: np.random.Generator) -> tuple[str, np.ndarray, str]:
     """Pick (colour name, jittered RGB, shape kind); the names feed the SSv2 placeholder."""
     name = list(_COLOURS)[rng.integers(len(_COLOURS))]
     rgb = np.clip(np.array(_COLOURS[name]) + rng.integers(-15, 16, size=3), 0, 255)
     return name, rgb.astype(np.uint8), _SHAPES[rng.integers(len(_SHAPES))]
 
 
-def _render(template: str, num_frames: int, height: int, width: int,
-            rng: np.random.Generator, obj: tuple[str, np.ndarray, str]) -> np.ndarray:
+def render_motion(template: str, num_frames: int, height: int, width: int,
+                  rng: np.random.Generator, obj: tuple[str, np.ndarray, str]) -> np.ndarray:
+    """``obj`` (from :func:`sample_object`) performing ``template``'s motion; uint8 RGB [T, H, W, 3]."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
     _, rgb, shape = obj
@@ -93,12 +94,6 @@ def _render(template: str, num_frames: int, height: int, width: int,
         frames[t] = background
         frames[t][mask] = rgb
     return frames
-
-
-def render_motion_clip(template: str, num_frames: int, height: int, width: int,
-                       rng: np.random.Generator) -> np.ndarray:
-    """Render a random shape performing ``template``'s motion; uint8 RGB [T, H, W, 3]."""
-    return _render(template, num_frames, height, width, rng, _sample_object(rng))
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 12, codec: str = "libvpx-vp9") -> None:
@@ -208,9 +203,9 @@ def _render_dataset(root: Path, counts: dict[str, int], ids: Iterator[str], rng:
         rows = []
         for class_idx in rng.permutation(np.arange(n) % len(TEMPLATES)):
             clip_id, template = next(ids), TEMPLATES[class_idx]
-            obj = _sample_object(rng)
+            obj = sample_object(rng)
             num_frames = int(rng.integers(2 * fps, 4 * fps + 1))
-            frames = _render(template, num_frames, height, width, rng, obj)
+            frames = render_motion(template, num_frames, height, width, rng, obj)
             write_video(video_dir / f"{clip_id}.webm", frames, fps=fps)
             if split == "test":  # SSv2 ships test ids without labels
                 rows.append({"id": clip_id})

@@ -123,11 +123,6 @@ def _clone_works(directory: Path, src: Path | None = None) -> bool:
             path.unlink(missing_ok=True)
 
 
-def can_reflink(directory: Path) -> bool:
-    """True if files inside ``directory`` can be cloned with FICLONE (XFS with reflink, btrfs)."""
-    return _clone_works(Path(directory))
-
-
 # ---- walking a store ---------------------------------------------------------------------
 
 def _check_store(store: Path) -> Path:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from shared.config import BuildLoaderConfig, TrainLoaderConfig
-from salt_cache.demo_data import TEMPLATES, render_motion_clip, write_demo_dataset, write_video
+from salt_cache.demo_data import TEMPLATES, render_motion, sample_object, write_demo_dataset, write_video
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PIPELINE = REPO / "pipelines" / "demo.yaml"
@@ -149,6 +149,12 @@ MIXED_CLIPS = [
     ClipSpec("200008", UNKNOWN_TEMPLATE, "unknown-template", 24, ".webm"),
 ]
 FAILING_KINDS = ("truncated", "zero-byte", "missing")
+
+
+def render_motion_clip(template: str, num_frames: int, height: int, width: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """A random shape performing ``template``'s motion; uint8 RGB [T, H, W, 3]."""
+    return render_motion(template, num_frames, height, width, rng, sample_object(rng))
 
 
 def write_mixed_set(root: Path) -> SsV2Set:

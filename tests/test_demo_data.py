@@ -9,7 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from salt_cache.demo_data import TEMPLATES, DemoDataExists, render_motion_clip, write_demo_dataset, write_video
+from conftest import render_motion_clip
+from salt_cache.demo_data import TEMPLATES, DemoDataExists, write_demo_dataset, write_video
 
 SPLITS = {"train": 4, "validation": 2, "test": 1}
 

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 
 from salt_train.snapshot import (
-    can_reflink, check_manifest, list_snapshots, prune_snapshots, reuse_snapshot, snapshot_root,
+    check_manifest, list_snapshots, prune_snapshots, reuse_snapshot, snapshot_root,
     store_manifest, take_snapshot,
 )
 from shared.errors import SaltUsageError
+from shared.filesystem import clone_file
 from shared.rows import read_row_range
 from shared.store import LatentStore, RowStatus, ShardPayload, create_store, latents_shape, pixels_shape
 from xfs_mount import xfs_dir  # noqa: F401  (a pytest fixture)
@@ -82,6 +83,20 @@ def snapshot_log() -> Iterator[list[logging.LogRecord]]:
         yield records
     finally:
         logger.removeHandler(handler)
+
+
+def can_reflink(directory: Path) -> bool:
+    """True if files inside ``directory`` can be cloned with FICLONE (XFS with reflink, btrfs)."""
+    src, clone = directory / ".reflink-probe", directory / ".reflink-probe-clone"
+    src.write_bytes(b"salt reflink probe\n")
+    try:
+        clone_file(src, clone)
+        return True
+    except OSError:
+        return False
+    finally:
+        src.unlink()
+        clone.unlink(missing_ok=True)
 
 
 @pytest.fixture
