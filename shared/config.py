@@ -347,8 +347,8 @@ class PipelineConfig(_Section):
     @classmethod
     def _refuse_shared_loader(cls, data: Any) -> Any:
         if isinstance(data, dict) and "loader" in data:
-            raise ValueError("loader is the old name of build_loader (salt-cache build) and train_loader (salt-train): "
-                             "rename it to those (e.g. train_loader.num_workers)")
+            raise ValueError("loader is the old name of build_loader and train_loader (salt-cache build's and "
+                             "salt-train's loader settings): rename it to those (e.g. train_loader.num_workers)")
         return data
 
 
