@@ -37,7 +37,7 @@ def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source)
 
 
 def view_attrs(config: PipelineConfig) -> dict[str, object]:
-    """The view recipe; one-view stores record exactly what they always did (so they still resume)."""
+    """The view recipe; the rule of views k >= 1 only for a store of several views per clip."""
     attrs: dict[str, object] = {
         "sampling": config.view.sampling,
         "sampling_rule": "16 equal segments of [0, n), one frame each; offset 0.5 (center) "

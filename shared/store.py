@@ -148,7 +148,7 @@ class LatentStore:
         self.arrays = arrays  # opened once: each group[name] re-reads the array's metadata
         self.attrs: dict[str, Any] = dict(group.attrs.get(ATTRS_KEY, {}))
         self.shard_rows = int(self.attrs["shard_rows"])
-        # A store without the attribute (every store before views existed) has one view per clip.
+        # Recorded only for several views per clip (create_store): a one-view store has no view arrays either.
         self.views_per_clip = int(self.attrs.get("views_per_clip", 1))
         self.pixels_only = self.attrs.get("pixels_only") is True  # views without teacher latents
         self.data_arrays = tuple(name for name in DATA_ARRAYS if not (self.pixels_only and name in LATENT_ARRAYS)) \
