@@ -17,15 +17,12 @@ the checksum arrays once (two zarr reads per batch were ~18 ms of a 46 ms batch 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from shared.shard_format import rows_per_file
-from shared.store import CHECKSUM_ARRAYS, RowStatus, row_checksum
-
-if TYPE_CHECKING:
-    from shared.store import LatentStore
+from shared.store import CHECKSUM_ARRAYS, LatentStore, RowStatus, row_checksum
 
 
 def committed_rows(store: LatentStore) -> np.ndarray:
