@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,24 @@ def test_shards_written_to_their_files_read_back_through_zarr(tmp_path_factory, 
     np.testing.assert_array_equal(open_raw_rows(path / "latents").read(np.arange(rows)), latents)
     np.testing.assert_array_equal(open_raw_rows(path / "pixels").read(np.arange(rows)), pixels)
     assert list(path.rglob("*.partial")) == []
+
+
+def test_shard_files_are_named_as_zarr_names_them_and_other_chunk_keys_are_refused(tmp_path: Path) -> None:
+    """shared.shard_format.shard_path names every array's files as zarr does for the layout create_store
+    writes; a store whose array uses other chunk keys is refused (its files would be looked for elsewhere)."""
+    from shared.errors import SaltUsageError
+    from shared.store import create_store
+    store = create_store(tmp_path / "s.zarr", clip_ids=["a", "b"], labels=[-1, -1], teacher_width=4, shard_rows=1,
+                         pixels_zstd_level=0, attrs={})
+    for name, array in store.arrays.items():
+        key = array.metadata.encode_chunk_key((1,) + (0,) * (array.ndim - 1))
+        assert store.shard_file(name, 1) == store.path / name / key
+    meta_file = store.path / "label" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["chunk_key_encoding"]["configuration"]["separator"] = "."
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(SaltUsageError, match="array label has chunk keys"):
+        LatentStore.open(store.path).check_layout()
 
 
 # ---- shared.rows.read_rows: the one read path over every per-row array --------------------------
