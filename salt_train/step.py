@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -26,6 +25,7 @@ from salt_train.masks import make_masks
 from salt_train.model import SaltStudent, build_salt_student, mask_groups
 from salt_train.optim import build_optimizer
 from salt_train.schedule import lr_at, set_lr
+from salt_train.target_norm import LAYER_NORM, TargetNorm
 
 
 def resolve_compile_mode(requested: str, device: torch.device) -> str:
@@ -58,11 +58,13 @@ class Stepper:
     """
 
     def __init__(self, config: PipelineConfig, teacher_width: int, device: torch.device, total_steps: int,
-                 dist: Dist = Dist(), student: SaltStudent | None = None, objective: nn.Module | None = None) -> None:
+                 dist: Dist = Dist(), student: SaltStudent | None = None, objective: nn.Module | None = None,
+                 target_norm: TargetNorm = LAYER_NORM) -> None:
         """``student``: one :func:`seeded_student` built earlier (a run refuses a bad model before it
         writes anything, and knows its step total only once it has its snapshot). ``objective``: another
         loss module over ``student`` (stage 1's :class:`~salt_train.pixel_teacher.PixelObjective` over the
-        teacher it trains), called like :class:`SaltObjective`; default: SALT's, over the student."""
+        teacher it trains), called like :class:`SaltObjective`; default: SALT's, over the student, with
+        the run's ``target_norm``."""
         self.config = config
         self.device = device
         self.total_steps = total_steps
@@ -72,9 +74,8 @@ class Stepper:
         self.optimizer = build_optimizer(self.model, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                          device=device)
         self.compile_mode = resolve_compile_mode(config.model.compile_mode, device)
-        channel = config.model.target_norm == "channel"
         self.objective = (objective if objective is not None else
-                          SaltObjective(self.model, config.model.loss, teacher_width if channel else None)).to(device)
+                          SaltObjective(self.model, config.model.loss, target_norm)).to(device)
         trained: torch.nn.Module = self.objective
         if dist.enabled:
             trained = DistributedDataParallel(self.objective,
@@ -84,11 +85,6 @@ class Stepper:
         self.forward = torch.compile(trained, mode=self.compile_mode) if self.compile_mode != "off" else trained
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
         self.attention = attention_backends(config.model.attention, device)
-
-    def set_target_standardisation(self, standardisation: tuple[np.ndarray, np.ndarray]) -> None:
-        """``model.target_norm: channel``: the run's recorded per-channel (mean, std), before the first step."""
-        mean, std = (torch.as_tensor(a, dtype=torch.float32, device=self.device) for a in standardisation)
-        self.objective.set_target_standardisation(mean, std)
 
     def inputs(self, batch: dict, step: int) -> tuple:
         """Views, latents and, per mask group, the visible and masked ids, on the device. The loader's

@@ -32,7 +32,7 @@ from shared.device import resolve_device
 from shared.distributed import Dist, backend_for, distributed, is_lost_peer, warn_if_oversubscribed
 from shared.filesystem import write_json_atomic
 from shared.errors import SaltUsageError, first_line
-from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, LatentStats, compute_stats
+from shared.latent_stats import LatentStats
 from shared.store import LatentStore
 from salt_train import checkpoint as ckpt
 from salt_train import run_folder
@@ -47,6 +47,7 @@ from salt_train.eval.quick import QuickEval
 from salt_train.resume import changed_settings, resumed_config
 from salt_train.snapshot import Snapshot, reading_snapshot, reuse_snapshot, take_snapshot
 from salt_train.step import Stepper
+from salt_train.target_norm import LAYER_NORM, recorded_stats, training_target_norm
 from salt_train.task import STUDENT, TASKS, Task
 from salt_train.workers import interrupt_wait
 
@@ -158,7 +159,8 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
          dist: Dist) -> RunReport:
     # ---- the store and the model: refuse bad input before anything is written ----------
     dist.agree(lambda: check_quick_eval(config))
-    dist.agree(lambda: recorded_target_stats(config, run_dir, request.resume))  # before anything is printed
+    # read once, before anything is printed: a resume that lost them is refused here
+    recorded = dist.agree(lambda: recorded_stats(config.model.target_norm, run_dir, request.resume))
     task = request.task
     live = dist.agree(lambda: LatentStore.open(request.cache).checked())
     dist.agree(lambda: task.check_store(live))
@@ -186,7 +188,7 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
                 lambda: _snapshot_for(request, config, run_dir, live, device, dist).to_record())
             snapshot = dist.agree(lambda: _visible_snapshot(snapshot_record))
             with reading_snapshot(snapshot):  # `salt-train snapshots prune` leaves it alone meanwhile
-                return _train(config, run_dir, snapshot, student, request.resume, device, dist, task)
+                return _train(config, run_dir, snapshot, student, request.resume, device, dist, task, recorded)
         finally:
             if log_handler is not None:
                 run_folder.detach_log_file(log_handler)
@@ -233,7 +235,7 @@ def _visible_snapshot(record: dict) -> Snapshot:
 
 
 def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: SaltStudent, resume: bool,
-           device: torch.device, dist: Dist, task: Task = STUDENT) -> RunReport:
+           device: torch.device, dist: Dist, task: Task = STUDENT, recorded: LatentStats | None = None) -> RunReport:
     """Set up on the snapshot, step on every batch the ranks agree on, then the last checkpoint and summary."""
     store = LatentStore.open(snapshot.path).checked()  # from here on, only the snapshot is read
     # starts where a resume says, below
@@ -241,7 +243,12 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     dist.agree(lambda: check_stream(spec, store.path))
     steps = total_steps(config, spec.steps_per_epoch)
     width = task.latent_width(store)
-    stepper = Stepper(config, width, device, steps, dist, student, objective=task.objective(student, config))
+    # The target statistics block comes first: the objective is built with the run's normalisation.
+    target_norm = (dist.on_main(lambda: training_target_norm(config.model.target_norm, config.train.seed, run_dir,
+                                                             store, recorded))
+                   if task == STUDENT else LAYER_NORM)
+    stepper = Stepper(config, width, device, steps, dist, student, objective=task.objective(student, config),
+                      target_norm=target_norm)
     model = stepper.model
     state = (_resume_state(run_dir, model, stepper.optimizer, (spec.epochs, spec.steps_per_epoch), dist) if resume
              else TrainState(0, Position()))
@@ -251,12 +258,7 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     flops = task.flops(config, width)
     print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, model, flops, dist,
                       task.describe(config, model))
-    stats = dist.on_main(lambda: target_statistics(config, run_dir, store, resume)) if task == STUDENT else None
-    standardisation = stats.standardisation() if stats is not None and config.model.target_norm == "channel" else None
-    if standardisation is not None:
-        stepper.set_target_standardisation(standardisation)
-
-    quick_eval = dist.agree(lambda: QuickEval(config, store, device, run_dir / "eval", standardisation)
+    quick_eval = dist.agree(lambda: QuickEval(config, store, device, run_dir / "eval", target_norm)
                             if config.train.eval_every and dist.is_main else None)
     metrics = Metrics(run_dir, config.train, steps, state, quick_eval, device, dist)  # only rank 0 writes
     checkpointer = Checkpointer(run_dir, model, stepper.optimizer, state, config.train.keep_checkpoints,
@@ -353,43 +355,6 @@ def _export(checkpointer: Checkpointer, config: PipelineConfig, final: Path, res
         reason = getattr(exc, "strerror", None) or first_line(exc)
         raise SaltUsageError(f"cannot write the export {out}: {reason}; checkpoint {final.name} is intact: free "
                              f"space, then {resume_hint} (it writes the export again)") from None
-
-
-def target_statistics(config: PipelineConfig, run_dir: Path, store: LatentStore, resume: bool) -> LatentStats:
-    """Rank 0: the target statistics block, and with ``model.target_norm: channel`` the statistics the
-    targets are standardised with: measured on the snapshot at the run's first start and recorded in
-    the run folder; a resume reads the recorded ones back, never recomputes them. With ``layer``, a
-    small sample of rows, for the block only."""
-    if config.model.target_norm == "layer":
-        stats = compute_stats(store, rows=SUMMARY_ROWS, seed=config.train.seed)
-        print_block("target statistics (model.target_norm: layer)", stats.summary())
-        if stats.warns:
-            log.warning(stats.warning())
-        return stats
-    stats = recorded_target_stats(config, run_dir, resume)
-    source = f"read back from {run_dir / run_folder.TARGET_STATS}"
-    if stats is None:
-        stats = compute_stats(store, rows=DEFAULT_ROWS, seed=config.train.seed)
-        run_folder.write_target_stats(run_dir, stats, store.path)
-        source = f"measured on the snapshot, recorded in {run_dir / run_folder.TARGET_STATS}"
-    print_block("target statistics (model.target_norm: channel)", {**stats.summary(), "statistics": source})
-    if stats.warns:
-        log.info("outlier channels %s are standardised per channel before the layer norm (model.target_norm: "
-                 "channel)", stats.outlier_channels[:8])
-    return stats
-
-
-def recorded_target_stats(config: PipelineConfig, run_dir: Path | None, resume: bool) -> LatentStats | None:
-    """The statistics a ``model.target_norm: channel`` run recorded; None before it recorded them.
-    Refused: a resume whose checkpoints trained with statistics that are no longer there."""
-    if config.model.target_norm != "channel" or run_dir is None:
-        return None
-    stats = run_folder.read_target_stats(run_dir)
-    if stats is None and resume and ckpt.complete_checkpoints(run_dir):
-        raise SaltUsageError(f"{run_dir} has checkpoints trained with model.target_norm: channel but no "
-                             f"{run_folder.TARGET_STATS}: its targets cannot be normalised as before; restore the "
-                             "file or start a new run")
-    return stats
 
 
 def check_run_task(run_dir: Path, task: Task) -> None:

@@ -19,11 +19,12 @@ import torch
 
 from shared.config import PipelineConfig
 from shared.store import LatentStore
-from salt_train.eval.features import EncoderFeatures, ExtractionPlan, extract, standardisation_tensors
+from salt_train.eval.features import EncoderFeatures, ExtractionPlan, extract
 from salt_train.eval.heldout import heldout_figures
 from salt_train.eval.probes import ProbeSettings, linear_probe
 from salt_train.eval.rows import check_compatible, class_count, draw_eval_rows, eval_candidates, store_labels
 from salt_train.model import SaltStudent
+from salt_train.target_norm import LAYER_NORM, TargetNorm
 
 MIN_ROWS_PER_CLASS = 10
 
@@ -36,9 +37,9 @@ def enough_labels(labels: np.ndarray, classes: int) -> bool:
 
 class QuickEval:
     def __init__(self, config: PipelineConfig, train_store: LatentStore, device: torch.device, spill: Path,
-                 standardisation: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 target_norm: TargetNorm = LAYER_NORM) -> None:
         settings = config.eval
-        self.standardisation = standardisation_tensors(standardisation)  # model.target_norm: channel
+        self.target_norm = target_norm
         assert settings.val_cache, "checked at start (train.check_quick_eval)"
         self.config, self.device, self.spill = config, device, spill
         self.val_store = LatentStore.open(settings.val_cache)
@@ -58,7 +59,7 @@ class QuickEval:
         was_training = model.training
         try:
             result = heldout_figures(self.val_store, self.val_rows, self.config, self.device, settings.batch_size,
-                                     settings.seed, {"student": model}, self.standardisation, None)["student"]
+                                     settings.seed, {"student": model}, self.target_norm, None)["student"]
             record: dict[str, Any] = {"heldout_loss": result["loss"], "heldout_r2": result["r2"],
                                       "rows": len(self.val_rows)}
             if self.probe:
