@@ -245,9 +245,10 @@ def test_resume_and_eval_use_the_recorded_statistics(channel_run, planted, tmp_p
     rows = np.arange(4)
     device = torch.device("cpu")
     students = {"student": subject.student}
-    with_record = heldout_figures(store, rows, subject.config, device, 4, 0, students,
+    mask, loss = subject.config.mask, subject.config.model.loss
+    with_record = heldout_figures(store, rows, mask, loss, device, 4, 0, students,
                                   target_norm, None)["student"]
-    layer_only = heldout_figures(store, rows, subject.config, device, 4, 0, students, LAYER_NORM, None)["student"]
+    layer_only = heldout_figures(store, rows, mask, loss, device, 4, 0, students, LAYER_NORM, None)["student"]
     assert np.isfinite(with_record["loss"]) and with_record["loss"] != layer_only["loss"]
 
     (resumed_dir / "target_stats.json").unlink()  # checkpoints but no record: refused, one line

@@ -269,7 +269,8 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
 
         baseline = channel_means(train_store, train_set.rows, target_norm, settings.batch_size)
         heldout: dict[str, Any] = heldout_figures(
-            val_store, val_set.rows, subject.config, device, settings.batch_size, settings.seed,
+            val_store, val_set.rows, subject.config.mask, subject.config.model.loss, device, settings.batch_size,
+            settings.seed,
             {RANDOM: random_student, STUDENT: subject.student}, target_norm, baseline)
         for name, student in ((RANDOM, random_student), (STUDENT, subject.student)):
             if student is None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.config import PipelineConfig
+from shared.config import LossKind, MaskConfig
 from shared.rows import read_rows
 from shared.store import LatentStore
 from salt_train.eval.stats import interval, resample_weights
@@ -93,19 +93,19 @@ def channel_means(store: LatentStore, rows: np.ndarray, target_norm: TargetNorm,
     return (total / (len(rows) * latents.shape[1])).float()
 
 
-def make_objective(student: SaltStudent, config: PipelineConfig, target_norm: TargetNorm,
+def make_objective(student: SaltStudent, loss: LossKind, target_norm: TargetNorm,
                    device: torch.device) -> SaltObjective:
     """The run's training objective around ``student``, with its target normalisation."""
-    return SaltObjective(student, config.model.loss, target_norm).to(device).eval()
+    return SaltObjective(student, loss, target_norm).to(device).eval()
 
 
 @torch.inference_mode()
-def heldout_sums(store: LatentStore, rows: np.ndarray, config: PipelineConfig, device: torch.device,
+def heldout_sums(store: LatentStore, rows: np.ndarray, mask: MaskConfig, device: torch.device,
                  batch_size: int, seed: int, objectives: dict[str, SaltObjective | None],
                  baseline: torch.Tensor | None, target_norm: TargetNorm = LAYER_NORM) -> dict[str, RowSums]:
     """One pass over ``rows``: per-row sums of every objective's errors and, with ``baseline`` (per-channel
     means), of the mean-latent baseline's (under the name ``mean_latent``)."""
-    groups = len(mask_layout(config.mask.kind, config.mask.ratio))
+    groups = len(mask_layout(mask.kind, mask.ratio))
     width = store.teacher_width
     names = [n for n, o in objectives.items() if o is not None] + (["mean_latent"] if baseline is not None else [])
     sums = {name: RowSums.zeros(len(rows), groups, width) for name in names}
@@ -115,7 +115,7 @@ def heldout_sums(store: LatentStore, rows: np.ndarray, config: PipelineConfig, d
         ids = rows[start:start + batch_size]
         at = slice(start, start + len(ids))
         views, latents = read_rows(store, ids, ("pixels", "latents"))
-        masks = make_masks(config.mask.kind, config.mask.ratio, len(ids), seed, k).to(device)
+        masks = make_masks(mask.kind, mask.ratio, len(ids), seed, k).to(device)
         views, latents = torch.from_numpy(views).to(device), torch.from_numpy(latents).to(device)
         for name, objective in objectives.items():
             if objective is None:
@@ -131,12 +131,13 @@ def heldout_sums(store: LatentStore, rows: np.ndarray, config: PipelineConfig, d
     return sums
 
 
-def heldout_figures(store: LatentStore, rows: np.ndarray, config: PipelineConfig, device: torch.device,
+def heldout_figures(store: LatentStore, rows: np.ndarray, mask: MaskConfig, loss: LossKind, device: torch.device,
                     batch_size: int, seed: int, students: dict[str, SaltStudent | None],
                     target_norm: TargetNorm, baseline: torch.Tensor | None) -> dict[str, dict]:
-    """Held-out figures per student (None: not run) and for the mean-latent baseline."""
-    objectives = {name: make_objective(s, config, target_norm, device) if s is not None else None
+    """Held-out figures per student (None: not run) and for the mean-latent baseline, with the run's masks
+    (``mask``), loss and target normalisation."""
+    objectives = {name: make_objective(s, loss, target_norm, device) if s is not None else None
                   for name, s in students.items()}
-    sums = heldout_sums(store, rows, config, device, batch_size, seed, objectives, baseline, target_norm)
-    mask = describe_masks(config.mask.kind, config.mask.ratio)
-    return {name: {**summarise(s, config.model.loss, seed), "mask": mask} for name, s in sums.items()}
+    sums = heldout_sums(store, rows, mask, device, batch_size, seed, objectives, baseline, target_norm)
+    described = describe_masks(mask.kind, mask.ratio)
+    return {name: {**summarise(s, loss, seed), "mask": described} for name, s in sums.items()}
