@@ -170,10 +170,10 @@ def evaluate(
     teacher: Optional[str] = typer.Option(None, "--teacher",
                                           help="the store's teacher (hub id or folder): runs it on the transformed "
                                                "clips for the temporal probes' upper reference [not run]"),
-    train_rows: Optional[int] = typer.Option(None, "--train-rows", min=1,
+    train_rows: Optional[int] = typer.Option(None, "--train-rows",
                                              help="train rows the probes learn on "
                                              f"[eval.train_rows: {_DEFAULTS.eval.train_rows}]"),
-    val_rows: Optional[int] = typer.Option(None, "--val-rows", min=1,
+    val_rows: Optional[int] = typer.Option(None, "--val-rows",
                                            help="validation rows they are scored on "
                                            f"[eval.val_rows: {_DEFAULTS.eval.val_rows}]"),
     pipeline: Optional[str] = typer.Option(None, help="recipe for the eval settings of a bare export [ssv2]; "
@@ -202,7 +202,8 @@ def evaluate(
         overrides["eval.train_rows"] = train_rows
     if val_rows is not None:
         overrides["eval.val_rows"] = val_rows
-    load_pipeline(pipeline, overrides)  # bad values are refused here, with the recipe's messages
+    # The recipe (a run folder's own, else --pipeline) and these overrides are checked once, by the protocol's
+    # subject_config (salt_train/eval/command.py), with the recipe's messages.
     if protocol.value == "vjepa":
         from salt_train.eval.vjepa.command import run_vjepa
 
