@@ -321,7 +321,7 @@ def scaling(
 ) -> int:
     """Scaling efficiency of the loader and the DDP step from 1 to N processes (same global batch)."""
     setup_logging()
-    from salt_train.scaling import run_scaling, scaling_table
+    from salt_train.bench_scaling import run_scaling, scaling_table
 
     _require_store_dir(cache)
     _config(pipeline, sets, device)  # a bad recipe is refused here, not N times below
