@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 import yaml
@@ -67,19 +67,28 @@ def _config(pipeline: Optional[str], sets: list[str], device: Optional[Device], 
     return load_pipeline(pipeline, overrides)
 
 
+# The options `run` and `teacher` share (one loop, two tasks): declared once.
+RunDir = Annotated[Optional[Path], typer.Option("--run-dir", help="run folder [runs/<pipeline>-<time>]")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop after N optimizer steps")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue the run in --run-dir (or this cache's latest run) "
+                                                       "from its last checkpoint")]
+Snapshot = Annotated[Optional[SnapshotMode], typer.Option(help=f"{SNAPSHOT_HELP} [from the pipeline: auto]")]
+TrainDevice = Annotated[Optional[Device], typer.Option(
+    help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+
+
 @app.command()
 def run(
     cache: Path = typer.Option(..., "--cache", help="the store salt-cache built (its snapshot is what training reads)"),
     pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder [runs/<pipeline>-<time>]"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after N optimizer steps"),
-    resume: bool = typer.Option(False, "--resume",
-                                help="continue the run in --run-dir (or this cache's latest run) "
-                                     "from its last checkpoint"),
-    snapshot: Optional[SnapshotMode] = typer.Option(None, help=f"{SNAPSHOT_HELP} [from the pipeline: auto]"),
-    device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]"),
+    run_dir: RunDir = None,
+    max_steps: MaxSteps = None,
+    resume: Resume = False,
+    snapshot: Snapshot = None,
+    device: TrainDevice = None,
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    verbose: Verbose = False,
 ) -> int:
     """Train (or with --resume continue) a run; prints a progress bar, health lines and a summary.
 
@@ -94,16 +103,14 @@ def teacher(
                                "latents, if any, are not read)"),
     pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]: its teacher_train "
                                            "section (size, decoder, schedule) and mask section"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder [runs/<pipeline>-<time>]"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after N optimizer steps"),
-    resume: bool = typer.Option(False, "--resume",
-                                help="continue the run in --run-dir (or this cache's latest run) "
-                                     "from its last checkpoint"),
-    snapshot: Optional[SnapshotMode] = typer.Option(None, help=f"{SNAPSHOT_HELP} [from the pipeline: auto]"),
-    device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]"),
+    run_dir: RunDir = None,
+    max_steps: MaxSteps = None,
+    resume: Resume = False,
+    snapshot: Snapshot = None,
+    device: TrainDevice = None,
     sets: list[str] = typer.Option([], "--set", help="override one recipe field, e.g. --set teacher_train.lr=1e-4 "
                                    "(repeatable)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    verbose: Verbose = False,
 ) -> int:
     """SALT's stage 1: train a video ViT teacher by masked pixel reconstruction (VideoMAE's objective under the
     recipe's masks). Its run folder's export/ is a save_pretrained VideoMAE folder: salt-cache build --teacher
