@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from shared.config import PipelineConfig
 from shared.distributed import Dist
 from shared.errors import one_line
-from salt_train.checkpoint import Checkpointer, TrainingStopped
+from salt_train.checkpoint import TrainingStopped
 from salt_train.state import Position
 from salt_train.feed import BatchFeed
 from salt_train.metrics import HealthWindow
+from salt_train.run_checks import Checkpoints
 from salt_train.run_folder import MetricsLog
 from salt_train.workers import LoaderStalled, StopWaiting, waiting_for_batch
 
@@ -75,30 +75,30 @@ def log_skipped_batch(position: Position, errors: list[dict[str, Any] | None]) -
 
 
 class AgreedBatches:
-    """Iterating yields ``(batch, position after it)`` while ``checkpointer.state.step < steps``.
+    """Iterating yields ``(batch, position after it)`` while the run's ``state.step < steps``.
 
     It ends early when a rank is stopping (``interrupted``; ``loader_failure`` says why when a loader
     worker died here or no batch came within ``train_loader.stall_timeout_s``) or the stream has run
-    out; past ``stream.max_errors`` unreadable batches it writes a checkpoint and raises
-    :class:`TrainingStopped`. With ``train.record_rows``, rank 0
+    out; past ``max_errors`` (``stream.max_errors``) unreadable batches it writes a checkpoint and raises
+    :class:`TrainingStopped`. With ``record_rows`` (``train.record_rows``), rank 0
     records every step's rows (all ranks') in ``rows.jsonl``. ``close()`` when done."""
 
-    def __init__(self, feed: BatchFeed, config: PipelineConfig, steps: int, steps_per_epoch: int,
-                 checkpointer: Checkpointer, stop_requested: Callable[[], bool], window: HealthWindow, run_dir: Path,
-                 dist: Dist) -> None:
+    def __init__(self, feed: BatchFeed, steps: int, steps_per_epoch: int, checkpoints: Checkpoints,
+                 stop_requested: Callable[[], bool], window: HealthWindow, run_dir: Path, dist: Dist, *,
+                 stall_timeout_s: float, max_errors: int, record_rows: bool) -> None:
         self.feed: BatchFeed | None = feed  # the next batch's copy overlaps this step (CUDA)
-        self.config, self.steps, self.steps_per_epoch = config, steps, steps_per_epoch
-        self.checkpointer, self.state = checkpointer, checkpointer.state
+        self.steps, self.steps_per_epoch = steps, steps_per_epoch
+        self.checkpoints, self.state = checkpoints, checkpoints.checkpointer.state
         self.stop_requested, self.window, self.dist = stop_requested, window, dist  # whether a signal arrived
-        self.rows_log = MetricsLog(run_dir / "rows.jsonl") if dist.is_main and config.train.record_rows else None
+        self.stall_timeout_s, self.max_errors, self.record_rows = stall_timeout_s, max_errors, record_rows
+        self.rows_log = MetricsLog(run_dir / "rows.jsonl") if dist.is_main and record_rows else None
         self.interrupted = False
         self.loader_failure: str | None = None
 
     def __iter__(self) -> Iterator[tuple[dict, Position]]:
         while self.state.step < self.steps:
             waited = time.perf_counter()
-            batch, self.loader_failure = next_batch(self.feed, self.stop_requested,
-                                                    self.config.train_loader.stall_timeout_s,
+            batch, self.loader_failure = next_batch(self.feed, self.stop_requested, self.stall_timeout_s,
                                                     self.feed.describe_workers)
             self.window.data_wait += time.perf_counter() - waited
             unreadable = batch is not None and "error" in batch
@@ -114,7 +114,7 @@ class AgreedBatches:
             if skipping:
                 self._skip(batch if unreadable else None, position, following)
                 continue
-            if self.config.train.record_rows:
+            if self.record_rows:
                 rows = self.dist.all_gather(batch["rows"].tolist())
                 if self.rows_log is not None:
                     self.rows_log.write({"step": self.state.step, "epoch": position.epoch, "index": position.index,
@@ -123,12 +123,12 @@ class AgreedBatches:
 
     def _skip(self, unreadable: dict | None, position: Position, following: Position) -> None:
         """Every rank skips a global batch some rank could not read; past stream.max_errors, stop."""
-        state, max_errors = self.state, self.config.stream.max_errors
+        state, max_errors = self.state, self.max_errors
         state.position = following
         state.loader_errors += 1
         log_skipped_batch(position, self.dist.all_gather(_loader_error(unreadable) if unreadable else None))
         if state.loader_errors > max_errors:
-            self.checkpointer.save(last_step=True)
+            self.checkpoints.save(last_step=True)
             raise TrainingStopped(
                 f"{state.loader_errors} unreadable batches, more than stream.max_errors={max_errors}: "
                 f"stopped at step {state.step} with a checkpoint; check the store with `salt-cache verify --deep`")

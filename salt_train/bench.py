@@ -34,7 +34,7 @@ from salt_train.data import check_stream, make_loader, ring_slots, stream_spec
 from salt_train.feed import BatchFeed, batch_to_device
 from salt_train.masks import mask_layout
 from salt_train.model import student_flops_per_clip
-from salt_train.step import Stepper, resolve_compile_mode
+from salt_train.step import Stepper, resolve_compile_mode, seeded_student
 
 READ_BLOCK = 16 << 20
 
@@ -234,7 +234,8 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
     windows = dist.all_gather(loader_window(spec, config, batches, device))
     loader_clips = sum(w[0] for w in windows) / (max(w[2] for w in windows) - min(w[1] for w in windows))
 
-    stepper = Stepper(config, store.teacher_width, device, total_steps=10 * batches, dist=dist)
+    stepper = Stepper(seeded_student(config, store.teacher_width), config.train, config.model, device,
+                      total_steps=10 * batches, dist=dist)
     first = next(iter(make_loader(spec, config.train_loader.model_copy(update={"num_workers": 0}), pin_memory=False)))
     on_device = batch_to_device(first, device)
     memory_clips = step_rate(stepper, repeat(on_device), batches) * dist.world_size  # DDP keeps ranks in lockstep

@@ -23,20 +23,18 @@ checkpoint or the new one, never half of one. Loading reads safetensors and
 JSON only: no file a user did not write is ever unpickled.
 
 During a run, :class:`Checkpointer` writes them: rank 0 writes while the other
-ranks wait at a barrier, never from non-finite weights, and at each checkpoint
-the ranks' weights are compared and the live store (a run without a snapshot)
-checked against its manifest.
+ranks wait at a barrier, never from non-finite weights (the checks around a
+checkpoint are salt_train/run_checks.py's).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import google_crc32c
 import torch
@@ -46,13 +44,7 @@ from safetensors.torch import load_file, save_file
 from shared.errors import SaltUsageError, first_line, one_line
 from shared.distributed import Dist
 from shared.filesystem import PARTIAL_SUFFIX, atomic_dir, delete_dir, write_json_atomic
-from shared.store import LatentStore
-from salt_train.finite import nonfinite_latent_rows, weights_finite
-from salt_train.snapshot import Snapshot, check_manifest
 from salt_train.state import Position, TrainState
-
-if TYPE_CHECKING:
-    from salt_train.metrics import HealthWindow
 
 log = logging.getLogger(__name__)
 
@@ -287,100 +279,18 @@ class TrainingStopped(Exception):
     worker); a checkpoint of the last whole step was written, or the reason says why not."""
 
 
-def replica_digest(model: torch.nn.Module) -> str:
-    """A digest of every parameter and buffer: equal on every rank while DDP keeps them in step."""
-    digest = hashlib.blake2b(digest_size=8)
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def check_replicas(model: torch.nn.Module, dist: Dist, step: int) -> dict[str, Any]:
-    """Every rank's weights digest, gathered: a rank that drifted from the others is reported loudly."""
-    if not dist.enabled:
-        return {"identical": True, "digests": [replica_digest(model)]}
-    digests = dist.all_gather(replica_digest(model))
-    identical = len(set(digests)) == 1
-    if not identical and dist.is_main:
-        log.error("the ranks' weights differ at step %d (digests %s): the replicas drifted apart", step, digests)
-    return {"identical": identical, "digests": digests}
-
-
-def warn_if_live_store_changed(snapshot: Snapshot, step: int) -> bool:
-    """Without a snapshot, compare the live store with its manifest (O(files + rows), at checkpoints
-    and at the end): a rebuild during the run is reported loudly, never silently trained on."""
-    if snapshot.mode != "none" or not snapshot.manifest:
-        return False
-    differences = check_manifest(snapshot.source, snapshot.manifest)
-    if differences:
-        log.warning("THE LIVE STORE CHANGED since this run started (noticed at step %d; %d differences, first: %s): "
-                    "batches read after the change may hold other rows; take runs from a snapshot (--snapshot "
-                    "reflink or copy) to rule this out", step, len(differences), differences[0])
-    return bool(differences)
-
-
 class Checkpointer:
     """A run's checkpoints of ``state``: every rank calls :meth:`save`; rank 0 writes while the others
-    wait at a barrier (none exits, and is reported failed, meanwhile).
-
-    Before each checkpoint it accounts for the steps skipped for a non-finite loss or gradient (the
-    run stops past ``train.max_nonfinite_steps``), and it never writes non-finite weights: the last
-    finite checkpoint stays the newest. After a checkpoint between steps it compares the ranks'
-    weights and checks the live store; the last checkpoint leaves both to the run's summary."""
+    wait at a barrier (none exits, and is reported failed, meanwhile). It never writes non-finite
+    weights: the last finite checkpoint stays the newest (salt_train/run_checks.py says when to save)."""
 
     def __init__(self, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                 keep: int, max_nonfinite_steps: int, window: HealthWindow, store: LatentStore, snapshot: Snapshot,
-                 dist: Dist) -> None:
+                 keep: int, dist: Dist) -> None:
         self.run_dir, self.model, self.optimizer, self.state = run_dir, model, optimizer, state
-        self.keep, self.max_nonfinite_steps = keep, max_nonfinite_steps
-        self.window, self.store, self.snapshot, self.dist = window, store, snapshot, dist
-        self.live_store_changed = False  # noticed once, reported in the summary
+        self.keep, self.dist = keep, dist
 
-    def save(self, last_step: bool = False) -> Path | None:
+    def save(self) -> Path | None:
         """Checkpoint ``state``; the path on rank 0, None on the others."""
-        self.account_skipped()
-        path = self._write()
-        if not last_step:
-            if self.dist.enabled:  # alone there is nothing to compare (the summary still records it)
-                self.check_replicas()
-            self.check_live_store()
-        return path
-
-    def account_skipped(self) -> None:
-        """Read the pending non-finite flags (one host read), log the skipped steps and their rows,
-        and stop once there are more than train.max_nonfinite_steps of them."""
-        state, skipped = self.state, self.window.skipped_steps(self.dist)
-        for step, rows in skipped:
-            state.nonfinite_steps += 1
-            if self.dist.is_main:
-                culprits = nonfinite_latent_rows(self.store, rows)
-                log.warning("step %d skipped: non-finite loss or gradient, weights left as they were (rows %s%s)",
-                            step, rows, f"; non-finite latents in rows {culprits}" if culprits else "")
-        if skipped and state.nonfinite_steps > self.max_nonfinite_steps:
-            path = self._write()
-            raise TrainingStopped(
-                f"{state.nonfinite_steps} steps skipped for a non-finite loss or gradient, more than "
-                f"train.max_nonfinite_steps={self.max_nonfinite_steps}: stopped at step {state.step} with "
-                f"checkpoint {path.name if path else '(rank 0)'} (finite weights); the skipped steps and their rows "
-                f"are in {self.run_dir / 'train.log'}; check the store with `salt-cache verify`")
-
-    def check_replicas(self) -> dict[str, Any]:
-        return check_replicas(self.model, self.dist, self.state.step)
-
-    def check_live_store(self) -> None:
-        """Rank 0, until it first notices a change (then once is enough)."""
-        if self.dist.is_main and not self.live_store_changed:
-            self.live_store_changed = warn_if_live_store_changed(self.snapshot, self.state.step)
-
-    def save_alone(self) -> str:
-        """After a peer died: rank 0 checkpoints without the (now impossible) barrier."""
-        if not self.dist.is_main:
-            return "rank 0 writes the checkpoint"
-        path = save_checkpoint(self.run_dir, self.model, self.optimizer, self.state, self.keep)
-        return f"checkpoint {path.name} written; continue with --resume, with any number of ranks"
-
-    def _write(self) -> Path | None:
         main = self.dist.is_main
         if main and not weights_finite(self.model):
             previous = latest_checkpoint(self.run_dir)
@@ -389,3 +299,16 @@ class Checkpointer:
         path = save_checkpoint(self.run_dir, self.model, self.optimizer, self.state, self.keep) if main else None
         self.dist.barrier()
         return path
+
+    def save_alone(self) -> str:
+        """After a peer died: rank 0 checkpoints without the (now impossible) barrier."""
+        if not self.dist.is_main:
+            return "rank 0 writes the checkpoint"
+        path = save_checkpoint(self.run_dir, self.model, self.optimizer, self.state, self.keep)
+        return f"checkpoint {path.name} written; continue with --resume, with any number of ranks"
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Every parameter and buffer finite (one host read; before a checkpoint is written)."""
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True

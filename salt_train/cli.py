@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 import yaml
@@ -67,19 +67,28 @@ def _config(pipeline: Optional[str], sets: list[str], device: Optional[Device], 
     return load_pipeline(pipeline, overrides)
 
 
+# The options `run` and `teacher` share (one loop, two tasks): declared once.
+RunDir = Annotated[Optional[Path], typer.Option("--run-dir", help="run folder [runs/<pipeline>-<time>]")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop after N optimizer steps")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue the run in --run-dir (or this cache's latest run) "
+                                                       "from its last checkpoint")]
+Snapshot = Annotated[Optional[SnapshotMode], typer.Option(help=f"{SNAPSHOT_HELP} [from the pipeline: auto]")]
+TrainDevice = Annotated[Optional[Device], typer.Option(
+    help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+
+
 @app.command()
 def run(
     cache: Path = typer.Option(..., "--cache", help="the store salt-cache built (its snapshot is what training reads)"),
     pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder [runs/<pipeline>-<time>]"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after N optimizer steps"),
-    resume: bool = typer.Option(False, "--resume",
-                                help="continue the run in --run-dir (or this cache's latest run) "
-                                     "from its last checkpoint"),
-    snapshot: Optional[SnapshotMode] = typer.Option(None, help=f"{SNAPSHOT_HELP} [from the pipeline: auto]"),
-    device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]"),
+    run_dir: RunDir = None,
+    max_steps: MaxSteps = None,
+    resume: Resume = False,
+    snapshot: Snapshot = None,
+    device: TrainDevice = None,
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    verbose: Verbose = False,
 ) -> int:
     """Train (or with --resume continue) a run; prints a progress bar, health lines and a summary.
 
@@ -94,16 +103,14 @@ def teacher(
                                "latents, if any, are not read)"),
     pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]: its teacher_train "
                                            "section (size, decoder, schedule) and mask section"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run folder [runs/<pipeline>-<time>]"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after N optimizer steps"),
-    resume: bool = typer.Option(False, "--resume",
-                                help="continue the run in --run-dir (or this cache's latest run) "
-                                     "from its last checkpoint"),
-    snapshot: Optional[SnapshotMode] = typer.Option(None, help=f"{SNAPSHOT_HELP} [from the pipeline: auto]"),
-    device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]"),
+    run_dir: RunDir = None,
+    max_steps: MaxSteps = None,
+    resume: Resume = False,
+    snapshot: Snapshot = None,
+    device: TrainDevice = None,
     sets: list[str] = typer.Option([], "--set", help="override one recipe field, e.g. --set teacher_train.lr=1e-4 "
                                    "(repeatable)"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    verbose: Verbose = False,
 ) -> int:
     """SALT's stage 1: train a video ViT teacher by masked pixel reconstruction (VideoMAE's objective under the
     recipe's masks). Its run folder's export/ is a save_pretrained VideoMAE folder: salt-cache build --teacher
@@ -170,10 +177,10 @@ def evaluate(
     teacher: Optional[str] = typer.Option(None, "--teacher",
                                           help="the store's teacher (hub id or folder): runs it on the transformed "
                                                "clips for the temporal probes' upper reference [not run]"),
-    train_rows: Optional[int] = typer.Option(None, "--train-rows", min=1,
+    train_rows: Optional[int] = typer.Option(None, "--train-rows",
                                              help="train rows the probes learn on "
                                              f"[eval.train_rows: {_DEFAULTS.eval.train_rows}]"),
-    val_rows: Optional[int] = typer.Option(None, "--val-rows", min=1,
+    val_rows: Optional[int] = typer.Option(None, "--val-rows",
                                            help="validation rows they are scored on "
                                            f"[eval.val_rows: {_DEFAULTS.eval.val_rows}]"),
     pipeline: Optional[str] = typer.Option(None, help="recipe for the eval settings of a bare export [ssv2]; "
@@ -202,7 +209,8 @@ def evaluate(
         overrides["eval.train_rows"] = train_rows
     if val_rows is not None:
         overrides["eval.val_rows"] = val_rows
-    load_pipeline(pipeline, overrides)  # bad values are refused here, with the recipe's messages
+    # The recipe (a run folder's own, else --pipeline) and these overrides are checked once, by the protocol's
+    # subject_config (salt_train/eval/command.py), with the recipe's messages.
     if protocol.value == "vjepa":
         from salt_train.eval.vjepa.command import run_vjepa
 
@@ -320,7 +328,7 @@ def scaling(
 ) -> int:
     """Scaling efficiency of the loader and the DDP step from 1 to N processes (same global batch)."""
     setup_logging()
-    from salt_train.scaling import run_scaling, scaling_table
+    from salt_train.bench_scaling import run_scaling, scaling_table
 
     _require_store_dir(cache)
     _config(pipeline, sets, device)  # a bad recipe is refused here, not N times below

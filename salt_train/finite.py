@@ -4,8 +4,8 @@ One ``inf`` in one latent row makes a step's loss and gradients NaN; applied, th
 reaches every weight and every later checkpoint. :func:`guarded_step` decides on the
 device: the fused AdamW kernel takes a ``found_inf`` flag (the one ``GradScaler``
 uses) and then leaves weights, moments and step count untouched. The flag is read
-with the losses at log time (:class:`salt_train.metrics.HealthWindow`), where the
-skipped steps and their rows are logged.
+with the losses at log time (:class:`salt_train.metrics.HealthWindow`), and the
+skipped steps and their rows are logged (:class:`salt_train.run_checks.SkippedSteps`).
 
 The decision uses the gradient norm only: under DDP it is computed from the
 all-reduced gradients, so every rank skips the same steps (a non-finite loss always
@@ -27,12 +27,6 @@ def guarded_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> t
     elif bool(finite):  # other AdamW implementations take no flag: a host read (CPU-only in practice)
         optimizer.step()
     return finite
-
-
-def weights_finite(model: torch.nn.Module) -> bool:
-    """Every parameter and buffer finite (one host read; before a checkpoint is written)."""
-    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
 
 
 def nonfinite_latent_rows(store, rows: list[int]) -> list[int]:

@@ -9,8 +9,6 @@ losses, each group with its own context and targets (salt_train/masks.py).
 
 from __future__ import annotations
 
-from typing import get_args
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,34 +16,20 @@ from torch import Tensor, nn
 from shared.config import LossKind
 from salt_train.model import SaltStudent
 from salt_train.student import gather_tokens, view_tubelets
-
-LOSSES = get_args(LossKind)
-
-
-def normalise_targets(latents: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
-    """Per-token layer norm without affine parameters, in float32 (fp16 latents would lose the small ones).
-    With ``mean`` and ``std`` (``model.target_norm: channel``), each channel is first standardised,
-    ``(x - mean) / std``, with the store's statistics, so that no outlier channel dominates the norm."""
-    latents = latents.float()
-    if mean is not None and std is not None:
-        latents = (latents - mean) / std
-    return F.layer_norm(latents, latents.shape[-1:])
-
+from salt_train.target_norm import LAYER_NORM, TargetNorm, normalise_targets
 
 def masked_targets(latents: Tensor, masked: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
     """The targets at token ids ``masked`` ``[B, M]``: those latents, normalised (:func:`normalise_targets`)."""
     return normalise_targets(gather_tokens(latents, masked), mean, std)
 
 
-def regression_loss(predicted: Tensor, targets: Tensor, kind: str) -> Tensor:
+def regression_loss(predicted: Tensor, targets: Tensor, kind: LossKind) -> Tensor:
     """Mean MSE or L1 in float32 over aligned ``[B, K, D]`` predictions and (normalised) targets."""
     if predicted.shape != targets.shape:  # broadcasting would silently average the wrong pairs
         raise ValueError(f"predictions {tuple(predicted.shape)} and targets {tuple(targets.shape)} differ in shape")
-    if kind == "mse":
-        return F.mse_loss(predicted.float(), targets.float())
-    if kind == "l1":
+    if kind == "l1":  # the recipe allows mse and l1 only (shared.config.LossKind)
         return F.l1_loss(predicted.float(), targets.float())
-    raise ValueError(f"unknown loss {kind!r} (one of {', '.join(LOSSES)})")
+    return F.mse_loss(predicted.float(), targets.float())
 
 
 class SaltObjective(nn.Module):
@@ -56,25 +40,13 @@ class SaltObjective(nn.Module):
     Its parameters are the student's: DDP wraps it, checkpoints save ``student``.
     """
 
-    def __init__(self, student: SaltStudent, loss: str, standardised_width: int | None = None) -> None:
+    def __init__(self, student: SaltStudent, loss: LossKind, target_norm: TargetNorm = LAYER_NORM) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r} (one of {', '.join(LOSSES)})")
         self.student = student
         self.loss = loss
-        # model.target_norm: channel: per-channel (x - mean) / std of the targets before the layer norm,
-        # set with set_target_standardisation before the first step (None buffers: layer norm only).
-        channel = standardised_width is not None
-        self.register_buffer("target_mean", torch.zeros(standardised_width) if channel else None, persistent=False)
-        self.register_buffer("target_std", torch.ones(standardised_width) if channel else None, persistent=False)
-
-    @torch.no_grad()
-    def set_target_standardisation(self, mean: Tensor, std: Tensor) -> None:
-        """The run's recorded per-channel statistics (in place: a compiled graph keeps reading these buffers)."""
-        if self.target_mean is None or self.target_std is None:
-            raise ValueError("this objective was built without per-channel standardisation (model.target_norm: layer)")
-        self.target_mean.copy_(mean)
-        self.target_std.copy_(std)
+        # Buffers, so that .to(device) moves them with the student (None: layer norm only).
+        self.register_buffer("target_mean", _copy(target_norm.mean), persistent=False)
+        self.register_buffer("target_std", _copy(target_norm.std), persistent=False)
 
     def forward(self, views: Tensor, latents: Tensor, visible: tuple[Tensor, ...],
                 masked: tuple[Tensor, ...]) -> Tensor:
@@ -95,3 +67,7 @@ class SaltObjective(nn.Module):
             targets = masked_targets(latents, group_masked, self.target_mean, self.target_std)
             outputs.append((predicted, targets))
         return outputs
+
+
+def _copy(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.clone()

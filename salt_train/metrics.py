@@ -23,6 +23,7 @@ from shared.store import LatentStore
 from salt_train.state import Position, TrainState
 from salt_train.data import StreamSpec, batch_bytes, shm_bound
 from salt_train.masks import describe_masks
+from salt_train.run_checks import SkippedSteps
 from salt_train.run_folder import MetricsLog
 from salt_train.snapshot import Snapshot
 from salt_train.step import StepResult, resolve_compile_mode
@@ -121,11 +122,12 @@ class Metrics:
     Every rank calls every method (the loss is averaged over the ranks); only rank 0 writes."""
 
     def __init__(self, run_dir: Path, train: TrainConfig, steps: int, state: TrainState, quick_eval: Evaluation | None,
-                 device: torch.device, dist: Dist) -> None:
+                 device: torch.device, dist: Dist, skipped: SkippedSteps) -> None:
+        """``skipped``: the run's skipped-step accounting, over the window whose flags it reads."""
         self.train, self.steps, self.quick_eval, self.device, self.dist = train, steps, quick_eval, device, dist
         self.file = MetricsLog(run_dir / "metrics.jsonl") if dist.is_main else None
         self.bar = progress(total=steps, description="train", unit="step", initial=state.step)
-        self.window = HealthWindow()
+        self.skipped, self.window = skipped, skipped.window
         self.first_loss: float | None = None  # of the first and last health lines, for the summary
         self.last_loss: float | None = None
 
@@ -138,7 +140,9 @@ class Metrics:
         return step % self.train.log_every == 0 or step == self.steps
 
     def log(self, state: TrainState, lr: float) -> None:
-        """The interval's health line and metrics record (call the checkpointer's skipped-step accounting first)."""
+        """The interval's skipped steps accounted (past train.max_nonfinite_steps the run stops here), then
+        its health line and metrics record."""
+        self.skipped.account()
         record = self.window.flush(state, lr, self.device, self.dist)
         self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = record["loss"]

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from shared.config import PipelineConfig
+from shared.config import ModelConfig, PipelineConfig, TrainConfig
 from shared.distributed import Dist
 from salt_train.attention import attention_backends, attention_context
 from salt_train.feed import ON_DEVICE, to_device
 from salt_train.finite import guarded_step
 from salt_train.loss import SaltObjective
-from salt_train.masks import make_masks
 from salt_train.model import SaltStudent, build_salt_student, mask_groups
 from salt_train.optim import build_optimizer
 from salt_train.schedule import lr_at, set_lr
+from salt_train.target_norm import LAYER_NORM, TargetNorm
 
 
 def resolve_compile_mode(requested: str, device: torch.device) -> str:
@@ -57,24 +56,22 @@ class Stepper:
     every rank takes the step one process would take on the whole batch (float rounding aside).
     """
 
-    def __init__(self, config: PipelineConfig, teacher_width: int, device: torch.device, total_steps: int,
-                 dist: Dist = Dist(), student: SaltStudent | None = None, objective: nn.Module | None = None) -> None:
+    def __init__(self, student: SaltStudent, train: TrainConfig, model: ModelConfig, device: torch.device,
+                 total_steps: int, dist: Dist = Dist(), objective: nn.Module | None = None,
+                 target_norm: TargetNorm = LAYER_NORM) -> None:
         """``student``: one :func:`seeded_student` built earlier (a run refuses a bad model before it
         writes anything, and knows its step total only once it has its snapshot). ``objective``: another
         loss module over ``student`` (stage 1's :class:`~salt_train.pixel_teacher.PixelObjective` over the
-        teacher it trains), called like :class:`SaltObjective`; default: SALT's, over the student."""
-        self.config = config
+        teacher it trains), called like :class:`SaltObjective`; default: SALT's, over the student, with
+        the run's ``target_norm``."""
+        self.train = train
         self.device = device
         self.total_steps = total_steps
-        self.rank, self.world_size = dist.rank, dist.world_size
-        student = student if student is not None else seeded_student(config, teacher_width)
         self.model: SaltStudent = student.to(device)
-        self.optimizer = build_optimizer(self.model, lr=config.train.lr, weight_decay=config.train.weight_decay,
-                                         device=device)
-        self.compile_mode = resolve_compile_mode(config.model.compile_mode, device)
-        channel = config.model.target_norm == "channel"
+        self.optimizer = build_optimizer(self.model, lr=train.lr, weight_decay=train.weight_decay, device=device)
+        self.compile_mode = resolve_compile_mode(model.compile_mode, device)
         self.objective = (objective if objective is not None else
-                          SaltObjective(self.model, config.model.loss, teacher_width if channel else None)).to(device)
+                          SaltObjective(self.model, model.loss, target_norm)).to(device)
         trained: torch.nn.Module = self.objective
         if dist.enabled:
             trained = DistributedDataParallel(self.objective,
@@ -83,29 +80,16 @@ class Stepper:
         # and the learning rate outside it keep it from recompiling.
         self.forward = torch.compile(trained, mode=self.compile_mode) if self.compile_mode != "off" else trained
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-        self.attention = attention_backends(config.model.attention, device)
+        self.attention = attention_backends(model.attention, device)
 
-    def set_target_standardisation(self, standardisation: tuple[np.ndarray, np.ndarray]) -> None:
-        """``model.target_norm: channel``: the run's recorded per-channel (mean, std), before the first step."""
-        mean, std = (torch.as_tensor(a, dtype=torch.float32, device=self.device) for a in standardisation)
-        self.objective.set_target_standardisation(mean, std)
-
-    def inputs(self, batch: dict, step: int) -> tuple:
-        """Views, latents and, per mask group, the visible and masked ids, on the device. The loader's
-        workers make the masks (StreamSpec.mask_kind); a batch without them gets them here, from the step."""
-        if "masked" in batch:  # no latents in a stream of pixels only (salt-train teacher): None
-            return tuple(to_device(batch[name], self.device, True) if name in batch else None for name in ON_DEVICE)
-        views, latents = (to_device(batch[name], self.device, True) if name in batch else None
-                          for name in ("pixels", "latents"))
-        local = views.shape[0]  # this rank's slice of the global batch, and of its masks
-        mask = self.config.mask
-        masks = make_masks(mask.kind, mask.ratio, local * self.world_size, self.config.train.seed, step)
-        masks = masks[self.rank * local:(self.rank + 1) * local].to(self.device, non_blocking=True)
-        return views, latents, masks.visible, masks.masked
+    def inputs(self, batch: dict) -> tuple:
+        """Views, latents and, per mask group, the visible and masked ids (the loader's workers draw them,
+        StreamSpec.mask_kind), on the device; no latents in a stream of pixels only (salt-train teacher): None."""
+        return tuple(to_device(batch[name], self.device, True) if name in batch else None for name in ON_DEVICE)
 
     def step(self, batch: dict, step: int) -> StepResult:
-        train = self.config.train
-        views, latents, visible, masked = self.inputs(batch, step)
+        train = self.train
+        views, latents, visible, masked = self.inputs(batch)
         lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
                    total_steps=self.total_steps)
         set_lr(self.optimizer, lr)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from shared.config import PipelineConfig
+from shared.config import PipelineConfig, ScheduleConfig
 from shared.errors import SaltUsageError
 from shared.store import LatentStore
 from salt_train.masks import describe_masks, mask_layout
@@ -47,8 +47,7 @@ class Task:
         ``train`` schedule, and has no quick evaluation (it has no latents to evaluate against)."""
         if self.name == "student":
             return config
-        schedule = config.teacher_train.model_dump(include={"lr", "min_lr", "warmup_steps", "weight_decay",
-                                                            "batch_size", "epochs", "max_steps"})
+        schedule = config.teacher_train.model_dump(include=set(ScheduleConfig.model_fields))
         config = config.model_copy(deep=True)
         config.train = config.train.model_copy(update={**schedule, "eval_every": None})
         return config

@@ -8,8 +8,9 @@ and learning rate are pure functions of the seed, epoch and step.
 
 The loop (:func:`_loop`) delegates: :class:`~salt_train.batches.AgreedBatches` yields
 the batches every rank steps on, :class:`~salt_train.step.Stepper` takes the step,
-:class:`~salt_train.metrics.Metrics` reports and :class:`~salt_train.checkpoint.Checkpointer`
-writes checkpoints. This module keeps the setup, the signals and a lost peer's last checkpoint.
+:class:`~salt_train.metrics.Metrics` reports and :class:`~salt_train.run_checks.Checkpoints`
+writes checkpoints, with the checks around them. This module keeps the setup, the signals and a lost
+peer's last checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from shared.device import resolve_device
 from shared.distributed import Dist, backend_for, distributed, is_lost_peer, warn_if_oversubscribed
 from shared.filesystem import write_json_atomic
 from shared.errors import SaltUsageError, first_line
-from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, LatentStats, compute_stats
+from shared.latent_stats import LatentStats
 from shared.store import LatentStore
 from salt_train import checkpoint as ckpt
 from salt_train import run_folder
@@ -41,12 +42,14 @@ from salt_train.checkpoint import Checkpointer, TrainingStopped
 from salt_train.state import Position, TrainState
 from salt_train.data import check_shm, check_stream, make_loader, stream_spec
 from salt_train.feed import BatchFeed
-from salt_train.metrics import Metrics, print_diagnostics
+from salt_train.metrics import HealthWindow, Metrics, print_diagnostics
 from salt_train.model import SaltStudent
 from salt_train.eval.quick import QuickEval
 from salt_train.resume import changed_settings, resumed_config
+from salt_train.run_checks import Checkpoints, LiveStoreWatch, SkippedSteps, check_replicas
 from salt_train.snapshot import Snapshot, reading_snapshot, reuse_snapshot, take_snapshot
 from salt_train.step import Stepper
+from salt_train.target_norm import LAYER_NORM, recorded_stats, training_target_norm
 from salt_train.task import STUDENT, TASKS, Task
 from salt_train.workers import interrupt_wait
 
@@ -158,7 +161,8 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
          dist: Dist) -> RunReport:
     # ---- the store and the model: refuse bad input before anything is written ----------
     dist.agree(lambda: check_quick_eval(config))
-    dist.agree(lambda: recorded_target_stats(config, run_dir, request.resume))  # before anything is printed
+    # read once, before anything is printed: a resume that lost them is refused here
+    recorded = dist.agree(lambda: recorded_stats(config.model.target_norm, run_dir, request.resume))
     task = request.task
     live = dist.agree(lambda: LatentStore.open(request.cache).checked())
     dist.agree(lambda: task.check_store(live))
@@ -186,7 +190,7 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
                 lambda: _snapshot_for(request, config, run_dir, live, device, dist).to_record())
             snapshot = dist.agree(lambda: _visible_snapshot(snapshot_record))
             with reading_snapshot(snapshot):  # `salt-train snapshots prune` leaves it alone meanwhile
-                return _train(config, run_dir, snapshot, student, request.resume, device, dist, task)
+                return _train(config, run_dir, snapshot, student, request.resume, device, dist, task, recorded)
         finally:
             if log_handler is not None:
                 run_folder.detach_log_file(log_handler)
@@ -233,7 +237,7 @@ def _visible_snapshot(record: dict) -> Snapshot:
 
 
 def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: SaltStudent, resume: bool,
-           device: torch.device, dist: Dist, task: Task = STUDENT) -> RunReport:
+           device: torch.device, dist: Dist, task: Task = STUDENT, recorded: LatentStats | None = None) -> RunReport:
     """Set up on the snapshot, step on every batch the ranks agree on, then the last checkpoint and summary."""
     store = LatentStore.open(snapshot.path).checked()  # from here on, only the snapshot is read
     # starts where a resume says, below
@@ -241,7 +245,12 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     dist.agree(lambda: check_stream(spec, store.path))
     steps = total_steps(config, spec.steps_per_epoch)
     width = task.latent_width(store)
-    stepper = Stepper(config, width, device, steps, dist, student, objective=task.objective(student, config))
+    # The target statistics block comes first: the objective is built with the run's normalisation.
+    target_norm = (dist.on_main(lambda: training_target_norm(config.model.target_norm, config.train.seed, run_dir,
+                                                             store, recorded))
+                   if task == STUDENT else LAYER_NORM)
+    stepper = Stepper(student, config.train, config.model, device, steps, dist,
+                      objective=task.objective(student, config), target_norm=target_norm)
     model = stepper.model
     state = (_resume_state(run_dir, model, stepper.optimizer, (spec.epochs, spec.steps_per_epoch), dist) if resume
              else TrainState(0, Position()))
@@ -251,35 +260,34 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     flops = task.flops(config, width)
     print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, model, flops, dist,
                       task.describe(config, model))
-    stats = dist.on_main(lambda: target_statistics(config, run_dir, store, resume)) if task == STUDENT else None
-    standardisation = stats.standardisation() if stats is not None and config.model.target_norm == "channel" else None
-    if standardisation is not None:
-        stepper.set_target_standardisation(standardisation)
-
-    quick_eval = dist.agree(lambda: QuickEval(config, store, device, run_dir / "eval", standardisation)
+    quick_eval = dist.agree(lambda: QuickEval(config.eval, config.mask, config.model.loss, store, device,
+                                              run_dir / "eval", target_norm)
                             if config.train.eval_every and dist.is_main else None)
-    metrics = Metrics(run_dir, config.train, steps, state, quick_eval, device, dist)  # only rank 0 writes
-    checkpointer = Checkpointer(run_dir, model, stepper.optimizer, state, config.train.keep_checkpoints,
-                                config.train.max_nonfinite_steps, metrics.window, store, snapshot, dist)
+    checkpointer = Checkpointer(run_dir, model, stepper.optimizer, state, config.train.keep_checkpoints, dist)
+    skipped = SkippedSteps(HealthWindow(), state, config.train.max_nonfinite_steps, store, checkpointer, dist)
+    checkpoints = Checkpoints(checkpointer, skipped, LiveStoreWatch(snapshot, dist))
+    metrics = Metrics(run_dir, config.train, steps, state, quick_eval, device, dist, skipped)  # only rank 0 writes
     stop = StopSignals(repeat_aborts=not dist.enabled)  # entered after the feed starts the workers (SIGCHLD)
-    batches = AgreedBatches(BatchFeed(loader, device), config, steps, spec.steps_per_epoch, checkpointer,
-                            lambda: stop.received is not None, metrics.window, run_dir, dist)
+    batches = AgreedBatches(BatchFeed(loader, device), steps, spec.steps_per_epoch, checkpoints,
+                            lambda: stop.received is not None, metrics.window, run_dir, dist,
+                            stall_timeout_s=config.train_loader.stall_timeout_s, max_errors=config.stream.max_errors,
+                            record_rows=config.train.record_rows)
     del loader  # the feed keeps the workers' iterator: closing it stops them
     with stop:  # to the end: a second SIGTERM while the last checkpoint is written must not kill it half-way
         try:
-            _loop(stepper, batches, metrics, checkpointer, steps, config.train.checkpoint_every, dist)
+            _loop(stepper, batches, metrics, checkpoints, steps, config.train.checkpoint_every, dist)
             # The last whole step's checkpoint first: ending workers stuck in a read may take a while.
-            final = checkpointer.save(last_step=True)
+            final = checkpoints.save(last_step=True)
         finally:
             batches.close()  # ends the workers within seconds, whatever they are doing (workers.py)
             metrics.close()
-        return _finish(config, steps, batches, metrics, checkpointer, final, stop.received, task)
+        return _finish(config, steps, batches, metrics, checkpoints, final, stop.received, task)
 
 
-def _loop(stepper: Stepper, batches: AgreedBatches, metrics: Metrics, checkpointer: Checkpointer, steps: int,
+def _loop(stepper: Stepper, batches: AgreedBatches, metrics: Metrics, checkpoints: Checkpoints, steps: int,
           checkpoint_every: int, dist: Dist) -> None:
     """One optimizer step per agreed batch; health lines, quick evals and checkpoints along the way."""
-    state = checkpointer.state
+    state = checkpoints.checkpointer.state
     try:
         for batch, following in batches:
             result = stepper.step(batch, state.step)  # masks, forward, masked loss, backward, clip, AdamW
@@ -289,26 +297,26 @@ def _loop(stepper: Stepper, batches: AgreedBatches, metrics: Metrics, checkpoint
             state.clips_seen += result.clips * dist.world_size
 
             if metrics.should_log(state.step):
-                checkpointer.account_skipped()  # stops the run past train.max_nonfinite_steps
-                metrics.log(state, result.lr)
+                metrics.log(state, result.lr)  # stops the run past train.max_nonfinite_steps
             if metrics.should_evaluate(state.step):
                 metrics.evaluate(stepper.model, state.step)
             if state.step % checkpoint_every == 0 and state.step < steps:
-                checkpointer.save()
+                checkpoints.save()
     except Exception as exc:
         if not is_lost_peer(exc):
             raise
         # Weights and optimizer are those of state.step (a failed step never reached AdamW),
         # and torchrun's SIGTERM to this rank is held off by StopSignals while rank 0 saves.
         raise LostPeer(f"lost contact with another rank at step {state.step} ({type(exc).__name__}); "
-                       + checkpointer.save_alone()) from None
+                       + checkpoints.checkpointer.save_alone()) from None
 
 
-def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics: Metrics, checkpointer: Checkpointer,
+def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics: Metrics, checkpoints: Checkpoints,
             final: Path | None, stop_signal: int | None, task: Task = STUDENT) -> RunReport:
     """After the last checkpoint (``final``): a stopped run says how to continue, a finished one exports and
     sums up."""
-    run_dir, snapshot, state, dist = checkpointer.run_dir, checkpointer.snapshot, checkpointer.state, checkpointer.dist
+    checkpointer, live_store = checkpoints.checkpointer, checkpoints.live_store
+    run_dir, snapshot, state, dist = checkpointer.run_dir, live_store.snapshot, checkpointer.state, checkpointer.dist
     main, train = dist.is_main, config.train
     loader_failure = batches.loader_failure
     if dist.enabled:  # a worker that died (or hung) on one rank stopped them all: every rank reports it
@@ -326,13 +334,13 @@ def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics:
             log.warning("stopped at step %d of %d; checkpoint %s; %s (any number of ranks)", state.step, steps,
                         final.name, resume_hint)
         return report
-    replicas = checkpointer.check_replicas()
+    replicas = check_replicas(checkpointer.model, dist, state.step)
     if main:
         report.export = _export(checkpointer, config, final, resume_hint, task)
-        checkpointer.check_live_store()
+        live_store.check(state.step)
         summary = {"steps": state.step, "planned_steps": steps, "clips_seen": state.clips_seen,
                    "first_loss": first_loss, "last_loss": last_loss, "loader_errors": state.loader_errors,
-                   "live_store_changed": checkpointer.live_store_changed if snapshot.mode == "none" else None,
+                   "live_store_changed": live_store.changed if snapshot.mode == "none" else None,
                    "checkpoint": str(final), "export": str(report.export), "snapshot": str(snapshot.path),
                    "world_size": dist.world_size, "replicas": replicas}
         write_json_atomic(run_dir / "summary.json", summary)
@@ -353,43 +361,6 @@ def _export(checkpointer: Checkpointer, config: PipelineConfig, final: Path, res
         reason = getattr(exc, "strerror", None) or first_line(exc)
         raise SaltUsageError(f"cannot write the export {out}: {reason}; checkpoint {final.name} is intact: free "
                              f"space, then {resume_hint} (it writes the export again)") from None
-
-
-def target_statistics(config: PipelineConfig, run_dir: Path, store: LatentStore, resume: bool) -> LatentStats:
-    """Rank 0: the target statistics block, and with ``model.target_norm: channel`` the statistics the
-    targets are standardised with: measured on the snapshot at the run's first start and recorded in
-    the run folder; a resume reads the recorded ones back, never recomputes them. With ``layer``, a
-    small sample of rows, for the block only."""
-    if config.model.target_norm == "layer":
-        stats = compute_stats(store, rows=SUMMARY_ROWS, seed=config.train.seed)
-        print_block("target statistics (model.target_norm: layer)", stats.summary())
-        if stats.warns:
-            log.warning(stats.warning())
-        return stats
-    stats = recorded_target_stats(config, run_dir, resume)
-    source = f"read back from {run_dir / run_folder.TARGET_STATS}"
-    if stats is None:
-        stats = compute_stats(store, rows=DEFAULT_ROWS, seed=config.train.seed)
-        run_folder.write_target_stats(run_dir, stats, store.path)
-        source = f"measured on the snapshot, recorded in {run_dir / run_folder.TARGET_STATS}"
-    print_block("target statistics (model.target_norm: channel)", {**stats.summary(), "statistics": source})
-    if stats.warns:
-        log.info("outlier channels %s are standardised per channel before the layer norm (model.target_norm: "
-                 "channel)", stats.outlier_channels[:8])
-    return stats
-
-
-def recorded_target_stats(config: PipelineConfig, run_dir: Path | None, resume: bool) -> LatentStats | None:
-    """The statistics a ``model.target_norm: channel`` run recorded; None before it recorded them.
-    Refused: a resume whose checkpoints trained with statistics that are no longer there."""
-    if config.model.target_norm != "channel" or run_dir is None:
-        return None
-    stats = run_folder.read_target_stats(run_dir)
-    if stats is None and resume and ckpt.complete_checkpoints(run_dir):
-        raise SaltUsageError(f"{run_dir} has checkpoints trained with model.target_norm: channel but no "
-                             f"{run_folder.TARGET_STATS}: its targets cannot be normalised as before; restore the "
-                             "file or start a new run")
-    return stats
 
 
 def check_run_task(run_dir: Path, task: Task) -> None:

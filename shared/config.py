@@ -124,17 +124,29 @@ class CacheConfig(_Section):
     device: DeviceName = "auto"
 
 
-class TrainConfig(_Section):
-    """Optimisation schedule (docs/DESIGN.md seed hyperparameters)."""
+class ScheduleConfig(_Section):
+    """The optimisation schedule, one piece for both stages: ``train``'s (the student) and ``teacher_train``'s
+    (salt-train teacher, whose schedule replaces ``train``'s for its run)."""
 
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: Count = Field(300, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     batch_size: Count = Field(32, gt=0)
     epochs: Count = Field(10, gt=0)
     max_steps: Count | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _floor_below_peak(self) -> "ScheduleConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class TrainConfig(ScheduleConfig):
+    """Optimisation schedule (docs/DESIGN.md seed hyperparameters) and the run's seed, device, checkpoints and logs."""
+
+    grad_clip: float = Field(1.0, gt=0)
     seed: Seed = Field(0, description=f"0 to {MAX_SEED}: data order, masks and initialisation")
     device: DeviceName = "auto"
     checkpoint_every: Count = Field(500, gt=0, description="steps between checkpoints (one is also written at the end)")
@@ -145,12 +157,6 @@ class TrainConfig(_Section):
                                    "linear probe on eval.quick_rows of eval.val_cache) written to metrics.jsonl")
     max_nonfinite_steps: Count = Field(10, ge=0, description="steps skipped for a non-finite loss or gradient "
                                                            "before the run stops")
-
-    @model_validator(mode="after")
-    def _floor_below_peak(self) -> "TrainConfig":
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        return self
 
 
 class StreamConfig(_Section):
@@ -206,7 +212,7 @@ class ModelConfig(_Section):
 TeacherSize = Literal["tiny", "small", "base", "large", "huge"]
 
 
-class TeacherTrainConfig(_Section):
+class TeacherTrainConfig(ScheduleConfig):
     """`salt-train teacher` (SALT's stage 1): a VideoMAE-shaped ViT trained by masked pixel reconstruction.
 
     The encoder is a transformers ``VideoMAEModel`` of ``size`` (ViT-Ti/S/B/L/H widths and depths; ``width``,
@@ -227,21 +233,12 @@ class TeacherTrainConfig(_Section):
     decoder_width: Count = Field(384, gt=0, description="the light pixel decoder (VideoMAE's: 384 wide, 4 blocks)")
     decoder_depth: Count = Field(4, gt=0)
     decoder_heads: Count = Field(6, gt=0)
-    lr: float = Field(3e-4, gt=0)
-    min_lr: float = Field(3e-5, ge=0)
-    warmup_steps: Count = Field(300, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
-    batch_size: Count = Field(32, gt=0)
-    epochs: Count = Field(10, gt=0)
-    max_steps: Count | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TeacherTrainConfig":
         if self.decoder_width % self.decoder_heads:
             raise ValueError(f"decoder_width {self.decoder_width} is not divisible by decoder_heads "
                              f"{self.decoder_heads}")
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self
 
 

@@ -53,15 +53,6 @@ def token_index(t: int, h: int, w: int) -> int:
     return t * TOKENS_PER_FRAME + h * GRID_W + w
 
 
-def token_position(index: int) -> tuple[int, int, int]:
-    """Inverse of :func:`token_index`: ``(t, h, w)`` of a flat token index."""
-    if not 0 <= index < NUM_TOKENS:
-        raise ValueError(f"token index {index} outside [0, {NUM_TOKENS})")
-    t, rest = divmod(index, TOKENS_PER_FRAME)
-    h, w = divmod(rest, GRID_W)
-    return t, h, w
-
-
 def as_dict() -> dict[str, object]:
     """The geometry as recorded in a store's attributes."""
     return {

@@ -21,7 +21,7 @@ import yaml
 
 from salt_cache.demo_data import write_demo_dataset
 from shared.store import LatentStore
-from salt_train.eval.features import normed_latents
+from salt_train.target_norm import LAYER_NORM
 from salt_train.eval.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1
 from salt_train.eval import temporal
 from tests.conftest import call_cli, call_train, fast_pipeline, train_pipeline
@@ -64,7 +64,7 @@ def _labelled(store_path: Path) -> tuple[torch.Tensor, np.ndarray]:
     store = LatentStore.open(store_path)
     rows = np.flatnonzero(np.asarray(store.array("label")[:]) >= 0)
     latents = np.asarray(store.array("latents")[rows[0]:rows[-1] + 1])[rows - rows[0]]
-    return normed_latents(latents), np.asarray(store.array("label")[:], dtype=np.int64)[rows]
+    return LAYER_NORM.normalise(latents), np.asarray(store.array("label")[:], dtype=np.int64)[rows]
 
 
 def test_attentive_probe_on_teacher_latents_beats_chance_and_shuffled_labels_do_not(stores: EvalStores) -> None:

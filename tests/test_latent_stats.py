@@ -162,8 +162,9 @@ def test_bad_store_is_one_line(make, fragment, tmp_path) -> None:
 def test_channel_standardisation_matches_numpy(planted) -> None:
     """The objective's transform: (x - mean) / std per channel with the run's statistics, then the per-token
     layer norm; the standardised latents have unit per-channel scale before that norm."""
-    from salt_train.loss import SaltObjective, normalise_targets
+    from salt_train.loss import SaltObjective
     from salt_train.model import build_salt_student
+    from salt_train.target_norm import TargetNorm, normalise_targets
     from shared.config import ModelConfig
 
     stats = compute_stats(LatentStore.open(planted), rows=0)
@@ -176,17 +177,15 @@ def test_channel_standardisation_matches_numpy(planted) -> None:
 
     model = ModelConfig(student="vit_tiny_patch16_224", student_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
                         predictor_width=32, predictor_depth=1, predictor_heads=2, target_norm="channel")
-    objective = SaltObjective(build_salt_student(model, stats.width), "mse", stats.width)
-    objective.set_target_standardisation(torch.tensor(mean, dtype=torch.float32),
-                                         torch.tensor(std, dtype=torch.float32))
+    objective = SaltObjective(build_salt_student(model, stats.width), "mse", TargetNorm.from_stats(stats))
     latents16 = torch.from_numpy(x[:2].astype(np.float16))
     ours = normalise_targets(latents16, objective.target_mean, objective.target_std)
     reference = numpy_layer_norm((latents16.double().numpy() - mean) / std)
     np.testing.assert_allclose(ours.numpy(), reference, atol=2e-4)
     plain = normalise_targets(latents16)  # layer: today's targets, dominated by the planted channels
     assert plain[..., list(PLANTED)].square().mean() > 10 * ours[..., list(PLANTED)].square().mean()
-    with pytest.raises(ValueError, match="target_norm: layer"):
-        SaltObjective(objective.student, "mse").set_target_standardisation(torch.zeros(64), torch.ones(64))
+    layer_only = SaltObjective(objective.student, "mse")  # model.target_norm: layer: no statistics at all
+    assert layer_only.target_mean is None and layer_only.target_std is None
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +213,9 @@ def test_target_norm_channel_trains_on_the_planted_store(channel_run, planted) -
 
 def test_resume_and_eval_use_the_recorded_statistics(channel_run, planted, tmp_path) -> None:
     from salt_train import run_folder
-    from salt_train.eval.command import EvalRequest, load_subject, run_standardisation, subject_config
-    from salt_train.eval.features import standardisation_tensors
+    from salt_train.eval.command import EvalRequest, load_subject, subject_config, subject_target_norm
     from salt_train.eval.heldout import heldout_figures
-    from salt_train.train import target_statistics
+    from salt_train.target_norm import LAYER_NORM, recorded_stats, training_target_norm
 
     run_dir, _ = channel_run
     resumed_dir = tmp_path / "run"
@@ -228,8 +226,9 @@ def test_resume_and_eval_use_the_recorded_statistics(channel_run, planted, tmp_p
     (resumed_dir / "target_stats.json").write_text(json.dumps(record))
     store = LatentStore.open(planted)
     config = run_folder.read_run_config(resumed_dir)
-    used = target_statistics(config, resumed_dir, store, resume=True)
-    np.testing.assert_array_equal(used.mean, np.asarray(record["mean"]))
+    recorded = recorded_stats(config.model.target_norm, resumed_dir, resume=True)
+    used = training_target_norm(config.model.target_norm, config.train.seed, resumed_dir, store, recorded)
+    np.testing.assert_array_equal(used.mean.numpy(), np.asarray(record["mean"], dtype=np.float32))
 
     result = call_train("run", "--cache", planted, "--run-dir", resumed_dir, "--resume", "--max-steps", "20")
     assert result.returncode == 0, result.stderr
@@ -241,14 +240,15 @@ def test_resume_and_eval_use_the_recorded_statistics(channel_run, planted, tmp_p
     # The held-out loss applies the run's transform: the doctored mean changes it.
     request = EvalRequest(target=resumed_dir, val_cache=planted)
     subject = load_subject(request, subject_config(request), store.teacher_width)
-    standardisation = run_standardisation(subject)
-    np.testing.assert_array_equal(standardisation[0], np.asarray(record["mean"]))
+    target_norm = subject_target_norm(subject)
+    np.testing.assert_array_equal(target_norm.mean.numpy(), np.asarray(record["mean"], dtype=np.float32))
     rows = np.arange(4)
     device = torch.device("cpu")
     students = {"student": subject.student}
-    with_record = heldout_figures(store, rows, subject.config, device, 4, 0, students,
-                                  standardisation_tensors(standardisation), None)["student"]
-    layer_only = heldout_figures(store, rows, subject.config, device, 4, 0, students, None, None)["student"]
+    mask, loss = subject.config.mask, subject.config.model.loss
+    with_record = heldout_figures(store, rows, mask, loss, device, 4, 0, students,
+                                  target_norm, None)["student"]
+    layer_only = heldout_figures(store, rows, mask, loss, device, 4, 0, students, LAYER_NORM, None)["student"]
     assert np.isfinite(with_record["loss"]) and with_record["loss"] != layer_only["loss"]
 
     (resumed_dir / "target_stats.json").unlink()  # checkpoints but no record: refused, one line

@@ -10,7 +10,7 @@ from conftest import TINY_STUDENT
 from shared.config import load_pipeline
 from shared.store import LatentStore
 from salt_train.data import StoreStream, stream_spec
-from salt_train.step import Stepper, resolve_compile_mode
+from salt_train.step import Stepper, resolve_compile_mode, seeded_student
 
 
 def tiny_config(compile_mode: str):
@@ -21,11 +21,16 @@ def tiny_config(compile_mode: str):
     })
 
 
+def tiny_stepper(config, teacher_width: int) -> Stepper:
+    return Stepper(seeded_student(config, teacher_width), config.train, config.model, torch.device("cpu"),
+                   total_steps=10)
+
+
 def test_compiled_step_matches_eager_and_does_not_recompile(demo_reference) -> None:
     store = LatentStore.open(demo_reference.store)
     batches = list(StoreStream(stream_spec(store, tiny_config("off"))))[:4]
-    eager = Stepper(tiny_config("off"), store.teacher_width, torch.device("cpu"), total_steps=10)
-    compiled = Stepper(tiny_config("default"), store.teacher_width, torch.device("cpu"), total_steps=10)
+    eager = tiny_stepper(tiny_config("off"), store.teacher_width)
+    compiled = tiny_stepper(tiny_config("default"), store.teacher_width)
     torch._dynamo.reset()
     losses = []
     for step, batch in enumerate(batches):
@@ -49,9 +54,9 @@ def test_the_step_from_uint8_views_to_the_loss_traces_to_one_graph(demo_referenc
     store = LatentStore.open(demo_reference.store)
     config = tiny_config("default")
     batch = next(iter(StoreStream(stream_spec(store, config))))
-    stepper = Stepper(config, store.teacher_width, torch.device("cpu"), total_steps=10)
+    stepper = tiny_stepper(config, store.teacher_width)
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(stepper.objective)(*stepper.inputs(batch, 0))
+    explained = torch._dynamo.explain(stepper.objective)(*stepper.inputs(batch))
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
@@ -66,8 +71,8 @@ def test_the_objective_equals_the_student_on_normalised_pixels_and_the_loss(demo
         config = tiny_config("off")
         config.model.mode = mode
         batch = next(iter(StoreStream(stream_spec(store, config))))
-        stepper = Stepper(config, store.teacher_width, torch.device("cpu"), total_steps=10)
-        views, latents, visible, masked = stepper.inputs(batch, 0)
+        stepper = tiny_stepper(config, store.teacher_width)
+        views, latents, visible, masked = stepper.inputs(batch)
         pixels, _ = to_model_inputs(batch, torch.device("cpu"))
         with torch.no_grad():
             assert len(visible) == len(masked) == 2  # the default multiblock: short- and long-range groups

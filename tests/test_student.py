@@ -23,6 +23,7 @@ from salt_train.loss import normalise_targets, regression_loss
 from salt_train.model import build_salt_student, student_flops_per_clip
 from salt_train.predictor import Predictor, sincos_positions_3d
 from salt_train.student import VideoViT, build_student, gather_tokens, tubelets, view_tubelets
+from tests.test_geometry_and_config import token_position
 
 VIT = "vit_tiny_patch16_224"
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -59,7 +60,7 @@ def save_2d_checkpoint(path, model_name: str = VIT, kwargs: dict = TINY, seed: i
 
 def tubelet_slice(token: int) -> tuple[slice, slice, slice]:
     """The (frames, rows, columns) of the pixels that ``token`` embeds."""
-    t, h, w = geometry.token_position(token)
+    t, h, w = token_position(token)
     p, k = geometry.PATCH_SIZE, geometry.TUBELET_SIZE
     return slice(t * k, (t + 1) * k), slice(h * p, (h + 1) * p), slice(w * p, (w + 1) * p)
 
@@ -228,11 +229,15 @@ def test_targets_are_per_token_layer_normed(kind: str) -> None:
     assert masked_loss(targets, latents.float() * 7 - 2, masked, kind) < 1e-5
 
 
-def test_regression_loss_refuses_misaligned_shapes_and_unknown_kinds() -> None:
+def test_regression_loss_refuses_misaligned_shapes_and_the_recipe_unknown_kinds() -> None:
+    from pydantic import ValidationError
+
+    from shared.config import ModelConfig
+
     with pytest.raises(ValueError, match="shape"):
         regression_loss(torch.zeros(2, 5, 8), torch.zeros(2, 1, 8), "mse")
-    with pytest.raises(ValueError, match="huber"):
-        regression_loss(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), "huber")
+    with pytest.raises(ValidationError, match="huber"):  # the loss kind is checked once, at the recipe
+        ModelConfig(loss="huber")
     predicted, target = torch.full((1, 2, 2), 3.0, dtype=torch.bfloat16), torch.ones(1, 2, 2)
     assert regression_loss(predicted, target, "mse").item() == 4.0
     assert regression_loss(predicted, target, "l1").item() == 2.0

@@ -112,7 +112,7 @@ def test_replicas_stay_identical(runs: Runs) -> None:
 
     from salt_train.model import build_salt_student, mask_groups
     from salt_train.run_folder import read_run_config
-    from salt_train.checkpoint import replica_digest
+    from salt_train.run_checks import replica_digest
     from shared.store import LatentStore
 
     summary = json.loads((runs.ranks2 / "summary.json").read_text())

@@ -239,6 +239,7 @@ def test_quick_eval_sizes_its_rows_by_the_clips_it_can_draw(demo_views_reference
     from shared.config import PipelineConfig
 
     config = PipelineConfig.model_validate({"eval": {"val_cache": str(demo_val_reference.store), "quick_rows": 64}})
-    quick = QuickEval(config, LatentStore.open(demo_views_reference.store), torch.device("cpu"), tmp_path / "spill")
+    quick = QuickEval(config.eval, config.mask, config.model.loss, LatentStore.open(demo_views_reference.store),
+                      torch.device("cpu"), tmp_path / "spill")
     assert len(quick.train_rows) == len(quick.val_rows) == 6  # every clip of the validation store
     assert set(quick.train_rows) <= set(range(0, 2 * VIEWS_LIMIT, 2))  # view 0 rows only

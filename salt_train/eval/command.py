@@ -43,7 +43,7 @@ from shared.store import LatentStore
 from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint, verify_checkpoint
 from salt_train.eval.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
-                                      describe_bound, extract, spilled_bytes, standardisation_tensors)
+                                      describe_bound, extract, spilled_bytes)
 from salt_train.eval.heldout import channel_means, heldout_figures
 from salt_train.eval.output import prepare_output, scratch
 from salt_train.eval.figures import attentive_figure, over_seeds, probe_settings, temporal_figures
@@ -57,6 +57,7 @@ from salt_train.eval.temporal import RETRIEVAL_PAIR, RETRIEVAL_SANITY, TASKS, VA
 from salt_train.export import load_encoder, read_export_config
 from salt_train.model import SaltStudent, build_salt_student, mask_groups
 from salt_train.student import VideoViT, create_timm_vit
+from salt_train.target_norm import LAYER_NORM, TargetNorm, run_target_norm
 
 log = logging.getLogger(__name__)
 
@@ -185,16 +186,10 @@ def open_subject_and_stores(request: EvalRequest, config: PipelineConfig,
     return subject, LatentStore.open(train_path), val_store
 
 
-def run_standardisation(subject: Subject) -> tuple[np.ndarray, np.ndarray] | None:
-    """A run of ``model.target_norm: channel``: the per-channel (mean, std) it recorded, so that the
-    held-out loss is the objective it trained on."""
-    if subject.kind != "run" or subject.config.model.target_norm != "channel":
-        return None
-    stats = run_folder.read_target_stats(subject.path)
-    if stats is None:
-        raise SaltUsageError(f"{subject.path} trained with model.target_norm: channel but holds no "
-                             f"{run_folder.TARGET_STATS}: its held-out loss cannot be measured as it trained")
-    return stats.standardisation()
+def subject_target_norm(subject: Subject) -> TargetNorm:
+    """The targets' normalisation a run trained with (its recorded statistics under ``model.target_norm:
+    channel``), so that the held-out loss is the objective it trained on; an export's is layer norm."""
+    return run_target_norm(subject.config.model.target_norm, subject.path) if subject.kind == "run" else LAYER_NORM
 
 
 # ---- the evaluation ----------------------------------------------------------------------
@@ -216,7 +211,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
 
     train_set = row_set(train_store, settings.train_rows, settings.temporal_rows, settings.seed, "--train-rows")
     val_set = row_set(val_store, settings.val_rows, settings.temporal_rows, settings.seed, "--val-rows")
-    standardisation = standardisation_tensors(run_standardisation(subject))
+    target_norm = subject_target_norm(subject)
     random_encoder, random_student = random_init(subject, val_store.teacher_width)
     models: dict[str, FeatureModel] = {
         RANDOM: EncoderFeatures(RANDOM, random_encoder, device),
@@ -225,7 +220,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     teacher_note = "not run (pass --teacher to run the teacher on the transformed clips)"
     if request.teacher:
         models[TEACHER] = TeacherFeatures(TEACHER, _load_matching_teacher(request.teacher, train_store, device),
-                                          standardisation)
+                                          target_norm)
         teacher_note = f"{request.teacher} run on the transformed clips"
     models[PIXELS] = PixelFeatures(PIXELS)
     labelled = bool((train_set.labels >= 0).any() and (val_set.labels >= 0).any())
@@ -246,7 +241,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "val store": f"{val_store.path}: {len(val_set.rows)} rows ({int(val_set.temporal.sum())} with temporal "
                      f"variants), {int((val_set.labels >= 0).sum())} labelled (held out: no shared clip)",
         "teacher (temporal)": teacher_note,
-        "targets": "layer norm" if standardisation is None else "per-channel standardisation, then layer norm",
+        "targets": target_norm.describe(),
         "tokens": describe_bound(len(train_set.rows), {m: models[m].width for m in models}, memory)
                   if labelled else "not kept (no labels)",
         "probes": f"{len(seeds)} seeds each ({', '.join(map(str, seeds))}), 95% bootstrap intervals over "
@@ -263,19 +258,20 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         train_features, train_latents = extract(
             train_store, ExtractionPlan(train_set.rows, train_set.temporal, train_variants, labelled, settings.seed),
             models, settings.batch_size, memory, spill, "train", with_latents=labelled,
-            standardisation=standardisation)
+            target_norm=target_norm)
         mark("features_train")
         val_features, val_latents = extract(
             val_store, ExtractionPlan(val_set.rows, val_set.temporal, VARIANTS, labelled, settings.seed),
             models, settings.batch_size, memory, spill, "val", with_latents=labelled,
-            standardisation=standardisation)
+            target_norm=target_norm)
         mark("features_val")
         attentive, linear = probe_settings(settings, device)
 
-        baseline = channel_means(train_store, train_set.rows, standardisation, settings.batch_size)
+        baseline = channel_means(train_store, train_set.rows, target_norm, settings.batch_size)
         heldout: dict[str, Any] = heldout_figures(
-            val_store, val_set.rows, subject.config, device, settings.batch_size, settings.seed,
-            {RANDOM: random_student, STUDENT: subject.student}, standardisation, baseline)
+            val_store, val_set.rows, subject.config.mask, subject.config.model.loss, device, settings.batch_size,
+            settings.seed,
+            {RANDOM: random_student, STUDENT: subject.student}, target_norm, baseline)
         for name, student in ((RANDOM, random_student), (STUDENT, subject.student)):
             if student is None:
                 heldout[name] = {"not_run": "an export holds the encoder only (no predictor): evaluate a run folder"}

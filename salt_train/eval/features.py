@@ -4,7 +4,7 @@ A :class:`FeatureModel` maps uint8 store views ``[B, 16, 224, 224, 3]`` to
 per-token features ``[B, 1568, D]``: a student encoder (its output is already
 layer-normed), or the teacher run on the views (its latents layer-normed per
 token, as the training targets are). The teacher's latents already in the
-store need no model at all (:func:`normed_latents`).
+store need no model at all (:meth:`TargetNorm.normalise <salt_train.target_norm.TargetNorm.normalise>`).
 
 :func:`extract` reads each batch of store rows once and runs every model on
 it: the original view's tokens go to a :class:`TokenBank` (for the attentive
@@ -35,8 +35,8 @@ from shared.console import format_bytes, progress
 from shared.rows import read_rows
 from shared.store import LatentStore
 from salt_train.data import normalised_pixels
-from salt_train.loss import normalise_targets
 from salt_train.student import VideoViT
+from salt_train.target_norm import LAYER_NORM, TargetNorm
 from salt_train.eval.temporal import Variant
 
 
@@ -48,21 +48,6 @@ class FeatureModel(Protocol):
     def tokens(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, T, 224, 224, 3]`` on the CPU -> float32 ``[B, T/2 * 196, width]`` on the model's device
         (T = 16; fewer for the few-frame rows, salt_train/eval/frames.py)."""
-
-
-# ``model.target_norm: channel``: the run's per-channel (mean, std), applied before the layer norm; None: layer only.
-Standardisation = tuple[torch.Tensor, torch.Tensor] | None
-
-
-def standardisation_tensors(stats: tuple[np.ndarray, np.ndarray] | None) -> Standardisation:
-    return None if stats is None else tuple(torch.as_tensor(a, dtype=torch.float32) for a in stats)  # type: ignore
-
-
-def normed_latents(latents: np.ndarray | torch.Tensor, standardisation: Standardisation = None) -> torch.Tensor:
-    """Teacher latents normed exactly as the training targets are (layer, or channel then layer)."""
-    latents = torch.as_tensor(latents)
-    mean, std = (None, None) if standardisation is None else (t.to(latents.device) for t in standardisation)
-    return normalise_targets(latents, mean, std)
 
 
 def encoder_heads(encoder: VideoViT) -> int:
@@ -97,14 +82,14 @@ class TeacherFeatures:
 
     name: str
     teacher: object  # shared.teacher.Teacher (imported lazily: transformers is slow to import)
-    standardisation: Standardisation = None
+    target_norm: TargetNorm = LAYER_NORM
 
     def __post_init__(self) -> None:
         self.width = self.teacher.width
         self.heads = int(self.teacher.model.config.num_attention_heads)
 
     def tokens(self, views: torch.Tensor) -> torch.Tensor:
-        return normed_latents(self.teacher.encode(views), self.standardisation)
+        return self.target_norm.normalise(self.teacher.encode(views))
 
 
 class TokenBank:
@@ -179,7 +164,7 @@ class ExtractionPlan:
 
 def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureModel], batch_size: int,
             memory_bytes: int, spill_dir: Path, label: str, with_latents: bool = False,
-            standardisation: Standardisation = None) -> tuple[dict[str, Features], Features | None]:
+            target_norm: TargetNorm = LAYER_NORM) -> tuple[dict[str, Features], Features | None]:
     """Run every model over the plan's rows (each batch read once); with ``with_latents`` also
     the store's own teacher latents as features (``None`` otherwise), normed as the training targets."""
     rows, count = plan.rows, len(plan.rows)
@@ -213,7 +198,7 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
             pixels = arrays[0] if plan.frames is None else np.ascontiguousarray(arrays[0][:, plan.frames])
             views = torch.from_numpy(pixels).to(device, non_blocking=True)
             if latents_features is not None:
-                tokens = normed_latents(arrays[1], standardisation)
+                tokens = target_norm.normalise(arrays[1])
                 latents_features.mean[start:start + len(ids)] = tokens.mean(1)
                 if latents_features.tokens is not None:
                     latents_features.tokens.write(start, tokens)

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.config import PipelineConfig
+from shared.config import LossKind, MaskConfig
 from shared.rows import read_rows
 from shared.store import LatentStore
-from salt_train.eval.features import Standardisation, normed_latents
 from salt_train.eval.stats import interval, resample_weights
 from salt_train.loss import SaltObjective, masked_targets
 from salt_train.masks import describe_masks, make_masks, mask_layout
 from salt_train.model import SaltStudent
+from salt_train.target_norm import LAYER_NORM, TargetNorm
 
 
 @dataclass
@@ -84,42 +84,38 @@ def summarise(sums: RowSums, loss_kind: str, seed: int) -> dict:
             "r2_channels": [round(float(v), 6) for v in whole["r2_channels"][0]], "rows": len(sums.tokens)}
 
 
-def channel_means(store: LatentStore, rows: np.ndarray, standardisation: Standardisation,
-                  batch_size: int) -> torch.Tensor:
+def channel_means(store: LatentStore, rows: np.ndarray, target_norm: TargetNorm, batch_size: int) -> torch.Tensor:
     """Each channel's mean of the normed targets over ``rows`` (all tokens): the baseline's prediction."""
     total = torch.zeros(store.teacher_width, dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
         (latents,) = read_rows(store, rows[start:start + batch_size], ("latents",))
-        total += normed_latents(latents, standardisation).double().sum((0, 1))
+        total += target_norm.normalise(latents).double().sum((0, 1))
     return (total / (len(rows) * latents.shape[1])).float()
 
 
-def make_objective(student: SaltStudent, config: PipelineConfig, standardisation: Standardisation,
+def make_objective(student: SaltStudent, loss: LossKind, target_norm: TargetNorm,
                    device: torch.device) -> SaltObjective:
-    """The run's training objective around ``student``, with its recorded target standardisation."""
-    objective = SaltObjective(student, config.model.loss,
-                              standardised_width=None if standardisation is None else len(standardisation[0]))
-    if standardisation is not None:
-        objective.set_target_standardisation(*standardisation)
-    return objective.to(device).eval()
+    """The run's training objective around ``student``, with its target normalisation."""
+    return SaltObjective(student, loss, target_norm).to(device).eval()
 
 
 @torch.inference_mode()
-def heldout_sums(store: LatentStore, rows: np.ndarray, config: PipelineConfig, device: torch.device,
+def heldout_sums(store: LatentStore, rows: np.ndarray, mask: MaskConfig, device: torch.device,
                  batch_size: int, seed: int, objectives: dict[str, SaltObjective | None],
-                 baseline: torch.Tensor | None, standardisation: Standardisation = None) -> dict[str, RowSums]:
+                 baseline: torch.Tensor | None, target_norm: TargetNorm = LAYER_NORM) -> dict[str, RowSums]:
     """One pass over ``rows``: per-row sums of every objective's errors and, with ``baseline`` (per-channel
     means), of the mean-latent baseline's (under the name ``mean_latent``)."""
-    groups = len(mask_layout(config.mask.kind, config.mask.ratio))
+    groups = len(mask_layout(mask.kind, mask.ratio))
     width = store.teacher_width
     names = [n for n, o in objectives.items() if o is not None] + (["mean_latent"] if baseline is not None else [])
     sums = {name: RowSums.zeros(len(rows), groups, width) for name in names}
     cuda = device.type == "cuda"
+    on_device = target_norm.to(device)
     for k, start in enumerate(range(0, len(rows), batch_size)):
         ids = rows[start:start + batch_size]
         at = slice(start, start + len(ids))
         views, latents = read_rows(store, ids, ("pixels", "latents"))
-        masks = make_masks(config.mask.kind, config.mask.ratio, len(ids), seed, k).to(device)
+        masks = make_masks(mask.kind, mask.ratio, len(ids), seed, k).to(device)
         views, latents = torch.from_numpy(views).to(device), torch.from_numpy(latents).to(device)
         for name, objective in objectives.items():
             if objective is None:
@@ -129,19 +125,19 @@ def heldout_sums(store: LatentStore, rows: np.ndarray, config: PipelineConfig, d
             for group, (predicted, targets) in enumerate(outputs):
                 sums[name].add(at, group, predicted.float() - targets, targets)
         if baseline is not None:
-            mean, std = (None, None) if standardisation is None else (t.to(device) for t in standardisation)
             for group, masked in enumerate(masks.masked):
-                targets = masked_targets(latents, masked, mean, std)
+                targets = masked_targets(latents, masked, on_device.mean, on_device.std)
                 sums["mean_latent"].add(at, group, baseline.to(device) - targets, targets)
     return sums
 
 
-def heldout_figures(store: LatentStore, rows: np.ndarray, config: PipelineConfig, device: torch.device,
+def heldout_figures(store: LatentStore, rows: np.ndarray, mask: MaskConfig, loss: LossKind, device: torch.device,
                     batch_size: int, seed: int, students: dict[str, SaltStudent | None],
-                    standardisation: Standardisation, baseline: torch.Tensor | None) -> dict[str, dict]:
-    """Held-out figures per student (None: not run) and for the mean-latent baseline."""
-    objectives = {name: make_objective(s, config, standardisation, device) if s is not None else None
+                    target_norm: TargetNorm, baseline: torch.Tensor | None) -> dict[str, dict]:
+    """Held-out figures per student (None: not run) and for the mean-latent baseline, with the run's masks
+    (``mask``), loss and target normalisation."""
+    objectives = {name: make_objective(s, loss, target_norm, device) if s is not None else None
                   for name, s in students.items()}
-    sums = heldout_sums(store, rows, config, device, batch_size, seed, objectives, baseline, standardisation)
-    mask = describe_masks(config.mask.kind, config.mask.ratio)
-    return {name: {**summarise(s, config.model.loss, seed), "mask": mask} for name, s in sums.items()}
+    sums = heldout_sums(store, rows, mask, device, batch_size, seed, objectives, baseline, target_norm)
+    described = describe_masks(mask.kind, mask.ratio)
+    return {name: {**summarise(s, loss, seed), "mask": described} for name, s in sums.items()}

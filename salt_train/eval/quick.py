@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.config import PipelineConfig
+from shared.config import EvalConfig, LossKind, MaskConfig
 from shared.store import LatentStore
-from salt_train.eval.features import EncoderFeatures, ExtractionPlan, extract, standardisation_tensors
+from salt_train.eval.features import EncoderFeatures, ExtractionPlan, extract
 from salt_train.eval.heldout import heldout_figures
 from salt_train.eval.probes import ProbeSettings, linear_probe
 from salt_train.eval.rows import check_compatible, class_count, draw_eval_rows, eval_candidates, store_labels
 from salt_train.model import SaltStudent
+from salt_train.target_norm import LAYER_NORM, TargetNorm
 
 MIN_ROWS_PER_CLASS = 10
 
@@ -35,12 +36,13 @@ def enough_labels(labels: np.ndarray, classes: int) -> bool:
 
 
 class QuickEval:
-    def __init__(self, config: PipelineConfig, train_store: LatentStore, device: torch.device, spill: Path,
-                 standardisation: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        settings = config.eval
-        self.standardisation = standardisation_tensors(standardisation)  # model.target_norm: channel
+    """``settings``: the recipe's eval section; ``mask``, ``loss`` and ``target_norm``: the run's objective."""
+
+    def __init__(self, settings: EvalConfig, mask: MaskConfig, loss: LossKind, train_store: LatentStore,
+                 device: torch.device, spill: Path, target_norm: TargetNorm = LAYER_NORM) -> None:
         assert settings.val_cache, "checked at start (train.check_quick_eval)"
-        self.config, self.device, self.spill = config, device, spill
+        self.settings, self.mask, self.loss, self.target_norm = settings, mask, loss, target_norm
+        self.device, self.spill = device, spill
         self.val_store = LatentStore.open(settings.val_cache)
         check_compatible(train_store, self.val_store)
         self.train_store = train_store
@@ -54,11 +56,12 @@ class QuickEval:
 
     def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
         assert isinstance(model, SaltStudent)
-        settings = self.config.eval
+        settings = self.settings
         was_training = model.training
         try:
-            result = heldout_figures(self.val_store, self.val_rows, self.config, self.device, settings.batch_size,
-                                     settings.seed, {"student": model}, self.standardisation, None)["student"]
+            result = heldout_figures(self.val_store, self.val_rows, self.mask, self.loss, self.device,
+                                     settings.batch_size, settings.seed, {"student": model}, self.target_norm,
+                                     None)["student"]
             record: dict[str, Any] = {"heldout_loss": result["loss"], "heldout_r2": result["r2"],
                                       "rows": len(self.val_rows)}
             if self.probe:
