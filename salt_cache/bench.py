@@ -148,11 +148,16 @@ class HostPathTeacher:
         self.final_norm = False
 
     def identity(self) -> dict[str, object]:
-        return {"name": self.name, "weights_hash": self.weights_hash, "width": self.width,
-                "compute_dtype": self.compute_dtype, "final_norm": self.final_norm}
+        return {
+            "name": self.name,
+            "weights_hash": self.weights_hash,
+            "width": self.width,
+            "compute_dtype": self.compute_dtype,
+            "final_norm": self.final_norm,
+        }
 
     def encode(self, views: torch.Tensor) -> torch.Tensor:
-        return self.latents[:len(views)]
+        return self.latents[: len(views)]
 
 
 @dataclass
@@ -162,8 +167,9 @@ class BuildTiming:
     host_ms_per_clip: float  # the main thread's CPU per clip, teacher launches excluded
 
 
-def time_build(source: SsV2Source, teacher: Teacher | HostPathTeacher, config: PipelineConfig,
-               scratch: Path) -> BuildTiming:
+def time_build(
+    source: SsV2Source, teacher: Teacher | HostPathTeacher, config: PipelineConfig, scratch: Path
+) -> BuildTiming:
     """A real build of ``source`` into a scratch store, timed: in steady state (like the decode's,
     the final flush left out), over the whole build, and the main thread's host cost per clip."""
     report = run_build(source, teacher, config, scratch / "build.zarr", dist=Dist())
@@ -172,13 +178,21 @@ def time_build(source: SsV2Source, teacher: Teacher | HostPathTeacher, config: P
 
 
 def _scratch_store(path: Path, rows: int, width: int, shard_rows: int):
-    return create_store(path, clip_ids=[str(i) for i in range(rows)], labels=[-1] * rows, teacher_width=width,
-                        shard_rows=shard_rows, pixels_zstd_level=1, attrs={"identity": {}, "teacher": {}})
+    return create_store(
+        path,
+        clip_ids=[str(i) for i in range(rows)],
+        labels=[-1] * rows,
+        teacher_width=width,
+        shard_rows=shard_rows,
+        pixels_zstd_level=1,
+        attrs={"identity": {}, "teacher": {}},
+    )
 
 
 def time_teacher(teacher: Teacher, batch_size: int, repeats: int) -> float:
-    views = torch.randint(0, 256, (batch_size, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3),
-                          dtype=torch.uint8)
+    views = torch.randint(
+        0, 256, (batch_size, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3), dtype=torch.uint8
+    )
     if teacher.device.type == "cuda":
         views = views.pin_memory()
     teacher.encode(views)  # warm-up: kernels, autotuning, allocator
@@ -192,8 +206,13 @@ def time_teacher(teacher: Teacher, batch_size: int, repeats: int) -> float:
 
 def precision_drift(teacher: Teacher, batch_size: int) -> dict[str, float]:
     """Relative L2 distance of bf16 and fp16 autocast latents from fp32 on the same views."""
-    views = torch.randint(0, 256, (batch_size, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3),
-                          generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    views = torch.randint(
+        0,
+        256,
+        (batch_size, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3),
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.uint8,
+    )
     saved = teacher.compute_dtype
     results = {}
     try:
@@ -216,9 +235,16 @@ def time_store_write(views: np.ndarray, width: int, shard_rows: int, scratch: Pa
     started = time.perf_counter()
     for shard, start, stop in store.iter_shards():
         n = stop - start
-        store.write_shard(ShardPayload(shard, views[start:stop], latents[start:stop],
-                                       np.zeros((n, geometry.NUM_FRAMES), np.int32),
-                                       np.full(n, RowStatus.COMMITTED, np.uint8), [""] * n))
+        store.write_shard(
+            ShardPayload(
+                shard,
+                views[start:stop],
+                latents[start:stop],
+                np.zeros((n, geometry.NUM_FRAMES), np.int32),
+                np.full(n, RowStatus.COMMITTED, np.uint8),
+                [""] * n,
+            )
+        )
     seconds = time.perf_counter() - started
     return (views.nbytes + latents.nbytes) / 1e6 / seconds, store.disk_bytes() / rows
 
@@ -228,8 +254,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: str = "auto",
-                 teacher_attention: str = "auto") -> PipelineConfig:
+def bench_config(
+    batch_size: int, workers: int, writers: int, teacher_compile: str = "auto", teacher_attention: str = "auto"
+) -> PipelineConfig:
     """The production recipe's build settings, with the bench's batch, workers, writers and the teacher's
     compilation and attention kernel."""
     config = PipelineConfig()
@@ -242,25 +269,45 @@ def bench_config(batch_size: int, workers: int, writers: int, teacher_compile: s
     return config
 
 
-def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers: int,
-              device: str, scratch: Path | None, host_path: bool = False, width: int = geometry.TEACHER_WIDTH_HUGE,
-              writers: int = 4, teacher_compile: str = "auto",
-              teacher_attention: str = "auto") -> tuple[dict[str, str], dict[str, float | None]]:
+def run_bench(
+    src: Path,
+    clips: int,
+    teacher_name: str,
+    batch_size: int,
+    workers: int,
+    device: str,
+    scratch: Path | None,
+    host_path: bool = False,
+    width: int = geometry.TEACHER_WIDTH_HUGE,
+    writers: int = 4,
+    teacher_compile: str = "auto",
+    teacher_attention: str = "auto",
+) -> tuple[dict[str, str], dict[str, float | None]]:
     """Printed figures, and the same as numbers, each with its unit in its name (``--json``; None: not measured)."""
     source = discover(src, "train", clips)
     config = bench_config(batch_size, workers, writers, teacher_compile, teacher_attention)
-    figures: dict[str, str] = {"clips": "", "clips skipped (undecodable)": "",
-                               "torch threads": str(torch.get_num_threads())}
-    numbers: dict[str, float | None] = {"batch_size_clips": batch_size, "decode_workers_count": workers,
-                                        "teacher_only_clips_per_s": None, "teacher_tflop_per_clip": None,
-                                        "teacher_achieved_tflop_per_s": None, "matmul_bf16_tflop_per_s": None,
-                                        "teacher_share_of_matmul_fraction": None}
+    figures: dict[str, str] = {
+        "clips": "",
+        "clips skipped (undecodable)": "",
+        "torch threads": str(torch.get_num_threads()),
+    }
+    numbers: dict[str, float | None] = {
+        "batch_size_clips": batch_size,
+        "decode_workers_count": workers,
+        "teacher_only_clips_per_s": None,
+        "teacher_tflop_per_clip": None,
+        "teacher_achieved_tflop_per_s": None,
+        "matmul_bf16_tflop_per_s": None,
+        "teacher_share_of_matmul_fraction": None,
+    }
     work = Path(tempfile.mkdtemp(prefix="salt-bench-", dir=scratch))
     try:
         decode = time_decode(source.clips)
         if not decode.good:
-            raise SaltUsageError(f"none of the {len(source.clips)} clips of {source.split_file} could be decoded "
-                                 f"(missing or corrupt videos under {source.video_dir})")
+            raise SaltUsageError(
+                f"none of the {len(source.clips)} clips of {source.split_file} could be decoded "
+                f"(missing or corrupt videos under {source.video_dir})"
+            )
         figures["clips"] = str(len(decode.good))
         figures["clips skipped (undecodable)"] = str(len(decode.skipped))
         if decode.skipped:
@@ -268,13 +315,20 @@ def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers
         figures["decode, plain PyAV loop (1 proc)"] = f"{decode.plain:.1f} clips/s"
         figures["decode, salt view (1 proc)"] = f"{decode.ours:.1f} clips/s"
         loader = time_loader_decode(decode.good, config, work)
-        numbers |= {"clips_count": len(decode.good), "clips_skipped_count": len(decode.skipped),
-                    "decode_plain_pyav_clips_per_s": decode.plain, "decode_salt_view_clips_per_s": decode.ours,
-                    "decode_only_clips_per_s": loader.steady, "decode_whole_pass_clips_per_s": loader.whole_pass}
+        numbers |= {
+            "clips_count": len(decode.good),
+            "clips_skipped_count": len(decode.skipped),
+            "decode_plain_pyav_clips_per_s": decode.plain,
+            "decode_salt_view_clips_per_s": decode.ours,
+            "decode_only_clips_per_s": loader.steady,
+            "decode_whole_pass_clips_per_s": loader.whole_pass,
+        }
         label = f"DataLoader, {workers} workers, batch {batch_size}"
         figures[f"DECODE-ONLY ({label}, steady state)"] = (
-            f"{loader.steady:.1f} clips/s" if loader.steady is not None
-            else "n/a (needs more than workers x prefetch batches; use more --clips)")
+            f"{loader.steady:.1f} clips/s"
+            if loader.steady is not None
+            else "n/a (needs more than workers x prefetch batches; use more --clips)"
+        )
         figures[f"decode, {label}, whole pass (worker start included)"] = f"{loader.whole_pass:.1f} clips/s"
 
         if host_path:
@@ -282,24 +336,39 @@ def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers
             teacher_rate = float("inf")
             figures["TEACHER-ONLY"] = "n/a (--host-path: no teacher; the build's host path alone)"
         else:
-            teacher = load_teacher(teacher_name, device=device, compile_mode=config.teacher.compile_mode,
-                                   attention=config.teacher.attention)
+            teacher = load_teacher(
+                teacher_name,
+                device=device,
+                compile_mode=config.teacher.compile_mode,
+                attention=config.teacher.attention,
+            )
             # Before the first half-precision encode: that one converts the weights for good.
             drift = precision_drift(teacher, min(batch_size, 2))
-            per_clip = vit_forward_flops(geometry.NUM_TOKENS, teacher.width, teacher.model.config.num_hidden_layers,
-                                         teacher.model.config.intermediate_size / teacher.width)
+            per_clip = vit_forward_flops(
+                geometry.NUM_TOKENS,
+                teacher.width,
+                teacher.model.config.num_hidden_layers,
+                teacher.model.config.intermediate_size / teacher.width,
+            )
             teacher_rate = time_teacher(teacher, batch_size, repeats=3)  # warms up (compiles) for the build too
-            figures["teacher"] = (f"{teacher.name} on {teacher.device} ({teacher.compute_dtype}, "
-                                  f"compile {teacher.compile_mode}, attention {teacher.attention}), batch {batch_size}")
+            figures["teacher"] = (
+                f"{teacher.name} on {teacher.device} ({teacher.compute_dtype}, "
+                f"compile {teacher.compile_mode}, attention {teacher.attention}), batch {batch_size}"
+            )
             figures["TEACHER-ONLY"] = f"{teacher_rate:.2f} clips/s"
             figures["teacher FLOP per clip"] = f"{per_clip / 1e12:.3f} TFLOP"
             figures["teacher achieved"] = f"{teacher_rate * per_clip / 1e12:.2f} TFLOP/s"
-            numbers |= {"teacher_only_clips_per_s": teacher_rate, "teacher_tflop_per_clip": per_clip / 1e12,
-                        "teacher_achieved_tflop_per_s": teacher_rate * per_clip / 1e12}
+            numbers |= {
+                "teacher_only_clips_per_s": teacher_rate,
+                "teacher_tflop_per_clip": per_clip / 1e12,
+                "teacher_achieved_tflop_per_s": teacher_rate * per_clip / 1e12,
+            }
             if teacher.device.type == "cuda":
                 peak = matmul_tflops(teacher.device)
-                numbers |= {"matmul_bf16_tflop_per_s": peak,
-                            "teacher_share_of_matmul_fraction": teacher_rate * per_clip / 1e12 / peak}
+                numbers |= {
+                    "matmul_bf16_tflop_per_s": peak,
+                    "teacher_share_of_matmul_fraction": teacher_rate * per_clip / 1e12 / peak,
+                }
                 figures["GPU bf16 matmul (8192^3)"] = f"{peak:.0f} TFLOP/s"
                 figures["teacher share of matmul rate"] = f"{teacher_rate * per_clip / 1e12 / peak:.0%}"
             figures["bf16 autocast vs fp32 (rel L2)"] = f"{drift['bfloat16']:.2e}"
@@ -310,13 +379,19 @@ def run_bench(src: Path, clips: int, teacher_name: str, batch_size: int, workers
         slower = min(loader.steady or loader.whole_pass, teacher_rate)
         figures[f"END-TO-END build (D={teacher.width}, {writers} writers, steady state)"] = (
             f"{build.steady:.1f} clips/s = {build.steady / slower:.0%} of the slower of decode-only and teacher-only"
-            if build.steady is not None else "n/a (too few batches; use more --clips)")
+            if build.steady is not None
+            else "n/a (too few batches; use more --clips)"
+        )
         figures["end-to-end build, whole (worker start and final flush included)"] = f"{build.whole:.1f} clips/s"
         figures["MAIN-THREAD HOST COST (build loop CPU, teacher launches excluded)"] = (
-            f"{build.host_ms_per_clip:.2f} ms/clip (budget 6; 200 clips/s needs under 5)")
-        numbers |= {"end_to_end_clips_per_s": build.steady, "end_to_end_whole_clips_per_s": build.whole,
-                    "end_to_end_share_of_slower_fraction": build.steady / slower if build.steady is not None else None,
-                    "main_thread_host_ms_per_clip": build.host_ms_per_clip}
+            f"{build.host_ms_per_clip:.2f} ms/clip (budget 6; 200 clips/s needs under 5)"
+        )
+        numbers |= {
+            "end_to_end_clips_per_s": build.steady,
+            "end_to_end_whole_clips_per_s": build.whole,
+            "end_to_end_share_of_slower_fraction": build.steady / slower if build.steady is not None else None,
+            "main_thread_host_ms_per_clip": build.host_ms_per_clip,
+        }
 
         write_rate, per_row = time_store_write(decode.views, teacher.width, shard_rows=4, scratch=work)
         figures["store write (durable shards, 1 thread)"] = f"{write_rate:.0f} MB/s"

@@ -61,6 +61,7 @@ def stop_on_sigterm() -> Iterator[None]:
     anywhere), where Python only prints it as "Exception ignored" and carries on. So the stop is
     also remembered, that print is kept quiet, and :func:`raise_if_stopped` raises it again at
     the build's next safe point."""
+
     def handle(signum: int, frame: object) -> None:
         _sigterm_received.set()
         raise Terminated("stopped by SIGTERM")
@@ -176,8 +177,9 @@ class BatchCollector:
             if error:
                 self.decode_failed += 1
                 clip = self.source.clips[row // self.store.views_per_clip]
-                log.warning("clip %s failed (row %d, %s, worker %s): %s",
-                            clip.clip_id, row, clip.path, batch["worker"], error)
+                log.warning(
+                    "clip %s failed (row %d, %s, worker %s): %s", clip.clip_id, row, clip.path, batch["worker"], error
+                )
         pixels = batch["pixels"].numpy()
         shard_of = rows // self.store.shard_rows
         for shard in np.unique(shard_of):  # a batch may span shards
@@ -187,8 +189,16 @@ class BatchCollector:
             if shard not in self.open_shards:
                 self.open_shards[shard] = ShardAssembler.empty(self.store, shard, self.writer.buffers)
             assembler = self.open_shards[shard]
-            assembler.add(rows[at], pixels[at], None if latents is None else latents[at], frame_index[at],
-                          errors[at], crop_box[at], self.writer.copier, check_on_host)
+            assembler.add(
+                rows[at],
+                pixels[at],
+                None if latents is None else latents[at],
+                frame_index[at],
+                errors[at],
+                crop_box[at],
+                self.writer.copier,
+                check_on_host,
+            )
             if assembler.complete:
                 done = self.open_shards.pop(shard)
                 self.writer.submit(done.payload, done.copies)
@@ -218,7 +228,7 @@ class BuildReport:
         if len(self.arrivals) <= skip + 1:
             return None
         started = self.arrivals[skip][0]
-        return sum(clips for _, clips in self.arrivals[skip + 1:]) / (self.handed_over - started)
+        return sum(clips for _, clips in self.arrivals[skip + 1 :]) / (self.handed_over - started)
 
     @property
     def host_ms_per_clip(self) -> float:
@@ -246,14 +256,24 @@ class BuildReport:
             "bytes per clip": format_bytes(self.bytes_per_clip),
             "store size": format_bytes(self.disk_bytes),
             "write MB/s": f"{self.write_mb_per_s:.1f}",
-            **({"views per clip": f"{self.views_per_clip}: a row is one view, the figures above count rows"}
-               if self.views_per_clip > 1 else {}),
+            **(
+                {"views per clip": f"{self.views_per_clip}: a row is one view, the figures above count rows"}
+                if self.views_per_clip > 1
+                else {}
+            ),
         }
 
 
-def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out: Path,
-              retry_failed: bool = False, dist: Dist = Dist(), force: bool = False,
-              repair: bool = False) -> BuildReport:
+def run_build(
+    source: SsV2Source,
+    teacher: Teacher,
+    config: PipelineConfig,
+    out: Path,
+    retry_failed: bool = False,
+    dist: Dist = Dist(),
+    force: bool = False,
+    repair: bool = False,
+) -> BuildReport:
     """Build (or resume) the store at ``out``; returns counts and rates.
 
     A finished store is only read (a rerun on a read-only mount works); any writing happens
@@ -293,6 +313,7 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
     if space is None:
         return dist.on_main(report_finished)
     with ExitStack() as held:
+
         def prepare() -> list[int]:  # rank 0: lock, create or open, clean up, list the work
             held.enter_context(build_lock(out))
             store = open_or_create_store(out, teacher, config, source)
@@ -300,8 +321,9 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
             return sorted({*store.pending_shards(retry_failed), *damaged})
 
         pending = dist.on_main(prepare)
-        warn_if_oversubscribed(dist, decode_workers(config.build_loader, dist.local_world_size),
-                               "build_loader.num_workers")
+        warn_if_oversubscribed(
+            dist, decode_workers(config.build_loader, dist.local_world_size), "build_loader.num_workers"
+        )
         store = dist.agree(lambda: open_matching_store(out, identity, writable=True))
         shards = rank_share(pending, dist.rank, dist.world_size)
         if dist.is_main:
@@ -313,14 +335,24 @@ def run_build(source: SsV2Source, teacher: Teacher, config: PipelineConfig, out:
         done = dist.all_gather(mine)
 
         def finish() -> BuildReport:  # rank 0; the others wait for its report (and so for the attributes)
-            report = _report(store, todo=sum(work.todo for work in done), failed=sum(work.failed for work in done),
-                             seconds=time.perf_counter() - started,
-                             write_mb_per_s=sum(work.write_mb_per_s for work in done))
+            report = _report(
+                store,
+                todo=sum(work.todo for work in done),
+                failed=sum(work.failed for work in done),
+                seconds=time.perf_counter() - started,
+                write_mb_per_s=sum(work.write_mb_per_s for work in done),
+            )
             report.arrivals, report.handed_over = mine.arrivals, mine.handed_over
             report.host_cpu_seconds = mine.host_cpu_seconds
             if report.pending == 0:
-                store.update_attrs(build={"complete": True, "committed": report.committed, "failed": report.failed,
-                                          "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                store.update_attrs(
+                    build={
+                        "complete": True,
+                        "committed": report.committed,
+                        "failed": report.failed,
+                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    }
+                )
             return report
 
         return dist.on_main(finish)
@@ -330,8 +362,14 @@ def _rows_in(store: LatentStore, shards: list[int]) -> int:
     return sum(stop - start for start, stop in map(store.shard_range, shards))
 
 
-def _space_plan(out: Path, store: LatentStore | None, pending: list[int], source: SsV2Source, teacher: Teacher,
-                config: PipelineConfig) -> SpacePlan:
+def _space_plan(
+    out: Path,
+    store: LatentStore | None,
+    pending: list[int],
+    source: SsV2Source,
+    teacher: Teacher,
+    config: PipelineConfig,
+) -> SpacePlan:
     """The store's projected size and what the ``pending`` shards need; ``store`` None: one yet to create."""
     views, shard_rows = config.view.views_per_clip, config.store.shard_rows
     if store is None:
@@ -342,32 +380,60 @@ def _space_plan(out: Path, store: LatentStore | None, pending: list[int], source
     return plan_space(out, rows, todo, shards, teacher.width, views, config.store.pixels_zstd_level)
 
 
-def _print_plan(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
-                shards: list[int], todo: int, dist: Dist, space: SpacePlan, damaged: int = 0) -> None:
+def _print_plan(
+    store: LatentStore,
+    source: SsV2Source,
+    teacher: Teacher,
+    config: PipelineConfig,
+    shards: list[int],
+    todo: int,
+    dist: Dist,
+    space: SpacePlan,
+    damaged: int = 0,
+) -> None:
     counts = store.counts()
     views = store.views_per_clip
-    print_block("salt-cache build", {
-        **source.describe(),
-        "store": f"{store.path} ({counts['committed']} committed, {counts['failed']} failed, {todo} to do"
-                 + (f"; {counts['other']} rows with an unknown status, redone" if counts["other"] else "")
-                 + (f"; {damaged} damaged shard(s) rebuilt (--repair)" if damaged else "") + ")",
-        **({"views": f"{views} per clip: {counts['rows']} rows = {counts['rows'] // views} clips x {views} "
-                     "(view 0 the centre view, the others random resized crops)"} if views > 1 else {}),
-        "store size": space.describe(),
-        "teacher": f"{teacher.name} (width {teacher.width}, {teacher.compute_dtype}, hash {teacher.weights_hash[:12]})",
-        "device": teacher.device,
-        "shards": f"{store.num_shards} of {store.shard_rows} rows, {len(shards)} to do",
-        "loader": (f"workers={decode_workers(config.build_loader, dist.local_world_size)}"
-                   f"{' (auto)' if config.build_loader.num_workers == 'auto' else ''} "
-                   f"prefetch={config.build_loader.prefetch_factor} "
-                   f"pin_memory={config.build_loader.pin_memory and teacher.device.type == 'cuda'} "
-                   f"persistent={config.build_loader.persistent_workers} "
-                   f"context={config.build_loader.multiprocessing_context} "
-                   f"decode_threads={config.build_loader.decode_threads}"),
-        "teacher batch": config.teacher.batch_size,
-        **({"ranks": f"{dist.world_size} (torchrun), each building a contiguous share of the shards to do; "
-                     f"the bar shows rank 0's share"} if dist.enabled else {}),
-    })
+    print_block(
+        "salt-cache build",
+        {
+            **source.describe(),
+            "store": f"{store.path} ({counts['committed']} committed, {counts['failed']} failed, {todo} to do"
+            + (f"; {counts['other']} rows with an unknown status, redone" if counts["other"] else "")
+            + (f"; {damaged} damaged shard(s) rebuilt (--repair)" if damaged else "")
+            + ")",
+            **(
+                {
+                    "views": f"{views} per clip: {counts['rows']} rows = {counts['rows'] // views} clips x {views} "
+                    "(view 0 the centre view, the others random resized crops)"
+                }
+                if views > 1
+                else {}
+            ),
+            "store size": space.describe(),
+            "teacher": f"{teacher.name} (width {teacher.width}, {teacher.compute_dtype}, "
+            f"hash {teacher.weights_hash[:12]})",
+            "device": teacher.device,
+            "shards": f"{store.num_shards} of {store.shard_rows} rows, {len(shards)} to do",
+            "loader": (
+                f"workers={decode_workers(config.build_loader, dist.local_world_size)}"
+                f"{' (auto)' if config.build_loader.num_workers == 'auto' else ''} "
+                f"prefetch={config.build_loader.prefetch_factor} "
+                f"pin_memory={config.build_loader.pin_memory and teacher.device.type == 'cuda'} "
+                f"persistent={config.build_loader.persistent_workers} "
+                f"context={config.build_loader.multiprocessing_context} "
+                f"decode_threads={config.build_loader.decode_threads}"
+            ),
+            "teacher batch": config.teacher.batch_size,
+            **(
+                {
+                    "ranks": f"{dist.world_size} (torchrun), each building a contiguous share of the shards to do; "
+                    f"the bar shows rank 0's share"
+                }
+                if dist.enabled
+                else {}
+            ),
+        },
+    )
 
 
 @dataclass
@@ -382,8 +448,9 @@ class RankWork:
     host_cpu_seconds: float  # the main thread's CPU time in the build loop, the teacher's launches left out
 
 
-def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig,
-                  shards: list[int], dist: Dist) -> RankWork:
+def _build_shards(
+    store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig, shards: list[int], dist: Dist
+) -> RankWork:
     """Decode, encode and commit ``shards`` (this rank's share of the pending ones)."""
     plans = plan_batches(store, shards, config.teacher.batch_size)
     todo = sum(len(plan.rows) for plan in plans)
@@ -391,9 +458,13 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
     arrivals: list[tuple[float, int]] = []
     collector = BatchCollector(store, source, writer)
     if plans:
-        dataset = (StoredViews(source.store.path, plans, config.teacher.batch_size) if isinstance(source, StoreSource)
-                   else ViewBatches(source.clips, plans, config.view, config.build_loader.decode_threads,
-                                    config.teacher.batch_size))  # --from-store reads its views, never decodes
+        dataset = (
+            StoredViews(source.store.path, plans, config.teacher.batch_size)
+            if isinstance(source, StoreSource)
+            else ViewBatches(
+                source.clips, plans, config.view, config.build_loader.decode_threads, config.teacher.batch_size
+            )
+        )  # --from-store reads its views, never decodes
         label = f"teacher, rank 0 of {dist.world_size}" if dist.enabled else "teacher"
         bar = progress(todo, label, unit="clip")
         in_flight: deque[TeacherBatch] = deque()
@@ -430,7 +501,14 @@ def _build_shards(store: LatentStore, source: SsV2Source, teacher: Teacher, conf
 def _report(store: LatentStore, todo: int, failed: int, seconds: float, write_mb_per_s: float) -> BuildReport:
     counts = store.counts()
     return BuildReport(
-        rows=counts["rows"], committed=counts["committed"], failed=counts["failed"], pending=counts["pending"],
-        processed_this_run=todo, failed_this_run=failed, seconds=seconds, disk_bytes=store.disk_bytes(),
-        write_mb_per_s=write_mb_per_s, views_per_clip=store.views_per_clip,
+        rows=counts["rows"],
+        committed=counts["committed"],
+        failed=counts["failed"],
+        pending=counts["pending"],
+        processed_this_run=todo,
+        failed_this_run=failed,
+        seconds=seconds,
+        disk_bytes=store.disk_bytes(),
+        write_mb_per_s=write_mb_per_s,
+        views_per_clip=store.views_per_clip,
     )

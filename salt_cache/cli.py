@@ -33,8 +33,11 @@ def _check_out_path(out: Path, what: str, named: str = "--out") -> None:
         if os.path.exists(ancestor):
             if os.path.isdir(ancestor):
                 return
-            raise SaltUsageError(f"{named} {out} is a file; {what} is a folder" if ancestor == out
-                                 else f"{named} {out}: {ancestor} is a file")
+            raise SaltUsageError(
+                f"{named} {out} is a file; {what} is a folder"
+                if ancestor == out
+                else f"{named} {out}: {ancestor} is a file"
+            )
 
 
 app = make_app(
@@ -46,43 +49,65 @@ app = make_app(
 @app.command()
 def build(
     src: Optional[Path] = typer.Option(None, "--src", help="SSv2 root (official or flat layout)"),
-    split: Optional[str] = typer.Option(None,
-                                        help=f"train, validation or test {_from_pipeline(_DEFAULTS.cache.split)}"),
+    split: Optional[str] = typer.Option(
+        None, help=f"train, validation or test {_from_pipeline(_DEFAULTS.cache.split)}"
+    ),
     out: Optional[Path] = typer.Option(None, help="store path [SRC/latents.zarr]"),
-    teacher: Optional[str] = typer.Option(None,
-                                          help="VideoMAE hub id, save_pretrained folder, or builtin:tiny-videomae"),
+    teacher: Optional[str] = typer.Option(
+        None, help="VideoMAE hub id, save_pretrained folder, or builtin:tiny-videomae"
+    ),
     pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
     limit: Optional[int] = typer.Option(None, help="only the first N clips of the split"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size",
-                                             help="clips per teacher forward "
-                                                  f"{_from_pipeline(_DEFAULTS.teacher.batch_size)}"),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help=f"clips per teacher forward {_from_pipeline(_DEFAULTS.teacher.batch_size)}"
+    ),
     workers: Optional[int] = typer.Option(
-        None, help=f"decode workers, build_loader.num_workers {_from_pipeline(_DEFAULTS.build_loader.num_workers)}"),
+        None, help=f"decode workers, build_loader.num_workers {_from_pipeline(_DEFAULTS.build_loader.num_workers)}"
+    ),
     device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} {_from_pipeline(_DEFAULTS.cache.device)}"),
-    retry_failed: bool = typer.Option(False, "--retry-failed",
-                                      help="also redo shards holding failed rows (after their videos were fixed)"),
-    repair: bool = typer.Option(False, "--repair",
-                                help="also rebuild the committed shards salt-cache verify finds damaged (read "
-                                     "whole first); the recipe is the store's own unless --pipeline is given"),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="also redo shards holding failed rows (after their videos were fixed)"
+    ),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help="also rebuild the committed shards salt-cache verify finds damaged (read "
+        "whole first); the recipe is the store's own unless --pipeline is given",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging (per-shard and per-clip detail)"),
-    force: bool = typer.Option(False, "--force", help="start even when the projected store size exceeds the free "
-                               "disk space (the projection counts pixels uncompressed)"),
-    pixels_only: bool = typer.Option(False, "--pixels-only", help="no teacher: store the views only (for salt-train "
-                                     "teacher, and a later --from-store build of its latents)"),
-    from_store: Optional[Path] = typer.Option(None, "--from-store", help="read the views from this (pixels-only) "
-                                              "store instead of decoding --src: a new store at --out with the same "
-                                              "rows and --teacher's latents"),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="start even when the projected store size exceeds the free "
+        "disk space (the projection counts pixels uncompressed)",
+    ),
+    pixels_only: bool = typer.Option(
+        False,
+        "--pixels-only",
+        help="no teacher: store the views only (for salt-train teacher, and a later --from-store build of its latents)",
+    ),
+    from_store: Optional[Path] = typer.Option(
+        None,
+        "--from-store",
+        help="read the views from this (pixels-only) "
+        "store instead of decoding --src: a new store at --out with the same "
+        "rows and --teacher's latents",
+    ),
 ) -> int:
     """Build or resume a store. Rerunning the same command finishes only what is not committed.
 
     Under torchrun (torchrun --nproc-per-node=K -m salt_cache build ...) the ranks split the shards
     still to do; a stopped multi-rank build resumes with any number of ranks."""
     if (src is None) == (from_store is None):
-        raise SaltUsageError("pass --src DIR (decode the videos) or --from-store STORE (read its views), not "
-                             + ("both" if src is not None else "neither"))
+        raise SaltUsageError(
+            "pass --src DIR (decode the videos) or --from-store STORE (read its views), not "
+            + ("both" if src is not None else "neither")
+        )
     if from_store is not None and (pixels_only or out is None or split or limit):
-        raise SaltUsageError("--from-store builds a new store of the pixels store's rows: it needs --out and takes "
-                             "no --pixels-only, --split or --limit")
+        raise SaltUsageError(
+            "--from-store builds a new store of the pixels store's rows: it needs --out and takes "
+            "no --pixels-only, --split or --limit"
+        )
     if pixels_only and teacher:
         raise SaltUsageError("--pixels-only stores no latents: drop --teacher")
     if out is None:  # beside the videos (--from-store needs --out); a --src that is no folder is discover()'s to refuse
@@ -101,8 +126,12 @@ def build(
 
         split = LatentStore.open(from_store).attrs.get("source", {}).get("split")
     flags = {
-        "cache.split": split, "cache.limit": limit, "cache.device": device.value if device else None,
-        "teacher.name": teacher, "teacher.batch_size": batch_size, "build_loader.num_workers": workers,
+        "cache.split": split,
+        "cache.limit": limit,
+        "cache.device": device.value if device else None,
+        "teacher.name": teacher,
+        "teacher.batch_size": batch_size,
+        "build_loader.num_workers": workers,
     }
     # A repair rebuilds shards as the store was built: its recorded recipe, unless --pipeline says otherwise.
     recorded = recorded_recipe(out) if repair and pipeline is None else {}
@@ -133,11 +162,22 @@ def build(
         try:
             from salt_cache.fill import NoTeacher
 
-            model = NoTeacher() if pixels_only else dist.agree(
-                lambda: load_teacher(config.teacher.name, config.cache.device, config.teacher.dtype,
-                                     config.teacher.compile_mode, config.teacher.attention))
-            report = run_build(source, model, config, out, retry_failed=retry_failed, dist=dist, force=force,
-                               repair=repair)
+            model = (
+                NoTeacher()
+                if pixels_only
+                else dist.agree(
+                    lambda: load_teacher(
+                        config.teacher.name,
+                        config.cache.device,
+                        config.teacher.dtype,
+                        config.teacher.compile_mode,
+                        config.teacher.attention,
+                    )
+                )
+            )
+            report = run_build(
+                source, model, config, out, retry_failed=retry_failed, dist=dist, force=force, repair=repair
+            )
         except KeyboardInterrupt:
             print(f"salt-cache{rank_tag()}: interrupted{resume_hint()}", file=sys.stderr)
             return 130
@@ -146,8 +186,10 @@ def build(
             print(f"salt-cache{rank_tag()}: stopped by SIGTERM{why}{resume_hint()}", file=sys.stderr)
             return 143
         except torch.cuda.OutOfMemoryError:
-            raise SaltUsageError(f"teacher batch of {config.teacher.batch_size} does not fit in GPU memory; "
-                                 f"lower --batch-size{resume_hint()}") from None
+            raise SaltUsageError(
+                f"teacher batch of {config.teacher.batch_size} does not fit in GPU memory; "
+                f"lower --batch-size{resume_hint()}"
+            ) from None
         except OSError as exc:  # disk full, store folder removed or read-only, ...
             raise SaltUsageError(f"cannot write store {out}: {exc.strerror or exc}{resume_hint()}") from None
         except DecodeWorkerDied as exc:
@@ -156,8 +198,11 @@ def build(
         except RuntimeError as exc:
             if not is_lost_peer(exc):
                 raise
-            print(f"salt-cache{rank_tag()}: error: lost contact with another rank of this torchrun job "
-                  f"({type(exc).__name__}){resume_hint()}", file=sys.stderr)
+            print(
+                f"salt-cache{rank_tag()}: error: lost contact with another rank of this torchrun job "
+                f"({type(exc).__name__}){resume_hint()}",
+                file=sys.stderr,
+            )
             return EXIT_PROBLEMS
     print_block(f"built {out}", report.summary(), stream=sys.stdout)
     if report.committed == 0 and report.failed > 0:
@@ -179,8 +224,10 @@ def nothing_built(out: Path, failed: int) -> str:
     store = LatentStore.open(out)
     failures = np.flatnonzero(store.status() == RowStatus.FAILED)
     reason = str(store.array("error")[int(failures[0])]) if len(failures) else "unknown"
-    return (f"every one of the {failed} rows failed, none committed: {out} holds nothing to train on "
-            f"(first reason: {one_line(reason, 200)}); fix the source or the teacher, then rerun with --retry-failed")
+    return (
+        f"every one of the {failed} rows failed, none committed: {out} holds nothing to train on "
+        f"(first reason: {one_line(reason, 200)}); fix the source or the teacher, then rerun with --retry-failed"
+    )
 
 
 @app.command()
@@ -199,9 +246,14 @@ def verify(
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        summary = {"rows": report.rows, "committed": report.committed, "failed": report.failed,
-                   "pending": report.pending, **({"unknown status": report.other} if report.other else {}),
-                   "problems": len(report.problems)}
+        summary = {
+            "rows": report.rows,
+            "committed": report.committed,
+            "failed": report.failed,
+            "pending": report.pending,
+            **({"unknown status": report.other} if report.other else {}),
+            "problems": len(report.problems),
+        }
         if report.deep:
             worst = max(d["relative_l2"] for d in report.deep)
             summary["deep check"] = f"{len(report.deep)} rows, worst relative L2 {worst:.2e}"
@@ -253,36 +305,58 @@ def bench(
     workers: int = typer.Option(2, min=0, help="DataLoader workers for the decode rate"),
     device: Device = typer.Option(Device.auto, help=f"teacher device: {DEVICE_HELP}"),
     out: Optional[Path] = typer.Option(None, help="existing folder for the scratch stores [system temp]"),
-    host_path: bool = typer.Option(False, "--host-path", help="no teacher: fixed latents of --width, to time the "
-                                   "build's host path (decode, checksums, zstd, writes) on any machine"),
+    host_path: bool = typer.Option(
+        False,
+        "--host-path",
+        help="no teacher: fixed latents of --width, to time the "
+        "build's host path (decode, checksums, zstd, writes) on any machine",
+    ),
     width: int = typer.Option(1280, min=1, help="latent width with --host-path (1280: ViT-H, production)"),
     writers: int = typer.Option(4, min=1, help="shard writer threads of the end-to-end build"),
-    teacher_compile: TeacherCompile = typer.Option(TeacherCompile.auto, "--teacher-compile",
-                                                   help="torch.compile mode of the teacher "
-                                                        "(auto: default on CUDA, off on CPU)"),
+    teacher_compile: TeacherCompile = typer.Option(
+        TeacherCompile.auto,
+        "--teacher-compile",
+        help="torch.compile mode of the teacher (auto: default on CUDA, off on CPU)",
+    ),
     teacher_attention: TeacherAttentionChoice = typer.Option(
-        TeacherAttentionChoice.auto, "--teacher-attention",
-        help="the teacher's attention kernel (auto: PyTorch's choice; cudnn, flash, efficient: CUDA only)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as numbers to this file "
-                                            "(each with its unit in its name)"),
+        TeacherAttentionChoice.auto,
+        "--teacher-attention",
+        help="the teacher's attention kernel (auto: PyTorch's choice; cudnn, flash, efficient: CUDA only)",
+    ),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="also write the figures as numbers to this file (each with its unit in its name)"
+    ),
 ) -> int:
     """Print decode-only, teacher-only and end-to-end build rates from one run (figures for EXPERIMENTS.md)."""
     setup_logging()
     if out is not None and not out.is_dir():
-        raise SaltUsageError(f"--out {out} " + ("is a file; it must be a folder" if out.exists() else
-                                                "does not exist; create it or drop --out"))
+        raise SaltUsageError(
+            f"--out {out} "
+            + ("is a file; it must be a folder" if out.exists() else "does not exist; create it or drop --out")
+        )
     from salt_cache.bench import run_bench
     from shared.device import resolve_device
     from shared.filesystem import write_json_atomic
 
     resolved = resolve_device(device.value)  # e.g. cuda without CUDA: say so before minutes of decoding
     if teacher_attention.value not in ("auto", "math") and resolved.type != "cuda":
-        raise SaltUsageError(f"--teacher-attention {teacher_attention.value} is a CUDA kernel; on {resolved} use "
-                             "auto or math")
-    figures, numbers = run_bench(src, clips=clips, teacher_name=teacher, batch_size=batch_size,
-                                 workers=workers, device=device.value, scratch=out, host_path=host_path, width=width,
-                                 writers=writers, teacher_compile=teacher_compile.value,
-                                 teacher_attention=teacher_attention.value)
+        raise SaltUsageError(
+            f"--teacher-attention {teacher_attention.value} is a CUDA kernel; on {resolved} use auto or math"
+        )
+    figures, numbers = run_bench(
+        src,
+        clips=clips,
+        teacher_name=teacher,
+        batch_size=batch_size,
+        workers=workers,
+        device=device.value,
+        scratch=out,
+        host_path=host_path,
+        width=width,
+        writers=writers,
+        teacher_compile=teacher_compile.value,
+        teacher_attention=teacher_attention.value,
+    )
     print_block("salt-cache bench", figures, stream=sys.stdout)
     if json_out is not None:
         write_json_atomic(json_out, numbers)
@@ -292,8 +366,9 @@ def bench(
 @app.command()
 def stats(
     store: Path = typer.Argument(..., help="store to measure"),
-    rows: int = typer.Option(DEFAULT_ROWS, "--rows", min=0,
-                             help="committed rows read: a seeded sample of N (0: every committed row)"),
+    rows: int = typer.Option(
+        DEFAULT_ROWS, "--rows", min=0, help="committed rows read: a seeded sample of N (0: every committed row)"
+    ),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the row sample"),
     as_json: bool = typer.Option(False, "--json", help="print every channel's figures as JSON"),
 ) -> int:
@@ -306,11 +381,15 @@ def stats(
     if as_json:
         print(json.dumps({"store": str(store), **measured.to_json()}, indent=1))
         return EXIT_OK
-    print_block(f"latent statistics of {store}", {
-        **measured.summary(),
-        "tokens": f"{measured.tokens} ({measured.rows_read} rows x {measured.tokens // measured.rows_read})",
-        "channel means": f"{measured.mean.min():.4g} to {measured.mean.max():.4g}",
-    }, stream=sys.stdout)
+    print_block(
+        f"latent statistics of {store}",
+        {
+            **measured.summary(),
+            "tokens": f"{measured.tokens} ({measured.rows_read} rows x {measured.tokens // measured.rows_read})",
+            "channel means": f"{measured.mean.min():.4g} to {measured.mean.max():.4g}",
+        },
+        stream=sys.stdout,
+    )
     for line in measured.table():
         print(line)
     warning = measured.warning()
@@ -353,11 +432,11 @@ def convert_teacher(
     config = done.config
     summary = {
         "teacher": f"width {config.hidden_size}, {config.num_hidden_layers} layers, "
-                   f"{config.num_attention_heads} heads, "
-                   f"MLP {config.intermediate_size}, final norm applied to every token",
+        f"{config.num_attention_heads} heads, "
+        f"MLP {config.intermediate_size}, final norm applied to every token",
         "converted": f"{done.converted} encoder tensors",
-        "left out": f"{len(done.ignored)} decoder tensors" + (f"; entries {', '.join(done.other_entries)}"
-                                                              if done.other_entries else ""),
+        "left out": f"{len(done.ignored)} decoder tensors"
+        + (f"; entries {', '.join(done.other_entries)}" if done.other_entries else ""),
         "use it": f"salt-cache build --teacher {out} ...",
     }
     print_block(f"converted {original} -> {out}", summary, stream=sys.stdout)

@@ -61,10 +61,23 @@ def original_encoder_keys(depth: int, qkv_bias: bool) -> list[str]:
     keys = [f"{ENCODER}patch_embed.proj.weight", f"{ENCODER}patch_embed.proj.bias"]
     for i in range(depth):
         block = f"{ENCODER}blocks.{i}."
-        keys += [block + name for name in (
-            "norm1.weight", "norm1.bias", "attn.qkv.weight", *(("attn.q_bias", "attn.v_bias") if qkv_bias else ()),
-            "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
-            "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")]
+        keys += [
+            block + name
+            for name in (
+                "norm1.weight",
+                "norm1.bias",
+                "attn.qkv.weight",
+                *(("attn.q_bias", "attn.v_bias") if qkv_bias else ()),
+                "attn.proj.weight",
+                "attn.proj.bias",
+                "norm2.weight",
+                "norm2.bias",
+                "mlp.fc1.weight",
+                "mlp.fc1.bias",
+                "mlp.fc2.weight",
+                "mlp.fc2.bias",
+            )
+        ]
     return keys + [f"{ENCODER}norm.weight", f"{ENCODER}norm.bias"]
 
 
@@ -78,8 +91,9 @@ def infer_config(state: dict[str, Tensor], heads: int | None, original: Path) ->
             hint = " (a fine-tuned checkpoint? this converts the pretraining layout, encoder.*)" if finetuned else ""
             raise SaltUsageError(f"{original} lacks {key}{hint}")
     if proj.ndim != 5 or fc1.ndim != 2:
-        raise SaltUsageError(f"{original}: {ENCODER}patch_embed.proj.weight has shape {tuple(proj.shape)}, "
-                             "not a Conv3d tubelet weight")
+        raise SaltUsageError(
+            f"{original}: {ENCODER}patch_embed.proj.weight has shape {tuple(proj.shape)}, not a Conv3d tubelet weight"
+        )
     width, channels, tubelet, patch, _ = proj.shape
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(ENCODER)}blocks\.(\d+)\.", k)))
     heads = heads or KNOWN_HEADS.get(width)
@@ -88,10 +102,18 @@ def infer_config(state: dict[str, Tensor], heads: int | None, original: Path) ->
     if width % heads:
         raise SaltUsageError(f"--heads {heads} does not divide the width {width}")
     return VideoMAEConfig(
-        image_size=geometry.IMAGE_SIZE, patch_size=int(patch), num_channels=int(channels),
-        num_frames=geometry.NUM_FRAMES, tubelet_size=int(tubelet), hidden_size=int(width),
-        num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=int(fc1.shape[0]),
-        hidden_act="gelu", layer_norm_eps=LAYER_NORM_EPS, qkv_bias=f"{ENCODER}blocks.0.attn.q_bias" in state,
+        image_size=geometry.IMAGE_SIZE,
+        patch_size=int(patch),
+        num_channels=int(channels),
+        num_frames=geometry.NUM_FRAMES,
+        tubelet_size=int(tubelet),
+        hidden_size=int(width),
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=int(fc1.shape[0]),
+        hidden_act="gelu",
+        layer_norm_eps=LAYER_NORM_EPS,
+        qkv_bias=f"{ENCODER}blocks.0.attn.q_bias" in state,
         use_mean_pooling=False,  # keeps the final norm, applied to every token
     )
 
@@ -99,9 +121,12 @@ def infer_config(state: dict[str, Tensor], heads: int | None, original: Path) ->
 def to_transformers(state: dict[str, Tensor], depth: int, model_keys: set[str]) -> dict[str, Tensor]:
     """Original encoder names -> VideoMAEModel's (qkv split into query, key, value; the key has no bias)."""
     src = lambda name: state[ENCODER + name]  # noqa: E731
-    out = {"embeddings.patch_embeddings.projection.weight": src("patch_embed.proj.weight"),
-           "embeddings.patch_embeddings.projection.bias": src("patch_embed.proj.bias"),
-           "layernorm.weight": src("norm.weight"), "layernorm.bias": src("norm.bias")}
+    out = {
+        "embeddings.patch_embeddings.projection.weight": src("patch_embed.proj.weight"),
+        "embeddings.patch_embeddings.projection.bias": src("patch_embed.proj.bias"),
+        "layernorm.weight": src("norm.weight"),
+        "layernorm.bias": src("norm.bias"),
+    }
     for i in range(depth):
         block, layer = f"blocks.{i}.", f"encoder.layer.{i}."
         attention = layer + "attention.attention."
@@ -109,13 +134,18 @@ def to_transformers(state: dict[str, Tensor], depth: int, model_keys: set[str]) 
         out |= {attention + "query.weight": query, attention + "key.weight": key, attention + "value.weight": value}
         if ENCODER + block + "attn.q_bias" in state:
             # transformers 5 holds them as query.bias / value.bias; older releases as q_bias / v_bias.
-            q_name, v_name = (("query.bias", "value.bias") if attention + "query.bias" in model_keys
-                              else ("q_bias", "v_bias"))
+            q_name, v_name = (
+                ("query.bias", "value.bias") if attention + "query.bias" in model_keys else ("q_bias", "v_bias")
+            )
             out[attention + q_name] = src(block + "attn.q_bias")
             out[attention + v_name] = src(block + "attn.v_bias")
-        for original, ours in (("attn.proj", "attention.output.dense"), ("norm1", "layernorm_before"),
-                               ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"),
-                               ("mlp.fc2", "output.dense")):
+        for original, ours in (
+            ("attn.proj", "attention.output.dense"),
+            ("norm1", "layernorm_before"),
+            ("norm2", "layernorm_after"),
+            ("mlp.fc1", "intermediate.dense"),
+            ("mlp.fc2", "output.dense"),
+        ):
             out[layer + ours + ".weight"] = src(block + original + ".weight")
             out[layer + ours + ".bias"] = src(block + original + ".bias")
     return out
@@ -138,8 +168,9 @@ def convert_teacher(original: Path, out: Path, heads: int | None = None) -> Conv
     extra = sorted(k for k in state if k not in known)
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-        raise SaltUsageError(f"{original} has an unexpected key {extra[0]}{more}: "
-                             "not the original VideoMAE encoder layout")
+        raise SaltUsageError(
+            f"{original} has an unexpected key {extra[0]}{more}: not the original VideoMAE encoder layout"
+        )
 
     model = VideoMAEModel(config)
     try:

@@ -34,9 +34,14 @@ TEMPLATES: tuple[str, ...] = (
 
 # Bright, saturated colours: they always stand out from the dark background.
 _COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 230),
-    "yellow": (235, 220, 40), "magenta": (220, 50, 200), "cyan": (40, 210, 220),
-    "orange": (245, 140, 30), "white": (240, 240, 240),
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 230),
+    "yellow": (235, 220, 40),
+    "magenta": (220, 50, 200),
+    "cyan": (40, 210, 220),
+    "orange": (245, 140, 30),
+    "white": (240, 240, 240),
 }
 _SHAPES = ("square", "disc")
 # Suffix -> (codec used when the default is left alone, codecs the container accepts).
@@ -60,8 +65,9 @@ def sample_object(rng: np.random.Generator) -> tuple[str, np.ndarray, str]:
     return name, rgb.astype(np.uint8), _SHAPES[rng.integers(len(_SHAPES))]
 
 
-def render_motion(template: str, num_frames: int, height: int, width: int,
-                  rng: np.random.Generator, obj: tuple[str, np.ndarray, str]) -> np.ndarray:
+def render_motion(
+    template: str, num_frames: int, height: int, width: int, rng: np.random.Generator, obj: tuple[str, np.ndarray, str]
+) -> np.ndarray:
     """``obj`` (from :func:`sample_object`) performing ``template``'s motion; uint8 RGB [T, H, W, 3]."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
@@ -152,9 +158,17 @@ def _move_files(staging: Path, root: Path) -> None:
         src.rename(dest)
 
 
-def write_demo_dataset(root: Path, *, train: int = 96, validation: int = 64, test: int = 4,
-                       seed: int = 0, height: int = 240, width: int = 320,
-                       fps: int = 12) -> dict[str, int]:
+def write_demo_dataset(
+    root: Path,
+    *,
+    train: int = 96,
+    validation: int = 64,
+    test: int = 4,
+    seed: int = 0,
+    height: int = 240,
+    width: int = 320,
+    fps: int = 12,
+) -> dict[str, int]:
     """Write a synthetic SSv2-layout dataset under ``root``; returns clips per split.
 
     Clips last 2-4 s. Classes are balanced within each split. Raises
@@ -189,15 +203,15 @@ def write_demo_dataset(root: Path, *, train: int = 96, validation: int = 64, tes
     return counts
 
 
-def _render_dataset(root: Path, counts: dict[str, int], ids: Iterator[str], rng: np.random.Generator,
-                    height: int, width: int, fps: int) -> None:
+def _render_dataset(
+    root: Path, counts: dict[str, int], ids: Iterator[str], rng: np.random.Generator, height: int, width: int, fps: int
+) -> None:
     video_dir = root / _VIDEO_DIR
     video_dir.mkdir(parents=True)
     label_dir = root / "labels"
     label_dir.mkdir()
     names = {t: t.replace("[something]", "something") for t in TEMPLATES}
-    (label_dir / "labels.json").write_text(
-        json.dumps({names[t]: str(i) for i, t in enumerate(TEMPLATES)}, indent=2))
+    (label_dir / "labels.json").write_text(json.dumps({names[t]: str(i) for i, t in enumerate(TEMPLATES)}, indent=2))
 
     for split, n in counts.items():
         rows = []
@@ -212,6 +226,12 @@ def _render_dataset(root: Path, counts: dict[str, int], ids: Iterator[str], rng:
                 continue
             placeholder = f"a {obj[0]} {obj[2]}"
             label = template.replace("[something]", placeholder)
-            rows.append({"id": clip_id, "label": label[0].lower() + label[1:],
-                         "template": template, "placeholders": [placeholder]})
+            rows.append(
+                {
+                    "id": clip_id,
+                    "label": label[0].lower() + label[1:],
+                    "template": template,
+                    "placeholders": [placeholder],
+                }
+            )
         (label_dir / f"{split}.json").write_text(json.dumps(rows, indent=2))

@@ -30,7 +30,7 @@ METADATA_BYTES = 1 << 20
 
 def row_bytes(teacher_width: int, views_per_clip: int) -> int:
     """Bytes one row can take on disk, pixels uncompressed."""
-    pixels = geometry.NUM_FRAMES * geometry.IMAGE_SIZE ** 2 * 3
+    pixels = geometry.NUM_FRAMES * geometry.IMAGE_SIZE**2 * 3
     latents = geometry.NUM_TOKENS * teacher_width * 2
     # frame_index, two checksums, status, label, error, the pixels' and latents' shard index entries
     # (16 bytes each); view_index and crop_box with several views.
@@ -60,20 +60,27 @@ class SpacePlan:
     @property
     def needed(self) -> int:
         """What the rows still to write can take (a new store: the whole store)."""
-        return (self.rows_to_write * self.per_row + self.shards_to_write * shard_overhead(self.views_per_clip)
-                + METADATA_BYTES)
+        return (
+            self.rows_to_write * self.per_row
+            + self.shards_to_write * shard_overhead(self.views_per_clip)
+            + METADATA_BYTES
+        )
 
     @property
     def basis(self) -> str:
         if self.pixels_zstd_level == 0:
             return "pixels stored uncompressed"
-        return (f"an upper bound: pixels counted uncompressed, zstd level {self.pixels_zstd_level} "
-                "usually stores them 1.3-3x smaller")
+        return (
+            f"an upper bound: pixels counted uncompressed, zstd level {self.pixels_zstd_level} "
+            "usually stores them 1.3-3x smaller"
+        )
 
     def describe(self) -> str:
-        return (f"{self.rows} rows x {format_bytes(self.per_row)} = {format_bytes(self.rows * self.per_row)} "
-                f"({self.basis}); this run writes {self.rows_to_write} rows, up to {format_bytes(self.needed)}, "
-                f"with {format_bytes(self.free)} free under {self.where}")
+        return (
+            f"{self.rows} rows x {format_bytes(self.per_row)} = {format_bytes(self.rows * self.per_row)} "
+            f"({self.basis}); this run writes {self.rows_to_write} rows, up to {format_bytes(self.needed)}, "
+            f"with {format_bytes(self.free)} free under {self.where}"
+        )
 
 
 def free_bytes(path: Path) -> tuple[int, Path]:
@@ -84,11 +91,26 @@ def free_bytes(path: Path) -> tuple[int, Path]:
     return shutil.disk_usage(".").free, Path(".")
 
 
-def plan_space(out: Path, rows: int, rows_to_write: int, shards_to_write: int, teacher_width: int,
-               views_per_clip: int, pixels_zstd_level: int) -> SpacePlan:
+def plan_space(
+    out: Path,
+    rows: int,
+    rows_to_write: int,
+    shards_to_write: int,
+    teacher_width: int,
+    views_per_clip: int,
+    pixels_zstd_level: int,
+) -> SpacePlan:
     free, where = free_bytes(out)
-    return SpacePlan(rows, rows_to_write, shards_to_write, row_bytes(teacher_width, views_per_clip), views_per_clip,
-                     free, where, pixels_zstd_level)
+    return SpacePlan(
+        rows,
+        rows_to_write,
+        shards_to_write,
+        row_bytes(teacher_width, views_per_clip),
+        views_per_clip,
+        free,
+        where,
+        pixels_zstd_level,
+    )
 
 
 def check_space(plan: SpacePlan, force: bool) -> None:
@@ -98,4 +120,5 @@ def check_space(plan: SpacePlan, force: bool) -> None:
     raise SaltUsageError(
         f"the build would write up to {format_bytes(plan.needed)} ({plan.rows_to_write} rows x "
         f"{format_bytes(plan.per_row)}, {plan.basis}) but {plan.where} has only {format_bytes(plan.free)} free; "
-        "free some space, choose another --out, or pass --force to start anyway")
+        "free some space, choose another --out, or pass --force to start anyway"
+    )

@@ -65,9 +65,11 @@ class StoreSource:
 
     def describe(self) -> dict[str, object]:
         counts = self.store.counts()
-        return {"pixels from": f"{self.store.path} ({counts['committed']} committed, {counts['failed']} failed rows; "
-                               "read, not decoded again)",
-                "clips": len(self.clips)}
+        return {
+            "pixels from": f"{self.store.path} ({counts['committed']} committed, {counts['failed']} failed rows; "
+            "read, not decoded again)",
+            "clips": len(self.clips),
+        }
 
     def to_attrs(self) -> dict[str, object]:
         return {**self.store.attrs.get("source", {}), "pixels_store": str(self.store.path.resolve())}
@@ -81,13 +83,17 @@ def open_pixels_source(path: Path, config: PipelineConfig) -> StoreSource:
     store = LatentStore.open(path).checked()
     counts = store.counts()
     if counts["pending"] or counts["other"]:
-        raise SaltUsageError(f"--from-store {path} is not finished ({counts['pending'] + counts['other']} of "
-                             f"{counts['rows']} rows pending or unreadable): finish its build first")
+        raise SaltUsageError(
+            f"--from-store {path} is not finished ({counts['pending'] + counts['other']} of "
+            f"{counts['rows']} rows pending or unreadable): finish its build first"
+        )
     recorded, wanted = store.attrs.get("view"), view_attrs(config)
     if recorded != wanted:
         keys = sorted(k for k in {**(recorded or {}), **wanted} if (recorded or {}).get(k) != wanted.get(k))
-        raise SaltUsageError(f"--from-store {path} holds views made with another view recipe than this build's "
-                             f"(differing: {', '.join(keys)}): pass the recipe its pixels were built with (--pipeline)")
+        raise SaltUsageError(
+            f"--from-store {path} holds views made with another view recipe than this build's "
+            f"(differing: {', '.join(keys)}): pass the recipe its pixels were built with (--pipeline)"
+        )
     views = store.views_per_clip
     ids, labels = store.clip_ids(), np.asarray(store.array("label")[:])
     clips = [ClipRecord(str(ids[row]), store.path, int(labels[row]), "") for row in range(0, store.rows, views)]
@@ -122,16 +128,26 @@ class StoredViews(Dataset):
         ok = status == RowStatus.COMMITTED
         names = ("frame_index", "error") + (("crop_box",) if store.views_per_clip > 1 else ())
         recorded = dict(zip(names, read_rows(store, rows, names)))
-        errors = [f"failed in the pixels store {store.path}: {recorded['error'][i]}" if not ok[i] else ""
-                  for i in range(n)]
+        errors = [
+            f"failed in the pixels store {store.path}: {recorded['error'][i]}" if not ok[i] else "" for i in range(n)
+        ]
         if ok.any():
             try:  # checked against the stored checksums: damaged pixels are never encoded
                 pixels[:n][ok] = read_rows(store, rows[ok], ("pixels",), check=True)[0]
             except Exception as exc:
                 errors = [error or f"unreadable in the pixels store: {exc}" for error in errors]
         frame_index = np.where(ok[:, None], recorded["frame_index"], -1).astype(np.int32)
-        crop_box = (np.where(ok[:, None], recorded["crop_box"], -1).astype(np.int32) if "crop_box" in recorded
-                    else np.full((n, len(CROP_BOX_FIELDS)), -1, np.int32))
+        crop_box = (
+            np.where(ok[:, None], recorded["crop_box"], -1).astype(np.int32)
+            if "crop_box" in recorded
+            else np.full((n, len(CROP_BOX_FIELDS)), -1, np.int32)
+        )
         info = get_worker_info()
-        return {"rows": rows, "pixels": torch.from_numpy(pixels), "frame_index": frame_index, "crop_box": crop_box,
-                "errors": errors, "worker": info.id if info is not None else "main"}
+        return {
+            "rows": rows,
+            "pixels": torch.from_numpy(pixels),
+            "frame_index": frame_index,
+            "crop_box": crop_box,
+            "errors": errors,
+            "worker": info.id if info is not None else "main",
+        }

@@ -23,8 +23,11 @@ def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source)
     """What must match for a build to add rows to an existing store. A pixels-only store has no teacher
     (``content: pixels``); a store built from a pixels store records that store's identity too."""
     if not teacher.weights_hash:  # salt_cache.fill.NoTeacher
-        return {"content": "pixels", "view": view_attrs(config),
-                "rows_sha256": clip_ids_sha256([clip.clip_id for clip in source.clips])}
+        return {
+            "content": "pixels",
+            "view": view_attrs(config),
+            "rows_sha256": clip_ids_sha256([clip.clip_id for clip in source.clips]),
+        }
     identity: dict[str, object] = {
         "teacher_weights_hash": teacher.weights_hash,
         "teacher_compute_dtype": teacher.compute_dtype,
@@ -41,8 +44,8 @@ def view_attrs(config: PipelineConfig) -> dict[str, object]:
     attrs: dict[str, object] = {
         "sampling": config.view.sampling,
         "sampling_rule": "16 equal segments of [0, n), one frame each; offset 0.5 (center) "
-                         "or uniform from numpy default_rng(blake2b-64(clip_id)) (jitter); "
-                         "clips shorter than 16 frames take offset 0.5, so every frame appears and repeats pad",
+        "or uniform from numpy default_rng(blake2b-64(clip_id)) (jitter); "
+        "clips shorter than 16 frames take offset 0.5, so every frame appears and repeats pad",
         "resize": f"short side to {geometry.IMAGE_SIZE}, swscale {config.view.interpolation} (antialiased)",
         "crop": f"centre {geometry.IMAGE_SIZE}x{geometry.IMAGE_SIZE}",
         "mean": list(geometry.PIXEL_MEAN),
@@ -50,15 +53,17 @@ def view_attrs(config: PipelineConfig) -> dict[str, object]:
         "truncation_rule": f"fail when under {MIN_DECODED_SHARE:.0%} of the declared duration decodes",
     }
     if config.view.views_per_clip > 1:
-        attrs.update({
-            "views_per_clip": config.view.views_per_clip,
-            "view_rule": "row = clip * K + k; view 0 is the view above; views k >= 1: segment jitter from "
-                         "default_rng(blake2b-64(clip_id, k, 'time')) and a random resized crop from "
-                         "default_rng(blake2b-64(clip_id, k, 'crop')) (salt_cache/views.py), resized to "
-                         f"{geometry.IMAGE_SIZE}x{geometry.IMAGE_SIZE} with swscale {config.view.interpolation}",
-            "crop_scale": list(CROP_SCALE),
-            "crop_ratio": list(CROP_RATIO),
-        })
+        attrs.update(
+            {
+                "views_per_clip": config.view.views_per_clip,
+                "view_rule": "row = clip * K + k; view 0 is the view above; views k >= 1: segment jitter from "
+                "default_rng(blake2b-64(clip_id, k, 'time')) and a random resized crop from "
+                "default_rng(blake2b-64(clip_id, k, 'crop')) (salt_cache/views.py), resized to "
+                f"{geometry.IMAGE_SIZE}x{geometry.IMAGE_SIZE} with swscale {config.view.interpolation}",
+                "crop_scale": list(CROP_SCALE),
+                "crop_ratio": list(CROP_RATIO),
+            }
+        )
     return attrs
 
 
@@ -109,7 +114,11 @@ def open_or_create_store(out: Path, teacher: Teacher, config: PipelineConfig, so
             "view": view_attrs(config),
             "source": source.to_attrs(),
             "pipeline": dump_pipeline(config),
-            "versions": {"torch": torch.__version__, "zarr": zarr.__version__, "av": av.__version__,
-                         "transformers": transformers.__version__},
+            "versions": {
+                "torch": torch.__version__,
+                "zarr": zarr.__version__,
+                "av": av.__version__,
+                "transformers": transformers.__version__,
+            },
         },
     )

@@ -36,7 +36,7 @@ class BatchPlan:
 def plan_batches(store: LatentStore, shards: list[int], batch_size: int) -> list[BatchPlan]:
     """Teacher batches of ``batch_size`` consecutive rows of the given shards, in order."""
     rows = [row for shard in shards for row in range(*store.shard_range(shard))]
-    return [BatchPlan(tuple(rows[first:first + batch_size])) for first in range(0, len(rows), batch_size)]
+    return [BatchPlan(tuple(rows[first : first + batch_size])) for first in range(0, len(rows), batch_size)]
 
 
 class ViewBatches(Dataset):
@@ -45,8 +45,9 @@ class ViewBatches(Dataset):
     Row ``r`` is view ``r % K`` of clip ``r // K`` (``view.views_per_clip`` K); a clip whose views
     share a batch is decoded once for all of them."""
 
-    def __init__(self, clips: list[ClipRecord], plans: list[BatchPlan], view: ViewConfig, decode_threads: int,
-                 batch_size: int) -> None:
+    def __init__(
+        self, clips: list[ClipRecord], plans: list[BatchPlan], view: ViewConfig, decode_threads: int, batch_size: int
+    ) -> None:
         self.clips = clips
         self.plans = plans
         self.view = view
@@ -70,8 +71,14 @@ class ViewBatches(Dataset):
         for clip_number, positions in by_clip.items():
             clip = self.clips[clip_number]
             try:
-                made = decode_clip_views(clip.path, clip.clip_id, [plan.rows[i] % views for i in positions],
-                                         self.view.sampling, self.view.interpolation, self.decode_threads)
+                made = decode_clip_views(
+                    clip.path,
+                    clip.clip_id,
+                    [plan.rows[i] % views for i in positions],
+                    self.view.sampling,
+                    self.view.interpolation,
+                    self.decode_threads,
+                )
                 for i, (view, indices, box) in zip(positions, made):
                     pixels[i], frame_index[i], crop_box[i] = view, indices, box
             except ClipDecodeError as exc:
@@ -102,16 +109,25 @@ def decode_workers(settings: BuildLoaderConfig, ranks_on_node: int = 1) -> int:
     return max(1, cores // max(1, ranks_on_node) - 2)
 
 
-def make_loader(dataset: ViewBatches, config: PipelineConfig, device: torch.device,
-                ranks_on_node: int = 1) -> DataLoader:
+def make_loader(
+    dataset: ViewBatches, config: PipelineConfig, device: torch.device, ranks_on_node: int = 1
+) -> DataLoader:
     settings = config.build_loader
     workers = decode_workers(settings, ranks_on_node)
-    kwargs: dict = {"batch_size": None, "shuffle": False, "num_workers": workers,
-                    "pin_memory": settings.pin_memory and device.type == "cuda"}
+    kwargs: dict = {
+        "batch_size": None,
+        "shuffle": False,
+        "num_workers": workers,
+        "pin_memory": settings.pin_memory and device.type == "cuda",
+    }
     if workers > 0:
         context = settings.multiprocessing_context
         if context not in multiprocessing.get_all_start_methods():
             context = "spawn"
-        kwargs.update(prefetch_factor=settings.prefetch_factor, persistent_workers=settings.persistent_workers,
-                      multiprocessing_context=context, worker_init_fn=worker_init)
+        kwargs.update(
+            prefetch_factor=settings.prefetch_factor,
+            persistent_workers=settings.persistent_workers,
+            multiprocessing_context=context,
+            worker_init_fn=worker_init,
+        )
     return DataLoader(dataset, **kwargs)

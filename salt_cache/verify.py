@@ -21,16 +21,24 @@ from shared import geometry
 from shared.console import progress
 from shared.errors import SaltUsageError
 from shared.rows import checksum_problem, read_row_range
-from shared.store import (STATUS_UNREADABLE, LatentStore, RowStatus,
-                          clip_ids_sha256, labels_sha256, status_counts)
+from shared.store import STATUS_UNREADABLE, LatentStore, RowStatus, clip_ids_sha256, labels_sha256, status_counts
 
 if TYPE_CHECKING:
     from shared.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
-REQUIRED_ATTRS = ("schema_version", "geometry", "teacher", "latent_dtype", "view", "source", "checksums", "identity",
-                  "source_rows")
+REQUIRED_ATTRS = (
+    "schema_version",
+    "geometry",
+    "teacher",
+    "latent_dtype",
+    "view",
+    "source",
+    "checksums",
+    "identity",
+    "source_rows",
+)
 # Relative L2 error allowed between stored latents and a re-run: fp16 storage
 # alone gives ~5e-4; a half-precision build re-checked in fp32 a few 1e-3.
 DEEP_TOLERANCE = {"float32": 1e-2, "float16": 3e-2, "bfloat16": 6e-2}
@@ -72,8 +80,13 @@ def check_schema(store: LatentStore, report: VerifyReport) -> bool:
     geometry, shard_rows); False when rows cannot be read safely."""
     rows = store.rows
     expected = {
-        "pixels": "uint8", "latents": "float16", "frame_index": "int32", "status": "uint8", "label": "int32",
-        "pixels_checksum": "uint64", "latents_checksum": "uint64",
+        "pixels": "uint8",
+        "latents": "float16",
+        "frame_index": "int32",
+        "status": "uint8",
+        "label": "int32",
+        "pixels_checksum": "uint64",
+        "latents_checksum": "uint64",
     }
     layout = store.layout_problems()
     report.problems.extend(Problem(problem) for problem in layout)
@@ -94,8 +107,12 @@ def check_schema(store: LatentStore, report: VerifyReport) -> bool:
     recorded_dtype = store.attrs.get("latent_dtype")
     latents_dtype = str(store.array("latents").dtype) if "latents" in store.arrays else None
     if recorded_dtype is not None and latents_dtype is not None and str(recorded_dtype) != latents_dtype:
-        report.problems.append(Problem(f"attribute latent_dtype says {recorded_dtype!r} but the latents array is "
-                                       f"{store.array('latents').dtype}: the store's record disagrees with its data"))
+        report.problems.append(
+            Problem(
+                f"attribute latent_dtype says {recorded_dtype!r} but the latents array is "
+                f"{store.array('latents').dtype}: the store's record disagrees with its data"
+            )
+        )
     if sound:
         check_source_rows(store, report)
         if store.views_per_clip > 1:
@@ -112,8 +129,9 @@ def check_view_index(store: LatentStore, report: VerifyReport) -> None:
         return
     wrong = np.flatnonzero(recorded != np.arange(store.rows) % store.views_per_clip)
     if len(wrong):
-        report.problems.append(Problem(f"view_index of {len(wrong)} rows (first: row {wrong[0]}) is not "
-                                       f"row % {store.views_per_clip}"))
+        report.problems.append(
+            Problem(f"view_index of {len(wrong)} rows (first: row {wrong[0]}) is not row % {store.views_per_clip}")
+        )
 
 
 def check_source_rows(store: LatentStore, report: VerifyReport) -> None:
@@ -131,8 +149,9 @@ def check_source_rows(store: LatentStore, report: VerifyReport) -> None:
         report.problems.append(Problem("label array differs from the labels the store was created with"))
 
 
-def _read_shard(store: LatentStore, start: int, stop: int,
-                names: tuple[str, ...]) -> tuple[dict[str, np.ndarray] | None, str]:
+def _read_shard(
+    store: LatentStore, start: int, stop: int, names: tuple[str, ...]
+) -> tuple[dict[str, np.ndarray] | None, str]:
     try:
         return read_row_range(store, start, stop, names), ""
     except Exception as exc:  # a damaged shard file: fall back to reading row by row
@@ -191,8 +210,7 @@ def check_shard(store: LatentStore, start: int, stop: int, status: np.ndarray, i
         if problem is None and data is None:  # damaged shard: find which rows still read
             needed = ("error",) if status[row] == RowStatus.FAILED else names  # a failed row: its reason only
             row_data, row_error = _read_shard(store, row, row + 1, needed)
-            problem = (f"unreadable ({row_error})" if row_data is None
-                       else _check_row(store, status[row], row_data, 0))
+            problem = f"unreadable ({row_error})" if row_data is None else _check_row(store, status[row], row_data, 0)
         elif problem is None:
             problem = _check_row(store, status[row], data, row - start)
         if problem:
@@ -230,9 +248,12 @@ def deep_check(store: LatentStore, teacher: Teacher, k: int, report: VerifyRepor
     with the stored latents (a damaged row is already named; re-running it proves nothing)."""
     recorded = store.attrs.get("teacher", {})
     if teacher.weights_hash != recorded.get("weights_hash"):
-        report.problems.append(Problem(
-            f"teacher {teacher.name} now has weights {teacher.weights_hash[:12]}, the store recorded "
-            f"{str(recorded.get('weights_hash'))[:12]}: cannot deep-check"))
+        report.problems.append(
+            Problem(
+                f"teacher {teacher.name} now has weights {teacher.weights_hash[:12]}, the store recorded "
+                f"{str(recorded.get('weights_hash'))[:12]}: cannot deep-check"
+            )
+        )
         return
     damaged = {problem.row for problem in report.problems}
     committed = np.array([row for row in np.flatnonzero(status == RowStatus.COMMITTED) if row not in damaged])
@@ -249,8 +270,11 @@ def deep_check(store: LatentStore, teacher: Teacher, k: int, report: VerifyRepor
         max_abs = float((again - stored).abs().max())
         report.deep.append({"row": int(row), "clip_id": str(ids[row]), "relative_l2": relative, "max_abs": max_abs})
         if not relative <= tolerance:
-            report.problems.append(Problem(
-                f"teacher re-run differs: relative L2 {relative:.2e} > {tolerance:.0e}", int(row), str(ids[row])))
+            report.problems.append(
+                Problem(
+                    f"teacher re-run differs: relative L2 {relative:.2e} > {tolerance:.0e}", int(row), str(ids[row])
+                )
+            )
 
 
 def repair_command(store: LatentStore) -> str:

@@ -36,8 +36,13 @@ def clip_seed(clip_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(clip_id.encode(), digest_size=8).digest(), "little")
 
 
-def sample_frame_indices(num_available: int, clip_id: str, rule: str = "segment-jitter",
-                         num_frames: int = NUM_FRAMES, seed: int | None = None) -> np.ndarray:
+def sample_frame_indices(
+    num_available: int,
+    clip_id: str,
+    rule: str = "segment-jitter",
+    num_frames: int = NUM_FRAMES,
+    seed: int | None = None,
+) -> np.ndarray:
     """``num_frames`` monotone source frame indices in ``[0, num_available)``, fixed per clip id
     (jitter offsets drawn from ``seed`` when given: the views of salt_cache/views.py)."""
     if num_available <= 0:
@@ -85,10 +90,13 @@ def _shared_reformatter() -> VideoReformatter:
 def to_view_frame(frame: av.VideoFrame, interpolation: str = "bicubic") -> np.ndarray:
     """One decoded frame -> uint8 [224, 224, 3] RGB (short-side resize, centre crop)."""
     new_h, new_w = resized_size(frame.height, frame.width)
-    rgb = _shared_reformatter().reformat(frame, width=new_w, height=new_h, format="rgb24",
-                                         interpolation=_SWSCALE_INTERPOLATION[interpolation]).to_ndarray()
+    rgb = (
+        _shared_reformatter()
+        .reformat(frame, width=new_w, height=new_h, format="rgb24", interpolation=_SWSCALE_INTERPOLATION[interpolation])
+        .to_ndarray()
+    )
     top, left = center_crop_box(new_h, new_w)
-    return rgb[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
+    return rgb[top : top + IMAGE_SIZE, left : left + IMAGE_SIZE]
 
 
 def to_crop_frame(frame: av.VideoFrame, box: tuple[int, int, int, int], interpolation: str = "bicubic") -> np.ndarray:
@@ -101,10 +109,13 @@ def to_crop_frame(frame: av.VideoFrame, box: tuple[int, int, int, int], interpol
     scale_y, scale_x = IMAGE_SIZE / box_h, IMAGE_SIZE / box_w
     new_h = max(IMAGE_SIZE, round(frame.height * scale_y))
     new_w = max(IMAGE_SIZE, round(frame.width * scale_x))
-    rgb = _shared_reformatter().reformat(frame, width=new_w, height=new_h, format="rgb24",
-                                         interpolation=_SWSCALE_INTERPOLATION[interpolation]).to_ndarray()
+    rgb = (
+        _shared_reformatter()
+        .reformat(frame, width=new_w, height=new_h, format="rgb24", interpolation=_SWSCALE_INTERPOLATION[interpolation])
+        .to_ndarray()
+    )
     y, x = min(round(top * scale_y), new_h - IMAGE_SIZE), min(round(left * scale_x), new_w - IMAGE_SIZE)
-    return rgb[y:y + IMAGE_SIZE, x:x + IMAGE_SIZE]
+    return rgb[y : y + IMAGE_SIZE, x : x + IMAGE_SIZE]
 
 
 def view_frame_indices(num_available: int, clip_id: str, k: int, rule: str) -> np.ndarray:
@@ -115,8 +126,13 @@ def view_frame_indices(num_available: int, clip_id: str, k: int, rule: str) -> n
     return sample_frame_indices(num_available, clip_id, "segment-jitter", seed=view_seed(clip_id, k, "time"))
 
 
-def render_view(frames: list[av.VideoFrame], clip_id: str, k: int = 0, sampling: str = "segment-jitter",
-                interpolation: str = "bicubic") -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+def render_view(
+    frames: list[av.VideoFrame],
+    clip_id: str,
+    k: int = 0,
+    sampling: str = "segment-jitter",
+    interpolation: str = "bicubic",
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
     """View ``k`` of decoded frames: uint8 ``[16, 224, 224, 3]``, its int32 source frame indices
     and its source box. View 0 is the centre view, made exactly as ever (resize, then crop)."""
     indices = view_frame_indices(len(frames), clip_id, k, sampling)
@@ -126,22 +142,29 @@ def render_view(frames: list[av.VideoFrame], clip_id: str, k: int = 0, sampling:
     for slot, index in enumerate(indices):
         if index not in converted:  # padded short clips repeat frames: convert once
             frame = frames[index]
-            converted[int(index)] = (to_view_frame(frame, interpolation) if k == 0
-                                     else to_crop_frame(frame, box, interpolation))
+            converted[int(index)] = (
+                to_view_frame(frame, interpolation) if k == 0 else to_crop_frame(frame, box, interpolation)
+            )
         view[slot] = converted[int(index)]
     return view, indices, box
 
 
-def decode_clip_views(path: str | Path, clip_id: str, views: list[int], sampling: str = "segment-jitter",
-                      interpolation: str = "bicubic", threads: int = 1
-                      ) -> list[tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]]:
+def decode_clip_views(
+    path: str | Path,
+    clip_id: str,
+    views: list[int],
+    sampling: str = "segment-jitter",
+    interpolation: str = "bicubic",
+    threads: int = 1,
+) -> list[tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]]:
     """Views ``views`` of one clip from a single decode (see :func:`render_view`)."""
     frames = decode_frames(Path(path), threads)
     return [render_view(frames, clip_id, k, sampling, interpolation) for k in views]
 
 
-def decode_view(path: str | Path, clip_id: str, sampling: str = "segment-jitter",
-                interpolation: str = "bicubic", threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def decode_view(
+    path: str | Path, clip_id: str, sampling: str = "segment-jitter", interpolation: str = "bicubic", threads: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """The clip's (centre) view: uint8 ``[16, 224, 224, 3]`` and its int32 source frame indices.
 
     Raises :class:`ClipDecodeError` with the reason for any clip that cannot be used.

@@ -62,5 +62,6 @@ def recipe_for_split(config: PipelineConfig) -> tuple[PipelineConfig, str | None
     asked = config.view.views_per_clip
     config = config.model_copy(deep=True)
     config.view.views_per_clip = 1
-    return config, (f"a {config.cache.split} store keeps one centre view per clip: "
-                    f"view.views_per_clip {asked} ignored for it")
+    return config, (
+        f"a {config.cache.split} store keeps one centre view per clip: view.views_per_clip {asked} ignored for it"
+    )

@@ -50,8 +50,7 @@ class BufferPool:
             free = self._free.get((rows, width))
             if free:
                 return free.pop()
-        return (np.empty(pixels_shape(rows), np.uint8),
-                np.empty((rows, geometry.NUM_TOKENS, width), np.float16))
+        return (np.empty(pixels_shape(rows), np.uint8), np.empty((rows, geometry.NUM_TOKENS, width), np.float16))
 
     def give(self, payload: ShardPayload) -> None:
         """Back to the pool once the shard is on disk."""
@@ -80,9 +79,14 @@ class ShardAssembler:
     def empty(cls, store: LatentStore, shard: int, pool: BufferPool | None = None) -> "ShardAssembler":
         start, stop = store.shard_range(shard)
         n = stop - start
-        pixels, latents = (pool.take(n, store.teacher_width) if pool is not None else
-                           (np.zeros(pixels_shape(n), np.uint8),
-                            np.zeros((n, geometry.NUM_TOKENS, store.teacher_width), np.float16)))
+        pixels, latents = (
+            pool.take(n, store.teacher_width)
+            if pool is not None
+            else (
+                np.zeros(pixels_shape(n), np.uint8),
+                np.zeros((n, geometry.NUM_TOKENS, store.teacher_width), np.float16),
+            )
+        )
         payload = ShardPayload(  # filled batch by batch (failed rows zeroed); checked when written
             index=shard,
             pixels=pixels,
@@ -94,9 +98,17 @@ class ShardAssembler:
         )
         return cls(payload, start)
 
-    def add(self, rows: np.ndarray, pixels: np.ndarray, latents: np.ndarray | None,
-            frame_index: np.ndarray, errors: list[str], crop_box: np.ndarray | None = None,
-            copier: Executor | None = None, nonfinite: list[int] | None = None) -> None:
+    def add(
+        self,
+        rows: np.ndarray,
+        pixels: np.ndarray,
+        latents: np.ndarray | None,
+        frame_index: np.ndarray,
+        errors: list[str],
+        crop_box: np.ndarray | None = None,
+        copier: Executor | None = None,
+        nonfinite: list[int] | None = None,
+    ) -> None:
         """``rows`` of this shard with their pixels, latents (None when all failed), frame indices,
         errors and (several views per clip) crop boxes, aligned. ``copier``: where the bytes are
         copied (else here). ``nonfinite``: check the copied latents' exponent bits there too (the
@@ -116,8 +128,14 @@ class ShardAssembler:
         else:
             self.copies.append(copier.submit(self._copy, local, pixels, latents, ok, nonfinite))
 
-    def _copy(self, local: np.ndarray, pixels: np.ndarray, latents: np.ndarray | None, ok: np.ndarray,
-              nonfinite: list[int] | None) -> None:
+    def _copy(
+        self,
+        local: np.ndarray,
+        pixels: np.ndarray,
+        latents: np.ndarray | None,
+        ok: np.ndarray,
+        nonfinite: list[int] | None,
+    ) -> None:
         """Each row's bytes copied once into the shard buffers (failed rows zeroed), then, with
         ``nonfinite``, the copied latents checked (these rows only: no other thread writes them)."""
         p = self.payload
@@ -138,7 +156,7 @@ class ShardAssembler:
         if nonfinite is None or latents is None:
             return
         for row in local[ok]:
-            if not finite_rows(p.latents[row:row + 1])[0]:  # never commit NaN or inf
+            if not finite_rows(p.latents[row : row + 1])[0]:  # never commit NaN or inf
                 p.status[row], p.error[row] = RowStatus.FAILED, NONFINITE_REASON
                 p.pixels[row] = 0
                 p.latents[row] = 0

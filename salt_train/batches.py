@@ -32,9 +32,12 @@ def next_position(position: Position, steps_per_epoch: int) -> Position:
     return Position(position.epoch, position.index + 1)
 
 
-def next_batch(batches: Iterable[dict], stop_requested: Callable[[], bool] = lambda: False,
-               stall_timeout_s: float | None = None, describe_workers: Callable[[], str] = lambda: "") \
-        -> tuple[dict | None, str | None]:
+def next_batch(
+    batches: Iterable[dict],
+    stop_requested: Callable[[], bool] = lambda: False,
+    stall_timeout_s: float | None = None,
+    describe_workers: Callable[[], str] = lambda: "",
+) -> tuple[dict | None, str | None]:
     """The next batch; ``(None, None)`` at the stream's end, or when a stop signal came before or during
     the wait; ``(None, reason)`` when a loader worker died (OOM killer, a signal) or no batch came within
     ``stall_timeout_s`` (a hung read): the run then stops between two whole steps, with a checkpoint.
@@ -48,8 +51,10 @@ def next_batch(batches: Iterable[dict], stop_requested: Callable[[], bool] = lam
     except StopWaiting:
         return None, None
     except LoaderStalled:
-        return None, (f"no batch from the loader in {time.monotonic() - started:.0f} s "
-                      f"(train_loader.stall_timeout_s={stall_timeout_s:g}): a read is hanging ({describe_workers()})")
+        return None, (
+            f"no batch from the loader in {time.monotonic() - started:.0f} s "
+            f"(train_loader.stall_timeout_s={stall_timeout_s:g}): a read is hanging ({describe_workers()})"
+        )
     except (RuntimeError, ConnectionError, EOFError) as exc:
         # A worker killed while the main process fetches its batch's shared-memory handles shows up as a
         # reset connection before torch's own liveness check sees the worker gone (forkserver reaps late).
@@ -69,9 +74,15 @@ def log_skipped_batch(position: Position, errors: list[dict[str, Any] | None]) -
     """One warning per rank whose slice of the global batch was unreadable (all ranks skip it)."""
     for rank, error in enumerate(errors):
         if error is not None:
-            log.warning("loader: batch %d of epoch %d (rows %s, %sworker %s) skipped: %s", position.index,
-                        position.epoch, error["rows"], f"rank {rank} " if len(errors) > 1 else "",
-                        error["worker"], error["error"])
+            log.warning(
+                "loader: batch %d of epoch %d (rows %s, %sworker %s) skipped: %s",
+                position.index,
+                position.epoch,
+                error["rows"],
+                f"rank {rank} " if len(errors) > 1 else "",
+                error["worker"],
+                error["error"],
+            )
 
 
 class AgreedBatches:
@@ -83,9 +94,21 @@ class AgreedBatches:
     :class:`TrainingStopped`. With ``record_rows`` (``train.record_rows``), rank 0
     records every step's rows (all ranks') in ``rows.jsonl``. ``close()`` when done."""
 
-    def __init__(self, feed: BatchFeed, steps: int, steps_per_epoch: int, checkpoints: Checkpoints,
-                 stop_requested: Callable[[], bool], window: HealthWindow, run_dir: Path, dist: Dist, *,
-                 stall_timeout_s: float, max_errors: int, record_rows: bool) -> None:
+    def __init__(
+        self,
+        feed: BatchFeed,
+        steps: int,
+        steps_per_epoch: int,
+        checkpoints: Checkpoints,
+        stop_requested: Callable[[], bool],
+        window: HealthWindow,
+        run_dir: Path,
+        dist: Dist,
+        *,
+        stall_timeout_s: float,
+        max_errors: int,
+        record_rows: bool,
+    ) -> None:
         self.feed: BatchFeed | None = feed  # the next batch's copy overlaps this step (CUDA)
         self.steps, self.steps_per_epoch = steps, steps_per_epoch
         self.checkpoints, self.state = checkpoints, checkpoints.checkpointer.state
@@ -98,8 +121,9 @@ class AgreedBatches:
     def __iter__(self) -> Iterator[tuple[dict, Position]]:
         while self.state.step < self.steps:
             waited = time.perf_counter()
-            batch, self.loader_failure = next_batch(self.feed, self.stop_requested, self.stall_timeout_s,
-                                                    self.feed.describe_workers)
+            batch, self.loader_failure = next_batch(
+                self.feed, self.stop_requested, self.stall_timeout_s, self.feed.describe_workers
+            )
             self.window.data_wait += time.perf_counter() - waited
             unreadable = batch is not None and "error" in batch
             stop = self.stop_requested() or bool(self.loader_failure)
@@ -117,8 +141,9 @@ class AgreedBatches:
             if self.record_rows:
                 rows = self.dist.all_gather(batch["rows"].tolist())
                 if self.rows_log is not None:
-                    self.rows_log.write({"step": self.state.step, "epoch": position.epoch, "index": position.index,
-                                         "rows": rows})
+                    self.rows_log.write(
+                        {"step": self.state.step, "epoch": position.epoch, "index": position.index, "rows": rows}
+                    )
             yield batch, following
 
     def _skip(self, unreadable: dict | None, position: Position, following: Position) -> None:
@@ -131,7 +156,8 @@ class AgreedBatches:
             self.checkpoints.save(last_step=True)
             raise TrainingStopped(
                 f"{state.loader_errors} unreadable batches, more than stream.max_errors={max_errors}: "
-                f"stopped at step {state.step} with a checkpoint; check the store with `salt-cache verify --deep`")
+                f"stopped at step {state.step} with a checkpoint; check the store with `salt-cache verify --deep`"
+            )
 
     def close(self) -> None:
         """Stop the loader workers (the feed holds the loader's iterator) and close rows.jsonl."""

@@ -52,31 +52,46 @@ def realistic_pixels(rng: np.random.Generator, n: int, textured: float = 0.5) ->
     return np.where(busy, views + rng.integers(0, 32, views.shape, dtype=np.uint8), views)
 
 
-def write_synthetic_store(path: Path, rows: int, teacher_width: int = geometry.TEACHER_WIDTH_HUGE,
-                          shard_rows: int = 16, seed: int = 0) -> LatentStore:
+def write_synthetic_store(
+    path: Path, rows: int, teacher_width: int = geometry.TEACHER_WIDTH_HUGE, shard_rows: int = 16, seed: int = 0
+) -> LatentStore:
     """A store of the production shape without running a teacher, to measure the loader anywhere.
 
     Pixels compress like real video (:func:`realistic_pixels`); latents are random fp16 at the
     teacher's width, like real ones incompressible.
     """
     checksums = {"algorithm": CHECKSUM_ALGORITHM, "arrays": dict(CHECKSUM_ARRAYS)}
-    store = create_store(path, clip_ids=[f"synthetic-{r}" for r in range(rows)], labels=[-1] * rows,
-                         teacher_width=teacher_width, shard_rows=shard_rows, pixels_zstd_level=1,
-                         attrs={"teacher": {"name": "synthetic (random latents)"}, "checksums": checksums})
+    store = create_store(
+        path,
+        clip_ids=[f"synthetic-{r}" for r in range(rows)],
+        labels=[-1] * rows,
+        teacher_width=teacher_width,
+        shard_rows=shard_rows,
+        pixels_zstd_level=1,
+        attrs={"teacher": {"name": "synthetic (random latents)"}, "checksums": checksums},
+    )
     rng = np.random.default_rng(seed)
-    for shard, start, stop in progress(store.num_shards, "synthetic store", unit="shard",
-                                       iterable=list(store.iter_shards())):
+    for shard, start, stop in progress(
+        store.num_shards, "synthetic store", unit="shard", iterable=list(store.iter_shards())
+    ):
         n = stop - start
         latents = rng.standard_normal((n, geometry.NUM_TOKENS, teacher_width), dtype=np.float32).astype(np.float16)
         frames = np.tile(np.arange(geometry.NUM_FRAMES, dtype=np.int32), (n, 1))
-        store.write_shard(ShardPayload(shard, realistic_pixels(rng, n), latents, frames,
-                                       np.full(n, RowStatus.COMMITTED, np.uint8), [""] * n))
+        store.write_shard(
+            ShardPayload(
+                shard, realistic_pixels(rng, n), latents, frames, np.full(n, RowStatus.COMMITTED, np.uint8), [""] * n
+            )
+        )
     return store
 
 
 def shard_files(store: LatentStore) -> list[Path]:
-    return sorted(p for name in ("pixels", "latents") for p in (store.path / name).rglob("*")
-                  if p.is_file() and p.name != "zarr.json")
+    return sorted(
+        p
+        for name in ("pixels", "latents")
+        for p in (store.path / name).rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
 
 
 def raw_read(files: list[Path]) -> tuple[int, float]:
@@ -186,8 +201,13 @@ def profile_summary(events, on_cuda: bool, steps: int) -> dict:
     device was: the union of kernel (CPU: ``aten::`` operator) time over the window of the profiled steps."""
     step_events = [e for e in events if e.name.startswith("step ") and e.device_type.name == "CPU"]
     if on_cuda:  # kernels, copies and sets; not the GPU-side copies of the "step n" annotations
-        work = [e for e in events if e.device_type.name == "CUDA" and not e.name.startswith("step ")
-                and not getattr(e, "is_user_annotation", False)]
+        work = [
+            e
+            for e in events
+            if e.device_type.name == "CUDA"
+            and not e.name.startswith("step ")
+            and not getattr(e, "is_user_annotation", False)
+        ]
         total_us = lambda e: e.time_range.elapsed_us()  # noqa: E731
     else:
         work = [e for e in events if e.device_type.name == "CPU" and e.name.startswith("aten::")]
@@ -202,11 +222,22 @@ def profile_summary(events, on_cuda: bool, steps: int) -> dict:
         per_name.setdefault(event.name, []).append(total_us(event))
     total = sum(sum(times) for times in per_name.values()) or 1.0
     ranked = sorted(per_name.items(), key=lambda item: -sum(item[1]))[:PROFILE_TOP]
-    top = [{"name": name[:120], "ms_per_step": sum(times) / 1e3 / steps, "calls_per_step_count": len(times) / steps,
-            "share_fraction": sum(times) / total} for name, times in ranked]
+    top = [
+        {
+            "name": name[:120],
+            "ms_per_step": sum(times) / 1e3 / steps,
+            "calls_per_step_count": len(times) / steps,
+            "share_fraction": sum(times) / total,
+        }
+        for name, times in ranked
+    ]
     kernels = len(work) / steps if on_cuda else None
-    return {"top": top, "busy_fraction": min(1.0, busy), "kernels_per_step_count": kernels,
-            "window_ms_per_step": (window_end - window_start) / 1e3 / steps}
+    return {
+        "top": top,
+        "busy_fraction": min(1.0, busy),
+        "kernels_per_step_count": kernels,
+        "window_ms_per_step": (window_end - window_start) / 1e3 / steps,
+    }
 
 
 def repeat(batch: dict):
@@ -214,8 +245,9 @@ def repeat(batch: dict):
         yield batch
 
 
-def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist = Dist(),
-              profile: Path | None = None) -> tuple[dict[str, str], dict[str, float]]:
+def run_bench(
+    cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist = Dist(), profile: Path | None = None
+) -> tuple[dict[str, str], dict[str, float]]:
     """Printed figures, and the same as numbers (``salt-train scaling`` compares them across K).
 
     Under torchrun every rank runs its loader and its DDP step at the same time on its slice of
@@ -234,13 +266,20 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
     windows = dist.all_gather(loader_window(spec, config, batches, device))
     loader_clips = sum(w[0] for w in windows) / (max(w[2] for w in windows) - min(w[1] for w in windows))
 
-    stepper = Stepper(seeded_student(config, store.teacher_width), config.train, config.model, device,
-                      total_steps=10 * batches, dist=dist)
+    stepper = Stepper(
+        seeded_student(config, store.teacher_width),
+        config.train,
+        config.model,
+        device,
+        total_steps=10 * batches,
+        dist=dist,
+    )
     first = next(iter(make_loader(spec, config.train_loader.model_copy(update={"num_workers": 0}), pin_memory=False)))
     on_device = batch_to_device(first, device)
     memory_clips = step_rate(stepper, repeat(on_device), batches) * dist.world_size  # DDP keeps ranks in lockstep
-    trace, profiled = (profile_steps(stepper, on_device, profile) if profile is not None and dist.is_main
-                       else (None, None))
+    trace, profiled = (
+        profile_steps(stepper, on_device, profile) if profile is not None and dist.is_main else (None, None)
+    )
     loader = training_feed(spec, config, device)
     fed_warmup = ring_warmup(spec, config, batches) if device.type == "cuda" else 2  # CPU: nothing to pin
     fed_clips = step_rate(stepper, loader, batches, warmup=fed_warmup) * dist.world_size
@@ -254,32 +293,37 @@ def run_bench(cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist
         "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "") + ranks,
         "store": f"{cache} ({len(spec.rows)} committed rows, {format_bytes(bytes_per_clip)}/clip on disk)",
         "raw read (page cache)": f"{raw_bytes / raw_seconds / 1e6:.0f} MB/s = "
-                                 f"{raw_bytes / raw_seconds / bytes_per_clip:.0f} clips/s",
+        f"{raw_bytes / raw_seconds / bytes_per_clip:.0f} clips/s",
         "loader": f"{loader_clips:.1f} clips/s ({config.train_loader.num_workers} workers"
-                  f"{' per rank' if dist.enabled else ''}, "
-                  f"batch {spec.batch_size}, checksums {'on' if spec.verify_checksums else 'off'})",
+        f"{' per rank' if dist.enabled else ''}, "
+        f"batch {spec.batch_size}, checksums {'on' if spec.verify_checksums else 'off'})",
         "step, batch from memory": f"{memory_clips:.1f} clips/s",
         "step, batch from loader": f"{fed_clips:.1f} clips/s "
-                                   f"({100 * (1 - fed_clips / memory_clips):.0f}% below memory)",
+        f"({100 * (1 - fed_clips / memory_clips):.0f}% below memory)",
         "FLOPs per clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
         "achieved": achieved(memory_clips * step_flops, fed_clips * step_flops, device, dist.world_size),
         "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
-                   f"compile {resolve_compile_mode(config.model.compile_mode, device)}",
+        f"compile {resolve_compile_mode(config.model.compile_mode, device)}",
     }
     if trace is not None:
         figures["profile"] = f"{trace} (chrome://tracing or https://ui.perfetto.dev)"
     peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     per_gpu_peak = peak[1] * dist.world_size if peak is not None else None
-    numbers = {"processes": dist.world_size, "threads": torch.get_num_threads(), "batch": spec.batch_size,
-               "raw_read_clips_per_s": raw_bytes / raw_seconds / bytes_per_clip,
-               "loader_clips_per_s": loader_clips, "step_memory_clips_per_s": memory_clips,
-               "step_loader_clips_per_s": fed_clips,
-               "step_memory_tflops": memory_clips * step_flops / 1e12,
-               "step_loader_tflops": fed_clips * step_flops / 1e12,
-               "train_step_gflop_per_clip": step_flops / 1e9,
-               "peak_bf16_tflops": peak[1] if peak is not None else None,
-               "step_memory_peak_fraction": memory_clips * step_flops / 1e12 / per_gpu_peak if per_gpu_peak else None,
-               "step_loader_peak_fraction": fed_clips * step_flops / 1e12 / per_gpu_peak if per_gpu_peak else None}
+    numbers = {
+        "processes": dist.world_size,
+        "threads": torch.get_num_threads(),
+        "batch": spec.batch_size,
+        "raw_read_clips_per_s": raw_bytes / raw_seconds / bytes_per_clip,
+        "loader_clips_per_s": loader_clips,
+        "step_memory_clips_per_s": memory_clips,
+        "step_loader_clips_per_s": fed_clips,
+        "step_memory_tflops": memory_clips * step_flops / 1e12,
+        "step_loader_tflops": fed_clips * step_flops / 1e12,
+        "train_step_gflop_per_clip": step_flops / 1e9,
+        "peak_bf16_tflops": peak[1] if peak is not None else None,
+        "step_memory_peak_fraction": memory_clips * step_flops / 1e12 / per_gpu_peak if per_gpu_peak else None,
+        "step_loader_peak_fraction": fed_clips * step_flops / 1e12 / per_gpu_peak if per_gpu_peak else None,
+    }
     if profiled is not None:
         numbers["profile"] = profiled
     return figures, numbers
@@ -293,8 +337,10 @@ def achieved(memory_flops: float, fed_flops: float, device: torch.device, gpus: 
     if peak is not None:
         label, tflops = peak
         per_gpu = f" per GPU ({gpus} GPUs)" if gpus > 1 else ""
-        text += (f" = {memory_flops / gpus / 1e12 / tflops:.1%} and {fed_flops / gpus / 1e12 / tflops:.1%}{per_gpu} "
-                 f"of the {label}'s {tflops:.0f} TFLOP/s dense bf16 peak")
+        text += (
+            f" = {memory_flops / gpus / 1e12 / tflops:.1%} and {fed_flops / gpus / 1e12 / tflops:.1%}{per_gpu} "
+            f"of the {label}'s {tflops:.0f} TFLOP/s dense bf16 peak"
+        )
     elif device.type == "cuda":
         text += " (this GPU is not in shared.flops.PEAK_BF16_TFLOPS: no fraction of peak)"
     return text

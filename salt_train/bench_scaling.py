@@ -28,8 +28,19 @@ MEASURES = {
 def launch_bench(processes: int, threads: int, bench_args: list[str], scratch: Path) -> dict[str, float]:
     """One ``salt-train bench`` under torchrun with ``processes`` ranks; its numbers."""
     out = scratch / f"bench-{processes}.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "salt_train", "bench", *bench_args, "--json", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "salt_train",
+        "bench",
+        *bench_args,
+        "--json",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     print(f"== {processes} process(es): {' '.join(command[1:])}", file=sys.stderr, flush=True)
     done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -53,6 +64,7 @@ def scaling_table(results: list[dict[str, float]]) -> list[str]:
         for result in results:
             k = int(result["processes"])
             efficiency = result[key] / (k * base[key]) if base[key] else float("nan")
-            lines.append(f"{label:<24} {k} process(es): {result[key]:8.1f} clips/s  "
-                         f"efficiency {100 * efficiency:5.1f}%")
+            lines.append(
+                f"{label:<24} {k} process(es): {result[key]:8.1f} clips/s  efficiency {100 * efficiency:5.1f}%"
+            )
     return lines

@@ -106,8 +106,9 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return _tensors(tensors)
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainState, keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, keep: int
+) -> Path:
     """Write ``step-N`` atomically, point ``latest.json`` at it, drop all but the newest ``keep``."""
     root = checkpoint_dir(run_dir)
     final = root / f"{PREFIX}{state.step:08d}"
@@ -125,16 +126,26 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
                 "optimizer": optimizer_rest,
             }
             (partial / "state.json").write_text(json.dumps(record, indent=1))  # the whole folder is renamed
-            (partial / CHECKSUMS).write_text(json.dumps(
-                {"algorithm": CHECKSUM_ALGORITHM, "files": {name: file_checksum(partial / name)
-                                                            for name in CHECKED_FILES}}, indent=1))
+            (partial / CHECKSUMS).write_text(
+                json.dumps(
+                    {
+                        "algorithm": CHECKSUM_ALGORITHM,
+                        "files": {name: file_checksum(partial / name) for name in CHECKED_FILES},
+                    },
+                    indent=1,
+                )
+            )
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         previous = latest_checkpoint(run_dir)
         reason = getattr(exc, "strerror", None) or first_line(exc)
         raise CheckpointWriteError(
             f"cannot write checkpoint {final.name} in {root}: {reason}; "
-            + (f"{previous.name} is intact: free space and continue with --resume" if previous else
-               "no earlier checkpoint")) from None
+            + (
+                f"{previous.name} is intact: free space and continue with --resume"
+                if previous
+                else "no earlier checkpoint"
+            )
+        ) from None
     write_json_atomic(root / "latest.json", {"checkpoint": final.name, "step": state.step})
     _prune(root, keep)
     return final
@@ -154,9 +165,14 @@ def _prune(root: Path, keep: int) -> None:
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """A run's complete checkpoints, newest first."""
     root = checkpoint_dir(run_dir)
-    return sorted((p for p in root.glob(f"{PREFIX}*")
-                   if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) and (p / "state.json").is_file()),
-                  reverse=True)
+    return sorted(
+        (
+            p
+            for p in root.glob(f"{PREFIX}*")
+            if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) and (p / "state.json").is_file()
+        ),
+        reverse=True,
+    )
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -197,19 +213,28 @@ def _count(record: dict[str, Any], key: str, default: int | None = None) -> int:
 def _read_record(path: Path) -> dict[str, Any]:
     """``state.json``, once every file's content matched ``checksums.json`` (raises ValueError, OSError)."""
     record = json.loads((path / "state.json").read_text())
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT \
-            or record.get("version") not in READABLE_VERSIONS:
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != CHECKPOINT_FORMAT
+        or record.get("version") not in READABLE_VERSIONS
+    ):
         raise ValueError(f"not a version {CHECKPOINT_VERSION} SALT checkpoint")
     if record["version"] >= 2 or (path / CHECKSUMS).exists():  # a version edited down to 1 is still checked
         manifest = json.loads((path / CHECKSUMS).read_text())
-        if not isinstance(manifest, dict) or manifest.get("algorithm") != CHECKSUM_ALGORITHM \
-                or not isinstance(manifest.get("files"), dict) or set(manifest["files"]) != set(CHECKED_FILES):
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("algorithm") != CHECKSUM_ALGORITHM
+            or not isinstance(manifest.get("files"), dict)
+            or set(manifest["files"]) != set(CHECKED_FILES)
+        ):
             raise ValueError(f"{CHECKSUMS} does not list the {CHECKSUM_ALGORITHM} of {', '.join(CHECKED_FILES)}")
         for name in CHECKED_FILES:
             actual = file_checksum(path / name)
             if actual != manifest["files"][name]:
-                raise ValueError(f"{name} is damaged: its {CHECKSUM_ALGORITHM} is {actual}, "
-                                 f"{manifest['files'][name]} when it was saved")
+                raise ValueError(
+                    f"{name} is damaged: its {CHECKSUM_ALGORITHM} is {actual}, "
+                    f"{manifest['files'][name]} when it was saved"
+                )
     else:
         log.warning("checkpoint %s predates checksums (version 1): its content cannot be verified", path)
     return record
@@ -227,11 +252,14 @@ def _check_state(path: Path, record: dict[str, Any], stream: tuple[int, int] | N
         if position.epoch > epochs:
             raise ValueError(f"state.json position.epoch {position.epoch} is past the stream's {epochs} epochs")
         if position.index >= steps_per_epoch:
-            raise ValueError(f"state.json position.index {position.index} is past the stream's {steps_per_epoch} "
-                             "batches per epoch")
+            raise ValueError(
+                f"state.json position.index {position.index} is past the stream's {steps_per_epoch} batches per epoch"
+            )
         if step > position.epoch * steps_per_epoch + position.index:
-            raise ValueError(f"state.json says step {step} after reading only {position.epoch} epoch(s) and "
-                             f"{position.index} batch(es) of {steps_per_epoch}")
+            raise ValueError(
+                f"state.json says step {step} after reading only {position.epoch} epoch(s) and "
+                f"{position.index} batch(es) of {steps_per_epoch}"
+            )
     counts = {key: _count(record, key, 0) for key in ("loader_errors", "clips_seen", "nonfinite_steps")}
     return TrainState(step=step, position=position, **counts)
 
@@ -249,8 +277,9 @@ def verify_checkpoint(path: Path, stream: tuple[int, int] | None = None) -> Trai
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({one_line(exc, 200)})") from None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    stream: tuple[int, int] | None = None) -> TrainState:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: tuple[int, int] | None = None
+) -> TrainState:
     """Restore model, optimizer and RNG from ``path`` once it proved itself (:func:`verify_checkpoint`,
     with the stream's epochs and batches per epoch when given); returns the step and loader position."""
     try:
@@ -284,8 +313,15 @@ class Checkpointer:
     wait at a barrier (none exits, and is reported failed, meanwhile). It never writes non-finite
     weights: the last finite checkpoint stays the newest (salt_train/run_checks.py says when to save)."""
 
-    def __init__(self, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                 keep: int, dist: Dist) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        keep: int,
+        dist: Dist,
+    ) -> None:
         self.run_dir, self.model, self.optimizer, self.state = run_dir, model, optimizer, state
         self.keep, self.dist = keep, dist
 
@@ -294,8 +330,10 @@ class Checkpointer:
         main = self.dist.is_main
         if main and not weights_finite(self.model):
             previous = latest_checkpoint(self.run_dir)
-            raise TrainingStopped(f"the weights are not finite at step {self.state.step}: no checkpoint written; "
-                                  f"the last finite one is {previous.name if previous else 'none'}")
+            raise TrainingStopped(
+                f"the weights are not finite at step {self.state.step}: no checkpoint written; "
+                f"the last finite one is {previous.name if previous else 'none'}"
+            )
         path = save_checkpoint(self.run_dir, self.model, self.optimizer, self.state, self.keep) if main else None
         self.dist.barrier()
         return path

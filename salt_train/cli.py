@@ -30,9 +30,11 @@ SnapshotMode = choices("SnapshotMode", config.SnapshotMode)
 Protocol = choices("Protocol", Literal["fast", "vjepa"])  # salt-train eval's two protocols
 
 
-SNAPSHOT_HELP = ("auto: reflink clone where the filesystem can (XFS, btrfs), else read the live store with a "
-                 "warning and a recorded manifest; reflink: clone or refuse; copy: full copy (slow, explicit); "
-                 "none: live store")
+SNAPSHOT_HELP = (
+    "auto: reflink clone where the filesystem can (XFS, btrfs), else read the live store with a "
+    "warning and a recorded manifest; reflink: clone or refuse; copy: full copy (slow, explicit); "
+    "none: live store"
+)
 SET_HELP = "override one recipe field, e.g. --set train.lr=1e-4 --set train_loader.num_workers=4 (repeatable)"
 
 app = make_app(
@@ -70,11 +72,16 @@ def _config(pipeline: Optional[str], sets: list[str], device: Optional[Device], 
 # The options `run` and `teacher` share (one loop, two tasks): declared once.
 RunDir = Annotated[Optional[Path], typer.Option("--run-dir", help="run folder [runs/<pipeline>-<time>]")]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop after N optimizer steps")]
-Resume = Annotated[bool, typer.Option("--resume", help="continue the run in --run-dir (or this cache's latest run) "
-                                                       "from its last checkpoint")]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume", help="continue the run in --run-dir (or this cache's latest run) from its last checkpoint"
+    ),
+]
 Snapshot = Annotated[Optional[SnapshotMode], typer.Option(help=f"{SNAPSHOT_HELP} [from the pipeline: auto]")]
-TrainDevice = Annotated[Optional[Device], typer.Option(
-    help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]")]
+TrainDevice = Annotated[
+    Optional[Device], typer.Option(help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]")
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
 
@@ -99,17 +106,24 @@ def run(
 
 @app.command()
 def teacher(
-    cache: Path = typer.Option(..., "--cache", help="a store with pixels (salt-cache build --pixels-only makes one; "
-                               "latents, if any, are not read)"),
-    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]: its teacher_train "
-                                           "section (size, decoder, schedule) and mask section"),
+    cache: Path = typer.Option(
+        ...,
+        "--cache",
+        help="a store with pixels (salt-cache build --pixels-only makes one; latents, if any, are not read)",
+    ),
+    pipeline: Optional[str] = typer.Option(
+        None,
+        help="recipe YAML or name in pipelines/ [ssv2]: its teacher_train "
+        "section (size, decoder, schedule) and mask section",
+    ),
     run_dir: RunDir = None,
     max_steps: MaxSteps = None,
     resume: Resume = False,
     snapshot: Snapshot = None,
     device: TrainDevice = None,
-    sets: list[str] = typer.Option([], "--set", help="override one recipe field, e.g. --set teacher_train.lr=1e-4 "
-                                   "(repeatable)"),
+    sets: list[str] = typer.Option(
+        [], "--set", help="override one recipe field, e.g. --set teacher_train.lr=1e-4 (repeatable)"
+    ),
     verbose: Verbose = False,
 ) -> int:
     """SALT's stage 1: train a video ViT teacher by masked pixel reconstruction (VideoMAE's objective under the
@@ -121,20 +135,31 @@ def teacher(
     return _train_command(cache, pipeline, run_dir, max_steps, resume, snapshot, device, sets, verbose, "teacher")
 
 
-def _train_command(cache: Path, pipeline: Optional[str], run_dir: Optional[Path], max_steps: Optional[int],
-                   resume: bool, snapshot: Any, device: Optional[Device], sets: list[str], verbose: bool,
-                   task_name: str) -> int:
+def _train_command(
+    cache: Path,
+    pipeline: Optional[str],
+    run_dir: Optional[Path],
+    max_steps: Optional[int],
+    resume: bool,
+    snapshot: Any,
+    device: Optional[Device],
+    sets: list[str],
+    verbose: bool,
+    task_name: str,
+) -> int:
     """``run`` and ``teacher``: one loop, two tasks (salt_train/task.py)."""
     setup_logging(verbose)
     parent_death.install()  # loader workers and the forkserver die with this process, even by kill -9
     # --snapshot is recorded in config.yaml with the rest: a resume takes a snapshot the run never finished
     # in the mode it was given.
-    flags = {"stream.snapshot": snapshot.value if snapshot else None,
-             "train.device": device.value if device else None}
+    flags = {"stream.snapshot": snapshot.value if snapshot else None, "train.device": device.value if device else None}
     config = _config(pipeline, sets, None, **flags)
     if resume and pipeline:
-        print("salt-train: --resume continues with the run's recorded config.yaml; --pipeline is ignored "
-              "(--set may change the settings a resume allows)", file=sys.stderr)
+        print(
+            "salt-train: --resume continues with the run's recorded config.yaml; --pipeline is ignored "
+            "(--set may change the settings a resume allows)",
+            file=sys.stderr,
+        )
     from salt_train.checkpoint import CheckpointWriteError
     from salt_train.task import Task
     from salt_train.train import EXIT_STOPPED, LostPeer, RunRequest, TrainingStopped, run_training
@@ -142,15 +167,23 @@ def _train_command(cache: Path, pipeline: Optional[str], run_dir: Optional[Path]
     import torch
 
     overrides = {**parse_sets(sets), **{key: value for key, value in flags.items() if value is not None}}
-    request = RunRequest(cache=cache, config=config, run_dir=run_dir, resume=resume, max_steps=max_steps,
-                         overrides=overrides, task=Task(task_name))
+    request = RunRequest(
+        cache=cache,
+        config=config,
+        run_dir=run_dir,
+        resume=resume,
+        max_steps=max_steps,
+        overrides=overrides,
+        task=Task(task_name),
+    )
     try:
         report = run_training(request)
     except torch.cuda.OutOfMemoryError:
         raise SaltUsageError(
             "a training batch does not fit in GPU memory: lower train.batch_size (--set train.batch_size=N) "
             "or set model.grad_checkpointing=true; checkpoints written so far are kept "
-            "(continue with --resume)") from None
+            "(continue with --resume)"
+        ) from None
     except (TrainingStopped, LostPeer, CheckpointWriteError) as exc:
         print(f"salt-train{rank_tag()}: error: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
@@ -165,33 +198,45 @@ def _train_command(cache: Path, pipeline: Optional[str], run_dir: Optional[Path]
 
 @app.command("eval")
 def evaluate(
-    target: Path = typer.Argument(..., help="a run folder (its newest checkpoint, else its export) or an exported "
-                                  "encoder folder"),
-    val_cache: Optional[Path] = typer.Option(None, "--val-cache",
-                                             help="store of held-out clips (salt-cache build --split validation) "
-                                                  "[from the recipe: eval.val_cache]"),
-    train_cache: Optional[Path] = typer.Option(None, "--train-cache",
-                                               help="store the probes learn from [the run's own store]"),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint",
-                                             help="a kept checkpoint of the run (step-00000500, or its path)"),
-    teacher: Optional[str] = typer.Option(None, "--teacher",
-                                          help="the store's teacher (hub id or folder): runs it on the transformed "
-                                               "clips for the temporal probes' upper reference [not run]"),
-    train_rows: Optional[int] = typer.Option(None, "--train-rows",
-                                             help="train rows the probes learn on "
-                                             f"[eval.train_rows: {_DEFAULTS.eval.train_rows}]"),
-    val_rows: Optional[int] = typer.Option(None, "--val-rows",
-                                           help="validation rows they are scored on "
-                                           f"[eval.val_rows: {_DEFAULTS.eval.val_rows}]"),
-    pipeline: Optional[str] = typer.Option(None, help="recipe for the eval settings of a bare export [ssv2]; "
-                                                      "a run folder uses its own"),
+    target: Path = typer.Argument(
+        ..., help="a run folder (its newest checkpoint, else its export) or an exported encoder folder"
+    ),
+    val_cache: Optional[Path] = typer.Option(
+        None,
+        "--val-cache",
+        help="store of held-out clips (salt-cache build --split validation) [from the recipe: eval.val_cache]",
+    ),
+    train_cache: Optional[Path] = typer.Option(
+        None, "--train-cache", help="store the probes learn from [the run's own store]"
+    ),
+    checkpoint: Optional[str] = typer.Option(
+        None, "--checkpoint", help="a kept checkpoint of the run (step-00000500, or its path)"
+    ),
+    teacher: Optional[str] = typer.Option(
+        None,
+        "--teacher",
+        help="the store's teacher (hub id or folder): runs it on the transformed "
+        "clips for the temporal probes' upper reference [not run]",
+    ),
+    train_rows: Optional[int] = typer.Option(
+        None, "--train-rows", help=f"train rows the probes learn on [eval.train_rows: {_DEFAULTS.eval.train_rows}]"
+    ),
+    val_rows: Optional[int] = typer.Option(
+        None, "--val-rows", help=f"validation rows they are scored on [eval.val_rows: {_DEFAULTS.eval.val_rows}]"
+    ),
+    pipeline: Optional[str] = typer.Option(
+        None, help="recipe for the eval settings of a bare export [ssv2]; a run folder uses its own"
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder [TARGET/eval]"),
     device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help="override an eval field, e.g. --set eval.probe_epochs=40"),
-    protocol: Protocol = typer.Option("fast", help="fast: the table below, on cached views (minutes); vjepa: "
-                                      "V-JEPA's frozen SSv2 protocol (16x2x3, the whole splits decoded again each "
-                                      "epoch: hours on GPUs, figures comparable with published ones; eval.vjepa.*), "
-                                      "into TARGET/eval-vjepa/"),
+    protocol: Protocol = typer.Option(
+        "fast",
+        help="fast: the table below, on cached views (minutes); vjepa: "
+        "V-JEPA's frozen SSv2 protocol (16x2x3, the whole splits decoded again each "
+        "epoch: hours on GPUs, figures comparable with published ones; eval.vjepa.*), "
+        "into TARGET/eval-vjepa/",
+    ),
 ) -> int:
     """Measure an encoder: held-out distillation loss and per-channel R^2 (beside a mean-latent baseline), temporal
     probes (arrow of time, order, continuity; stride and clip retrieval as sanity checks), SSv2 attentive and
@@ -215,31 +260,57 @@ def evaluate(
         from salt_train.eval.vjepa.command import run_vjepa
 
         if teacher:
-            raise SaltUsageError("--teacher runs the teacher for the fast protocol's temporal column; --protocol "
-                                 "vjepa evaluates the encoder alone")
+            raise SaltUsageError(
+                "--teacher runs the teacher for the fast protocol's temporal column; --protocol "
+                "vjepa evaluates the encoder alone"
+            )
 
         parent_death.install()  # its decoding workers die with this process
-        run_vjepa(EvalRequest(target=target, val_cache=val_cache, train_cache=train_cache, checkpoint=checkpoint,
-                              pipeline=pipeline, overrides=overrides, device=device.value if device else None,
-                              out=out))
+        run_vjepa(
+            EvalRequest(
+                target=target,
+                val_cache=val_cache,
+                train_cache=train_cache,
+                checkpoint=checkpoint,
+                pipeline=pipeline,
+                overrides=overrides,
+                device=device.value if device else None,
+                out=out,
+            )
+        )
         return EXIT_OK
-    run_eval(EvalRequest(target=target, val_cache=val_cache, train_cache=train_cache, checkpoint=checkpoint,
-                         teacher=teacher, pipeline=pipeline, overrides=overrides,
-                         device=device.value if device else None, out=out))
+    run_eval(
+        EvalRequest(
+            target=target,
+            val_cache=val_cache,
+            train_cache=train_cache,
+            checkpoint=checkpoint,
+            teacher=teacher,
+            pipeline=pipeline,
+            overrides=overrides,
+            device=device.value if device else None,
+            out=out,
+        )
+    )
     return EXIT_OK
 
 
 @app.command("import-encoder")
 def import_encoder(
-    source: Path = typer.Argument(..., help="a V-JEPA checkpoint (.pth.tar, e.g. vitl16.pth.tar) or a VideoMAE "
-                                  "save_pretrained folder"),
+    source: Path = typer.Argument(
+        ..., help="a V-JEPA checkpoint (.pth.tar, e.g. vitl16.pth.tar) or a VideoMAE save_pretrained folder"
+    ),
     out: Path = typer.Argument(..., help="new folder for the exported encoder (pass it to salt-train eval)"),
     key: str = typer.Option("target_encoder", help="V-JEPA: the checkpoint entry holding the encoder"),
-    heads: Optional[int] = typer.Option(None, min=1, help="V-JEPA: attention heads [inferred for V-JEPA's widths "
-                                        "192, 384, 768, 1024, 1280, 1408]"),
-    uniform_power: bool = typer.Option(True, "--uniform-power/--no-uniform-power",
-                                       help="V-JEPA without pos_embed in the file: how its sin-cos positions "
-                                            "were laid out [uniform power, as V-JEPA's released configs]"),
+    heads: Optional[int] = typer.Option(
+        None, min=1, help="V-JEPA: attention heads [inferred for V-JEPA's widths 192, 384, 768, 1024, 1280, 1408]"
+    ),
+    uniform_power: bool = typer.Option(
+        True,
+        "--uniform-power/--no-uniform-power",
+        help="V-JEPA without pos_embed in the file: how its sin-cos positions "
+        "were laid out [uniform power, as V-JEPA's released configs]",
+    ),
 ) -> int:
     """Convert a released encoder into salt-train's export format, so that salt-train eval measures it as it
     measures a student (calibration against published figures). Read without pickle code; every tensor is
@@ -250,14 +321,18 @@ def import_encoder(
     done = convert(source, out, key=key, heads=heads, uniform_power=uniform_power)
     kwargs = done.kwargs
     norm = "final norm" if kwargs.get("final_norm", True) else "no final norm"
-    print_block(f"imported {source} -> {out}", {
-        "encoder": f"{done.layout}: width {kwargs['embed_dim']}, {kwargs['depth']} blocks, {kwargs['num_heads']} "
-                   f"heads, MLP x{kwargs['mlp_ratio']:.3g}, {norm}, LayerNorm eps {done.layer_norm_eps:g}",
-        "converted": f"{done.tensors} tensors" + (f"; left out: {len(done.left_out)} head/decoder tensors"
-                                                 if done.left_out else ""),
-        "positions": done.positions,
-        "use it": f"salt-train eval {out} --train-cache TRAIN_STORE --val-cache VAL_STORE",
-    }, stream=sys.stdout)
+    print_block(
+        f"imported {source} -> {out}",
+        {
+            "encoder": f"{done.layout}: width {kwargs['embed_dim']}, {kwargs['depth']} blocks, {kwargs['num_heads']} "
+            f"heads, MLP x{kwargs['mlp_ratio']:.3g}, {norm}, LayerNorm eps {done.layer_norm_eps:g}",
+            "converted": f"{done.tensors} tensors"
+            + (f"; left out: {len(done.left_out)} head/decoder tensors" if done.left_out else ""),
+            "positions": done.positions,
+            "use it": f"salt-train eval {out} --train-cache TRAIN_STORE --val-cache VAL_STORE",
+        },
+        stream=sys.stdout,
+    )
     return EXIT_OK
 
 
@@ -284,14 +359,19 @@ def bench(
     cache: Path = typer.Option(..., "--cache", help="a store to read"),
     pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
     batches: int = typer.Option(20, min=2, help="batches per measurement"),
-    synthetic: Optional[int] = typer.Option(None, "--synthetic", min=1,
-                                            help="first write a store of N rows of the production shape (random "
-                                                 "D=1280 latents, no teacher) at --cache, if none is there"),
+    synthetic: Optional[int] = typer.Option(
+        None,
+        "--synthetic",
+        min=1,
+        help="first write a store of N rows of the production shape (random "
+        "D=1280 latents, no teacher) at --cache, if none is there",
+    ),
     device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as numbers to this file"),
-    profile: Optional[Path] = typer.Option(None, "--profile", help="write a torch.profiler trace of a few steps "
-                                           "into this folder (chrome trace JSON)"),
+    profile: Optional[Path] = typer.Option(
+        None, "--profile", help="write a torch.profiler trace of a few steps into this folder (chrome trace JSON)"
+    ),
 ) -> int:
     """Print throughput: loader vs raw file reads, training step with the loader vs from memory, FLOPs per clip,
     TFLOP/s and the fraction of the GPU's peak.
@@ -332,8 +412,15 @@ def scaling(
 
     _require_store_dir(cache)
     _config(pipeline, sets, device)  # a bad recipe is refused here, not N times below
-    bench_args = ["--cache", str(cache), "--batches", str(batches), *(["--pipeline", pipeline] if pipeline else []),
-                  *(["--device", device.value] if device else []), *(arg for item in sets for arg in ("--set", item))]
+    bench_args = [
+        "--cache",
+        str(cache),
+        "--batches",
+        str(batches),
+        *(["--pipeline", pipeline] if pipeline else []),
+        *(["--device", device.value] if device else []),
+        *(arg for item in sets for arg in ("--set", item)),
+    ]
     results = run_scaling(processes, threads, bench_args)
     print(f"== salt-train scaling: same global batch {int(results[0]['batch'])}, {threads} thread(s) per process")
     for line in scaling_table(results):
@@ -357,8 +444,10 @@ def snapshots_list(cache: Path = typer.Option(..., "--cache", help="the live sto
     if not found:
         print(f"no snapshots of {cache}")
     for item in found:
-        print(f"{item['name']}  {item['mode']}  {item['files']} files  {item['bytes']} bytes  "
-              f"{item['created']}  {item['path']}")
+        print(
+            f"{item['name']}  {item['mode']}  {item['files']} files  {item['bytes']} bytes  "
+            f"{item['created']}  {item['path']}"
+        )
     return EXIT_OK
 
 

@@ -100,7 +100,7 @@ def epoch_order(rows: np.ndarray, shard_rows: int, seed: int, epoch: int, window
     shard_of = rows // shard_rows
     shards, first = np.unique(shard_of, return_index=True)  # rows are sorted, so runs are contiguous
     bounds = np.append(first, len(rows))
-    runs = [rows[bounds[k]:bounds[k + 1]] for k in rng.permutation(len(shards))]
+    runs = [rows[bounds[k] : bounds[k + 1]] for k in rng.permutation(len(shards))]
     stream = np.concatenate(runs) if len(rows) else rows
     window = max(1, min(window, len(stream)))
     out = np.empty_like(stream)
@@ -110,7 +110,7 @@ def epoch_order(rows: np.ndarray, shard_rows: int, seed: int, epoch: int, window
         slot = picks[n]
         out[n] = buffer[slot]
         buffer[slot] = incoming
-    out[len(stream) - window:] = rng.permutation(buffer)
+    out[len(stream) - window :] = rng.permutation(buffer)
     return out
 
 
@@ -151,23 +151,40 @@ class StreamSpec:
         return max(0, (self.epochs - self.start.epoch) * self.steps_per_epoch - self.start.index)
 
 
-def stream_spec(store: LatentStore, config: PipelineConfig, start: Position = Position(),
-                rank: int = 0, world_size: int = 1, arrays: tuple[str, ...] = ("pixels", "latents")) -> StreamSpec:
+def stream_spec(
+    store: LatentStore,
+    config: PipelineConfig,
+    start: Position = Position(),
+    rank: int = 0,
+    world_size: int = 1,
+    arrays: tuple[str, ...] = ("pixels", "latents"),
+) -> StreamSpec:
     """The stream a run of ``config`` reads from ``store``, starting at ``start``; ``arrays``: what it reads."""
     return StreamSpec(
-        store_path=str(store.path), rows=committed_rows(store), shard_rows=store.shard_rows,
-        batch_size=config.train.batch_size, seed=config.train.seed, shuffle_buffer=config.stream.shuffle_buffer,
-        epochs=config.train.epochs, start=start, rank=rank, world_size=world_size,
-        verify_checksums=config.stream.verify_checksums, mask_kind=config.mask.kind, mask_ratio=config.mask.ratio,
-        views_per_clip=store.views_per_clip, arrays=arrays,
+        store_path=str(store.path),
+        rows=committed_rows(store),
+        shard_rows=store.shard_rows,
+        batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        shuffle_buffer=config.stream.shuffle_buffer,
+        epochs=config.train.epochs,
+        start=start,
+        rank=rank,
+        world_size=world_size,
+        verify_checksums=config.stream.verify_checksums,
+        mask_kind=config.mask.kind,
+        mask_ratio=config.mask.ratio,
+        views_per_clip=store.views_per_clip,
+        arrays=arrays,
     )
 
 
 def check_stream(spec: StreamSpec, store_path: Path) -> None:
     """Refuse, with one line, a stream that could never yield a batch."""
     if len(spec.rows) == 0:
-        raise SaltUsageError(f"store {store_path} has no committed rows to train on "
-                             "(run salt-cache build, then salt-cache verify)")
+        raise SaltUsageError(
+            f"store {store_path} has no committed rows to train on (run salt-cache build, then salt-cache verify)"
+        )
     if spec.batch_size % spec.world_size:
         raise SaltUsageError(f"train.batch_size {spec.batch_size} is not divisible by the {spec.world_size} ranks")
     if spec.batch_size > spec.clips:
@@ -205,14 +222,19 @@ class BufferRing:
         self.state, self.slots = state["state"], state["slots"]
         self._buffers, self._next, self._parent = [], 0, os.getppid()
 
-    def claim(self, worker: int, pixels_shape: tuple[int, ...], latents_shape: tuple[int, ...] | None
-              ) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+    def claim(
+        self, worker: int, pixels_shape: tuple[int, ...], latents_shape: tuple[int, ...] | None
+    ) -> tuple[int, torch.Tensor, torch.Tensor | None]:
         """The worker's next slot, once the main process has freed it, and its buffers (no latents buffer
         for a stream of pixels only)."""
         if not self._buffers:
-            self._buffers = [(shared_buffer(pixels_shape, torch.uint8),
-                              shared_buffer(latents_shape, torch.float16) if latents_shape else None)
-                             for _ in range(self.slots)]
+            self._buffers = [
+                (
+                    shared_buffer(pixels_shape, torch.uint8),
+                    shared_buffer(latents_shape, torch.float16) if latents_shape else None,
+                )
+                for _ in range(self.slots)
+            ]
         slot, self._next = self._next, (self._next + 1) % self.slots
         while int(self.state[worker, slot]) != 0:
             if os.getppid() != self._parent:  # the main process is gone: nobody will free it
@@ -220,7 +242,7 @@ class BufferRing:
             time.sleep(0.0005)
         self.state[worker, slot] = 1
         pixels, latents = self._buffers[slot]
-        return slot, pixels[:pixels_shape[0]], latents[:latents_shape[0]] if latents is not None else None
+        return slot, pixels[: pixels_shape[0]], latents[: latents_shape[0]] if latents is not None else None
 
     def release(self, worker: int, slot: int) -> None:
         self.state[worker, slot] = 0
@@ -295,8 +317,14 @@ class StoreStream(IterableDataset):
                 pixels = torch.empty(pixels_shape, dtype=torch.uint8)
                 latents = torch.empty(latents_shape, dtype=torch.float16) if latents_shape else None
             buffers = (pixels, latents) if latents is not None else (pixels,)
-            read_rows(store, rows, self.spec.arrays, out=tuple(buffer.numpy() for buffer in buffers),
-                      check=self.spec.verify_checksums, checksums=self._checksums)
+            read_rows(
+                store,
+                rows,
+                self.spec.arrays,
+                out=tuple(buffer.numpy() for buffer in buffers),
+                check=self.spec.verify_checksums,
+                checksums=self._checksums,
+            )
             masks = self.masks(epoch, index)
         except Exception as exc:  # a damaged chunk or file: reported, counted, skipped
             if slot is not None:
@@ -342,8 +370,9 @@ def shm_bound(loader: TrainLoaderConfig, local_batch: int, teacher_width: int) -
     return loader.num_workers * ring_slots(loader) * batch_bytes(local_batch, teacher_width)
 
 
-def check_shm(loader: TrainLoaderConfig, local_batch: int, teacher_width: int, shm: Path = SHM_PATH,
-              processes: int = 1) -> None:
+def check_shm(
+    loader: TrainLoaderConfig, local_batch: int, teacher_width: int, shm: Path = SHM_PATH, processes: int = 1
+) -> None:
     """Refuse to start workers that would exhaust /dev/shm (a bus error mid-run, not an error message).
     ``processes``: the ranks on this node, whose loaders share its /dev/shm."""
     needed = processes * shm_bound(loader, local_batch, teacher_width)

@@ -39,8 +39,15 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def export_encoder(encoder: VideoViT, model_name: str, kwargs: dict, out_dir: Path, *,
-                   layer_norm_eps: float | None = None, source: dict | None = None) -> Path:
+def export_encoder(
+    encoder: VideoViT,
+    model_name: str,
+    kwargs: dict,
+    out_dir: Path,
+    *,
+    layer_norm_eps: float | None = None,
+    source: dict | None = None,
+) -> Path:
     """Write the encoder to ``out_dir``, atomically: built in a sibling folder, then renamed into place.
     An older export is moved aside, not deleted, until the new one is in place. ``layer_norm_eps`` and
     ``source``: see the module's docstring."""
@@ -48,10 +55,16 @@ def export_encoder(encoder: VideoViT, model_name: str, kwargs: dict, out_dir: Pa
     # safetensors refuses shared or non-contiguous storage: own, contiguous CPU copies.
     state = {key: value.detach().to("cpu").contiguous().clone() for key, value in encoder.state_dict().items()}
     config = {
-        "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "architecture": model_name,
-        "kwargs": dict(kwargs), "num_frames": geometry.NUM_FRAMES, "tubelet_size": geometry.TUBELET_SIZE,
-        "num_tokens": geometry.NUM_TOKENS, "width": encoder.width,
-        "pixel_mean": list(geometry.PIXEL_MEAN), "pixel_std": list(geometry.PIXEL_STD),
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "architecture": model_name,
+        "kwargs": dict(kwargs),
+        "num_frames": geometry.NUM_FRAMES,
+        "tubelet_size": geometry.TUBELET_SIZE,
+        "num_tokens": geometry.NUM_TOKENS,
+        "width": encoder.width,
+        "pixel_mean": list(geometry.PIXEL_MEAN),
+        "pixel_std": list(geometry.PIXEL_STD),
     }
     if layer_norm_eps is not None and layer_norm_eps != TIMM_LAYER_NORM_EPS:
         config["layer_norm_eps"] = float(layer_norm_eps)
@@ -88,11 +101,17 @@ def read_export_config(export_dir: Path) -> dict:
 
 def check_num_frames(num_frames: int) -> None:
     """An even number of frames from 2 to 16: whole tubelets, no more slots than were trained."""
-    valid = (isinstance(num_frames, int) and not isinstance(num_frames, bool)
-             and geometry.TUBELET_SIZE <= num_frames <= geometry.NUM_FRAMES and num_frames % geometry.TUBELET_SIZE == 0)
+    valid = (
+        isinstance(num_frames, int)
+        and not isinstance(num_frames, bool)
+        and geometry.TUBELET_SIZE <= num_frames <= geometry.NUM_FRAMES
+        and num_frames % geometry.TUBELET_SIZE == 0
+    )
     if not valid:
-        raise ValueError(f"num_frames must be an even number of frames from {geometry.TUBELET_SIZE} to "
-                         f"{geometry.NUM_FRAMES} (tubelets of {geometry.TUBELET_SIZE}), not {num_frames!r}")
+        raise ValueError(
+            f"num_frames must be an even number of frames from {geometry.TUBELET_SIZE} to "
+            f"{geometry.NUM_FRAMES} (tubelets of {geometry.TUBELET_SIZE}), not {num_frames!r}"
+        )
 
 
 @torch.no_grad()

@@ -36,8 +36,9 @@ def to_device(value: Moved, device: torch.device, non_blocking: bool = False) ->
 
 def batch_to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> dict:
     """``batch`` with its ``ON_DEVICE`` entries on ``device``; the rest (row ids, slot) left as they are."""
-    return {name: to_device(value, device, non_blocking) if name in ON_DEVICE else value
-            for name, value in batch.items()}
+    return {
+        name: to_device(value, device, non_blocking) if name in ON_DEVICE else value for name, value in batch.items()
+    }
 
 
 def _tensors(value: Moved) -> tuple[torch.Tensor, ...]:
@@ -117,8 +118,9 @@ class BatchFeed:
                 continue
             error = torch.cuda.cudart().cudaHostRegister(ptr, storage.nbytes(), 0)
             if int(error) != 0:
-                log.warning("cannot pin a loader buffer (cudaHostRegister error %s): copies from pageable memory",
-                            error)
+                log.warning(
+                    "cannot pin a loader buffer (cudaHostRegister error %s): copies from pageable memory", error
+                )
                 self.unpinnable.add(ptr)
                 continue
             self.pinned[ptr] = storage  # kept alive, so the worker's next send maps to the same pages

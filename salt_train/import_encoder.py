@@ -46,11 +46,26 @@ VJEPA_PREFIXES = ("module.", "backbone.")  # DDP's, then V-JEPA's MultiMaskWrapp
 # Heads cannot be read off the tensors (qkv is [3D, D] for any head count): V-JEPA's sizes, by width.
 VJEPA_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 # timm names of those sizes, for a readable config.json; the kwargs always spell the shape out.
-TIMM_NAMES = {(192, 12): "vit_tiny_patch16_224", (384, 12): "vit_small_patch16_224",
-              (768, 12): "vit_base_patch16_224", (1024, 24): "vit_large_patch16_224"}
-BLOCK_TENSORS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-                 "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-                 "mlp.fc2.weight", "mlp.fc2.bias")
+TIMM_NAMES = {
+    (192, 12): "vit_tiny_patch16_224",
+    (384, 12): "vit_small_patch16_224",
+    (768, 12): "vit_base_patch16_224",
+    (1024, 24): "vit_large_patch16_224",
+}
+BLOCK_TENSORS = (
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+)
 # What a VideoMAE folder may hold beyond the encoder: a classifier's head, a pretraining model's decoder.
 VIDEOMAE_LEFT_OUT = ("classifier.", "fc_norm.", "decoder.", "encoder_to_decoder.", "mask_token")
 
@@ -68,8 +83,9 @@ class Imported:
     layer_norm_eps: float = TIMM_LAYER_NORM_EPS
 
 
-def import_encoder(source: Path, out: Path, *, key: str = VJEPA_KEY, heads: int | None = None,
-                   uniform_power: bool = True) -> Imported:
+def import_encoder(
+    source: Path, out: Path, *, key: str = VJEPA_KEY, heads: int | None = None, uniform_power: bool = True
+) -> Imported:
     """Convert ``source`` (a V-JEPA ``.pth.tar`` or a VideoMAE folder) into a new export folder ``out``."""
     source, out = Path(source), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -80,14 +96,16 @@ def import_encoder(source: Path, out: Path, *, key: str = VJEPA_KEY, heads: int 
         encoder, imported = _from_vjepa(source, key, heads, uniform_power)
     record = {"layout": imported.layout, "path": str(source.resolve()), "positions": imported.positions}
     try:
-        export_encoder(encoder, imported.architecture, imported.kwargs, out, layer_norm_eps=imported.layer_norm_eps,
-                       source=record)
+        export_encoder(
+            encoder, imported.architecture, imported.kwargs, out, layer_norm_eps=imported.layer_norm_eps, source=record
+        )
     except OSError as exc:
         raise SaltUsageError(f"cannot write {out}: {exc.strerror or exc}") from None
     return imported
 
 
 # ---- V-JEPA ------------------------------------------------------------------------------------------
+
 
 def read_vjepa_state(path: Path, key: str = VJEPA_KEY) -> dict[str, Tensor]:
     """The encoder's tensors in ``path`` under ``key``, prefixes stripped (a bare state dict is taken as is)."""
@@ -98,8 +116,10 @@ def read_vjepa_state(path: Path, key: str = VJEPA_KEY) -> dict[str, Tensor]:
         state = tensors_only(loaded, path)
     else:
         entries = ", ".join(sorted(map(str, loaded))) if isinstance(loaded, dict) else type(loaded).__name__
-        raise SaltUsageError(f"{path} has no {key!r} entry (it holds {entries or 'nothing'}); "
-                             "V-JEPA's encoder is target_encoder (or pass --key)")
+        raise SaltUsageError(
+            f"{path} has no {key!r} entry (it holds {entries or 'nothing'}); "
+            "V-JEPA's encoder is target_encoder (or pass --key)"
+        )
     stripped: dict[str, Tensor] = {}
     for name, tensor in state.items():
         short = name
@@ -129,8 +149,9 @@ def vjepa_positions(width: int, uniform_power: bool) -> Tensor:
         sizes = (width // 2, width // 4, width // 4)
     if any(size % 2 for size in sizes):
         raise SaltUsageError(f"width {width} has no 3D sin-cos layout (each axis needs an even share)")
-    grid = torch.meshgrid(torch.arange(geometry.GRID_T), torch.arange(geometry.GRID_H), torch.arange(geometry.GRID_W),
-                          indexing="ij")
+    grid = torch.meshgrid(
+        torch.arange(geometry.GRID_T), torch.arange(geometry.GRID_H), torch.arange(geometry.GRID_W), indexing="ij"
+    )
     codes = [_sincos(size, axis.reshape(-1).double()) for size, axis in zip(sizes, grid)]
     return torch.cat(codes, dim=1)[:, :width].float()
 
@@ -149,9 +170,11 @@ def _from_vjepa(path: Path, key: str, heads: int | None, uniform_power: bool) ->
         raise SaltUsageError(f"{path} lacks patch_embed.proj.weight: not V-JEPA's encoder layout")
     kernel = (3, geometry.TUBELET_SIZE, geometry.PATCH_SIZE, geometry.PATCH_SIZE)
     if proj.ndim != 5 or tuple(proj.shape[1:]) != kernel:
-        raise SaltUsageError(f"{path}: patch_embed.proj.weight has shape {tuple(proj.shape)}, not a Conv3d of "
-                             f"{geometry.TUBELET_SIZE}x{geometry.PATCH_SIZE}x{geometry.PATCH_SIZE} RGB tubelets "
-                             "(SALT's geometry)")
+        raise SaltUsageError(
+            f"{path}: patch_embed.proj.weight has shape {tuple(proj.shape)}, not a Conv3d of "
+            f"{geometry.TUBELET_SIZE}x{geometry.PATCH_SIZE}x{geometry.PATCH_SIZE} RGB tubelets "
+            "(SALT's geometry)"
+        )
     width = int(proj.shape[0])
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks:
@@ -161,8 +184,9 @@ def _from_vjepa(path: Path, key: str, heads: int | None, uniform_power: bool) ->
     _check_keys(path, state, expected + ["pos_embed"], optional={"pos_embed"})
     fc1 = state["blocks.0.mlp.fc1.weight"]
     heads = _heads(heads or VJEPA_HEADS.get(width), width, "a V-JEPA size")
-    architecture, kwargs = timm_shape(width, depth, heads, int(fc1.shape[0]), "blocks.0.attn.qkv.bias" in state,
-                                      final_norm=True)
+    architecture, kwargs = timm_shape(
+        width, depth, heads, int(fc1.shape[0]), "blocks.0.attn.qkv.bias" in state, final_norm=True
+    )
     encoder = VideoViT(create_timm_vit(architecture, kwargs))
     if "pos_embed" in state:
         positions, how = state["pos_embed"], "pos_embed from the checkpoint"
@@ -170,9 +194,11 @@ def _from_vjepa(path: Path, key: str, heads: int | None, uniform_power: bool) ->
         positions = vjepa_positions(width, uniform_power)[None]
         how = f"V-JEPA's 3D sin-cos, rebuilt (uniform_power {str(uniform_power).lower()}; none in the checkpoint)"
     if tuple(positions.shape) != (1, geometry.NUM_TOKENS, width):
-        raise SaltUsageError(f"{path}: pos_embed has shape {tuple(positions.shape)}, expected "
-                             f"{(1, geometry.NUM_TOKENS, width)} (16 frames of 224 px; other resolutions, e.g. "
-                             "ViT-H 384, are not SALT's geometry)")
+        raise SaltUsageError(
+            f"{path}: pos_embed has shape {tuple(positions.shape)}, expected "
+            f"{(1, geometry.NUM_TOKENS, width)} (16 frames of 224 px; other resolutions, e.g. "
+            "ViT-H 384, are not SALT's geometry)"
+        )
     ours = {name: state[name] for name in expected}
     ours["pos_embed"] = positions
     _load(path, encoder, ours, what=f"V-JEPA ViT of width {width}")
@@ -181,10 +207,14 @@ def _from_vjepa(path: Path, key: str, heads: int | None, uniform_power: bool) ->
 
 # ---- VideoMAE ------------------------------------------------------------------------------------------
 
+
 def stored_keys(folder: Path) -> list[str]:
     """The tensor names a ``save_pretrained`` folder holds (without loading the tensors)."""
-    single, index, legacy = folder / "model.safetensors", folder / "model.safetensors.index.json", \
-        folder / "pytorch_model.bin"
+    single, index, legacy = (
+        folder / "model.safetensors",
+        folder / "model.safetensors.index.json",
+        folder / "pytorch_model.bin",
+    )
     try:
         if single.is_file():
             from safetensors import safe_open
@@ -204,17 +234,20 @@ def stored_keys(folder: Path) -> list[str]:
 
 def _from_videomae(folder: Path) -> tuple[VideoViT, Imported]:
     if not (folder / "config.json").is_file():
-        raise SaltUsageError(f"{folder} has no config.json: pass a V-JEPA .pth.tar file or a VideoMAE "
-                             "save_pretrained folder")
+        raise SaltUsageError(
+            f"{folder} has no config.json: pass a V-JEPA .pth.tar file or a VideoMAE save_pretrained folder"
+        )
     from shared.teacher import load_teacher_model
 
     model = load_teacher_model(str(folder))  # the --teacher loader: geometry, missing keys and shapes checked
     config = model.config
     expected_geometry = (geometry.IMAGE_SIZE, geometry.PATCH_SIZE, geometry.NUM_FRAMES, geometry.TUBELET_SIZE)
     if (config.image_size, config.patch_size, config.num_frames, config.tubelet_size) != expected_geometry:
-        raise SaltUsageError(f"{folder}: a VideoMAE of {config.num_frames} frames of {config.image_size} px in "
-                             f"{config.tubelet_size}x{config.patch_size}x{config.patch_size} tubelets, not SALT's "
-                             f"geometry {expected_geometry}")
+        raise SaltUsageError(
+            f"{folder}: a VideoMAE of {config.num_frames} frames of {config.image_size} px in "
+            f"{config.tubelet_size}x{config.patch_size}x{config.patch_size} tubelets, not SALT's "
+            f"geometry {expected_geometry}"
+        )
     if config.hidden_act != "gelu":
         raise SaltUsageError(f"{folder}: hidden_act {config.hidden_act!r}; timm's blocks compute exact GELU only")
     state = model.state_dict()
@@ -237,31 +270,46 @@ def _from_videomae(folder: Path) -> tuple[VideoViT, Imported]:
         used.add(name)
         return state[name]
 
-    ours = {"patch_embed.proj.weight": take("embeddings.patch_embeddings.projection.weight"),
-            "patch_embed.proj.bias": take("embeddings.patch_embeddings.projection.bias"),
-            "pos_embed": model.embeddings.position_embeddings.detach().float().reshape(1, -1, width)}
+    ours = {
+        "patch_embed.proj.weight": take("embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": take("embeddings.patch_embeddings.projection.bias"),
+        "pos_embed": model.embeddings.position_embeddings.detach().float().reshape(1, -1, width),
+    }
     if final_norm:
         ours |= {"norm.weight": take("layernorm.weight"), "norm.bias": take("layernorm.bias")}
     for i in range(depth):
         layer, block = f"encoder.layer.{i}.", f"blocks.{i}."
         attention = layer + "attention.attention."
-        ours[block + "attn.qkv.weight"] = torch.cat([take(attention + f"{part}.weight")
-                                                     for part in ("query", "key", "value")])
+        ours[block + "attn.qkv.weight"] = torch.cat(
+            [take(attention + f"{part}.weight") for part in ("query", "key", "value")]
+        )
         if qv_bias:
             query_bias = take(attention + "query.bias")
-            ours[block + "attn.qkv.bias"] = torch.cat([query_bias, torch.zeros_like(query_bias),
-                                                       take(attention + "value.bias")])
-        for theirs, mine in (("attention.output.dense", "attn.proj"), ("layernorm_before", "norm1"),
-                             ("layernorm_after", "norm2"), ("intermediate.dense", "mlp.fc1"),
-                             ("output.dense", "mlp.fc2")):
+            ours[block + "attn.qkv.bias"] = torch.cat(
+                [query_bias, torch.zeros_like(query_bias), take(attention + "value.bias")]
+            )
+        for theirs, mine in (
+            ("attention.output.dense", "attn.proj"),
+            ("layernorm_before", "norm1"),
+            ("layernorm_after", "norm2"),
+            ("intermediate.dense", "mlp.fc1"),
+            ("output.dense", "mlp.fc2"),
+        ):
             ours[block + mine + ".weight"] = take(layer + theirs + ".weight")
             ours[block + mine + ".bias"] = take(layer + theirs + ".bias")
     unused = sorted(set(state) - used)
     if unused:  # a VideoMAE variant this mapping does not know (e.g. a newer transformers' extra tensor)
         raise SaltUsageError(f"{folder}: {unused[0]} has no place in a timm ViT; not converted")
     _load(folder, encoder, ours, what=f"VideoMAE of width {width}")
-    return encoder, Imported("videomae", architecture, kwargs, len(used), "VideoMAE's 1D sin-cos table", left_out,
-                             float(config.layer_norm_eps))
+    return encoder, Imported(
+        "videomae",
+        architecture,
+        kwargs,
+        len(used),
+        "VideoMAE's 1D sin-cos table",
+        left_out,
+        float(config.layer_norm_eps),
+    )
 
 
 def _current_name(key: str) -> str:
@@ -272,13 +320,21 @@ def _current_name(key: str) -> str:
 
 # ---- both ----------------------------------------------------------------------------------------
 
+
 def timm_shape(width: int, depth: int, heads: int, hidden: int, qkv_bias: bool, final_norm: bool) -> tuple[str, dict]:
     """The timm architecture name and kwargs of a ViT of this shape (16 px patches)."""
     ratio = hidden / width
     if int(width * ratio) != hidden:  # timm's Mlp takes int(width * mlp_ratio): no float rounding below it
         ratio = (hidden + 0.5) / width
-    kwargs = {"embed_dim": width, "depth": depth, "num_heads": heads, "mlp_ratio": ratio, "qkv_bias": qkv_bias,
-              "patch_size": geometry.PATCH_SIZE, "img_size": geometry.IMAGE_SIZE}
+    kwargs = {
+        "embed_dim": width,
+        "depth": depth,
+        "num_heads": heads,
+        "mlp_ratio": ratio,
+        "qkv_bias": qkv_bias,
+        "patch_size": geometry.PATCH_SIZE,
+        "img_size": geometry.IMAGE_SIZE,
+    }
     if not final_norm:
         kwargs["final_norm"] = False
     return TIMM_NAMES.get((width, depth), "vit_base_patch16_224"), kwargs
@@ -311,8 +367,9 @@ def _load(path: Path, encoder: VideoViT, ours: dict[str, Tensor], what: str) -> 
     assert set(ours) == target_keys, sorted(set(ours) ^ target_keys)  # the mappings above name every tensor
     for name, tensor in ours.items():
         if tuple(tensor.shape) != tuple(target[name].shape):
-            raise SaltUsageError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected "
-                                 f"{tuple(target[name].shape)} for a {what}")
+            raise SaltUsageError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(target[name].shape)} for a {what}"
+            )
     with torch.no_grad():
         encoder.temporal_embed.zero_()
     encoder.load_state_dict({**ours, "temporal_embed": encoder.temporal_embed.detach()}, strict=True)

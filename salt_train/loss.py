@@ -18,6 +18,7 @@ from salt_train.model import SaltStudent
 from salt_train.student import gather_tokens, view_tubelets
 from salt_train.target_norm import LAYER_NORM, TargetNorm, normalise_targets
 
+
 def masked_targets(latents: Tensor, masked: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
     """The targets at token ids ``masked`` ``[B, M]``: those latents, normalised (:func:`normalise_targets`)."""
     return normalise_targets(gather_tokens(latents, masked), mean, std)
@@ -48,16 +49,20 @@ class SaltObjective(nn.Module):
         self.register_buffer("target_mean", _copy(target_norm.mean), persistent=False)
         self.register_buffer("target_std", _copy(target_norm.std), persistent=False)
 
-    def forward(self, views: Tensor, latents: Tensor, visible: tuple[Tensor, ...],
-                masked: tuple[Tensor, ...]) -> Tensor:
+    def forward(
+        self, views: Tensor, latents: Tensor, visible: tuple[Tensor, ...], masked: tuple[Tensor, ...]
+    ) -> Tensor:
         """uint8 ``[B, 16, 224, 224, 3]``, fp16 ``[B, 1568, D]`` and, per mask group, context ids
         ``[B, V_g]`` and target ids ``[B, M_g]`` -> the mean of the groups' losses."""
-        losses = [regression_loss(predicted, targets, self.loss)
-                  for predicted, targets in self.group_outputs(views, latents, visible, masked)]
+        losses = [
+            regression_loss(predicted, targets, self.loss)
+            for predicted, targets in self.group_outputs(views, latents, visible, masked)
+        ]
         return torch.stack(losses).mean()
 
-    def group_outputs(self, views: Tensor, latents: Tensor, visible: tuple[Tensor, ...],
-                      masked: tuple[Tensor, ...]) -> list[tuple[Tensor, Tensor]]:
+    def group_outputs(
+        self, views: Tensor, latents: Tensor, visible: tuple[Tensor, ...], masked: tuple[Tensor, ...]
+    ) -> list[tuple[Tensor, Tensor]]:
         """Per mask group, the student's predictions and the normalised targets ``[B, M_g, D]`` at its
         target tokens: what :meth:`forward` scores, and what the evaluation's held-out loss reads."""
         patches = view_tubelets(views)

@@ -91,8 +91,10 @@ class MaskBatch:
         return MaskBatch(tuple(v[rows] for v in self.visible), tuple(m[rows] for m in self.masked))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MaskBatch":
-        return MaskBatch(tuple(v.to(device, non_blocking=non_blocking) for v in self.visible),
-                         tuple(m.to(device, non_blocking=non_blocking) for m in self.masked))
+        return MaskBatch(
+            tuple(v.to(device, non_blocking=non_blocking) for v in self.visible),
+            tuple(m.to(device, non_blocking=non_blocking) for m in self.masked),
+        )
 
 
 def _check(kind: str, ratio: float) -> None:
@@ -146,7 +148,7 @@ def _top_k(keys: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask of the ``k`` largest keys of each row (ties are impossible with float keys in practice)."""
     if k == 0:
         return np.zeros(keys.shape, dtype=bool)
-    top = np.argpartition(keys, keys.shape[1] - k, axis=1)[:, keys.shape[1] - k:]
+    top = np.argpartition(keys, keys.shape[1] - k, axis=1)[:, keys.shape[1] - k :]
     chosen = np.zeros(keys.shape, dtype=bool)
     np.put_along_axis(chosen, top, True, axis=1)
     return chosen
@@ -258,8 +260,18 @@ def multiblock_coverage(draws: int = 2000, seed: int = 0) -> dict[str, dict[str,
     return report
 
 
-__all__ = ["MASK_KINDS", "MULTIBLOCK_GROUPS", "BlockGroup", "MaskBatch", "blocks_union", "describe_masks", "make_masks",
-           "mask_layout", "masked_count", "multiblock_coverage"]
+__all__ = [
+    "MASK_KINDS",
+    "MULTIBLOCK_GROUPS",
+    "BlockGroup",
+    "MaskBatch",
+    "blocks_union",
+    "describe_masks",
+    "make_masks",
+    "mask_layout",
+    "masked_count",
+    "multiblock_coverage",
+]
 
 if __name__ == "__main__":  # python -m salt_train.masks: the coverage figures in EXPERIMENTS.md
     import json

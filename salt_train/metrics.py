@@ -55,8 +55,11 @@ class HealthWindow:
 
     def add(self, result: Any, clips: int, step: int, rows: torch.Tensor) -> None:
         """One step's StepResult; ``rows`` (host) are named in the log if the step turns out skipped."""
-        applied = result.applied if result.applied is not None else torch.ones((), dtype=torch.bool,
-                                                                                device=result.loss.device)
+        applied = (
+            result.applied
+            if result.applied is not None
+            else torch.ones((), dtype=torch.bool, device=result.loss.device)
+        )
         self.losses.append(result.loss)
         self.grad_norms.append(result.grad_norm)
         self.applied.append(applied)
@@ -79,8 +82,11 @@ class HealthWindow:
         # Means over the applied steps: a skipped step's NaN would hide every other step's value.
         applied = torch.stack(self.applied) if self.applied else torch.zeros(0, dtype=torch.bool, device=device)
         kept = applied.sum().clamp_min(1)
-        loss = (torch.where(applied, torch.stack(self.losses).float(), 0.0).sum() / kept if self.losses
-                else torch.tensor(math.nan, device=device))
+        loss = (
+            torch.where(applied, torch.stack(self.losses).float(), 0.0).sum() / kept
+            if self.losses
+            else torch.tensor(math.nan, device=device)
+        )
         if dist.enabled:
             torch_dist.all_reduce(loss, op=torch_dist.ReduceOp.AVG)  # default group: NCCL on GPUs
         if device.type == "cuda":
@@ -93,8 +99,11 @@ class HealthWindow:
             "epoch": state.position.epoch,
             "loss": float(loss),
             "lr": lr,
-            "grad_norm": (float(torch.where(applied, torch.stack(self.grad_norms).float(), 0.0).sum() / kept)
-                          if self.grad_norms else math.nan),
+            "grad_norm": (
+                float(torch.where(applied, torch.stack(self.grad_norms).float(), 0.0).sum() / kept)
+                if self.grad_norms
+                else math.nan
+            ),
             "clips_per_s": self.clips / elapsed if elapsed > 0 else 0.0,
             "data_wait_ms": 1000 * self.data_wait / steps,
             "step_ms": 1000 * (elapsed - self.data_wait) / steps,
@@ -109,11 +118,13 @@ class HealthWindow:
 
 def health_line(record: dict[str, Any]) -> str:
     gpu = f" gpu_mem {record['gpu_mem_gb']:.1f} GB" if record["gpu_mem_gb"] is not None else ""
-    return (f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-            f"grad_norm {record['grad_norm']:.3f} "
-            f"| {record['clips_per_s']:.1f} clips/s, data wait {record['data_wait_ms']:.1f} ms/step, "
-            f"step {record['step_ms']:.1f} ms{gpu} | loader errors {record['loader_errors']}"
-            + (f", {record['skipped_steps']} non-finite steps skipped" if record.get("skipped_steps") else ""))
+    return (
+        f"step {record['step']} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+        f"grad_norm {record['grad_norm']:.3f} "
+        f"| {record['clips_per_s']:.1f} clips/s, data wait {record['data_wait_ms']:.1f} ms/step, "
+        f"step {record['step_ms']:.1f} ms{gpu} | loader errors {record['loader_errors']}"
+        + (f", {record['skipped_steps']} non-finite steps skipped" if record.get("skipped_steps") else "")
+    )
 
 
 class Metrics:
@@ -121,8 +132,17 @@ class Metrics:
 
     Every rank calls every method (the loss is averaged over the ranks); only rank 0 writes."""
 
-    def __init__(self, run_dir: Path, train: TrainConfig, steps: int, state: TrainState, quick_eval: Evaluation | None,
-                 device: torch.device, dist: Dist, skipped: SkippedSteps) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        train: TrainConfig,
+        steps: int,
+        state: TrainState,
+        quick_eval: Evaluation | None,
+        device: torch.device,
+        dist: Dist,
+        skipped: SkippedSteps,
+    ) -> None:
         """``skipped``: the run's skipped-step accounting, over the window whose flags it reads."""
         self.train, self.steps, self.quick_eval, self.device, self.dist = train, steps, quick_eval, device, dist
         self.file = MetricsLog(run_dir / "metrics.jsonl") if dist.is_main else None
@@ -160,9 +180,13 @@ class Metrics:
             record = self.quick_eval(model)
             if self.file is not None:
                 self.file.write({"step": step, "eval": record, "time": time.time()})
-            log.info("eval at step %d: held-out loss %.4f, R^2 %.3f%s", step, record["heldout_loss"],
-                     record["heldout_r2"],
-                     f", linear probe top-1 {100 * record['linear_top1']:.1f}%" if "linear_top1" in record else "")
+            log.info(
+                "eval at step %d: held-out loss %.4f, R^2 %.3f%s",
+                step,
+                record["heldout_loss"],
+                record["heldout_r2"],
+                f", linear probe top-1 {100 * record['linear_top1']:.1f}%" if "linear_top1" in record else "",
+            )
         self.dist.barrier()
 
     def close(self) -> None:
@@ -171,9 +195,19 @@ class Metrics:
             self.file.close()
 
 
-def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Path, snapshot: Snapshot,
-                      store: LatentStore, spec: StreamSpec, steps: int, model: torch.nn.Module,
-                      flops: dict[str, float], dist: Dist, task_lines: dict[str, str] | None = None) -> None:
+def print_diagnostics(
+    config: PipelineConfig,
+    device: torch.device,
+    run_dir: Path,
+    snapshot: Snapshot,
+    store: LatentStore,
+    spec: StreamSpec,
+    steps: int,
+    model: torch.nn.Module,
+    flops: dict[str, float],
+    dist: Dist,
+    task_lines: dict[str, str] | None = None,
+) -> None:
     """Rank 0: the block of what this run is about to do, before the first step. ``task_lines``: the lines
     of a run that trains something other than the student (salt-train teacher) replace its student line."""
     if not dist.is_main:
@@ -186,36 +220,56 @@ def print_diagnostics(config: PipelineConfig, device: torch.device, run_dir: Pat
     student = {
         "teacher": f"{store.attrs.get('teacher', {}).get('name', '?')} (width {store.teacher_width})",
         "student": f"{config.model.student} {dict(config.model.student_kwargs) or ''} mode {config.model.mode}, "
-                   f"{encoder_parameters / 1e6:.1f}M encoder + "
-                   f"{(parameters - encoder_parameters) / 1e6:.1f}M predictor/head params",
+        f"{encoder_parameters / 1e6:.1f}M encoder + "
+        f"{(parameters - encoder_parameters) / 1e6:.1f}M predictor/head params",
         "masks": describe_masks(config.mask.kind, config.mask.ratio),
     }
-    print_block("salt-train run" if not task_lines else "salt-train teacher", {
-        "run folder": run_dir,
-        "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, "
-                 f"{counts['pending']} pending rows"
-                 + (f", {counts['other']} with an unknown status, not trained on" if counts["other"] else "") + ")",
-        **({"views": f"{spec.views_per_clip} per clip: each epoch reads one view of each of its {spec.clips} clips"}
-           if spec.views_per_clip > 1 else {}),
-        "snapshot": (f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, "
-                     f"{snapshot.seconds:.2f} s)") if snapshot.mode != "none" else
-                    f"NONE: reading the live store {snapshot.path} (a change to it is detected, not prevented)",
-        **(task_lines or student),
-        "device": f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-                  + f", {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
-                  f"compile {resolve_compile_mode(config.model.compile_mode, device)}",
-        "FLOPs/clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
-        "schedule": f"{steps} steps ({spec.steps_per_epoch}/epoch x {config.train.epochs} epochs"
-                    f"{', capped by max_steps' if config.train.max_steps else ''}), batch {config.train.batch_size}, "
-                    f"lr {config.train.lr} -> {config.train.min_lr}, warmup {config.train.warmup_steps}",
-        "loader": f"{loader.num_workers} workers x prefetch {loader.prefetch_factor}, "
-                  f"stall timeout {loader.stall_timeout_s:g} s, "
-                  f"{format_bytes(batch_bytes(spec.local_batch, width))}/batch, "
-                  f"shm bound {format_bytes(shm_bound(loader, spec.local_batch, width))}, "
-                  f"shuffle window {config.stream.shuffle_buffer} rows, "
-                  f"checksums {'on' if spec.verify_checksums else 'off'}",
-        "start": f"epoch {spec.start.epoch}, batch {spec.start.index}"
-                 + (" (resumed)" if spec.start != Position() else ""),
-        **({"ranks": f"{dist.world_size} (torchrun, {dist.local_world_size} on this node): DDP, "
-                     f"{spec.local_batch} clips per rank per step, loader workers per rank"} if dist.enabled else {}),
-    })
+    print_block(
+        "salt-train run" if not task_lines else "salt-train teacher",
+        {
+            "run folder": run_dir,
+            "store": f"{snapshot.source} ({counts['committed']} committed, {counts['failed']} failed, "
+            f"{counts['pending']} pending rows"
+            + (f", {counts['other']} with an unknown status, not trained on" if counts["other"] else "")
+            + ")",
+            **(
+                {
+                    "views": f"{spec.views_per_clip} per clip: each epoch reads one view of each of its "
+                    f"{spec.clips} clips"
+                }
+                if spec.views_per_clip > 1
+                else {}
+            ),
+            "snapshot": (
+                f"{snapshot.mode}: {snapshot.path} ({snapshot.files} files, {format_bytes(snapshot.bytes)}, "
+                f"{snapshot.seconds:.2f} s)"
+            )
+            if snapshot.mode != "none"
+            else f"NONE: reading the live store {snapshot.path} (a change to it is detected, not prevented)",
+            **(task_lines or student),
+            "device": f"{device}"
+            + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+            + f", {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+            f"compile {resolve_compile_mode(config.model.compile_mode, device)}",
+            "FLOPs/clip": ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()),
+            "schedule": f"{steps} steps ({spec.steps_per_epoch}/epoch x {config.train.epochs} epochs"
+            f"{', capped by max_steps' if config.train.max_steps else ''}), batch {config.train.batch_size}, "
+            f"lr {config.train.lr} -> {config.train.min_lr}, warmup {config.train.warmup_steps}",
+            "loader": f"{loader.num_workers} workers x prefetch {loader.prefetch_factor}, "
+            f"stall timeout {loader.stall_timeout_s:g} s, "
+            f"{format_bytes(batch_bytes(spec.local_batch, width))}/batch, "
+            f"shm bound {format_bytes(shm_bound(loader, spec.local_batch, width))}, "
+            f"shuffle window {config.stream.shuffle_buffer} rows, "
+            f"checksums {'on' if spec.verify_checksums else 'off'}",
+            "start": f"epoch {spec.start.epoch}, batch {spec.start.index}"
+            + (" (resumed)" if spec.start != Position() else ""),
+            **(
+                {
+                    "ranks": f"{dist.world_size} (torchrun, {dist.local_world_size} on this node): DDP, "
+                    f"{spec.local_batch} clips per rank per step, loader workers per rank"
+                }
+                if dist.enabled
+                else {}
+            ),
+        },
+    )

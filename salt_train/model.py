@@ -29,16 +29,25 @@ MODES = get_args(ModelMode)
 class SaltStudent(nn.Module):
     """Encoder plus predictor (``salt``) or encoder with mask tokens plus a linear head (``mask-token``)."""
 
-    def __init__(self, encoder: VideoViT, mode: str, teacher_width: int, predictor_width: int,
-                 predictor_depth: int, predictor_heads: int, groups: int = 1) -> None:
+    def __init__(
+        self,
+        encoder: VideoViT,
+        mode: str,
+        teacher_width: int,
+        predictor_width: int,
+        predictor_depth: int,
+        predictor_heads: int,
+        groups: int = 1,
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
         self.encoder = encoder
         self.mode = mode
         if mode == "salt":
-            self.predictor = Predictor(encoder.width, predictor_width, predictor_depth, predictor_heads, teacher_width,
-                                       groups)
+            self.predictor = Predictor(
+                encoder.width, predictor_width, predictor_depth, predictor_heads, teacher_width, groups
+            )
         else:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.width))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -74,10 +83,21 @@ class SaltStudent(nn.Module):
 def build_salt_student(model_cfg: ModelConfig, teacher_width: int, groups: int = 1) -> SaltStudent:
     """The student of a pipeline's ``model`` section, predicting ``teacher_width``-wide latents;
     ``groups``: the mask groups its predictor has a mask token for (:func:`mask_groups`)."""
-    encoder = build_student(model_cfg.student, kwargs=dict(model_cfg.student_kwargs), pretrained=model_cfg.pretrained,
-                            grad_checkpointing=model_cfg.grad_checkpointing)
-    return SaltStudent(encoder, model_cfg.mode, teacher_width, model_cfg.predictor_width,
-                       model_cfg.predictor_depth, model_cfg.predictor_heads, groups)
+    encoder = build_student(
+        model_cfg.student,
+        kwargs=dict(model_cfg.student_kwargs),
+        pretrained=model_cfg.pretrained,
+        grad_checkpointing=model_cfg.grad_checkpointing,
+    )
+    return SaltStudent(
+        encoder,
+        model_cfg.mode,
+        teacher_width,
+        model_cfg.predictor_width,
+        model_cfg.predictor_depth,
+        model_cfg.predictor_heads,
+        groups,
+    )
 
 
 def mask_groups(mask_cfg: MaskConfig) -> int:
@@ -85,8 +105,9 @@ def mask_groups(mask_cfg: MaskConfig) -> int:
     return len(mask_layout(mask_cfg.kind, mask_cfg.ratio))
 
 
-def student_flops_per_clip(model_cfg: ModelConfig, teacher_width: int,
-                           layout: tuple[tuple[int, int], ...]) -> dict[str, float]:
+def student_flops_per_clip(
+    model_cfg: ModelConfig, teacher_width: int, layout: tuple[tuple[int, int], ...]
+) -> dict[str, float]:
     """Forward FLOPs per clip of the encoder blocks, the predictor (or head) and the patch
     embedding, summed over the mask groups of ``layout`` (``(context, targets)`` per group,
     :func:`salt_train.masks.mask_layout`), and ``train_step``: 3x their sum (backward ~2x forward)."""
@@ -100,17 +121,23 @@ def student_flops_per_clip(model_cfg: ModelConfig, teacher_width: int,
         if model_cfg.mode == "salt":
             encoder_flops += vit_forward_flops(context, width, depth, mlp_ratio)
             pw = model_cfg.predictor_width
-            predictor_flops += (vit_forward_flops(context + targets, pw, model_cfg.predictor_depth)
-                                + 2 * context * width * pw  # embed the context
-                                + 2 * targets * pw * teacher_width)  # output projection
+            predictor_flops += (
+                vit_forward_flops(context + targets, pw, model_cfg.predictor_depth)
+                + 2 * context * width * pw  # embed the context
+                + 2 * targets * pw * teacher_width
+            )  # output projection
             patch_flops += context * tubelet_flops  # only the context's tubelets are embedded
         else:
             encoder_flops += vit_forward_flops(geometry.NUM_TOKENS, width, depth, mlp_ratio)
             predictor_flops += 2 * targets * width * teacher_width  # the linear head
             patch_flops += geometry.NUM_TOKENS * tubelet_flops
     forward = encoder_flops + predictor_flops + patch_flops
-    return {"encoder": encoder_flops, "predictor": predictor_flops, "patch_embed": patch_flops,
-            "train_step": 3 * forward}
+    return {
+        "encoder": encoder_flops,
+        "predictor": predictor_flops,
+        "patch_embed": patch_flops,
+        "train_step": 3 * forward,
+    }
 
 
 def _mlp_ratio(encoder: VideoViT, width: int) -> float:

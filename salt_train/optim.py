@@ -36,8 +36,13 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if param.requires_grad:
             (decay if _decays(name, param) else no_decay).append(param)
-    log.debug("parameter groups: %d decay (%d values), %d no_decay (%d values)",
-              len(decay), sum(p.numel() for p in decay), len(no_decay), sum(p.numel() for p in no_decay))
+    log.debug(
+        "parameter groups: %d decay (%d values), %d no_decay (%d values)",
+        len(decay),
+        sum(p.numel() for p in decay),
+        len(no_decay),
+        sum(p.numel() for p in no_decay),
+    )
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
@@ -45,8 +50,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
-                    device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, *, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW over :func:`parameter_groups`, fused (one kernel per step on CUDA; on the CPU too, so both
     take the device-side skip flag of :func:`salt_train.finite.guarded_step`)."""
     groups = parameter_groups(model, weight_decay)

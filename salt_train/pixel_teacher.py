@@ -36,8 +36,13 @@ from salt_train.predictor import Predictor
 from salt_train.student import TUBELET_FEATURES, gather_tokens, view_tubelets
 
 # (width, depth, heads) of the ViT sizes, as VideoMAE's releases have them.
-TEACHER_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
-                 "huge": (1280, 32, 16)}
+TEACHER_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
 NORM_PIX_EPS = 1e-6  # VideoMAE's
 
 
@@ -48,17 +53,24 @@ def teacher_config(cfg: TeacherTrainConfig) -> VideoMAEConfig:
     if width % heads:
         raise ValueError(f"teacher_train: width {width} is not divisible by its {heads} heads")
     config = VideoMAEConfig(
-        image_size=geometry.IMAGE_SIZE, patch_size=geometry.PATCH_SIZE, num_channels=3,
-        num_frames=geometry.NUM_FRAMES, tubelet_size=geometry.TUBELET_SIZE, hidden_size=width,
-        num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=round(width * cfg.mlp_ratio),
+        image_size=geometry.IMAGE_SIZE,
+        patch_size=geometry.PATCH_SIZE,
+        num_channels=3,
+        num_frames=geometry.NUM_FRAMES,
+        tubelet_size=geometry.TUBELET_SIZE,
+        hidden_size=width,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=round(width * cfg.mlp_ratio),
         use_mean_pooling=not cfg.final_norm,  # false: the final norm on every token (pretrain-style)
     )
     config._attn_implementation = "sdpa"
     return config
 
 
-def pixel_targets(uint8_tubelets: Tensor, norm_pix: bool = True, mean: Tensor | None = None,
-                  std: Tensor | None = None) -> Tensor:
+def pixel_targets(
+    uint8_tubelets: Tensor, norm_pix: bool = True, mean: Tensor | None = None, std: Tensor | None = None
+) -> Tensor:
     """uint8 ``[B, M, 1536]`` tubelets (channel, frame, row, column) -> float32, each channel of each
     tubelet normalised to zero mean and unit unbiased std over its 512 values (VideoMAE's norm_pix_loss);
     ``norm_pix`` False: normalised with the per-value ImageNet ``mean`` and ``std`` instead."""
@@ -74,15 +86,18 @@ def pixel_targets(uint8_tubelets: Tensor, norm_pix: bool = True, mean: Tensor | 
 class PixelTeacher(nn.Module):
     """The VideoMAE encoder and its pixel decoder; checkpoints hold both, the export the encoder only."""
 
-    def __init__(self, encoder: VideoMAEModel, decoder_width: int, decoder_depth: int, decoder_heads: int,
-                 groups: int) -> None:
+    def __init__(
+        self, encoder: VideoMAEModel, decoder_width: int, decoder_depth: int, decoder_heads: int, groups: int
+    ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.decoder = Predictor(encoder.config.hidden_size, decoder_width, decoder_depth, decoder_heads,
-                                 TUBELET_FEATURES, groups)
+        self.decoder = Predictor(
+            encoder.config.hidden_size, decoder_width, decoder_depth, decoder_heads, TUBELET_FEATURES, groups
+        )
         # VideoMAE's fixed sin-cos table is a plain tensor on the embeddings: a device buffer here (unsaved).
-        self.register_buffer("positions", encoder.embeddings.position_embeddings.detach().clone().float(),
-                             persistent=False)
+        self.register_buffer(
+            "positions", encoder.embeddings.position_embeddings.detach().clone().float(), persistent=False
+        )
         per_channel = geometry.TUBELET_SIZE * geometry.PATCH_SIZE**2
         mean, std = geometry.pixel_statistics(torch.device("cpu"), (3,))
         self.register_buffer("tubelet_mean", mean.repeat_interleave(per_channel), persistent=False)
@@ -117,24 +132,30 @@ class PixelObjective(nn.Module):
         self.teacher = teacher
         self.norm_pix = norm_pix
 
-    def forward(self, views: Tensor, latents: Tensor | None, visible: tuple[Tensor, ...],
-                masked: tuple[Tensor, ...]) -> Tensor:
+    def forward(
+        self, views: Tensor, latents: Tensor | None, visible: tuple[Tensor, ...], masked: tuple[Tensor, ...]
+    ) -> Tensor:
         """uint8 ``[B, 16, 224, 224, 3]`` and, per mask group, context and target ids -> the mean of the
         groups' MSE against the per-patch normalised target pixels (``latents``: unused, None)."""
         tubelets = view_tubelets(views)
         losses = []
         for group, (group_visible, group_masked) in enumerate(zip(visible, masked, strict=True)):  # unrolled
             predicted = self.teacher(tubelets, group_visible, group_masked, group)
-            targets = pixel_targets(gather_tokens(tubelets, group_masked), self.norm_pix,
-                                    self.teacher.tubelet_mean, self.teacher.tubelet_std)
+            targets = pixel_targets(
+                gather_tokens(tubelets, group_masked),
+                self.norm_pix,
+                self.teacher.tubelet_mean,
+                self.teacher.tubelet_std,
+            )
             losses.append(F.mse_loss(predicted.float(), targets))
         return torch.stack(losses).mean()
 
 
 def build_pixel_teacher(cfg: TeacherTrainConfig, groups: int) -> PixelTeacher:
     """A freshly initialised teacher (VideoMAE's init for the encoder) with its decoder."""
-    return PixelTeacher(VideoMAEModel(teacher_config(cfg)), cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads,
-                        groups)
+    return PixelTeacher(
+        VideoMAEModel(teacher_config(cfg)), cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads, groups
+    )
 
 
 def teacher_flops_per_clip(cfg: TeacherTrainConfig, layout: tuple[tuple[int, int], ...]) -> dict[str, float]:
@@ -145,8 +166,11 @@ def teacher_flops_per_clip(cfg: TeacherTrainConfig, layout: tuple[tuple[int, int
     encoder = decoder = patch = 0.0
     for context, targets in layout:
         encoder += vit_forward_flops(context, width, depth, cfg.mlp_ratio)
-        decoder += (vit_forward_flops(context + targets, cfg.decoder_width, cfg.decoder_depth)
-                    + 2 * context * width * cfg.decoder_width + 2 * targets * cfg.decoder_width * TUBELET_FEATURES)
+        decoder += (
+            vit_forward_flops(context + targets, cfg.decoder_width, cfg.decoder_depth)
+            + 2 * context * width * cfg.decoder_width
+            + 2 * targets * cfg.decoder_width * TUBELET_FEATURES
+        )
         patch += 2 * context * TUBELET_FEATURES * width
     return {"encoder": encoder, "decoder": decoder, "patch_embed": patch, "train_step": 3 * (encoder + decoder + patch)}
 

@@ -35,8 +35,9 @@ def sincos_positions_3d(width: int) -> Tensor:
     As V-JEPA's predictor: half the channels encode time, a quarter each the
     row and the column; channels left over by odd splits stay zero.
     """
-    t, h, w = torch.meshgrid(torch.arange(geometry.GRID_T), torch.arange(geometry.GRID_H),
-                             torch.arange(geometry.GRID_W), indexing="ij")
+    t, h, w = torch.meshgrid(
+        torch.arange(geometry.GRID_T), torch.arange(geometry.GRID_H), torch.arange(geometry.GRID_W), indexing="ij"
+    )
     dims = [2 * (width // 4), 2 * (width // 8), 2 * (width // 8)]
     parts = [_sincos_1d(d, axis.flatten()) for d, axis in zip(dims, (t, h, w)) if d > 0]
     table = torch.cat(parts, dim=1) if parts else torch.zeros(geometry.NUM_TOKENS, 0, dtype=torch.float64)
@@ -47,8 +48,7 @@ def sincos_positions_3d(width: int) -> Tensor:
 class Predictor(nn.Module):
     """Encoder outputs at ``visible`` plus mask tokens at ``masked`` -> predictions at ``masked``."""
 
-    def __init__(self, encoder_width: int, width: int, depth: int, heads: int, out_width: int,
-                 groups: int = 1) -> None:
+    def __init__(self, encoder_width: int, width: int, depth: int, heads: int, out_width: int, groups: int = 1) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"predictor width {width} is not divisible by its {heads} heads")
@@ -62,7 +62,8 @@ class Predictor(nn.Module):
         self.register_buffer("pos_embed", sincos_positions_3d(width), persistent=False)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's and V-JEPA's
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth))
+            Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
+        )
         self.norm = norm_layer(width)
         self.head = nn.Linear(width, out_width)
         nn.init.trunc_normal_(self.mask_tokens, std=0.02)
@@ -83,8 +84,7 @@ class Predictor(nn.Module):
         tokens = torch.cat([seen, queries], dim=1)
         for block in self.blocks:
             tokens = block(tokens)
-        return self.head(self.norm(tokens[:, seen.shape[1]:]))
-
+        return self.head(self.norm(tokens[:, seen.shape[1] :]))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         """Refuse, in one line, weights of the one-token predictor this one replaced."""
@@ -92,7 +92,8 @@ class Predictor(nn.Module):
             raise SaltUsageError(
                 f"these weights have one predictor mask token ({prefix}mask_token), from before the predictor "
                 f"learned one per mask group ({prefix}mask_tokens, V-JEPA's): this version cannot load them; "
-                "train a new run (its export/, the encoder alone, still loads)")
+                "train a new run (its export/, the encoder alone, still loads)"
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

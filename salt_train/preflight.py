@@ -25,8 +25,17 @@ from shared.config import PipelineConfig
 from shared.console import format_bytes
 from shared.device import resolve_device
 from shared.store import LatentStore
-from salt_train.data import (SHM_PATH, StoreStream, batch_bytes, check_shm, check_stream, make_loader, shm_bound,
-                             stream_spec, to_model_inputs)
+from salt_train.data import (
+    SHM_PATH,
+    StoreStream,
+    batch_bytes,
+    check_shm,
+    check_stream,
+    make_loader,
+    shm_bound,
+    stream_spec,
+    to_model_inputs,
+)
 
 
 @dataclass
@@ -124,13 +133,17 @@ def check_single_batch(stream: StoreStream, teacher_width: int, device: torch.de
         problems.append("latents hold NaN or inf")
     if problems:
         return CheckResult("single batch", False, "; ".join(problems))
-    return CheckResult("single batch", True,
-                       f"pixels {tuple(pixels.shape)} {pixels.dtype} in [{pixels.min():.2f}, {pixels.max():.2f}], "
-                       f"latents {tuple(latents.shape)} {latents.dtype}, finite, on {device}")
+    return CheckResult(
+        "single batch",
+        True,
+        f"pixels {tuple(pixels.shape)} {pixels.dtype} in [{pixels.min():.2f}, {pixels.max():.2f}], "
+        f"latents {tuple(latents.shape)} {latents.dtype}, finite, on {device}",
+    )
 
 
-def check_workers(spec, config: PipelineConfig, batches: int, device: torch.device,
-                  bound: int) -> tuple[CheckResult, CheckResult]:
+def check_workers(
+    spec, config: PipelineConfig, batches: int, device: torch.device, bound: int
+) -> tuple[CheckResult, CheckResult]:
     """The stress test and, sampled meanwhile, the /dev/shm probe."""
     settings = config.train_loader
     loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda")
@@ -163,8 +176,9 @@ def check_workers(spec, config: PipelineConfig, batches: int, device: torch.devi
     return stress, shm_verdict(samples, left_over, bound, workers, seen, one_batch=bound // max(1, 3 * workers))
 
 
-def shm_verdict(samples: list[tuple[int, int]], left_over: int, bound: int, workers: int, batches: int,
-                one_batch: int) -> CheckResult:
+def shm_verdict(
+    samples: list[tuple[int, int]], left_over: int, bound: int, workers: int, batches: int, one_batch: int
+) -> CheckResult:
     """Flat: once batches flow, use never passes the loader's bound (a leak of even one batch per
     step would, within the stress); and it is all released when the loader goes."""
     name = "/dev/shm use"
@@ -176,11 +190,14 @@ def shm_verdict(samples: list[tuple[int, int]], left_over: int, bound: int, work
         return CheckResult(name, True, f"too few samples to judge ({len(samples)}); bound {format_bytes(bound)}")
     flat = max(early + late) <= bound
     released = left_over <= one_batch
-    return CheckResult(name, flat and released,
-                       f"{'flat' if flat else 'ABOVE THE BOUND'}: first half peak +{format_bytes(max(early))}, "
-                       f"second half +{format_bytes(max(late))} (bound {format_bytes(bound)} = workers x "
-                       f"(prefetch + 1) x batch); {'released' if released else 'NOT released'} after the loader "
-                       f"(+{format_bytes(max(0, left_over))}), {len(samples)} samples")
+    return CheckResult(
+        name,
+        flat and released,
+        f"{'flat' if flat else 'ABOVE THE BOUND'}: first half peak +{format_bytes(max(early))}, "
+        f"second half +{format_bytes(max(late))} (bound {format_bytes(bound)} = workers x "
+        f"(prefetch + 1) x batch); {'released' if released else 'NOT released'} after the loader "
+        f"(+{format_bytes(max(0, left_over))}), {len(samples)} samples",
+    )
 
 
 def run_preflight(cache: Path, config: PipelineConfig, stress_batches: int = 30) -> list[CheckResult]:
@@ -190,9 +207,12 @@ def run_preflight(cache: Path, config: PipelineConfig, stress_batches: int = 30)
     check_stream(spec, store.path)
     check_shm(config.train_loader, spec.local_batch, store.teacher_width)
     counts = store.counts()
-    print(f"preflight of {cache}: {counts['committed']} committed rows ({counts['failed']} failed, "
-          f"{counts['pending']} pending), batch {spec.batch_size}, "
-          f"{format_bytes(batch_bytes(spec.local_batch, store.teacher_width))} per batch", flush=True)
+    print(
+        f"preflight of {cache}: {counts['committed']} committed rows ({counts['failed']} failed, "
+        f"{counts['pending']} pending), batch {spec.batch_size}, "
+        f"{format_bytes(batch_bytes(spec.local_batch, store.teacher_width))} per batch",
+        flush=True,
+    )
     results = [check_single_batch(StoreStream(spec), store.teacher_width, device)]
     print(results[-1].line(), flush=True)
     bound = shm_bound(config.train_loader, spec.local_batch, store.teacher_width)

@@ -18,9 +18,18 @@ from shared.config import PipelineConfig, describe_validation_error
 from shared.errors import SaltUsageError
 
 # Whole sections, or single fields, a resume may set.
-RESUMABLE = ("eval.", "train_loader.", "train.device", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.log_every", "train.eval_every", "train.record_rows", "train.max_nonfinite_steps",
-             "stream.max_errors")
+RESUMABLE = (
+    "eval.",
+    "train_loader.",
+    "train.device",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.eval_every",
+    "train.record_rows",
+    "train.max_nonfinite_steps",
+    "stream.max_errors",
+)
 SNAPSHOT_KEY = "stream.snapshot"  # --snapshot: a resume reads what the run read, so it may only repeat it
 
 
@@ -34,16 +43,20 @@ def resumed_config(recorded: PipelineConfig, overrides: dict[str, Any]) -> Pipel
     for key, value in overrides.items():
         if key == SNAPSHOT_KEY:
             if value != config.stream.snapshot:
-                raise SaltUsageError(f"--snapshot {value}: this run was started with --snapshot "
-                                     f"{config.stream.snapshot}, and a resume reads what the run read; "
-                                     "drop --snapshot")
+                raise SaltUsageError(
+                    f"--snapshot {value}: this run was started with --snapshot "
+                    f"{config.stream.snapshot}, and a resume reads what the run read; "
+                    "drop --snapshot"
+                )
             continue
         if not resumable(key):
-            raise SaltUsageError(f"--set {key}: a resumed run continues with its recorded recipe, so that it ends "
-                                 "as an uninterrupted one; a resume may set only eval.*, train_loader.*, "
-                                 "train.device, train.checkpoint_every, train.keep_checkpoints, train.log_every, "
-                                 "train.eval_every, train.record_rows, train.max_nonfinite_steps and "
-                                 "stream.max_errors (start a new run to change the rest)")
+            raise SaltUsageError(
+                f"--set {key}: a resumed run continues with its recorded recipe, so that it ends "
+                "as an uninterrupted one; a resume may set only eval.*, train_loader.*, "
+                "train.device, train.checkpoint_every, train.keep_checkpoints, train.log_every, "
+                "train.eval_every, train.record_rows, train.max_nonfinite_steps and "
+                "stream.max_errors (start a new run to change the rest)"
+            )
         *parents, leaf = key.split(".")
         node: Any = config
         try:

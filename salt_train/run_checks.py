@@ -36,8 +36,15 @@ log = logging.getLogger(__name__)
 class SkippedSteps:
     """Accounts for the steps skipped since the last call, from ``window``'s pending flags, in ``state``."""
 
-    def __init__(self, window: HealthWindow, state: TrainState, limit: int, store: LatentStore,
-                 checkpointer: Checkpointer, dist: Dist) -> None:
+    def __init__(
+        self,
+        window: HealthWindow,
+        state: TrainState,
+        limit: int,
+        store: LatentStore,
+        checkpointer: Checkpointer,
+        dist: Dist,
+    ) -> None:
         self.window, self.state, self.limit, self.store = window, state, limit, store
         self.checkpointer, self.dist = checkpointer, dist
 
@@ -49,15 +56,20 @@ class SkippedSteps:
             state.nonfinite_steps += 1
             if self.dist.is_main:
                 culprits = nonfinite_latent_rows(self.store, rows)
-                log.warning("step %d skipped: non-finite loss or gradient, weights left as they were (rows %s%s)",
-                            step, rows, f"; non-finite latents in rows {culprits}" if culprits else "")
+                log.warning(
+                    "step %d skipped: non-finite loss or gradient, weights left as they were (rows %s%s)",
+                    step,
+                    rows,
+                    f"; non-finite latents in rows {culprits}" if culprits else "",
+                )
         if skipped and state.nonfinite_steps > self.limit:
             path = self.checkpointer.save()
             raise TrainingStopped(
                 f"{state.nonfinite_steps} steps skipped for a non-finite loss or gradient, more than "
                 f"train.max_nonfinite_steps={self.limit}: stopped at step {state.step} with "
                 f"checkpoint {path.name if path else '(rank 0)'} (finite weights); the skipped steps and their rows "
-                f"are in {self.checkpointer.run_dir / 'train.log'}; check the store with `salt-cache verify`")
+                f"are in {self.checkpointer.run_dir / 'train.log'}; check the store with `salt-cache verify`"
+            )
 
 
 def replica_digest(model: torch.nn.Module) -> str:
@@ -87,9 +99,14 @@ def warn_if_live_store_changed(snapshot: Snapshot, step: int) -> bool:
         return False
     differences = check_manifest(snapshot.source, snapshot.manifest)
     if differences:
-        log.warning("THE LIVE STORE CHANGED since this run started (noticed at step %d; %d differences, first: %s): "
-                    "batches read after the change may hold other rows; take runs from a snapshot (--snapshot "
-                    "reflink or copy) to rule this out", step, len(differences), differences[0])
+        log.warning(
+            "THE LIVE STORE CHANGED since this run started (noticed at step %d; %d differences, first: %s): "
+            "batches read after the change may hold other rows; take runs from a snapshot (--snapshot "
+            "reflink or copy) to rule this out",
+            step,
+            len(differences),
+            differences[0],
+        )
     return bool(differences)
 
 

@@ -64,8 +64,9 @@ def writing(path: Path, config: PipelineConfig | None) -> Iterator[None]:
 def create_run_dir(path: Path, config: PipelineConfig) -> None:
     """A fresh run folder's recipe; an existing run is never overwritten (continue it with --resume)."""
     if (path / "run.json").exists() or (path / "config.yaml").exists():
-        raise SaltUsageError(f"run folder {path} already holds a run: continue it with --resume, "
-                             "or pick another --run-dir")
+        raise SaltUsageError(
+            f"run folder {path} already holds a run: continue it with --resume, or pick another --run-dir"
+        )
     write_text_atomic(path / "config.yaml", dump_pipeline(config))  # a kill never leaves it empty
 
 
@@ -104,8 +105,13 @@ def git_commit() -> dict[str, Any]:
     """The commit of the code that ran, and whether the tree had local changes."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None}
     if head.returncode != 0:
@@ -162,8 +168,10 @@ def read_target_stats(path: Path) -> LatentStats | None:
     try:
         return LatentStats.from_json(json.loads(record_file.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
-        raise SaltUsageError(f"{record_file} is unreadable ({type(exc).__name__}): the run's targets cannot be "
-                             "normalised as it trained; restore the file") from None
+        raise SaltUsageError(
+            f"{record_file} is unreadable ({type(exc).__name__}): the run's targets cannot be "
+            "normalised as it trained; restore the file"
+        ) from None
 
 
 class MetricsLog:

@@ -42,8 +42,16 @@ from typing import Iterator, get_args
 from shared.config import SnapshotMode
 from shared.console import format_bytes, progress
 from shared.errors import SaltUsageError
-from shared.filesystem import (PARTIAL_SUFFIX, atomic_dir, clone_file, delete_dir, no_build_running,
-                               partial_path, reading_folder, unless_in_use)
+from shared.filesystem import (
+    PARTIAL_SUFFIX,
+    atomic_dir,
+    clone_file,
+    delete_dir,
+    no_build_running,
+    partial_path,
+    reading_folder,
+    unless_in_use,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +81,42 @@ class Snapshot:
 
     def to_record(self) -> dict:
         """JSON-able, for the run folder's run.json (and :func:`reuse_snapshot` on --resume)."""
-        return {"mode": self.mode, "path": str(self.path), "source": str(self.source), "name": self.name,
-                "files": self.files, "bytes": self.bytes, "seconds": round(self.seconds, 4),
-                "manifest": self.manifest}
+        return {
+            "mode": self.mode,
+            "path": str(self.path),
+            "source": str(self.source),
+            "name": self.name,
+            "files": self.files,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 4),
+            "manifest": self.manifest,
+        }
 
     @classmethod
     def from_record(cls, record: dict) -> "Snapshot":
         """The snapshot a run recorded (:meth:`to_record`); a damaged record is a usage error."""
         try:
-            snapshot = cls(mode=str(record["mode"]), path=Path(record["path"]), source=Path(record["source"]),
-                           name=str(record["name"]), files=int(record["files"]), bytes=int(record["bytes"]),
-                           seconds=float(record["seconds"]), manifest=record.get("manifest"))
+            snapshot = cls(
+                mode=str(record["mode"]),
+                path=Path(record["path"]),
+                source=Path(record["source"]),
+                name=str(record["name"]),
+                files=int(record["files"]),
+                bytes=int(record["bytes"]),
+                seconds=float(record["seconds"]),
+                manifest=record.get("manifest"),
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            raise SaltUsageError(f"the run's snapshot record is damaged ({type(exc).__name__}: {exc}); "
-                                 "start a new run") from None
+            raise SaltUsageError(
+                f"the run's snapshot record is damaged ({type(exc).__name__}: {exc}); start a new run"
+            ) from None
         if snapshot.mode not in ("reflink", "copy", "none"):
             raise SaltUsageError(f"the run's snapshot record has unknown mode {snapshot.mode!r}; start a new run")
         return snapshot
 
 
 # ---- where snapshots live, and whether the filesystem can clone ---------------------------
+
 
 def snapshot_root(store: Path) -> Path:
     """``<store>.snapshots`` beside the store: the same filesystem, so a reflink can work."""
@@ -125,6 +149,7 @@ def _clone_works(directory: Path, src: Path | None = None) -> bool:
 
 # ---- walking a store ---------------------------------------------------------------------
 
+
 def _check_store(store: Path) -> Path:
     store = Path(store)
     if not store.exists():
@@ -147,8 +172,10 @@ def _walk(store: Path) -> tuple[list[str], list[tuple[str, int, int]]]:
             for entry in entries:
                 rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                 if entry.is_symlink():
-                    raise SaltUsageError(f"store {store} holds a symlink ({rel}); a snapshot clones regular "
-                                         "files only: replace the link by the data, or use --snapshot none")
+                    raise SaltUsageError(
+                        f"store {store} holds a symlink ({rel}); a snapshot clones regular "
+                        "files only: replace the link by the data, or use --snapshot none"
+                    )
                 if entry.is_dir(follow_symlinks=False):
                     dirs.append(rel)
                     pending.append(rel)
@@ -163,6 +190,7 @@ def _walk(store: Path) -> tuple[list[str], list[tuple[str, int, int]]]:
 
 
 # ---- manifest: detecting a change of the live store ---------------------------------------
+
 
 def _hashed(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1] == "zarr.json" or rel.split("/", 1)[0] not in UNHASHED_ARRAYS
@@ -194,8 +222,10 @@ def check_manifest(store: Path, manifest: dict) -> list[str]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise SaltUsageError("the recorded store manifest is damaged (no 'files' mapping)")
     if manifest.get("version") != MANIFEST_VERSION:
-        raise SaltUsageError(f"the recorded store manifest has version {manifest.get('version')!r}, "
-                             f"this salt-train reads {MANIFEST_VERSION}")
+        raise SaltUsageError(
+            f"the recorded store manifest has version {manifest.get('version')!r}, "
+            f"this salt-train reads {MANIFEST_VERSION}"
+        )
     if not Path(store).is_dir():
         return [f"the store {store} no longer exists"]
     now = store_manifest(store)
@@ -217,11 +247,19 @@ def check_manifest(store: Path, manifest: dict) -> list[str]:
 
 # ---- taking a snapshot -------------------------------------------------------------------
 
+
 def _check_name(name: str) -> None:
-    if (not name or name in (".", "..") or "/" in name or "\0" in name or name.startswith(".")
-            or name.endswith(PARTIAL_SUFFIX)):
-        raise SaltUsageError(f"{name!r} cannot name a snapshot (one folder name, not hidden, "
-                             f"not ending in {PARTIAL_SUFFIX})")
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\0" in name
+        or name.startswith(".")
+        or name.endswith(PARTIAL_SUFFIX)
+    ):
+        raise SaltUsageError(
+            f"{name!r} cannot name a snapshot (one folder name, not hidden, not ending in {PARTIAL_SUFFIX})"
+        )
 
 
 @contextmanager
@@ -250,7 +288,8 @@ def _reflink_refusal(store: Path, root: Path) -> SaltUsageError:
         f"--snapshot reflink: the filesystem of {root} cannot clone files from {store} (FICLONE is "
         "unsupported there; it needs XFS with reflink or btrfs, both holding store and snapshots); "
         "use --snapshot copy (a full copy) or --snapshot none (read the live store), "
-        "or put the store on XFS/btrfs")
+        "or put the store on XFS/btrfs"
+    )
 
 
 def _finished_by(final: Path, owner: Path | None, mode: str, store: Path) -> Snapshot | None:
@@ -260,12 +299,22 @@ def _finished_by(final: Path, owner: Path | None, mode: str, store: Path) -> Sna
         return None
     try:
         record = json.loads((final / RECORD_FILE).read_text())
-        if record.get("owner") != str(Path(owner).resolve()) or record.get("mode") != mode \
-                or record.get("source") != str(store):
+        if (
+            record.get("owner") != str(Path(owner).resolve())
+            or record.get("mode") != mode
+            or record.get("source") != str(store)
+        ):
             return None
-        return Snapshot(mode=mode, path=final / record["store_dir"], source=store, name=final.name,
-                        files=int(record["files"]), bytes=int(record["bytes"]), seconds=float(record["seconds"]),
-                        manifest=None)
+        return Snapshot(
+            mode=mode,
+            path=final / record["store_dir"],
+            source=store,
+            name=final.name,
+            files=int(record["files"]),
+            bytes=int(record["bytes"]),
+            seconds=float(record["seconds"]),
+            manifest=None,
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -279,8 +328,10 @@ def _materialize(store: Path, root: Path, name: str, mode: str, owner: Path | No
         if finished is not None:
             log.info("using snapshot %s (%s), which this run finished before it was stopped", final, mode)
             return finished
-        raise SaltUsageError(f"a snapshot named {name} already exists at {final}; "
-                             "pick another run name, or remove it with `salt-train snapshots prune --name`")
+        raise SaltUsageError(
+            f"a snapshot named {name} already exists at {final}; "
+            "pick another run name, or remove it with `salt-train snapshots prune --name`"
+        )
     if partial_path(final).exists():  # atomic_dir removes it
         log.warning("removing %s, left by an interrupted snapshot of the same name", partial_path(final))
     # Flushed with one syncfs, not an fsync per clone: every clone durable before the snapshot claims to exist.
@@ -289,18 +340,24 @@ def _materialize(store: Path, root: Path, name: str, mode: str, owner: Path | No
         total = sum(size for _, size, _ in files)
         if mode == "copy":
             free = shutil.disk_usage(root).free
-            log.info("copying %d files, %s, from %s (a full copy: --snapshot copy)", len(files),
-                     format_bytes(total), store)
+            log.info(
+                "copying %d files, %s, from %s (a full copy: --snapshot copy)", len(files), format_bytes(total), store
+            )
             if total > free:
-                raise SaltUsageError(f"--snapshot copy needs {format_bytes(total)} but {root} has "
-                                     f"{format_bytes(free)} free; free space, use --snapshot none, "
-                                     "or put the store on XFS/btrfs (reflink)")
+                raise SaltUsageError(
+                    f"--snapshot copy needs {format_bytes(total)} but {root} has "
+                    f"{format_bytes(free)} free; free space, use --snapshot none, "
+                    "or put the store on XFS/btrfs (reflink)"
+                )
         target = partial / store.name
         target.mkdir()
         for rel in dirs:
             (target / rel).mkdir()
-        bar = progress(total=len(files), description=f"snapshot ({mode})", unit="file") \
-            if len(files) > PROGRESS_MIN_FILES else None
+        bar = (
+            progress(total=len(files), description=f"snapshot ({mode})", unit="file")
+            if len(files) > PROGRESS_MIN_FILES
+            else None
+        )
         for rel, size, _ in files:
             try:
                 if mode == "copy":
@@ -311,30 +368,61 @@ def _materialize(store: Path, root: Path, name: str, mode: str, owner: Path | No
                 if mode == "reflink" and exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
                     raise _reflink_refusal(store, root) from None
                 verb = "copying" if mode == "copy" else "cloning"
-                raise SaltUsageError(f"snapshot of {store} failed {verb} {rel}: "
-                                     f"{exc.strerror or exc}") from None
+                raise SaltUsageError(f"snapshot of {store} failed {verb} {rel}: {exc.strerror or exc}") from None
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        record = {"format": RECORD_FORMAT, "mode": mode, "name": name, "source": str(store),
-                  "store_dir": store.name, "created": _now_iso(), "files": len(files), "bytes": total,
-                  "seconds": round(time.perf_counter() - started, 4),  # the final flush not included
-                  "owner": str(Path(owner).resolve()) if owner is not None else None}
+        record = {
+            "format": RECORD_FORMAT,
+            "mode": mode,
+            "name": name,
+            "source": str(store),
+            "store_dir": store.name,
+            "created": _now_iso(),
+            "files": len(files),
+            "bytes": total,
+            "seconds": round(time.perf_counter() - started, 4),  # the final flush not included
+            "owner": str(Path(owner).resolve()) if owner is not None else None,
+        }
         (partial / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     seconds = time.perf_counter() - started
-    log.info("snapshot %s (%s) of %s: %d files, %s in %.2f s -> %s", name, mode, store, len(files),
-             format_bytes(total), seconds, final / store.name)
-    return Snapshot(mode=mode, path=final / store.name, source=store, name=name, files=len(files),
-                    bytes=total, seconds=seconds, manifest=None)
+    log.info(
+        "snapshot %s (%s) of %s: %d files, %s in %.2f s -> %s",
+        name,
+        mode,
+        store,
+        len(files),
+        format_bytes(total),
+        seconds,
+        final / store.name,
+    )
+    return Snapshot(
+        mode=mode,
+        path=final / store.name,
+        source=store,
+        name=name,
+        files=len(files),
+        bytes=total,
+        seconds=seconds,
+        manifest=None,
+    )
 
 
 def _live(store: Path, name: str) -> Snapshot:
     started = time.perf_counter()
     manifest = store_manifest(store)
     sizes = [size for size, _ in manifest["files"].values()]
-    return Snapshot(mode="none", path=store, source=store, name=name, files=len(sizes), bytes=sum(sizes),
-                    seconds=time.perf_counter() - started, manifest=manifest)
+    return Snapshot(
+        mode="none",
+        path=store,
+        source=store,
+        name=name,
+        files=len(sizes),
+        bytes=sum(sizes),
+        seconds=time.perf_counter() - started,
+        manifest=manifest,
+    )
 
 
 def take_snapshot(store: Path, name: str, mode: str = "auto", owner: Path | None = None) -> Snapshot:
@@ -372,12 +460,16 @@ def take_snapshot(store: Path, name: str, mode: str = "auto", owner: Path | None
                     "reads the live store: a salt-cache build rewriting it during training would change what "
                     "is read (the recorded manifest detects that on --resume). To get a snapshot, keep the "
                     "store on XFS (reflink=1) or btrfs, or pass --snapshot copy (a full copy); "
-                    "--snapshot none silences this warning.", store, snapshot_root(store))
+                    "--snapshot none silences this warning.",
+                    store,
+                    snapshot_root(store),
+                )
                 return _live(store, name)
         return _materialize(store, root, name, mode, owner)
 
 
 # ---- resuming, listing, pruning ------------------------------------------------------------
+
 
 def reuse_snapshot(record: dict) -> Snapshot:
     """The snapshot a run recorded in run.json, checked before a --resume reads it again."""
@@ -390,13 +482,18 @@ def reuse_snapshot(record: dict) -> Snapshot:
             raise SaltUsageError(
                 f"the live store {snapshot.source} changed since this run started (it read the store itself, "
                 f"--snapshot none): {len(differences)} difference(s), e.g. {'; '.join(differences[:3])}; "
-                "resuming would mix data: start a new run (on XFS/btrfs it gets a reflink snapshot)")
-        log.warning("NO SNAPSHOT: resuming on the live store %s, as this run started (its manifest is unchanged "
-                    "since)", snapshot.source)
+                "resuming would mix data: start a new run (on XFS/btrfs it gets a reflink snapshot)"
+            )
+        log.warning(
+            "NO SNAPSHOT: resuming on the live store %s, as this run started (its manifest is unchanged since)",
+            snapshot.source,
+        )
         return snapshot
     if not snapshot.path.is_dir():
-        raise SaltUsageError(f"the snapshot this run read ({snapshot.path}) is gone (pruned?); a resumed run must "
-                             "read the same data: start a new run instead of --resume")
+        raise SaltUsageError(
+            f"the snapshot this run read ({snapshot.path}) is gone (pruned?); a resumed run must "
+            "read the same data: start a new run instead of --resume"
+        )
     log.info("resuming on snapshot %s (%s)", snapshot.path, snapshot.mode)
     return snapshot
 
@@ -412,9 +509,16 @@ def list_snapshots(store: Path) -> list[dict]:
             continue
         try:
             record = json.loads((entry / RECORD_FILE).read_text())
-            item = {"name": entry.name, "path": str(entry / record["store_dir"]), "mode": record["mode"],
-                    "files": record["files"], "bytes": record["bytes"], "created": record["created"],
-                    "source": record.get("source"), "seconds": record.get("seconds")}
+            item = {
+                "name": entry.name,
+                "path": str(entry / record["store_dir"]),
+                "mode": record["mode"],
+                "files": record["files"],
+                "bytes": record["bytes"],
+                "created": record["created"],
+                "source": record.get("source"),
+                "seconds": record.get("seconds"),
+            }
             dt.datetime.fromisoformat(item["created"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s is not a readable snapshot (%s: %s); remove it by hand", entry, type(exc).__name__, exc)
@@ -452,7 +556,7 @@ def prune_snapshots(store: Path, keep: int = 0, names: list[str] | None = None) 
             raise SaltUsageError(f"no snapshot named {', '.join(unknown)} of {store} (have: {have})")
         doomed = [item["name"] for item in present if item["name"] in names]
     else:
-        doomed = [item["name"] for item in present[:max(len(present) - keep, 0)]]
+        doomed = [item["name"] for item in present[: max(len(present) - keep, 0)]]
     if not root.is_dir():
         return []
     removed = _remove_partials(root)

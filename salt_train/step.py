@@ -56,9 +56,17 @@ class Stepper:
     every rank takes the step one process would take on the whole batch (float rounding aside).
     """
 
-    def __init__(self, student: SaltStudent, train: TrainConfig, model: ModelConfig, device: torch.device,
-                 total_steps: int, dist: Dist = Dist(), objective: nn.Module | None = None,
-                 target_norm: TargetNorm = LAYER_NORM) -> None:
+    def __init__(
+        self,
+        student: SaltStudent,
+        train: TrainConfig,
+        model: ModelConfig,
+        device: torch.device,
+        total_steps: int,
+        dist: Dist = Dist(),
+        objective: nn.Module | None = None,
+        target_norm: TargetNorm = LAYER_NORM,
+    ) -> None:
         """``student``: one :func:`seeded_student` built earlier (a run refuses a bad model before it
         writes anything, and knows its step total only once it has its snapshot). ``objective``: another
         loss module over ``student`` (stage 1's :class:`~salt_train.pixel_teacher.PixelObjective` over the
@@ -70,12 +78,14 @@ class Stepper:
         self.model: SaltStudent = student.to(device)
         self.optimizer = build_optimizer(self.model, lr=train.lr, weight_decay=train.weight_decay, device=device)
         self.compile_mode = resolve_compile_mode(model.compile_mode, device)
-        self.objective = (objective if objective is not None else
-                          SaltObjective(self.model, model.loss, target_norm)).to(device)
+        self.objective = (
+            objective if objective is not None else SaltObjective(self.model, model.loss, target_norm)
+        ).to(device)
         trained: torch.nn.Module = self.objective
         if dist.enabled:
-            trained = DistributedDataParallel(self.objective,
-                                              device_ids=[device.index] if device.type == "cuda" else None)
+            trained = DistributedDataParallel(
+                self.objective, device_ids=[device.index] if device.type == "cuda" else None
+            )
         # One graph from uint8 views to the loss; static shapes (fixed batch, fixed mask counts)
         # and the learning rate outside it keep it from recompiling.
         self.forward = torch.compile(trained, mode=self.compile_mode) if self.compile_mode != "off" else trained
@@ -90,13 +100,18 @@ class Stepper:
     def step(self, batch: dict, step: int) -> StepResult:
         train = self.train
         views, latents, visible, masked = self.inputs(batch)
-        lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
-                   total_steps=self.total_steps)
+        lr = lr_at(
+            step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, total_steps=self.total_steps
+        )
         set_lr(self.optimizer, lr)
         if self.compile_mode != "off" and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (max-autotune)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None), attention_context(self.attention):
+        with (
+            torch.autocast(
+                self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+            ),
+            attention_context(self.attention),
+        ):
             loss = self.forward(views, latents, visible, masked)  # in float32
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)

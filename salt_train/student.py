@@ -45,15 +45,20 @@ def create_timm_vit(model_name: str, kwargs: dict | None = None) -> nn.Module:
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
     # timm's VisionTransformer class (and subclasses): EVA-style models have the same attributes
     # but need rotary positions passed to every block, which calling blocks alone would drop.
-    is_vit = (isinstance(model, VisionTransformer)
-              and isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList)
-              and isinstance(getattr(model, "norm", None), nn.Module)
-              and isinstance(getattr(model, "pos_embed", None), nn.Parameter)
-              and isinstance(proj, nn.Conv2d) and proj.in_channels == 3
-              and tuple(proj.kernel_size) == tuple(proj.stride) == (geometry.PATCH_SIZE,) * 2)
+    is_vit = (
+        isinstance(model, VisionTransformer)
+        and isinstance(getattr(model, "blocks", None), nn.Sequential | nn.ModuleList)
+        and isinstance(getattr(model, "norm", None), nn.Module)
+        and isinstance(getattr(model, "pos_embed", None), nn.Parameter)
+        and isinstance(proj, nn.Conv2d)
+        and proj.in_channels == 3
+        and tuple(proj.kernel_size) == tuple(proj.stride) == (geometry.PATCH_SIZE,) * 2
+    )
     if not is_vit:
-        raise SaltUsageError(f"model.student: {model_name} is not a timm VisionTransformer with 16x16 patches "
-                             "(needs blocks, norm, a learned pos_embed and a Conv2d patch_embed.proj)")
+        raise SaltUsageError(
+            f"model.student: {model_name} is not a timm VisionTransformer with 16x16 patches "
+            "(needs blocks, norm, a learned pos_embed and a Conv2d patch_embed.proj)"
+        )
     return model
 
 
@@ -154,8 +159,9 @@ class VideoViT(nn.Module):
         super().__init__()
         self.width = int(vit.embed_dim)
         proj2d: nn.Conv2d = vit.patch_embed.proj
-        self.patch_embed = PatchEmbed3d(self.width, bias=proj2d.bias is not None,
-                                        norm=_module_or_identity(vit.patch_embed, "norm"))
+        self.patch_embed = PatchEmbed3d(
+            self.width, bias=proj2d.bias is not None, norm=_module_or_identity(vit.patch_embed, "norm")
+        )
         self.patch_embed.inflate_from(proj2d)
         self.pos_embed = nn.Parameter(self._spatial_positions(vit).repeat(1, geometry.GRID_T, 1))
         self.temporal_embed = nn.Parameter(torch.zeros(1, geometry.GRID_T, 1, self.width))
@@ -175,8 +181,10 @@ class VideoViT(nn.Module):
             return pos[:, prefix:].clone()
         if pos.shape[1] == geometry.TOKENS_PER_FRAME:  # no_embed_class ViTs (DeiT III): prefix tokens unpositioned
             return pos.clone()
-        raise SaltUsageError(f"model.student: {pos.shape[1]} positions, expected {geometry.TOKENS_PER_FRAME} patches "
-                             f"(a 224 px ViT with 16 px patches; set student_kwargs img_size: 224)")
+        raise SaltUsageError(
+            f"model.student: {pos.shape[1]} positions, expected {geometry.TOKENS_PER_FRAME} patches "
+            f"(a 224 px ViT with 16 px patches; set student_kwargs img_size: 224)"
+        )
 
     def positions(self) -> Tensor:
         """``[1, 1568, width]``: inflated spatial positions plus the temporal embedding of each slot
@@ -213,8 +221,9 @@ class VideoViT(nn.Module):
         """The same from uint8 views ``[B, 16, 224, 224, 3]`` (the store's pixels), normalised here."""
         patches = view_tubelets(views)
         if token_ids is None:
-            return self.encode_tokens(self.patch_embed.embed_tubelets(self.patch_embed.normalise(patches))
-                                      + self.positions())
+            return self.encode_tokens(
+                self.patch_embed.embed_tubelets(self.patch_embed.normalise(patches)) + self.positions()
+            )
         visible = self.patch_embed.normalise(gather_tokens(patches, token_ids))
         return self.encode_tokens(self.embed_at(visible, token_ids))
 
@@ -229,8 +238,9 @@ def _module_or_identity(model: nn.Module, name: str) -> nn.Module:
     return module if isinstance(module, nn.Module) else nn.Identity()
 
 
-def build_student(model_name: str, *, kwargs: dict | None = None, pretrained: str | None = None,
-                  grad_checkpointing: bool = False) -> VideoViT:
+def build_student(
+    model_name: str, *, kwargs: dict | None = None, pretrained: str | None = None, grad_checkpointing: bool = False
+) -> VideoViT:
     """The video encoder of timm's ``model_name``, optionally inflated from a local 2D checkpoint."""
     vit = create_timm_vit(model_name, kwargs)
     if pretrained:

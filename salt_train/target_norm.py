@@ -81,14 +81,17 @@ def recorded_stats(kind: Literal["layer", "channel"], run_dir: Path | None, resu
         return None
     stats = run_folder.read_target_stats(run_dir)
     if stats is None and resume and complete_checkpoints(run_dir):
-        raise SaltUsageError(f"{run_dir} has checkpoints trained with model.target_norm: channel but no "
-                             f"{run_folder.TARGET_STATS}: its targets cannot be normalised as before; restore the "
-                             "file or start a new run")
+        raise SaltUsageError(
+            f"{run_dir} has checkpoints trained with model.target_norm: channel but no "
+            f"{run_folder.TARGET_STATS}: its targets cannot be normalised as before; restore the "
+            "file or start a new run"
+        )
     return stats
 
 
-def training_target_norm(kind: Literal["layer", "channel"], seed: int, run_dir: Path, store: LatentStore,
-                         recorded: LatentStats | None) -> TargetNorm:
+def training_target_norm(
+    kind: Literal["layer", "channel"], seed: int, run_dir: Path, store: LatentStore, recorded: LatentStats | None
+) -> TargetNorm:
     """Rank 0 at a run's start: the target statistics block, and the run's :class:`TargetNorm`. With
     ``channel``, the statistics ``recorded`` in the run folder (:func:`recorded_stats`; a resume never
     recomputes them), else measured on the snapshot and recorded there. With ``layer``, a small sample
@@ -106,8 +109,10 @@ def training_target_norm(kind: Literal["layer", "channel"], seed: int, run_dir: 
         source = f"measured on the snapshot, recorded in {run_dir / run_folder.TARGET_STATS}"
     print_block("target statistics (model.target_norm: channel)", {**stats.summary(), "statistics": source})
     if stats.warns:
-        log.info("outlier channels %s are standardised per channel before the layer norm (model.target_norm: "
-                 "channel)", stats.outlier_channels[:8])
+        log.info(
+            "outlier channels %s are standardised per channel before the layer norm (model.target_norm: channel)",
+            stats.outlier_channels[:8],
+        )
     return TargetNorm.from_stats(stats)
 
 
@@ -118,6 +123,8 @@ def run_target_norm(kind: Literal["layer", "channel"], run_dir: Path) -> TargetN
         return LAYER_NORM
     stats = run_folder.read_target_stats(run_dir)
     if stats is None:
-        raise SaltUsageError(f"{run_dir} trained with model.target_norm: channel but holds no "
-                             f"{run_folder.TARGET_STATS}: its held-out loss cannot be measured as it trained")
+        raise SaltUsageError(
+            f"{run_dir} trained with model.target_norm: channel but holds no "
+            f"{run_folder.TARGET_STATS}: its held-out loss cannot be measured as it trained"
+        )
     return TargetNorm.from_stats(stats)

@@ -100,12 +100,15 @@ class Task:
         vit = model.encoder.config
         return {
             "teacher": f"VideoMAE {shape.size} (width {vit.hidden_size}, {vit.num_hidden_layers} blocks, "
-                       f"{vit.num_attention_heads} heads, final norm {'on' if shape.final_norm else 'off'}), "
-                       f"{encoder / 1e6:.1f}M encoder + {decoder / 1e6:.1f}M decoder params",
+            f"{vit.num_attention_heads} heads, final norm {'on' if shape.final_norm else 'off'}), "
+            f"{encoder / 1e6:.1f}M encoder + {decoder / 1e6:.1f}M decoder params",
             "objective": "pixel reconstruction of the target tubelets, "
-                         + ("normalised per patch (VideoMAE's norm_pix_loss)" if shape.norm_pix_loss else
-                            "ImageNet-normalised pixels (norm_pix_loss: false)")
-                         + f", MSE; {describe_masks(config.mask.kind, config.mask.ratio)}",
+            + (
+                "normalised per patch (VideoMAE's norm_pix_loss)"
+                if shape.norm_pix_loss
+                else "ImageNet-normalised pixels (norm_pix_loss: false)"
+            )
+            + f", MSE; {describe_masks(config.mask.kind, config.mask.ratio)}",
         }
 
     def export(self, model: nn.Module, config: PipelineConfig, out_dir: Path) -> Path:

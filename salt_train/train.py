@@ -123,8 +123,11 @@ class StopSignals:
                 raise KeyboardInterrupt
             return
         self.received = signum
-        log.warning("%s received: stopping after this step and writing a checkpoint%s", signal.Signals(signum).name,
-                    " (again to stop at once)" if self.repeat_aborts else "")
+        log.warning(
+            "%s received: stopping after this step and writing a checkpoint%s",
+            signal.Signals(signum).name,
+            " (again to stop at once)" if self.repeat_aborts else "",
+        )
         interrupt_wait()  # waiting for a batch (a worker stuck in a read, say): stop waiting now
 
     def __exit__(self, *exc: Any) -> None:
@@ -147,8 +150,9 @@ def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
         if run_dir is None:
             run_dir = run_folder.find_latest_run(request.cache)
             if run_dir is None:
-                raise SaltUsageError(f"--resume: no run of {request.cache} under {run_folder.DEFAULT_RUNS_DIR}/ "
-                                     "(pass --run-dir)")
+                raise SaltUsageError(
+                    f"--resume: no run of {request.cache} under {run_folder.DEFAULT_RUNS_DIR}/ (pass --run-dir)"
+                )
             log.info("resuming the latest run of this cache: %s", run_dir)
         check_run_task(run_dir, request.task)
         config = resumed_config(run_folder.read_run_config(run_dir), request.overrides)
@@ -157,8 +161,9 @@ def _run_config(request: RunRequest) -> tuple[PipelineConfig, Path | None]:
     return config, run_dir
 
 
-def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, device: torch.device,
-         dist: Dist) -> RunReport:
+def _run(
+    request: RunRequest, config: PipelineConfig, run_dir: Path | None, device: torch.device, dist: Dist
+) -> RunReport:
     # ---- the store and the model: refuse bad input before anything is written ----------
     dist.agree(lambda: check_quick_eval(config))
     # read once, before anything is printed: a resume that lost them is refused here
@@ -168,8 +173,11 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
     dist.agree(lambda: task.check_store(live))
     live_spec = stream_spec(live, config, Position(), dist.rank, dist.world_size)  # for these checks only
     dist.agree(lambda: check_stream(live_spec, live.path))
-    dist.agree(lambda: check_shm(config.train_loader, live_spec.local_batch, task.latent_width(live),
-                                 processes=dist.local_world_size))
+    dist.agree(
+        lambda: check_shm(
+            config.train_loader, live_spec.local_batch, task.latent_width(live), processes=dist.local_world_size
+        )
+    )
     student = dist.agree(lambda: task.build_model(config, task.latent_width(live)))  # stepped once the snapshot
     # gives the step total; "student" is the model this run trains (the teacher, for salt-train teacher)
     warn_if_oversubscribed(dist, config.train_loader.num_workers, "train_loader.num_workers")
@@ -187,7 +195,8 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
         log_handler = run_folder.attach_log_file(run_dir / "train.log") if dist.is_main else None
         try:
             snapshot_record = dist.on_main(
-                lambda: _snapshot_for(request, config, run_dir, live, device, dist).to_record())
+                lambda: _snapshot_for(request, config, run_dir, live, device, dist).to_record()
+            )
             snapshot = dist.agree(lambda: _visible_snapshot(snapshot_record))
             with reading_snapshot(snapshot):  # `salt-train snapshots prune` leaves it alone meanwhile
                 return _train(config, run_dir, snapshot, student, request.resume, device, dist, task, recorded)
@@ -196,8 +205,9 @@ def _run(request: RunRequest, config: PipelineConfig, run_dir: Path | None, devi
                 run_folder.detach_log_file(log_handler)
 
 
-def _snapshot_for(request: RunRequest, config: PipelineConfig, run_dir: Path, live: LatentStore,
-                  device: torch.device, dist: Dist) -> Snapshot:
+def _snapshot_for(
+    request: RunRequest, config: PipelineConfig, run_dir: Path, live: LatentStore, device: torch.device, dist: Dist
+) -> Snapshot:
     """Rank 0: the snapshot a resumed run recorded, or a new one, recorded in run.json (taken once per run).
 
     A run stopped before it recorded its snapshot takes it again in the mode its config.yaml recorded
@@ -209,19 +219,29 @@ def _snapshot_for(request: RunRequest, config: PipelineConfig, run_dir: Path, li
         run_folder.rewrite_run_config(run_dir, config)
     if record is not None and "snapshot" in record:
         if Path(record["cache"]).resolve() != live.path.resolve():
-            raise SaltUsageError(f"{run_dir} trained on {record['cache']}, not {live.path}: "
-                                 "resume it with its own --cache")
+            raise SaltUsageError(
+                f"{run_dir} trained on {record['cache']}, not {live.path}: resume it with its own --cache"
+            )
         snapshot = reuse_snapshot(record["snapshot"])
-        run_folder.write_run_record(run_dir, world_size=dist.world_size, **({"set": resumed_with} if resumed_with
-                                                                            else {}))
+        run_folder.write_run_record(
+            run_dir, world_size=dist.world_size, **({"set": resumed_with} if resumed_with else {})
+        )
         return snapshot
     # A new run, or one stopped before it recorded its snapshot.
     snapshot = take_snapshot(live.path, run_dir.name, config.stream.snapshot, owner=run_dir)
     run_folder.write_run_record(
-        run_dir, cache=str(live.path.resolve()), snapshot=snapshot.to_record(), device=str(device),
-        world_size=dist.world_size, task=request.task.name,
-        store={"identity": live.attrs.get("identity"), "teacher": live.attrs.get("teacher"),
-               "counts": live.counts(), "rows_sha256": live.attrs.get("source_rows")},
+        run_dir,
+        cache=str(live.path.resolve()),
+        snapshot=snapshot.to_record(),
+        device=str(device),
+        world_size=dist.world_size,
+        task=request.task.name,
+        store={
+            "identity": live.attrs.get("identity"),
+            "teacher": live.attrs.get("teacher"),
+            "counts": live.counts(),
+            "rows_sha256": live.attrs.get("source_rows"),
+        },
     )
     return snapshot
 
@@ -231,13 +251,24 @@ def _visible_snapshot(record: dict) -> Snapshot:
     must be on a filesystem every node mounts at the same path."""
     snapshot = Snapshot.from_record(record)
     if not snapshot.path.is_dir():
-        raise SaltUsageError(f"the snapshot {snapshot.path} rank 0 made is not visible here: put the store and "
-                             "the run folder on a filesystem every node mounts at the same path")
+        raise SaltUsageError(
+            f"the snapshot {snapshot.path} rank 0 made is not visible here: put the store and "
+            "the run folder on a filesystem every node mounts at the same path"
+        )
     return snapshot
 
 
-def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: SaltStudent, resume: bool,
-           device: torch.device, dist: Dist, task: Task = STUDENT, recorded: LatentStats | None = None) -> RunReport:
+def _train(
+    config: PipelineConfig,
+    run_dir: Path,
+    snapshot: Snapshot,
+    student: SaltStudent,
+    resume: bool,
+    device: torch.device,
+    dist: Dist,
+    task: Task = STUDENT,
+    recorded: LatentStats | None = None,
+) -> RunReport:
     """Set up on the snapshot, step on every batch the ranks agree on, then the last checkpoint and summary."""
     store = LatentStore.open(snapshot.path).checked()  # from here on, only the snapshot is read
     # starts where a resume says, below
@@ -246,32 +277,61 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
     steps = total_steps(config, spec.steps_per_epoch)
     width = task.latent_width(store)
     # The target statistics block comes first: the objective is built with the run's normalisation.
-    target_norm = (dist.on_main(lambda: training_target_norm(config.model.target_norm, config.train.seed, run_dir,
-                                                             store, recorded))
-                   if task == STUDENT else LAYER_NORM)
-    stepper = Stepper(student, config.train, config.model, device, steps, dist,
-                      objective=task.objective(student, config), target_norm=target_norm)
+    target_norm = (
+        dist.on_main(
+            lambda: training_target_norm(config.model.target_norm, config.train.seed, run_dir, store, recorded)
+        )
+        if task == STUDENT
+        else LAYER_NORM
+    )
+    stepper = Stepper(
+        student,
+        config.train,
+        config.model,
+        device,
+        steps,
+        dist,
+        objective=task.objective(student, config),
+        target_norm=target_norm,
+    )
     model = stepper.model
-    state = (_resume_state(run_dir, model, stepper.optimizer, (spec.epochs, spec.steps_per_epoch), dist) if resume
-             else TrainState(0, Position()))
+    state = (
+        _resume_state(run_dir, model, stepper.optimizer, (spec.epochs, spec.steps_per_epoch), dist)
+        if resume
+        else TrainState(0, Position())
+    )
     spec = dataclasses.replace(spec, start=state.position)
     settings = config.train_loader
     loader = make_loader(spec, settings, pin_memory=settings.pin_memory and device.type == "cuda", ring=True)
     flops = task.flops(config, width)
-    print_diagnostics(config, device, run_dir, snapshot, store, spec, steps, model, flops, dist,
-                      task.describe(config, model))
-    quick_eval = dist.agree(lambda: QuickEval(config.eval, config.mask, config.model.loss, store, device,
-                                              run_dir / "eval", target_norm)
-                            if config.train.eval_every and dist.is_main else None)
+    print_diagnostics(
+        config, device, run_dir, snapshot, store, spec, steps, model, flops, dist, task.describe(config, model)
+    )
+    quick_eval = dist.agree(
+        lambda: (
+            QuickEval(config.eval, config.mask, config.model.loss, store, device, run_dir / "eval", target_norm)
+            if config.train.eval_every and dist.is_main
+            else None
+        )
+    )
     checkpointer = Checkpointer(run_dir, model, stepper.optimizer, state, config.train.keep_checkpoints, dist)
     skipped = SkippedSteps(HealthWindow(), state, config.train.max_nonfinite_steps, store, checkpointer, dist)
     checkpoints = Checkpoints(checkpointer, skipped, LiveStoreWatch(snapshot, dist))
     metrics = Metrics(run_dir, config.train, steps, state, quick_eval, device, dist, skipped)  # only rank 0 writes
     stop = StopSignals(repeat_aborts=not dist.enabled)  # entered after the feed starts the workers (SIGCHLD)
-    batches = AgreedBatches(BatchFeed(loader, device), steps, spec.steps_per_epoch, checkpoints,
-                            lambda: stop.received is not None, metrics.window, run_dir, dist,
-                            stall_timeout_s=config.train_loader.stall_timeout_s, max_errors=config.stream.max_errors,
-                            record_rows=config.train.record_rows)
+    batches = AgreedBatches(
+        BatchFeed(loader, device),
+        steps,
+        spec.steps_per_epoch,
+        checkpoints,
+        lambda: stop.received is not None,
+        metrics.window,
+        run_dir,
+        dist,
+        stall_timeout_s=config.train_loader.stall_timeout_s,
+        max_errors=config.stream.max_errors,
+        record_rows=config.train.record_rows,
+    )
     del loader  # the feed keeps the workers' iterator: closing it stops them
     with stop:  # to the end: a second SIGTERM while the last checkpoint is written must not kill it half-way
         try:
@@ -284,8 +344,15 @@ def _train(config: PipelineConfig, run_dir: Path, snapshot: Snapshot, student: S
         return _finish(config, steps, batches, metrics, checkpoints, final, stop.received, task)
 
 
-def _loop(stepper: Stepper, batches: AgreedBatches, metrics: Metrics, checkpoints: Checkpoints, steps: int,
-          checkpoint_every: int, dist: Dist) -> None:
+def _loop(
+    stepper: Stepper,
+    batches: AgreedBatches,
+    metrics: Metrics,
+    checkpoints: Checkpoints,
+    steps: int,
+    checkpoint_every: int,
+    dist: Dist,
+) -> None:
     """One optimizer step per agreed batch; health lines, quick evals and checkpoints along the way."""
     state = checkpoints.checkpointer.state
     try:
@@ -307,12 +374,22 @@ def _loop(stepper: Stepper, batches: AgreedBatches, metrics: Metrics, checkpoint
             raise
         # Weights and optimizer are those of state.step (a failed step never reached AdamW),
         # and torchrun's SIGTERM to this rank is held off by StopSignals while rank 0 saves.
-        raise LostPeer(f"lost contact with another rank at step {state.step} ({type(exc).__name__}); "
-                       + checkpoints.checkpointer.save_alone()) from None
+        raise LostPeer(
+            f"lost contact with another rank at step {state.step} ({type(exc).__name__}); "
+            + checkpoints.checkpointer.save_alone()
+        ) from None
 
 
-def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics: Metrics, checkpoints: Checkpoints,
-            final: Path | None, stop_signal: int | None, task: Task = STUDENT) -> RunReport:
+def _finish(
+    config: PipelineConfig,
+    steps: int,
+    batches: AgreedBatches,
+    metrics: Metrics,
+    checkpoints: Checkpoints,
+    final: Path | None,
+    stop_signal: int | None,
+    task: Task = STUDENT,
+) -> RunReport:
     """After the last checkpoint (``final``): a stopped run says how to continue, a finished one exports and
     sums up."""
     checkpointer, live_store = checkpoints.checkpointer, checkpoints.live_store
@@ -322,30 +399,52 @@ def _finish(config: PipelineConfig, steps: int, batches: AgreedBatches, metrics:
     if dist.enabled:  # a worker that died (or hung) on one rank stopped them all: every rank reports it
         loader_failure = next((reason for reason in dist.all_gather(loader_failure) if reason), None)
     first_loss, last_loss = metrics.first_loss, metrics.last_loss
-    report = RunReport(run_dir, state.step, first_loss, last_loss, state.loader_errors, batches.interrupted,
-                       stop_signal=stop_signal)
-    resume_hint = (f"continue with: {'torchrun ... -m salt_train' if dist.enabled else 'salt-train'} {task.command} "
-                   f"--cache {shlex.quote(str(snapshot.source))} --run-dir {shlex.quote(str(run_dir))} --resume")
+    report = RunReport(
+        run_dir, state.step, first_loss, last_loss, state.loader_errors, batches.interrupted, stop_signal=stop_signal
+    )
+    resume_hint = (
+        f"continue with: {'torchrun ... -m salt_train' if dist.enabled else 'salt-train'} {task.command} "
+        f"--cache {shlex.quote(str(snapshot.source))} --run-dir {shlex.quote(str(run_dir))} --resume"
+    )
     if loader_failure and stop_signal is None:
-        raise TrainingStopped(f"{loader_failure}: stopped at step {state.step} of {steps} with checkpoint "
-                              f"{final.name if final else '(rank 0)'}; {resume_hint}")
+        raise TrainingStopped(
+            f"{loader_failure}: stopped at step {state.step} of {steps} with checkpoint "
+            f"{final.name if final else '(rank 0)'}; {resume_hint}"
+        )
     if batches.interrupted:
         if main:
-            log.warning("stopped at step %d of %d; checkpoint %s; %s (any number of ranks)", state.step, steps,
-                        final.name, resume_hint)
+            log.warning(
+                "stopped at step %d of %d; checkpoint %s; %s (any number of ranks)",
+                state.step,
+                steps,
+                final.name,
+                resume_hint,
+            )
         return report
     replicas = check_replicas(checkpointer.model, dist, state.step)
     if main:
         report.export = _export(checkpointer, config, final, resume_hint, task)
         live_store.check(state.step)
-        summary = {"steps": state.step, "planned_steps": steps, "clips_seen": state.clips_seen,
-                   "first_loss": first_loss, "last_loss": last_loss, "loader_errors": state.loader_errors,
-                   "live_store_changed": live_store.changed if snapshot.mode == "none" else None,
-                   "checkpoint": str(final), "export": str(report.export), "snapshot": str(snapshot.path),
-                   "world_size": dist.world_size, "replicas": replicas}
+        summary = {
+            "steps": state.step,
+            "planned_steps": steps,
+            "clips_seen": state.clips_seen,
+            "first_loss": first_loss,
+            "last_loss": last_loss,
+            "loader_errors": state.loader_errors,
+            "live_store_changed": live_store.changed if snapshot.mode == "none" else None,
+            "checkpoint": str(final),
+            "export": str(report.export),
+            "snapshot": str(snapshot.path),
+            "world_size": dist.world_size,
+            "replicas": replicas,
+        }
         write_json_atomic(run_dir / "summary.json", summary)
-        loss_line = (f"{first_loss:.4f} (first {train.log_every} steps) -> {last_loss:.4f} (last)"
-                     if first_loss is not None and last_loss is not None else "not logged")
+        loss_line = (
+            f"{first_loss:.4f} (first {train.log_every} steps) -> {last_loss:.4f} (last)"
+            if first_loss is not None and last_loss is not None
+            else "not logged"
+        )
         print_block("summary", {"loss": loss_line, **summary, "run folder": str(run_dir)})
     dist.barrier()  # the others exit only once rank 0 has written everything
     return report
@@ -359,8 +458,10 @@ def _export(checkpointer: Checkpointer, config: PipelineConfig, final: Path, res
         return task.export(checkpointer.model, config, out)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         reason = getattr(exc, "strerror", None) or first_line(exc)
-        raise SaltUsageError(f"cannot write the export {out}: {reason}; checkpoint {final.name} is intact: free "
-                             f"space, then {resume_hint} (it writes the export again)") from None
+        raise SaltUsageError(
+            f"cannot write the export {out}: {reason}; checkpoint {final.name} is intact: free "
+            f"space, then {resume_hint} (it writes the export again)"
+        ) from None
 
 
 def check_run_task(run_dir: Path, task: Task) -> None:
@@ -369,22 +470,27 @@ def check_run_task(run_dir: Path, task: Task) -> None:
         return  # stopped before it recorded anything: the checkpoints (none) cannot disagree
     recorded = run_folder.read_run_record(run_dir).get("task", "student")  # runs before stage 1 were students
     if recorded != task.name:
-        raise SaltUsageError(f"{run_dir} is a {recorded} run: resume it with salt-train "
-                             f"{Task(recorded).command if recorded in TASKS else '...'} --resume")
+        raise SaltUsageError(
+            f"{run_dir} is a {recorded} run: resume it with salt-train "
+            f"{Task(recorded).command if recorded in TASKS else '...'} --resume"
+        )
 
 
 def check_quick_eval(config: PipelineConfig) -> None:
     if config.train.eval_every and not config.eval.val_cache:
-        raise SaltUsageError("train.eval_every needs eval.val_cache: a validation store "
-                             "(salt-cache build --split validation), e.g. --set eval.val_cache=PATH")
+        raise SaltUsageError(
+            "train.eval_every needs eval.val_cache: a validation store "
+            "(salt-cache build --split validation), e.g. --set eval.val_cache=PATH"
+        )
 
 
 class LostPeer(Exception):
     """Another rank died mid-run; rank 0 wrote what it could."""
 
 
-def _resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  stream: tuple[int, int], dist: Dist) -> TrainState:
+def _resume_state(
+    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: tuple[int, int], dist: Dist
+) -> TrainState:
     """Load the run's newest whole checkpoint (the ones rank 0 found, on every rank); none yet is step 0.
     A damaged newest checkpoint (a file whose checksum differs, a state.json that disagrees with its
     folder or with ``stream``, the snapshot's epochs and batches per epoch) is passed over, loudly."""
@@ -394,6 +500,7 @@ def _resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
         return TrainState(step=0, position=Position())
     damaged: list[str] = []
     for path in candidates:
+
         def attempt() -> TrainState | str:
             try:
                 return ckpt.load_checkpoint(path, model, optimizer, stream)
@@ -408,8 +515,15 @@ def _resume_state(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
                 log.warning("%s; falling back to the checkpoint before it", damaged[-1])
             continue
         assert not isinstance(state, str)
-        log.info("resumed from %s (step %d, epoch %d, batch %d)%s", path.name, state.step, state.position.epoch,
-                 state.position.index, f", not from the {len(damaged)} damaged newer one(s)" if damaged else "")
+        log.info(
+            "resumed from %s (step %d, epoch %d, batch %d)%s",
+            path.name,
+            state.step,
+            state.position.epoch,
+            state.position.index,
+            f", not from the {len(damaged)} damaged newer one(s)" if damaged else "",
+        )
         return state
-    raise SaltUsageError(f"every checkpoint of {run_dir} is damaged (newest: {damaged[0]}); "
-                         "start a new run or restore a checkpoint")
+    raise SaltUsageError(
+        f"every checkpoint of {run_dir} is damaged (newest: {damaged[0]}); start a new run or restore a checkpoint"
+    )

@@ -39,8 +39,14 @@ log = logging.getLogger(__name__)
 END_GRACE_S = 3.0  # workers told to exit get this long before SIGKILL
 STOP_BOUND_S = 30  # documented: SIGINT/SIGTERM to exit, for a step and a checkpoint of a few seconds each
 
-_STATES = {"R": "running", "S": "sleeping", "D": "in uninterruptible I/O", "T": "stopped", "t": "stopped",
-           "Z": "exited"}
+_STATES = {
+    "R": "running",
+    "S": "sleeping",
+    "D": "in uninterruptible I/O",
+    "T": "stopped",
+    "t": "stopped",
+    "Z": "exited",
+}
 
 
 class StopWaiting(BaseException):
@@ -134,8 +140,12 @@ def end_workers(iterator: Any, grace_s: float = END_GRACE_S) -> list[int]:
     for pid in killed:
         _signal(pid, signal.SIGKILL)
     if killed:
-        log.warning("loader worker(s) %s did not exit within %.0f s of a SIGTERM: killed (a process in "
-                    "uninterruptible I/O ends only when its read returns)", killed, grace_s)
+        log.warning(
+            "loader worker(s) %s did not exit within %.0f s of a SIGTERM: killed (a process in "
+            "uninterruptible I/O ends only when its read returns)",
+            killed,
+            grace_s,
+        )
         wait([process.sentinel for process in alive], timeout=1.0)
     if any(process.is_alive() for process in alive):
         # DataLoader's own shutdown would join each of them for 5 s, twice: leave them to the kernel.

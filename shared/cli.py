@@ -19,6 +19,7 @@ def _click_flavours(name: str) -> tuple[type[BaseException], ...]:
     classes = [getattr(click.exceptions, name), getattr(typer, name, None)]
     try:
         from typer._click import exceptions as vendored  # newer typer releases ship their own click
+
         classes.append(getattr(vendored, name, None))
     except ImportError:
         pass

@@ -86,8 +86,9 @@ class StoreConfig(_Section):
 class _LoaderSettings(_Section):
     """The DataLoader knobs both stages have (each stage has its own section: their workers do different work)."""
 
-    num_workers: int = Field(8, ge=0, le=1024,
-                               description="worker processes (per rank under torchrun); 0 = in the main one")
+    num_workers: int = Field(
+        8, ge=0, le=1024, description="worker processes (per rank under torchrun); 0 = in the main one"
+    )
     prefetch_factor: int = Field(2, gt=0, le=1024, description="batches each worker prepares ahead")
     pin_memory: bool = Field(True, description="page-locked batches for faster host-to-GPU copies (CUDA only)")
     multiprocessing_context: Literal["forkserver", "spawn", "fork"] = "forkserver"
@@ -99,11 +100,13 @@ class BuildLoaderConfig(_LoaderSettings):
     # auto: salt_cache.loader.decode_workers (the cores this process may use, less two for the main thread
     # and the shard writers, shared by the node's ranks). A fixed 8 left half of a 16-core GPU box idle.
     num_workers: Annotated[int, Field(ge=0, le=1024)] | Literal["auto"] = Field(
-        "auto", description="decode processes per rank; 0 = in the main one; auto = the usable cores less 2")
+        "auto", description="decode processes per rank; 0 = in the main one; auto = the usable cores less 2"
+    )
 
     persistent_workers: bool = True
-    decode_threads: int = Field(1, ge=0, le=1024,
-                                  description="FFmpeg threads per decoding process; 0 = FFmpeg's choice")
+    decode_threads: int = Field(
+        1, ge=0, le=1024, description="FFmpeg threads per decoding process; 0 = FFmpeg's choice"
+    )
 
 
 class TrainLoaderConfig(_LoaderSettings):
@@ -112,8 +115,11 @@ class TrainLoaderConfig(_LoaderSettings):
 
     # A read that never returns (a hung NFS mount or NVMe) must not hang the run: past this, it stops with a
     # checkpoint of the last whole step (salt_train/workers.py). Worker start and the first batch count too.
-    stall_timeout_s: float = Field(300.0, gt=0, description="seconds without a batch from the workers before "
-                                   "the run stops (exit 1, checkpoint written)")
+    stall_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="seconds without a batch from the workers before the run stops (exit 1, checkpoint written)",
+    )
 
 
 class CacheConfig(_Section):
@@ -153,10 +159,15 @@ class TrainConfig(ScheduleConfig):
     keep_checkpoints: Count = Field(3, gt=0, description="newest checkpoints kept in the run folder")
     log_every: Count = Field(20, gt=0, description="steps between health lines and metrics records")
     record_rows: bool = Field(False, description="write rows.jsonl: every step's row ids, per rank (data provenance)")
-    eval_every: Count | None = Field(None, gt=0, description="steps between quick evaluations (held-out loss and "
-                                   "linear probe on eval.quick_rows of eval.val_cache) written to metrics.jsonl")
-    max_nonfinite_steps: Count = Field(10, ge=0, description="steps skipped for a non-finite loss or gradient "
-                                                           "before the run stops")
+    eval_every: Count | None = Field(
+        None,
+        gt=0,
+        description="steps between quick evaluations (held-out loss and "
+        "linear probe on eval.quick_rows of eval.val_cache) written to metrics.jsonl",
+    )
+    max_nonfinite_steps: Count = Field(
+        10, ge=0, description="steps skipped for a non-finite loss or gradient before the run stops"
+    )
 
 
 class StreamConfig(_Section):
@@ -167,15 +178,23 @@ class StreamConfig(_Section):
     # Row ids in the shuffle window. Ids only: the loader holds no row data for it, so a
     # large window costs no memory, only read locality (rows come from ~window/shard_rows shards).
     shuffle_buffer: Count = Field(4096, gt=0)
-    verify_checksums: bool = Field(True, description="check each row's crc32c checksum on read (~1 ms per 4 MB "
-                                                     "row): a damaged row is skipped, never trained on")
+    verify_checksums: bool = Field(
+        True,
+        description="check each row's crc32c checksum on read (~1 ms per 4 MB "
+        "row): a damaged row is skipped, never trained on",
+    )
     max_errors: Count = Field(20, ge=0, description="unreadable batches tolerated before the run stops")
 
 
 class MaskConfig(_Section):
     kind: MaskKind = "multiblock"
-    ratio: float = Field(0.75, gt=0, lt=1, description="share of tokens masked by random and tube; multiblock's "
-                                                       "counts come from its blocks (salt_train/masks.py)")
+    ratio: float = Field(
+        0.75,
+        gt=0,
+        lt=1,
+        description="share of tokens masked by random and tube; multiblock's "
+        "counts come from its blocks (salt_train/masks.py)",
+    )
 
 
 class ModelConfig(_Section):
@@ -204,8 +223,9 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
         if self.predictor_width % self.predictor_heads:
-            raise ValueError(f"predictor_width {self.predictor_width} is not divisible by predictor_heads "
-                             f"{self.predictor_heads}")
+            raise ValueError(
+                f"predictor_width {self.predictor_width} is not divisible by predictor_heads {self.predictor_heads}"
+            )
         return self
 
 
@@ -225,11 +245,17 @@ class TeacherTrainConfig(ScheduleConfig):
     depth: Count | None = Field(None, gt=0, description="encoder blocks, overriding the preset's")
     heads: Count | None = Field(None, gt=0, description="attention heads, overriding the preset's")
     mlp_ratio: float = Field(4.0, gt=0)
-    final_norm: bool = Field(True, description="apply the encoder's final LayerNorm to every token (VideoMAE "
-                             "pretraining's; saved as use_mean_pooling: false) or leave the raw residual stream")
-    norm_pix_loss: bool = Field(True, description="targets: each tubelet's pixels normalised per patch and channel "
-                                "(VideoMAE's default), or the ImageNet-normalised pixels (VideoMAE's option; near-flat "
-                                "synthetic clips, whose per-patch std is mostly codec noise, learn more from these)")
+    final_norm: bool = Field(
+        True,
+        description="apply the encoder's final LayerNorm to every token (VideoMAE "
+        "pretraining's; saved as use_mean_pooling: false) or leave the raw residual stream",
+    )
+    norm_pix_loss: bool = Field(
+        True,
+        description="targets: each tubelet's pixels normalised per patch and channel "
+        "(VideoMAE's default), or the ImageNet-normalised pixels (VideoMAE's option; near-flat "
+        "synthetic clips, whose per-patch std is mostly codec noise, learn more from these)",
+    )
     decoder_width: Count = Field(384, gt=0, description="the light pixel decoder (VideoMAE's: 384 wide, 4 blocks)")
     decoder_depth: Count = Field(4, gt=0)
     decoder_heads: Count = Field(6, gt=0)
@@ -237,8 +263,9 @@ class TeacherTrainConfig(ScheduleConfig):
     @model_validator(mode="after")
     def _consistent(self) -> "TeacherTrainConfig":
         if self.decoder_width % self.decoder_heads:
-            raise ValueError(f"decoder_width {self.decoder_width} is not divisible by decoder_heads "
-                             f"{self.decoder_heads}")
+            raise ValueError(
+                f"decoder_width {self.decoder_width} is not divisible by decoder_heads {self.decoder_heads}"
+            )
         return self
 
 
@@ -252,8 +279,9 @@ class VjepaEvalConfig(_Section):
     spatial_views: int = Field(3, ge=1, le=8, description="validation crops along the long side, softmax averaged")
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(256, ge=1, le=65_536, description="global batch (all ranks, all accumulated micro-batches)")
-    micro_batch_size: int = Field(16, ge=1, le=4096, description="videos per encoder forward on one rank; "
-                                  "gradients accumulate to batch_size")
+    micro_batch_size: int = Field(
+        16, ge=1, le=4096, description="videos per encoder forward on one rank; gradients accumulate to batch_size"
+    )
     lr: float = Field(1e-3, gt=0, description="cosine from lr to final_lr over every step, no warmup")
     final_lr: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay of weights; biases and 1-D tensors take none")
@@ -263,8 +291,10 @@ class VjepaEvalConfig(_Section):
     crop_scale_max: float = Field(1.0, gt=0, le=1)
     crop_ratio_min: float = Field(0.75, gt=0, le=10, description="random resized crop: aspect ratio w/h range")
     crop_ratio_max: float = Field(4 / 3, gt=0, le=10)
-    randaugment: str | None = Field("rand-m7-n4-mstd0.5-inc1", description="timm RandAugment policy, the same draw "
-                                    "for every frame of a clip (V-JEPA's); null: none")
+    randaugment: str | None = Field(
+        "rand-m7-n4-mstd0.5-inc1",
+        description="timm RandAugment policy, the same draw for every frame of a clip (V-JEPA's); null: none",
+    )
     erase_prob: float = Field(0.25, ge=0, le=1, description="random erasing (one box per clip, per-pixel noise)")
     train_clips: Count | None = Field(None, gt=0, description="a seeded subset of the train split; null: all of it")
     val_clips: Count | None = Field(None, gt=0, description="a seeded subset of the validation split; null: all")
@@ -274,8 +304,10 @@ class VjepaEvalConfig(_Section):
     @model_validator(mode="after")
     def _ranges(self) -> "VjepaEvalConfig":
         if self.frames_per_clip % 2:
-            raise ValueError(f"eval.vjepa.frames_per_clip {self.frames_per_clip} is odd: the encoder takes whole "
-                             "tubelets of 2 frames")
+            raise ValueError(
+                f"eval.vjepa.frames_per_clip {self.frames_per_clip} is odd: the encoder takes whole "
+                "tubelets of 2 frames"
+            )
         if self.crop_scale_min > self.crop_scale_max or self.crop_ratio_min > self.crop_ratio_max:
             raise ValueError("eval.vjepa: crop_scale_min/crop_ratio_min must not exceed their max")
         return self
@@ -286,40 +318,69 @@ class EvalConfig(_Section):
 
     train_rows: Count = Field(2000, gt=0, description="train-store rows the probes learn on (seeded choice)")
     val_rows: Count = Field(1000, gt=0, description="validation-store rows the probes are scored on (seeded choice)")
-    temporal_rows: Count | None = Field(None, gt=0, description="of those, rows that also get the 6 temporal variants "
-                                      "(each a full encoder forward); null: all")
-    seed: Seed = Field(0, description="0 to 2**32 - 1: row choice, held-out masks, probe initialisation and "
-                                      "batch order")
+    temporal_rows: Count | None = Field(
+        None,
+        gt=0,
+        description="of those, rows that also get the 6 temporal variants (each a full encoder forward); null: all",
+    )
+    seed: Seed = Field(
+        0, description="0 to 2**32 - 1: row choice, held-out masks, probe initialisation and batch order"
+    )
     batch_size: Count = Field(32, gt=0, description="clips per encoder forward while extracting features")
     probe_epochs: Count = Field(20, gt=0, description="attentive probe epochs")
     probe_lr: float = Field(1e-3, gt=0)
     probe_weight_decay: float = Field(0.01, ge=0)
     probe_batch_size: Count = Field(64, gt=0)
-    probe_pool: Literal[1, 2, 7] = Field(1, description="spatial mean pooling of the tokens before the attentive "
-                                         "probe: 1 is V-JEPA's (all 1568 tokens); 2 costs 4x less (CPU demos)")
-    probe_seeds: int = Field(3, gt=0, le=10, description="every probe is trained with seeds eval.seed, +1, ...: "
-                               "the table shows their mean (rows and masks stay those of eval.seed)")
-    linear_iterations: Count = Field(300, gt=0, description="L-BFGS iterations of the linear and temporal probes "
-                                   "(logistic regression on standardised features)")
+    probe_pool: Literal[1, 2, 7] = Field(
+        1,
+        description="spatial mean pooling of the tokens before the attentive "
+        "probe: 1 is V-JEPA's (all 1568 tokens); 2 costs 4x less (CPU demos)",
+    )
+    probe_seeds: int = Field(
+        3,
+        gt=0,
+        le=10,
+        description="every probe is trained with seeds eval.seed, +1, ...: "
+        "the table shows their mean (rows and masks stay those of eval.seed)",
+    )
+    linear_iterations: Count = Field(
+        300,
+        gt=0,
+        description="L-BFGS iterations of the linear and temporal probes "
+        "(logistic regression on standardised features)",
+    )
     linear_l2: float = Field(1e-3, ge=0, description="their L2 penalty on the weights")
-    feature_memory_gb: float = Field(16.0, gt=0, description="tokens of one model held in memory up to this; "
-                                     "beyond it they go to a Zarr array under eval/")
+    feature_memory_gb: float = Field(
+        16.0,
+        gt=0,
+        description="tokens of one model held in memory up to this; beyond it they go to a Zarr array under eval/",
+    )
     val_cache: str | None = Field(None, description="validation store for `salt-train eval` and train.eval_every")
     quick_rows: Count = Field(64, gt=0, description="validation rows of the quick evaluation during training")
     vjepa: VjepaEvalConfig = VjepaEvalConfig()
-    few_frames: list[int] = Field(default_factory=list, description="input frame counts (even, 2 to 14) of the "
-                                  "few-frame rows: the SSv2 attentive probe and the temporal probes on T frames of "
-                                  "each clip (salt_train/eval/frames.py); []: none (each T costs about T/16 of the "
-                                  "16-frame extraction)")
-    latency_repeats: int = Field(10, ge=0, le=1000, description="timed forwards of one clip per frame count "
-                                 "(2, 4, 8, 16) for the encoder's latency, after 2 warm-up ones; 0: not measured")
+    few_frames: list[int] = Field(
+        default_factory=list,
+        description="input frame counts (even, 2 to 14) of the "
+        "few-frame rows: the SSv2 attentive probe and the temporal probes on T frames of "
+        "each clip (salt_train/eval/frames.py); []: none (each T costs about T/16 of the "
+        "16-frame extraction)",
+    )
+    latency_repeats: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="timed forwards of one clip per frame count "
+        "(2, 4, 8, 16) for the encoder's latency, after 2 warm-up ones; 0: not measured",
+    )
 
     @model_validator(mode="after")
     def _check_few_frames(self) -> "EvalConfig":
         bad = [t for t in self.few_frames if not (2 <= t < 16 and t % 2 == 0)]
         if bad:
-            raise ValueError(f"few_frames: {bad[0]} is not an even frame count from 2 to 14 (whole tubelets of 2, "
-                             "fewer than the 16 of the main rows)")
+            raise ValueError(
+                f"few_frames: {bad[0]} is not an even frame count from 2 to 14 (whole tubelets of 2, "
+                "fewer than the 16 of the main rows)"
+            )
         if len(set(self.few_frames)) != len(self.few_frames):
             raise ValueError(f"few_frames: {self.few_frames} names a frame count twice")
         return self
@@ -344,8 +405,10 @@ class PipelineConfig(_Section):
     @classmethod
     def _refuse_shared_loader(cls, data: Any) -> Any:
         if isinstance(data, dict) and "loader" in data:
-            raise ValueError("loader is the old name of build_loader and train_loader (salt-cache build's and "
-                             "salt-train's loader settings): rename it to those (e.g. train_loader.num_workers)")
+            raise ValueError(
+                "loader is the old name of build_loader and train_loader (salt-cache build's and "
+                "salt-train's loader settings): rename it to those (e.g. train_loader.num_workers)"
+            )
         return data
 
 
@@ -394,8 +457,10 @@ def read_recipe_yaml(text: str, source: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise SaltUsageError(f"{source}: cannot read YAML ({first_line(exc)})") from None
     if loaded is None:
-        raise SaltUsageError(f"{source} is empty: a recipe sets its sections (see pipelines/demo.yaml); "
-                             f"for the production recipe pass --pipeline {DEFAULT_PIPELINE}")
+        raise SaltUsageError(
+            f"{source} is empty: a recipe sets its sections (see pipelines/demo.yaml); "
+            f"for the production recipe pass --pipeline {DEFAULT_PIPELINE}"
+        )
     if not isinstance(loaded, dict):
         raise SaltUsageError(f"{source}: top level must be a mapping of sections")
     return loaded
@@ -411,8 +476,10 @@ def _refuse_duplicate_keys(node: yaml.Node, source: str, where: str = "") -> Non
             if key is not None and key != "<<":  # a merge key is YAML's own way to combine mappings
                 line = key_node.start_mark.line + 1
                 if key in seen:
-                    raise SaltUsageError(f"{source}: {path} is given twice (lines {seen[key]} and {line}); "
-                                         "the second would silently replace the first: keep one")
+                    raise SaltUsageError(
+                        f"{source}: {path} is given twice (lines {seen[key]} and {line}); "
+                        "the second would silently replace the first: keep one"
+                    )
                 seen[key] = line
             _refuse_duplicate_keys(value_node, source, path)
     elif isinstance(node, yaml.SequenceNode):

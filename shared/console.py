@@ -65,8 +65,9 @@ def print_block(title: str, items: Mapping[str, Any], stream=None) -> None:
     stream.flush()
 
 
-def progress(total: int | None, description: str, unit: str = "clip", initial: int = 0,
-             iterable: Iterable | None = None) -> tqdm:
+def progress(
+    total: int | None, description: str, unit: str = "clip", initial: int = 0, iterable: Iterable | None = None
+) -> tqdm:
     """A progress bar with rate and ETA; plain periodic lines when stderr is not a terminal."""
     interactive = sys.stderr.isatty()
     return tqdm(

@@ -143,24 +143,33 @@ def warn_if_oversubscribed(dist: Dist, workers_per_rank: int, setting: str) -> N
     cores = os.cpu_count() or 1
     total = dist.local_world_size * (workers_per_rank + 1)  # each rank's main process too
     if dist.enabled and dist.is_main and total > cores:
-        log.warning("%d ranks on this node x (%d workers + 1) = %d processes for %d cores: %s "
-                    "counts workers per rank; about %d would fit", dist.local_world_size, workers_per_rank, total,
-                    cores, setting, max(0, cores // dist.local_world_size - 1))
+        log.warning(
+            "%d ranks on this node x (%d workers + 1) = %d processes for %d cores: %s "
+            "counts workers per rank; about %d would fit",
+            dist.local_world_size,
+            workers_per_rank,
+            total,
+            cores,
+            setting,
+            max(0, cores // dist.local_world_size - 1),
+        )
 
 
 def rank_share(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     """Rank ``rank``'s contiguous block of ``items``; blocks differ in length by at most one."""
     base, extra = divmod(len(items), world_size)
     start = rank * base + min(rank, extra)
-    return list(items[start:start + base + (1 if rank < extra else 0)])
+    return list(items[start : start + base + (1 if rank < extra else 0)])
 
 
 def _environment() -> tuple[int, int, int, int]:
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     missing = [name for name in names[:3] + ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
-        raise SaltUsageError(f"WORLD_SIZE is set but {', '.join(missing)} not: launch with torchrun "
-                             "(e.g. torchrun --nproc-per-node=2 -m salt_train run ...)")
+        raise SaltUsageError(
+            f"WORLD_SIZE is set but {', '.join(missing)} not: launch with torchrun "
+            "(e.g. torchrun --nproc-per-node=2 -m salt_train run ...)"
+        )
     try:
         rank, world, local = (int(os.environ[name]) for name in names[:3])
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -180,8 +189,10 @@ def distributed(backend: str) -> Iterator[Dist]:
         return
     rank, world, local, local_world = _environment()
     if backend == "nccl" and local >= torch.cuda.device_count():
-        raise SaltUsageError(f"LOCAL_RANK {local} but torch sees {torch.cuda.device_count()} GPU(s): "
-                             "--nproc-per-node must not exceed the GPUs of a node")
+        raise SaltUsageError(
+            f"LOCAL_RANK {local} but torch sees {torch.cuda.device_count()} GPU(s): "
+            "--nproc-per-node must not exceed the GPUs of a node"
+        )
     if local < torch.cuda.device_count():
         torch.cuda.set_device(local)
     try:

@@ -74,6 +74,7 @@ Sync = Literal["files", "filesystem"]
 
 # ---- flushing ------------------------------------------------------------------------------
 
+
 def fsync_path(path: Path) -> None:
     """Flush a file's bytes, or a folder's entries (after a rename into it), to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -105,6 +106,7 @@ def sync_filesystem(folder: Path) -> None:
 
 
 # ---- stage, then rename --------------------------------------------------------------------
+
 
 def partial_path(final: Path, *, unique: bool = False) -> Path:
     """Where ``final`` is staged: ``<name>.partial``, or ``.<name>.<8 hex>.partial`` when ``unique``."""
@@ -141,8 +143,9 @@ def write_json_atomic(path: Path, record: Any) -> None:
 
 
 @contextmanager
-def atomic_dir(final: Path, *, unique: bool = False, replace: Replace = "empty",
-               sync: Sync = "files") -> Iterator[Path]:
+def atomic_dir(
+    final: Path, *, unique: bool = False, replace: Replace = "empty", sync: Sync = "files"
+) -> Iterator[Path]:
     """Yield an empty ``.partial`` folder beside ``final`` to fill; then flush it (``sync``), rename it
     to ``final`` (``replace`` says what happens to a folder already there) and flush the parent.
 
@@ -192,6 +195,7 @@ def delete_dir(folder: Path) -> None:
 
 
 # ---- locks (the protocol is in the module docstring) ------------------------------------------
+
 
 @contextmanager
 def _flock(path: Path, *, exclusive: bool, wait: bool, create: bool = False) -> Iterator[bool]:
@@ -243,7 +247,8 @@ def sole_writer(folder: Path, what: str = "run folder") -> Iterator[None]:
             holder = _holder_pid(fd)
             raise SaltUsageError(
                 f"{what} {folder} is in use by another process ({f'PID {holder}' if holder else 'PID unknown'}, "
-                f"holding {lock}): one process writes a run folder at a time; wait for it to end or stop it") from None
+                f"holding {lock}): one process writes a run folder at a time; wait for it to end or stop it"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _HELD_BY_THIS_PROCESS.add(fd)
@@ -284,17 +289,27 @@ def _store_lock(store: Path, *, exclusive: bool, refusal: str) -> Iterator[None]
 
 def build_lock(store: Path) -> ContextManager[None]:
     """A build's exclusive hold on the store (a second writer is refused, not interleaved)."""
-    return _store_lock(store, exclusive=True, refusal=(
-        f"another build is writing {store}, or salt-train is taking a snapshot of it (either holds {{lock}}); "
-        "wait for it to finish or stop it"))
+    return _store_lock(
+        store,
+        exclusive=True,
+        refusal=(
+            f"another build is writing {store}, or salt-train is taking a snapshot of it (either holds {{lock}}); "
+            "wait for it to finish or stop it"
+        ),
+    )
 
 
 def no_build_running(store: Path) -> ContextManager[None]:
     """Refuse a store a build is writing, and hold it shared meanwhile so no build starts while the
     files are cloned."""
-    return _store_lock(store, exclusive=False, refusal=(
-        f"store {store} is being written by a running salt-cache build (it holds {{lock}}); "
-        "wait for the build to finish, then start the run"))
+    return _store_lock(
+        store,
+        exclusive=False,
+        refusal=(
+            f"store {store} is being written by a running salt-cache build (it holds {{lock}}); "
+            "wait for the build to finish, then start the run"
+        ),
+    )
 
 
 def reading_folder(folder: Path) -> ContextManager[bool]:
@@ -309,6 +324,7 @@ def unless_in_use(folder: Path) -> ContextManager[bool]:
 
 
 # ---- clones --------------------------------------------------------------------------------
+
 
 def clone_file(src: Path, dst: Path) -> None:
     """Create ``dst`` sharing all of ``src``'s extents (raises OSError where cloning is unsupported)."""

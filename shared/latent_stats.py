@@ -94,14 +94,19 @@ class LatentStats:
         return self.top_share > self.warning_share
 
     def rows_line(self) -> str:
-        read = (f"a seeded sample of {self.rows_read} of {self.committed} committed rows (seed {self.seed})"
-                if self.sampled else f"all {self.rows_read} committed rows")
+        read = (
+            f"a seeded sample of {self.rows_read} of {self.committed} committed rows (seed {self.seed})"
+            if self.sampled
+            else f"all {self.rows_read} committed rows"
+        )
         skipped = f"; {len(self.skipped_rows)} damaged or non-finite rows skipped" if self.skipped_rows else ""
         return read + skipped
 
     def share_line(self) -> str:
-        return (f"{100 * self.top_share:.1f}% of the layer-normed target energy "
-                f"(even: {100 * TOP_CHANNELS / self.width:.1f}%, warning above {100 * self.warning_share:.1f}%)")
+        return (
+            f"{100 * self.top_share:.1f}% of the layer-normed target energy "
+            f"(even: {100 * TOP_CHANNELS / self.width:.1f}%, warning above {100 * self.warning_share:.1f}%)"
+        )
 
     def outliers_line(self) -> str:
         share = self.energy_share
@@ -113,17 +118,19 @@ class LatentStats:
         """The warning line, or None when the top-8 share is below the threshold."""
         if not self.warns:
             return None
-        return (f"{TOP_CHANNELS} of {self.width} teacher channels hold {100 * self.top_share:.1f}% of the layer-normed "
-                f"target energy (threshold {100 * self.warning_share:.1f}%): the loss mostly measures channels "
-                f"{', '.join(map(str, self.outlier_channels[:TOP_CHANNELS]))}; consider model.target_norm: channel")
+        return (
+            f"{TOP_CHANNELS} of {self.width} teacher channels hold {100 * self.top_share:.1f}% of the layer-normed "
+            f"target energy (threshold {100 * self.warning_share:.1f}%): the loss mostly measures channels "
+            f"{', '.join(map(str, self.outlier_channels[:TOP_CHANNELS]))}; consider model.target_norm: channel"
+        )
 
     def summary(self) -> dict[str, str]:
         """The short block of a build's end and a training run's start."""
         return {
             "rows read": self.rows_line(),
             "channels": f"{self.width}; std {self.std.min():.3g} to {self.std.max():.3g} (median "
-                        f"{np.median(self.std):.3g}), max |x| {self.max_abs.max():.4g} "
-                        f"(channel {int(self.max_abs.argmax())})",
+            f"{np.median(self.std):.3g}), max |x| {self.max_abs.max():.4g} "
+            f"(channel {int(self.max_abs.argmax())})",
             f"top-{TOP_CHANNELS} energy": self.share_line(),
             "outlier channels": self.outliers_line(),
         }
@@ -134,13 +141,17 @@ class LatentStats:
         header = f"  {'channel':>7} {'mean':>10} {'std':>10} {'max |x|':>10} {'energy share':>13}"
 
         def rows(order: np.ndarray) -> list[str]:
-            return [f"  {c:>7} {self.mean[c]:>10.4g} {self.std[c]:>10.4g} {self.max_abs[c]:>10.4g} "
-                    f"{100 * share[c]:>12.2f}%" for c in order[:top]]
+            return [
+                f"  {c:>7} {self.mean[c]:>10.4g} {self.std[c]:>10.4g} {self.max_abs[c]:>10.4g} {100 * share[c]:>12.2f}%"
+                for c in order[:top]
+            ]
 
-        return ([f"top {min(top, self.width)} channels by std:", header]
-                + rows(np.argsort(-self.std, kind="stable"))
-                + [f"top {min(top, self.width)} channels by energy share:", header]
-                + rows(np.argsort(-share, kind="stable")))
+        return (
+            [f"top {min(top, self.width)} channels by std:", header]
+            + rows(np.argsort(-self.std, kind="stable"))
+            + [f"top {min(top, self.width)} channels by energy share:", header]
+            + rows(np.argsort(-share, kind="stable"))
+        )
 
     def standardisation(self) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, std)`` for ``model.target_norm: channel``: ``(x - mean) / std``, std floored."""
@@ -150,9 +161,14 @@ class LatentStats:
         record = asdict(self)
         for key in ("mean", "std", "max_abs", "energy"):
             record[key] = [float(v) for v in record[key]]  # repr round-trips float64 exactly
-        return {**record, "energy_share": [float(v) for v in self.energy_share], "top_share": self.top_share,
-                "warning_share": self.warning_share, "outlier_channels": self.outlier_channels,
-                "warning": self.warning()}
+        return {
+            **record,
+            "energy_share": [float(v) for v in self.energy_share],
+            "top_share": self.top_share,
+            "warning_share": self.warning_share,
+            "outlier_channels": self.outlier_channels,
+            "warning": self.warning(),
+        }
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "LatentStats":
@@ -190,8 +206,12 @@ class ChannelAccumulator:
             raise ValueError("no tokens accumulated")
         mean = self.sum / self.tokens
         variance = np.maximum(self.sum_sq / self.tokens - np.square(mean), 0.0)
-        return {"mean": mean, "std": np.sqrt(variance), "max_abs": self.max_abs.copy(),
-                "energy": self.energy_sum / self.tokens}
+        return {
+            "mean": mean,
+            "std": np.sqrt(variance),
+            "max_abs": self.max_abs.copy(),
+            "energy": self.energy_sum / self.tokens,
+        }
 
 
 def sample_committed_rows(store: LatentStore, rows: int | None, seed: int) -> tuple[np.ndarray, int]:
@@ -210,7 +230,7 @@ def iter_latent_rows(store: LatentStore, rows: np.ndarray) -> Iterator[tuple[int
     """``(row, latents [1568, D])`` for each row, read through the store's read path;
     ``None`` for a row whose bytes do not match its stored checksum or cannot be read."""
     for start in range(0, len(rows), READ_BATCH):
-        block = rows[start:start + READ_BATCH]
+        block = rows[start : start + READ_BATCH]
         try:
             (data,) = read_rows(store, block, ("latents",), check=True)
         except Exception:  # a damaged row or shard file: read the rows one by one, to skip only the bad ones
@@ -237,8 +257,16 @@ def compute_stats(store: LatentStore, rows: int | None = DEFAULT_ROWS, seed: int
             continue
         accumulator.add(latents)
     if not accumulator.tokens:
-        raise SaltUsageError(f"store {store.path}: every row read ({len(chosen)}) is damaged or non-finite; "
-                             "run salt-cache verify on it")
-    return LatentStats(width=width, rows_read=len(chosen) - len(skipped), committed=committed,
-                       sampled=len(chosen) < committed, seed=seed, tokens=accumulator.tokens,
-                       skipped_rows=skipped, **accumulator.finish())
+        raise SaltUsageError(
+            f"store {store.path}: every row read ({len(chosen)}) is damaged or non-finite; run salt-cache verify on it"
+        )
+    return LatentStats(
+        width=width,
+        rows_read=len(chosen) - len(skipped),
+        committed=committed,
+        sampled=len(chosen) < committed,
+        seed=seed,
+        tokens=accumulator.tokens,
+        skipped_rows=skipped,
+        **accumulator.finish(),
+    )

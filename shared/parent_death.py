@@ -101,8 +101,11 @@ def _worker_exit(signum: int, frame: object) -> None:
     it, its exit printed a finaliser's traceback)."""
     tempdir = multiprocessing.current_process()._config.get("tempdir")
     main = _env_pid(MAIN_PID_ENV)
-    if isinstance(tempdir, str) and Path(tempdir).name.startswith("pymp-") \
-            and (_made_here(tempdir) or main is None or not _alive(main)):
+    if (
+        isinstance(tempdir, str)
+        and Path(tempdir).name.startswith("pymp-")
+        and (_made_here(tempdir) or main is None or not _alive(main))
+    ):
         shutil.rmtree(tempdir, ignore_errors=True)
     os._exit(128 + signum)
 
@@ -111,9 +114,11 @@ def _made_here(tempdir: str) -> bool:
     """Whether this process made ``tempdir`` (multiprocessing registers its removal where it is made)."""
     from multiprocessing import util
 
-    return any(getattr(finalizer, "_callback", None) is util._remove_temp_dir
-               and tempdir in (getattr(finalizer, "_args", None) or ())
-               for finalizer in list(util._finalizer_registry.values()))
+    return any(
+        getattr(finalizer, "_callback", None) is util._remove_temp_dir
+        and tempdir in (getattr(finalizer, "_args", None) or ())
+        for finalizer in list(util._finalizer_registry.values())
+    )
 
 
 def worker_init(worker_id: int) -> None:
@@ -162,6 +167,10 @@ def _in_forkserver() -> None:
 
 # The forkserver runs ``from multiprocessing.forkserver import main; main(...)`` with ``-c``
 # and imports its preload modules from there; nowhere else is this module imported that way.
-if multiprocessing.current_process().name == "MainProcess" and sys.argv[:1] == ["-c"] \
-        and "multiprocessing.forkserver" in sys.modules and os.environ.get(FORKSERVER_PID_ENV) is None:
+if (
+    multiprocessing.current_process().name == "MainProcess"
+    and sys.argv[:1] == ["-c"]
+    and "multiprocessing.forkserver" in sys.modules
+    and os.environ.get(FORKSERVER_PID_ENV) is None
+):
     _in_forkserver()

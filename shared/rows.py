@@ -67,14 +67,19 @@ class ChecksumCache:
         if len(missing):
             _require_files(self.store, name, missing * chunk)
             for a, b in row_runs(missing):
-                values[a * chunk:min(b * chunk, total)] = array[a * chunk:min(b * chunk, total)]
+                values[a * chunk : min(b * chunk, total)] = array[a * chunk : min(b * chunk, total)]
             loaded[missing] = True
         return values[rows]
 
 
-def read_rows(store: LatentStore, rows: np.ndarray, names: Sequence[str] = ("pixels", "latents"),
-              out: Sequence[np.ndarray] | None = None, check: bool = False,
-              checksums: ChecksumCache | None = None) -> tuple[np.ndarray, ...]:
+def read_rows(
+    store: LatentStore,
+    rows: np.ndarray,
+    names: Sequence[str] = ("pixels", "latents"),
+    out: Sequence[np.ndarray] | None = None,
+    check: bool = False,
+    checksums: ChecksumCache | None = None,
+) -> tuple[np.ndarray, ...]:
     """The ``rows`` of each array of ``names`` (``[len(rows), *row_shape]`` each), written into ``out``
     when given (one buffer per name, e.g. the loader's shared-memory batch: no further copy).
 
@@ -95,7 +100,7 @@ def read_rows(store: LatentStore, rows: np.ndarray, names: Sequence[str] = ("pix
             _require_files(store, name, rows)
             filled = 0
             for a, b in runs:
-                target[filled:filled + b - a] = array[a:b]
+                target[filled : filled + b - a] = array[a:b]
                 filled += b - a
         results.append(target)
     if check:
@@ -103,8 +108,9 @@ def read_rows(store: LatentStore, rows: np.ndarray, names: Sequence[str] = ("pix
     return tuple(results)
 
 
-def read_row_range(store: LatentStore, start: int, stop: int,
-                   names: Sequence[str] = ("pixels", "latents")) -> dict[str, np.ndarray]:
+def read_row_range(
+    store: LatentStore, start: int, stop: int, names: Sequence[str] = ("pixels", "latents")
+) -> dict[str, np.ndarray]:
     """Contiguous rows ``[start, stop)`` by array name."""
     return dict(zip(names, read_rows(store, np.arange(start, stop), names)))
 
@@ -118,8 +124,9 @@ def _require_files(store: LatentStore, name: str, rows: np.ndarray) -> None:
             raise ValueError(f"{name} shard {shard} file {path} is missing")
 
 
-def _check_checksums(store: LatentStore, rows: np.ndarray, data: dict[str, np.ndarray],
-                     checksums: ChecksumCache | None) -> None:
+def _check_checksums(
+    store: LatentStore, rows: np.ndarray, data: dict[str, np.ndarray], checksums: ChecksumCache | None
+) -> None:
     checked = [name for name in CHECKSUM_ARRAYS if name in data]
     sums = [CHECKSUM_ARRAYS[name] for name in checked]
     if checksums is not None:

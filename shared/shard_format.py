@@ -77,7 +77,8 @@ def read_layout(array_dir: Path) -> ShardLayout | None:
         codecs = config.get("codecs") or []
         ours = (
             codec.get("name") == "sharding_indexed"
-            and len(codecs) in (1, 2) and codecs[0] in (BYTES_LE, BYTES)
+            and len(codecs) in (1, 2)
+            and codecs[0] in (BYTES_LE, BYTES)
             and (len(codecs) == 1 or codecs[1].get("name") == "zstd")
             and config.get("index_codecs") == INDEX_CODECS
             and config.get("index_location", "end") == "end"
@@ -89,8 +90,10 @@ def read_layout(array_dir: Path) -> ShardLayout | None:
             return None
         zstd = None
         if len(codecs) == 2:
-            zstd = {"level": int(codecs[1]["configuration"]["level"]),
-                    "checksum": bool(codecs[1]["configuration"]["checksum"])}
+            zstd = {
+                "level": int(codecs[1]["configuration"]["level"]),
+                "checksum": bool(codecs[1]["configuration"]["checksum"]),
+            }
         return ShardLayout(shape, dtype, int(shard_shape[0]), fill_value, zstd)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
@@ -102,7 +105,7 @@ def encode_index(sizes: np.ndarray, shard_rows: int) -> bytes:
     sizes = np.asarray(sizes, dtype="<u8")
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype("<u8")
     index = np.full((shard_rows, 2), EMPTY, dtype="<u8")
-    index[:len(sizes)] = np.stack([offsets, sizes], axis=1)
+    index[: len(sizes)] = np.stack([offsets, sizes], axis=1)
     body = index.tobytes()
     return body + google_crc32c.value(body).to_bytes(CRC_BYTES, "little")
 

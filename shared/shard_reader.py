@@ -49,8 +49,10 @@ class RawRows:
             try:
                 fd = os.open(self.shard_path(int(shard)), os.O_RDONLY)
             except FileNotFoundError:  # the rows asked for are committed: their file is written, always
-                raise ValueError(f"rows {[int(rows[k]) for k in positions]}: shard {shard} file "
-                                 f"{self.shard_path(int(shard))} is missing") from None
+                raise ValueError(
+                    f"rows {[int(rows[k]) for k in positions]}: shard {shard} file "
+                    f"{self.shard_path(int(shard))} is missing"
+                ) from None
             try:
                 index = self._index(fd, int(shard))
                 for k in positions:
@@ -65,8 +67,9 @@ class RawRows:
                         self.zstd.decode(chunk, out=flat[k])  # raises on a damaged or wrong-sized frame
                         continue
                     if nbytes != self.row_bytes:
-                        raise ValueError(f"row {int(rows[k])}: chunk of {nbytes} bytes in shard {shard}, "
-                                         f"expected {self.row_bytes}")
+                        raise ValueError(
+                            f"row {int(rows[k])}: chunk of {nbytes} bytes in shard {shard}, expected {self.row_bytes}"
+                        )
                     if os.preadv(fd, [memoryview(flat[k])], int(offset)) != self.row_bytes:
                         raise ValueError(f"row {int(rows[k])}: shard {shard} file is truncated")
             finally:

@@ -27,8 +27,9 @@ from shared.shard_format import encode_index, read_layout
 class ShardFileWriter:
     """Writes whole shards of one array: ``write(path, rows)`` with ``rows`` ``[shard_rows, *row_shape]``."""
 
-    def __init__(self, row_shape: tuple[int, ...], dtype: np.dtype, shard_rows: int,
-                 encode: Callable[[np.ndarray], bytes] | None) -> None:
+    def __init__(
+        self, row_shape: tuple[int, ...], dtype: np.dtype, shard_rows: int, encode: Callable[[np.ndarray], bytes] | None
+    ) -> None:
         self.row_shape = row_shape
         self.shard_rows = shard_rows
         self.dtype = dtype
@@ -47,7 +48,7 @@ class ShardFileWriter:
                 for chunk in chunks:
                     view = memoryview(chunk)
                     while view.nbytes:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
 

@@ -83,7 +83,7 @@ def _sha256(path: Path) -> str:
 def _find_file(root: Path, stem: str) -> Path | None:
     for folder in LABEL_DIR_NAMES:
         for name in (f"{stem}.json", f"something-something-v2-{stem}.json"):
-            candidate = (root / folder / name)
+            candidate = root / folder / name
             if candidate.is_file():
                 return candidate
     return None
@@ -107,9 +107,7 @@ def _find_video_dir(root: Path) -> tuple[Path, dict[str, Path]]:
             index = _video_index(folder)
             if index:
                 return folder, index
-    raise SaltUsageError(
-        f"no .webm or .mp4 videos under {root} (looked in {', '.join(VIDEO_DIR_NAMES)})"
-    )
+    raise SaltUsageError(f"no .webm or .mp4 videos under {root} (looked in {', '.join(VIDEO_DIR_NAMES)})")
 
 
 def _read_json_list(path: Path) -> list:
@@ -144,9 +142,7 @@ def discover(root: str | Path, split: str = "train", limit: int | None = None) -
         raise SaltUsageError(f"--src {root} is a file; it must be the SSv2 folder")
     split_file = _find_file(root, split)
     if split_file is None:
-        raise SaltUsageError(
-            f"no {split}.json under {root} (looked in {', '.join(LABEL_DIR_NAMES)})"
-        )
+        raise SaltUsageError(f"no {split}.json under {root} (looked in {', '.join(LABEL_DIR_NAMES)})")
     labels_file = _find_file(root, "labels")
     label_map = _read_label_map(labels_file) if labels_file else {}
     video_dir, videos = _find_video_dir(root)

@@ -151,8 +151,9 @@ class LatentStore:
         # Recorded only for several views per clip (create_store): a one-view store has no view arrays either.
         self.views_per_clip = int(self.attrs.get("views_per_clip", 1))
         self.pixels_only = self.attrs.get("pixels_only") is True  # views without teacher latents
-        self.data_arrays = tuple(name for name in DATA_ARRAYS if not (self.pixels_only and name in LATENT_ARRAYS)) \
-            + (VIEW_DATA_ARRAYS if self.views_per_clip > 1 else ())
+        self.data_arrays = tuple(name for name in DATA_ARRAYS if not (self.pixels_only and name in LATENT_ARRAYS)) + (
+            VIEW_DATA_ARRAYS if self.views_per_clip > 1 else ()
+        )
 
     # ---- opening -----------------------------------------------------------------
     @classmethod
@@ -170,8 +171,9 @@ class LatentStore:
             raise SaltUsageError(f"store {path} is not a Zarr v3 group ({type(exc).__name__}: {exc})") from None
         attrs = group.attrs.get(ATTRS_KEY)
         if not isinstance(attrs, dict) or attrs.get("format") != STORE_FORMAT:
-            raise SaltUsageError(f"store {path} is a Zarr group but not a SALT latent cache "
-                                 f"(no '{ATTRS_KEY}' attributes)")
+            raise SaltUsageError(
+                f"store {path} is a Zarr group but not a SALT latent cache (no '{ATTRS_KEY}' attributes)"
+            )
         if attrs.get("schema_version") != SCHEMA_VERSION:
             raise SaltUsageError(
                 f"store {path} has schema version {attrs.get('schema_version')}, this SALT reads {SCHEMA_VERSION}"
@@ -182,9 +184,11 @@ class LatentStore:
         checksums = attrs.get("checksums")
         algorithm = checksums.get("algorithm") if isinstance(checksums, dict) else None
         if algorithm != CHECKSUM_ALGORITHM:  # blake2b before crc32c, and not recorded before that
-            raise SaltUsageError(f"store {path} has row checksums of {algorithm or 'an unrecorded algorithm'}, "
-                                 f"this SALT checks {CHECKSUM_ALGORITHM}: an older SALT built it; rebuild it "
-                                 "(salt-cache build --out NEW_STORE)")
+            raise SaltUsageError(
+                f"store {path} has row checksums of {algorithm or 'an unrecorded algorithm'}, "
+                f"this SALT checks {CHECKSUM_ALGORITHM}: an older SALT built it; rebuild it "
+                "(salt-cache build --out NEW_STORE)"
+            )
         arrays: dict[str, zarr.Array] = {}
         missing = []
         # A writer stores every chunk, even one equal to the fill value: then a committed row always has
@@ -199,8 +203,9 @@ class LatentStore:
                 except KeyError:
                     missing.append(name)
                 except Exception as exc:  # garbage in the array's zarr.json
-                    raise SaltUsageError(f"store {path}: metadata of array {name} unreadable "
-                                         f"({type(exc).__name__})") from None
+                    raise SaltUsageError(
+                        f"store {path}: metadata of array {name} unreadable ({type(exc).__name__})"
+                    ) from None
         if missing:
             raise SaltUsageError(f"store {path} lacks arrays: {', '.join(missing)}")
         return cls(path, group, arrays)
@@ -222,9 +227,11 @@ class LatentStore:
     def require_latents(self, what: str) -> None:
         """Refuse, in one line, a pixels-only store where teacher latents are needed."""
         if self.pixels_only:
-            raise SaltUsageError(f"store {self.path} holds pixels only (no teacher latents), so {what}; build its "
-                                 f"latents first: salt-cache build --from-store {self.path} --teacher FOLDER "
-                                 "--out STORE")
+            raise SaltUsageError(
+                f"store {self.path} holds pixels only (no teacher latents), so {what}; build its "
+                f"latents first: salt-cache build --from-store {self.path} --teacher FOLDER "
+                "--out STORE"
+            )
 
     @property
     def teacher_width(self) -> int:
@@ -246,25 +253,33 @@ class LatentStore:
         recorded_geometry = self.attrs.get("geometry")
         if recorded_geometry is not None and recorded_geometry != geometry.as_dict():
             problems.append(f"recorded geometry {recorded_geometry} is not this SALT's {geometry.as_dict()}")
-        expected = {"pixels": pixels_shape(rows), "crop_box": (rows, len(CROP_BOX_FIELDS)),
-                    **({} if self.pixels_only else {"latents": latents_shape(rows, width)})}
+        expected = {
+            "pixels": pixels_shape(rows),
+            "crop_box": (rows, len(CROP_BOX_FIELDS)),
+            **({} if self.pixels_only else {"latents": latents_shape(rows, width)}),
+        }
         if rows % self.views_per_clip:
             problems.append(f"{rows} rows are not a whole number of clips of {self.views_per_clip} views")
         for name, array in self.arrays.items():
             shape = tuple(array.shape)
             if name in expected and shape != expected[name]:
-                problems.append(f"array {name} has shape {shape}, the recorded layout says {expected[name]}"
-                                + (f" (teacher width {width})" if name == "latents" else ""))
+                problems.append(
+                    f"array {name} has shape {shape}, the recorded layout says {expected[name]}"
+                    + (f" (teacher width {width})" if name == "latents" else "")
+                )
             elif shape[:1] != (rows,):
                 problems.append(f"array {name} has {shape[0] if shape else 0} rows, status has {rows}")
             if array.metadata.chunk_key_encoding.to_dict() != CHUNK_KEY_ENCODING:  # as shard_file() names files
-                problems.append(f"array {name} has chunk keys {array.metadata.chunk_key_encoding.to_dict()}, "
-                                f"not {CHUNK_KEY_ENCODING}")
+                problems.append(
+                    f"array {name} has chunk keys {array.metadata.chunk_key_encoding.to_dict()}, "
+                    f"not {CHUNK_KEY_ENCODING}"
+                )
         for name in self.data_arrays + ("status",):
             grid = rows_per_file(self.arrays[name])
             if grid != self.shard_rows:
-                problems.append(f"array {name} is cut into {grid}-row shards, "
-                                f"the recorded shard_rows is {self.shard_rows}")
+                problems.append(
+                    f"array {name} is cut into {grid}-row shards, the recorded shard_rows is {self.shard_rows}"
+                )
         return problems
 
     def check_layout(self) -> None:
@@ -303,7 +318,7 @@ class LatentStore:
                 if lo >= hi:
                     continue
                 try:
-                    status[lo - start:hi - start] = self.arrays["status"][lo:hi]
+                    status[lo - start : hi - start] = self.arrays["status"][lo:hi]
                 except Exception as exc:
                     log.warning("status of rows [%d, %d) unreadable: %s: %s", lo, hi, type(exc).__name__, exc)
             return status
@@ -366,8 +381,9 @@ class LatentStore:
             "crop_box": payload.crop_box,
         }
         if (values["crop_box"] is None) != (self.views_per_clip == 1):
-            raise ValueError(f"a store of {self.views_per_clip} views per clip needs crop boxes exactly "
-                             "when it has several views")
+            raise ValueError(
+                f"a store of {self.views_per_clip} views per clip needs crop boxes exactly when it has several views"
+            )
         if not np.any(np.isin(self.status(start, stop), (RowStatus.COMMITTED, RowStatus.FAILED))):
             # Nothing here was ever committed: drop what a crashed writer left (Zarr merges a shard
             # write into the file already there, and a torn file would fail every resume).
@@ -440,54 +456,92 @@ def create_store(
         group = zarr.open_group(zarr.storage.LocalStore(staging), mode="w-", zarr_format=3)
         pixel_compressors = [zarr.codecs.ZstdCodec(level=pixels_zstd_level)] if pixels_zstd_level > 0 else None
         group.create_array(
-            "pixels", shape=pixels_shape(rows), dtype="uint8",
-            chunks=pixels_shape(1), shards=pixels_shape(shard_rows),
-            compressors=pixel_compressors, fill_value=0,
+            "pixels",
+            shape=pixels_shape(rows),
+            dtype="uint8",
+            chunks=pixels_shape(1),
+            shards=pixels_shape(shard_rows),
+            compressors=pixel_compressors,
+            fill_value=0,
             dimension_names=("row", "frame", "height", "width", "channel"),
         )
         small = {"chunks": (shard_rows,), "compressors": None}
         if teacher_width is not None:
             # fp16 latents compress ~1.06x (docs/DESIGN.md): stored raw, no codec CPU cost.
             group.create_array(
-                "latents", shape=latents_shape(rows, teacher_width), dtype="float16",
-                chunks=latents_shape(1, teacher_width), shards=latents_shape(shard_rows, teacher_width),
-                compressors=None, fill_value=0.0, dimension_names=("row", "token", "channel"),
+                "latents",
+                shape=latents_shape(rows, teacher_width),
+                dtype="float16",
+                chunks=latents_shape(1, teacher_width),
+                shards=latents_shape(shard_rows, teacher_width),
+                compressors=None,
+                fill_value=0.0,
+                dimension_names=("row", "token", "channel"),
             )
             group.create_array("latents_checksum", shape=(rows,), dtype="uint64", fill_value=0, **small)
-        group.create_array("frame_index", shape=(rows, geometry.NUM_FRAMES), dtype="int32",
-                           chunks=(shard_rows, geometry.NUM_FRAMES), fill_value=-1, compressors=None)
+        group.create_array(
+            "frame_index",
+            shape=(rows, geometry.NUM_FRAMES),
+            dtype="int32",
+            chunks=(shard_rows, geometry.NUM_FRAMES),
+            fill_value=-1,
+            compressors=None,
+        )
         group.create_array("status", shape=(rows,), dtype="uint8", fill_value=int(RowStatus.PENDING), **small)
         group.create_array("pixels_checksum", shape=(rows,), dtype="uint64", fill_value=0, **small)
         group.create_array("error", shape=(rows,), dtype=str, fill_value="", chunks=(shard_rows,))
         group.create_array("clip_id", shape=(rows,), dtype=str, fill_value="", chunks=(max(shard_rows, 4096),))
-        group.create_array("label", shape=(rows,), dtype="int32", fill_value=-1,
-                           chunks=(max(shard_rows, 4096),), compressors=None)
+        group.create_array(
+            "label", shape=(rows,), dtype="int32", fill_value=-1, chunks=(max(shard_rows, 4096),), compressors=None
+        )
         group["clip_id"][:] = np.array(clip_ids, dtype=str)
         group["label"][:] = np.asarray(labels, dtype=np.int32)
         view_attrs: dict[str, Any] = {}
         if views_per_clip > 1:
-            group.create_array("view_index", shape=(rows,), dtype="int32", fill_value=-1,
-                               chunks=(max(shard_rows, 4096),), compressors=None)
+            group.create_array(
+                "view_index",
+                shape=(rows,),
+                dtype="int32",
+                fill_value=-1,
+                chunks=(max(shard_rows, 4096),),
+                compressors=None,
+            )
             group["view_index"][:] = np.arange(rows, dtype=np.int32) % views_per_clip
-            group.create_array("crop_box", shape=(rows, len(CROP_BOX_FIELDS)), dtype="int32", fill_value=-1,
-                               chunks=(shard_rows, len(CROP_BOX_FIELDS)), compressors=None,
-                               dimension_names=("row", "field"))
+            group.create_array(
+                "crop_box",
+                shape=(rows, len(CROP_BOX_FIELDS)),
+                dtype="int32",
+                fill_value=-1,
+                chunks=(shard_rows, len(CROP_BOX_FIELDS)),
+                compressors=None,
+                dimension_names=("row", "field"),
+            )
             view_attrs = {"views_per_clip": views_per_clip, "crop_box_fields": list(CROP_BOX_FIELDS)}
-        group.attrs.update({ATTRS_KEY: {
-            "format": STORE_FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "shard_rows": shard_rows,
-            "geometry": geometry.as_dict(),
-            "latent_dtype": "float16",
-            "checksums": {
-                "algorithm": CHECKSUM_ALGORITHM,
-                "arrays": {name: sums for name, sums in CHECKSUM_ARRAYS.items()
-                           if teacher_width is not None or name not in LATENT_ARRAYS},
-            },
-            **({"pixels_only": True} if teacher_width is None else {}),
-            "row_status": {s.name.lower(): int(s) for s in RowStatus},
-            "source_rows": {"clip_id_sha256": clip_ids_sha256(list(clip_ids)), "label_sha256": labels_sha256(labels)},
-            **view_attrs,
-            **attrs,
-        }})
+        group.attrs.update(
+            {
+                ATTRS_KEY: {
+                    "format": STORE_FORMAT,
+                    "schema_version": SCHEMA_VERSION,
+                    "shard_rows": shard_rows,
+                    "geometry": geometry.as_dict(),
+                    "latent_dtype": "float16",
+                    "checksums": {
+                        "algorithm": CHECKSUM_ALGORITHM,
+                        "arrays": {
+                            name: sums
+                            for name, sums in CHECKSUM_ARRAYS.items()
+                            if teacher_width is not None or name not in LATENT_ARRAYS
+                        },
+                    },
+                    **({"pixels_only": True} if teacher_width is None else {}),
+                    "row_status": {s.name.lower(): int(s) for s in RowStatus},
+                    "source_rows": {
+                        "clip_id_sha256": clip_ids_sha256(list(clip_ids)),
+                        "label_sha256": labels_sha256(labels),
+                    },
+                    **view_attrs,
+                    **attrs,
+                }
+            }
+        )
     return LatentStore.open(path, writable=True)

@@ -32,9 +32,15 @@ CUDA_DEFAULT_DTYPE = "float16"
 def tiny_teacher_config() -> VideoMAEConfig:
     """A VideoMAE with the contract's geometry (1568 tokens) but a 64-wide, 2-layer body."""
     return VideoMAEConfig(
-        image_size=geometry.IMAGE_SIZE, patch_size=geometry.PATCH_SIZE, num_channels=3,
-        num_frames=geometry.NUM_FRAMES, tubelet_size=geometry.TUBELET_SIZE,
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        image_size=geometry.IMAGE_SIZE,
+        patch_size=geometry.PATCH_SIZE,
+        num_channels=3,
+        num_frames=geometry.NUM_FRAMES,
+        tubelet_size=geometry.TUBELET_SIZE,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
         use_mean_pooling=True,  # like the released checkpoints: no final layernorm on last_hidden_state
     )
 
@@ -42,8 +48,14 @@ def tiny_teacher_config() -> VideoMAEConfig:
 def huge_teacher_config() -> VideoMAEConfig:
     """VideoMAE v1-Huge's shape (1280 wide, 32 layers): random weights, for benchmarks only."""
     config = tiny_teacher_config()
-    config.update({"hidden_size": geometry.TEACHER_WIDTH_HUGE, "num_hidden_layers": 32, "num_attention_heads": 16,
-                   "intermediate_size": 5120})
+    config.update(
+        {
+            "hidden_size": geometry.TEACHER_WIDTH_HUGE,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 16,
+            "intermediate_size": 5120,
+        }
+    )
     return config
 
 
@@ -83,13 +95,19 @@ def refuse_nonfinite_weights(tensors: Iterable[tuple[str, torch.Tensor]], what: 
     """A teacher with a NaN or inf weight turns every clip into NaN latents: refuse it before any work."""
     bad = first_nonfinite(tensors)
     if bad is not None:
-        raise SaltUsageError(f"{what} has a non-finite weight ({bad} holds NaN or inf): every latent it gives would "
-                             "be NaN; refusing it (a damaged download or a diverged training run?)")
+        raise SaltUsageError(
+            f"{what} has a non-finite weight ({bad} holds NaN or inf): every latent it gives would "
+            "be NaN; refusing it (a damaged download or a diverged training run?)"
+        )
 
 
 def _check_geometry(config: VideoMAEConfig, name: str) -> None:
-    expected = {"image_size": geometry.IMAGE_SIZE, "patch_size": geometry.PATCH_SIZE,
-                "num_frames": geometry.NUM_FRAMES, "tubelet_size": geometry.TUBELET_SIZE}
+    expected = {
+        "image_size": geometry.IMAGE_SIZE,
+        "patch_size": geometry.PATCH_SIZE,
+        "num_frames": geometry.NUM_FRAMES,
+        "tubelet_size": geometry.TUBELET_SIZE,
+    }
     wrong = {k: getattr(config, k, None) for k, v in expected.items() if getattr(config, k, None) != v}
     if wrong:
         raise SaltUsageError(f"teacher {name} has geometry {wrong}; SALT needs {expected}")
@@ -139,39 +157,55 @@ def quiet_transformers() -> Iterator[None]:
 def _load_pretrained(name: str, local: Path) -> VideoMAEModel:
     try:
         if local.is_dir() and not (local / "config.json").is_file():
-            raise SaltUsageError(f"teacher folder {name} has no config.json: not a save_pretrained video ViT "
-                                 "(salt-train teacher's RUN/export is one)")
+            raise SaltUsageError(
+                f"teacher folder {name} has no config.json: not a save_pretrained video ViT "
+                "(salt-train teacher's RUN/export is one)"
+            )
         config = PretrainedConfig.get_config_dict(str(local) if local.is_dir() else name)[0]
         if config.get("format") == "salt-video-vit":  # salt_train/export.py's
-            raise SaltUsageError(f"teacher {name} is a SALT student export (salt-train run's export/), not a "
-                                 "teacher: pass a salt-train teacher run's export/ or a VideoMAE folder")
+            raise SaltUsageError(
+                f"teacher {name} is a SALT student export (salt-train run's export/), not a "
+                "teacher: pass a salt-train teacher run's export/ or a VideoMAE folder"
+            )
         if config.get("model_type") != "videomae":
-            raise SaltUsageError(f"teacher {name} is a {config.get('model_type')!r} model, not a video ViT teacher "
-                                 "(VideoMAE, e.g. salt-train teacher's RUN/export)")
+            raise SaltUsageError(
+                f"teacher {name} is a {config.get('model_type')!r} model, not a video ViT teacher "
+                "(VideoMAE, e.g. salt-train teacher's RUN/export)"
+            )
         # A pretraining checkpoint keeps its encoder's final norm (as ``videomae.layernorm``, which
         # VideoMAEModel loads as ``layernorm``): build the model with it, so that it must load.
         overrides = {"use_mean_pooling": False} if is_pretrain_style(config) else {}
-        model, info = VideoMAEModel.from_pretrained(str(local) if local.is_dir() else name, output_loading_info=True,
-                                                    attn_implementation="sdpa", dtype=torch.float32, **overrides)
+        model, info = VideoMAEModel.from_pretrained(
+            str(local) if local.is_dir() else name,
+            output_loading_info=True,
+            attn_implementation="sdpa",
+            dtype=torch.float32,
+            **overrides,
+        )
     except SaltUsageError:
         raise
     except Exception as exc:  # transformers raises many types for a bad or absent checkpoint
         first = first_line(exc)
         if "connect" in first.lower():
-            first += (" Offline: download it once where there is a network (huggingface-cli download "
-                      f"{name} --local-dir DIR) and pass --teacher DIR; HF_HUB_OFFLINE=1 skips the retries")
+            first += (
+                " Offline: download it once where there is a network (huggingface-cli download "
+                f"{name} --local-dir DIR) and pass --teacher DIR; HF_HUB_OFFLINE=1 skips the retries"
+            )
         raise SaltUsageError(f"cannot load teacher {name}: {first}") from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
-        raise SaltUsageError(f"teacher {name} lacks {len(missing)} VideoMAE weights (first: {missing[0]}); "
-                             "they would be random")
+        raise SaltUsageError(
+            f"teacher {name} lacks {len(missing)} VideoMAE weights (first: {missing[0]}); they would be random"
+        )
     # A classifier's head and fc_norm, or a decoder, are left out on purpose; the encoder's norm is not.
     unexpected = sorted(info.get("unexpected_keys", ()))
     dropped_norm = [k for k in unexpected if k.removeprefix("videomae.").startswith("layernorm.")]
     if dropped_norm:
-        raise SaltUsageError(f"teacher {name} has a final norm ({dropped_norm[0]}) but its config says "
-                             "use_mean_pooling: true, so it would be dropped; "
-                             "set use_mean_pooling: false in its config.json")
+        raise SaltUsageError(
+            f"teacher {name} has a final norm ({dropped_norm[0]}) but its config says "
+            "use_mean_pooling: true, so it would be dropped; "
+            "set use_mean_pooling: false in its config.json"
+        )
     return model
 
 
@@ -258,8 +292,10 @@ class Teacher:
         if dtype != torch.float32 and self.device.type == "cuda" and not reference:
             self._convert_weights(dtype)
         forward = self.model if reference else self.forward
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32), \
-                attention_kernel(self.attention):
+        with (
+            torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32),
+            attention_kernel(self.attention),
+        ):
             latents = forward(pixel_values=pixels).last_hidden_state
         if latents.shape[1] != geometry.NUM_TOKENS:
             raise SaltUsageError(f"teacher {self.name} gave {latents.shape[1]} tokens, not {geometry.NUM_TOKENS}")
@@ -282,8 +318,12 @@ def resolve_teacher_compile(mode: str, device: torch.device) -> str:
 
 
 # The kernels behind teacher.attention's names (torch.nn.attention.SDPBackend members).
-SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                 "math": "MATH"}
+SDPA_BACKENDS = {
+    "cudnn": "CUDNN_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
 
 
 def attention_kernel(choice: str) -> contextlib.AbstractContextManager[None]:
@@ -296,8 +336,9 @@ def attention_kernel(choice: str) -> contextlib.AbstractContextManager[None]:
     return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[choice]))
 
 
-def load_teacher(name: str, device: str = "auto", dtype: str = "auto", compile_mode: str = "auto",
-                 attention: str = "auto") -> Teacher:
+def load_teacher(
+    name: str, device: str = "auto", dtype: str = "auto", compile_mode: str = "auto", attention: str = "auto"
+) -> Teacher:
     """Load, freeze and fingerprint the teacher, ready for ``encode``."""
     torch_device = resolve_device(device)
     if attention not in ("auto", "math") and torch_device.type != "cuda":
@@ -309,5 +350,12 @@ def load_teacher(name: str, device: str = "auto", dtype: str = "auto", compile_m
     model.requires_grad_(False).eval()
     fingerprint = weights_hash(model)
     model.to(torch_device)
-    return Teacher(model, name, torch_device, resolve_dtype(dtype, torch_device), fingerprint,
-                   resolve_teacher_compile(compile_mode, torch_device), attention)
+    return Teacher(
+        model,
+        name,
+        torch_device,
+        resolve_dtype(dtype, torch_device),
+        fingerprint,
+        resolve_teacher_compile(compile_mode, torch_device),
+        attention,
+    )

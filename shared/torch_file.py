@@ -35,8 +35,10 @@ def load_weights_only(path: Path, what: str = "the .pth file") -> Any:
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says it all
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        raise SaltUsageError(f"{path} {refused_pickle(exc)}; refusing: nothing in it ran, and only tensors and plain "
-                             "containers are read (a torch.save state dict)") from None
+        raise SaltUsageError(
+            f"{path} {refused_pickle(exc)}; refusing: nothing in it ran, and only tensors and plain "
+            "containers are read (a torch.save state dict)"
+        ) from None
     except Exception as exc:  # torch raises many types for a file that is no checkpoint at all
         raise SaltUsageError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
 
@@ -50,8 +52,10 @@ def refused_pickle(exc: pickle.UnpicklingError) -> str:
         return f"needs pickle code to load (it calls {refused.group(1)})"
     operand = re.search(r"Unsupported operand (\d+)", text)
     if operand:
-        return (f"is not a PyTorch checkpoint readable without pickle code (pickle opcode {operand.group(1)} is "
-                "outside torch.save's weights-only format: a plain pickle file, or no checkpoint at all)")
+        return (
+            f"is not a PyTorch checkpoint readable without pickle code (pickle opcode {operand.group(1)} is "
+            "outside torch.save's weights-only format: a plain pickle file, or no checkpoint at all)"
+        )
     detail = first_line(exc) if "weights_only" not in text else "not torch.save's weights-only format"
     return f"is not a PyTorch checkpoint ({detail})"
 

@@ -53,8 +53,9 @@ def decode_frames(path: Path, threads: int = 1) -> list[av.VideoFrame]:
     return frames
 
 
-def _check_not_truncated(container: av.container.InputContainer, stream: av.VideoStream,
-                         frames: list[av.VideoFrame]) -> None:
+def _check_not_truncated(
+    container: av.container.InputContainer, stream: av.VideoStream, frames: list[av.VideoFrame]
+) -> None:
     """Compare what was decoded with the duration the container declares."""
     declared = None
     if stream.duration is not None and stream.time_base is not None:
@@ -72,9 +73,9 @@ def _check_not_truncated(container: av.container.InputContainer, stream: av.Vide
         )
 
 
-
-def random_resized_crop(height: int, width: int, rng: np.random.Generator, scale: tuple[float, float],
-                        ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+def random_resized_crop(
+    height: int, width: int, rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
     """(top, left, box height, box width) inside a ``height`` x ``width`` frame, torchvision's
     ``RandomResizedCrop.get_params`` rule: ``scale`` of the area, aspect ratio w/h in ``ratio`` drawn
     log-uniformly, 10 tries, then the largest centred box within the ratio range."""

@@ -44,7 +44,10 @@ def run_cli(*args: str | Path, timeout: float = 300, module: str = "salt_cache")
     """``python -m salt_cache ARGS`` (or another module) as a real process (exit codes, stderr, kill -9)."""
     proc = subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
@@ -83,8 +86,11 @@ def write_pipeline(path: Path, **overrides: Any) -> Path:
     overrides = {"eval__few_frames": [], "eval__latency_repeats": 2, **overrides}
     for key, value in overrides.items():
         section, leaf = key.split("__")
-        sections = [name for name, model in STAGE_LOADERS.items() if leaf in model.model_fields] \
-            if section == "loader" else [section]
+        sections = (
+            [name for name, model in STAGE_LOADERS.items() if leaf in model.model_fields]
+            if section == "loader"
+            else [section]
+        )
         for name in sections:
             recipe[name][leaf] = value
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -93,8 +99,13 @@ def write_pipeline(path: Path, **overrides: Any) -> Path:
 
 def fast_pipeline(path: Path, **overrides: Any) -> Path:
     """The tests' default recipe: no loader workers, 3-row shards, teacher batches of 2."""
-    settings = {"build_loader__num_workers": 0, "train_loader__num_workers": 0, "store__shard_rows": 3,
-                "teacher__batch_size": 2, **overrides}
+    settings = {
+        "build_loader__num_workers": 0,
+        "train_loader__num_workers": 0,
+        "store__shard_rows": 3,
+        "teacher__batch_size": 2,
+        **overrides,
+    }
     return write_pipeline(path, **settings)
 
 
@@ -151,8 +162,7 @@ MIXED_CLIPS = [
 FAILING_KINDS = ("truncated", "zero-byte", "missing")
 
 
-def render_motion_clip(template: str, num_frames: int, height: int, width: int,
-                       rng: np.random.Generator) -> np.ndarray:
+def render_motion_clip(template: str, num_frames: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """A random shape performing ``template``'s motion; uint8 RGB [T, H, W, 3]."""
     return render_motion(template, num_frames, height, width, rng, sample_object(rng))
 
@@ -173,13 +183,20 @@ def write_mixed_set(root: Path) -> SsV2Set:
                 data = path.read_bytes()
                 path.write_bytes(data[: len(data) // 2])
         placeholder = "something"
-        rows.append({"id": clip.clip_id, "label": clip.template.replace("[something]", placeholder).lower(),
-                     "template": clip.template, "placeholders": [placeholder]})
+        rows.append(
+            {
+                "id": clip.clip_id,
+                "label": clip.template.replace("[something]", placeholder).lower(),
+                "template": clip.template,
+                "placeholders": [placeholder],
+            }
+        )
     labels = root / "labels"
     labels.mkdir()
     (labels / "train.json").write_text(json.dumps(rows))
-    (labels / "labels.json").write_text(json.dumps(
-        {t.replace("[", "").replace("]", ""): str(i) for t, i in LABEL_INDEX.items()}))
+    (labels / "labels.json").write_text(
+        json.dumps({t.replace("[", "").replace("]", ""): str(i) for t, i in LABEL_INDEX.items()})
+    )
     return SsV2Set(root, list(MIXED_CLIPS))
 
 
@@ -228,11 +245,13 @@ def mixed_set(tmp_path_factory: pytest.TempPathFactory) -> SsV2Set:
 def reference_build(mixed_set: SsV2Set, teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Build:
     """The mixed set built once, uninterrupted, through two forkserver DataLoader workers."""
     work = tmp_path_factory.mktemp("reference")
-    pipeline = fast_pipeline(work / "pipeline.yaml", build_loader__num_workers=2,
-                             build_loader__multiprocessing_context="forkserver")
+    pipeline = fast_pipeline(
+        work / "pipeline.yaml", build_loader__num_workers=2, build_loader__multiprocessing_context="forkserver"
+    )
     store = work / "latents.zarr"
-    result = call_cli("build", "--src", mixed_set.root, "--out", store, "--teacher", teacher_dir,
-                      "--pipeline", pipeline)
+    result = call_cli(
+        "build", "--src", mixed_set.root, "--out", store, "--teacher", teacher_dir, "--pipeline", pipeline
+    )
     return Build(store, result, str(teacher_dir), pipeline, mixed_set.root)
 
 
@@ -247,16 +266,18 @@ def demo_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two-row shards, one clip per teacher batch: many commits, so a kill lands mid-build."""
-    return fast_pipeline(tmp_path_factory.mktemp("demo-pipeline") / "pipeline.yaml",
-                         store__shard_rows=2, teacher__batch_size=1)
+    return fast_pipeline(
+        tmp_path_factory.mktemp("demo-pipeline") / "pipeline.yaml", store__shard_rows=2, teacher__batch_size=1
+    )
 
 
 @pytest.fixture(scope="session")
 def demo_reference(demo_set: Path, demo_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Build:
     """The demo set built uninterrupted by the builtin tiny teacher, in this process."""
     store = tmp_path_factory.mktemp("demo-reference") / "latents.zarr"
-    result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae",
-                      "--pipeline", demo_pipeline)
+    result = call_cli(
+        "build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae", "--pipeline", demo_pipeline
+    )
     return Build(store, result, "builtin:tiny-videomae", demo_pipeline, demo_set)
 
 
@@ -266,8 +287,18 @@ def demo_val_reference(demo_set: Path, demo_pipeline: Path, tmp_path_factory: py
     demo_reference and demo_views_reference train stores."""
     store = tmp_path_factory.mktemp("demo-val-reference") / "latents.zarr"
     args = ["--split", "validation"]
-    result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae",
-                      "--pipeline", demo_pipeline, *args)
+    result = call_cli(
+        "build",
+        "--src",
+        demo_set,
+        "--out",
+        store,
+        "--teacher",
+        "builtin:tiny-videomae",
+        "--pipeline",
+        demo_pipeline,
+        *args,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return Build(store, result, "builtin:tiny-videomae", demo_pipeline, demo_set, {"args": args})
 
@@ -275,8 +306,12 @@ def demo_val_reference(demo_set: Path, demo_pipeline: Path, tmp_path_factory: py
 @pytest.fixture(scope="session")
 def demo_views_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The kill test's recipe with two views per clip."""
-    return fast_pipeline(tmp_path_factory.mktemp("demo-views-pipeline") / "pipeline.yaml",
-                         store__shard_rows=2, teacher__batch_size=1, view__views_per_clip=2)
+    return fast_pipeline(
+        tmp_path_factory.mktemp("demo-views-pipeline") / "pipeline.yaml",
+        store__shard_rows=2,
+        teacher__batch_size=1,
+        view__views_per_clip=2,
+    )
 
 
 VIEWS_LIMIT = 10  # clips of the demo set in the two-view store: 20 rows, 10 shards
@@ -287,8 +322,18 @@ def demo_views_reference(demo_set: Path, demo_views_pipeline: Path, tmp_path_fac
     """The first 10 clips of the demo set, two views each, built uninterrupted in this process."""
     store = tmp_path_factory.mktemp("demo-views-reference") / "latents.zarr"
     args = ["--limit", str(VIEWS_LIMIT)]
-    result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae",
-                      "--pipeline", demo_views_pipeline, *args)
+    result = call_cli(
+        "build",
+        "--src",
+        demo_set,
+        "--out",
+        store,
+        "--teacher",
+        "builtin:tiny-videomae",
+        "--pipeline",
+        demo_views_pipeline,
+        *args,
+    )
     return Build(store, result, "builtin:tiny-videomae", demo_views_pipeline, demo_set, {"args": args})
 
 
@@ -299,11 +344,22 @@ TINY_STUDENT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 def train_pipeline(path: Path, **overrides: Any) -> Path:
     """The tests' training recipe: tiny student and predictor, batch 2, no workers, frequent logs."""
     settings = {
-        "build_loader__num_workers": 0, "train_loader__num_workers": 0,
-        "model__student_kwargs": TINY_STUDENT, "model__predictor_width": 32,
-        "model__predictor_depth": 1, "model__predictor_heads": 2, "train__batch_size": 2, "train__lr": 3e-3,
-        "train__min_lr": 3e-4, "train__warmup_steps": 4, "train__max_steps": 24, "train__epochs": 100,
-        "train__checkpoint_every": 8, "train__log_every": 4, "stream__shuffle_buffer": 4, **overrides,
+        "build_loader__num_workers": 0,
+        "train_loader__num_workers": 0,
+        "model__student_kwargs": TINY_STUDENT,
+        "model__predictor_width": 32,
+        "model__predictor_depth": 1,
+        "model__predictor_heads": 2,
+        "train__batch_size": 2,
+        "train__lr": 3e-3,
+        "train__min_lr": 3e-4,
+        "train__warmup_steps": 4,
+        "train__max_steps": 24,
+        "train__epochs": 100,
+        "train__checkpoint_every": 8,
+        "train__log_every": 4,
+        "stream__shuffle_buffer": 4,
+        **overrides,
     }
     return write_pipeline(path, **settings)
 

@@ -22,9 +22,14 @@ DECODER_WIDTH = {"base": 384, "large": 512, "huge": 640}
 
 def random_original_state(size: str, seed: int = 0) -> dict[str, torch.Tensor]:
     width, depth = SIZES[size]
-    shapes = {"patch_embed.proj.weight": (width, 3, 2, 16, 16), "attn.qkv.weight": (3 * width, width),
-              "attn.proj.weight": (width, width), "mlp.fc1.weight": (4 * width, width),
-              "mlp.fc1.bias": (4 * width,), "mlp.fc2.weight": (width, 4 * width)}
+    shapes = {
+        "patch_embed.proj.weight": (width, 3, 2, 16, 16),
+        "attn.qkv.weight": (3 * width, width),
+        "attn.proj.weight": (width, width),
+        "mlp.fc1.weight": (4 * width, width),
+        "mlp.fc1.bias": (4 * width,),
+        "mlp.fc2.weight": (width, 4 * width),
+    }
     generator = torch.Generator().manual_seed(seed)
 
     def tensor(key: str) -> torch.Tensor:
@@ -34,10 +39,14 @@ def random_original_state(size: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
     state = {key: tensor(key) for key in original_encoder_keys(depth, qkv_bias=True)}
     dec = DECODER_WIDTH[size]
-    state |= {f"decoder.blocks.{i}.attn.qkv.weight": torch.randn(3 * dec, dec, generator=generator) * 0.02
-              for i in range(4)}
-    state |= {"decoder.head.weight": torch.zeros(1536, dec), "encoder_to_decoder.weight": torch.zeros(dec, width),
-              "mask_token": torch.zeros(1, 1, dec)}
+    state |= {
+        f"decoder.blocks.{i}.attn.qkv.weight": torch.randn(3 * dec, dec, generator=generator) * 0.02 for i in range(4)
+    }
+    state |= {
+        "decoder.head.weight": torch.zeros(1536, dec),
+        "encoder_to_decoder.weight": torch.zeros(dec, width),
+        "mask_token": torch.zeros(1, 1, dec),
+    }
     return state
 
 
@@ -49,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     state = random_original_state(args.size)
     start = time.perf_counter()
     # As the original training script saves it: weights under "model", beside the epoch and its args.
-    torch.save({"model": state, "epoch": 1599, "args": argparse.Namespace(model=f"pretrain_videomae_{args.size}")},
-               args.out)
-    print(f"{args.out}: {sum(v.numel() for v in state.values()) / 1e6:.0f} M values, "
-          f"written in {time.perf_counter() - start:.1f} s")
+    torch.save(
+        {"model": state, "epoch": 1599, "args": argparse.Namespace(model=f"pretrain_videomae_{args.size}")}, args.out
+    )
+    print(
+        f"{args.out}: {sum(v.numel() for v in state.values()) / 1e6:.0f} M values, "
+        f"written in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 

@@ -20,8 +20,17 @@ from conftest import FAILING_KINDS, REPO, Build, SsV2Set, call_cli, copy_store, 
 from shared import geometry
 from shared.store import RowStatus
 
-ARRAYS = ("pixels", "latents", "frame_index", "status", "error", "clip_id", "label",
-          "pixels_checksum", "latents_checksum")
+ARRAYS = (
+    "pixels",
+    "latents",
+    "frame_index",
+    "status",
+    "error",
+    "clip_id",
+    "label",
+    "pixels_checksum",
+    "latents_checksum",
+)
 
 
 def _open(store: Path) -> zarr.Group:
@@ -35,6 +44,7 @@ def _summary(stdout: str) -> dict[str, str]:
 
 
 # ---- test 1: the mixed SSv2 set ------------------------------------------------------
+
 
 def test_build_mixed_set_commits_good_rows_and_records_failures(reference_build: Build, mixed_set: SsV2Set) -> None:
     assert reference_build.result.returncode == 0, reference_build.result.stderr[-3000:]
@@ -118,8 +128,9 @@ def test_build_pixels_are_the_decoded_view(reference_build: Build, mixed_set: Ss
     assert group["status"][mixed_set.row("portrait")] == RowStatus.COMMITTED
 
 
-def test_default_out_is_src_latents_zarr_and_clip_list_is_part_of_identity(mixed_set: SsV2Set, teacher_dir: Path,
-                                                                            tmp_path: Path) -> None:
+def test_default_out_is_src_latents_zarr_and_clip_list_is_part_of_identity(
+    mixed_set: SsV2Set, teacher_dir: Path, tmp_path: Path
+) -> None:
     src = tmp_path / "ssv2"
     shutil.copytree(mixed_set.root, src)
     pipeline = fast_pipeline(tmp_path / "pipeline.yaml")
@@ -137,6 +148,7 @@ def test_default_out_is_src_latents_zarr_and_clip_list_is_part_of_identity(mixed
 
 
 # ---- test 2: latents are the teacher's output on the stored pixels ---------------------
+
 
 def test_latents_equal_teacher_on_stored_pixels(reference_build: Build, mixed_set: SsV2Set, teacher_dir: Path) -> None:
     from transformers import VideoMAEModel
@@ -168,6 +180,7 @@ def test_latents_equal_teacher_on_stored_pixels(reference_build: Build, mixed_se
 
 
 # ---- test 5: the store reads with plain zarr and follows the contract --------------------
+
 
 def test_store_opens_with_plain_zarr_and_matches_contract(reference_build: Build, mixed_set: SsV2Set) -> None:
     group = zarr.open_group(str(reference_build.store), mode="r")
@@ -204,11 +217,23 @@ def test_store_opens_with_plain_zarr_and_matches_contract(reference_build: Build
 
 # ---- rerun of a finished build -------------------------------------------------------
 
+
 def test_rerun_of_finished_build_changes_nothing(reference_build: Build, tmp_path: Path) -> None:
     store = copy_store(reference_build.store, tmp_path / "latents.zarr")
     before = {name: _open(store)[name][:] for name in ARRAYS}
-    result = call_cli("build", "--src", reference_build.src, "--out", store, "--teacher", reference_build.teacher,
-                      "--pipeline", reference_build.pipeline, "--workers", "0")
+    result = call_cli(
+        "build",
+        "--src",
+        reference_build.src,
+        "--out",
+        store,
+        "--teacher",
+        reference_build.teacher,
+        "--pipeline",
+        reference_build.pipeline,
+        "--workers",
+        "0",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "0 to do" in result.stderr
     after = _open(store)
@@ -217,6 +242,7 @@ def test_rerun_of_finished_build_changes_nothing(reference_build: Build, tmp_pat
 
 
 # ---- test 3: kill -9 mid-build, then resume --------------------------------------------
+
 
 def _committed_shards(store: Path) -> int:
     """Status chunks on disk: one per shard, written only when the shard commits."""
@@ -227,8 +253,9 @@ def _committed_shards(store: Path) -> int:
 
 
 @pytest.mark.parametrize("views", [1, 2])
-def test_kill9_mid_build_then_resume_equals_uninterrupted(views: int, request: pytest.FixtureRequest,
-                                                           tmp_path: Path) -> None:
+def test_kill9_mid_build_then_resume_equals_uninterrupted(
+    views: int, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     """One view per clip, and two (view.views_per_clip: 2, rows = clips x views): the same."""
     reference_build: Build = request.getfixturevalue("demo_reference" if views == 1 else "demo_views_reference")
     assert reference_build.result.returncode == 0, reference_build.result.stderr[-3000:]
@@ -237,12 +264,24 @@ def test_kill9_mid_build_then_resume_equals_uninterrupted(views: int, request: p
     assert num_shards >= 8
 
     store = tmp_path / "latents.zarr"
-    args = ["build", "--src", reference_build.src, "--out", store, "--teacher", reference_build.teacher,
-            "--pipeline", reference_build.pipeline, *reference_build.extra.get("args", [])]
+    args = [
+        "build",
+        "--src",
+        reference_build.src,
+        "--out",
+        store,
+        "--teacher",
+        reference_build.teacher,
+        "--pipeline",
+        reference_build.pipeline,
+        *reference_build.extra.get("args", []),
+    ]
     log = (tmp_path / "build.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "salt_cache", *map(str, args)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
     )
     try:
         deadline = time.monotonic() + 120
@@ -291,8 +330,9 @@ def _garble_commit_record(store: Path) -> str:
 
 
 @pytest.mark.parametrize("damage", [_lose_commit_record_after_torn_write, _garble_commit_record])
-def test_resume_redoes_only_the_shard_without_a_sound_commit_record(damage, demo_reference: Build,
-                                                                     tmp_path: Path) -> None:
+def test_resume_redoes_only_the_shard_without_a_sound_commit_record(
+    damage, demo_reference: Build, tmp_path: Path
+) -> None:
     """A lost or garbled status chunk reads as 'not committed': verify names it, and a rebuild
     redoes that one shard and gives the uninterrupted build's arrays."""
     store = copy_store(demo_reference.store, tmp_path / "latents.zarr")
@@ -300,8 +340,17 @@ def test_resume_redoes_only_the_shard_without_a_sound_commit_record(damage, demo
     check = call_cli("verify", store)
     assert check.returncode == 1
     assert expected_problem in check.stdout
-    result = call_cli("build", "--src", demo_reference.src, "--out", store, "--teacher", demo_reference.teacher,
-                      "--pipeline", demo_reference.pipeline)
+    result = call_cli(
+        "build",
+        "--src",
+        demo_reference.src,
+        "--out",
+        store,
+        "--teacher",
+        demo_reference.teacher,
+        "--pipeline",
+        demo_reference.pipeline,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"shards\s+: \d+ of 2 rows, 1 to do", result.stderr), result.stderr
     reference, resumed = _open(demo_reference.store), _open(store)
@@ -311,7 +360,8 @@ def test_resume_redoes_only_the_shard_without_a_sound_commit_record(damage, demo
 
 
 def test_teacher_batches_span_shards_and_pad_failed_rows_without_changing_the_store(
-        reference_build: Build, tmp_path: Path) -> None:
+    reference_build: Build, tmp_path: Path
+) -> None:
     """Teacher batches of 5 rows over 3-row shards (so batches span shards, and failed clips are
     zero-padded rows of a constant-shape batch), committed by one writer thread: the same store
     as the reference's batches of 2 and four writers."""
@@ -322,8 +372,17 @@ def test_teacher_batches_span_shards_and_pad_failed_rows_without_changing_the_st
 
     pipeline = fast_pipeline(tmp_path / "pipeline.yaml", teacher__batch_size=5, store__writers=1)
     store = tmp_path / "latents.zarr"
-    result = call_cli("build", "--src", reference_build.src, "--out", store, "--teacher", reference_build.teacher,
-                      "--pipeline", pipeline)
+    result = call_cli(
+        "build",
+        "--src",
+        reference_build.src,
+        "--out",
+        store,
+        "--teacher",
+        reference_build.teacher,
+        "--pipeline",
+        pipeline,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reference, built = _open(reference_build.store), _open(store)
     for name in ARRAYS:

@@ -21,6 +21,7 @@ from shared.store import RowStatus
 from test_build import _open
 from torchrun_job import OUR_FRAME, children, run_job, start_job, stop_job
 
+
 def run_torchrun(nproc: int, *args: str | Path, timeout: float = 120) -> CliResult:
     """``torchrun --nproc-per-node=NPROC -m salt_cache build ARGS`` as a real job."""
     return run_job(nproc, "salt_cache", "build", *args, timeout=timeout)
@@ -59,11 +60,13 @@ def _no_traceback_from_us(output: str) -> None:
 
 
 def _files(store: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns) for p in store.rglob("*")
-            if p.is_file()}
+    return {
+        str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()
+    }
 
 
 # ---- a 2-rank build of the mixed set ----------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def torchrun_build(reference_build: Build, tmp_path_factory: pytest.TempPathFactory) -> Build:
@@ -74,8 +77,9 @@ def torchrun_build(reference_build: Build, tmp_path_factory: pytest.TempPathFact
     return Build(store, result, reference_build.teacher, reference_build.pipeline, reference_build.src)
 
 
-def test_two_rank_build_equals_single_process_build(torchrun_build: Build, reference_build: Build,
-                                                    mixed_set: SsV2Set) -> None:
+def test_two_rank_build_equals_single_process_build(
+    torchrun_build: Build, reference_build: Build, mixed_set: SsV2Set
+) -> None:
     result = torchrun_build.result
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -95,8 +99,9 @@ def test_two_rank_build_equals_single_process_build(torchrun_build: Build, refer
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_two_rank_build_of_two_views_per_clip_equals_single_process_build(demo_views_reference: Build,
-                                                                          tmp_path: Path) -> None:
+def test_two_rank_build_of_two_views_per_clip_equals_single_process_build(
+    demo_views_reference: Build, tmp_path: Path
+) -> None:
     """Views are drawn from (clip id, view) alone, so ranks redraw exactly the single process's crops."""
     assert demo_views_reference.result.returncode == 0, demo_views_reference.result.stderr[-3000:]
     store = tmp_path / "latents.zarr"
@@ -119,16 +124,27 @@ def test_rerun_of_finished_store_under_torchrun_changes_nothing(torchrun_build: 
     _no_traceback_from_us(result.stdout + result.stderr)
 
 
-def test_missing_teacher_folder_is_one_error_line_from_rank_0(mixed_set: SsV2Set, reference_build: Build,
-                                                              tmp_path: Path) -> None:
+def test_missing_teacher_folder_is_one_error_line_from_rank_0(
+    mixed_set: SsV2Set, reference_build: Build, tmp_path: Path
+) -> None:
     store = tmp_path / "latents.zarr"
-    result = run_torchrun(2, "--src", mixed_set.root, "--out", store, "--teacher", tmp_path / "no-such-teacher",
-                          "--pipeline", reference_build.pipeline)
+    result = run_torchrun(
+        2,
+        "--src",
+        mixed_set.root,
+        "--out",
+        store,
+        "--teacher",
+        tmp_path / "no-such-teacher",
+        "--pipeline",
+        reference_build.pipeline,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     errors = [line for line in output.splitlines() if ": error:" in line]
-    assert errors == [f"salt-cache [rank 0]: error: teacher folder {tmp_path / 'no-such-teacher'} does not exist"], \
+    assert errors == [f"salt-cache [rank 0]: error: teacher folder {tmp_path / 'no-such-teacher'} does not exist"], (
         output[-4000:]
+    )
     assert "salt-cache [rank 1]" not in output
     # torchrun's own report says each rank exited 2 (a usage error), not that one crashed.
     assert len(re.findall(r"exitcode\s*: 2\b", output)) >= 1, output[-4000:]
@@ -172,9 +188,9 @@ def _kill_rank1_after_its_first_commit(proc: subprocess.Popen, store: Path) -> l
     return done
 
 
-def test_kill_one_rank_then_resume_with_three_ranks_equals_uninterrupted(demo_set: Path, demo_pipeline: Path,
-                                                                          demo_reference: Build,
-                                                                          tmp_path: Path) -> None:
+def test_kill_one_rank_then_resume_with_three_ranks_equals_uninterrupted(
+    demo_set: Path, demo_pipeline: Path, demo_reference: Build, tmp_path: Path
+) -> None:
     assert demo_reference.result.returncode == 0, demo_reference.result.stderr[-3000:]
     reference = _open(demo_reference.store)["status"]
     assert -(-reference.shape[0] // reference.chunks[0]) == len(RANK1_SHARDS) * 2  # 10 shards
@@ -191,8 +207,9 @@ def test_kill_one_rank_then_resume_with_three_ranks_equals_uninterrupted(demo_se
                 stop_job(proc)
                 proc.wait()
     output = log_path.read_text()
-    assert len(rank1_done) < len(RANK1_SHARDS), \
+    assert len(rank1_done) < len(RANK1_SHARDS), (
         f"rank 1 had committed all its shards {rank1_done} before the kill: nothing was interrupted"
+    )
     assert returncode != 0, output[-4000:]
 
     # The surviving rank 0 says, on one line, what happened and what to do.
@@ -213,7 +230,7 @@ def test_kill_one_rank_then_resume_with_three_ranks_equals_uninterrupted(demo_se
     stop_errors = {row: str(_open(store)["error"][row]) for row in np.flatnonzero(killed == RowStatus.FAILED)}
     assert not stop_errors, f"the SIGTERM was recorded as clip failures (a rerun will not redo them): {stop_errors}"
     for shard in rank1_done:  # what rank 1 committed before it died stays committed
-        assert np.all(killed[2 * shard:2 * shard + 2] == RowStatus.COMMITTED), (shard, killed)
+        assert np.all(killed[2 * shard : 2 * shard + 2] == RowStatus.COMMITTED), (shard, killed)
 
     # Resume with three ranks: each builds a share of what is pending, and the result is the uninterrupted build.
     result = run_torchrun(3, *_build_args(demo_reference, store))

@@ -44,15 +44,21 @@ def test_build_src_does_not_exist(tmp_path: Path) -> None:
 def test_build_unknown_pipeline_key(mixed_set: SsV2Set, tmp_path: Path) -> None:
     pipeline = tmp_path / "typo.yaml"
     pipeline.write_text("teacher: {batchsize: 3}\n")
-    line = assert_usage_error(run_cli("build", "--src", mixed_set.root, "--out", tmp_path / "s.zarr",
-                                      "--pipeline", pipeline), "teacher.batchsize", "unknown key")
+    line = assert_usage_error(
+        run_cli("build", "--src", mixed_set.root, "--out", tmp_path / "s.zarr", "--pipeline", pipeline),
+        "teacher.batchsize",
+        "unknown key",
+    )
     assert str(pipeline) in line
     assert not (tmp_path / "s.zarr").exists()
 
 
 def test_build_negative_batch_size(mixed_set: SsV2Set, tmp_path: Path) -> None:
-    assert_usage_error(run_cli("build", "--src", mixed_set.root, "--out", tmp_path / "s.zarr",
-                               "--batch-size", "-3"), "batch_size", "command line")
+    assert_usage_error(
+        run_cli("build", "--src", mixed_set.root, "--out", tmp_path / "s.zarr", "--batch-size", "-3"),
+        "batch_size",
+        "command line",
+    )
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -60,8 +66,17 @@ def test_build_into_store_of_another_teacher(demo_reference: Build, other_teache
     assert demo_reference.teacher == "builtin:tiny-videomae"
     store = copy_store(demo_reference.store, tmp_path / "latents.zarr")
     before = zarr.open_group(str(store), mode="r")["latents"][:]
-    result = run_cli("build", "--src", demo_reference.src, "--out", store, "--teacher", other_teacher_dir,
-                     "--pipeline", demo_reference.pipeline)
+    result = run_cli(
+        "build",
+        "--src",
+        demo_reference.src,
+        "--out",
+        store,
+        "--teacher",
+        other_teacher_dir,
+        "--pipeline",
+        demo_reference.pipeline,
+    )
     line = assert_usage_error(result, "another teacher", str(store))
     assert "clip list" not in line  # same clips, same view: only the teacher differs
     after = zarr.open_group(str(store), mode="r")["latents"][:]
@@ -76,17 +91,32 @@ def test_verify_missing_store(tmp_path: Path) -> None:
 def test_build_teacher_is_a_file(mixed_set: SsV2Set, tmp_path: Path) -> None:
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"\0" * 64)
-    assert_usage_error(run_cli("build", "--src", mixed_set.root, "--out", tmp_path / "s.zarr",
-                               "--teacher", weights, "--pipeline", fast_pipeline(tmp_path / "p.yaml")),
-                       str(weights), "file")
+    assert_usage_error(
+        run_cli(
+            "build",
+            "--src",
+            mixed_set.root,
+            "--out",
+            tmp_path / "s.zarr",
+            "--teacher",
+            weights,
+            "--pipeline",
+            fast_pipeline(tmp_path / "p.yaml"),
+        ),
+        str(weights),
+        "file",
+    )
     assert not (tmp_path / "s.zarr").exists()
 
 
-@pytest.mark.parametrize("args", [
-    ("verify", "--deep", "-1"),
-    ("build", "--src"),
-    ("frobnicate",),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("verify", "--deep", "-1"),
+        ("build", "--src"),
+        ("frobnicate",),
+    ],
+)
 def test_cli_usage_errors_are_one_line(args: tuple[str, ...], tmp_path: Path) -> None:
     assert_usage_error(run_cli(*args))
 
@@ -104,18 +134,21 @@ def test_verify_a_foreign_zarr_group(tmp_path: Path) -> None:
 def test_build_out_is_a_file(mixed_set: SsV2Set, tmp_path: Path) -> None:
     a_file = tmp_path / "store.zarr"
     a_file.write_text("")
-    assert_usage_error(run_cli("build", "--src", mixed_set.root, "--out", a_file,
-                               "--pipeline", fast_pipeline(tmp_path / "p.yaml")), str(a_file))
+    assert_usage_error(
+        run_cli("build", "--src", mixed_set.root, "--out", a_file, "--pipeline", fast_pipeline(tmp_path / "p.yaml")),
+        str(a_file),
+    )
 
 
 def test_build_split_without_json(mixed_set: SsV2Set, tmp_path: Path) -> None:
-    assert_usage_error(run_cli("build", "--src", mixed_set.root, "--out", tmp_path / "s.zarr",
-                               "--split", "validation"), "validation.json")
+    assert_usage_error(
+        run_cli("build", "--src", mixed_set.root, "--out", tmp_path / "s.zarr", "--split", "validation"),
+        "validation.json",
+    )
 
 
 def test_build_missing_pipeline_file(mixed_set: SsV2Set, tmp_path: Path) -> None:
-    assert_usage_error(run_cli("build", "--src", mixed_set.root, "--pipeline", tmp_path / "absent.yaml"),
-                       "absent.yaml")
+    assert_usage_error(run_cli("build", "--src", mixed_set.root, "--pipeline", tmp_path / "absent.yaml"), "absent.yaml")
 
 
 def test_console_script_usage_error(tmp_path: Path) -> None:
@@ -123,6 +156,7 @@ def test_console_script_usage_error(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("salt-cache")
     if not script.exists():
         pytest.skip("salt-cache console script not installed next to this interpreter")
-    proc = subprocess.run([str(script), "verify", str(tmp_path / "absent.zarr")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(script), "verify", str(tmp_path / "absent.zarr")], capture_output=True, text=True, timeout=120
+    )
     assert_usage_error(CliResult(proc.returncode, proc.stdout, proc.stderr), "does not exist")

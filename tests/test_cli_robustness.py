@@ -68,8 +68,9 @@ def test_demo_data_fills_an_empty_folder(tmp_path: Path) -> None:
 
 
 def test_bench_skips_a_corrupt_clip(corrupt_set: Path) -> None:
-    result = call_cli("bench", "--src", corrupt_set, "--clips", "5", "--workers", "0", "--batch-size", "1",
-                      "--device", "cpu")
+    result = call_cli(
+        "bench", "--src", corrupt_set, "--clips", "5", "--workers", "0", "--batch-size", "1", "--device", "cpu"
+    )
     assert result.returncode == 0, result.stderr
     figures = dict(line.split(" : ", 1) for line in result.stdout.splitlines() if " : " in line)
     figures = {k.strip(): v.strip() for k, v in figures.items()}
@@ -83,8 +84,9 @@ def test_bench_skips_a_corrupt_clip(corrupt_set: Path) -> None:
 
 
 def test_bench_host_path_builds_at_the_production_width_without_a_teacher(corrupt_set: Path) -> None:
-    result = call_cli("bench", "--src", corrupt_set, "--clips", "5", "--workers", "0", "--batch-size", "1",
-                      "--host-path")
+    result = call_cli(
+        "bench", "--src", corrupt_set, "--clips", "5", "--workers", "0", "--batch-size", "1", "--host-path"
+    )
     assert result.returncode == 0, result.stderr
     assert "TEACHER-ONLY" in result.stdout and "n/a (--host-path" in result.stdout
     assert re.search(r"END-TO-END build \(D=1280, 4 writers, steady state\)\s+: [\d.]+ clips/s", result.stdout)
@@ -108,8 +110,11 @@ def test_bench_nothing_decodable(corrupt_set: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["bench", "verify", "build"])
 def test_unknown_device(command: str, tmp_path: Path) -> None:
-    args = {"bench": ("bench", "--src", tmp_path), "verify": ("verify", tmp_path / "s.zarr"),
-            "build": ("build", "--src", tmp_path)}[command]
+    args = {
+        "bench": ("bench", "--src", tmp_path),
+        "verify": ("verify", tmp_path / "s.zarr"),
+        "build": ("build", "--src", tmp_path),
+    }[command]
     assert_usage_error(run_cli(*args, "--device", "tpu"), "--device", "tpu")
 
 
@@ -127,17 +132,27 @@ def test_bench_out_must_be_a_folder(kind: str, corrupt_set: Path, tmp_path: Path
 def test_build_out_under_a_file(corrupt_set: Path, tmp_path: Path) -> None:
     a_file = tmp_path / "hostname"
     a_file.write_text("box\n")
-    assert_usage_error(run_cli("build", "--src", corrupt_set, "--out", a_file / "x.zarr"),
-                       f"{a_file} is a file")
+    assert_usage_error(run_cli("build", "--src", corrupt_set, "--out", a_file / "x.zarr"), f"{a_file} is a file")
     assert a_file.read_text() == "box\n"
 
 
 def test_build_os_error_without_a_store_has_no_resume_hint(corrupt_set: Path) -> None:
     """/proc refuses the store folder: nothing was written, so nothing to resume."""
-    line = assert_usage_error(call_cli("build", "--src", corrupt_set, "--out", "/proc/salt-test.zarr",
-                                       "--teacher", "builtin:tiny-videomae", "--device", "cpu",
-                                       "--force"),  # past the disk check (/proc has 0 B free) to the OS error
-                              "cannot write store")
+    line = assert_usage_error(
+        call_cli(
+            "build",
+            "--src",
+            corrupt_set,
+            "--out",
+            "/proc/salt-test.zarr",
+            "--teacher",
+            "builtin:tiny-videomae",
+            "--device",
+            "cpu",
+            "--force",
+        ),  # past the disk check (/proc has 0 B free) to the OS error
+        "cannot write store",
+    )
     assert "resume" not in line
 
 
@@ -146,8 +161,13 @@ def tiny_tmpfs(tmp_path: Path):
     """A real 1 MB tmpfs: a disk that fills up mid-build."""
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
@@ -157,9 +177,22 @@ def test_build_disk_full_is_one_line_with_resume_hint(corrupt_set: Path, tiny_tm
     """Uncompressed pixels (2.4 MB a row) fill the 1 MB disk at the first shard, after the store exists."""
     pipeline = tmp_path / "raw-pixels.yaml"
     pipeline.write_text("store: {pixels_zstd_level: 0}\nbuild_loader: {num_workers: 0}\n")
-    result = call_cli("build", "--src", corrupt_set, "--out", tiny_tmpfs / "s.zarr", "--teacher",
-                      "builtin:tiny-videomae", "--device", "cpu", "--pipeline", pipeline, "--batch-size", "1",
-                      "--force")  # past the refusal of a store larger than the disk: a disk filling up mid-build
+    result = call_cli(
+        "build",
+        "--src",
+        corrupt_set,
+        "--out",
+        tiny_tmpfs / "s.zarr",
+        "--teacher",
+        "builtin:tiny-videomae",
+        "--device",
+        "cpu",
+        "--pipeline",
+        pipeline,
+        "--batch-size",
+        "1",
+        "--force",
+    )  # past the refusal of a store larger than the disk: a disk filling up mid-build
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]  # after the start-up diagnostics and the bar
     assert "No space left on device" in last and "rerun the same command to resume" in last

@@ -15,8 +15,17 @@ from shared.config import load_pipeline
 from shared.errors import SaltUsageError
 from shared.rows import committed_rows, row_runs
 from shared.store import LatentStore
-from salt_train.data import (Position, StoreStream, StreamSpec, check_shm, check_stream, epoch_order, make_loader,
-                             stream_spec, to_model_inputs)
+from salt_train.data import (
+    Position,
+    StoreStream,
+    StreamSpec,
+    check_shm,
+    check_stream,
+    epoch_order,
+    make_loader,
+    stream_spec,
+    to_model_inputs,
+)
 
 
 def spec_for(store: Path, batch: int = 2, epochs: int = 3, **fields) -> StreamSpec:
@@ -76,7 +85,7 @@ def test_resume_position_continues_the_sequence_exactly(demo_reference) -> None:
     full = sequence(spec)
     start = Position(epoch=1, index=2)
     resumed = sequence(replace(spec, start=start))
-    assert resumed == full[spec.steps_per_epoch + 2:]
+    assert resumed == full[spec.steps_per_epoch + 2 :]
     assert replace(spec, start=start).remaining_batches == len(resumed)
 
 
@@ -119,8 +128,9 @@ def test_damaged_shard_becomes_an_error_item(demo_reference, tmp_path) -> None:
     data[100:4000] = bytes(3900)  # zero the start of a zstd frame: undecodable
     shard_file.write_bytes(bytes(data))
     spec = spec_for(store, batch=4, epochs=1, verify_checksums=True)
-    items = list(make_loader(spec, load_pipeline("demo", {"train_loader.num_workers": 2}).train_loader,
-                             pin_memory=False))
+    items = list(
+        make_loader(spec, load_pipeline("demo", {"train_loader.num_workers": 2}).train_loader, pin_memory=False)
+    )
     errors = [item for item in items if "error" in item]
     assert len(items) == spec.steps_per_epoch
     assert errors and all(item["worker"] in (0, 1) and item["error"] for item in errors)
@@ -170,6 +180,7 @@ def test_the_buffer_ring_delivers_the_stored_rows_with_their_masks_in_reused_buf
     still holds its stored rows, and its masks are the step's (the same with 0 or 2 workers)."""
     from salt_train.feed import BatchFeed
     from salt_train.masks import make_masks
+
     store = LatentStore.open(demo_reference.store)
     spec = spec_for(demo_reference.store, batch=4, epochs=3)
     overrides = {"train_loader.num_workers": 2, "train_loader.prefetch_factor": 1}
@@ -190,8 +201,12 @@ def test_the_buffer_ring_delivers_the_stored_rows_with_their_masks_in_reused_buf
     feed.close()
     assert steps == 3 * spec.steps_per_epoch > 2 * 3  # more batches than the two rings' slots ...
     assert len(buffers) <= 2 * 3  # ... all read into the same few buffers
-    in_process = [b["masked"] for b in make_loader(spec, load_pipeline("demo").train_loader.model_copy(
-        update={"num_workers": 0}), pin_memory=False)]
+    in_process = [
+        b["masked"]
+        for b in make_loader(
+            spec, load_pipeline("demo").train_loader.model_copy(update={"num_workers": 0}), pin_memory=False
+        )
+    ]
     assert len(in_process) == steps and all(all(map(torch.equal, a, b)) for a, b in zip(in_process, seen))
 
 

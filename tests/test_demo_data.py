@@ -124,13 +124,16 @@ def test_refuses_existing_labels_and_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(DemoDataExists, match="validation.json"):
         write_demo_dataset(tmp_path, train=1, validation=0, test=0)
     assert mine.read_text() == "[]  # mine"
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == \
-        ["labels", "labels/validation.json"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "labels",
+        "labels/validation.json",
+    ]
 
 
 @pytest.mark.parametrize("target_exists", [False, True])
-def test_cut_short_leaves_nothing_and_rerun_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  target_exists: bool) -> None:
+def test_cut_short_leaves_nothing_and_rerun_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target_exists: bool
+) -> None:
     root = tmp_path / "demo"
     if target_exists:
         root.mkdir()

@@ -47,13 +47,25 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> EvalStores:
     pipeline = fast_pipeline(root / "build.yaml", store__shard_rows=8, teacher__batch_size=8)
     train, val = root / "latents.zarr", root / "latents-val.zarr"
     for split, out in (("train", train), ("validation", val)):
-        result = call_cli("build", "--src", root, "--split", split, "--out", out, "--teacher", TEACHER,
-                          "--pipeline", pipeline)
+        result = call_cli(
+            "build", "--src", root, "--split", split, "--out", out, "--teacher", TEACHER, "--pipeline", pipeline
+        )
         assert result.returncode == 0, result.stderr
-    recipe = train_pipeline(root / "train.yaml", train__max_steps=40, train__batch_size=4, train__lr=2e-3,
-                            train__checkpoint_every=20, train__log_every=10, mask__kind="random",
-                            eval__train_rows=32, eval__val_rows=24, eval__temporal_rows=12, eval__batch_size=8,
-                            eval__probe_epochs=3, eval__linear_iterations=50)
+    recipe = train_pipeline(
+        root / "train.yaml",
+        train__max_steps=40,
+        train__batch_size=4,
+        train__lr=2e-3,
+        train__checkpoint_every=20,
+        train__log_every=10,
+        mask__kind="random",
+        eval__train_rows=32,
+        eval__val_rows=24,
+        eval__temporal_rows=12,
+        eval__batch_size=8,
+        eval__probe_epochs=3,
+        eval__linear_iterations=50,
+    )
     run = root / "runs" / "tiny"
     result = call_train("run", "--cache", train, "--pipeline", recipe, "--run-dir", run)
     assert result.returncode == 0, result.stderr
@@ -63,18 +75,24 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> EvalStores:
 def _labelled(store_path: Path) -> tuple[torch.Tensor, np.ndarray]:
     store = LatentStore.open(store_path)
     rows = np.flatnonzero(np.asarray(store.array("label")[:]) >= 0)
-    latents = np.asarray(store.array("latents")[rows[0]:rows[-1] + 1])[rows - rows[0]]
+    latents = np.asarray(store.array("latents")[rows[0] : rows[-1] + 1])[rows - rows[0]]
     return LAYER_NORM.normalise(latents), np.asarray(store.array("label")[:], dtype=np.int64)[rows]
 
 
 def test_attentive_probe_on_teacher_latents_beats_chance_and_shuffled_labels_do_not(stores: EvalStores) -> None:
     train_x, train_y = _labelled(stores.train)
     val_x, val_y = _labelled(stores.val)
-    read = lambda x: (lambda ids: x[torch.as_tensor(ids)])  # noqa: E731
+    read = lambda x: lambda ids: x[torch.as_tensor(ids)]  # noqa: E731
     probe = lambda labels, epochs: attentive_probe(  # noqa: E731
-        read(train_x), labels, read(val_x), val_y, train_x.shape[-1], 4,
+        read(train_x),
+        labels,
+        read(val_x),
+        val_y,
+        train_x.shape[-1],
+        4,
         ProbeSettings(epochs=epochs, lr=2e-2, weight_decay=0.01, batch_size=8, seed=0, device=torch.device("cpu")),
-        heads=16)  # the probe's capacity is under test here, not the head rule (16 heads of 4 channels)
+        heads=16,
+    )  # the probe's capacity is under test here, not the head rule (16 heads of 4 channels)
     real = probe(train_y, 200)
     assert real.chance == 0.25
     assert real.top1 >= 0.6, real  # 4 motion classes, 12 per class in validation: chance is 25%
@@ -102,14 +120,20 @@ def test_temporal_transforms() -> None:
     # Tubelet k holds frames 2k and 2k+1; the probes move whole tubelets, so no tubelet gets a new frame pair.
     swapped = frames([2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13])
     stutter = frames([0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13])
-    expected = {"original": clip, "reversed": clip[:, ::-1], "swapped": swapped, "stutter": stutter,
-                "stride1": frames([j // 4 for j in range(16)]), "stride2": frames([j // 2 for j in range(16)]),
-                "second_half": frames([8 + j // 2 for j in range(16)])}
+    expected = {
+        "original": clip,
+        "reversed": clip[:, ::-1],
+        "swapped": swapped,
+        "stutter": stutter,
+        "stride1": frames([j // 4 for j in range(16)]),
+        "stride2": frames([j // 2 for j in range(16)]),
+        "second_half": frames([8 + j // 2 for j in range(16)]),
+    }
     assert set(expected) == set(temporal.VARIANTS)
     for name, want in expected.items():  # each variant is a frame gather, on numpy and on torch alike
         assert np.array_equal(temporal.Variant(name).apply(clip, rows), want), name
         assert np.array_equal(temporal.Variant(name).apply(torch.from_numpy(clip), rows).numpy(), want), name
-    pairs = lambda v: {tuple(v[0, 2 * k:2 * k + 2, 0, 0, 0]) for k in range(8)}  # noqa: E731
+    pairs = lambda v: {tuple(v[0, 2 * k : 2 * k + 2, 0, 0, 0]) for k in range(8)}  # noqa: E731
     for name in ("swapped", "stutter"):
         assert pairs(expected[name]) <= pairs(clip), name  # every tubelet is one of the clip's own
     assert {t.name for t in temporal.TASKS if t.sanity} == {"playback_stride"} and temporal.RETRIEVAL_SANITY
@@ -164,12 +188,38 @@ def test_eval_of_a_trained_run(stores: EvalStores) -> None:
 
 def test_eval_of_an_export_and_of_a_store_without_labels(stores: EvalStores, tmp_path: Path) -> None:
     unlabelled = tmp_path / "latents-test.zarr"
-    build = call_cli("build", "--src", stores.root, "--split", "test", "--out", unlabelled, "--teacher", TEACHER,
-                     "--pipeline", stores.root / "build.yaml")
+    build = call_cli(
+        "build",
+        "--src",
+        stores.root,
+        "--split",
+        "test",
+        "--out",
+        unlabelled,
+        "--teacher",
+        TEACHER,
+        "--pipeline",
+        stores.root / "build.yaml",
+    )
     assert build.returncode == 0, build.stderr
-    result = call_train("eval", stores.run / "export", "--val-cache", unlabelled, "--train-cache", stores.train,
-                        "--train-rows", "8", "--val-rows", "6", "--set", "eval.batch_size=4",
-                        "--set", "eval.linear_iterations=20", "--out", tmp_path / "eval")
+    result = call_train(
+        "eval",
+        stores.run / "export",
+        "--val-cache",
+        unlabelled,
+        "--train-cache",
+        stores.train,
+        "--train-rows",
+        "8",
+        "--val-rows",
+        "6",
+        "--set",
+        "eval.batch_size=4",
+        "--set",
+        "eval.linear_iterations=20",
+        "--out",
+        tmp_path / "eval",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["classification"] == {"skipped": "the validation store has no labels"}
@@ -185,32 +235,55 @@ def test_few_frame_clips_and_encoders() -> None:
     # The T centre frames from a tubelet boundary: each input tubelet is one of the 16-frame clip's own.
     assert [frame_window(t).tolist() for t in (2, 4, 8)] == [[6, 7], [6, 7, 8, 9], list(range(4, 12))]
     assert [[task.name for task in temporal.tasks_at(t)] for t in (2, 4)] == [
-        ["arrow_of_time"], ["arrow_of_time", "order", "continuity"]]
+        ["arrow_of_time"],
+        ["arrow_of_time", "order", "continuity"],
+    ]
     clip = np.random.default_rng(0).integers(0, 256, size=(1, 4, 224, 224, 3), dtype=np.uint8)
     assert np.array_equal(temporal.Variant("swapped").apply(clip, np.zeros(1)), clip[:, [2, 3, 0, 1]])
     assert np.array_equal(temporal.Variant("stutter").apply(clip, np.zeros(1)), clip[:, [0, 1, 0, 1]])
     # The pixel floor of T frames is the 16-frame one's tokens of those tubelets.
     views = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(1, 16, 224, 224, 3), dtype=np.uint8))
-    assert torch.equal(pixel_tokens(views[:, 6:10]), pixel_tokens(views)[:, 3 * 196:5 * 196])
+    assert torch.equal(pixel_tokens(views[:, 6:10]), pixel_tokens(views)[:, 3 * 196 : 5 * 196])
     encoder = build_student("vit_tiny_patch16_224", kwargs={"depth": 1}).eval()
     few = with_slots(encoder, 4)
     assert few.blocks is encoder.blocks and encoder.pos_embed.shape[1] == 1568 and few.pos_embed.shape[1] == 392
     assert few(torch.zeros(1, 3, 4, 224, 224)).shape == (1, 392, encoder.width)
 
 
-def test_eval_of_an_imported_vjepa_encoder_with_few_frame_rows_and_latency(stores: EvalStores,
-                                                                          tmp_path: Path) -> None:
+def test_eval_of_an_imported_vjepa_encoder_with_few_frame_rows_and_latency(stores: EvalStores, tmp_path: Path) -> None:
     from tests.vjepa_checkpoint import vjepa_encoder_state, write_vjepa_checkpoint
 
     checkpoint = write_vjepa_checkpoint(tmp_path / "vitt16.pth.tar", vjepa_encoder_state(32, 1))
     result = call_train("import-encoder", checkpoint, tmp_path / "export", "--heads", "2")
     assert result.returncode == 0, result.stderr
-    result = call_train("eval", tmp_path / "export", "--val-cache", stores.val, "--train-cache", stores.train,
-                        "--pipeline", stores.pipeline, "--train-rows", "12", "--val-rows", "8",
-                        "--set", "eval.few_frames=[2,4]", "--set", "eval.latency_repeats=2",
-                        "--set", "eval.probe_seeds=2", "--set", "eval.temporal_rows=6",
-                        "--set", "eval.linear_iterations=10", "--set", "eval.probe_epochs=2",
-                        "--out", tmp_path / "eval")
+    result = call_train(
+        "eval",
+        tmp_path / "export",
+        "--val-cache",
+        stores.val,
+        "--train-cache",
+        stores.train,
+        "--pipeline",
+        stores.pipeline,
+        "--train-rows",
+        "12",
+        "--val-rows",
+        "8",
+        "--set",
+        "eval.few_frames=[2,4]",
+        "--set",
+        "eval.latency_repeats=2",
+        "--set",
+        "eval.probe_seeds=2",
+        "--set",
+        "eval.temporal_rows=6",
+        "--set",
+        "eval.linear_iterations=10",
+        "--set",
+        "eval.probe_epochs=2",
+        "--out",
+        tmp_path / "eval",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     few = report["few_frames"]["frames"]
@@ -268,14 +341,47 @@ def test_bad_input_is_one_line_and_exit_2(stores: EvalStores, tmp_path: Path) ->
 
     build_tiny_teacher(seed=1).save_pretrained(other_teacher_dir)
     small = fast_pipeline(tmp_path / "small.yaml", store__shard_rows=8, teacher__batch_size=8, cache__limit=4)
-    assert call_cli("build", "--src", stores.root, "--split", "validation", "--out", other_teacher,
-                    "--teacher", other_teacher_dir, "--pipeline", small).returncode == 0
+    assert (
+        call_cli(
+            "build",
+            "--src",
+            stores.root,
+            "--split",
+            "validation",
+            "--out",
+            other_teacher,
+            "--teacher",
+            other_teacher_dir,
+            "--pipeline",
+            small,
+        ).returncode
+        == 0
+    )
     assert "another teacher" in refused(stores.run, "--val-cache", other_teacher)
     other_view = tmp_path / "val-other-view.zarr"
-    bilinear = fast_pipeline(tmp_path / "bilinear.yaml", store__shard_rows=8, teacher__batch_size=8, cache__limit=4,
-                             view__interpolation="bilinear")
-    assert call_cli("build", "--src", stores.root, "--split", "validation", "--out", other_view,
-                    "--teacher", TEACHER, "--pipeline", bilinear).returncode == 0
+    bilinear = fast_pipeline(
+        tmp_path / "bilinear.yaml",
+        store__shard_rows=8,
+        teacher__batch_size=8,
+        cache__limit=4,
+        view__interpolation="bilinear",
+    )
+    assert (
+        call_cli(
+            "build",
+            "--src",
+            stores.root,
+            "--split",
+            "validation",
+            "--out",
+            other_view,
+            "--teacher",
+            TEACHER,
+            "--pipeline",
+            bilinear,
+        ).returncode
+        == 0
+    )
     assert "another view recipe" in refused(stores.run, "--val-cache", other_view)
     assert "eval.* fields only" in refused(stores.run, "--val-cache", stores.val, "--set", "train.lr=1")
 
@@ -286,11 +392,21 @@ def test_eval_every_records_quick_evaluations_and_trains_the_same(stores: EvalSt
     from salt_train.checkpoint import latest_checkpoint
 
     runs = {}
-    for name, extra in (("plain", {}), ("with-eval", {"train__eval_every": 5, "eval__val_cache": str(stores.val),
-                                                     "eval__quick_rows": 8})):
-        recipe = train_pipeline(tmp_path / f"{name}.yaml", train__max_steps=10, train__batch_size=4,
-                                train__checkpoint_every=100, train__log_every=5, mask__kind="random",
-                                eval__linear_iterations=20, eval__batch_size=4, **extra)
+    for name, extra in (
+        ("plain", {}),
+        ("with-eval", {"train__eval_every": 5, "eval__val_cache": str(stores.val), "eval__quick_rows": 8}),
+    ):
+        recipe = train_pipeline(
+            tmp_path / f"{name}.yaml",
+            train__max_steps=10,
+            train__batch_size=4,
+            train__checkpoint_every=100,
+            train__log_every=5,
+            mask__kind="random",
+            eval__linear_iterations=20,
+            eval__batch_size=4,
+            **extra,
+        )
         result = call_train("run", "--cache", stores.train, "--pipeline", recipe, "--run-dir", tmp_path / name)
         assert result.returncode == 0, result.stderr
         runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -310,6 +426,7 @@ def test_eval_every_records_quick_evaluations_and_trains_the_same(stores: EvalSt
 
 # ---- the floor: what raw pixels pass -------------------------------------------------------------
 
+
 def _pixel_slots(store_path: Path, orders: dict[str, Callable[[int], np.ndarray] | None]) -> tuple[np.ndarray, dict]:
     """Slot-pooled pixel features of every committed row under each frame order: ``order(row)`` gives the
     16 frame indices of that row, None takes the eval's own variant of that name."""
@@ -322,11 +439,14 @@ def _pixel_slots(store_path: Path, orders: dict[str, Callable[[int], np.ndarray]
     rows = eval_candidates(store)
     slots: dict[str, list[torch.Tensor]] = {name: [] for name in orders}
     for start in range(0, len(rows), 8):
-        ids = rows[start:start + 8]
+        ids = rows[start : start + 8]
         (views,) = read_rows(store, ids, ("pixels",))
         for name, order in orders.items():
-            varied = (temporal.Variant(name).apply(views, ids) if order is None
-                      else np.stack([view[order(int(row))] for view, row in zip(views, ids)]))
+            varied = (
+                temporal.Variant(name).apply(views, ids)
+                if order is None
+                else np.stack([view[order(int(row))] for view, row in zip(views, ids)])
+            )
             slots[name].append(slot_pool(pixel_tokens(torch.from_numpy(np.ascontiguousarray(varied)))))
     return rows, {name: torch.cat(parts) for name, parts in slots.items()}
 
@@ -339,8 +459,16 @@ def _pixels_top1(train: dict, val: dict, classes: tuple[str, ...], val_rows: np.
     for seed in (0, 1, 2):
         train_x, train_y = stack_tasks(train, classes)
         val_x, val_y = stack_tasks(val, classes)
-        scores.append(linear_probe(train_x, train_y, val_x, val_y, len(classes),
-                                   ProbeSettings(300, 0.0, 1e-3, 64, seed, torch.device("cpu"))))
+        scores.append(
+            linear_probe(
+                train_x,
+                train_y,
+                val_x,
+                val_y,
+                len(classes),
+                ProbeSettings(300, 0.0, 1e-3, 64, seed, torch.device("cpu")),
+            )
+        )
     return over_seeds(scores, np.tile(val_rows, len(classes)), 0)
 
 
@@ -352,8 +480,9 @@ def pixel_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     pipeline = fast_pipeline(root / "build.yaml", store__shard_rows=8)
     stores = root / "pixels.zarr", root / "pixels-val.zarr"
     for split, out in zip(("train", "validation"), stores):
-        result = call_cli("build", "--src", root, "--split", split, "--out", out, "--pixels-only",
-                          "--pipeline", pipeline)
+        result = call_cli(
+            "build", "--src", root, "--split", split, "--out", out, "--pixels-only", "--pipeline", pipeline
+        )
         assert result.returncode == 0, result.stderr
     return stores
 
@@ -402,18 +531,40 @@ def test_label_probes_on_shuffled_labels_sit_at_chance(stores: EvalStores) -> No
         from shared.rows import read_rows
 
         (views,) = read_rows(store, rows, ("pixels",))
-        features[split] = {"teacher": latents, "pixels": pixel_tokens(torch.from_numpy(views)),
-                           "labels": rng.permutation(labels), "rows": rows}
+        features[split] = {
+            "teacher": latents,
+            "pixels": pixel_tokens(torch.from_numpy(views)),
+            "labels": rng.permutation(labels),
+            "rows": rows,
+        }
     train, val = features["train"], features["val"]
     for name, heads in (("teacher", 4), ("pixels", HEADS)):
-        read = lambda x: (lambda ids: x[torch.as_tensor(ids)])  # noqa: E731
+        read = lambda x: lambda ids: x[torch.as_tensor(ids)]  # noqa: E731
         attentive, linear = [], []
         for seed in (0, 1, 2):
             settings = ProbeSettings(30, 2e-2, 0.01, 8, seed, torch.device("cpu"))
-            attentive.append(attentive_probe(read(train[name]), train["labels"], read(val[name]), val["labels"],
-                                             train[name].shape[-1], 4, settings, heads))
-            linear.append(linear_probe(train[name].mean(1), train["labels"], val[name].mean(1), val["labels"], 4,
-                                       ProbeSettings(100, 0.0, 1e-3, 64, seed, torch.device("cpu"))))
+            attentive.append(
+                attentive_probe(
+                    read(train[name]),
+                    train["labels"],
+                    read(val[name]),
+                    val["labels"],
+                    train[name].shape[-1],
+                    4,
+                    settings,
+                    heads,
+                )
+            )
+            linear.append(
+                linear_probe(
+                    train[name].mean(1),
+                    train["labels"],
+                    val[name].mean(1),
+                    val["labels"],
+                    4,
+                    ProbeSettings(100, 0.0, 1e-3, 64, seed, torch.device("cpu")),
+                )
+            )
         for probe, scores in (("attentive", attentive), ("linear", linear)):
             figure = over_seeds(scores, val["rows"], 0)
             low, high = figure["top1_interval"]
@@ -432,8 +583,8 @@ def test_held_out_r2_is_per_channel_and_the_mean_latent_baseline_scores_zero() -
     good_on_loud = targets.clone()
     good_on_loud[..., 1:] = mean[1:]  # perfect on the loud channel, the mean elsewhere
     for r in range(rows):
-        sums["mean"].add(slice(r, r + 1), 0, mean - targets[r:r + 1], targets[r:r + 1])
-        sums["loud"].add(slice(r, r + 1), 0, good_on_loud[r:r + 1] - targets[r:r + 1], targets[r:r + 1])
+        sums["mean"].add(slice(r, r + 1), 0, mean - targets[r : r + 1], targets[r : r + 1])
+        sums["loud"].add(slice(r, r + 1), 0, good_on_loud[r : r + 1] - targets[r : r + 1], targets[r : r + 1])
     baseline = summarise(sums["mean"], "mse", 0)
     assert np.allclose(baseline["r2_channels"], 0.0, atol=1e-6) and abs(baseline["r2"]) < 1e-6
     loud = summarise(sums["loud"], "mse", 0)
@@ -442,6 +593,7 @@ def test_held_out_r2_is_per_channel_and_the_mean_latent_baseline_scores_zero() -
 
 
 # ---- held out means held out ---------------------------------------------------------------------
+
 
 def test_a_validation_store_that_is_not_held_out_is_refused(stores: EvalStores, tmp_path: Path) -> None:
     def refused(val: Path) -> str:
@@ -453,8 +605,22 @@ def test_a_validation_store_that_is_not_held_out_is_refused(stores: EvalStores, 
     assert "is the train store" in refused(stores.train)
     small = fast_pipeline(tmp_path / "small.yaml", store__shard_rows=8, teacher__batch_size=8, cache__limit=4)
     same_split = tmp_path / "train-again.zarr"
-    assert call_cli("build", "--src", stores.root, "--split", "train", "--out", same_split, "--teacher", TEACHER,
-                    "--pipeline", small).returncode == 0
+    assert (
+        call_cli(
+            "build",
+            "--src",
+            stores.root,
+            "--split",
+            "train",
+            "--out",
+            same_split,
+            "--teacher",
+            TEACHER,
+            "--pipeline",
+            small,
+        ).returncode
+        == 0
+    )
     assert "same split (train)" in refused(same_split)
     # The same clips under another root (a copied download) and called validation: shared clip ids.
     copy = tmp_path / "copy"
@@ -464,8 +630,12 @@ def test_a_validation_store_that_is_not_held_out_is_refused(stores: EvalStores, 
         shutil.copy(stores.root / "labels" / name, copy / "labels" / name)
     shutil.copy(stores.root / "labels" / "train.json", copy / "labels" / "validation.json")
     shared = tmp_path / "shared-clips.zarr"
-    assert call_cli("build", "--src", copy, "--split", "validation", "--out", shared, "--teacher", TEACHER,
-                    "--pipeline", small).returncode == 0
+    assert (
+        call_cli(
+            "build", "--src", copy, "--split", "validation", "--out", shared, "--teacher", TEACHER, "--pipeline", small
+        ).returncode
+        == 0
+    )
     assert "shares 4 clip(s) with the train store" in refused(shared)
 
 
@@ -477,7 +647,7 @@ def test_pixel_tokens_follow_the_token_grid() -> None:
     tokens = pixel_tokens(views)
     assert tokens.shape == (2, 1568, WIDTH) and WIDTH == 36
     t, h, w = 5, 3, 11
-    patch = views[1, 2 * t:2 * t + 2, 16 * h:16 * h + 16, 16 * w:16 * w + 16].float() / 255  # [2, 16, 16, 3]
+    patch = views[1, 2 * t : 2 * t + 2, 16 * h : 16 * h + 16, 16 * w : 16 * w + 16].float() / 255  # [2, 16, 16, 3]
     looks = patch.view(2, 2, 8, 2, 8, 3).mean((2, 4))  # [frame, 2, 2, rgb]
     moves = (patch[1] - patch[0]).abs().view(2, 8, 2, 8, 3).mean((1, 3))  # [2, 2, rgb]
     token = tokens[1, t * 196 + h * 14 + w]
@@ -487,9 +657,22 @@ def test_pixel_tokens_follow_the_token_grid() -> None:
 
 # ---- where eval writes -------------------------------------------------------------------------------
 
-TINY_EVAL = ("--val-rows", "8", "--set", "eval.temporal_rows=2", "--set", "eval.probe_epochs=2",
-             "--set", "eval.probe_seeds=1", "--set", "eval.linear_iterations=20", "--set", "eval.batch_size=4",
-             "--set", "eval.feature_memory_gb=0.000001")  # every token bank spills to disk
+TINY_EVAL = (
+    "--val-rows",
+    "8",
+    "--set",
+    "eval.temporal_rows=2",
+    "--set",
+    "eval.probe_epochs=2",
+    "--set",
+    "eval.probe_seeds=1",
+    "--set",
+    "eval.linear_iterations=20",
+    "--set",
+    "eval.batch_size=4",
+    "--set",
+    "eval.feature_memory_gb=0.000001",
+)  # every token bank spills to disk
 
 
 def _table(stdout: str) -> list[str]:
@@ -509,16 +692,40 @@ def test_two_evaluations_of_one_run_at_once_give_the_figures_each_gives_alone(st
     from tests.conftest import REPO
 
     def launch(train_rows: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "salt_train", "eval", str(stores.run), "--val-cache",
-                                 str(stores.val), "--train-rows", train_rows, *TINY_EVAL], cwd=REPO, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "salt_train",
+                "eval",
+                str(stores.run),
+                "--val-cache",
+                str(stores.val),
+                "--train-rows",
+                train_rows,
+                *TINY_EVAL,
+            ],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     together = [launch("8"), launch("12")]
     outputs = [p.communicate(timeout=600) for p in together]
     assert all(p.returncode == 0 for p in together), [o[1][-2000:] for o in outputs]
     for (stdout, _), train_rows in zip(outputs, ("8", "12")):
-        alone = call_train("eval", stores.run, "--val-cache", stores.val, "--train-rows", train_rows, *TINY_EVAL,
-                           "--out", stores.root / f"alone-{train_rows}")
+        alone = call_train(
+            "eval",
+            stores.run,
+            "--val-cache",
+            stores.val,
+            "--train-rows",
+            train_rows,
+            *TINY_EVAL,
+            "--out",
+            stores.root / f"alone-{train_rows}",
+        )
         assert alone.returncode == 0, alone.stderr
         assert _figures(stdout) == _figures(alone.stdout)
     assert not list((stores.run / "eval").glob(".features-*"))  # no scratch left behind
@@ -528,8 +735,9 @@ def test_an_output_folder_that_cannot_take_the_evaluation_is_one_line(stores: Ev
     from tests.test_faults import small_tmpfs
 
     def refused(out: Path) -> str:
-        result = call_train("eval", stores.run, "--val-cache", stores.val, "--train-rows", "16", *TINY_EVAL,
-                            "--out", out)
+        result = call_train(
+            "eval", stores.run, "--val-cache", stores.val, "--train-rows", "16", *TINY_EVAL, "--out", out
+        )
         assert result.returncode == 2, result.stdout + result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         return result.stderr

@@ -25,12 +25,18 @@ from salt_train.eval.vjepa.augment import AugmentSettings, TrainAugment, eval_vi
 from salt_train.eval.vjepa.data import ProtocolClips, VALIDATION, decode_clips, epoch_steps
 from salt_train.eval.vjepa.optim import CosineSchedule, accumulate, decay_groups, make_optimizer, optimizer_step
 from salt_train.eval.vjepa.probe import averaged_softmax, build_probe, top_k_correct, view_logits
-from salt_train.eval.vjepa.views import (clip_frame_indices, encoder_batch, probe_inputs, resize_short_side,
-                                         spatial_view_starts)
+from salt_train.eval.vjepa.views import (
+    clip_frame_indices,
+    encoder_batch,
+    probe_inputs,
+    resize_short_side,
+    spatial_view_starts,
+)
 from tests.conftest import TINY_STUDENT, Build, call_cli, call_train, fast_pipeline
 
 
 # ---- time and space --------------------------------------------------------------------------------------
+
 
 def test_clips_are_16_frames_4_apart_in_their_own_part_of_a_long_video_and_overlap_in_a_short_one() -> None:
     rng = np.random.default_rng(0)
@@ -62,7 +68,7 @@ def test_validation_takes_2_clips_x_3_views_along_the_long_side_laid_out_per_vie
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1, 1) * 255
     for view, start in enumerate([0, 37, 74]):  # left, centre, right
-        crop = (resized[..., start:start + 224].permute(1, 0, 2, 3) - mean) / std
+        crop = (resized[..., start : start + 224].permute(1, 0, 2, 3) - mean) / std
         assert torch.allclose(views[view], crop, atol=1e-5)
 
     # The batch layout: [videos, clips, views, ...] through the encoder in (video, clip, view) order, then per
@@ -77,7 +83,7 @@ def test_validation_takes_2_clips_x_3_views_along_the_long_side_laid_out_per_vie
         for c in range(clips):
             for v in range(n_views):
                 assert torch.equal(flat[(b * clips + c) * n_views + v], pixels[b, c, v])
-                assert torch.equal(out[v, b, c * tokens:(c + 1) * tokens], encode(pixels[b, c, v]))
+                assert torch.equal(out[v, b, c * tokens : (c + 1) * tokens], encode(pixels[b, c, v]))
 
 
 def test_the_probe_attends_across_both_clips_as_a_hand_built_cross_attention() -> None:
@@ -125,6 +131,7 @@ def test_validation_averages_the_softmax_over_the_views() -> None:
 
 # ---- augmentation ----------------------------------------------------------------------------------------
 
+
 def test_the_augmentation_is_a_function_of_its_seed_and_the_same_for_every_frame(demo_set: Path) -> None:
     settings = VjepaEvalConfig(frames_per_clip=4)
     clip = discover(demo_set, "train").clips[0]
@@ -157,15 +164,32 @@ def test_the_augmentation_is_a_function_of_its_seed_and_the_same_for_every_frame
 
 # ---- optimisation ----------------------------------------------------------------------------------------
 
+
 def test_the_optimiser_decays_weights_only_on_a_cosine_without_warmup() -> None:
     probe = AttentiveProbe(8, 5, 2)
     decayed, kept = decay_groups(probe)
     names = {id(p): n for n, p in probe.named_parameters()}
-    assert {names[id(p)] for p in decayed} == {"query", "q.weight", "kv.weight", "proj.weight", "mlp.0.weight",
-                                               "mlp.2.weight", "head.weight"}
-    assert {names[id(p)] for p in kept} == {"norm_tokens.weight", "norm_tokens.bias", "q.bias", "kv.bias",
-                                            "proj.bias", "norm_mlp.weight", "norm_mlp.bias", "mlp.0.bias",
-                                            "mlp.2.bias", "head.bias"}
+    assert {names[id(p)] for p in decayed} == {
+        "query",
+        "q.weight",
+        "kv.weight",
+        "proj.weight",
+        "mlp.0.weight",
+        "mlp.2.weight",
+        "head.weight",
+    }
+    assert {names[id(p)] for p in kept} == {
+        "norm_tokens.weight",
+        "norm_tokens.bias",
+        "q.bias",
+        "kv.bias",
+        "proj.bias",
+        "norm_mlp.weight",
+        "norm_mlp.bias",
+        "mlp.0.bias",
+        "mlp.2.bias",
+        "head.bias",
+    }
     schedule = CosineSchedule(total=100, lr=1e-3, final_lr=0.0, weight_decay=0.01, final_weight_decay=1e-6)
     lrs = [schedule.lr_at(s) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 100)))  # no warmup: starts at the top
@@ -214,16 +238,26 @@ def test_gradient_accumulation_equals_the_large_batch() -> None:
     assert len(one) == 2 and all(len(s.micro_batches) == 4 for s in one)
     for step, (a, b) in enumerate(zip(*two)):
         assert len(a.micro_batches) == len(b.micro_batches) == 2
-        assert sorted(np.concatenate(a.micro_batches + b.micro_batches)) == \
-            sorted(np.concatenate(one[step].micro_batches))
+        assert sorted(np.concatenate(a.micro_batches + b.micro_batches)) == sorted(
+            np.concatenate(one[step].micro_batches)
+        )
 
 
 # ---- the command -----------------------------------------------------------------------------------------
 
-TINY_SETTINGS = {"epochs": 1, "batch_size": 4, "micro_batch_size": 2, "frames_per_clip": 4, "train_clips": 8,
-                 "val_clips": 4, "num_workers": 0}
-TINY_RUN = tuple(arg for key, value in TINY_SETTINGS.items() for arg in ("--set", f"eval.vjepa.{key}={value}")) \
-    + ("--device", "cpu")
+TINY_SETTINGS = {
+    "epochs": 1,
+    "batch_size": 4,
+    "micro_batch_size": 2,
+    "frames_per_clip": 4,
+    "train_clips": 8,
+    "val_clips": 4,
+    "num_workers": 0,
+}
+TINY_RUN = tuple(arg for key, value in TINY_SETTINGS.items() for arg in ("--set", f"eval.vjepa.{key}={value}")) + (
+    "--device",
+    "cpu",
+)
 
 
 @pytest.fixture(scope="module")
@@ -239,10 +273,22 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_protocol_vjepa_through_the_cli_writes_eval_json_with_its_settings(
-        tiny_export: Path, demo_reference: Build, demo_val_reference: Build, tmp_path: Path) -> None:
+    tiny_export: Path, demo_reference: Build, demo_val_reference: Build, tmp_path: Path
+) -> None:
     out = tmp_path / "eval-vjepa"
-    result = call_train("eval", tiny_export, "--protocol", "vjepa", "--train-cache", demo_reference.store,
-                        "--val-cache", demo_val_reference.store, "--out", out, *TINY_RUN)
+    result = call_train(
+        "eval",
+        tiny_export,
+        "--protocol",
+        "vjepa",
+        "--train-cache",
+        demo_reference.store,
+        "--val-cache",
+        demo_val_reference.store,
+        "--out",
+        out,
+        *TINY_RUN,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
     assert report["protocol"] == "vjepa"
@@ -259,10 +305,22 @@ def test_protocol_vjepa_through_the_cli_writes_eval_json_with_its_settings(
 
 
 def test_protocol_vjepa_refuses_moved_or_missing_videos_and_stores_without_labels(
-        tiny_export: Path, demo_set: Path, demo_reference: Build, tmp_path: Path) -> None:
+    tiny_export: Path, demo_set: Path, demo_reference: Build, tmp_path: Path
+) -> None:
     def refused(val_store: Path) -> str:
-        result = call_train("eval", tiny_export, "--protocol", "vjepa", "--train-cache", demo_reference.store,
-                            "--val-cache", val_store, "--out", tmp_path / "out", *TINY_RUN)
+        result = call_train(
+            "eval",
+            tiny_export,
+            "--protocol",
+            "vjepa",
+            "--train-cache",
+            demo_reference.store,
+            "--val-cache",
+            val_store,
+            "--out",
+            tmp_path / "out",
+            *TINY_RUN,
+        )
         assert result.returncode == 2, result.stdout + result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
         return result.stderr
@@ -270,8 +328,12 @@ def test_protocol_vjepa_refuses_moved_or_missing_videos_and_stores_without_label
     source = shutil.copytree(demo_set, tmp_path / "ssv2")
     pipeline = fast_pipeline(tmp_path / "build.yaml")
     store = tmp_path / "val.zarr"
-    assert call_cli("build", "--src", source, "--split", "validation", "--out", store, "--pixels-only",
-                    "--pipeline", pipeline).returncode == 0
+    assert (
+        call_cli(
+            "build", "--src", source, "--split", "validation", "--out", store, "--pixels-only", "--pipeline", pipeline
+        ).returncode
+        == 0
+    )
     source.rename(tmp_path / "ssv2-moved")
     assert "gone or moved" in refused(store)
     (tmp_path / "ssv2-moved").rename(source)
@@ -282,6 +344,19 @@ def test_protocol_vjepa_refuses_moved_or_missing_videos_and_stores_without_label
     unlabelled = shutil.copytree(demo_set, tmp_path / "ssv2-no-labels")
     (unlabelled / "labels" / "labels.json").unlink()
     store = tmp_path / "val-no-labels.zarr"
-    assert call_cli("build", "--src", unlabelled, "--split", "validation", "--out", store, "--pixels-only",
-                    "--pipeline", pipeline).returncode == 0
+    assert (
+        call_cli(
+            "build",
+            "--src",
+            unlabelled,
+            "--split",
+            "validation",
+            "--out",
+            store,
+            "--pixels-only",
+            "--pipeline",
+            pipeline,
+        ).returncode
+        == 0
+    )
     assert "without labels" in refused(store)

@@ -38,6 +38,7 @@ FORKSERVER = {"loader__num_workers": 2, "loader__multiprocessing_context": "fork
 
 # ---- watching a process tree from outside -----------------------------------------------------
 
+
 def _alive(pid: int) -> bool:
     """Running (a zombie nobody reaped yet counts as gone: it holds no memory, files or pipes)."""
     try:
@@ -94,9 +95,15 @@ def kill_9_and_watch(proc: subprocess.Popen, tmpdir: Path, helpers: int = 4, tim
 
 def start(module: str, *args: str | Path, tmpdir: Path, session: bool = False) -> subprocess.Popen:
     tmpdir.mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=session,
-                            env={**os.environ, "TMPDIR": str(tmpdir), "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=session,
+        env={**os.environ, "TMPDIR": str(tmpdir), "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -120,9 +127,9 @@ def one_error_line(stderr: str, prog: str = "salt-train") -> str:
 
 # ---- 1. kill -9 of the main process: nothing left running, the rerun ends identical ------------
 
+
 def test_kill_9_of_training_leaves_nothing_and_resumes_identical(demo_reference: Build, tmp_path: Path) -> None:
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=8, train__checkpoint_every=2,
-                              **FORKSERVER)
+    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=8, train__checkpoint_every=2, **FORKSERVER)
     common = ("--cache", demo_reference.store, "--pipeline", pipeline)
     straight = tmp_path / "straight"
     assert call_train("run", *common, "--run-dir", straight).returncode == 0
@@ -139,8 +146,10 @@ def test_kill_9_of_training_leaves_nothing_and_resumes_identical(demo_reference:
                 time.sleep(0.02)
         time.sleep(rng.uniform(0, 1))
         watched = kill_9_and_watch(proc, tmp_path / f"tmp-{attempt}")
-        print(f"training kill {attempt}: at step {json.loads(latest.read_text())['step'] if latest.exists() else 0}, "
-              f"{watched['descendants']} descendants gone after {watched['gone_after_s']:.1f} s")
+        print(
+            f"training kill {attempt}: at step {json.loads(latest.read_text())['step'] if latest.exists() else 0}, "
+            f"{watched['descendants']} descendants gone after {watched['gone_after_s']:.1f} s"
+        )
         resumed = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         a, b = latest_weights(straight), latest_weights(run_dir)
@@ -155,8 +164,9 @@ def _status_chunks(store: Path) -> int:
         return 0
 
 
-def test_kill_9_of_a_build_leaves_nothing_and_the_rerun_is_identical(demo_set: Path, demo_pipeline: Path,
-                                                                      demo_reference: Build, tmp_path: Path) -> None:
+def test_kill_9_of_a_build_leaves_nothing_and_the_rerun_is_identical(
+    demo_set: Path, demo_pipeline: Path, demo_reference: Build, tmp_path: Path
+) -> None:
     reference = zarr.open_group(str(demo_reference.store), mode="r")
     rng = random.Random(11)
     kills = 0
@@ -164,8 +174,19 @@ def test_kill_9_of_a_build_leaves_nothing_and_the_rerun_is_identical(demo_set: P
         if kills == KILLS:
             break
         store = tmp_path / f"latents-{attempt}.zarr"
-        args = ("build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae",
-                "--pipeline", demo_pipeline, "--workers", "2")
+        args = (
+            "build",
+            "--src",
+            demo_set,
+            "--out",
+            store,
+            "--teacher",
+            "builtin:tiny-videomae",
+            "--pipeline",
+            demo_pipeline,
+            "--workers",
+            "2",
+        )
         proc = start("salt_cache", *args, tmpdir=tmp_path / f"tmp-{attempt}")
         # Of 10 shards: a random point while the decode workers still run (the writer threads
         # commit the last shards within a fraction of a second, faster than a kill could land).
@@ -179,10 +200,15 @@ def test_kill_9_of_a_build_leaves_nothing_and_the_rerun_is_identical(demo_set: P
             continue
         watched = kill_9_and_watch(proc, tmp_path / f"tmp-{attempt}")
         kills += 1
-        committed = int(np.sum(zarr.open_group(str(store), mode="r")["status"][:] == RowStatus.COMMITTED)) \
-            if (store / "zarr.json").exists() else 0
-        print(f"build kill {attempt}: {committed} rows committed, "
-              f"{watched['descendants']} descendants gone after {watched['gone_after_s']:.1f} s")
+        committed = (
+            int(np.sum(zarr.open_group(str(store), mode="r")["status"][:] == RowStatus.COMMITTED))
+            if (store / "zarr.json").exists()
+            else 0
+        )
+        print(
+            f"build kill {attempt}: {committed} rows committed, "
+            f"{watched['descendants']} descendants gone after {watched['gone_after_s']:.1f} s"
+        )
         assert call_cli(*args).returncode == 0
         rebuilt = zarr.open_group(str(store), mode="r")
         for name in ("pixels", "latents", "status", "frame_index", "latents_checksum"):
@@ -192,12 +218,24 @@ def test_kill_9_of_a_build_leaves_nothing_and_the_rerun_is_identical(demo_set: P
 
 # ---- 2. Ctrl-C to the process group, SIGTERM, a dead worker: a checkpoint at the stop ----------
 
+
 def test_ctrl_c_to_the_process_group_checkpoints_and_resumes(demo_reference: Build, tmp_path: Path) -> None:
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000,
-                              train__log_every=1, **FORKSERVER)
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000, train__log_every=1, **FORKSERVER
+    )
     run_dir = tmp_path / "run"
-    proc = start("salt_train", "run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", run_dir,
-                 tmpdir=tmp_path / "tmp", session=True)
+    proc = start(
+        "salt_train",
+        "run",
+        "--cache",
+        demo_reference.store,
+        "--pipeline",
+        pipeline,
+        "--run-dir",
+        run_dir,
+        tmpdir=tmp_path / "tmp",
+        session=True,
+    )
     wait_for(run_dir / "metrics.jsonl", proc)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the job
     _, stderr = proc.communicate(timeout=120)
@@ -206,18 +244,29 @@ def test_ctrl_c_to_the_process_group_checkpoints_and_resumes(demo_reference: Bui
     assert "--resume" in stderr
     state = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
     assert 0 < state["step"] < 400
-    resumed = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume", "--max-steps",
-                         str(state["step"] + 2))
+    resumed = call_train(
+        "run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume", "--max-steps", str(state["step"] + 2)
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == state["step"] + 2
 
 
 def test_sigterm_exits_143_with_a_checkpoint(demo_reference: Build, tmp_path: Path) -> None:
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000,
-                              train__log_every=1)
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000, train__log_every=1
+    )
     run_dir = tmp_path / "run"
-    proc = start("salt_train", "run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", run_dir,
-                 tmpdir=tmp_path / "tmp")
+    proc = start(
+        "salt_train",
+        "run",
+        "--cache",
+        demo_reference.store,
+        "--pipeline",
+        pipeline,
+        "--run-dir",
+        run_dir,
+        tmpdir=tmp_path / "tmp",
+    )
     wait_for(run_dir / "metrics.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -226,14 +275,27 @@ def test_sigterm_exits_143_with_a_checkpoint(demo_reference: Build, tmp_path: Pa
 
 
 def test_a_dead_loader_worker_stops_training_with_a_checkpoint(demo_reference: Build, tmp_path: Path) -> None:
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000,
-                              train__log_every=1, **FORKSERVER)
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000, train__log_every=1, **FORKSERVER
+    )
     run_dir = tmp_path / "run"
-    proc = start("salt_train", "run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", run_dir,
-                 tmpdir=tmp_path / "tmp")
+    proc = start(
+        "salt_train",
+        "run",
+        "--cache",
+        demo_reference.store,
+        "--pipeline",
+        pipeline,
+        "--run-dir",
+        run_dir,
+        tmpdir=tmp_path / "tmp",
+    )
     wait_for(run_dir / "metrics.jsonl", proc)
-    forkserver = [pid for pid in process_tree(proc.pid)[1:]
-                  if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text() and process_tree(pid)[1:]]
+    forkserver = [
+        pid
+        for pid in process_tree(proc.pid)[1:]
+        if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text() and process_tree(pid)[1:]
+    ]
     worker = process_tree(forkserver[0])[1]
     os.kill(worker, signal.SIGKILL)  # what the OOM killer does
     _, stderr = proc.communicate(timeout=120)
@@ -241,12 +303,14 @@ def test_a_dead_loader_worker_stops_training_with_a_checkpoint(demo_reference: B
     line = one_error_line(stderr)
     assert "a loader worker died" in line and "with checkpoint step-" in line and "--resume" in line
     step = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"]
-    resumed = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume", "--max-steps",
-                         str(step + 1))
+    resumed = call_train(
+        "run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume", "--max-steps", str(step + 1)
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 # ---- 3. non-finite latents: skipped on the device, named in the log, never checkpointed --------
+
 
 def _poison_row(store: Path) -> int:
     """One committed row gets an inf latent, with a matching checksum (as an fp16 overflow committed
@@ -271,8 +335,9 @@ def _all_checkpoint_tensors_finite(run_dir: Path) -> bool:
 def test_an_inf_latent_is_skipped_and_named_and_checkpoints_stay_finite(demo_reference: Build, tmp_path: Path) -> None:
     store = copy_store(demo_reference.store, tmp_path / "poisoned.zarr")
     row = _poison_row(store)
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=12, train__checkpoint_every=4,
-                              train__max_nonfinite_steps=100)  # 10 steps an epoch: every row at least once
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=12, train__checkpoint_every=4, train__max_nonfinite_steps=100
+    )  # 10 steps an epoch: every row at least once
     run_dir = tmp_path / "run"
     result = call_train("run", "--cache", store, "--pipeline", pipeline, "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -289,8 +354,9 @@ def test_an_inf_latent_is_skipped_and_named_and_checkpoints_stay_finite(demo_ref
 def test_too_many_non_finite_steps_stop_the_run_with_one_line(demo_reference: Build, tmp_path: Path) -> None:
     store = copy_store(demo_reference.store, tmp_path / "poisoned.zarr")
     _poison_row(store)
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=60, train__max_nonfinite_steps=0,
-                              train__log_every=2)
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=60, train__max_nonfinite_steps=0, train__log_every=2
+    )
     run_dir = tmp_path / "run"
     result = call_train("run", "--cache", store, "--pipeline", pipeline, "--run-dir", run_dir)
     assert result.returncode == 1
@@ -308,8 +374,19 @@ def test_the_build_records_non_finite_teacher_latents_as_failed(demo_set: Path, 
     teacher.save_pretrained(tmp_path / "overflowing")
     pipeline = train_pipeline(tmp_path / "p.yaml", store__shard_rows=4, teacher__batch_size=4)
     store = tmp_path / "latents.zarr"
-    result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", tmp_path / "overflowing",
-                      "--pipeline", pipeline, "--limit", "4")
+    result = call_cli(
+        "build",
+        "--src",
+        demo_set,
+        "--out",
+        store,
+        "--teacher",
+        tmp_path / "overflowing",
+        "--pipeline",
+        pipeline,
+        "--limit",
+        "4",
+    )
     assert result.returncode == 1, result.stderr[-3000:]  # nothing committed: not a success
     line = one_error_line(result.stderr, "salt-cache")
     assert "every one of the 4 rows failed, none committed" in line and "NaN or inf" in line
@@ -320,6 +397,7 @@ def test_the_build_records_non_finite_teacher_latents_as_failed(demo_set: Path, 
 
 
 # ---- 4. damaged stores: caught by training or refused, and verify exits 1 -----------------------
+
 
 def _shard_file(store: Path, array: str, shard: int) -> Path:
     return next(p for p in (store / array / "c" / str(shard)).rglob("*") if p.is_file())
@@ -382,8 +460,10 @@ def test_damage_is_caught_by_verify_and_training(case: str, reference_build: Bui
         assert not run_dir.exists()
     elif expected == "skip":  # every batch holding the row is skipped; too many of them stop the run
         assert result.returncode == 0 or "unreadable batches, more than" in one_error_line(result.stderr)
-        assert re.search(r"loader: batch \d+ of epoch \d+ \(rows .*\) skipped: .*(checksum|missing|unreadable|Error)",
-                         (run_dir / "train.log").read_text())
+        assert re.search(
+            r"loader: batch \d+ of epoch \d+ \(rows .*\) skipped: .*(checksum|missing|unreadable|Error)",
+            (run_dir / "train.log").read_text(),
+        )
     else:
         assert result.returncode == 0 and "1 with an unknown status, not trained on" in result.stderr
 
@@ -392,8 +472,18 @@ def test_a_build_refuses_a_store_whose_layout_disagrees(reference_build: Build, 
     store = copy_store(reference_build.store, tmp_path / "damaged.zarr")
     _set_shard_rows(store, 2)
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
-    result = call_cli("build", "--src", reference_build.src, "--out", store, "--teacher", reference_build.teacher,
-                      "--pipeline", reference_build.pipeline, "--retry-failed")
+    result = call_cli(
+        "build",
+        "--src",
+        reference_build.src,
+        "--out",
+        store,
+        "--teacher",
+        reference_build.teacher,
+        "--pipeline",
+        reference_build.pipeline,
+        "--retry-failed",
+    )
     assert result.returncode == 2 and "shard_rows" in one_error_line(result.stderr, "salt-cache")
     assert before == {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}  # nothing rewritten
 
@@ -405,6 +495,7 @@ def test_the_production_recipe_checks_row_checksums() -> None:
 
 
 # ---- 5. damaged checkpoints, bad settings, a full disk ------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def short_run(demo_reference: Build, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -425,8 +516,9 @@ def _step_as_words(checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_truncate_model, _step_as_words])
-def test_resume_falls_back_past_a_damaged_newest_checkpoint(damage, short_run: Path, demo_reference: Build,
-                                                            tmp_path: Path) -> None:
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(
+    damage, short_run: Path, demo_reference: Build, tmp_path: Path
+) -> None:
     run_dir = shutil.copytree(short_run, tmp_path / "run")
     damage(run_dir / "checkpoints" / "step-00000008")
     result = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume", "--max-steps", "10")
@@ -437,8 +529,9 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(damage, short_run: P
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 10
 
 
-def test_resume_with_every_checkpoint_damaged_is_one_line(short_run: Path, demo_reference: Build,
-                                                          tmp_path: Path) -> None:
+def test_resume_with_every_checkpoint_damaged_is_one_line(
+    short_run: Path, demo_reference: Build, tmp_path: Path
+) -> None:
     run_dir = shutil.copytree(short_run, tmp_path / "run")
     for checkpoint in (run_dir / "checkpoints").glob("step-*"):
         _step_as_words(checkpoint)
@@ -446,14 +539,18 @@ def test_resume_with_every_checkpoint_damaged_is_one_line(short_run: Path, demo_
     assert result.returncode == 2 and "every checkpoint" in one_error_line(result.stderr)
 
 
-@pytest.mark.parametrize("setting, fragment", [
-    ("model.student_kwargs.embed_dim=-5", "negative dimension"),
-    ("model.predictor_heads=7", "not divisible by predictor_heads 7"),
-])
+@pytest.mark.parametrize(
+    "setting, fragment",
+    [
+        ("model.student_kwargs.embed_dim=-5", "negative dimension"),
+        ("model.predictor_heads=7", "not divisible by predictor_heads 7"),
+    ],
+)
 def test_bad_model_settings_are_one_line(demo_reference: Build, tmp_path: Path, setting: str, fragment: str) -> None:
     pipeline = train_pipeline(tmp_path / "train.yaml")
-    result = call_train("run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", tmp_path / "r",
-                        "--set", setting)
+    result = call_train(
+        "run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", tmp_path / "r", "--set", setting
+    )
     assert result.returncode == 2 and fragment in one_error_line(result.stderr)
 
 
@@ -470,10 +567,10 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def test_a_full_disk_under_the_run_folder_is_one_line_and_loses_nothing(demo_reference: Build,
-                                                                         tmp_path: Path) -> None:
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=2,
-                              train__keep_checkpoints=400)
+def test_a_full_disk_under_the_run_folder_is_one_line_and_loses_nothing(demo_reference: Build, tmp_path: Path) -> None:
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=2, train__keep_checkpoints=400
+    )
     with small_tmpfs(tmp_path / "small", "3m") as small:
         run_dir = small / "run"
         result = call_train("run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", run_dir)
@@ -485,11 +582,21 @@ def test_a_full_disk_under_the_run_folder_is_one_line_and_loses_nothing(demo_ref
         assert load_file(run_dir / "checkpoints" / latest / "model.safetensors")  # whole and loadable
 
 
-def test_a_full_disk_under_the_store_is_one_line_and_the_rerun_completes(demo_set: Path, demo_pipeline: Path,
-                                                                          tmp_path: Path) -> None:
+def test_a_full_disk_under_the_store_is_one_line_and_the_rerun_completes(
+    demo_set: Path, demo_pipeline: Path, tmp_path: Path
+) -> None:
     with small_tmpfs(tmp_path / "small", "4m") as small:
-        args = ("build", "--src", demo_set, "--out", small / "latents.zarr", "--teacher", "builtin:tiny-videomae",
-                "--pipeline", demo_pipeline)
+        args = (
+            "build",
+            "--src",
+            demo_set,
+            "--out",
+            small / "latents.zarr",
+            "--teacher",
+            "builtin:tiny-videomae",
+            "--pipeline",
+            demo_pipeline,
+        )
         result = call_cli(*args, "--force")  # past the refusal of a store larger than the disk: it fills up
         assert result.returncode == 2 and "No space left on device" in one_error_line(result.stderr, "salt-cache")
         subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)  # space freed
@@ -560,8 +667,12 @@ def test_a_connection_lost_to_a_killed_worker_counts_as_a_dead_worker() -> None:
         raise exc
         yield {}
 
-    for exc in (ConnectionResetError(104, "Connection reset by peer"), ConnectionRefusedError(111, "refused"),
-                EOFError(), RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly")):
+    for exc in (
+        ConnectionResetError(104, "Connection reset by peer"),
+        ConnectionRefusedError(111, "refused"),
+        EOFError(),
+        RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly"),
+    ):
         batch, reason = next_batch(lost(exc))
         assert batch is None and reason is not None and reason.startswith("a loader worker died ("), reason
     with pytest.raises(RuntimeError, match="something else"):

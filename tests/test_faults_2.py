@@ -49,8 +49,9 @@ def _refused_naming(proc: subprocess.Popen, holder: subprocess.Popen) -> None:
 def test_one_writer_per_run_folder_and_a_kill_9_frees_it_at_once(demo_reference: Build, tmp_path: Path) -> None:
     """Two new runs on one folder: one trains, the other is refused naming it (never the
     config.yaml.partial race); kill -9 of the trainer; at once two --resume: again exactly one trains."""
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=2,
-                              train__log_every=1)
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=2, train__log_every=1
+    )
     run_dir = tmp_path / "run"
     args = ("run", "--cache", demo_reference.store, "--run-dir", run_dir)
     fresh = [start("salt_train", *args, "--pipeline", pipeline, tmpdir=tmp_path / f"tmp-{i}") for i in range(2)]
@@ -63,12 +64,14 @@ def test_one_writer_per_run_folder_and_a_kill_9_frees_it_at_once(demo_reference:
     winner.wait(timeout=30)
     step = json.loads(latest.read_text())["step"]
 
-    resumes = [start("salt_train", *args, "--resume", "--max-steps", str(step + 4), tmpdir=tmp_path / f"tmp-r{i}")
-               for i in range(2)]
+    resumes = [
+        start("salt_train", *args, "--resume", "--max-steps", str(step + 4), tmpdir=tmp_path / f"tmp-r{i}")
+        for i in range(2)
+    ]
     loser = _first_to_exit(resumes)
     winner = next(proc for proc in resumes if proc is not loser)
     _refused_naming(loser, winner)
-    (code, stderr), = _wait_all([winner])
+    ((code, stderr),) = _wait_all([winner])
     assert code == 0, stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == step + 4
     assert "Traceback" not in stderr
@@ -93,8 +96,9 @@ with sole_writer({str(tmp_path)!r}):
     from shared.errors import SaltUsageError
     from shared.filesystem import sole_writer
 
-    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         assert parent.stdout.readline().strip() == "held"
         with pytest.raises(SaltUsageError, match=f"PID {parent.pid}"):
@@ -112,6 +116,7 @@ with sole_writer({str(tmp_path)!r}):
 
 
 # ---- 3. a damaged checkpoint is passed over ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def straight_run(demo_reference: Build, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -132,10 +137,19 @@ def _flip_byte(path: Path, at: float) -> None:
 NEWEST = "checkpoints/step-00000008"
 
 
-@pytest.mark.parametrize("name, at", [("model.safetensors", 0.9), ("optimizer.safetensors", 0.5),
-                                      ("rng.safetensors", 0.95), ("state.json", 0.3), ("checksums.json", 0.6)])
+@pytest.mark.parametrize(
+    "name, at",
+    [
+        ("model.safetensors", 0.9),
+        ("optimizer.safetensors", 0.5),
+        ("rng.safetensors", 0.95),
+        ("state.json", 0.3),
+        ("checksums.json", 0.6),
+    ],
+)
 def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_and_ends_identical(
-        name: str, at: float, straight_run: Path, demo_reference: Build, tmp_path: Path) -> None:
+    name: str, at: float, straight_run: Path, demo_reference: Build, tmp_path: Path
+) -> None:
     run_dir = shutil.copytree(straight_run, tmp_path / "run")
     _flip_byte(run_dir / NEWEST / name, at)
     result = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume")
@@ -161,13 +175,17 @@ def _rewrite_state(checkpoint: Path, edit) -> None:
         (checkpoint / "checksums.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("edit, reason", [
-    (lambda s: s.update(step=99), "says step 99 in folder step-00000008"),
-    (lambda s: s["position"].update(index=100000), "position.index 100000 is past the stream's"),
-    (lambda s: s["position"].update(epoch=10**6), "position.epoch 1000000 is past the stream's"),
-])
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda s: s.update(step=99), "says step 99 in folder step-00000008"),
+        (lambda s: s["position"].update(index=100000), "position.index 100000 is past the stream's"),
+        (lambda s: s["position"].update(epoch=10**6), "position.epoch 1000000 is past the stream's"),
+    ],
+)
 def test_a_state_json_at_odds_with_its_folder_or_the_stream_is_passed_over(
-        edit, reason: str, straight_run: Path, demo_reference: Build, tmp_path: Path) -> None:
+    edit, reason: str, straight_run: Path, demo_reference: Build, tmp_path: Path
+) -> None:
     run_dir = shutil.copytree(straight_run, tmp_path / "run")
     _rewrite_state(run_dir / NEWEST, edit)
     result = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume")
@@ -176,8 +194,9 @@ def test_a_state_json_at_odds_with_its_folder_or_the_stream_is_passed_over(
     assert reason in log and "resumed from step-00000004" in log, log[-3000:]
 
 
-def test_latest_checkpoint_passes_over_a_damaged_one_with_one_line(straight_run: Path, tmp_path: Path,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_latest_checkpoint_passes_over_a_damaged_one_with_one_line(
+    straight_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """What salt-train eval reads: the newest checkpoint that proves itself."""
     from salt_train.checkpoint import latest_checkpoint
 
@@ -190,18 +209,28 @@ def test_latest_checkpoint_passes_over_a_damaged_one_with_one_line(straight_run:
     assert len(warnings) == 1 and "model.safetensors is damaged" in warnings[0], warnings
 
 
-def test_eval_of_a_named_damaged_checkpoint_is_refused_in_one_line(straight_run: Path, demo_val_reference: Build,
-                                                                   tmp_path: Path) -> None:
+def test_eval_of_a_named_damaged_checkpoint_is_refused_in_one_line(
+    straight_run: Path, demo_val_reference: Build, tmp_path: Path
+) -> None:
     run_dir = shutil.copytree(straight_run, tmp_path / "run")
     _flip_byte(run_dir / NEWEST / "model.safetensors", 0.9)
-    result = call_train("eval", run_dir, "--checkpoint", "step-00000008", "--val-cache", demo_val_reference.store,
-                        "--out", tmp_path / "eval")
+    result = call_train(
+        "eval",
+        run_dir,
+        "--checkpoint",
+        "step-00000008",
+        "--val-cache",
+        demo_val_reference.store,
+        "--out",
+        tmp_path / "eval",
+    )
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert "step-00000008 is unreadable" in line and "model.safetensors" in line, line
 
 
 # ---- 4. a full disk at the export ------------------------------------------------------------------
+
 
 def _bytes_on_disk(folder: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
@@ -210,17 +239,20 @@ def _bytes_on_disk(folder: Path) -> int:
 def test_a_full_disk_at_the_export_is_one_line_and_resume_exports(demo_reference: Build, tmp_path: Path) -> None:
     """A tmpfs that takes the run's checkpoint but not its export too (sized from the same run on a
     roomy disk): one line, exit 2, the checkpoint intact; once there is room, --resume exports."""
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=2, train__checkpoint_every=2,
-                              train__keep_checkpoints=1)
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=2, train__checkpoint_every=2, train__keep_checkpoints=1
+    )
     roomy = tmp_path / "roomy"
-    assert call_train("run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir",
-                      roomy).returncode == 0
+    assert (
+        call_train("run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", roomy).returncode == 0
+    )
     export = _bytes_on_disk(roomy / "export")
     size = (_bytes_on_disk(roomy) - export // 2) // 4096 * 4096
     with small_tmpfs(tmp_path / "small", f"{size // 1024}k") as small:
         run_dir = small / "run"
-        result = run_cli("run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", run_dir,
-                         module="salt_train")
+        result = run_cli(
+            "run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", run_dir, module="salt_train"
+        )
         assert result.returncode == 2, result.stderr[-3000:]
         line = one_error_line(result.stderr)
         assert "cannot write the export" in line and "No space left on device" in line, line
@@ -239,28 +271,37 @@ def test_a_full_disk_at_the_export_is_one_line_and_resume_exports(demo_reference
 
 # ---- 5. recipes read strictly ------------------------------------------------------------------------
 
+
 def _set_in_train(key: str, value: str):
     """Set ``train.<key>`` in the recipe's text (replacing the line, or adding it)."""
+
     def change(text: str) -> str:
         line = re.compile(rf"^  {key}: .*$", re.M)
-        return line.sub(f"  {key}: {value}", text, 1) if line.search(text) else \
-            text.replace("\ntrain:\n", f"\ntrain:\n  {key}: {value}\n", 1)
+        return (
+            line.sub(f"  {key}: {value}", text, 1)
+            if line.search(text)
+            else text.replace("\ntrain:\n", f"\ntrain:\n  {key}: {value}\n", 1)
+        )
+
     return change
 
 
 RECIPE_FAULTS = {
     "train given twice": (lambda text: text + "train:\n  lr: 1.0e-3\n", "train is given twice"),
     "empty file": (lambda text: "# only a comment\n", "is empty"),
-    "seed past 2**64": (_set_in_train("seed", "99999999999999999999"),
-                        "train.seed: Input should be less than or equal to 4294967295"),
+    "seed past 2**64": (
+        _set_in_train("seed", "99999999999999999999"),
+        "train.seed: Input should be less than or equal to 4294967295",
+    ),
     "seed -1": (_set_in_train("seed", "-1"), "train.seed: Input should be greater than or equal to 0"),
     "lr inf": (_set_in_train("lr", ".inf"), "train.lr: Input should be a finite number"),
 }
 
 
 @pytest.mark.parametrize("case", list(RECIPE_FAULTS))
-def test_a_loose_recipe_is_refused_in_one_line_naming_the_field(case: str, demo_reference: Build,
-                                                                tmp_path: Path) -> None:
+def test_a_loose_recipe_is_refused_in_one_line_naming_the_field(
+    case: str, demo_reference: Build, tmp_path: Path
+) -> None:
     change, expected = RECIPE_FAULTS[case]
     recipe = train_pipeline(tmp_path / "recipe.yaml", train__max_steps=2)
     recipe.write_text(change(recipe.read_text()))
@@ -339,6 +380,7 @@ def test_a_duplicate_key_inside_a_section_is_named_with_its_lines(tmp_path: Path
 
 # ---- 6. smaller findings -----------------------------------------------------------------------------
 
+
 class RunsCode:
     """What a hostile pickle does: calls a function when loaded."""
 
@@ -369,13 +411,22 @@ def _tiny_original_state(width: int = 32) -> dict[str, torch.Tensor]:
     """An original-release encoder layout at width 32, one block."""
     from salt_cache.convert_teacher import original_encoder_keys
 
-    shapes = {"patch_embed.proj.weight": (width, 3, 2, 16, 16), "attn.qkv.weight": (3 * width, width),
-              "attn.proj.weight": (width, width), "mlp.fc1.weight": (4 * width, width),
-              "mlp.fc1.bias": (4 * width,), "mlp.fc2.weight": (width, 4 * width)}
+    shapes = {
+        "patch_embed.proj.weight": (width, 3, 2, 16, 16),
+        "attn.qkv.weight": (3 * width, width),
+        "attn.proj.weight": (width, width),
+        "mlp.fc1.weight": (4 * width, width),
+        "mlp.fc1.bias": (4 * width,),
+        "mlp.fc2.weight": (width, 4 * width),
+    }
     generator = torch.Generator().manual_seed(0)
-    return {key: torch.randn(next((s for suffix, s in shapes.items() if key.endswith(suffix)), (width,)),
-                             generator=generator) * 0.02
-            for key in original_encoder_keys(1, qkv_bias=True)}
+    return {
+        key: torch.randn(
+            next((s for suffix, s in shapes.items() if key.endswith(suffix)), (width,)), generator=generator
+        )
+        * 0.02
+        for key in original_encoder_keys(1, qkv_bias=True)
+    }
 
 
 def test_a_nan_teacher_weight_is_refused_at_convert_and_at_build(demo_set: Path, tmp_path: Path) -> None:
@@ -394,14 +445,26 @@ def test_a_nan_teacher_weight_is_refused_at_convert_and_at_build(demo_set: Path,
     teacher.save_pretrained(tmp_path / "nan-teacher")
     store = tmp_path / "latents.zarr"
     pipeline = train_pipeline(tmp_path / "p.yaml")
-    built = call_cli("build", "--src", demo_set, "--out", store, "--teacher", tmp_path / "nan-teacher",
-                     "--pipeline", pipeline, "--limit", "2")
+    built = call_cli(
+        "build",
+        "--src",
+        demo_set,
+        "--out",
+        store,
+        "--teacher",
+        tmp_path / "nan-teacher",
+        "--pipeline",
+        pipeline,
+        "--limit",
+        "2",
+    )
     assert built.returncode == 2 and not store.exists()
     assert "non-finite weight (encoder.layer.0.output.dense.weight" in one_error_line(built.stderr, "salt-cache")
 
 
-def test_verify_catches_a_latent_dtype_attribute_that_disagrees_with_the_array(demo_reference: Build,
-                                                                               tmp_path: Path) -> None:
+def test_verify_catches_a_latent_dtype_attribute_that_disagrees_with_the_array(
+    demo_reference: Build, tmp_path: Path
+) -> None:
     store = copy_store(demo_reference.store, tmp_path / "edited.zarr")
     meta = json.loads((store / "zarr.json").read_text())
     meta["attributes"]["salt"]["latent_dtype"] = "float32"

@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 
 from shared.errors import SaltUsageError
-from shared.filesystem import (atomic_dir, atomic_file, build_lock, no_build_running, reading_folder,
-                               store_lock_path, unless_in_use, write_text_atomic)
+from shared.filesystem import (
+    atomic_dir,
+    atomic_file,
+    build_lock,
+    no_build_running,
+    reading_folder,
+    store_lock_path,
+    unless_in_use,
+    write_text_atomic,
+)
 
 _WRITE_AND_HANG = """
 import sys, time
@@ -38,8 +46,12 @@ def test_a_kill_9_mid_write_leaves_the_old_version_whole(kind: str, tmp_path: Pa
     else:
         with atomic_dir(final) as partial:
             (partial / "weights").write_text("old")
-    child = subprocess.Popen([sys.executable, "-c", _WRITE_AND_HANG, kind, str(final)], stdout=subprocess.PIPE,
-                             text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WRITE_AND_HANG, kind, str(final)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     try:
         assert child.stdout.readline().strip() == "staged"
     finally:

@@ -121,15 +121,18 @@ def test_dump_round_trips(tmp_path: Path) -> None:
 
 def test_dotted_overrides_apply_and_none_is_ignored() -> None:
     base = load_pipeline("ssv2")
-    cfg = load_pipeline("ssv2", {
-        "teacher.batch_size": 4,
-        "train.max_steps": 100,
-        "cache.limit": 10,
-        "train_loader.num_workers": 0,
-        "view.sampling": "segment-center",
-        "train.lr": None,
-        "cache.split": None,
-    })
+    cfg = load_pipeline(
+        "ssv2",
+        {
+            "teacher.batch_size": 4,
+            "train.max_steps": 100,
+            "cache.limit": 10,
+            "train_loader.num_workers": 0,
+            "view.sampling": "segment-center",
+            "train.lr": None,
+            "cache.split": None,
+        },
+    )
     assert cfg.teacher.batch_size == 4
     assert cfg.train.max_steps == 100
     assert cfg.cache.limit == 10

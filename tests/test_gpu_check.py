@@ -14,24 +14,66 @@ from pathlib import Path
 from conftest import REPO, call_cli
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-MAIN_STEPS = ("device", "demo_data", "eval_store_train", "eval_store_val", "build_bench", "step_random",
-              "step_multiblock", "eval_run", "eval")
-CUDA_ONLY_STEPS = ("step_multiblock_max_autotune", "teacher_batch32", "teacher_cudnn", "teacher_max_autotune",
-                   "step_random_max_autotune")
+MAIN_STEPS = (
+    "device",
+    "demo_data",
+    "eval_store_train",
+    "eval_store_val",
+    "build_bench",
+    "step_random",
+    "step_multiblock",
+    "eval_run",
+    "eval",
+)
+CUDA_ONLY_STEPS = (
+    "step_multiblock_max_autotune",
+    "teacher_batch32",
+    "teacher_cudnn",
+    "teacher_max_autotune",
+    "step_random_max_autotune",
+)
 # The figures each step must give (more may be there); on CPU some are None (no GPU peak), never absent.
 EXPECTED = {
     "device": ("matmul_bf16_tflop_per_s", "peak_bf16_tflop_per_s", "matmul_peak_fraction"),
-    "build_bench": ("teacher_only_clips_per_s", "end_to_end_clips_per_s", "decode_only_clips_per_s",
-                    "main_thread_host_ms_per_clip", "teacher_achieved_tflop_per_s"),
-    "step_random": ("step_memory_clips_per_s", "step_loader_clips_per_s", "loader_clips_per_s",
-                    "step_memory_peak_fraction", "step_loader_peak_fraction", "train_step_gflop_per_clip"),
-    "step_multiblock": ("step_memory_clips_per_s", "step_loader_clips_per_s", "profile_busy_fraction",
-                        "profile_window_ms_per_step"),
-    "eval": ("wall_s", "setup_s", "features_train_s", "features_val_s", "heldout_s", "temporal_probes_s",
-             "classification_probes_s"),
+    "build_bench": (
+        "teacher_only_clips_per_s",
+        "end_to_end_clips_per_s",
+        "decode_only_clips_per_s",
+        "main_thread_host_ms_per_clip",
+        "teacher_achieved_tflop_per_s",
+    ),
+    "step_random": (
+        "step_memory_clips_per_s",
+        "step_loader_clips_per_s",
+        "loader_clips_per_s",
+        "step_memory_peak_fraction",
+        "step_loader_peak_fraction",
+        "train_step_gflop_per_clip",
+    ),
+    "step_multiblock": (
+        "step_memory_clips_per_s",
+        "step_loader_clips_per_s",
+        "profile_busy_fraction",
+        "profile_window_ms_per_step",
+    ),
+    "eval": (
+        "wall_s",
+        "setup_s",
+        "features_train_s",
+        "features_val_s",
+        "heldout_s",
+        "temporal_probes_s",
+        "classification_probes_s",
+    ),
 }
-MEASURED_ON_CPU = ("matmul_bf16_tflop_per_s", "teacher_only_clips_per_s", "step_memory_clips_per_s",
-                   "step_loader_clips_per_s", "profile_busy_fraction", "wall_s")
+MEASURED_ON_CPU = (
+    "matmul_bf16_tflop_per_s",
+    "teacher_only_clips_per_s",
+    "step_memory_clips_per_s",
+    "step_loader_clips_per_s",
+    "profile_busy_fraction",
+    "wall_s",
+)
 
 
 def value_unit_pairs(node, path="") -> list[tuple[str, dict]]:
@@ -50,8 +92,9 @@ def value_unit_pairs(node, path="") -> list[tuple[str, dict]]:
 
 def test_dry_gpu_check_writes_every_figure_with_its_unit(tmp_path) -> None:
     out = tmp_path / "gpu-check"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out)], capture_output=True,
-                          text=True, timeout=400, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry", "--out", str(out)], capture_output=True, text=True, timeout=400, cwd=REPO
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     record = json.loads((out / "gpu-check.json").read_text())
     assert record["format"] == "salt-gpu-check" and record["dry"] is True
@@ -104,8 +147,13 @@ def test_a_step_past_its_deadline_ends_with_its_process_group(tmp_path) -> None:
 
 def test_an_out_folder_it_did_not_write_is_refused(tmp_path) -> None:
     (tmp_path / "mine.txt").write_text("keep")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "did not write" in done.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep" and not (tmp_path / "gpu-check.json").exists()
 

@@ -47,8 +47,12 @@ def test_a_vjepa_checkpoint_converts_to_its_own_forward(tmp_path: Path, with_pos
         assert torch.allclose(encoder(pixels), want, atol=1e-5, rtol=1e-4)
         # Fewer frames keep the first time slots' positions (load_encoder's rule), as the reference does.
         few = _pixels(4)
-        assert torch.allclose(load_encoder(tmp_path / "export", num_frames=4).eval()(few),
-                              vjepa_forward(state, few, HEADS, positions), atol=1e-5, rtol=1e-4)
+        assert torch.allclose(
+            load_encoder(tmp_path / "export", num_frames=4).eval()(few),
+            vjepa_forward(state, few, HEADS, positions),
+            atol=1e-5,
+            rtol=1e-4,
+        )
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["source"]["layout"] == "vjepa" and config["kwargs"]["num_heads"] == HEADS
     if not with_pos:
@@ -57,15 +61,26 @@ def test_a_vjepa_checkpoint_converts_to_its_own_forward(tmp_path: Path, with_pos
 
 @pytest.mark.parametrize("final_norm", [True, False])
 def test_a_videomae_folder_converts_to_its_own_forward(tmp_path: Path, final_norm: bool) -> None:
-    config = VideoMAEConfig(image_size=224, patch_size=16, num_channels=3, num_frames=16, tubelet_size=2,
-                            hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
-                            intermediate_size=3 * WIDTH, use_mean_pooling=not final_norm)  # layer_norm_eps 1e-12
+    config = VideoMAEConfig(
+        image_size=224,
+        patch_size=16,
+        num_channels=3,
+        num_frames=16,
+        tubelet_size=2,
+        hidden_size=WIDTH,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        intermediate_size=3 * WIDTH,
+        use_mean_pooling=not final_norm,
+    )  # layer_norm_eps 1e-12
     torch.manual_seed(0)
     model = VideoMAEModel(config)
     with torch.no_grad():  # every tensor random (LayerNorms and biases too): a swapped mapping would show
         for name, tensor in model.named_parameters():
-            tensor.copy_(torch.randn_like(tensor) * (0.2 if "weight" in name else 0.05)
-                         + (1.0 if "layernorm" in name and name.endswith("weight") else 0.0))
+            tensor.copy_(
+                torch.randn_like(tensor) * (0.2 if "weight" in name else 0.05)
+                + (1.0 if "layernorm" in name and name.endswith("weight") else 0.0)
+            )
     model.save_pretrained(tmp_path / "videomae")
     output = _import(tmp_path / "videomae", tmp_path / "export")
     assert f"{len(model.state_dict())} tensors" in output, output
@@ -99,7 +114,8 @@ def test_bad_sources_are_one_line_and_exit_2(tmp_path: Path) -> None:
     assert "unexpected key blocks.0.attn.rel_pos" in _refused(checkpoint("extra.pth.tar", extra), out)
     wrong = good | {"blocks.0.mlp.fc1.weight": torch.zeros(4 * WIDTH, WIDTH + 1)}
     assert "blocks.0.mlp.fc1.weight has shape (128, 33), expected (128, 32)" in _refused(
-        checkpoint("shape.pth.tar", wrong), out, "--heads", "2")
+        checkpoint("shape.pth.tar", wrong), out, "--heads", "2"
+    )
     other_geometry = good | {"patch_embed.proj.weight": torch.zeros(WIDTH, 3, 1, 16, 16)}
     assert "not a Conv3d of 2x16x16" in _refused(checkpoint("geometry.pth.tar", other_geometry), out)
     big = good | {"pos_embed": torch.zeros(1, 4608, WIDTH)}  # 384 px
@@ -120,15 +136,18 @@ def test_bad_sources_are_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_a_videomae_folder_with_a_stray_or_missing_tensor_is_refused(tmp_path: Path) -> None:
-    config = VideoMAEConfig(hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=HEADS,
-                            intermediate_size=2 * WIDTH)
+    config = VideoMAEConfig(
+        hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=2 * WIDTH
+    )
     VideoMAEModel(config).save_pretrained(tmp_path / "videomae")
     weights = tmp_path / "videomae" / "model.safetensors"
     state = load_file(weights)
-    save_file(state | {"encoder.layer.0.attention.attention.rel_pos": torch.zeros(3)}, weights,
-              metadata={"format": "pt"})
-    assert "unexpected key encoder.layer.0.attention.attention.rel_pos" in _refused(tmp_path / "videomae",
-                                                                                    tmp_path / "out")
+    save_file(
+        state | {"encoder.layer.0.attention.attention.rel_pos": torch.zeros(3)}, weights, metadata={"format": "pt"}
+    )
+    assert "unexpected key encoder.layer.0.attention.attention.rel_pos" in _refused(
+        tmp_path / "videomae", tmp_path / "out"
+    )
     save_file({k: v for k, v in state.items() if "output.dense.bias" not in k}, weights, metadata={"format": "pt"})
     assert "lacks" in _refused(tmp_path / "videomae", tmp_path / "out")
     assert not (tmp_path / "out").exists()

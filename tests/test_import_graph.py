@@ -46,7 +46,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -80,8 +80,11 @@ def test_no_import_circle_in_any_package():
 def test_training_reaches_eval_only_through_the_loop():
     """Only the loop (and the CLI) import the eval wing; nothing in the eval wing imports the loop."""
     graph = import_graph()
-    importers = {m for m, targets in graph.items() if any(t.startswith("salt_train.eval") for t in targets)
-                 and not m.startswith("salt_train.eval")}
+    importers = {
+        m
+        for m, targets in graph.items()
+        if any(t.startswith("salt_train.eval") for t in targets) and not m.startswith("salt_train.eval")
+    }
     assert importers <= {"salt_train.train", "salt_train.cli"}, importers
     for module, targets in graph.items():
         if module.startswith("salt_train.eval"):

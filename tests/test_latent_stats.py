@@ -15,8 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import call_cli, call_train, copy_store, train_pipeline
-from shared.latent_stats import (LAYER_NORM_EPS, OUTLIER_MULTIPLE, TOP_CHANNELS, ChannelAccumulator, LatentStats,
-                                 compute_stats, warning_share)
+from shared.latent_stats import (
+    LAYER_NORM_EPS,
+    OUTLIER_MULTIPLE,
+    TOP_CHANNELS,
+    ChannelAccumulator,
+    LatentStats,
+    compute_stats,
+    warning_share,
+)
 from shared.rows import read_row_range
 from shared.store import LatentStore, RowStatus, ShardPayload, create_store
 
@@ -32,8 +39,16 @@ def plant_outliers(store_path: Path, channels: tuple[int, ...], scale: float) ->
         rows = read_row_range(store, start, stop, ("pixels", "latents", "frame_index", "status", "error"))
         latents = rows["latents"].astype(np.float32)
         latents[..., list(channels)] *= scale
-        store.write_shard(ShardPayload(shard, rows["pixels"], latents.astype(np.float16), rows["frame_index"],
-                                       rows["status"], [str(e) for e in rows["error"]]))
+        store.write_shard(
+            ShardPayload(
+                shard,
+                rows["pixels"],
+                latents.astype(np.float16),
+                rows["frame_index"],
+                rows["status"],
+                [str(e) for e in rows["error"]],
+            )
+        )
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +161,27 @@ def test_warning_threshold_is_a_multiple_of_the_even_share_capped_for_narrow_tea
     assert warning_share(64) == 0.5
 
 
-@pytest.mark.parametrize("make, fragment", [
-    (lambda tmp: tmp / "nope.zarr", "does not exist"),
-    (lambda tmp: tmp, "not a Zarr v3 group"),
-    (lambda tmp: create_store(tmp / "empty.zarr", clip_ids=["1", "2"], labels=[0, 1], teacher_width=8, shard_rows=2,
-                              pixels_zstd_level=1, attrs={}).path, "no committed rows"),
-])
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda tmp: tmp / "nope.zarr", "does not exist"),
+        (lambda tmp: tmp, "not a Zarr v3 group"),
+        (
+            lambda tmp: (
+                create_store(
+                    tmp / "empty.zarr",
+                    clip_ids=["1", "2"],
+                    labels=[0, 1],
+                    teacher_width=8,
+                    shard_rows=2,
+                    pixels_zstd_level=1,
+                    attrs={},
+                ).path
+            ),
+            "no committed rows",
+        ),
+    ],
+)
 def test_bad_store_is_one_line(make, fragment, tmp_path) -> None:
     result = call_cli("stats", make(tmp_path))
     assert result.returncode == 2
@@ -175,8 +205,14 @@ def test_channel_standardisation_matches_numpy(planted) -> None:
     np.testing.assert_allclose(flat.mean(axis=0), 0, atol=1e-9)
     np.testing.assert_allclose(flat.std(axis=0), 1, rtol=1e-9)
 
-    model = ModelConfig(student="vit_tiny_patch16_224", student_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
-                        predictor_width=32, predictor_depth=1, predictor_heads=2, target_norm="channel")
+    model = ModelConfig(
+        student="vit_tiny_patch16_224",
+        student_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
+        predictor_width=32,
+        predictor_depth=1,
+        predictor_heads=2,
+        target_norm="channel",
+    )
     objective = SaltObjective(build_salt_student(model, stats.width), "mse", TargetNorm.from_stats(stats))
     latents16 = torch.from_numpy(x[:2].astype(np.float16))
     ours = normalise_targets(latents16, objective.target_mean, objective.target_std)
@@ -191,8 +227,9 @@ def test_channel_standardisation_matches_numpy(planted) -> None:
 @pytest.fixture(scope="module")
 def channel_run(planted, tmp_path_factory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("channel-run")
-    pipeline = train_pipeline(work / "train.yaml", model__target_norm="channel", train__max_steps=16,
-                              train__checkpoint_every=8)
+    pipeline = train_pipeline(
+        work / "train.yaml", model__target_norm="channel", train__max_steps=16, train__checkpoint_every=8
+    )
     run_dir = work / "run"
     result = call_train("run", "--cache", planted, "--pipeline", pipeline, "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr
@@ -246,8 +283,7 @@ def test_resume_and_eval_use_the_recorded_statistics(channel_run, planted, tmp_p
     device = torch.device("cpu")
     students = {"student": subject.student}
     mask, loss = subject.config.mask, subject.config.model.loss
-    with_record = heldout_figures(store, rows, mask, loss, device, 4, 0, students,
-                                  target_norm, None)["student"]
+    with_record = heldout_figures(store, rows, mask, loss, device, 4, 0, students, target_norm, None)["student"]
     layer_only = heldout_figures(store, rows, mask, loss, device, 4, 0, students, LAYER_NORM, None)["student"]
     assert np.isfinite(with_record["loss"]) and with_record["loss"] != layer_only["loss"]
 

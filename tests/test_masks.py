@@ -9,8 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.geometry import GRID_H, GRID_T, GRID_W, NUM_TOKENS, TOKENS_PER_FRAME
-from salt_train.masks import (MASK_KINDS, MULTIBLOCK_GROUPS, MaskBatch, blocks_union, make_masks, mask_layout,
-                              masked_count, multiblock_coverage)
+from salt_train.masks import (
+    MASK_KINDS,
+    MULTIBLOCK_GROUPS,
+    MaskBatch,
+    blocks_union,
+    make_masks,
+    mask_layout,
+    masked_count,
+    multiblock_coverage,
+)
 
 ratios = st.floats(min_value=0.0, max_value=1.0, exclude_min=True, exclude_max=True, allow_nan=False)
 kinds = st.sampled_from(MASK_KINDS)
@@ -29,8 +37,9 @@ def as_bool(indices: torch.Tensor) -> np.ndarray:
 
 @FEW
 @given(kind=single_group_kinds, ratio=ratios, batch=st.integers(1, 6), seed=seeds, step=steps)
-def test_one_group_kinds_partition_tokens_with_exact_count(kind: str, ratio: float, batch: int, seed: int,
-                                                           step: int) -> None:
+def test_one_group_kinds_partition_tokens_with_exact_count(
+    kind: str, ratio: float, batch: int, seed: int, step: int
+) -> None:
     masks = make_masks(kind, ratio, batch, seed, step)
     count = masked_count(kind, ratio)
     assert 1 <= count <= NUM_TOKENS - 1
@@ -99,6 +108,7 @@ def test_multiblock_context_is_outside_every_block_of_the_draw(seed: int, step: 
     """Rebuilt from the generator: the group's blocks (redraws included) are exactly the hidden
     cells, targets lie inside them and the context outside."""
     from salt_train.masks import _rng, group_hidden
+
     rng = _rng(seed, step)
     masks = make_masks("multiblock", 0.75, 4, seed, step)
     for index, group in enumerate(MULTIBLOCK_GROUPS):
@@ -111,8 +121,13 @@ def test_multiblock_context_is_outside_every_block_of_the_draw(seed: int, step: 
 
 
 @FEW
-@given(samples=st.integers(1, 8), blocks=st.integers(1, 8), height=st.integers(1, GRID_H),
-       width=st.integers(1, GRID_W), seed=st.integers(0, 2**32))
+@given(
+    samples=st.integers(1, 8),
+    blocks=st.integers(1, 8),
+    height=st.integers(1, GRID_H),
+    width=st.integers(1, GRID_W),
+    seed=st.integers(0, 2**32),
+)
 def test_blocks_union_is_a_union_of_boxes(samples: int, blocks: int, height: int, width: int, seed: int) -> None:
     union = blocks_union(np.random.default_rng(seed), samples, blocks, height, width)
     assert union.shape == (samples, GRID_H, GRID_W) and union.dtype == bool
@@ -139,7 +154,7 @@ def test_masks_are_identical_for_any_rank_count() -> None:
     whole = make_masks("multiblock", 0.75, 8, seed=5, step=11)
     for ranks in (2, 4, 8):
         local = 8 // ranks
-        parts = [whole[r * local:(r + 1) * local] for r in range(ranks)]
+        parts = [whole[r * local : (r + 1) * local] for r in range(ranks)]
         for group in range(2):
             assert torch.equal(torch.cat([p.masked[group] for p in parts]), whole.masked[group])
             assert torch.equal(torch.cat([p.visible[group] for p in parts]), whole.visible[group])
@@ -192,10 +207,19 @@ def test_mask_batch_to_moves_both_tensors() -> None:
         moved.masked = masks.visible  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("kind, ratio", [
-    ("block", 0.5), ("", 0.5), ("RANDOM", 0.5),
-    ("random", 0.0), ("random", 1.0), ("tube", -0.1), ("multiblock", 1.5), ("random", float("nan")),
-])
+@pytest.mark.parametrize(
+    "kind, ratio",
+    [
+        ("block", 0.5),
+        ("", 0.5),
+        ("RANDOM", 0.5),
+        ("random", 0.0),
+        ("random", 1.0),
+        ("tube", -0.1),
+        ("multiblock", 1.5),
+        ("random", float("nan")),
+    ],
+)
 def test_invalid_kind_or_ratio_is_refused(kind: str, ratio: float) -> None:
     with pytest.raises(ValueError):
         masked_count(kind, ratio)

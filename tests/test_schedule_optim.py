@@ -77,7 +77,8 @@ def test_cosine_midpoint_and_seed_recipe() -> None:
 def test_no_warmup_and_warmup_only() -> None:
     assert lr_at(0, lr=1.0, min_lr=0.1, warmup_steps=0, total_steps=10) == 1.0
     assert lr_at(9, lr=1.0, min_lr=0.1, warmup_steps=0, total_steps=10) == pytest.approx(
-        0.1 + 0.45 * (1 + math.cos(math.pi * 0.9)))
+        0.1 + 0.45 * (1 + math.cos(math.pi * 0.9))
+    )
     # warmup_steps >= total_steps: the run is all warmup, never past the peak.
     values = [lr_at(step, lr=1.0, min_lr=0.0, warmup_steps=20, total_steps=10) for step in range(10)]
     assert values == pytest.approx([(step + 1) / 20 for step in range(10)])
@@ -130,13 +131,27 @@ def test_parameter_groups_split_decay_from_norms_biases_and_embeddings() -> None
     assert sum(len(group["params"]) for group in groups) == len(trainable)  # exactly once each
     assert not any(name.startswith("adapter.frozen") for name in decay | no_decay)
 
-    for name in ("vit.pos_embed", "vit.cls_token", "adapter.temporal_embed",
-                 "vit.norm.weight", "vit.norm.bias", "vit.blocks.0.norm1.weight",
-                 "vit.blocks.0.attn.qkv.bias", "vit.patch_embed.proj.bias", "head.bias"):
+    for name in (
+        "vit.pos_embed",
+        "vit.cls_token",
+        "adapter.temporal_embed",
+        "vit.norm.weight",
+        "vit.norm.bias",
+        "vit.blocks.0.norm1.weight",
+        "vit.blocks.0.attn.qkv.bias",
+        "vit.patch_embed.proj.bias",
+        "head.bias",
+    ):
         assert name in no_decay, name
-    for name in ("vit.blocks.0.attn.qkv.weight", "vit.blocks.0.attn.proj.weight",
-                 "vit.blocks.0.mlp.fc1.weight", "vit.blocks.0.mlp.fc2.weight",
-                 "vit.patch_embed.proj.weight", "adapter.proj.weight", "head.weight"):
+    for name in (
+        "vit.blocks.0.attn.qkv.weight",
+        "vit.blocks.0.attn.proj.weight",
+        "vit.blocks.0.mlp.fc1.weight",
+        "vit.blocks.0.mlp.fc2.weight",
+        "vit.patch_embed.proj.weight",
+        "adapter.proj.weight",
+        "head.weight",
+    ):
         assert name in decay, name
     for name in decay:
         assert not any(key in name for key in NO_DECAY_NAMES)

@@ -44,8 +44,9 @@ def test_pending_rows_and_damaged_index_are_refused(reference_build, mixed_set, 
 
 def test_other_layouts_fall_back_to_zarr(tmp_path: Path) -> None:
     group = zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3)
-    group.create_array("compressed", shape=(4, 8), dtype="float16", chunks=(1, 8), shards=(2, 8),
-                       compressors=zarr.codecs.BloscCodec())  # a codec the raw reader does not decode
+    group.create_array(
+        "compressed", shape=(4, 8), dtype="float16", chunks=(1, 8), shards=(2, 8), compressors=zarr.codecs.BloscCodec()
+    )  # a codec the raw reader does not decode
     group.create_array("plain", shape=(4, 8), dtype="float16", chunks=(1, 8), compressors=None)  # not sharded
     assert open_raw_rows(tmp_path / "g.zarr" / "compressed") is None
     assert open_raw_rows(tmp_path / "g.zarr" / "plain") is None
@@ -54,15 +55,24 @@ def test_other_layouts_fall_back_to_zarr(tmp_path: Path) -> None:
 
 @settings(max_examples=5, deadline=None)
 @given(rows=st.integers(1, 7), shard_rows=st.integers(1, 4), level=st.sampled_from([0, 1, 3]), seed=st.integers(0, 99))
-def test_shards_written_to_their_files_read_back_through_zarr(tmp_path_factory, rows: int, shard_rows: int,
-                                                              level: int, seed: int) -> None:
+def test_shards_written_to_their_files_read_back_through_zarr(
+    tmp_path_factory, rows: int, shard_rows: int, level: int, seed: int
+) -> None:
     """The big arrays' shard files written by shared.shard_writer (raw latents, zstd or raw pixels,
     a shorter last shard, all-zero rows) read back identically through zarr and the raw reader."""
     from shared.shard_writer import open_shard_writer
     from shared.store import RowStatus, ShardPayload, create_store
+
     path = tmp_path_factory.mktemp("written") / "s.zarr"
-    store = create_store(path, clip_ids=[str(r) for r in range(rows)], labels=[-1] * rows, teacher_width=4,
-                         shard_rows=shard_rows, pixels_zstd_level=level, attrs={})
+    store = create_store(
+        path,
+        clip_ids=[str(r) for r in range(rows)],
+        labels=[-1] * rows,
+        teacher_width=4,
+        shard_rows=shard_rows,
+        pixels_zstd_level=level,
+        attrs={},
+    )
     assert open_shard_writer(path / "pixels") is not None and open_shard_writer(path / "latents") is not None
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (rows, 16, 224, 224, 3), dtype=np.uint8)
@@ -70,8 +80,16 @@ def test_shards_written_to_their_files_read_back_through_zarr(tmp_path_factory, 
     pixels[0], latents[0] = 0, 0  # a row equal to the fill value: zarr itself would leave it out
     for shard, start, stop in store.iter_shards():
         n = stop - start
-        store.write_shard(ShardPayload(shard, pixels[start:stop], latents[start:stop], np.zeros((n, 16), np.int32),
-                                       np.full(n, RowStatus.COMMITTED, np.uint8), [""] * n))
+        store.write_shard(
+            ShardPayload(
+                shard,
+                pixels[start:stop],
+                latents[start:stop],
+                np.zeros((n, 16), np.int32),
+                np.full(n, RowStatus.COMMITTED, np.uint8),
+                [""] * n,
+            )
+        )
     reopened = LatentStore.open(path)
     np.testing.assert_array_equal(reopened.arrays["pixels"][:], pixels)
     np.testing.assert_array_equal(reopened.arrays["latents"][:], latents)
@@ -85,8 +103,16 @@ def test_shard_files_are_named_as_zarr_names_them_and_other_chunk_keys_are_refus
     writes; a store whose array uses other chunk keys is refused (its files would be looked for elsewhere)."""
     from shared.errors import SaltUsageError
     from shared.store import create_store
-    store = create_store(tmp_path / "s.zarr", clip_ids=["a", "b"], labels=[-1, -1], teacher_width=4, shard_rows=1,
-                         pixels_zstd_level=0, attrs={})
+
+    store = create_store(
+        tmp_path / "s.zarr",
+        clip_ids=["a", "b"],
+        labels=[-1, -1],
+        teacher_width=4,
+        shard_rows=1,
+        pixels_zstd_level=0,
+        attrs={},
+    )
     for name, array in store.arrays.items():
         key = array.metadata.encode_chunk_key((1,) + (0,) * (array.ndim - 1))
         assert store.shard_file(name, 1) == store.path / name / key
@@ -100,8 +126,17 @@ def test_shard_files_are_named_as_zarr_names_them_and_other_chunk_keys_are_refus
 
 # ---- shared.rows.read_rows: the one read path over every per-row array --------------------------
 
-ROW_ARRAYS = ("pixels", "latents", "frame_index", "status", "pixels_checksum", "latents_checksum", "error",
-              "clip_id", "label")
+ROW_ARRAYS = (
+    "pixels",
+    "latents",
+    "frame_index",
+    "status",
+    "pixels_checksum",
+    "latents_checksum",
+    "error",
+    "clip_id",
+    "label",
+)
 
 
 @settings(max_examples=8, deadline=None)

@@ -22,8 +22,13 @@ import numpy as np
 import pytest
 
 from salt_train.snapshot import (
-    check_manifest, list_snapshots, prune_snapshots, reuse_snapshot, snapshot_root,
-    store_manifest, take_snapshot,
+    check_manifest,
+    list_snapshots,
+    prune_snapshots,
+    reuse_snapshot,
+    snapshot_root,
+    store_manifest,
+    take_snapshot,
 )
 from shared.errors import SaltUsageError
 from shared.filesystem import clone_file
@@ -36,27 +41,39 @@ WIDTH = 8  # teacher width: latents stay tiny, pixels (2.4 MB a row) make the by
 
 def make_store(path: Path, rows: int, shard_rows: int, seed: int = 0) -> LatentStore:
     """A real SALT store, every row committed with random (incompressible) pixels."""
-    store = create_store(path, clip_ids=[f"clip-{i}" for i in range(rows)], labels=[i % 4 for i in range(rows)],
-                         teacher_width=WIDTH, shard_rows=shard_rows, pixels_zstd_level=0, attrs={})
+    store = create_store(
+        path,
+        clip_ids=[f"clip-{i}" for i in range(rows)],
+        labels=[i % 4 for i in range(rows)],
+        teacher_width=WIDTH,
+        shard_rows=shard_rows,
+        pixels_zstd_level=0,
+        attrs={},
+    )
     for shard, start, stop in store.iter_shards():
         write_shard(store, shard, stop - start, np.random.default_rng(seed + shard))
     return store
 
 
 def write_shard(store: LatentStore, shard: int, n: int, rng: np.random.Generator) -> None:
-    store.write_shard(ShardPayload(
-        index=shard,
-        pixels=rng.integers(0, 256, pixels_shape(n), dtype=np.uint8),
-        latents=rng.standard_normal(latents_shape(n, WIDTH)).astype(np.float16),
-        frame_index=np.tile(np.arange(16, dtype=np.int32), (n, 1)),
-        status=np.full(n, RowStatus.COMMITTED, np.uint8),
-        error=[""] * n,
-    ))
+    store.write_shard(
+        ShardPayload(
+            index=shard,
+            pixels=rng.integers(0, 256, pixels_shape(n), dtype=np.uint8),
+            latents=rng.standard_normal(latents_shape(n, WIDTH)).astype(np.float16),
+            frame_index=np.tile(np.arange(16, dtype=np.int32), (n, 1)),
+            status=np.full(n, RowStatus.COMMITTED, np.uint8),
+            error=[""] * n,
+        )
+    )
 
 
 def file_digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.blake2b(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -108,6 +125,7 @@ def ext4_dir(tmp_path: Path) -> Path:
 
 
 # ---- reflink on XFS -----------------------------------------------------------------------
+
 
 def test_reflink_cost_grows_with_files_not_bytes(xfs_dir: Path) -> None:
     small = make_store(xfs_dir / "small" / "cache", rows=2, shard_rows=1).path  # ~5 MB in 2 shards
@@ -206,6 +224,7 @@ def test_many_files(xfs_dir: Path) -> None:
 
 # ---- no reflink (ext4): fallback, copy, manifest ------------------------------------------
 
+
 def test_auto_without_reflink_reads_live_store_loudly(ext4_dir: Path) -> None:
     store = make_store(ext4_dir / "cache", rows=4, shard_rows=2).path
     with snapshot_log() as records:
@@ -244,7 +263,10 @@ def test_manifest_detects_changes(ext4_dir: Path) -> None:
     (live.path / "extra.bin").write_bytes(b"x")
     (live.path / "label" / "c" / "0").unlink()
     assert check_manifest(live.path, manifest) == [
-        "removed: label/c/0", "added: extra.bin", "changed: status/c/0 (content)"]
+        "removed: label/c/0",
+        "added: extra.bin",
+        "changed: status/c/0 (content)",
+    ]
 
 
 def test_copy_without_reflink(ext4_dir: Path) -> None:

@@ -35,8 +35,9 @@ STEPS = 40  # more than the stopped run can take: the SIGSTOP lands after its fi
 def straight(demo_reference: Build, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run every stopped-and-resumed run must end equal to."""
     work = tmp_path_factory.mktemp("straight")
-    pipeline = train_pipeline(work / "train.yaml", train__max_steps=STEPS, train__checkpoint_every=1000,
-                              train__log_every=1, **FORKSERVER)
+    pipeline = train_pipeline(
+        work / "train.yaml", train__max_steps=STEPS, train__checkpoint_every=1000, train__log_every=1, **FORKSERVER
+    )
     result = call_train("run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", work / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     return work / "run"
@@ -45,8 +46,9 @@ def straight(demo_reference: Build, tmp_path_factory: pytest.TempPathFactory) ->
 def _stop_the_workers(proc: subprocess.Popen) -> tuple[list[int], list[int]]:
     """SIGSTOP both loader workers (as a read hung on NFS looks); returns them and the whole tree."""
     tree = process_tree(proc.pid)
-    forkserver = [pid for pid in tree[1:] if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text()
-                  and process_tree(pid)[1:]]
+    forkserver = [
+        pid for pid in tree[1:] if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text() and process_tree(pid)[1:]
+    ]
     workers = process_tree(forkserver[0])[1:]
     assert len(workers) == 2, (tree, workers)
     for pid in workers:
@@ -81,13 +83,25 @@ def _resumes_to_the_straight_weights(run_dir: Path, store: Path, straight: Path)
 
 # ---- 1. loader workers stopped: SIGTERM still stops in bounded time, and the stall bound stops alone ------
 
-def test_sigterm_with_the_workers_stopped_exits_in_bound_and_resumes_identical(demo_reference: Build, straight: Path,
-                                                                                tmp_path: Path) -> None:
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=STEPS, train__checkpoint_every=1000,
-                              train__log_every=1, **FORKSERVER)
+
+def test_sigterm_with_the_workers_stopped_exits_in_bound_and_resumes_identical(
+    demo_reference: Build, straight: Path, tmp_path: Path
+) -> None:
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=STEPS, train__checkpoint_every=1000, train__log_every=1, **FORKSERVER
+    )
     run_dir = tmp_path / "run"
-    proc = start("salt_train", "run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", run_dir,
-                 tmpdir=tmp_path / "tmp")
+    proc = start(
+        "salt_train",
+        "run",
+        "--cache",
+        demo_reference.store,
+        "--pipeline",
+        pipeline,
+        "--run-dir",
+        run_dir,
+        tmpdir=tmp_path / "tmp",
+    )
     wait_for(run_dir / "metrics.jsonl", proc)
     _, tree = _stop_the_workers(proc)
     time.sleep(3)  # the main process has taken what was prefetched and waits on the stopped workers
@@ -109,14 +123,30 @@ def test_sigterm_with_the_workers_stopped_exits_in_bound_and_resumes_identical(d
     _resumes_to_the_straight_weights(run_dir, demo_reference.store, straight)
 
 
-def test_a_stalled_loader_stops_with_one_line_and_a_checkpoint(demo_reference: Build, straight: Path,
-                                                               tmp_path: Path) -> None:
+def test_a_stalled_loader_stops_with_one_line_and_a_checkpoint(
+    demo_reference: Build, straight: Path, tmp_path: Path
+) -> None:
     bound = 15
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=STEPS, train__checkpoint_every=1000,
-                              train__log_every=1, train_loader__stall_timeout_s=bound, **FORKSERVER)
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml",
+        train__max_steps=STEPS,
+        train__checkpoint_every=1000,
+        train__log_every=1,
+        train_loader__stall_timeout_s=bound,
+        **FORKSERVER,
+    )
     run_dir = tmp_path / "run"
-    proc = start("salt_train", "run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", run_dir,
-                 tmpdir=tmp_path / "tmp")
+    proc = start(
+        "salt_train",
+        "run",
+        "--cache",
+        demo_reference.store,
+        "--pipeline",
+        pipeline,
+        "--run-dir",
+        run_dir,
+        tmpdir=tmp_path / "tmp",
+    )
     wait_for(run_dir / "metrics.jsonl", proc)
     _, tree = _stop_the_workers(proc)
     stopped = time.monotonic()
@@ -154,8 +184,12 @@ def _kill_at(event: str, needle: str, count: int, *args: str | Path) -> subproce
     """``salt-train ARGS`` killed by SIGKILL just before its ``count``-th audit event ``event`` on ``needle``."""
     return subprocess.run(
         [sys.executable, REPO / "tests" / "kill_at.py", event, needle, str(count), "salt_train", *map(str, args)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -164,19 +198,22 @@ def copy_runs(demo_reference: Build, tmp_path_factory: pytest.TempPathFactory) -
     work = tmp_path_factory.mktemp("copy-snapshots")
     live = copy_store(demo_reference.store, work / "live" / "latents.zarr")
     pipeline = train_pipeline(work / "train.yaml", train__max_steps=6, train__checkpoint_every=3)
-    result = call_train("run", "--cache", live, "--pipeline", pipeline, "--run-dir", work / "straight",
-                        "--snapshot", "copy")
+    result = call_train(
+        "run", "--cache", live, "--pipeline", pipeline, "--run-dir", work / "straight", "--snapshot", "copy"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return live, pipeline, work / "straight"
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_kill_9_during_a_copy_snapshot_then_resume(point: str, copy_runs: tuple[Path, Path, Path],
-                                                   tmp_path: Path) -> None:
+def test_kill_9_during_a_copy_snapshot_then_resume(
+    point: str, copy_runs: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     live, pipeline, straight = copy_runs
     run_dir = tmp_path / f"killed-{point.split()[0].strip(',')}"
-    killed = _kill_at(*KILL_POINTS[point], "run", "--cache", live, "--pipeline", pipeline, "--run-dir", run_dir,
-                      "--snapshot", "copy")
+    killed = _kill_at(
+        *KILL_POINTS[point], "run", "--cache", live, "--pipeline", pipeline, "--run-dir", run_dir, "--snapshot", "copy"
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["stream"]["snapshot"] == "copy"  # as given
 
@@ -192,15 +229,28 @@ def test_kill_9_during_a_copy_snapshot_then_resume(point: str, copy_runs: tuple[
     assert all(torch.equal(a[k], b[k]) for k in a), f"{point}: weights differ from the uninterrupted run"
 
 
-def test_kill_9_before_a_reflink_snapshot_is_recorded_then_resume(demo_reference: Build, xfs_dir: Path,
-                                                                    tmp_path: Path) -> None:
+def test_kill_9_before_a_reflink_snapshot_is_recorded_then_resume(
+    demo_reference: Build, xfs_dir: Path, tmp_path: Path
+) -> None:
     """On a real XFS (reflink=1): a run killed between finishing its clone and recording it resumes on that
     clone, in reflink mode, with nothing else left beside the store."""
     live = copy_store(demo_reference.store, xfs_dir / "reflink-kill" / "latents.zarr")
     pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=4, train__checkpoint_every=2)
     run_dir = tmp_path / "run"
-    killed = _kill_at("open", "run.json.partial", 1, "run", "--cache", live, "--pipeline", pipeline,
-                      "--run-dir", run_dir, "--snapshot", "reflink")
+    killed = _kill_at(
+        "open",
+        "run.json.partial",
+        1,
+        "run",
+        "--cache",
+        live,
+        "--pipeline",
+        pipeline,
+        "--run-dir",
+        run_dir,
+        "--snapshot",
+        "reflink",
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     root = live.with_name(live.name + ".snapshots")
     assert [p.name for p in root.iterdir()] == ["run"]  # finished, unrecorded
@@ -220,11 +270,21 @@ def test_a_resume_refuses_another_snapshot_mode(copy_runs: tuple[Path, Path, Pat
 
 # ---- 3. a flipped byte in a committed shard: verify names the fix, the fix restores the rows -------------
 
+
 def test_verify_names_the_repair_and_the_repair_restores_the_rows(demo_reference: Build, tmp_path: Path) -> None:
     store = copy_store(demo_reference.store, tmp_path / "damaged.zarr")
     _flip(_shard_file(store, "latents", 3), 5000)
-    rerun = call_cli("build", "--src", demo_reference.src, "--out", store, "--teacher", demo_reference.teacher,
-                     "--pipeline", demo_reference.pipeline)
+    rerun = call_cli(
+        "build",
+        "--src",
+        demo_reference.src,
+        "--out",
+        store,
+        "--teacher",
+        demo_reference.teacher,
+        "--pipeline",
+        demo_reference.pipeline,
+    )
     assert rerun.returncode == 0 and "0 to do" in rerun.stderr  # a plain rerun looks at status only
     check = call_cli("verify", store)
     assert check.returncode == 1 and "latents checksum mismatch" in check.stdout, check.stdout
@@ -243,13 +303,20 @@ def test_verify_names_the_repair_and_the_repair_restores_the_rows(demo_reference
 
 # ---- 4. the smaller items ----------------------------------------------------------------------------------
 
+
 def test_the_resume_hint_quotes_paths_with_spaces_and_works_as_printed(demo_reference: Build, tmp_path: Path) -> None:
     store = copy_store(demo_reference.store, tmp_path / "my stores" / "latents.zarr")
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000,
-                              train__log_every=1, stream__snapshot="none")
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml",
+        train__max_steps=400,
+        train__checkpoint_every=1000,
+        train__log_every=1,
+        stream__snapshot="none",
+    )
     run_dir = tmp_path / "my runs" / "run one"
-    proc = start("salt_train", "run", "--cache", store, "--pipeline", pipeline, "--run-dir", run_dir,
-                 tmpdir=tmp_path / "tmp")
+    proc = start(
+        "salt_train", "run", "--cache", store, "--pipeline", pipeline, "--run-dir", run_dir, tmpdir=tmp_path / "tmp"
+    )
     wait_for(run_dir / "metrics.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -262,19 +329,37 @@ def test_the_resume_hint_quotes_paths_with_spaces_and_works_as_printed(demo_refe
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
-def test_a_resume_takes_a_set_that_fixes_a_wrong_val_cache(demo_reference: Build, demo_val_reference: Build,
-                                                           tmp_path: Path) -> None:
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=4, train__eval_every=2,
-                              eval__quick_rows=4)
+def test_a_resume_takes_a_set_that_fixes_a_wrong_val_cache(
+    demo_reference: Build, demo_val_reference: Build, tmp_path: Path
+) -> None:
+    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=4, train__eval_every=2, eval__quick_rows=4)
     run_dir = tmp_path / "run"
-    wrong = call_train("run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", run_dir,
-                       "--set", f"eval.val_cache={tmp_path / 'no-such-store.zarr'}")
+    wrong = call_train(
+        "run",
+        "--cache",
+        demo_reference.store,
+        "--pipeline",
+        pipeline,
+        "--run-dir",
+        run_dir,
+        "--set",
+        f"eval.val_cache={tmp_path / 'no-such-store.zarr'}",
+    )
     assert wrong.returncode == 2 and "no-such-store" in one_error_line(wrong.stderr)
-    refused = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume",
-                         "--set", "train.lr=1e-2")
+    refused = call_train(
+        "run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume", "--set", "train.lr=1e-2"
+    )
     assert refused.returncode == 2 and "a resume may set only eval.*" in one_error_line(refused.stderr)
-    fixed = call_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume",
-                       "--set", f"eval.val_cache={demo_val_reference.store}")
+    fixed = call_train(
+        "run",
+        "--cache",
+        demo_reference.store,
+        "--run-dir",
+        run_dir,
+        "--resume",
+        "--set",
+        f"eval.val_cache={demo_val_reference.store}",
+    )
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["val_cache"] == str(demo_val_reference.store)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -284,15 +369,26 @@ def test_a_resume_takes_a_set_that_fixes_a_wrong_val_cache(demo_reference: Build
 
 
 def test_kill_9_of_the_forkserver_is_one_line_without_a_traceback(demo_reference: Build, tmp_path: Path) -> None:
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000,
-                              train__log_every=1, **FORKSERVER)
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000, train__log_every=1, **FORKSERVER
+    )
     run_dir = tmp_path / "run"
-    proc = start("salt_train", "run", "--cache", demo_reference.store, "--pipeline", pipeline, "--run-dir", run_dir,
-                 tmpdir=tmp_path / "tmp")
+    proc = start(
+        "salt_train",
+        "run",
+        "--cache",
+        demo_reference.store,
+        "--pipeline",
+        pipeline,
+        "--run-dir",
+        run_dir,
+        tmpdir=tmp_path / "tmp",
+    )
     wait_for(run_dir / "metrics.jsonl", proc)
     tree = process_tree(proc.pid)
-    forkserver = [pid for pid in tree[1:] if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text()
-                  and process_tree(pid)[1:]]
+    forkserver = [
+        pid for pid in tree[1:] if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text() and process_tree(pid)[1:]
+    ]
     os.kill(forkserver[0], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr[-3000:]

@@ -14,16 +14,24 @@ from salt_train.step import Stepper, resolve_compile_mode, seeded_student
 
 
 def tiny_config(compile_mode: str):
-    return load_pipeline("demo", {
-        "model.student_kwargs": TINY_STUDENT, "model.predictor_width": 32, "model.predictor_depth": 1,
-        "model.predictor_heads": 2, "model.compile_mode": compile_mode, "train.batch_size": 2,
-        "train_loader.num_workers": 0,
-    })
+    return load_pipeline(
+        "demo",
+        {
+            "model.student_kwargs": TINY_STUDENT,
+            "model.predictor_width": 32,
+            "model.predictor_depth": 1,
+            "model.predictor_heads": 2,
+            "model.compile_mode": compile_mode,
+            "train.batch_size": 2,
+            "train_loader.num_workers": 0,
+        },
+    )
 
 
 def tiny_stepper(config, teacher_width: int) -> Stepper:
-    return Stepper(seeded_student(config, teacher_width), config.train, config.model, torch.device("cpu"),
-                   total_steps=10)
+    return Stepper(
+        seeded_student(config, teacher_width), config.train, config.model, torch.device("cpu"), total_steps=10
+    )
 
 
 def test_compiled_step_matches_eager_and_does_not_recompile(demo_reference) -> None:
@@ -66,6 +74,7 @@ def test_the_objective_equals_the_student_on_normalised_pixels_and_the_loss(demo
     from salt_train.data import to_model_inputs
     from salt_train.loss import normalise_targets, regression_loss
     from salt_train.student import gather_tokens
+
     store = LatentStore.open(demo_reference.store)
     for mode in ("salt", "mask-token"):
         config = tiny_config("off")
@@ -76,16 +85,23 @@ def test_the_objective_equals_the_student_on_normalised_pixels_and_the_loss(demo
         pixels, _ = to_model_inputs(batch, torch.device("cpu"))
         with torch.no_grad():
             assert len(visible) == len(masked) == 2  # the default multiblock: short- and long-range groups
-            expected = torch.stack([regression_loss(stepper.model(pixels, v, m, group=g),
-                                                    normalise_targets(gather_tokens(latents, m)), "mse")
-                                    for g, (v, m) in enumerate(zip(visible, masked))]).mean()
-            torch.testing.assert_close(stepper.objective(views, latents, visible, masked), expected,
-                                       rtol=1e-5, atol=1e-6)
+            expected = torch.stack(
+                [
+                    regression_loss(
+                        stepper.model(pixels, v, m, group=g), normalise_targets(gather_tokens(latents, m)), "mse"
+                    )
+                    for g, (v, m) in enumerate(zip(visible, masked))
+                ]
+            ).mean()
+            torch.testing.assert_close(
+                stepper.objective(views, latents, visible, masked), expected, rtol=1e-5, atol=1e-6
+            )
 
 
 def test_attention_choices_resolve_on_cpu() -> None:
     from torch.nn.attention import SDPBackend
     from salt_train.attention import attention_backends, attention_context
+
     cpu = torch.device("cpu")
     assert attention_backends("auto", cpu) is None
     assert attention_backends("math", cpu) == [SDPBackend.MATH]

@@ -27,12 +27,33 @@ def test_second_writer_is_refused_while_a_build_holds_the_lock(demo_reference: B
     status = zarr.open_group(str(store), mode="r+")["status"]
     status[0:2] = 0  # one shard left to do, so the build must write
     with build_lock(store):
-        result = call_cli("build", "--src", demo_reference.src, "--out", store, "--teacher", demo_reference.teacher,
-                          "--pipeline", demo_reference.pipeline)
+        result = call_cli(
+            "build",
+            "--src",
+            demo_reference.src,
+            "--out",
+            store,
+            "--teacher",
+            demo_reference.teacher,
+            "--pipeline",
+            demo_reference.pipeline,
+        )
         assert result.returncode == 2
         assert "another build is writing" in result.stderr
-    assert call_cli("build", "--src", demo_reference.src, "--out", store, "--teacher", demo_reference.teacher,
-                    "--pipeline", demo_reference.pipeline).returncode == 0
+    assert (
+        call_cli(
+            "build",
+            "--src",
+            demo_reference.src,
+            "--out",
+            store,
+            "--teacher",
+            demo_reference.teacher,
+            "--pipeline",
+            demo_reference.pipeline,
+        ).returncode
+        == 0
+    )
     assert call_cli("verify", store).returncode == 0
 
 
@@ -40,8 +61,17 @@ def test_finished_store_is_only_read_by_a_rerun(demo_reference: Build, tmp_path:
     """Nothing to do means no lock file and no write: a rerun works on read-only media."""
     store = copy_store(demo_reference.store, tmp_path / "latents.zarr")
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
-    result = call_cli("build", "--src", demo_reference.src, "--out", store, "--teacher", demo_reference.teacher,
-                      "--pipeline", demo_reference.pipeline)
+    result = call_cli(
+        "build",
+        "--src",
+        demo_reference.src,
+        "--out",
+        store,
+        "--teacher",
+        demo_reference.teacher,
+        "--pipeline",
+        demo_reference.pipeline,
+    )
     assert result.returncode == 0, result.stderr
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
     assert not store.with_name(store.name + ".lock").exists()
@@ -69,12 +99,14 @@ def test_deep_verify_skips_damaged_rows_and_names_them(demo_reference: Build, tm
     assert report["deep"] and all(d["row"] not in (2, 3) for d in report["deep"])
 
 
-def test_deep_verify_with_a_vanished_teacher_folder_is_one_line(demo_set: Path, demo_pipeline: Path,
-                                                                teacher_dir: Path, tmp_path: Path) -> None:
+def test_deep_verify_with_a_vanished_teacher_folder_is_one_line(
+    demo_set: Path, demo_pipeline: Path, teacher_dir: Path, tmp_path: Path
+) -> None:
     teacher = shutil.copytree(teacher_dir, tmp_path / "teacher")
     store = tmp_path / "latents.zarr"
-    build = call_cli("build", "--src", demo_set, "--out", store, "--teacher", teacher, "--pipeline", demo_pipeline,
-                     "--limit", "4")
+    build = call_cli(
+        "build", "--src", demo_set, "--out", store, "--teacher", teacher, "--pipeline", demo_pipeline, "--limit", "4"
+    )
     assert build.returncode == 0, build.stderr
     assert zarr.open_group(str(store), mode="r").attrs["salt"]["teacher"]["name"] == str(teacher.resolve())
     shutil.rmtree(teacher)
@@ -85,9 +117,20 @@ def test_deep_verify_with_a_vanished_teacher_folder_is_one_line(demo_set: Path, 
 def test_damaged_array_metadata_is_one_line(demo_reference: Build, tmp_path: Path) -> None:
     store = copy_store(demo_reference.store, tmp_path / "latents.zarr")
     (store / "latents" / "zarr.json").write_text("garbage")
-    for command in (["verify", store],
-                    ["build", "--src", demo_reference.src, "--out", store, "--teacher", demo_reference.teacher,
-                     "--pipeline", demo_reference.pipeline]):
+    for command in (
+        ["verify", store],
+        [
+            "build",
+            "--src",
+            demo_reference.src,
+            "--out",
+            store,
+            "--teacher",
+            demo_reference.teacher,
+            "--pipeline",
+            demo_reference.pipeline,
+        ],
+    ):
         assert "metadata of array latents unreadable" in _one_error_line(run_cli(*command))
 
 
@@ -102,10 +145,14 @@ def test_damaged_store_attributes_are_one_line(demo_reference: Build, tmp_path: 
 
 def test_a_checkpoint_that_is_not_videomae_is_refused(demo_set: Path, demo_pipeline: Path, tmp_path: Path) -> None:
     bert = tmp_path / "bert"
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(bert)
-    line = _one_error_line(run_cli("build", "--src", demo_set, "--out", tmp_path / "x.zarr", "--teacher", bert,
-                                   "--pipeline", demo_pipeline))
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(bert)
+    line = _one_error_line(
+        run_cli(
+            "build", "--src", demo_set, "--out", tmp_path / "x.zarr", "--teacher", bert, "--pipeline", demo_pipeline
+        )
+    )
     assert "not a video ViT teacher" in line
     assert not (tmp_path / "x.zarr").exists()
 
@@ -117,8 +164,9 @@ def test_failures_reach_the_progress_postfix(reference_build: Build) -> None:
     assert f"failed={failed}" in reference_build.result.stderr
 
 
-def test_retry_failed_redoes_rows_whose_videos_were_fixed(demo_set: Path, demo_pipeline: Path,
-                                                         demo_reference: Build, tmp_path: Path) -> None:
+def test_retry_failed_redoes_rows_whose_videos_were_fixed(
+    demo_set: Path, demo_pipeline: Path, demo_reference: Build, tmp_path: Path
+) -> None:
     """A missing video fails its row; once it is back, --retry-failed rebuilds it (and only then)."""
     src = shutil.copytree(demo_set, tmp_path / "ssv2")
     first_train_clip = json.loads((src / "labels" / "train.json").read_text())[0]["id"]

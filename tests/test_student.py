@@ -38,13 +38,20 @@ def random_masks(batch: int, masked_count: int, seed: int = 0) -> tuple[torch.Te
 
 
 def tiny_config(**fields) -> ModelConfig:
-    return ModelConfig(student=VIT, student_kwargs=TINY, predictor_width=32, predictor_depth=1, predictor_heads=2,
-                       **fields)
+    return ModelConfig(
+        student=VIT, student_kwargs=TINY, predictor_width=32, predictor_depth=1, predictor_heads=2, **fields
+    )
 
 
 def pixels(batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE,
-                       generator=torch.Generator().manual_seed(seed))
+    return torch.randn(
+        batch,
+        3,
+        geometry.NUM_FRAMES,
+        geometry.IMAGE_SIZE,
+        geometry.IMAGE_SIZE,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def save_2d_checkpoint(path, model_name: str = VIT, kwargs: dict = TINY, seed: int = 1, **create) -> torch.nn.Module:
@@ -93,8 +100,14 @@ def test_encoder_shapes_and_timm_keys() -> None:
         everything = torch.arange(N).expand(2, N)
         torch.testing.assert_close(encoder(video, token_ids=everything), full)
     keys = set(encoder.state_dict())
-    assert {"blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.bias", "norm.weight", "patch_embed.proj.weight",
-            "pos_embed", "temporal_embed"} <= keys
+    assert {
+        "blocks.0.attn.qkv.weight",
+        "blocks.1.mlp.fc2.bias",
+        "norm.weight",
+        "patch_embed.proj.weight",
+        "pos_embed",
+        "temporal_embed",
+    } <= keys
     assert not any("cls_token" in key or "reg_token" in key or key.startswith("head") for key in keys)
     assert encoder.pos_embed.shape == (1, N, 32) and encoder.temporal_embed.shape == (1, 8, 1, 32)
 
@@ -143,11 +156,14 @@ def test_masked_pixels_cannot_leak_into_predictions(mode: str) -> None:
 # --- inflation from a 2D checkpoint -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_name, kwargs, create", [
-    (VIT, TINY, {"num_classes": 10}),  # class token; the classifier head in the file is ignored
-    ("vit_small_patch16_224", {**TINY, "reg_tokens": 4}, {}),  # class + register tokens dropped
-    ("deit3_small_patch16_224", TINY, {}),  # no_embed_class: pos_embed has only the 196 patch positions
-])
+@pytest.mark.parametrize(
+    "model_name, kwargs, create",
+    [
+        (VIT, TINY, {"num_classes": 10}),  # class token; the classifier head in the file is ignored
+        ("vit_small_patch16_224", {**TINY, "reg_tokens": 4}, {}),  # class + register tokens dropped
+        ("deit3_small_patch16_224", TINY, {}),  # no_embed_class: pos_embed has only the 196 patch positions
+    ],
+)
 def test_static_video_embeds_like_the_2d_model(tmp_path, model_name: str, kwargs: dict, create: dict) -> None:
     path = tmp_path / "vit2d.safetensors"
     vit2d = save_2d_checkpoint(path, model_name, kwargs, **create)
@@ -159,7 +175,7 @@ def test_static_video_embeds_like_the_2d_model(tmp_path, model_name: str, kwargs
         tokens2d = vit2d.patch_embed(frame)  # [B, 196, width]
     for slot in range(geometry.GRID_T):
         torch.testing.assert_close(tokens[:, slot], tokens2d, rtol=1e-5, atol=1e-5)
-    spatial = vit2d.pos_embed.detach()[:, -geometry.TOKENS_PER_FRAME:]
+    spatial = vit2d.pos_embed.detach()[:, -geometry.TOKENS_PER_FRAME :]
     positions = encoder.pos_embed.detach().reshape(1, geometry.GRID_T, geometry.TOKENS_PER_FRAME, 32)
     for slot in range(geometry.GRID_T):
         assert torch.equal(positions[:, slot], spatial)
@@ -184,8 +200,9 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path) -> None:
 # --- the loss ---------------------------------------------------------------------------------------------------
 
 
-def masked_loss(predictions: torch.Tensor, latents: torch.Tensor, masked: torch.Tensor, kind: str = "mse"
-                ) -> torch.Tensor:
+def masked_loss(
+    predictions: torch.Tensor, latents: torch.Tensor, masked: torch.Tensor, kind: str = "mse"
+) -> torch.Tensor:
     """The loss of full-grid predictions ``[B, 1568, D]``, as SaltObjective takes it of the predictor's
     ``[B, M, D]``: only the tokens at ``masked`` count."""
     targets = normalise_targets(gather_tokens(latents, masked))
@@ -203,8 +220,10 @@ def test_masked_loss_counts_only_masked_tokens(kind: str) -> None:
 
     at_visible = torch.zeros(2, N, 1, dtype=torch.bool).scatter_(1, visible.unsqueeze(-1), True)
     noise = torch.randn(2, N, 16, generator=generator) * 10
-    assert torch.equal(masked_loss(torch.where(at_visible, noise, predictions),
-                                   torch.where(at_visible, noise, latents), masked, kind), reference)
+    assert torch.equal(
+        masked_loss(torch.where(at_visible, noise, predictions), torch.where(at_visible, noise, latents), masked, kind),
+        reference,
+    )
 
     one = int(masked[1, 7])
     moved = predictions.clone()
@@ -252,8 +271,9 @@ def test_backward_reaches_every_parameter(mode: str) -> None:
     student = build_salt_student(tiny_config(mode=mode), TEACHER_WIDTH).train()
     masked, visible = random_masks(2, 1176)
     latents = torch.randn(2, N, TEACHER_WIDTH)
-    loss = regression_loss(student(pixels(), visible, masked), normalise_targets(latents[torch.arange(2)[:, None],
-                                                                                         masked]), "mse")
+    loss = regression_loss(
+        student(pixels(), visible, masked), normalise_targets(latents[torch.arange(2)[:, None], masked]), "mse"
+    )
     loss.backward()
     without = [name for name, p in student.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert without == []
@@ -344,8 +364,13 @@ def test_export_loads_for_any_even_number_of_frames(frames, exported) -> None:
     loaded = load_encoder(out, num_frames=frames).eval()
     tokens = frames // geometry.TUBELET_SIZE * geometry.TOKENS_PER_FRAME
     video = pixels(2, seed=frames)
-    views = torch.randint(0, 256, (1, frames, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(frames))
+    views = torch.randint(
+        0,
+        256,
+        (1, frames, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3),
+        dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(frames),
+    )
     with torch.no_grad():
         few = loaded(video[:, :, :frames])
         assert few.shape == (2, tokens, encoder.width)
@@ -356,14 +381,18 @@ def test_export_loads_for_any_even_number_of_frames(frames, exported) -> None:
             assert loaded.state_dict().keys() == encoder.state_dict().keys()
         torch.testing.assert_close(few, restricted, rtol=1e-5, atol=1e-5)
         from_views = loaded.forward_views(views)  # uint8 frames, as a robot's camera gives them
-        expected = loaded(((views.permute(0, 4, 1, 2, 3).float() / 255)
-                           - torch.tensor(geometry.PIXEL_MEAN).view(1, 3, 1, 1, 1))
-                          / torch.tensor(geometry.PIXEL_STD).view(1, 3, 1, 1, 1))
+        expected = loaded(
+            ((views.permute(0, 4, 1, 2, 3).float() / 255) - torch.tensor(geometry.PIXEL_MEAN).view(1, 3, 1, 1, 1))
+            / torch.tensor(geometry.PIXEL_STD).view(1, 3, 1, 1, 1)
+        )
         torch.testing.assert_close(from_views, expected, rtol=1e-4, atol=1e-4)
 
 
-@given(frames=st.one_of(st.integers(-40, 40).filter(lambda t: t % 2 or not 2 <= t <= 16), st.just(16.0),
-                        st.just(True), st.just("8")))
+@given(
+    frames=st.one_of(
+        st.integers(-40, 40).filter(lambda t: t % 2 or not 2 <= t <= 16), st.just(16.0), st.just(True), st.just("8")
+    )
+)
 @settings(max_examples=30, deadline=None)
 def test_export_refuses_frames_it_cannot_position(frames, tmp_path_factory) -> None:
     with pytest.raises(ValueError, match="even number of frames from 2 to 16"):
@@ -415,9 +444,11 @@ def test_flops_match_the_design_budget() -> None:
 def test_flops_in_a_fresh_process_before_any_model_is_built() -> None:
     """The first use of the cached pixel statistics may come from the shapes-only (meta device) model
     that counts FLOPs: a fresh interpreter, no model built before, must still count them."""
-    script = ("import json; from shared.config import ModelConfig; "
-              "from salt_train.model import student_flops_per_clip; "
-              "print(json.dumps(student_flops_per_clip(ModelConfig(), 1280, ((392, 1176),))))")
+    script = (
+        "import json; from shared.config import ModelConfig; "
+        "from salt_train.model import student_flops_per_clip; "
+        "print(json.dumps(student_flops_per_clip(ModelConfig(), 1280, ((392, 1176),))))"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -429,6 +460,7 @@ def test_flops_of_the_two_multiblock_groups() -> None:
     """Multiblock runs the encoder and the predictor once per group: 392 + 96 context tokens,
     392 + 784 and 96 + 1120 predictor tokens, about a third more than one 0.75 random group."""
     from salt_train.masks import mask_layout
+
     layout = mask_layout("multiblock", 0.75)
     flops = student_flops_per_clip(ModelConfig(), 1280, layout)
     single = student_flops_per_clip(ModelConfig(), 1280, ((392, 1176),))
@@ -445,18 +477,25 @@ def test_embedding_only_the_visible_tubelets_equals_the_conv3d_then_the_gather(s
     """The Conv3d as a matmul on gathered tubelets, from normalised float pixels and from uint8
     views: the full Conv3d followed by the gather, at any subset of token ids."""
     from salt_train.student import gather_tokens
+
     generator = torch.Generator().manual_seed(seed)
     encoder = build_student(VIT, kwargs=TINY)
-    views = torch.randint(0, 256, (2, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3),
-                          generator=generator, dtype=torch.uint8)
+    views = torch.randint(
+        0,
+        256,
+        (2, geometry.NUM_FRAMES, geometry.IMAGE_SIZE, geometry.IMAGE_SIZE, 3),
+        generator=generator,
+        dtype=torch.uint8,
+    )
     mean = torch.tensor(geometry.PIXEL_MEAN).view(1, 3, 1, 1, 1)
     std = torch.tensor(geometry.PIXEL_STD).view(1, 3, 1, 1, 1)
     pixels = (views.permute(0, 4, 1, 2, 3).float() / 255 - mean) / std
     ids = torch.stack([torch.randperm(geometry.NUM_TOKENS, generator=generator)[:keep].sort().values for _ in range(2)])
     with torch.no_grad():
         full = gather_tokens(encoder.embed(pixels), ids)
-        torch.testing.assert_close(encoder.embed_at(gather_tokens(tubelets(pixels), ids), ids), full,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            encoder.embed_at(gather_tokens(tubelets(pixels), ids), ids), full, rtol=1e-4, atol=1e-5
+        )
         from_views = encoder.patch_embed.normalise(gather_tokens(view_tubelets(views), ids))
         torch.testing.assert_close(encoder.embed_at(from_views, ids), full, rtol=1e-4, atol=1e-5)
         # and the encoder's features, through the blocks: forward, forward_views

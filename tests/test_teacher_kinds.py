@@ -29,10 +29,19 @@ WIDTH, DEPTH, HEADS = 32, 2, 2
 
 
 def tiny_pretrain_config() -> VideoMAEConfig:
-    return VideoMAEConfig(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=64,
-                          use_mean_pooling=False, layer_norm_eps=1e-6, attn_implementation="sdpa",
-                          decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-                          decoder_intermediate_size=32)
+    return VideoMAEConfig(
+        hidden_size=WIDTH,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        intermediate_size=64,
+        use_mean_pooling=False,
+        layer_norm_eps=1e-6,
+        attn_implementation="sdpa",
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
 
 
 def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -40,33 +49,47 @@ def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * (0.2 if param.ndim == 1 else 0.05)
-                       + (1.0 if param.ndim == 1 else 0.0))
+            param.copy_(
+                torch.randn(param.shape, generator=generator) * (0.2 if param.ndim == 1 else 0.05)
+                + (1.0 if param.ndim == 1 else 0.0)
+            )
     return model.eval()
 
 
 def original_layout(model: VideoMAEModel) -> dict[str, torch.Tensor]:
     """The tiny model's encoder under the original release's names, plus a decoder to be left out."""
     sd = model.state_dict()
-    out = {"encoder.patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
-           "encoder.patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
-           "encoder.norm.weight": sd["layernorm.weight"], "encoder.norm.bias": sd["layernorm.bias"]}
+    out = {
+        "encoder.patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+        "encoder.patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+        "encoder.norm.weight": sd["layernorm.weight"],
+        "encoder.norm.bias": sd["layernorm.bias"],
+    }
     for i in range(DEPTH):
         ours, theirs = f"encoder.layer.{i}.", f"encoder.blocks.{i}."
         att = ours + "attention.attention."
-        out[theirs + "attn.qkv.weight"] = torch.cat([sd[att + "query.weight"], sd[att + "key.weight"],
-                                                     sd[att + "value.weight"]])
+        out[theirs + "attn.qkv.weight"] = torch.cat(
+            [sd[att + "query.weight"], sd[att + "key.weight"], sd[att + "value.weight"]]
+        )
         out[theirs + "attn.q_bias"] = sd[att + "query.bias"]
         out[theirs + "attn.v_bias"] = sd[att + "value.bias"]
-        for original, name in (("attn.proj", "attention.output.dense"), ("norm1", "layernorm_before"),
-                               ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"),
-                               ("mlp.fc2", "output.dense")):
+        for original, name in (
+            ("attn.proj", "attention.output.dense"),
+            ("norm1", "layernorm_before"),
+            ("norm2", "layernorm_after"),
+            ("mlp.fc1", "intermediate.dense"),
+            ("mlp.fc2", "output.dense"),
+        ):
             for kind in ("weight", "bias"):
                 out[f"{theirs}{original}.{kind}"] = sd[f"{ours}{name}.{kind}"]
     generator = torch.Generator().manual_seed(9)
-    for key, shape in (("decoder.blocks.0.attn.qkv.weight", (48, 16)), ("decoder.norm.weight", (16,)),
-                       ("decoder.head.weight", (1536, 16)), ("encoder_to_decoder.weight", (16, WIDTH)),
-                       ("mask_token", (1, 1, 16))):
+    for key, shape in (
+        ("decoder.blocks.0.attn.qkv.weight", (48, 16)),
+        ("decoder.norm.weight", (16,)),
+        ("decoder.head.weight", (1536, 16)),
+        ("encoder_to_decoder.weight", (16, WIDTH)),
+        ("mask_token", (1, 1, 16)),
+    ):
         out[key] = torch.randn(shape, generator=generator)
     return {k: v.clone() for k, v in out.items()}
 
@@ -80,8 +103,16 @@ def sinusoid_table(positions: int, width: int) -> torch.Tensor:
 
 def original_forward(state: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
     """The original pretraining encoder (no mask), from its definition: ``[B, 3, T, H, W]`` -> ``[B, N, D]``."""
-    x = F.conv3d(pixels, state["encoder.patch_embed.proj.weight"], state["encoder.patch_embed.proj.bias"],
-                 stride=(geometry.TUBELET_SIZE, geometry.PATCH_SIZE, geometry.PATCH_SIZE)).flatten(2).transpose(1, 2)
+    x = (
+        F.conv3d(
+            pixels,
+            state["encoder.patch_embed.proj.weight"],
+            state["encoder.patch_embed.proj.bias"],
+            stride=(geometry.TUBELET_SIZE, geometry.PATCH_SIZE, geometry.PATCH_SIZE),
+        )
+        .flatten(2)
+        .transpose(1, 2)
+    )
     b, n, d = x.shape
     x = x + sinusoid_table(n, d)
     norm = lambda t, p: F.layer_norm(t, (d,), state[p + ".weight"], state[p + ".bias"], 1e-6)  # noqa: E731
@@ -91,8 +122,9 @@ def original_forward(state: dict[str, torch.Tensor], pixels: torch.Tensor) -> to
         qkv = F.linear(norm(x, p + "norm1"), state[p + "attn.qkv.weight"], bias)
         q, k, v = qkv.reshape(b, n, 3, HEADS, d // HEADS).permute(2, 0, 3, 1, 4)
         attention = ((q * (d // HEADS) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
-        x = x + F.linear((attention @ v).transpose(1, 2).reshape(b, n, d), state[p + "attn.proj.weight"],
-                         state[p + "attn.proj.bias"])
+        x = x + F.linear(
+            (attention @ v).transpose(1, 2).reshape(b, n, d), state[p + "attn.proj.weight"], state[p + "attn.proj.bias"]
+        )
         hidden = F.gelu(F.linear(norm(x, p + "norm2"), state[p + "mlp.fc1.weight"], state[p + "mlp.fc1.bias"]))
         x = x + F.linear(hidden, state[p + "mlp.fc2.weight"], state[p + "mlp.fc2.bias"])
     return norm(x, "encoder.norm")
@@ -114,8 +146,14 @@ def source_model() -> VideoMAEModel:
 def original_pth(source_model: VideoMAEModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The original release's file layout: weights under "model", beside the epoch and the run's args."""
     path = tmp_path_factory.mktemp("original") / "checkpoint.pth"
-    torch.save({"model": original_layout(source_model), "epoch": 1599,
-                "args": argparse.Namespace(model="pretrain_videomae_tiny", lr=1.5e-4)}, path)
+    torch.save(
+        {
+            "model": original_layout(source_model),
+            "epoch": 1599,
+            "args": argparse.Namespace(model="pretrain_videomae_tiny", lr=1.5e-4),
+        },
+        path,
+    )
     return path
 
 
@@ -159,8 +197,11 @@ def test_other_wrappings_convert_too(wrapping, source_model, tmp_path) -> None:
     """DeepSpeed-style {"module": state}, a bare state dict and torch's pre-1.6 format give the same weights."""
     state = original_layout(source_model)
     path = tmp_path / "weights.pth"
-    torch.save({"module": state} if wrapping == "module" else state, path,
-               _use_new_zipfile_serialization=wrapping != "legacy format")
+    torch.save(
+        {"module": state} if wrapping == "module" else state,
+        path,
+        _use_new_zipfile_serialization=wrapping != "legacy format",
+    )
     result = call_cli("convert-teacher", path, tmp_path / "teacher", "--heads", HEADS)
     assert result.returncode == 0, result.stderr
     converted = load_teacher_model(str(tmp_path / "teacher"))
@@ -172,14 +213,21 @@ class NotATensor:  # a class only pickle code could rebuild
     pass
 
 
-@pytest.mark.parametrize("case", ["missing key", "extra key", "pickle code", "not a checkpoint", "missing file",
-                                  "no heads", "out exists"])
+@pytest.mark.parametrize(
+    "case", ["missing key", "extra key", "pickle code", "not a checkpoint", "missing file", "no heads", "out exists"]
+)
 def test_bad_original_checkpoints_are_one_line(case, source_model, tmp_path) -> None:
     state = original_layout(source_model)
     path, out, heads = tmp_path / "bad.pth", tmp_path / "teacher", ["--heads", str(HEADS)]
-    expect = {"missing key": "encoder.blocks.1.mlp.fc2.bias", "extra key": "encoder.blocks.0.gamma_1",
-              "pickle code": "NotATensor", "not a checkpoint": "not a PyTorch checkpoint",
-              "missing file": "does not exist", "no heads": "--heads", "out exists": "already exists"}[case]
+    expect = {
+        "missing key": "encoder.blocks.1.mlp.fc2.bias",
+        "extra key": "encoder.blocks.0.gamma_1",
+        "pickle code": "NotATensor",
+        "not a checkpoint": "not a PyTorch checkpoint",
+        "missing file": "does not exist",
+        "no heads": "--heads",
+        "out exists": "already exists",
+    }[case]
     if case == "missing key":
         del state["encoder.blocks.1.mlp.fc2.bias"]
     elif case == "extra key":
@@ -213,11 +261,23 @@ def pretraining_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_pretrain_style_teacher_builds_a_store_of_normed_latents(pretraining_dir, demo_set, demo_pipeline,
-                                                                 tmp_path) -> None:
+def test_pretrain_style_teacher_builds_a_store_of_normed_latents(
+    pretraining_dir, demo_set, demo_pipeline, tmp_path
+) -> None:
     store_path = tmp_path / "latents.zarr"
-    result = call_cli("build", "--src", demo_set, "--out", store_path, "--teacher", pretraining_dir,
-                      "--pipeline", demo_pipeline, "--limit", 3)
+    result = call_cli(
+        "build",
+        "--src",
+        demo_set,
+        "--out",
+        store_path,
+        "--teacher",
+        pretraining_dir,
+        "--pipeline",
+        demo_pipeline,
+        "--limit",
+        3,
+    )
     assert result.returncode == 0, result.stderr
     store = LatentStore.open(store_path)
     assert store.attrs["teacher"]["final_norm"] is True and store.attrs["teacher"]["width"] == WIDTH
@@ -239,8 +299,19 @@ def test_pretrain_style_teacher_builds_a_store_of_normed_latents(pretraining_dir
     assert verified.returncode == 0 and "deep check" in verified.stdout, verified.stdout + verified.stderr
 
     # Another teacher kind into the same store is refused before anything is written.
-    again = call_cli("build", "--src", demo_set, "--out", store_path, "--teacher", "builtin:tiny-videomae",
-                     "--pipeline", demo_pipeline, "--limit", 3)
+    again = call_cli(
+        "build",
+        "--src",
+        demo_set,
+        "--out",
+        store_path,
+        "--teacher",
+        "builtin:tiny-videomae",
+        "--pipeline",
+        demo_pipeline,
+        "--limit",
+        3,
+    )
     assert again.returncode == 2 and "another teacher kind" in again.stderr, again.stderr
     assert (torch.from_numpy(read_row_range(LatentStore.open(store_path), 0, 3)["latents"]).float() == latents).all()
 
@@ -251,10 +322,12 @@ def test_a_final_norm_the_config_would_drop_is_refused(pretraining_dir, tmp_path
     for item in pretraining_dir.iterdir():
         (folder / item.name).write_bytes(item.read_bytes())
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["VideoMAEModel"],
-                                                    "use_mean_pooling": True}))
-    with pytest.raises(SaltUsageError,
-                       match=r"final norm \(videomae\.layernorm\.(weight|bias)\).*use_mean_pooling: false"):
+    (folder / "config.json").write_text(
+        json.dumps({**config, "architectures": ["VideoMAEModel"], "use_mean_pooling": True})
+    )
+    with pytest.raises(
+        SaltUsageError, match=r"final norm \(videomae\.layernorm\.(weight|bias)\).*use_mean_pooling: false"
+    ):
         load_teacher_model(str(folder))
 
 

@@ -24,17 +24,35 @@ from conftest import REPO, Build, call_cli, call_train, run_train, write_pipelin
 from shared.store import LatentStore, RowStatus
 
 # A teacher small enough for many CPU steps a second.
-TINY_TEACHER_TRAIN = {"teacher_train__size": "tiny", "teacher_train__width": 32, "teacher_train__depth": 1,
-                      "teacher_train__heads": 2, "teacher_train__decoder_width": 32, "teacher_train__decoder_depth": 1,
-                      "teacher_train__decoder_heads": 2, "teacher_train__batch_size": 2, "teacher_train__lr": 3e-3,
-                      "teacher_train__min_lr": 3e-4, "teacher_train__warmup_steps": 2, "teacher_train__max_steps": 8}
+TINY_TEACHER_TRAIN = {
+    "teacher_train__size": "tiny",
+    "teacher_train__width": 32,
+    "teacher_train__depth": 1,
+    "teacher_train__heads": 2,
+    "teacher_train__decoder_width": 32,
+    "teacher_train__decoder_depth": 1,
+    "teacher_train__decoder_heads": 2,
+    "teacher_train__batch_size": 2,
+    "teacher_train__lr": 3e-3,
+    "teacher_train__min_lr": 3e-4,
+    "teacher_train__warmup_steps": 2,
+    "teacher_train__max_steps": 8,
+}
 
 
 def teacher_pipeline(path: Path, **overrides: object) -> Path:
     """The kill test's store recipe (2-row shards, teacher batches of 1) with a tiny stage-1 teacher."""
-    settings = {"build_loader__num_workers": 0, "train_loader__num_workers": 0, "store__shard_rows": 2,
-                "teacher__batch_size": 1, "train__checkpoint_every": 4, "train__log_every": 2,
-                "stream__shuffle_buffer": 4, **TINY_TEACHER_TRAIN, **overrides}
+    settings = {
+        "build_loader__num_workers": 0,
+        "train_loader__num_workers": 0,
+        "store__shard_rows": 2,
+        "teacher__batch_size": 1,
+        "train__checkpoint_every": 4,
+        "train__log_every": 2,
+        "stream__shuffle_buffer": 4,
+        **TINY_TEACHER_TRAIN,
+        **overrides,
+    }
     return write_pipeline(path, **settings)
 
 
@@ -58,8 +76,9 @@ def stage1_run(pixels_store: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A tiny teacher trained for 8 steps on the pixels store."""
     work = tmp_path_factory.mktemp("stage1")
     run_dir = work / "run"
-    result = call_train("teacher", "--cache", pixels_store, "--pipeline", teacher_pipeline(work / "p.yaml"),
-                        "--run-dir", run_dir)
+    result = call_train(
+        "teacher", "--cache", pixels_store, "--pipeline", teacher_pipeline(work / "p.yaml"), "--run-dir", run_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -86,8 +105,10 @@ def test_the_teacher_encoder_is_videomae_on_the_context_tokens() -> None:
     from salt_train.student import view_tubelets
 
     torch.manual_seed(0)
-    teacher = build_pixel_teacher(TeacherTrainConfig(size="tiny", width=32, depth=1, heads=2, decoder_width=32,
-                                                     decoder_depth=1, decoder_heads=2), groups=2).eval()
+    teacher = build_pixel_teacher(
+        TeacherTrainConfig(size="tiny", width=32, depth=1, heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2),
+        groups=2,
+    ).eval()
     views = torch.randint(0, 256, (2, 16, 224, 224, 3), dtype=torch.uint8)
     mean, std = geometry.pixel_statistics(torch.device("cpu"), (1, 1, 3, 1, 1))
     pixel_values = geometry.normalise_pixels(views.permute(0, 1, 4, 2, 3), mean, std)
@@ -102,8 +123,9 @@ def test_the_teacher_encoder_is_videomae_on_the_context_tokens() -> None:
     torch.testing.assert_close(plain, view_tubelets(pixel_values.permute(0, 1, 3, 4, 2).contiguous()))
 
 
-def test_the_trained_teacher_builds_a_store_that_verify_deep_matches(stage1_run: Path, pixels_store: Path,
-                                                                     demo_set: Path, tmp_path: Path) -> None:
+def test_the_trained_teacher_builds_a_store_that_verify_deep_matches(
+    stage1_run: Path, pixels_store: Path, demo_set: Path, tmp_path: Path
+) -> None:
     export = stage1_run / "export"
     assert {p.name for p in export.iterdir()} == {"config.json", "model.safetensors"}
     config = json.loads((export / "config.json").read_text())
@@ -123,8 +145,9 @@ def test_the_trained_teacher_builds_a_store_that_verify_deep_matches(stage1_run:
     assert [d["relative_l2"] for d in json.loads(deep.stdout)["deep"]] == [0.0, 0.0, 0.0]
 
     filled = tmp_path / "filled.zarr"  # the same latents from the pixels store, no second decode
-    result = call_cli("build", "--from-store", pixels_store, "--out", filled, "--teacher", export,
-                      "--pipeline", pipeline)
+    result = call_cli(
+        "build", "--from-store", pixels_store, "--out", filled, "--teacher", export, "--pipeline", pipeline
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = zarr.open_group(str(direct), mode="r"), zarr.open_group(str(filled), mode="r")
     assert sorted(a.array_keys()) == sorted(b.array_keys())
@@ -137,8 +160,9 @@ def test_the_trained_teacher_builds_a_store_that_verify_deep_matches(stage1_run:
 
 
 def _start(module: str, *args: object, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *map(str, args)], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
 
 
 def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 240) -> None:
@@ -196,13 +220,23 @@ def _committed_shards(store: Path) -> int:
         return 0
 
 
-def test_a_fill_killed_midway_resumes_to_the_uninterrupted_store(pixels_store: Path, demo_reference: Build,
-                                                                 tmp_path: Path) -> None:
+def test_a_fill_killed_midway_resumes_to_the_uninterrupted_store(
+    pixels_store: Path, demo_reference: Build, tmp_path: Path
+) -> None:
     """Latents filled from the pixels store with the built-in tiny teacher, killed a third of the way: the
     resumed store's arrays equal an uninterrupted build's (demo_reference decoded the same clips)."""
     store = tmp_path / "filled.zarr"
-    args = ["build", "--from-store", pixels_store, "--out", store, "--teacher", demo_reference.teacher,
-            "--pipeline", demo_reference.pipeline]
+    args = [
+        "build",
+        "--from-store",
+        pixels_store,
+        "--out",
+        store,
+        "--teacher",
+        demo_reference.teacher,
+        "--pipeline",
+        demo_reference.pipeline,
+    ]
     proc = _start("salt_cache", *args, log=tmp_path / "fill.log")
     _kill_when(proc, lambda: _committed_shards(store) >= 3, "3 committed shards")
     status = zarr.open_group(str(store), mode="r")["status"][:]
@@ -217,8 +251,9 @@ def test_a_fill_killed_midway_resumes_to_the_uninterrupted_store(pixels_store: P
     assert call_cli("verify", store).returncode == 0
 
 
-def test_bad_input_is_one_line_and_exit_2(pixels_store: Path, stage1_run: Path, demo_reference: Build,
-                                          tmp_path: Path) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    pixels_store: Path, stage1_run: Path, demo_reference: Build, tmp_path: Path
+) -> None:
     pipeline = teacher_pipeline(tmp_path / "p.yaml")
     # Stage 1 on a store with no pixels.
     no_pixels = tmp_path / "no-pixels.zarr"
@@ -237,19 +272,33 @@ def test_bad_input_is_one_line_and_exit_2(pixels_store: Path, stage1_run: Path, 
     from transformers import ViTConfig, ViTModel
 
     image_vit = tmp_path / "image-vit"
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32)).save_pretrained(image_vit)
-    for folder, words in ((student_export, "student export"), (stage1_run / "checkpoints", "no config.json"),
-                          (image_vit, "not a video ViT teacher")):
+    ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(image_vit)
+    for folder, words in (
+        (student_export, "student export"),
+        (stage1_run / "checkpoints", "no config.json"),
+        (image_vit, "not a video ViT teacher"),
+    ):
         out = tmp_path / f"{folder.name}.zarr"
-        result = call_cli("build", "--from-store", pixels_store, "--out", out, "--teacher", folder,
-                          "--pipeline", pipeline)
+        result = call_cli(
+            "build", "--from-store", pixels_store, "--out", out, "--teacher", folder, "--pipeline", pipeline
+        )
         assert result.returncode == 2 and words in one_error_line(result.stderr), result.stderr
         assert not out.exists()
     # Latents filled from a pixels store made with another view recipe.
     other_view = write_pipeline(tmp_path / "bilinear.yaml", store__shard_rows=2, view__interpolation="bilinear")
     out = tmp_path / "other-view.zarr"
-    result = call_cli("build", "--from-store", pixels_store, "--out", out, "--teacher", demo_reference.teacher,
-                      "--pipeline", other_view)
+    result = call_cli(
+        "build",
+        "--from-store",
+        pixels_store,
+        "--out",
+        out,
+        "--teacher",
+        demo_reference.teacher,
+        "--pipeline",
+        other_view,
+    )
     assert result.returncode == 2 and "another view recipe" in one_error_line(result.stderr)
     assert not out.exists()

@@ -32,8 +32,12 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def trained(reference_build, tmp_path_factory) -> tuple[Path, object]:
     """One run on the mixed store (3 failed rows), two loader workers, 40 steps."""
     work = tmp_path_factory.mktemp("trained")
-    pipeline = train_pipeline(work / "train.yaml", train__max_steps=40, train_loader__num_workers=2,
-                              train_loader__multiprocessing_context="forkserver")
+    pipeline = train_pipeline(
+        work / "train.yaml",
+        train__max_steps=40,
+        train_loader__num_workers=2,
+        train_loader__multiprocessing_context="forkserver",
+    )
     run_dir = work / "run"
     result = call_train("run", "--cache", reference_build.store, "--pipeline", pipeline, "--run-dir", run_dir)
     return run_dir, result
@@ -82,13 +86,19 @@ def test_export_loads_back_with_timm(trained) -> None:
 
 
 def start_run(*args: str | Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "salt_train", "run", *map(str, args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "salt_train", "run", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_weights(demo_reference, tmp_path) -> None:
-    pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=30, train__checkpoint_every=4,
-                              train__batch_size=4)
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=30, train__checkpoint_every=4, train__batch_size=4
+    )
     common = ("--cache", demo_reference.store, "--pipeline", pipeline)
     straight = tmp_path / "straight"
     done = run_train("run", *common, "--run-dir", straight)
@@ -131,8 +141,9 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(demo_reference, tmp_path
     assert "--resume" in stderr
     state = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
     assert 0 < state["step"] < 400
-    resumed = run_train("run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume", "--max-steps",
-                        str(state["step"] + 4))
+    resumed = run_train(
+        "run", "--cache", demo_reference.store, "--run-dir", run_dir, "--resume", "--max-steps", str(state["step"] + 4)
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == state["step"] + 4
 
@@ -159,33 +170,39 @@ def assert_one_line_usage_error(result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("setting, fragment", [
-    ("mask.ratio=1.5", "mask.ratio"),
-    ("mask.ratio=0", "mask.ratio"),
-    ("model.student=vit_nonexistent_patch16", "vit_nonexistent_patch16"),
-    ("train.batch_size=64", "larger than the 5 committed rows"),
-    ("train.lr=-1", "train.lr"),
-    ("train_loader.num_workerz=2", "unknown key"),
-    ("loader.num_workers=2", "old name of build_loader and train_loader"),
-])
+@pytest.mark.parametrize(
+    "setting, fragment",
+    [
+        ("mask.ratio=1.5", "mask.ratio"),
+        ("mask.ratio=0", "mask.ratio"),
+        ("model.student=vit_nonexistent_patch16", "vit_nonexistent_patch16"),
+        ("train.batch_size=64", "larger than the 5 committed rows"),
+        ("train.lr=-1", "train.lr"),
+        ("train_loader.num_workerz=2", "unknown key"),
+        ("loader.num_workers=2", "old name of build_loader and train_loader"),
+    ],
+)
 def test_bad_settings_are_one_line(reference_build, tmp_path, setting, fragment) -> None:
     pipeline = train_pipeline(tmp_path / "train.yaml")
     run_dir = tmp_path / "run"
-    result = call_train("run", "--cache", reference_build.store, "--pipeline", pipeline, "--run-dir", run_dir,
-                        "--set", setting)
+    result = call_train(
+        "run", "--cache", reference_build.store, "--pipeline", pipeline, "--run-dir", run_dir, "--set", setting
+    )
     assert_one_line_usage_error(result, fragment)
     assert not run_dir.exists()  # refused before anything was written
 
 
 def test_missing_store_is_one_line(tmp_path) -> None:
-    assert_one_line_usage_error(call_train("run", "--cache", tmp_path / "nope.zarr", "--pipeline", "demo"),
-                                "does not exist")
+    assert_one_line_usage_error(
+        call_train("run", "--cache", tmp_path / "nope.zarr", "--pipeline", "demo"), "does not exist"
+    )
 
 
 def test_store_without_committed_rows_is_one_line(tmp_path) -> None:
     store = tmp_path / "empty.zarr"
-    create_store(store, clip_ids=["1", "2"], labels=[0, 1], teacher_width=8, shard_rows=2, pixels_zstd_level=1,
-                 attrs={})
+    create_store(
+        store, clip_ids=["1", "2"], labels=[0, 1], teacher_width=8, shard_rows=2, pixels_zstd_level=1, attrs={}
+    )
     result = call_train("run", "--cache", store, "--pipeline", "demo")
     assert_one_line_usage_error(result, "no committed rows")
 
@@ -205,8 +222,9 @@ def test_set_values_parse_like_the_recipe() -> None:
     from salt_train.cli import parse_sets
     from shared.config import load_pipeline
 
-    sets = parse_sets(["model.compile_mode=off", "train.lr=1e-4", "stream.verify_checksums=true",
-                       "train.max_steps=null"])
+    sets = parse_sets(
+        ["model.compile_mode=off", "train.lr=1e-4", "stream.verify_checksums=true", "train.max_steps=null"]
+    )
     assert sets["model.compile_mode"] == "off" and sets["stream.verify_checksums"] is True
     config = load_pipeline("ssv2", sets)
     assert config.model.compile_mode == "off" and config.train.lr == 1e-4 and config.train.max_steps is None

@@ -25,8 +25,19 @@ from torchrun_job import OUR_FRAME, run_job
 STEPS = 8
 BATCH = 4  # global: 2 clips per rank
 RESUME_AT = 4  # the 2-rank checkpoint the 1-process resume continues from
-RUN_FILES = {"run.lock", "config.yaml", "run.json", "train.log", "metrics.jsonl", "rows.jsonl", "checkpoints", "export",
-             "summary.json"}
+RUN_FILES = {
+    "run.lock",
+    "config.yaml",
+    "run.json",
+    "train.log",
+    "metrics.jsonl",
+    "rows.jsonl",
+    "checkpoints",
+    "export",
+    "summary.json",
+}
+
+
 def torchrun_train(nproc: int, *args: str | Path, timeout: float = 180) -> CliResult:
     """``torchrun --standalone --nproc-per-node=NPROC -m salt_train run ARGS`` as a real job."""
     return run_job(nproc, "salt_train", "run", *args, timeout=timeout)
@@ -48,8 +59,9 @@ def assert_weights_close(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
     assert got.keys() == want.keys()
     for key in want:
         assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
-        assert torch.allclose(got[key], want[key], rtol=0, atol=atol), \
+        assert torch.allclose(got[key], want[key], rtol=0, atol=atol), (
             f"{key}: max |diff| {(got[key] - want[key]).abs().max().item():.3g}"
+        )
 
 
 @dataclass
@@ -64,9 +76,16 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(demo_reference: Build, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     work = tmp_path_factory.mktemp("train-ddp")
-    pipeline = train_pipeline(work / "train.yaml", train__batch_size=BATCH, train__max_steps=STEPS,
-                              train__log_every=1, train__checkpoint_every=2, train__keep_checkpoints=STEPS,
-                              train__record_rows=True, stream__snapshot="none")
+    pipeline = train_pipeline(
+        work / "train.yaml",
+        train__batch_size=BATCH,
+        train__max_steps=STEPS,
+        train__log_every=1,
+        train__checkpoint_every=2,
+        train__keep_checkpoints=STEPS,
+        train__record_rows=True,
+        stream__snapshot="none",
+    )
     common = ("--cache", demo_reference.store, "--pipeline", pipeline)
     ranks2 = work / "ranks2"
     result = torchrun_train(2, *common, "--run-dir", ranks2)
@@ -133,8 +152,10 @@ def test_replicas_stay_identical(runs: Runs) -> None:
 
 def test_only_rank_0_writes_and_prints(runs: Runs) -> None:
     assert {p.name for p in runs.ranks2.iterdir()} == RUN_FILES  # no per-rank files
-    assert sorted(p.name for p in (runs.ranks2 / "checkpoints").iterdir()) == \
-        ["latest.json", *(f"step-{s:08d}" for s in range(2, STEPS + 1, 2))]
+    assert sorted(p.name for p in (runs.ranks2 / "checkpoints").iterdir()) == [
+        "latest.json",
+        *(f"step-{s:08d}" for s in range(2, STEPS + 1, 2)),
+    ]
     assert len(metrics(runs.ranks2)) == STEPS  # one record per step, not one per rank
     run = json.loads((runs.ranks2 / "run.json").read_text())
     assert run["world_size"] == 2 and "resumes" not in run
@@ -193,8 +214,9 @@ def test_a_2_rank_checkpoint_resumes_in_one_process(runs: Runs, tmp_path: Path) 
 
 def test_bad_settings_under_torchrun_are_one_line(runs: Runs, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = torchrun_train(2, "--cache", runs.store, "--pipeline", runs.pipeline, "--run-dir", run_dir,
-                            "--set", "train.batch_size=3")
+    result = torchrun_train(
+        2, "--cache", runs.store, "--pipeline", runs.pipeline, "--run-dir", run_dir, "--set", "train.batch_size=3"
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert re.search(r"exitcode\s*:\s*2\b", output), output[-4000:]  # a rank exited with the usage code

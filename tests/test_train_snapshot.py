@@ -31,8 +31,9 @@ def test_rewriting_the_live_store_mid_stream_changes_nothing_read(demo_reference
     snapshot = take_snapshot(live, "stream-run", "reflink")
     assert snapshot.mode == "reflink" and snapshot.path != live
     reference = LatentStore.open(demo_reference.store)
-    batches = iter(make_loader(stream_spec(LatentStore.open(snapshot.path), config), config.train_loader,
-                                     pin_memory=False))
+    batches = iter(
+        make_loader(stream_spec(LatentStore.open(snapshot.path), config), config.train_loader, pin_memory=False)
+    )
     seen = [next(batches)]
     rewrite_every_shard(live)  # mid-epoch
     shard = next(p for p in (live / "latents" / "c").rglob("*") if p.is_file())
@@ -49,8 +50,19 @@ def test_a_run_records_its_reflink_snapshot_and_resumes_from_it(demo_reference, 
     live = Path(shutil.copytree(demo_reference.store, xfs_dir / "run" / "latents.zarr"))
     pipeline = train_pipeline(tmp_path / "train.yaml", train__max_steps=6, train__checkpoint_every=3)
     run_dir = tmp_path / "run"
-    first = call_train("run", "--cache", live, "--pipeline", pipeline, "--run-dir", run_dir, "--snapshot", "reflink",
-                       "--max-steps", "3")
+    first = call_train(
+        "run",
+        "--cache",
+        live,
+        "--pipeline",
+        pipeline,
+        "--run-dir",
+        run_dir,
+        "--snapshot",
+        "reflink",
+        "--max-steps",
+        "3",
+    )
     assert first.returncode == 0, first.stderr
     record = json.loads((run_dir / "run.json").read_text())["snapshot"]
     assert record["mode"] == "reflink" and record["name"] == "run"

@@ -167,6 +167,7 @@ def test_report_is_the_same_for_any_thread_count(demo_reference: Build, tmp_path
 def test_a_store_of_blake2b_checksums_is_refused_in_one_line(reference_build: Build, tmp_path: Path) -> None:
     """Stores written before crc32c hold blake2b checksums: refused, with how to rebuild, never misread."""
     from shared.store import ATTRS_KEY
+
     store = copy_store(reference_build.store, tmp_path / "old.zarr")
     group = zarr.open_group(str(store), mode="r+")
     attrs = dict(group.attrs[ATTRS_KEY])

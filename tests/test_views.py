@@ -22,8 +22,17 @@ from salt_cache.views import CROP_RATIO, CROP_SCALE, random_resized_crop, recipe
 from salt_train.data import StoreStream, epoch_views, stream_spec
 from test_faults import small_tmpfs
 
-ONE_VIEW_ARRAYS = ("pixels", "latents", "frame_index", "pixels_checksum", "latents_checksum", "status", "error",
-                   "clip_id", "label")
+ONE_VIEW_ARRAYS = (
+    "pixels",
+    "latents",
+    "frame_index",
+    "pixels_checksum",
+    "latents_checksum",
+    "status",
+    "error",
+    "clip_id",
+    "label",
+)
 
 
 def _open(store: Path) -> zarr.Group:
@@ -31,6 +40,7 @@ def _open(store: Path) -> zarr.Group:
 
 
 # ---- the draws --------------------------------------------------------------------------
+
 
 def _fallback_box(height: int, width: int) -> tuple[int, int, int, int]:
     """torchvision's box after 10 failed draws: the largest centred box within the ratio range."""
@@ -47,8 +57,12 @@ def test_random_resized_crops_lie_inside_the_frame_within_v_jepa_ranges(height: 
     assert 0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= height and left + w <= width
     # A drawn box is a real box of V-JEPA's scale and ratio rounded to whole pixels.
     area = height * width
-    drawn = ((w - 0.5) / (h + 0.5) <= CROP_RATIO[1] and (w + 0.5) / (h - 0.5) >= CROP_RATIO[0]
-             and (w + 0.5) * (h + 0.5) >= CROP_SCALE[0] * area and (w - 0.5) * (h - 0.5) <= CROP_SCALE[1] * area)
+    drawn = (
+        (w - 0.5) / (h + 0.5) <= CROP_RATIO[1]
+        and (w + 0.5) / (h - 0.5) >= CROP_RATIO[0]
+        and (w + 0.5) * (h + 0.5) >= CROP_SCALE[0] * area
+        and (w - 0.5) * (h - 0.5) <= CROP_SCALE[1] * area
+    )
     assert drawn or (top, left, h, w) == _fallback_box(height, width), (top, left, h, w)
 
 
@@ -78,8 +92,10 @@ def test_the_k2_demo_recipe_is_the_demo_recipe_with_two_views() -> None:
 
 # ---- a real two-view store -------------------------------------------------------------
 
-def test_two_views_are_distinct_crops_and_view_0_is_the_one_view_store(demo_views_reference: Build,
-                                                                        demo_reference: Build) -> None:
+
+def test_two_views_are_distinct_crops_and_view_0_is_the_one_view_store(
+    demo_views_reference: Build, demo_reference: Build
+) -> None:
     assert demo_views_reference.result.returncode == 0, demo_views_reference.result.stderr[-3000:]
     assert "views          : 2 per clip: 20 rows = 10 clips x 2" in demo_views_reference.result.stderr
     store, one_view = _open(demo_views_reference.store), _open(demo_reference.store)
@@ -125,8 +141,18 @@ def test_retry_failed_redoes_both_views_of_a_fixed_clip(demo_views_reference: Bu
     video = src / "20bn-something-something-v2" / f"{first}.webm"
     hidden = video.rename(tmp_path / video.name)
     store = tmp_path / "latents.zarr"
-    args = ["build", "--src", src, "--out", store, "--teacher", demo_views_reference.teacher,
-            "--pipeline", demo_views_reference.pipeline, *demo_views_reference.extra["args"]]
+    args = [
+        "build",
+        "--src",
+        src,
+        "--out",
+        store,
+        "--teacher",
+        demo_views_reference.teacher,
+        "--pipeline",
+        demo_views_reference.pipeline,
+        *demo_views_reference.extra["args"],
+    ]
     assert call_cli(*args).returncode == 0
     assert _open(store)["status"][:2].tolist() == [RowStatus.FAILED] * 2  # both views of the missing clip
     hidden.rename(video)
@@ -138,11 +164,18 @@ def test_retry_failed_redoes_both_views_of_a_fixed_clip(demo_views_reference: Bu
 
 # ---- the stream: one view of each clip per epoch ------------------------------------------
 
+
 @settings(max_examples=150, deadline=None)
-@given(clips=st.integers(1, 40), views=st.integers(2, 4), seed=st.integers(0, 2**40), epoch=st.integers(0, 50),
-       data=st.data())
-def test_epoch_views_reads_one_committed_view_of_each_clip(clips: int, views: int, seed: int, epoch: int,
-                                                            data: st.DataObject) -> None:
+@given(
+    clips=st.integers(1, 40),
+    views=st.integers(2, 4),
+    seed=st.integers(0, 2**40),
+    epoch=st.integers(0, 50),
+    data=st.data(),
+)
+def test_epoch_views_reads_one_committed_view_of_each_clip(
+    clips: int, views: int, seed: int, epoch: int, data: st.DataObject
+) -> None:
     committed = np.array(data.draw(st.lists(st.booleans(), min_size=clips * views, max_size=clips * views)))
     rows = np.flatnonzero(committed).astype(np.int64)
     chosen = epoch_views(rows, views, seed, epoch)
@@ -187,20 +220,33 @@ def test_evaluation_reads_view_0_of_each_clip(demo_views_reference: Build, demo_
 
 # ---- the disk a build needs ---------------------------------------------------------------
 
+
 def _one_line(stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
 
 
-def test_a_build_the_disk_cannot_hold_is_refused_before_writing(demo_set: Path, demo_views_pipeline: Path,
-                                                                 tmp_path: Path) -> None:
+def test_a_build_the_disk_cannot_hold_is_refused_before_writing(
+    demo_set: Path, demo_views_pipeline: Path, tmp_path: Path
+) -> None:
     """A real 4 MB tmpfs: 2 clips x 2 views can take up to 11.6 MB, pixels counted raw. Refused, nothing
     written; --force starts it, and the demo's zstd-compressed pixels happen to fit."""
     with small_tmpfs(tmp_path / "small", "4m") as small:
         out = small / "latents.zarr"
-        args = ("build", "--src", demo_set, "--out", out, "--teacher", "builtin:tiny-videomae",
-                "--pipeline", demo_views_pipeline, "--limit", "2")
+        args = (
+            "build",
+            "--src",
+            demo_set,
+            "--out",
+            out,
+            "--teacher",
+            "builtin:tiny-videomae",
+            "--pipeline",
+            demo_views_pipeline,
+            "--limit",
+            "2",
+        )
         result = call_cli(*args)
         assert result.returncode == 2
         line = _one_line(result.stderr)
@@ -218,8 +264,19 @@ def test_the_projection_bounds_an_uncompressed_store(demo_set: Path, tmp_path: P
     """With pixels stored raw the projection is exact but for metadata: the blocks the store takes stay below it."""
     pipeline = fast_pipeline(tmp_path / "raw.yaml", store__pixels_zstd_level=0, view__views_per_clip=2)
     store = tmp_path / "latents.zarr"
-    result = call_cli("build", "--src", demo_set, "--out", store, "--teacher", "builtin:tiny-videomae",
-                      "--pipeline", pipeline, "--limit", "3")
+    result = call_cli(
+        "build",
+        "--src",
+        demo_set,
+        "--out",
+        store,
+        "--teacher",
+        "builtin:tiny-videomae",
+        "--pipeline",
+        pipeline,
+        "--limit",
+        "3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(pixels stored uncompressed)" in result.stderr
     opened = LatentStore.open(store)
@@ -228,8 +285,9 @@ def test_the_projection_bounds_an_uncompressed_store(demo_set: Path, tmp_path: P
     assert opened.rows == 6 and 0.9 * plan.needed < taken <= plan.needed, (taken, plan.needed)
 
 
-def test_quick_eval_sizes_its_rows_by_the_clips_it_can_draw(demo_views_reference: Build, demo_val_reference: Build,
-                                                            tmp_path: Path) -> None:
+def test_quick_eval_sizes_its_rows_by_the_clips_it_can_draw(
+    demo_views_reference: Build, demo_val_reference: Build, tmp_path: Path
+) -> None:
     """A two-view train store of 10 clips has 20 committed rows but only 10 view-0 rows to evaluate on:
     the quick eval takes as many as both stores hold (the validation store's 6 clips), all view 0, instead of
     asking for 20 and refusing the run's start."""
@@ -239,7 +297,13 @@ def test_quick_eval_sizes_its_rows_by_the_clips_it_can_draw(demo_views_reference
     from shared.config import PipelineConfig
 
     config = PipelineConfig.model_validate({"eval": {"val_cache": str(demo_val_reference.store), "quick_rows": 64}})
-    quick = QuickEval(config.eval, config.mask, config.model.loss, LatentStore.open(demo_views_reference.store),
-                      torch.device("cpu"), tmp_path / "spill")
+    quick = QuickEval(
+        config.eval,
+        config.mask,
+        config.model.loss,
+        LatentStore.open(demo_views_reference.store),
+        torch.device("cpu"),
+        tmp_path / "spill",
+    )
     assert len(quick.train_rows) == len(quick.val_rows) == 6  # every clip of the validation store
     assert set(quick.train_rows) <= set(range(0, 2 * VIEWS_LIMIT, 2))  # view 0 rows only

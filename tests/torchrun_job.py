@@ -23,8 +23,16 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def torchrun_command(nproc: int, module: str, *args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", module, *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        module,
+        *map(str, args),
+    ]
 
 
 def start_job(nproc: int, module: str, *args: str | Path, **streams) -> subprocess.Popen:
@@ -52,8 +60,11 @@ def descendants(pid: int) -> list[int]:
 def stop_job(proc: subprocess.Popen) -> str:
     """SIGKILL torchrun and every process under it; returns what they were doing, for a failure message."""
     pids = [proc.pid, *descendants(proc.pid)]
-    tree = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,wchan:24,args", "-p", ",".join(map(str, pids))],
-                          capture_output=True, text=True).stdout
+    tree = subprocess.run(
+        ["ps", "-o", "pid,ppid,stat,etime,wchan:24,args", "-p", ",".join(map(str, pids))],
+        capture_output=True,
+        text=True,
+    ).stdout
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -70,6 +81,8 @@ def run_job(nproc: int, module: str, *args: str | Path, timeout: float = 180) ->
     except subprocess.TimeoutExpired:
         tree = stop_job(proc)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun ran past {timeout} s; its processes:\n{tree}\nstdout:\n{stdout[-3000:]}\n"
-                    f"stderr:\n{stderr[-6000:]}")
+        pytest.fail(
+            f"torchrun ran past {timeout} s; its processes:\n{tree}\nstdout:\n{stdout[-3000:]}\n"
+            f"stderr:\n{stderr[-6000:]}"
+        )
     return CliResult(proc.returncode, stdout, stderr)

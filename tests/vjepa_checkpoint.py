@@ -27,8 +27,9 @@ def sincos_1d(size: int, positions: np.ndarray) -> np.ndarray:
 
 def vjepa_sincos(width: int, uniform_power: bool) -> np.ndarray:
     """``[1568, width]`` as V-JEPA lays it out: depth (time), height, width codes side by side."""
-    grid_h, grid_d, grid_w = np.meshgrid(np.arange(GRID, dtype=float), np.arange(GRID_T, dtype=float),
-                                         np.arange(GRID, dtype=float))  # arrays indexed [d, h, w]
+    grid_h, grid_d, grid_w = np.meshgrid(
+        np.arange(GRID, dtype=float), np.arange(GRID_T, dtype=float), np.arange(GRID, dtype=float)
+    )  # arrays indexed [d, h, w]
     if uniform_power:
         size_h = size_w = size_d = int(np.ceil(width / 6) * 2)
     else:
@@ -37,8 +38,9 @@ def vjepa_sincos(width: int, uniform_power: bool) -> np.ndarray:
     return embed[:, :width]
 
 
-def vjepa_encoder_state(width: int = 32, depth: int = 2, seed: int = 0, with_pos: bool = True,
-                        uniform_power: bool = True) -> dict[str, Tensor]:
+def vjepa_encoder_state(
+    width: int = 32, depth: int = 2, seed: int = 0, with_pos: bool = True, uniform_power: bool = True
+) -> dict[str, Tensor]:
     """Random weights under V-JEPA's names (no prefix); LayerNorms and biases random too, so that a
     mapping that swaps two of them cannot go unnoticed."""
     g = torch.Generator().manual_seed(seed)
@@ -48,12 +50,20 @@ def vjepa_encoder_state(width: int = 32, depth: int = 2, seed: int = 0, with_pos
         state["pos_embed"] = torch.from_numpy(vjepa_sincos(width, uniform_power)).float()[None]
     for i in range(depth):
         b = f"blocks.{i}."
-        state |= {b + "norm1.weight": 1 + rand(width, scale=0.2), b + "norm1.bias": rand(width),
-                  b + "attn.qkv.weight": rand(3 * width, width, scale=0.2), b + "attn.qkv.bias": rand(3 * width),
-                  b + "attn.proj.weight": rand(width, width, scale=0.2), b + "attn.proj.bias": rand(width),
-                  b + "norm2.weight": 1 + rand(width, scale=0.2), b + "norm2.bias": rand(width),
-                  b + "mlp.fc1.weight": rand(4 * width, width, scale=0.2), b + "mlp.fc1.bias": rand(4 * width),
-                  b + "mlp.fc2.weight": rand(width, 4 * width, scale=0.2), b + "mlp.fc2.bias": rand(width)}
+        state |= {
+            b + "norm1.weight": 1 + rand(width, scale=0.2),
+            b + "norm1.bias": rand(width),
+            b + "attn.qkv.weight": rand(3 * width, width, scale=0.2),
+            b + "attn.qkv.bias": rand(3 * width),
+            b + "attn.proj.weight": rand(width, width, scale=0.2),
+            b + "attn.proj.bias": rand(width),
+            b + "norm2.weight": 1 + rand(width, scale=0.2),
+            b + "norm2.bias": rand(width),
+            b + "mlp.fc1.weight": rand(4 * width, width, scale=0.2),
+            b + "mlp.fc1.bias": rand(4 * width),
+            b + "mlp.fc2.weight": rand(width, 4 * width, scale=0.2),
+            b + "mlp.fc2.bias": rand(width),
+        }
     return state | {"norm.weight": 1 + rand(width, scale=0.2), "norm.bias": rand(width)}
 
 
@@ -61,10 +71,21 @@ def write_vjepa_checkpoint(path: Path, encoder: dict[str, Tensor], prefix: str =
     """A ``.pth.tar`` as V-JEPA's training saves it: encoder, predictor, target encoder (DDP- and
     wrapper-prefixed names), optimizer state and counters."""
     prefixed = {prefix + k: v for k, v in encoder.items()}
-    torch.save({"encoder": {k: v + 1 for k, v in prefixed.items()}, "target_encoder": prefixed,
-                "predictor": {"module.predictor_embed.weight": torch.zeros(4, 4)},
-                "opt": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}, "scaler": None,
-                "epoch": 300, "loss": 0.1, "batch_size": 24, "world_size": 8, "lr": 6.25e-4}, path)
+    torch.save(
+        {
+            "encoder": {k: v + 1 for k, v in prefixed.items()},
+            "target_encoder": prefixed,
+            "predictor": {"module.predictor_embed.weight": torch.zeros(4, 4)},
+            "opt": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+            "scaler": None,
+            "epoch": 300,
+            "loss": 0.1,
+            "batch_size": 24,
+            "world_size": 8,
+            "lr": 6.25e-4,
+        },
+        path,
+    )
     return path
 
 

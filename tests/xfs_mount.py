@@ -33,7 +33,8 @@ def _unavailable(reason: str) -> None:
 def _mkfs_xfs() -> str | None:
     # /sbin is not on every PATH (sudo-less shells, CI containers)
     return shutil.which("mkfs.xfs") or next(
-        (p for p in ("/usr/sbin/mkfs.xfs", "/sbin/mkfs.xfs") if os.access(p, os.X_OK)), None)
+        (p for p in ("/usr/sbin/mkfs.xfs", "/sbin/mkfs.xfs") if os.access(p, os.X_OK)), None
+    )
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess:

@@ -42,8 +42,16 @@ from shared.errors import SaltUsageError, one_line
 from shared.store import LatentStore
 from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint, verify_checkpoint
-from salt_train.eval.features import (EncoderFeatures, ExtractionPlan, FeatureModel, Features, TeacherFeatures,
-                                      describe_bound, extract, spilled_bytes)
+from salt_train.eval.features import (
+    EncoderFeatures,
+    ExtractionPlan,
+    FeatureModel,
+    Features,
+    TeacherFeatures,
+    describe_bound,
+    extract,
+    spilled_bytes,
+)
 from salt_train.eval.heldout import channel_means, heldout_figures
 from salt_train.eval.output import prepare_output, scratch
 from salt_train.eval.figures import attentive_figure, over_seeds, probe_settings, temporal_figures
@@ -95,6 +103,7 @@ class Subject:
 
 # ---- what is evaluated ------------------------------------------------------------------
 
+
 def subject_config(request: EvalRequest) -> PipelineConfig:
     """The recipe of what is evaluated, with the ``eval.*`` overrides: a run folder's own, else ``--pipeline``."""
     target = request.target
@@ -117,18 +126,38 @@ def load_subject(request: EvalRequest, config: PipelineConfig, teacher_width: in
         checkpoint = _checkpoint_path(target, request.checkpoint)
         if checkpoint is not None:
             student = _load_student(checkpoint, config, teacher_width)
-            return Subject(target, "run", f"checkpoint {checkpoint.name}", config, student.encoder, student,
-                           architecture, kwargs, train_cache)
+            return Subject(
+                target,
+                "run",
+                f"checkpoint {checkpoint.name}",
+                config,
+                student.encoder,
+                student,
+                architecture,
+                kwargs,
+                train_cache,
+            )
         if (target / "export").is_dir():
             encoder = load_encoder(target / "export")
             return Subject(target, "run", "export", config, encoder, None, architecture, kwargs, train_cache)
-        raise SaltUsageError(f"run folder {target} has neither an export/ nor a checkpoint to evaluate "
-                             "(train it first, or continue it with salt-train run --resume)")
+        raise SaltUsageError(
+            f"run folder {target} has neither an export/ nor a checkpoint to evaluate "
+            "(train it first, or continue it with salt-train run --resume)"
+        )
     export = read_export_config(target)
     if request.checkpoint:
         raise SaltUsageError(f"--checkpoint needs a run folder; {target} is an exported encoder")
-    return Subject(target, "export", "export", config, load_encoder(target), None, export["architecture"],
-                   dict(export.get("kwargs", {})), None)
+    return Subject(
+        target,
+        "export",
+        "export",
+        config,
+        load_encoder(target),
+        None,
+        export["architecture"],
+        dict(export.get("kwargs", {})),
+        None,
+    )
 
 
 def _checkpoint_path(run_dir: Path, name: str | None) -> Path | None:
@@ -157,7 +186,8 @@ def _load_student(checkpoint: Path, config: PipelineConfig, teacher_width: int) 
         raise SaltUsageError(
             f"checkpoint {checkpoint} is not a {config.model.student} {dict(config.model.student_kwargs) or ''} "
             f"student predicting {teacher_width}-wide latents, as the run's recipe says "
-            f"({one_line(exc, 200)})") from None
+            f"({one_line(exc, 200)})"
+        ) from None
     return student
 
 
@@ -171,8 +201,9 @@ def random_init(subject: Subject, teacher_width: int) -> tuple[VideoViT, SaltStu
         return VideoViT(create_timm_vit(subject.architecture, subject.kwargs)), None
 
 
-def open_subject_and_stores(request: EvalRequest, config: PipelineConfig,
-                            val_hint: str) -> tuple[Subject, LatentStore, LatentStore]:
+def open_subject_and_stores(
+    request: EvalRequest, config: PipelineConfig, val_hint: str
+) -> tuple[Subject, LatentStore, LatentStore]:
     """The validation store (``--val-cache``, else the recipe's ``eval.val_cache``; ``val_hint`` says what it
     must be), what is evaluated, and its train store (``--train-cache``, else the run's own)."""
     val_path = request.val_cache or (Path(config.eval.val_cache) if config.eval.val_cache else None)
@@ -203,8 +234,10 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     device = resolve_device(request.device or "auto", "--device")
     config = subject_config(request)
     subject, train_store, val_store = open_subject_and_stores(
-        request, config, "a store of held-out clips (salt-cache build --src DIR --split validation "
-                         "--out DIR/latents-val.zarr)")
+        request,
+        config,
+        "a store of held-out clips (salt-cache build --src DIR --split validation --out DIR/latents-val.zarr)",
+    )
     check_compatible(train_store, val_store)
     settings: EvalConfig = subject.config.eval
     out_dir = request.out or subject.path / "eval"
@@ -219,8 +252,9 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     }
     teacher_note = "not run (pass --teacher to run the teacher on the transformed clips)"
     if request.teacher:
-        models[TEACHER] = TeacherFeatures(TEACHER, _load_matching_teacher(request.teacher, train_store, device),
-                                          target_norm)
+        models[TEACHER] = TeacherFeatures(
+            TEACHER, _load_matching_teacher(request.teacher, train_store, device), target_norm
+        )
         teacher_note = f"{request.teacher} run on the transformed clips"
     models[PIXELS] = PixelFeatures(PIXELS)
     labelled = bool((train_set.labels >= 0).any() and (val_set.labels >= 0).any())
@@ -230,25 +264,33 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     spill_bytes = spilled_bytes(len(train_set.rows), widths, memory) + spilled_bytes(len(val_set.rows), widths, memory)
     # The few-frame banks come after the 16-frame ones are released: the larger of the two is the peak.
     few_widths = {m: models[m].width for m in (PIXELS, RANDOM, STUDENT)}
-    spill_bytes = max(spill_bytes, few_frame_spill(len(train_set.rows), len(val_set.rows), few_widths, memory,
-                                                   settings.few_frames))
+    spill_bytes = max(
+        spill_bytes, few_frame_spill(len(train_set.rows), len(val_set.rows), few_widths, memory, settings.few_frames)
+    )
     prepare_output(out_dir, spill_bytes if labelled else 0)
-    print_block("salt-train eval", {
-        "subject": f"{subject.path} ({subject.source}; {subject.architecture} {subject.kwargs or ''})",
-        "device": str(device),
-        "train store": f"{train_store.path}: {len(train_set.rows)} rows ({int(train_set.temporal.sum())} with temporal "
-                       f"variants), {int((train_set.labels >= 0).sum())} labelled",
-        "val store": f"{val_store.path}: {len(val_set.rows)} rows ({int(val_set.temporal.sum())} with temporal "
-                     f"variants), {int((val_set.labels >= 0).sum())} labelled (held out: no shared clip)",
-        "teacher (temporal)": teacher_note,
-        "targets": target_norm.describe(),
-        "tokens": describe_bound(len(train_set.rows), {m: models[m].width for m in models}, memory)
-                  if labelled else "not kept (no labels)",
-        "probes": f"{len(seeds)} seeds each ({', '.join(map(str, seeds))}), 95% bootstrap intervals over "
-                  f"validation rows",
-        "few frames": (f"T = {', '.join(map(str, settings.few_frames))}: {FEW_FRAMES_RULE}" if settings.few_frames
-                       else "none (eval.few_frames: [])"),
-    })
+    print_block(
+        "salt-train eval",
+        {
+            "subject": f"{subject.path} ({subject.source}; {subject.architecture} {subject.kwargs or ''})",
+            "device": str(device),
+            "train store": f"{train_store.path}: {len(train_set.rows)} rows "
+            f"({int(train_set.temporal.sum())} with temporal variants), {int((train_set.labels >= 0).sum())} labelled",
+            "val store": f"{val_store.path}: {len(val_set.rows)} rows ({int(val_set.temporal.sum())} with temporal "
+            f"variants), {int((val_set.labels >= 0).sum())} labelled (held out: no shared clip)",
+            "teacher (temporal)": teacher_note,
+            "targets": target_norm.describe(),
+            "tokens": describe_bound(len(train_set.rows), {m: models[m].width for m in models}, memory)
+            if labelled
+            else "not kept (no labels)",
+            "probes": f"{len(seeds)} seeds each ({', '.join(map(str, seeds))}), 95% bootstrap intervals over "
+            f"validation rows",
+            "few frames": (
+                f"T = {', '.join(map(str, settings.few_frames))}: {FEW_FRAMES_RULE}"
+                if settings.few_frames
+                else "none (eval.few_frames: [])"
+            ),
+        },
+    )
     phases: dict[str, float] = {}  # wall seconds of each part (eval.json "seconds_by_phase"; make gpu-check reads it)
     mark = _phase_clock(phases, started)
     mark("setup")
@@ -256,22 +298,44 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         # Retrieval pairs halves of validation clips only: the train rows skip the second half.
         train_variants = tuple(v for v in VARIANTS if v != RETRIEVAL_PAIR[1])
         train_features, train_latents = extract(
-            train_store, ExtractionPlan(train_set.rows, train_set.temporal, train_variants, labelled, settings.seed),
-            models, settings.batch_size, memory, spill, "train", with_latents=labelled,
-            target_norm=target_norm)
+            train_store,
+            ExtractionPlan(train_set.rows, train_set.temporal, train_variants, labelled, settings.seed),
+            models,
+            settings.batch_size,
+            memory,
+            spill,
+            "train",
+            with_latents=labelled,
+            target_norm=target_norm,
+        )
         mark("features_train")
         val_features, val_latents = extract(
-            val_store, ExtractionPlan(val_set.rows, val_set.temporal, VARIANTS, labelled, settings.seed),
-            models, settings.batch_size, memory, spill, "val", with_latents=labelled,
-            target_norm=target_norm)
+            val_store,
+            ExtractionPlan(val_set.rows, val_set.temporal, VARIANTS, labelled, settings.seed),
+            models,
+            settings.batch_size,
+            memory,
+            spill,
+            "val",
+            with_latents=labelled,
+            target_norm=target_norm,
+        )
         mark("features_val")
         attentive, linear = probe_settings(settings, device)
 
         baseline = channel_means(train_store, train_set.rows, target_norm, settings.batch_size)
         heldout: dict[str, Any] = heldout_figures(
-            val_store, val_set.rows, subject.config.mask, subject.config.model.loss, device, settings.batch_size,
+            val_store,
+            val_set.rows,
+            subject.config.mask,
+            subject.config.model.loss,
+            device,
+            settings.batch_size,
             settings.seed,
-            {RANDOM: random_student, STUDENT: subject.student}, target_norm, baseline)
+            {RANDOM: random_student, STUDENT: subject.student},
+            target_norm,
+            baseline,
+        )
         for name, student in ((RANDOM, random_student), (STUDENT, subject.student)):
             if student is None:
                 heldout[name] = {"not_run": "an export holds the encoder only (no predictor): evaluate a run folder"}
@@ -281,50 +345,100 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
 
         val_temporal_rows = val_set.rows[val_set.temporal]
         temporal: dict[str, Any] = {
-            task.name: temporal_figures(task, train_features, val_features, COLUMNS, val_temporal_rows, seeds, linear,
-                                        settings.seed, {TEACHER: teacher_note})
-            for task in TASKS}
+            task.name: temporal_figures(
+                task,
+                train_features,
+                val_features,
+                COLUMNS,
+                val_temporal_rows,
+                seeds,
+                linear,
+                settings.seed,
+                {TEACHER: teacher_note},
+            )
+            for task in TASKS
+        }
         first, second = RETRIEVAL_PAIR
-        temporal["clip_consistency"] = {"description": "first half retrieves second half (shared background)",
-                                        "chance": 1 / max(1, len(val_temporal_rows)), "sanity_check": RETRIEVAL_SANITY}
+        temporal["clip_consistency"] = {
+            "description": "first half retrieves second half (shared background)",
+            "chance": 1 / max(1, len(val_temporal_rows)),
+            "sanity_check": RETRIEVAL_SANITY,
+        }
         for name in COLUMNS:
             temporal["clip_consistency"][name] = (
-                over_seeds([retrieval_top1(val_features[name].slots[first], val_features[name].slots[second])],
-                           val_temporal_rows, settings.seed) if name in models else {"not_run": teacher_note})
+                over_seeds(
+                    [retrieval_top1(val_features[name].slots[first], val_features[name].slots[second])],
+                    val_temporal_rows,
+                    settings.seed,
+                )
+                if name in models
+                else {"not_run": teacher_note}
+            )
 
         mark("temporal_probes")
-        classification = _classification(train_set, val_set, train_features, val_features, train_latents, val_latents,
-                                         models, settings, seeds, attentive, linear, train_store)
+        classification = _classification(
+            train_set,
+            val_set,
+            train_features,
+            val_features,
+            train_latents,
+            val_latents,
+            models,
+            settings,
+            seeds,
+            attentive,
+            linear,
+            train_store,
+        )
         for features in (*train_features.values(), *val_features.values(), train_latents, val_latents):
             if features is not None and features.tokens is not None:
                 features.tokens.release()
         mark("classification_probes")
         few_frames = {"not_run": "eval.few_frames is [] (e.g. --set eval.few_frames=[2,4,8])"}
         if settings.few_frames:
-            few_frames = few_frame_figures(train_set, val_set, models, settings, COLUMNS, seeds, attentive, linear,
-                                           memory, spill, labelled)
+            few_frames = few_frame_figures(
+                train_set, val_set, models, settings, COLUMNS, seeds, attentive, linear, memory, spill, labelled
+            )
             mark("few_frames")
     latency = encoder_latency(subject.encoder, device, settings.latency_repeats)
     mark("latency")
 
     report = {
-        "format": EVAL_FORMAT, "format_version": EVAL_VERSION,
+        "format": EVAL_FORMAT,
+        "format_version": EVAL_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "subject": {"path": str(subject.path), "kind": subject.kind, "source": subject.source,
-                    "architecture": subject.architecture, "kwargs": subject.kwargs},
-        "models": {PIXELS: "no encoder: per-tubelet 2x2 colours and frame differences (salt_train/eval/pixels.py)",
-                   RANDOM: f"{subject.architecture} at its seeded initialisation (train.seed "
-                           f"{subject.config.train.seed})",
-                   STUDENT: subject.source, TEACHER: f"latents in the store; temporal: {teacher_note}",
-                   MEAN_LATENT: "each channel's mean of the normed targets over the train rows (no input)"},
+        "subject": {
+            "path": str(subject.path),
+            "kind": subject.kind,
+            "source": subject.source,
+            "architecture": subject.architecture,
+            "kwargs": subject.kwargs,
+        },
+        "models": {
+            PIXELS: "no encoder: per-tubelet 2x2 colours and frame differences (salt_train/eval/pixels.py)",
+            RANDOM: f"{subject.architecture} at its seeded initialisation (train.seed {subject.config.train.seed})",
+            STUDENT: subject.source,
+            TEACHER: f"latents in the store; temporal: {teacher_note}",
+            MEAN_LATENT: "each channel's mean of the normed targets over the train rows (no input)",
+        },
         "stores": {"train": _store_record(train_store), "val": _store_record(val_store)},
-        "rows": {"train": train_set.rows.tolist(), "val": val_set.rows.tolist(),
-                 "train_temporal": int(train_set.temporal.sum()), "val_temporal": int(val_set.temporal.sum())},
-        "seed": settings.seed, "probe_seeds": seeds, "device": str(device),
+        "rows": {
+            "train": train_set.rows.tolist(),
+            "val": val_set.rows.tolist(),
+            "train_temporal": int(train_set.temporal.sum()),
+            "val_temporal": int(val_set.temporal.sum()),
+        },
+        "seed": settings.seed,
+        "probe_seeds": seeds,
+        "device": str(device),
         "recipe": dump_pipeline(subject.config),
         "versions": run_folder.versions(),
-        "heldout": heldout, "temporal": temporal, "classification": classification,
-        "summary": temporal_summary(temporal), "few_frames": few_frames, "latency": latency,
+        "heldout": heldout,
+        "temporal": temporal,
+        "classification": classification,
+        "summary": temporal_summary(temporal),
+        "few_frames": few_frames,
+        "latency": latency,
         "seconds": round(time.perf_counter() - started, 1),
         "seconds_by_phase": {name: round(seconds, 2) for name, seconds in phases.items()},
     }
@@ -341,6 +455,7 @@ def _phase_clock(phases: dict[str, float], started: float):
         now = time.perf_counter()
         phases[name] = now - last[0]
         last[0] = now
+
     return mark
 
 
@@ -355,10 +470,20 @@ def temporal_summary(temporal: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _classification(train_set: RowSet, val_set: RowSet, train_features: dict[str, Features],
-                    val_features: dict[str, Features], train_latents: Features | None, val_latents: Features | None,
-                    models: dict[str, FeatureModel], settings: EvalConfig, seeds: list[int], attentive: Any,
-                    linear: Any, train_store: LatentStore) -> dict:
+def _classification(
+    train_set: RowSet,
+    val_set: RowSet,
+    train_features: dict[str, Features],
+    val_features: dict[str, Features],
+    train_latents: Features | None,
+    val_latents: Features | None,
+    models: dict[str, FeatureModel],
+    settings: EvalConfig,
+    seeds: list[int],
+    attentive: Any,
+    linear: Any,
+    train_store: LatentStore,
+) -> dict:
     """Attentive and linear probes on the train store's labels, scored on the validation store's."""
     train_ok, val_ok = train_set.labels >= 0, val_set.labels >= 0
     if not train_ok.any() or not val_ok.any():
@@ -369,19 +494,42 @@ def _classification(train_set: RowSet, val_set: RowSet, train_features: dict[str
     train_ids, val_ids = np.flatnonzero(train_ok), np.flatnonzero(val_ok)
     train_y, val_y = train_set.labels[train_ids], val_set.labels[val_ids]
     val_rows = val_set.rows[val_ids]
-    sources = {name: (train_features[name], val_features[name], models[name].heads)
-               for name in (PIXELS, RANDOM, STUDENT)}
+    sources = {
+        name: (train_features[name], val_features[name], models[name].heads) for name in (PIXELS, RANDOM, STUDENT)
+    }
     sources[TEACHER] = (train_latents, val_latents, int(train_store.attrs.get("teacher", {}).get("heads", 16)))
-    result: dict[str, Any] = {"classes": classes, "chance": 1 / classes, "train_rows": len(train_ids),
-                              "val_rows": len(val_ids), "attentive": {}, "linear": {}, "heads": {}}
+    result: dict[str, Any] = {
+        "classes": classes,
+        "chance": 1 / classes,
+        "train_rows": len(train_ids),
+        "val_rows": len(val_ids),
+        "attentive": {},
+        "linear": {},
+        "heads": {},
+    }
     for name, (train_f, val_f, heads) in sources.items():
         assert train_f is not None and val_f is not None
         # Each probe is a pure function of its seed: attentive and linear need not interleave.
-        result["attentive"][name] = attentive_figure(train_f, val_f, train_ids, train_y, val_ids, val_y, val_rows,
-                                                     classes, heads, settings.probe_pool, seeds, attentive,
-                                                     settings.seed, label=f"attentive probe ({name})")
-        linear_scores = [linear_probe(train_f.mean[train_ids], train_y, val_f.mean[val_ids], val_y, classes,
-                                      linear(seed)) for seed in seeds]
+        result["attentive"][name] = attentive_figure(
+            train_f,
+            val_f,
+            train_ids,
+            train_y,
+            val_ids,
+            val_y,
+            val_rows,
+            classes,
+            heads,
+            settings.probe_pool,
+            seeds,
+            attentive,
+            settings.seed,
+            label=f"attentive probe ({name})",
+        )
+        linear_scores = [
+            linear_probe(train_f.mean[train_ids], train_y, val_f.mean[val_ids], val_y, classes, linear(seed))
+            for seed in seeds
+        ]
         result["linear"][name] = over_seeds(linear_scores, val_rows, settings.seed)
         result["heads"][name] = heads
     return result
@@ -392,15 +540,22 @@ def _load_matching_teacher(name: str, store: LatentStore, device: torch.device) 
     from shared.teacher import load_teacher
 
     recorded = store.attrs.get("teacher", {})
-    teacher = load_teacher(name, device=str(device) if device.type == "cpu" else "cuda",
-                           dtype=recorded.get("compute_dtype", "auto"))
+    teacher = load_teacher(
+        name, device=str(device) if device.type == "cpu" else "cuda", dtype=recorded.get("compute_dtype", "auto")
+    )
     if recorded.get("weights_hash") and teacher.weights_hash != recorded["weights_hash"]:
-        raise SaltUsageError(f"--teacher {name} is not the teacher the store {store.path} was built with "
-                             f"({recorded.get('name')}): its weights differ")
+        raise SaltUsageError(
+            f"--teacher {name} is not the teacher the store {store.path} was built with "
+            f"({recorded.get('name')}): its weights differ"
+        )
     return teacher
 
 
 def _store_record(store: LatentStore) -> dict[str, Any]:
-    return {"path": str(store.path.resolve()), "identity": store.attrs.get("identity"),
-            "teacher": store.attrs.get("teacher"), "counts": store.counts(),
-            "split": store.attrs.get("source", {}).get("split")}
+    return {
+        "path": str(store.path.resolve()),
+        "identity": store.attrs.get("identity"),
+        "teacher": store.attrs.get("teacher"),
+        "counts": store.counts(),
+        "split": store.attrs.get("source", {}).get("split"),
+    }

@@ -96,8 +96,9 @@ class TokenBank:
     """``[rows, tokens, width]`` fp16 tokens (1568 per clip, fewer for fewer frames): a numpy array in memory,
     or a Zarr array on disk past the bound."""
 
-    def __init__(self, rows: int, width: int, memory_bytes: int, spill_dir: Path, name: str,
-                 tokens: int = geometry.NUM_TOKENS) -> None:
+    def __init__(
+        self, rows: int, width: int, memory_bytes: int, spill_dir: Path, name: str, tokens: int = geometry.NUM_TOKENS
+    ) -> None:
         shape = (rows, tokens, width)
         self.nbytes = int(np.prod(shape)) * 2
         self.on_disk = self.nbytes > memory_bytes
@@ -105,13 +106,19 @@ class TokenBank:
         if self.on_disk:
             self.path = spill_dir / f"{name}.zarr"
             shutil.rmtree(self.path, ignore_errors=True)
-            self.data = zarr.create_array(zarr.storage.LocalStore(self.path), shape=shape, dtype="float16",
-                                          chunks=(1, *shape[1:]), compressors=None, zarr_format=3)
+            self.data = zarr.create_array(
+                zarr.storage.LocalStore(self.path),
+                shape=shape,
+                dtype="float16",
+                chunks=(1, *shape[1:]),
+                compressors=None,
+                zarr_format=3,
+            )
         else:
             self.data = np.empty(shape, dtype=np.float16)
 
     def write(self, start: int, tokens: torch.Tensor) -> None:
-        self.data[start:start + len(tokens)] = tokens.to(torch.float16).cpu().numpy()
+        self.data[start : start + len(tokens)] = tokens.to(torch.float16).cpu().numpy()
 
     def read(self, ids: np.ndarray, device: torch.device) -> torch.Tensor:
         """Rows ``ids`` (sorted) as float32 on ``device``."""
@@ -162,9 +169,17 @@ class ExtractionPlan:
     frames: np.ndarray | None = None  # the view frames the models see (the few-frame rows); None: all 16
 
 
-def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureModel], batch_size: int,
-            memory_bytes: int, spill_dir: Path, label: str, with_latents: bool = False,
-            target_norm: TargetNorm = LAYER_NORM) -> tuple[dict[str, Features], Features | None]:
+def extract(
+    store: LatentStore,
+    plan: ExtractionPlan,
+    models: dict[str, FeatureModel],
+    batch_size: int,
+    memory_bytes: int,
+    spill_dir: Path,
+    label: str,
+    with_latents: bool = False,
+    target_norm: TargetNorm = LAYER_NORM,
+) -> tuple[dict[str, Features], Features | None]:
     """Run every model over the plan's rows (each batch read once); with ``with_latents`` also
     the store's own teacher latents as features (``None`` otherwise), normed as the training targets."""
     rows, count = plan.rows, len(plan.rows)
@@ -173,15 +188,22 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
     slots = geometry.GRID_T if plan.frames is None else len(plan.frames) // geometry.TUBELET_SIZE
     out: dict[str, Features] = {}
     for name, model in models.items():
-        bank = (TokenBank(count, model.width, memory_bytes, spill_dir, f"{label}-{name}",
-                          slots * geometry.TOKENS_PER_FRAME) if plan.keep_tokens else None)
-        out[name] = Features(bank, torch.empty(count, model.width),
-                             {v: torch.empty(temporal_count, slots * model.width) for v in plan.variants})
+        bank = (
+            TokenBank(count, model.width, memory_bytes, spill_dir, f"{label}-{name}", slots * geometry.TOKENS_PER_FRAME)
+            if plan.keep_tokens
+            else None
+        )
+        out[name] = Features(
+            bank,
+            torch.empty(count, model.width),
+            {v: torch.empty(temporal_count, slots * model.width) for v in plan.variants},
+        )
     latents_features = None
     if with_latents:
         width = store.teacher_width
-        bank = (TokenBank(count, width, memory_bytes, spill_dir, f"{label}-teacher-latents")
-                if plan.keep_tokens else None)
+        bank = (
+            TokenBank(count, width, memory_bytes, spill_dir, f"{label}-teacher-latents") if plan.keep_tokens else None
+        )
         latents_features = Features(bank, torch.empty(count, width))
     bar = progress(total=count, description=f"features ({label})", unit="clip")
     names = ("pixels", "latents") if with_latents else ("pixels",)
@@ -190,32 +212,35 @@ def extract(store: LatentStore, plan: ExtractionPlan, models: dict[str, FeatureM
     with ThreadPoolExecutor(max_workers=1) as reading:  # the next batch is read while this one runs
         pending = reading.submit(read_rows, store, rows[:batch_size], names) if starts else None
         for n, start in enumerate(starts):
-            ids = rows[start:start + batch_size]
+            ids = rows[start : start + batch_size]
             arrays = pending.result()
             if n + 1 < len(starts):
-                pending = reading.submit(read_rows, store, rows[starts[n + 1]:starts[n + 1] + batch_size], names)
+                pending = reading.submit(read_rows, store, rows[starts[n + 1] : starts[n + 1] + batch_size], names)
             # One upload per batch (of the plan's frames only); the temporal variants are frame gathers on the device.
             pixels = arrays[0] if plan.frames is None else np.ascontiguousarray(arrays[0][:, plan.frames])
             views = torch.from_numpy(pixels).to(device, non_blocking=True)
             if latents_features is not None:
                 tokens = target_norm.normalise(arrays[1])
-                latents_features.mean[start:start + len(ids)] = tokens.mean(1)
+                latents_features.mean[start : start + len(ids)] = tokens.mean(1)
                 if latents_features.tokens is not None:
                     latents_features.tokens.write(start, tokens)
-            in_temporal = plan.temporal[start:start + len(ids)]
-            where = torch.as_tensor(temporal_index[start:start + len(ids)][in_temporal])
+            in_temporal = plan.temporal[start : start + len(ids)]
+            where = torch.as_tensor(temporal_index[start : start + len(ids)][in_temporal])
             subset = views[torch.as_tensor(in_temporal, device=device)] if in_temporal.any() else None
             for name, model in models.items():
                 features = out[name]
                 tokens = model.tokens(views)
-                features.mean[start:start + len(ids)] = tokens.mean(1).cpu()
+                features.mean[start : start + len(ids)] = tokens.mean(1).cpu()
                 if features.tokens is not None:
                     features.tokens.write(start, tokens)
                 if subset is None:
                     continue
                 for variant in plan.variants:
-                    varied = tokens[torch.as_tensor(in_temporal, device=tokens.device)] if variant == "original" else \
-                        model.tokens(Variant(variant).apply(subset, ids[in_temporal]))
+                    varied = (
+                        tokens[torch.as_tensor(in_temporal, device=tokens.device)]
+                        if variant == "original"
+                        else model.tokens(Variant(variant).apply(subset, ids[in_temporal]))
+                    )
                     features.slots[variant][where] = slot_pool(varied).cpu()
             bar.update(len(ids))
     bar.close()

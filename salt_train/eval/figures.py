@@ -25,18 +25,28 @@ SettingsFor = Callable[[int], ProbeSettings]
 def over_seeds(scores: list[ProbeScore], row_of_sample: np.ndarray, seed: int) -> dict[str, Any]:
     """eval.json's record of one probe figure: the mean over probe seeds and its interval over rows."""
     correct1 = np.array([s.correct for s in scores], dtype=np.float64)
-    correct5 = (np.array([s.correct5 for s in scores], dtype=np.float64)
-                if scores[0].correct5 is not None else None)
+    correct5 = np.array([s.correct5 for s in scores], dtype=np.float64) if scores[0].correct5 is not None else None
     return seeded_score(correct1, correct5, row_of_sample, scores[0].chance, seed).record()
 
 
-def temporal_figures(task: TemporalTask, train: dict[str, Features], val: dict[str, Features],
-                     columns: Iterable[str], val_temporal_rows: np.ndarray, seeds: list[int], linear: SettingsFor,
-                     seed: int, not_run: dict[str, str]) -> dict[str, Any]:
+def temporal_figures(
+    task: TemporalTask,
+    train: dict[str, Features],
+    val: dict[str, Features],
+    columns: Iterable[str],
+    val_temporal_rows: np.ndarray,
+    seeds: list[int],
+    linear: SettingsFor,
+    seed: int,
+    not_run: dict[str, str],
+) -> dict[str, Any]:
     """One temporal task: a linear probe on the per-slot pooled features of its variants, per column;
     ``not_run[column]`` is the reason for a column without features."""
-    figures: dict[str, Any] = {"description": task.description, "chance": 1 / len(task.classes),
-                               "sanity_check": task.sanity}
+    figures: dict[str, Any] = {
+        "description": task.description,
+        "chance": 1 / len(task.classes),
+        "sanity_check": task.sanity,
+    }
     row_of_sample = np.tile(val_temporal_rows, len(task.classes))
     for name in columns:
         if name not in train:
@@ -49,10 +59,22 @@ def temporal_figures(task: TemporalTask, train: dict[str, Features], val: dict[s
     return figures
 
 
-def attentive_figure(train: Features, val: Features, train_ids: np.ndarray, train_y: np.ndarray,
-                     val_ids: np.ndarray, val_y: np.ndarray, val_rows: np.ndarray, classes: int, heads: int,
-                     pool: int, seeds: list[int], attentive: SettingsFor, seed: int,
-                     label: str = "attentive probe") -> dict[str, Any]:
+def attentive_figure(
+    train: Features,
+    val: Features,
+    train_ids: np.ndarray,
+    train_y: np.ndarray,
+    val_ids: np.ndarray,
+    val_y: np.ndarray,
+    val_rows: np.ndarray,
+    classes: int,
+    heads: int,
+    pool: int,
+    seeds: list[int],
+    attentive: SettingsFor,
+    seed: int,
+    label: str = "attentive probe",
+) -> dict[str, Any]:
     """The attentive probe on one column's kept tokens (rows ``train_ids`` and ``val_ids`` of its banks)."""
     assert train.tokens is not None and val.tokens is not None
     width = train.mean.shape[1]
@@ -67,8 +89,20 @@ def attentive_figure(train: Features, val: Features, train_ids: np.ndarray, trai
 
 def probe_settings(settings: Any, device: Any) -> tuple[SettingsFor, SettingsFor]:
     """The recipe's (``eval.*``) settings of the attentive probe and of the linear probes, per seed."""
-    attentive = lambda seed: ProbeSettings(settings.probe_epochs, settings.probe_lr,  # noqa: E731
-                                           settings.probe_weight_decay, settings.probe_batch_size, seed, device)
-    linear = lambda seed: ProbeSettings(settings.linear_iterations, 0.0, settings.linear_l2,  # noqa: E731
-                                        settings.probe_batch_size, seed, device)
+
+    def attentive(seed: int) -> ProbeSettings:
+        return ProbeSettings(
+            settings.probe_epochs,
+            settings.probe_lr,
+            settings.probe_weight_decay,
+            settings.probe_batch_size,
+            seed,
+            device,
+        )
+
+    def linear(seed: int) -> ProbeSettings:
+        return ProbeSettings(
+            settings.linear_iterations, 0.0, settings.linear_l2, settings.probe_batch_size, seed, device
+        )
+
     return attentive, linear

@@ -36,8 +36,10 @@ from salt_train.eval.temporal import TASKS, tasks_at
 from salt_train.export import keep_first_slots
 from salt_train.student import VideoViT
 
-RULE = ("T consecutive frames at the centre of the 16-frame view, from a tubelet boundary; the encoder keeps "
-        "the positions of its first T/2 time slots (load_encoder(num_frames=T))")
+RULE = (
+    "T consecutive frames at the centre of the 16-frame view, from a tubelet boundary; the encoder keeps "
+    "the positions of its first T/2 time slots (load_encoder(num_frames=T))"
+)
 TEACHER_NOT_RUN = "the teacher takes 16 frames (VideoMAE's positions are fixed)"
 
 
@@ -65,17 +67,34 @@ def few_frame_models(models: dict[str, FeatureModel], num_frames: int) -> dict[s
     return out
 
 
-def few_frame_spill(train_rows: int, val_rows: int, widths: dict[str, int], memory_bytes: int,
-                    frames: list[int]) -> int:
+def few_frame_spill(
+    train_rows: int, val_rows: int, widths: dict[str, int], memory_bytes: int, frames: list[int]
+) -> int:
     """Bytes of the few-frame token banks that will go to disk (one frame count's at a time)."""
     tokens = lambda t: t // geometry.TUBELET_SIZE * geometry.TOKENS_PER_FRAME  # noqa: E731
-    return max((spilled_bytes(train_rows, widths, memory_bytes, tokens(t))
-                + spilled_bytes(val_rows, widths, memory_bytes, tokens(t)) for t in frames), default=0)
+    return max(
+        (
+            spilled_bytes(train_rows, widths, memory_bytes, tokens(t))
+            + spilled_bytes(val_rows, widths, memory_bytes, tokens(t))
+            for t in frames
+        ),
+        default=0,
+    )
 
 
-def few_frame_figures(train_set: RowSet, val_set: RowSet, models: dict[str, FeatureModel], settings: EvalConfig,
-                      columns: tuple[str, ...], seeds: list[int], attentive: SettingsFor, linear: SettingsFor,
-                      memory_bytes: int, spill_dir: Path, labelled: bool) -> dict[str, Any]:
+def few_frame_figures(
+    train_set: RowSet,
+    val_set: RowSet,
+    models: dict[str, FeatureModel],
+    settings: EvalConfig,
+    columns: tuple[str, ...],
+    seeds: list[int],
+    attentive: SettingsFor,
+    linear: SettingsFor,
+    memory_bytes: int,
+    spill_dir: Path,
+    labelled: bool,
+) -> dict[str, Any]:
     """eval.json's ``few_frames`` section: per frame count, its frames, temporal probes and SSv2 probe."""
     result: dict[str, Any] = {"rule": RULE, "frames": {}}
     val_temporal_rows = val_set.rows[val_set.temporal]
@@ -88,25 +107,53 @@ def few_frame_figures(train_set: RowSet, val_set: RowSet, models: dict[str, Feat
         features = {}
         for label, rows in (("train", train_set), ("val", val_set)):
             plan = ExtractionPlan(rows.rows, rows.temporal, variants, labelled, settings.seed, frames=window)
-            features[label], _ = extract(rows.store, plan, few_models, settings.batch_size, memory_bytes, spill_dir,
-                                         f"{label}-{count}-frames")
-        temporal = {task.name: temporal_figures(task, features["train"], features["val"], columns, val_temporal_rows,
-                                                seeds, linear, settings.seed, not_run) for task in tasks}
-        classification = (_attentive(train_set, val_set, features, few_models, columns, settings, seeds, attentive,
-                                     not_run) if labelled else {"skipped": "the stores have no labels"})
+            features[label], _ = extract(
+                rows.store, plan, few_models, settings.batch_size, memory_bytes, spill_dir, f"{label}-{count}-frames"
+            )
+        temporal = {
+            task.name: temporal_figures(
+                task,
+                features["train"],
+                features["val"],
+                columns,
+                val_temporal_rows,
+                seeds,
+                linear,
+                settings.seed,
+                not_run,
+            )
+            for task in tasks
+        }
+        classification = (
+            _attentive(train_set, val_set, features, few_models, columns, settings, seeds, attentive, not_run)
+            if labelled
+            else {"skipped": "the stores have no labels"}
+        )
         for side in features.values():
             for feature in side.values():
                 if feature.tokens is not None:
                     feature.tokens.release()
         result["frames"][str(count)] = {
-            "frames": window.tolist(), "tubelets": count // geometry.TUBELET_SIZE, "temporal": temporal,
-            "undefined": [t.name for t in TASKS if not t.sanity and t not in tasks], "classification": classification}
+            "frames": window.tolist(),
+            "tubelets": count // geometry.TUBELET_SIZE,
+            "temporal": temporal,
+            "undefined": [t.name for t in TASKS if not t.sanity and t not in tasks],
+            "classification": classification,
+        }
     return result
 
 
-def _attentive(train_set: RowSet, val_set: RowSet, features: dict[str, dict], models: dict[str, FeatureModel],
-               columns: tuple[str, ...], settings: EvalConfig, seeds: list[int], attentive: SettingsFor,
-               not_run: dict[str, str]) -> dict[str, Any]:
+def _attentive(
+    train_set: RowSet,
+    val_set: RowSet,
+    features: dict[str, dict],
+    models: dict[str, FeatureModel],
+    columns: tuple[str, ...],
+    settings: EvalConfig,
+    seeds: list[int],
+    attentive: SettingsFor,
+    not_run: dict[str, str],
+) -> dict[str, Any]:
     """The SSv2 attentive probe on the T-frame tokens of every column that ran (labelled rows only)."""
     train_ids, val_ids = np.flatnonzero(train_set.labels >= 0), np.flatnonzero(val_set.labels >= 0)
     classes = class_count(train_set.store, val_set.store)
@@ -116,8 +163,19 @@ def _attentive(train_set: RowSet, val_set: RowSet, features: dict[str, dict], mo
             result["attentive"][name] = {"not_run": not_run[name]}
             continue
         result["attentive"][name] = attentive_figure(
-            features["train"][name], features["val"][name], train_ids, train_set.labels[train_ids], val_ids,
-            val_set.labels[val_ids], val_set.rows[val_ids], classes, models[name].heads, settings.probe_pool, seeds,
-            attentive, settings.seed)
+            features["train"][name],
+            features["val"][name],
+            train_ids,
+            train_set.labels[train_ids],
+            val_ids,
+            val_set.labels[val_ids],
+            val_set.rows[val_ids],
+            classes,
+            models[name].heads,
+            settings.probe_pool,
+            seeds,
+            attentive,
+            settings.seed,
+        )
         result["heads"][name] = models[name].heads
     return result

@@ -46,8 +46,9 @@ class RowSums:
 
     @classmethod
     def zeros(cls, rows: int, groups: int, width: int) -> RowSums:
-        return cls(*(np.zeros((rows, groups)) for _ in range(3)), *(np.zeros((rows, width)) for _ in range(3)),
-                   np.zeros(rows))
+        return cls(
+            *(np.zeros((rows, groups)) for _ in range(3)), *(np.zeros((rows, width)) for _ in range(3)), np.zeros(rows)
+        )
 
     def add(self, at: slice, group: int, error: torch.Tensor, targets: torch.Tensor) -> None:
         """``error`` and ``targets`` ``[B, M, D]`` of one group for the rows at ``at``."""
@@ -78,31 +79,47 @@ def summarise(sums: RowSums, loss_kind: str, seed: int) -> dict:
     whole = _figures(sums, np.ones((1, len(sums.tokens))))
     boot = _figures(sums, resample_weights(len(sums.tokens), seed))
     loss_key = "mse" if loss_kind == "mse" else "l1"
-    return {"loss": float(whole[loss_key][0]), "loss_interval": list(interval(boot[loss_key])),
-            "loss_kind": loss_kind, "mse": float(whole["mse"][0]), "l1": float(whole["l1"][0]),
-            "r2": float(whole["r2"][0]), "r2_interval": list(interval(boot["r2"])),
-            "r2_channels": [round(float(v), 6) for v in whole["r2_channels"][0]], "rows": len(sums.tokens)}
+    return {
+        "loss": float(whole[loss_key][0]),
+        "loss_interval": list(interval(boot[loss_key])),
+        "loss_kind": loss_kind,
+        "mse": float(whole["mse"][0]),
+        "l1": float(whole["l1"][0]),
+        "r2": float(whole["r2"][0]),
+        "r2_interval": list(interval(boot["r2"])),
+        "r2_channels": [round(float(v), 6) for v in whole["r2_channels"][0]],
+        "rows": len(sums.tokens),
+    }
 
 
 def channel_means(store: LatentStore, rows: np.ndarray, target_norm: TargetNorm, batch_size: int) -> torch.Tensor:
     """Each channel's mean of the normed targets over ``rows`` (all tokens): the baseline's prediction."""
     total = torch.zeros(store.teacher_width, dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
-        (latents,) = read_rows(store, rows[start:start + batch_size], ("latents",))
+        (latents,) = read_rows(store, rows[start : start + batch_size], ("latents",))
         total += target_norm.normalise(latents).double().sum((0, 1))
     return (total / (len(rows) * latents.shape[1])).float()
 
 
-def make_objective(student: SaltStudent, loss: LossKind, target_norm: TargetNorm,
-                   device: torch.device) -> SaltObjective:
+def make_objective(
+    student: SaltStudent, loss: LossKind, target_norm: TargetNorm, device: torch.device
+) -> SaltObjective:
     """The run's training objective around ``student``, with its target normalisation."""
     return SaltObjective(student, loss, target_norm).to(device).eval()
 
 
 @torch.inference_mode()
-def heldout_sums(store: LatentStore, rows: np.ndarray, mask: MaskConfig, device: torch.device,
-                 batch_size: int, seed: int, objectives: dict[str, SaltObjective | None],
-                 baseline: torch.Tensor | None, target_norm: TargetNorm = LAYER_NORM) -> dict[str, RowSums]:
+def heldout_sums(
+    store: LatentStore,
+    rows: np.ndarray,
+    mask: MaskConfig,
+    device: torch.device,
+    batch_size: int,
+    seed: int,
+    objectives: dict[str, SaltObjective | None],
+    baseline: torch.Tensor | None,
+    target_norm: TargetNorm = LAYER_NORM,
+) -> dict[str, RowSums]:
     """One pass over ``rows``: per-row sums of every objective's errors and, with ``baseline`` (per-channel
     means), of the mean-latent baseline's (under the name ``mean_latent``)."""
     groups = len(mask_layout(mask.kind, mask.ratio))
@@ -112,7 +129,7 @@ def heldout_sums(store: LatentStore, rows: np.ndarray, mask: MaskConfig, device:
     cuda = device.type == "cuda"
     on_device = target_norm.to(device)
     for k, start in enumerate(range(0, len(rows), batch_size)):
-        ids = rows[start:start + batch_size]
+        ids = rows[start : start + batch_size]
         at = slice(start, start + len(ids))
         views, latents = read_rows(store, ids, ("pixels", "latents"))
         masks = make_masks(mask.kind, mask.ratio, len(ids), seed, k).to(device)
@@ -131,13 +148,23 @@ def heldout_sums(store: LatentStore, rows: np.ndarray, mask: MaskConfig, device:
     return sums
 
 
-def heldout_figures(store: LatentStore, rows: np.ndarray, mask: MaskConfig, loss: LossKind, device: torch.device,
-                    batch_size: int, seed: int, students: dict[str, SaltStudent | None],
-                    target_norm: TargetNorm, baseline: torch.Tensor | None) -> dict[str, dict]:
+def heldout_figures(
+    store: LatentStore,
+    rows: np.ndarray,
+    mask: MaskConfig,
+    loss: LossKind,
+    device: torch.device,
+    batch_size: int,
+    seed: int,
+    students: dict[str, SaltStudent | None],
+    target_norm: TargetNorm,
+    baseline: torch.Tensor | None,
+) -> dict[str, dict]:
     """Held-out figures per student (None: not run) and for the mean-latent baseline, with the run's masks
     (``mask``), loss and target normalisation."""
-    objectives = {name: make_objective(s, loss, target_norm, device) if s is not None else None
-                  for name, s in students.items()}
+    objectives = {
+        name: make_objective(s, loss, target_norm, device) if s is not None else None for name, s in students.items()
+    }
     sums = heldout_sums(store, rows, mask, device, batch_size, seed, objectives, baseline, target_norm)
     described = describe_masks(mask.kind, mask.ratio)
     return {name: {**summarise(s, loss, seed), "mask": described} for name, s in sums.items()}

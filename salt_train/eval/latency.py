@@ -29,16 +29,18 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def encoder_latency(encoder: VideoViT, device: torch.device, repeats: int,
-                    frames: tuple[int, ...] = LATENCY_FRAMES) -> dict[str, Any]:
+def encoder_latency(
+    encoder: VideoViT, device: torch.device, repeats: int, frames: tuple[int, ...] = LATENCY_FRAMES
+) -> dict[str, Any]:
     """eval.json's ``latency`` section: milliseconds per clip (median, min, max) at each frame count."""
     if repeats <= 0:
         return {"not_run": "eval.latency_repeats is 0"}
     generator = torch.Generator().manual_seed(0)
     figures: dict[str, Any] = {}
     for count in frames:
-        model = EncoderFeatures("latency", encoder if count == geometry.NUM_FRAMES else with_slots(encoder, count),
-                                device)
+        model = EncoderFeatures(
+            "latency", encoder if count == geometry.NUM_FRAMES else with_slots(encoder, count), device
+        )
         size = geometry.IMAGE_SIZE
         views = torch.randint(0, 256, (1, count, size, size, 3), dtype=torch.uint8, generator=generator).to(device)
         times = []
@@ -50,10 +52,15 @@ def encoder_latency(encoder: VideoViT, device: torch.device, repeats: int,
             if k >= WARMUP:
                 times.append(1000 * (time.perf_counter() - start))
         ms = np.asarray(times)
-        figures[str(count)] = {"median_ms": float(np.median(ms)), "min_ms": float(ms.min()),
-                               "max_ms": float(ms.max())}
+        figures[str(count)] = {"median_ms": float(np.median(ms)), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
     cuda = device.type == "cuda"
-    return {"model": "student", "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads",
-            "precision": "bfloat16 autocast" if cuda else "float32", "batch": 1, "warmup": WARMUP,
-            "repeats": repeats, "frames": figures}
+    return {
+        "model": "student",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads",
+        "precision": "bfloat16 autocast" if cuda else "float32",
+        "batch": 1,
+        "warmup": WARMUP,
+        "repeats": repeats,
+        "frames": figures,
+    }

@@ -29,13 +29,16 @@ def prepare_output(out_dir: Path, spill_bytes: int) -> None:
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise SaltUsageError(f"eval cannot write to {out_dir} ({one_line(exc)}): pass --out a writable folder") \
-            from None
+        raise SaltUsageError(
+            f"eval cannot write to {out_dir} ({one_line(exc)}): pass --out a writable folder"
+        ) from None
     free = shutil.disk_usage(out_dir).free
     if spill_bytes > free:
-        raise SaltUsageError(f"eval needs {format_bytes(spill_bytes)} free under {out_dir} for the tokens beyond "
-                             f"eval.feature_memory_gb, and {format_bytes(free)} is free: free space, pass --out "
-                             "elsewhere, or raise eval.feature_memory_gb")
+        raise SaltUsageError(
+            f"eval needs {format_bytes(spill_bytes)} free under {out_dir} for the tokens beyond "
+            f"eval.feature_memory_gb, and {format_bytes(free)} is free: free space, pass --out "
+            "elsewhere, or raise eval.feature_memory_gb"
+        )
 
 
 @contextmanager
@@ -46,8 +49,9 @@ def scratch(out_dir: Path) -> Iterator[Path]:
         yield path
     except OSError as exc:
         if exc.errno in DISK_ERRORS:
-            raise SaltUsageError(f"eval could not write under {out_dir} ({one_line(exc)}); its scratch was removed, "
-                                 "nothing was kept") from None
+            raise SaltUsageError(
+                f"eval could not write under {out_dir} ({one_line(exc)}); its scratch was removed, nothing was kept"
+            ) from None
         raise
     finally:
         shutil.rmtree(path, ignore_errors=True)

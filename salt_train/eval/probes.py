@@ -112,7 +112,7 @@ def train_classifier(model: nn.Module, read: RowReader, labels: np.ndarray, sett
     for _ in range(settings.epochs):
         order = order_rng.permutation(rows)
         for start in range(0, rows, batch):
-            ids = np.sort(order[start:start + batch])
+            ids = np.sort(order[start : start + batch])
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * _lr_factor(step, total, warmup)
             loss = F.cross_entropy(model(read(ids)), targets[ids].to(settings.device))
@@ -124,8 +124,9 @@ def train_classifier(model: nn.Module, read: RowReader, labels: np.ndarray, sett
 
 
 @torch.no_grad()
-def score_classifier(model: nn.Module, read: RowReader, labels: np.ndarray, classes: int,
-                     batch_size: int) -> ProbeScore:
+def score_classifier(
+    model: nn.Module, read: RowReader, labels: np.ndarray, classes: int, batch_size: int
+) -> ProbeScore:
     """Top-1 (and top-5 where there are more than 5 classes) accuracy over every row."""
     right1: list[bool] = []
     right5: list[bool] = []
@@ -137,8 +138,14 @@ def score_classifier(model: nn.Module, read: RowReader, labels: np.ndarray, clas
         right1 += (ranked[:, 0] == truth).tolist()
         right5 += (ranked == truth[:, None]).any(dim=1).tolist()
     n = max(1, len(labels))
-    return ProbeScore(sum(right1) / n, sum(right5) / n if classes > 5 else None, 1 / classes, len(labels),
-                      tuple(right1), tuple(right5) if classes > 5 else None)
+    return ProbeScore(
+        sum(right1) / n,
+        sum(right5) / n if classes > 5 else None,
+        1 / classes,
+        len(labels),
+        tuple(right1),
+        tuple(right5) if classes > 5 else None,
+    )
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -148,16 +155,30 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-def attentive_probe(train: RowReader, train_labels: np.ndarray, val: RowReader, val_labels: np.ndarray,
-                    width: int, classes: int, settings: ProbeSettings, heads: int) -> ProbeScore:
+def attentive_probe(
+    train: RowReader,
+    train_labels: np.ndarray,
+    val: RowReader,
+    val_labels: np.ndarray,
+    width: int,
+    classes: int,
+    settings: ProbeSettings,
+    heads: int,
+) -> ProbeScore:
     """V-JEPA's attentive probe on frozen tokens ``[rows, N, width]``, with the encoder's ``heads``."""
     probe = _seeded(settings.seed, lambda: AttentiveProbe(width, classes, heads))
     train_classifier(probe, train, train_labels, settings)
     return score_classifier(probe, val, val_labels, classes, settings.batch_size)
 
 
-def linear_probe(train_features: Tensor, train_labels: np.ndarray, val_features: Tensor, val_labels: np.ndarray,
-                 classes: int, settings: ProbeSettings) -> ProbeScore:
+def linear_probe(
+    train_features: Tensor,
+    train_labels: np.ndarray,
+    val_features: Tensor,
+    val_labels: np.ndarray,
+    classes: int,
+    settings: ProbeSettings,
+) -> ProbeScore:
     """Multinomial logistic regression on ``[rows, F]`` features standardised with the training rows'
     statistics: full-batch L-BFGS with an L2 penalty of ``weight_decay`` (a convex problem, so the
     result depends on neither a learning rate nor the number of rows). ``epochs`` is L-BFGS's
@@ -170,8 +191,9 @@ def linear_probe(train_features: Tensor, train_labels: np.ndarray, val_features:
     val_x = (val_features.float().to(device) - mean) / std
     targets = torch.as_tensor(train_labels, dtype=torch.long, device=device)
     probe = _seeded(settings.seed, lambda: nn.Linear(train_x.shape[1], classes)).to(device)
-    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=settings.epochs,
-                                  history_size=20, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        probe.parameters(), lr=1.0, max_iter=settings.epochs, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -180,8 +202,9 @@ def linear_probe(train_features: Tensor, train_labels: np.ndarray, val_features:
         return loss
 
     optimizer.step(closure)
-    return score_classifier(probe.eval(), lambda ids: val_x[torch.as_tensor(ids, device=device)], val_labels,
-                            classes, settings.batch_size)
+    return score_classifier(
+        probe.eval(), lambda ids: val_x[torch.as_tensor(ids, device=device)], val_labels, classes, settings.batch_size
+    )
 
 
 def retrieval_top1(queries: Tensor, keys: Tensor) -> ProbeScore:

@@ -38,8 +38,16 @@ def enough_labels(labels: np.ndarray, classes: int) -> bool:
 class QuickEval:
     """``settings``: the recipe's eval section; ``mask``, ``loss`` and ``target_norm``: the run's objective."""
 
-    def __init__(self, settings: EvalConfig, mask: MaskConfig, loss: LossKind, train_store: LatentStore,
-                 device: torch.device, spill: Path, target_norm: TargetNorm = LAYER_NORM) -> None:
+    def __init__(
+        self,
+        settings: EvalConfig,
+        mask: MaskConfig,
+        loss: LossKind,
+        train_store: LatentStore,
+        device: torch.device,
+        spill: Path,
+        target_norm: TargetNorm = LAYER_NORM,
+    ) -> None:
         assert settings.val_cache, "checked at start (train.check_quick_eval)"
         self.settings, self.mask, self.loss, self.target_norm = settings, mask, loss, target_norm
         self.device, self.spill = device, spill
@@ -59,23 +67,60 @@ class QuickEval:
         settings = self.settings
         was_training = model.training
         try:
-            result = heldout_figures(self.val_store, self.val_rows, self.mask, self.loss, self.device,
-                                     settings.batch_size, settings.seed, {"student": model}, self.target_norm,
-                                     None)["student"]
-            record: dict[str, Any] = {"heldout_loss": result["loss"], "heldout_r2": result["r2"],
-                                      "rows": len(self.val_rows)}
+            result = heldout_figures(
+                self.val_store,
+                self.val_rows,
+                self.mask,
+                self.loss,
+                self.device,
+                settings.batch_size,
+                settings.seed,
+                {"student": model},
+                self.target_norm,
+                None,
+            )["student"]
+            record: dict[str, Any] = {
+                "heldout_loss": result["loss"],
+                "heldout_r2": result["r2"],
+                "rows": len(self.val_rows),
+            }
             if self.probe:
                 train_ok, val_ok = self.train_labels >= 0, self.val_labels >= 0
                 features = EncoderFeatures("student", model.encoder, self.device)
                 plan = lambda rows: ExtractionPlan(rows, np.zeros(len(rows), bool), (), False, settings.seed)  # noqa: E731
-                train_f, _ = extract(self.train_store, plan(self.train_rows), {"student": features},
-                                     settings.batch_size, 0, self.spill, "quick-train")
-                val_f, _ = extract(self.val_store, plan(self.val_rows), {"student": features},
-                                   settings.batch_size, 0, self.spill, "quick-val")
-                probe = linear_probe(train_f["student"].mean[train_ok], self.train_labels[train_ok],
-                                     val_f["student"].mean[val_ok], self.val_labels[val_ok], self.classes,
-                                     ProbeSettings(settings.linear_iterations, 0.0, settings.linear_l2,
-                                                   settings.probe_batch_size, settings.seed, self.device))
+                train_f, _ = extract(
+                    self.train_store,
+                    plan(self.train_rows),
+                    {"student": features},
+                    settings.batch_size,
+                    0,
+                    self.spill,
+                    "quick-train",
+                )
+                val_f, _ = extract(
+                    self.val_store,
+                    plan(self.val_rows),
+                    {"student": features},
+                    settings.batch_size,
+                    0,
+                    self.spill,
+                    "quick-val",
+                )
+                probe = linear_probe(
+                    train_f["student"].mean[train_ok],
+                    self.train_labels[train_ok],
+                    val_f["student"].mean[val_ok],
+                    self.val_labels[val_ok],
+                    self.classes,
+                    ProbeSettings(
+                        settings.linear_iterations,
+                        0.0,
+                        settings.linear_l2,
+                        settings.probe_batch_size,
+                        settings.seed,
+                        self.device,
+                    ),
+                )
                 record["linear_top1"] = probe.top1
             return record
         finally:

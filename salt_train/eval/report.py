@@ -42,19 +42,33 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
     heldout = report["heldout"]
     kind = next((v.get("loss_kind") for v in heldout.values() if "loss_kind" in v), "mse")
     base = heldout.get("mean_latent", {})
-    rows.append((f"held-out loss ({kind}, lower is better)", _cell(base, "loss").split(" ")[0],
-                 [_cell(heldout.get(c), "loss") for c in COLUMNS]))
-    rows.append(("held-out R^2 per channel (higher is better)", _cell(base, "r2").split(" ")[0],
-                 [_cell(heldout.get(c), "r2") for c in COLUMNS]))
+    rows.append(
+        (
+            f"held-out loss ({kind}, lower is better)",
+            _cell(base, "loss").split(" ")[0],
+            [_cell(heldout.get(c), "loss") for c in COLUMNS],
+        )
+    )
+    rows.append(
+        (
+            "held-out R^2 per channel (higher is better)",
+            _cell(base, "r2").split(" ")[0],
+            [_cell(heldout.get(c), "r2") for c in COLUMNS],
+        )
+    )
     for name, task in report["temporal"].items():
         chance = f"{100 * task['chance']:.1f}%"
         label = f"{name.replace('_', ' ')}: {task['description']}" + (" [sanity]" if task.get("sanity_check") else "")
         rows.append((label, chance, [_cell(task.get(c), "top1") for c in COLUMNS]))
     summary = report.get("summary")
     if summary and summary.get("tasks"):
-        rows.append((f"temporal mean ({len(summary['tasks'])} probes, no sanity checks)",
-                     f"{100 * summary['chance']:.1f}%",
-                     [f"{100 * summary[c]:.1f}" if summary.get(c) is not None else "-" for c in COLUMNS]))
+        rows.append(
+            (
+                f"temporal mean ({len(summary['tasks'])} probes, no sanity checks)",
+                f"{100 * summary['chance']:.1f}%",
+                [f"{100 * summary[c]:.1f}" if summary.get(c) is not None else "-" for c in COLUMNS],
+            )
+        )
     classification = report["classification"]
     if "skipped" in classification:
         rows.append((f"SSv2 classification: skipped ({classification['skipped']})", "", ["-"] * len(COLUMNS)))
@@ -64,8 +78,13 @@ def table_rows(report: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
         rows.append(("SSv2 attentive probe top-1", chance, [_cell(attentive.get(c), "top1") for c in COLUMNS]))
         if classification["classes"] > 5:
             rows.append(("SSv2 attentive probe top-5", "", [_cell(attentive.get(c), "top5") for c in COLUMNS]))
-        rows.append(("SSv2 linear probe (mean-pooled) top-1", chance,
-                     [_cell(classification["linear"].get(c), "top1") for c in COLUMNS]))
+        rows.append(
+            (
+                "SSv2 linear probe (mean-pooled) top-1",
+                chance,
+                [_cell(classification["linear"].get(c), "top1") for c in COLUMNS],
+            )
+        )
     rows += few_frame_rows(report.get("few_frames", {}))
     latency = report.get("latency", {})
     if "frames" in latency:
@@ -84,11 +103,21 @@ def few_frame_rows(few: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
         frames = f"{count} frames ({entry['frames'][0]}-{entry['frames'][-1]})"
         classification = entry["classification"]
         if "skipped" not in classification:
-            rows.append((f"SSv2 attentive probe top-1, {frames}", f"{100 * classification['chance']:.1f}%",
-                         [_cell(classification["attentive"].get(c), "top1") for c in COLUMNS]))
+            rows.append(
+                (
+                    f"SSv2 attentive probe top-1, {frames}",
+                    f"{100 * classification['chance']:.1f}%",
+                    [_cell(classification["attentive"].get(c), "top1") for c in COLUMNS],
+                )
+            )
         for name, task in entry["temporal"].items():
-            rows.append((f"{name.replace('_', ' ')}, {frames}", f"{100 * task['chance']:.1f}%",
-                         [_cell(task.get(c), "top1") for c in COLUMNS]))
+            rows.append(
+                (
+                    f"{name.replace('_', ' ')}, {frames}",
+                    f"{100 * task['chance']:.1f}%",
+                    [_cell(task.get(c), "top1") for c in COLUMNS],
+                )
+            )
     return rows
 
 
@@ -101,18 +130,24 @@ def print_table(report: dict[str, Any]) -> None:
     width = max(len(r[0]) for r in rows)
     header = f"{'figure':<{width}}  {'floor':>7}  " + "  ".join(f"{TITLES[c]:>{CELL}}" for c in COLUMNS)
     seeds = report.get("probe_seeds", [report["seed"]])
-    print(f"== salt-train eval: {report['subject']['path']} ({report['subject']['source']}), "
-          f"{len(report['rows']['train'])} train / {len(report['rows']['val'])} val rows, seed {report['seed']}, "
-          f"probes: mean of {len(seeds)} seeds [95% interval over val rows and seeds]")
+    print(
+        f"== salt-train eval: {report['subject']['path']} ({report['subject']['source']}), "
+        f"{len(report['rows']['train'])} train / {len(report['rows']['val'])} val rows, seed {report['seed']}, "
+        f"probes: mean of {len(seeds)} seeds [95% interval over val rows and seeds]"
+    )
     print(header)
     print("-" * len(header))
     for figure, floor, cells in rows:
         print(f"{figure:<{width}}  {floor:>7}  " + "  ".join(f"{cell:>{CELL}}" for cell in cells))
     notes = [f"{TITLES[c]}: {report['models'][c]}" for c in COLUMNS]
-    notes.append("floor: chance for a probe; for the held-out figures the mean-latent baseline, "
-                 + report["models"].get("mean_latent", ""))
-    notes.append("[sanity]: pixels pass it by construction; left out of the temporal mean. Overlapping intervals: "
-                 "no difference shown.")
+    notes.append(
+        "floor: chance for a probe; for the held-out figures the mean-latent baseline, "
+        + report["models"].get("mean_latent", "")
+    )
+    notes.append(
+        "[sanity]: pixels pass it by construction; left out of the temporal mean. Overlapping intervals: "
+        "no difference shown."
+    )
     if "rule" in report.get("few_frames", {}):
         notes.append(f"T frames: {report['few_frames']['rule']}; the teacher takes 16 frames only")
     print("  " + "\n  ".join(notes))
@@ -125,8 +160,9 @@ def write_outputs(report: dict[str, Any], out_dir: Path, metrics: Path | None) -
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "eval.json", report)
     except OSError as exc:
-        raise SaltUsageError(f"could not write {out_dir / 'eval.json'} ({one_line(exc)}); the table above holds "
-                             "the figures") from None
+        raise SaltUsageError(
+            f"could not write {out_dir / 'eval.json'} ({one_line(exc)}); the table above holds the figures"
+        ) from None
     try:
         write_plot(report, out_dir / "eval.png", metrics)
     except OSError as exc:
@@ -156,15 +192,19 @@ def write_plot(report: dict[str, Any], path: Path, metrics: Path | None) -> None
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and "eval" not in r]
     if train:
         curve.plot(*zip(*train), label="training loss", color="tab:blue")
-    evals = [(r["step"], r["eval"]["heldout_loss"]) for r in records if isinstance(r.get("eval"), dict)
-             and "heldout_loss" in r["eval"]]
+    evals = [
+        (r["step"], r["eval"]["heldout_loss"])
+        for r in records
+        if isinstance(r.get("eval"), dict) and "heldout_loss" in r["eval"]
+    ]
     if evals:
         curve.plot(*zip(*evals), "o--", label="held-out loss (eval_every)", color="tab:orange")
     final = report["heldout"].get("student", {})
     if "loss" in final:
         step = train[-1][0] if train else 0
-        curve.plot([step], [final["loss"]], "D", color="tab:red",
-                   label=f"held-out loss, this eval ({final['loss']:.3f})")
+        curve.plot(
+            [step], [final["loss"]], "D", color="tab:red", label=f"held-out loss, this eval ({final['loss']:.3f})"
+        )
     random_loss = report["heldout"].get("random_init", {}).get("loss")
     if random_loss is not None:
         curve.axhline(random_loss, color="grey", linestyle=":", label=f"random-init held-out ({random_loss:.3f})")
@@ -174,22 +214,35 @@ def write_plot(report: dict[str, Any], path: Path, metrics: Path | None) -> None
     if curve.get_legend_handles_labels()[0]:
         curve.legend(fontsize=8)
 
-    probes = [(name + (" (sanity)" if task.get("sanity_check") else ""), task)
-              for name, task in report["temporal"].items()]
+    probes = [
+        (name + (" (sanity)" if task.get("sanity_check") else ""), task) for name, task in report["temporal"].items()
+    ]
     classification = report["classification"]
     if "skipped" not in classification:
-        probes += [("ssv2_attentive", {**classification["attentive"], "chance": classification["chance"]}),
-                   ("ssv2_linear", {**classification["linear"], "chance": classification["chance"]})]
+        probes += [
+            ("ssv2_attentive", {**classification["attentive"], "chance": classification["chance"]}),
+            ("ssv2_linear", {**classification["linear"], "chance": classification["chance"]}),
+        ]
     width = 0.2
     colours = {"pixels": "tab:olive", "random_init": "tab:grey", "student": "tab:blue", "teacher": "tab:green"}
     for k, column in enumerate(COLUMNS):
         entries = [task.get(column, {}) for _, task in probes]
         values = [e.get("top1", 0.0) if "not_run" not in e else 0.0 for e in entries]
         bounds = [e.get("top1_interval", (v, v)) for v, e in zip(values, entries)]
-        errors = [[max(0.0, v - lo) for v, (lo, _) in zip(values, bounds)],
-                  [max(0.0, hi - v) for v, (_, hi) in zip(values, bounds)]]
-        bars.bar([i + (k - 1.5) * width for i in range(len(probes))], values, width, label=TITLES[column],
-                 color=colours[column], yerr=errors, capsize=2, error_kw={"elinewidth": 0.8})
+        errors = [
+            [max(0.0, v - lo) for v, (lo, _) in zip(values, bounds)],
+            [max(0.0, hi - v) for v, (_, hi) in zip(values, bounds)],
+        ]
+        bars.bar(
+            [i + (k - 1.5) * width for i in range(len(probes))],
+            values,
+            width,
+            label=TITLES[column],
+            color=colours[column],
+            yerr=errors,
+            capsize=2,
+            error_kw={"elinewidth": 0.8},
+        )
     for i, (_, task) in enumerate(probes):
         bars.hlines(task["chance"], i - 2 * width, i + 2 * width, colors="black", linestyles="dashed")
     bars.set_xticks(range(len(probes)), [name.replace("_", "\n") for name, _ in probes], fontsize=8)

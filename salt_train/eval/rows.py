@@ -28,15 +28,22 @@ def check_held_out(train: LatentStore, val: LatentStore) -> None:
     if Path(train.path).resolve() == Path(val.path).resolve():
         raise SaltUsageError(f"validation store {val.path} is the train store: its rows are not held out; {hint}")
     t_source, v_source = train.attrs.get("source", {}), val.attrs.get("source", {})
-    if (t_source.get("split") and t_source.get("split") == v_source.get("split")
-            and t_source.get("root") == v_source.get("root")):
-        raise SaltUsageError(f"validation store {val.path} holds the same split ({v_source['split']}) of the same "
-                             f"source as the train store {train.path}: its rows are not held out; {hint}")
+    if (
+        t_source.get("split")
+        and t_source.get("split") == v_source.get("split")
+        and t_source.get("root") == v_source.get("root")
+    ):
+        raise SaltUsageError(
+            f"validation store {val.path} holds the same split ({v_source['split']}) of the same "
+            f"source as the train store {train.path}: its rows are not held out; {hint}"
+        )
     shared = _clip_ids(train) & _clip_ids(val)
     if shared:
         example = sorted(shared)[0]
-        raise SaltUsageError(f"validation store {val.path} shares {len(shared)} clip(s) with the train store "
-                             f"{train.path} (e.g. clip {example}): its rows are not held out; {hint}")
+        raise SaltUsageError(
+            f"validation store {val.path} shares {len(shared)} clip(s) with the train store "
+            f"{train.path} (e.g. clip {example}): its rows are not held out; {hint}"
+        )
 
 
 def check_compatible(train: LatentStore, val: LatentStore) -> None:
@@ -46,8 +53,10 @@ def check_compatible(train: LatentStore, val: LatentStore) -> None:
     found = []
     t_id, v_id = train.attrs.get("identity", {}), val.attrs.get("identity", {})
     if t_id.get("teacher_weights_hash") != v_id.get("teacher_weights_hash") or train.teacher_width != val.teacher_width:
-        found.append(f"another teacher ({val.attrs.get('teacher', {}).get('name')} vs "
-                     f"{train.attrs.get('teacher', {}).get('name')})")
+        found.append(
+            f"another teacher ({val.attrs.get('teacher', {}).get('name')} vs "
+            f"{train.attrs.get('teacher', {}).get('name')})"
+        )
     if t_id.get("teacher_compute_dtype") != v_id.get("teacher_compute_dtype"):
         found.append("another teacher precision")
     if _view_recipe(train) != _view_recipe(val):
@@ -55,9 +64,11 @@ def check_compatible(train: LatentStore, val: LatentStore) -> None:
     if train.attrs.get("geometry") != val.attrs.get("geometry"):
         found.append("another geometry")
     if found:
-        raise SaltUsageError(f"validation store {val.path} was built with {', '.join(found)} than the train store "
-                             f"{train.path}: build it with the same teacher and recipe (salt-cache build --split "
-                             "validation --teacher ... --pipeline ...)")
+        raise SaltUsageError(
+            f"validation store {val.path} was built with {', '.join(found)} than the train store "
+            f"{train.path}: build it with the same teacher and recipe (salt-cache build --split "
+            "validation --teacher ... --pipeline ...)"
+        )
 
 
 def _view_recipe(store: LatentStore) -> dict:
@@ -81,8 +92,9 @@ def draw_eval_rows(store: LatentStore, count: int, seed: int, flag: str) -> tupl
     committed = eval_candidates(store)
     if count > len(committed):
         what = "committed rows" if store.views_per_clip == 1 else "clips with a committed view 0"
-        raise SaltUsageError(f"{flag} {count}: store {store.path} has only {len(committed)} {what} "
-                             f"(ask for at most {len(committed)})")
+        raise SaltUsageError(
+            f"{flag} {count}: store {store.path} has only {len(committed)} {what} (ask for at most {len(committed)})"
+        )
     rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, len(committed)]))
     chosen = rng.permutation(committed)[:count]
     rank = np.empty(count, dtype=np.int64)

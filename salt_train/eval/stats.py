@@ -24,8 +24,11 @@ LEVEL = 0.95
 def resample_weights(rows: int, seed: int, resamples: int = RESAMPLES) -> np.ndarray:
     """``[resamples, rows]`` counts: how often each row is drawn in each bootstrap resample."""
     rng = np.random.default_rng(np.random.SeedSequence([seed % 2**64, rows, 31]))
-    return rng.multinomial(rows, np.full(rows, 1 / rows), size=resamples).astype(np.float64) if rows else \
-        np.zeros((resamples, 0))
+    return (
+        rng.multinomial(rows, np.full(rows, 1 / rows), size=resamples).astype(np.float64)
+        if rows
+        else np.zeros((resamples, 0))
+    )
 
 
 def interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
@@ -66,13 +69,21 @@ class SeededScore:
     rows: int  # validation rows the interval resamples
 
     def record(self) -> dict:
-        return {"top1": self.top1, "top1_interval": list(self.top1_interval), "top1_seeds": list(self.top1_seeds),
-                "top5": self.top5, "top5_interval": None if self.top5_interval is None else list(self.top5_interval),
-                "chance": self.chance, "samples": self.samples, "rows": self.rows}
+        return {
+            "top1": self.top1,
+            "top1_interval": list(self.top1_interval),
+            "top1_seeds": list(self.top1_seeds),
+            "top5": self.top5,
+            "top5_interval": None if self.top5_interval is None else list(self.top5_interval),
+            "chance": self.chance,
+            "samples": self.samples,
+            "rows": self.rows,
+        }
 
 
-def seeded_score(correct1: np.ndarray, correct5: np.ndarray | None, row_of_sample: np.ndarray, chance: float,
-                 seed: int) -> SeededScore:
+def seeded_score(
+    correct1: np.ndarray, correct5: np.ndarray | None, row_of_sample: np.ndarray, chance: float, seed: int
+) -> SeededScore:
     """From ``[seeds, samples]`` right/wrong (top-1, and top-5 or None) and each sample's validation row:
     the means over seeds and samples, and their intervals over rows and seeds."""
     rows, inverse = np.unique(row_of_sample, return_inverse=True)
@@ -87,8 +98,12 @@ def seeded_score(correct1: np.ndarray, correct5: np.ndarray | None, row_of_sampl
     top1_rows = per_seed_row(correct1)
     top5_rows = per_seed_row(correct5) if correct5 is not None else None
     return SeededScore(
-        top1=float(correct1.mean()), top1_interval=seeds_and_rows_interval(top1_rows, seed),
+        top1=float(correct1.mean()),
+        top1_interval=seeds_and_rows_interval(top1_rows, seed),
         top1_seeds=tuple(float(c.mean()) for c in correct1),
         top5=None if correct5 is None else float(correct5.mean()),
         top5_interval=None if top5_rows is None else seeds_and_rows_interval(top5_rows, seed),
-        chance=chance, samples=correct1.shape[1], rows=len(rows))
+        chance=chance,
+        samples=correct1.shape[1],
+        rows=len(rows),
+    )

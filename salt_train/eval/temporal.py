@@ -107,8 +107,9 @@ def frame_indices(name: str, rows: np.ndarray, num_frames: int = NUM_FRAMES) -> 
     elif name.startswith("stride") or name == "second_half":
         if num_frames != NUM_FRAMES:
             raise ValueError(f"variant {name!r} is defined on the {NUM_FRAMES} stored frames only")
-        order = stride_indices(int(name.removeprefix("stride"))) if name != "second_half" \
-            else NUM_FRAMES // 2 + frames // 2
+        order = (
+            stride_indices(int(name.removeprefix("stride"))) if name != "second_half" else NUM_FRAMES // 2 + frames // 2
+        )
     else:
         raise ValueError(f"unknown variant {name!r}")
     return np.tile(order, (count, 1))
@@ -117,6 +118,7 @@ def frame_indices(name: str, rows: np.ndarray, num_frames: int = NUM_FRAMES) -> 
 def tasks_at(num_frames: int) -> tuple["TemporalTask", ...]:
     """The summarised (non-sanity) tasks whose every class is a distinct clip at ``num_frames`` frames:
     at 2 frames (one tubelet) only the arrow of time; pairs need two tubelets to swap or repeat."""
+
     def distinct(name: str) -> bool:
         try:
             order = frame_indices(name, np.zeros(1), num_frames)[0]
@@ -164,8 +166,9 @@ TASKS = (
     TemporalTask("arrow_of_time", "forward vs reversed", ("original", "reversed")),
     TemporalTask("order", "ordered vs tubelet pairs swapped", ("original", "swapped")),
     TemporalTask("continuity", "moving on vs stuttering back", ("original", "stutter")),
-    TemporalTask("playback_stride", "stride 1 vs 2 vs 4 (held frames)", ("stride1", "stride2", "original"),
-                 sanity=True),
+    TemporalTask(
+        "playback_stride", "stride 1 vs 2 vs 4 (held frames)", ("stride1", "stride2", "original"), sanity=True
+    ),
 )
 # Clip consistency (a sanity check): the first half (== stride2) retrieves the second half among the
 # validation clips; the halves share their background.

@@ -51,8 +51,12 @@ class AugmentSettings:
 
     @classmethod
     def from_config(cls, config: VjepaEvalConfig) -> "AugmentSettings":
-        return cls((config.crop_scale_min, config.crop_scale_max), (config.crop_ratio_min, config.crop_ratio_max),
-                   config.randaugment, config.erase_prob)
+        return cls(
+            (config.crop_scale_min, config.crop_scale_max),
+            (config.crop_ratio_min, config.crop_ratio_max),
+            config.randaugment,
+            config.erase_prob,
+        )
 
 
 def make_randaugment(policy: str) -> object:
@@ -63,8 +67,9 @@ def make_randaugment(policy: str) -> object:
     try:
         return rand_augment_transform(policy, hparams)
     except (AssertionError, ValueError, KeyError, IndexError) as exc:
-        raise SaltUsageError(f"eval.vjepa.randaugment {policy!r} is not a timm RandAugment policy "
-                             f"(e.g. rand-m7-n4-mstd0.5-inc1): {exc}") from None
+        raise SaltUsageError(
+            f"eval.vjepa.randaugment {policy!r} is not a timm RandAugment policy (e.g. rand-m7-n4-mstd0.5-inc1): {exc}"
+        ) from None
 
 
 @contextmanager
@@ -121,9 +126,10 @@ class TrainAugment:
         if self.randaugment is not None:
             frames = same_draw_for_every_frame(self.randaugment, frames, int(ra_seed))
         height, width = frames.shape[1:3]
-        top, left, h, w = random_resized_crop(height, width, np.random.default_rng(int(crop_seed)),
-                                              self.settings.crop_scale, self.settings.crop_ratio)
-        box = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + h, left:left + w])).permute(0, 3, 1, 2)
+        top, left, h, w = random_resized_crop(
+            height, width, np.random.default_rng(int(crop_seed)), self.settings.crop_scale, self.settings.crop_ratio
+        )
+        box = torch.from_numpy(np.ascontiguousarray(frames[:, top : top + h, left : left + w])).permute(0, 3, 1, 2)
         size = geometry.IMAGE_SIZE
         clip = _normalise(F.interpolate(box.float(), size=(size, size), mode="bilinear", align_corners=False))
         rng = np.random.default_rng(int(erase_seed))
@@ -132,7 +138,7 @@ class TrainAugment:
             if found is not None:
                 y, x, eh, ew = found
                 noise = torch.Generator().manual_seed(int(noise_seed) % 2**63)
-                clip[:, :, y:y + eh, x:x + ew] = torch.randn(clip.shape[0], 3, eh, ew, generator=noise)
+                clip[:, :, y : y + eh, x : x + ew] = torch.randn(clip.shape[0], 3, eh, ew, generator=noise)
         return clip.permute(1, 0, 2, 3).contiguous()
 
 

@@ -33,8 +33,14 @@ from shared.errors import SaltUsageError, one_line
 from shared.filesystem import write_json_atomic
 from shared.geometry import TOKENS_PER_FRAME, TUBELET_SIZE
 from salt_train import run_folder
-from salt_train.eval.command import (EVAL_FORMAT, EVAL_VERSION, EvalRequest, Subject, open_subject_and_stores,
-                                     subject_config)
+from salt_train.eval.command import (
+    EVAL_FORMAT,
+    EVAL_VERSION,
+    EvalRequest,
+    Subject,
+    open_subject_and_stores,
+    subject_config,
+)
 from salt_train.eval.features import encoder_heads
 from salt_train.eval.output import prepare_output
 from salt_train.eval.stats import seeded_score
@@ -67,16 +73,21 @@ def _setup(request: EvalRequest, dist: Dist) -> Setup:
     config = subject_config(request)
     settings = config.eval.vjepa
     subject, train_store, val_store = open_subject_and_stores(
-        request, config, "a store built from the validation split (its source videos are decoded again)")
+        request, config, "a store built from the validation split (its source videos are decoded again)"
+    )
     train = split_clips(train_store, settings.train_clips, settings.seed, "eval.vjepa.train_clips")
     val = split_clips(val_store, settings.val_clips, settings.seed, "eval.vjepa.val_clips")
     check_held_out(train, val)
     if settings.batch_size % dist.world_size:
-        raise SaltUsageError(f"eval.vjepa.batch_size {settings.batch_size} is not a multiple of the {dist.world_size} "
-                             "ranks: each rank takes an equal share of every global batch")
+        raise SaltUsageError(
+            f"eval.vjepa.batch_size {settings.batch_size} is not a multiple of the {dist.world_size} "
+            "ranks: each rank takes an equal share of every global batch"
+        )
     if settings.batch_size > len(train.clips):
-        raise SaltUsageError(f"eval.vjepa.batch_size {settings.batch_size} is more than the {len(train.clips)} "
-                             "train videos: no whole batch to step on")
+        raise SaltUsageError(
+            f"eval.vjepa.batch_size {settings.batch_size} is more than the {len(train.clips)} "
+            "train videos: no whole batch to step on"
+        )
     out_dir = request.out or subject.path / OUT_NAME
     if dist.is_main:
         prepare_output(out_dir, 0)  # an output folder that cannot be written is refused before hours of work
@@ -114,28 +125,40 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
     encoder = frozen_encoder(setup.subject.encoder, settings.frames_per_clip, device)
     width, heads = encoder.width, encoder_heads(encoder)
     probe = build_probe(width, train.classes, heads, settings.seed).to(device)
-    model = (DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None)
-             if dist.enabled else probe)
+    model = (
+        DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None)
+        if dist.enabled
+        else probe
+    )
     optimizer = make_optimizer(probe, settings.weight_decay, fused=device.type == "cuda")
     steps_per_epoch = len(train.clips) // settings.batch_size
-    schedule = CosineSchedule(settings.epochs * steps_per_epoch, settings.lr, settings.final_lr,
-                              settings.weight_decay, settings.final_weight_decay)
+    schedule = CosineSchedule(
+        settings.epochs * steps_per_epoch,
+        settings.lr,
+        settings.final_lr,
+        settings.weight_decay,
+        settings.final_weight_decay,
+    )
     micro_per_step = len(epoch_steps(len(train.clips), settings, 0, dist.rank, dist.world_size)[0].micro_batches)
     tokens_per_clip = settings.frames_per_clip // TUBELET_SIZE * TOKENS_PER_FRAME
     warn_if_oversubscribed(dist, settings.num_workers, "eval.vjepa.num_workers")
-    print_block("salt-train eval --protocol vjepa", {
-        "subject": f"{setup.subject.path} ({setup.subject.source}; {setup.subject.architecture})",
-        "device": f"{device} x {dist.world_size} rank(s), {'bf16 autocast' if device.type == 'cuda' else 'float32'}",
-        "train": f"{len(train.clips)} {train.split} videos of {train.root} ({train.missing} missing, left out)",
-        "val": f"{len(val.clips)} {val.split} videos ({val.missing} missing, left out), {train.classes} classes",
-        "clips": f"{settings.clips} x {settings.frames_per_clip} frames, step {settings.frame_step}; validation "
-                 f"{settings.clips} x {settings.spatial_views} views",
-        "probe": f"attentive, {heads} heads over {settings.clips} x {tokens_per_clip} tokens of width {width}",
-        "optimiser": f"AdamW lr {settings.lr:g} -> {settings.final_lr:g} cosine, weight decay "
-                     f"{settings.weight_decay:g} -> {settings.final_weight_decay:g}, {settings.epochs} epochs x "
-                     f"{steps_per_epoch} steps of {settings.batch_size} ({micro_per_step} micro-batch(es) per rank)",
-        "output": setup.out_dir,
-    })
+    print_block(
+        "salt-train eval --protocol vjepa",
+        {
+            "subject": f"{setup.subject.path} ({setup.subject.source}; {setup.subject.architecture})",
+            "device": f"{device} x {dist.world_size} rank(s), "
+            f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}",
+            "train": f"{len(train.clips)} {train.split} videos of {train.root} ({train.missing} missing, left out)",
+            "val": f"{len(val.clips)} {val.split} videos ({val.missing} missing, left out), {train.classes} classes",
+            "clips": f"{settings.clips} x {settings.frames_per_clip} frames, step {settings.frame_step}; validation "
+            f"{settings.clips} x {settings.spatial_views} views",
+            "probe": f"attentive, {heads} heads over {settings.clips} x {tokens_per_clip} tokens of width {width}",
+            "optimiser": f"AdamW lr {settings.lr:g} -> {settings.final_lr:g} cosine, weight decay "
+            f"{settings.weight_decay:g} -> {settings.final_weight_decay:g}, {settings.epochs} epochs x "
+            f"{steps_per_epoch} steps of {settings.batch_size} ({micro_per_step} micro-batch(es) per rank)",
+            "output": setup.out_dir,
+        },
+    )
     train_data, val_data = ProtocolClips(train.clips, settings), ProtocolClips(val.clips, settings)
     pin = device.type == "cuda"
     epochs: list[dict[str, Any]] = []
@@ -146,8 +169,11 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
     for epoch in range(settings.epochs):
         model.train()
         steps = epoch_steps(len(train.clips), settings, epoch, dist.rank, dist.world_size)
-        micro = [(piece, index == len(s.micro_batches) - 1, s.global_size)
-                 for s in steps for index, piece in enumerate(s.micro_batches)]
+        micro = [
+            (piece, index == len(s.micro_batches) - 1, s.global_size)
+            for s in steps
+            for index, piece in enumerate(s.micro_batches)
+        ]
         loader = make_loader(train_data, [m[0] for m in micro], epoch, settings.num_workers, pin)
         loss_sum, right, seen, failed = 0.0, 0, 0, 0
         for (_, last, global_size), batch in zip(micro, loader):
@@ -175,11 +201,22 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
             bar.update(len(labels) * dist.world_size)
         totals = np.sum(dist.all_gather(np.array([loss_sum, right, seen, failed], dtype=np.float64)), axis=0)
         videos_ok = max(1.0, totals[2])
-        record = {"epoch": epoch + 1, "loss": totals[0] / videos_ok, "train_top1": totals[1] / videos_ok,
-                  "decode_failures": int(totals[3]), "lr_last": schedule.lr_at(step - 1)}
+        record = {
+            "epoch": epoch + 1,
+            "loss": totals[0] / videos_ok,
+            "train_top1": totals[1] / videos_ok,
+            "decode_failures": int(totals[3]),
+            "lr_last": schedule.lr_at(step - 1),
+        }
         epochs.append(record)
-        log.info("epoch %d/%d: loss %.4f, train top-1 %.1f%% (augmented clips), %d video(s) failed to decode",
-                 epoch + 1, settings.epochs, record["loss"], 100 * record["train_top1"], record["decode_failures"])
+        log.info(
+            "epoch %d/%d: loss %.4f, train top-1 %.1f%% (augmented clips), %d video(s) failed to decode",
+            epoch + 1,
+            settings.epochs,
+            record["loss"],
+            100 * record["train_top1"],
+            record["decode_failures"],
+        )
     bar.close()
     train_seconds = time.perf_counter() - train_started
 
@@ -195,29 +232,59 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
     ok = np.array([not e for e in errors], dtype=bool)
     if not ok.any():
         raise SaltUsageError(f"no validation video of {val.root} could be decoded (first: {errors[0]})")
-    score = seeded_score(correct1[ok][None].astype(np.float64),
-                         correct5[ok][None].astype(np.float64) if train.classes > 5 else None,
-                         videos[ok], 1 / train.classes, settings.seed).record()
+    score = seeded_score(
+        correct1[ok][None].astype(np.float64),
+        correct5[ok][None].astype(np.float64) if train.classes > 5 else None,
+        videos[ok],
+        1 / train.classes,
+        settings.seed,
+    ).record()
     report = {
-        "format": EVAL_FORMAT, "format_version": EVAL_VERSION, "protocol": PROTOCOL,
+        "format": EVAL_FORMAT,
+        "format_version": EVAL_VERSION,
+        "protocol": PROTOCOL,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "subject": {"path": str(setup.subject.path), "kind": setup.subject.kind, "source": setup.subject.source,
-                    "architecture": setup.subject.architecture, "kwargs": setup.subject.kwargs},
+        "subject": {
+            "path": str(setup.subject.path),
+            "kind": setup.subject.kind,
+            "source": setup.subject.source,
+            "architecture": setup.subject.architecture,
+            "kwargs": setup.subject.kwargs,
+        },
         "settings": settings.model_dump(mode="json"),
         "splits": {"train": train.record(), "val": val.record()},
-        "probe": {"heads": heads, "width": width, "tokens": settings.clips * tokens_per_clip,
-                  "parameters": sum(p.numel() for p in probe.parameters())},
-        "schedule": {"epochs": settings.epochs, "steps_per_epoch": steps_per_epoch, "steps": step,
-                     "global_batch": settings.batch_size, "micro_batches_per_rank_step": micro_per_step,
-                     "world_size": dist.world_size},
-        "precision": "bf16 autocast" if device.type == "cuda" else "float32", "device": str(device),
+        "probe": {
+            "heads": heads,
+            "width": width,
+            "tokens": settings.clips * tokens_per_clip,
+            "parameters": sum(p.numel() for p in probe.parameters()),
+        },
+        "schedule": {
+            "epochs": settings.epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "steps": step,
+            "global_batch": settings.batch_size,
+            "micro_batches_per_rank_step": micro_per_step,
+            "world_size": dist.world_size,
+        },
+        "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+        "device": str(device),
         "epochs": epochs,
-        "classification": {"attentive": score, "classes": train.classes, "val_videos": int(ok.sum()),
-                           "view_averaged": f"{settings.clips} clips x {settings.spatial_views} spatial views"},
-        "decode_failures": {"train": failures[:100], "val": [f"{val.clips[v].clip_id}: {e}"
-                                                             for v, e in zip(videos, errors) if e][:100]},
-        "seconds": {"train": round(train_seconds, 1), "val": round(val_seconds, 1),
-                    "total": round(time.perf_counter() - started, 1)},
+        "classification": {
+            "attentive": score,
+            "classes": train.classes,
+            "val_videos": int(ok.sum()),
+            "view_averaged": f"{settings.clips} clips x {settings.spatial_views} spatial views",
+        },
+        "decode_failures": {
+            "train": failures[:100],
+            "val": [f"{val.clips[v].clip_id}: {e}" for v, e in zip(videos, errors) if e][:100],
+        },
+        "seconds": {
+            "train": round(train_seconds, 1),
+            "val": round(val_seconds, 1),
+            "total": round(time.perf_counter() - started, 1),
+        },
         "recipe": dump_pipeline(setup.config),
         "versions": run_folder.versions(),
     }
@@ -225,13 +292,20 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
     try:
         write_json_atomic(setup.out_dir / "eval.json", report)
     except OSError as exc:
-        raise SaltUsageError(f"could not write {setup.out_dir / 'eval.json'} ({one_line(exc)}); the lines above "
-                             "hold the figures") from None
+        raise SaltUsageError(
+            f"could not write {setup.out_dir / 'eval.json'} ({one_line(exc)}); the lines above hold the figures"
+        ) from None
     return report
 
 
-def _validate(probe: torch.nn.Module, encoder: VideoViT, data: ProtocolClips, settings: VjepaEvalConfig,
-              dist: Dist, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def _validate(
+    probe: torch.nn.Module,
+    encoder: VideoViT,
+    data: ProtocolClips,
+    settings: VjepaEvalConfig,
+    dist: Dist,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """This rank's validation videos: (videos, top-1 right, top-5 right, decode error or "")."""
     probe.eval()
     batches = validation_batches(len(data), settings, dist.rank, dist.world_size)
@@ -241,8 +315,9 @@ def _validate(probe: torch.nn.Module, encoder: VideoViT, data: ProtocolClips, se
     with torch.no_grad():
         for batch in loader:
             labels = batch["labels"].to(device)
-            inputs = probe_inputs(encode(encoder, batch["pixels"], device), len(labels), settings.clips,
-                                  settings.spatial_views)
+            inputs = probe_inputs(
+                encode(encoder, batch["pixels"], device), len(labels), settings.clips, settings.spatial_views
+            )
             with _autocast(device):
                 probabilities = averaged_softmax(view_logits(probe, inputs))
             videos.append(batch["videos"])
@@ -252,18 +327,26 @@ def _validate(probe: torch.nn.Module, encoder: VideoViT, data: ProtocolClips, se
             bar.update(len(labels) * dist.world_size)
     bar.close()
     empty = np.zeros(0, dtype=np.int64)
-    return (np.concatenate(videos) if videos else empty, np.concatenate(right1) if right1 else empty.astype(bool),
-            np.concatenate(right5) if right5 else empty.astype(bool), errors)
+    return (
+        np.concatenate(videos) if videos else empty,
+        np.concatenate(right1) if right1 else empty.astype(bool),
+        np.concatenate(right5) if right5 else empty.astype(bool),
+        errors,
+    )
 
 
 def _print_result(report: dict[str, Any]) -> None:
     score = report["classification"]["attentive"]
     low, high = score["top1_interval"]
-    lines = {"SSv2 attentive probe top-1": f"{100 * score['top1']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] over "
-                                           f"{score['rows']} validation videos (chance {100 * score['chance']:.1f}%)"}
+    lines = {
+        "SSv2 attentive probe top-1": f"{100 * score['top1']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] over "
+        f"{score['rows']} validation videos (chance {100 * score['chance']:.1f}%)"
+    }
     if score["top5"] is not None:
         lines["top-5"] = f"{100 * score['top5']:.1f}%"
-    lines["time"] = (f"{report['seconds']['train']:.0f} s training, {report['seconds']['val']:.0f} s validation on "
-                     f"{report['device']} x {report['schedule']['world_size']}")
+    lines["time"] = (
+        f"{report['seconds']['train']:.0f} s training, {report['seconds']['val']:.0f} s validation on "
+        f"{report['device']} x {report['schedule']['world_size']}"
+    )
     shape = "x".join(str(report["settings"][key]) for key in ("frames_per_clip", "clips", "spatial_views"))
     print_block(f"V-JEPA frozen protocol ({shape})", lines)

@@ -68,14 +68,16 @@ class ProtocolClips(Dataset):
         epoch, video = key
         training = epoch != VALIDATION
         seeds = np.random.SeedSequence(video_seed(self.settings.seed, epoch, video)).generate_state(
-            1 + self.settings.clips, dtype=np.uint64)
+            1 + self.settings.clips, dtype=np.uint64
+        )
         clip = self.clips[video]
         error = ""
         try:
             decoded = decode_clips(clip, self.settings, np.random.default_rng(int(seeds[0])))
             if training:
-                pixels = torch.stack([self.augment(frames, int(seed))[None]
-                                      for frames, seed in zip(decoded, seeds[1:])])
+                pixels = torch.stack(
+                    [self.augment(frames, int(seed))[None] for frames, seed in zip(decoded, seeds[1:])]
+                )
             else:
                 pixels = torch.stack([eval_views(frames, self.settings.spatial_views) for frames in decoded])
         except ClipDecodeError as exc:
@@ -86,10 +88,12 @@ class ProtocolClips(Dataset):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"pixels": torch.stack([i["pixels"] for i in items]),
-            "labels": torch.tensor([i["label"] for i in items], dtype=torch.long),
-            "videos": np.array([i["video"] for i in items], dtype=np.int64),
-            "errors": [i["error"] for i in items]}
+    return {
+        "pixels": torch.stack([i["pixels"] for i in items]),
+        "labels": torch.tensor([i["label"] for i in items], dtype=torch.long),
+        "videos": np.array([i["video"] for i in items], dtype=np.int64),
+        "errors": [i["error"] for i in items],
+    }
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ def epoch_steps(videos: int, settings: VjepaEvalConfig, epoch: int, rank: int, w
     batch = settings.batch_size
     steps = []
     for start in range(0, videos - batch + 1, batch):
-        share = np.asarray(rank_share(order[start:start + batch], rank, world_size), dtype=np.int64)
+        share = np.asarray(rank_share(order[start : start + batch], rank, world_size), dtype=np.int64)
         pieces = -(-len(share) // settings.micro_batch_size)
         steps.append(Step([np.sort(p) for p in np.array_split(share, pieces)], batch))
     return steps
@@ -116,15 +120,20 @@ def epoch_steps(videos: int, settings: VjepaEvalConfig, epoch: int, rank: int, w
 def validation_batches(videos: int, settings: VjepaEvalConfig, rank: int, world_size: int) -> list[np.ndarray]:
     """This rank's share of the validation videos, in micro-batches."""
     share = np.asarray(rank_share(range(videos), rank, world_size), dtype=np.int64)
-    return [share[i:i + settings.micro_batch_size] for i in range(0, len(share), settings.micro_batch_size)]
+    return [share[i : i + settings.micro_batch_size] for i in range(0, len(share), settings.micro_batch_size)]
 
 
-def make_loader(dataset: ProtocolClips, batches: list[np.ndarray], epoch: int, workers: int,
-                pin_memory: bool) -> DataLoader:
+def make_loader(
+    dataset: ProtocolClips, batches: list[np.ndarray], epoch: int, workers: int, pin_memory: bool
+) -> DataLoader:
     """A DataLoader yielding ``batches`` (lists of videos) of ``epoch`` in order, decoded by ``workers``."""
     keyed = [[(epoch, int(v)) for v in batch] for batch in batches]
-    kwargs: dict[str, Any] = {"batch_sampler": keyed, "collate_fn": collate, "num_workers": workers,
-                              "pin_memory": pin_memory}
+    kwargs: dict[str, Any] = {
+        "batch_sampler": keyed,
+        "collate_fn": collate,
+        "num_workers": workers,
+        "pin_memory": pin_memory,
+    }
     if workers > 0:
         context = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         kwargs.update(multiprocessing_context=context, worker_init_fn=worker_init, prefetch_factor=2)

@@ -39,8 +39,10 @@ def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
 
 def make_optimizer(model: nn.Module, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
     decayed, kept = decay_groups(model)
-    groups = [{"params": decayed, "weight_decay": weight_decay, "decays": True},
-              {"params": kept, "weight_decay": 0.0, "decays": False}]
+    groups = [
+        {"params": decayed, "weight_decay": weight_decay, "decays": True},
+        {"params": kept, "weight_decay": 0.0, "decays": False},
+    ]
     return torch.optim.AdamW(groups, fused=fused)
 
 
@@ -73,8 +75,16 @@ class CosineSchedule:
                 group["weight_decay"] = self.weight_decay_at(step)
 
 
-def accumulate(model: nn.Module, logits_of: LogitsFn, inputs: Tensor, labels: Tensor, keep: Tensor,
-               global_size: int, world_size: int, last: bool) -> Tensor:
+def accumulate(
+    model: nn.Module,
+    logits_of: LogitsFn,
+    inputs: Tensor,
+    labels: Tensor,
+    keep: Tensor,
+    global_size: int,
+    world_size: int,
+    last: bool,
+) -> Tensor:
     """Add one micro-batch's share of the global batch's mean cross-entropy to the gradients; returns the
     per-video losses (detached). Under DDP only the ``last`` micro-batch of a step all-reduces."""
     sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
@@ -84,8 +94,9 @@ def accumulate(model: nn.Module, logits_of: LogitsFn, inputs: Tensor, labels: Te
     return per_video.detach()
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: CosineSchedule, step: int,
-                   grad_clip: float) -> float:
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, schedule: CosineSchedule, step: int, grad_clip: float
+) -> float:
     """Clip the accumulated gradient, step with the schedule's values for ``step``, clear; the norm before."""
     schedule.apply(optimizer, step)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

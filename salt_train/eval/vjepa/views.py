@@ -26,8 +26,9 @@ from torch import Tensor
 from shared.geometry import IMAGE_SIZE
 
 
-def clip_frame_indices(num_frames: int, clips: int, frames: int, step: int,
-                       rng: np.random.Generator | None) -> np.ndarray:
+def clip_frame_indices(
+    num_frames: int, clips: int, frames: int, step: int, rng: np.random.Generator | None
+) -> np.ndarray:
     """``[clips, frames]`` source frame indices of a ``num_frames``-frame video (see the module's rule);
     ``rng`` None puts each window at the start of its part."""
     if num_frames <= 0:
@@ -72,8 +73,9 @@ def spatial_views(frames: Tensor, views: int, size: int = IMAGE_SIZE) -> Tensor:
     height, width = frames.shape[-2:]
     crops = []
     for start in spatial_view_starts(max(height, width), views, size):
-        crops.append(frames[..., start:start + size, :size] if height > width
-                     else frames[..., :size, start:start + size])
+        crops.append(
+            frames[..., start : start + size, :size] if height > width else frames[..., :size, start : start + size]
+        )
     return torch.stack(crops)
 
 
