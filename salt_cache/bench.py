@@ -37,12 +37,13 @@ from shared.console import format_bytes
 from shared.distributed import Dist
 from shared.errors import SaltUsageError
 from shared.flops import matmul_tflops, vit_forward_flops
-from shared.store import RowStatus, ShardPayload, create_store, pixels_shape
-from salt_cache.loader import ViewBatches, decode_workers, make_loader, plan_batches
-from salt_cache.build import run_build
 from shared.ssv2 import ClipRecord, SsV2Source, discover
+from shared.store import RowStatus, ShardPayload, create_store, pixels_shape
 from shared.teacher import Teacher, load_teacher
 from shared.video import ClipDecodeError
+
+from salt_cache.build import run_build
+from salt_cache.loader import ViewBatches, decode_workers, make_loader, plan_batches
 from salt_cache.video import decode_view
 
 log = logging.getLogger(__name__)

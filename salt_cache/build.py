@@ -15,10 +15,11 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,14 +30,15 @@ from shared.console import format_bytes, print_block, progress
 from shared.distributed import Dist, rank_share, warn_if_oversubscribed
 from shared.errors import first_line
 from shared.filesystem import build_lock
+from shared.ssv2 import SsV2Source
 from shared.store import LatentStore
+from shared.teacher import Teacher
+
+from salt_cache.disk_space import SpacePlan, check_space, plan_space
 from salt_cache.fill import StoredViews, StoreSource
 from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, decode_workers, make_loader, plan_batches
 from salt_cache.repair import damaged_shards
-from shared.ssv2 import SsV2Source
-from salt_cache.disk_space import SpacePlan, check_space, plan_space
-from shared.teacher import Teacher
 from salt_cache.writer import ShardAssembler, ShardWriter, drop_nonfinite
 
 log = logging.getLogger(__name__)
@@ -173,7 +175,7 @@ class BatchCollector:
         # The DataLoader's default_convert turns numpy arrays into tensors; index with numpy.
         rows, frame_index = np.asarray(batch["rows"]), np.asarray(batch["frame_index"])
         crop_box = np.asarray(batch["crop_box"])
-        for row, error in zip(rows, errors):
+        for row, error in zip(rows, errors, strict=False):
             if error:
                 self.decode_failed += 1
                 clip = self.source.clips[row // self.store.views_per_clip]

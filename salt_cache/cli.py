@@ -6,18 +6,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
+from shared import parent_death
 from shared.cli import DEVICE_HELP, Device, choices, make_app, run_app
 from shared.config import PipelineConfig, TeacherAttention, TeacherCompileMode, load_pipeline
-from shared import parent_death
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
+from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
 from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, compute_stats
 from shared.torchrun_env import env_world_size
-from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
-
 
 _DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe (tests check they agree)
 
@@ -48,23 +46,21 @@ app = make_app(
 
 @app.command()
 def build(
-    src: Optional[Path] = typer.Option(None, "--src", help="SSv2 root (official or flat layout)"),
-    split: Optional[str] = typer.Option(
-        None, help=f"train, validation or test {_from_pipeline(_DEFAULTS.cache.split)}"
+    src: Path | None = typer.Option(None, "--src", help="SSv2 root (official or flat layout)"),
+    split: str | None = typer.Option(None, help=f"train, validation or test {_from_pipeline(_DEFAULTS.cache.split)}"),
+    out: Path | None = typer.Option(None, help="store path [SRC/latents.zarr]"),
+    teacher: str | None = typer.Option(None, help="VideoMAE hub id, save_pretrained folder, or builtin:tiny-videomae"),
+    pipeline: str | None = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
+    limit: int | None = typer.Option(None, help="only the first N clips of the split"),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        help=f"clips per teacher forward {_from_pipeline(_DEFAULTS.teacher.batch_size)}",
     ),
-    out: Optional[Path] = typer.Option(None, help="store path [SRC/latents.zarr]"),
-    teacher: Optional[str] = typer.Option(
-        None, help="VideoMAE hub id, save_pretrained folder, or builtin:tiny-videomae"
-    ),
-    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
-    limit: Optional[int] = typer.Option(None, help="only the first N clips of the split"),
-    batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", help=f"clips per teacher forward {_from_pipeline(_DEFAULTS.teacher.batch_size)}"
-    ),
-    workers: Optional[int] = typer.Option(
+    workers: int | None = typer.Option(
         None, help=f"decode workers, build_loader.num_workers {_from_pipeline(_DEFAULTS.build_loader.num_workers)}"
     ),
-    device: Optional[Device] = typer.Option(None, help=f"{DEVICE_HELP} {_from_pipeline(_DEFAULTS.cache.device)}"),
+    device: Device | None = typer.Option(None, help=f"{DEVICE_HELP} {_from_pipeline(_DEFAULTS.cache.device)}"),
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="also redo shards holding failed rows (after their videos were fixed)"
     ),
@@ -86,7 +82,7 @@ def build(
         "--pixels-only",
         help="no teacher: store the views only (for salt-train teacher, and a later --from-store build of its latents)",
     ),
-    from_store: Optional[Path] = typer.Option(
+    from_store: Path | None = typer.Option(
         None,
         "--from-store",
         help="read the views from this (pixels-only) "
@@ -118,8 +114,9 @@ def build(
         _check_out_path(out, "a store")
     setup_logging(verbose)
     parent_death.install()  # decode workers and the forkserver die with this process, even by kill -9
-    from salt_cache.repair import recorded_recipe
     from shared.ssv2 import discover
+
+    from salt_cache.repair import recorded_recipe
 
     if from_store is not None:  # the pixels store's split decides its views per clip, as a decoding build's would
         from shared.store import LatentStore
@@ -147,12 +144,12 @@ def build(
         source = open_pixels_source(from_store, config)
     else:
         source = discover(src, config.cache.split, config.cache.limit)
-    from salt_cache.build import DecodeWorkerDied, Terminated, run_build, stop_on_sigterm  # torch only now
-    from shared.teacher import load_teacher
-
     import torch
 
     from shared.distributed import distributed, is_lost_peer
+    from shared.teacher import load_teacher
+
+    from salt_cache.build import DecodeWorkerDied, Terminated, run_build, stop_on_sigterm  # torch only now
 
     def resume_hint() -> str:  # only true once the store folder exists
         ranks = " (with any number of ranks)" if env_world_size() > 1 else ""
@@ -304,7 +301,7 @@ def bench(
     batch_size: int = typer.Option(4, min=1, help="clips per teacher forward and per DataLoader batch"),
     workers: int = typer.Option(2, min=0, help="DataLoader workers for the decode rate"),
     device: Device = typer.Option(Device.auto, help=f"teacher device: {DEVICE_HELP}"),
-    out: Optional[Path] = typer.Option(None, help="existing folder for the scratch stores [system temp]"),
+    out: Path | None = typer.Option(None, help="existing folder for the scratch stores [system temp]"),
     host_path: bool = typer.Option(
         False,
         "--host-path",
@@ -323,7 +320,7 @@ def bench(
         "--teacher-attention",
         help="the teacher's attention kernel (auto: PyTorch's choice; cudnn, flash, efficient: CUDA only)",
     ),
-    json_out: Optional[Path] = typer.Option(
+    json_out: Path | None = typer.Option(
         None, "--json", help="also write the figures as numbers to this file (each with its unit in its name)"
     ),
 ) -> int:
@@ -334,9 +331,10 @@ def bench(
             f"--out {out} "
             + ("is a file; it must be a folder" if out.exists() else "does not exist; create it or drop --out")
         )
-    from salt_cache.bench import run_bench
     from shared.device import resolve_device
     from shared.filesystem import write_json_atomic
+
+    from salt_cache.bench import run_bench
 
     resolved = resolve_device(device.value)  # e.g. cuda without CUDA: say so before minutes of decoding
     if teacher_attention.value not in ("auto", "math") and resolved.type != "cuda":
@@ -418,7 +416,7 @@ def build_stats_block(out: Path) -> None:
 def convert_teacher(
     original: Path = typer.Argument(..., help="original-release VideoMAE pretraining checkpoint (.pth)"),
     out: Path = typer.Argument(..., help="new folder for the save_pretrained teacher (pass it to build --teacher)"),
-    heads: Optional[int] = typer.Option(None, min=1, help="attention heads [inferred for widths 384, 768, 1024, 1280]"),
+    heads: int | None = typer.Option(None, min=1, help="attention heads [inferred for widths 384, 768, 1024, 1280]"),
 ) -> int:
     """Convert an original VideoMAE checkpoint (encoder.* keys) into a teacher folder, its final norm kept.
 

@@ -26,9 +26,10 @@ from shared import geometry
 from shared.config import PipelineConfig
 from shared.errors import SaltUsageError
 from shared.rows import read_rows
-from shared.store import CROP_BOX_FIELDS, LatentStore, RowStatus, pixels_shape
-from salt_cache.loader import BatchPlan
 from shared.ssv2 import ClipRecord
+from shared.store import CROP_BOX_FIELDS, LatentStore, RowStatus, pixels_shape
+
+from salt_cache.loader import BatchPlan
 
 PIXELS_ONLY = "none (pixels only)"
 
@@ -127,7 +128,7 @@ class StoredViews(Dataset):
         status = store.status()[rows]
         ok = status == RowStatus.COMMITTED
         names = ("frame_index", "error") + (("crop_box",) if store.views_per_clip > 1 else ())
-        recorded = dict(zip(names, read_rows(store, rows, names)))
+        recorded = dict(zip(names, read_rows(store, rows, names), strict=False))
         errors = [
             f"failed in the pixels store {store.path}: {recorded['error'][i]}" if not ok[i] else "" for i in range(n)
         ]

@@ -12,10 +12,11 @@ import zarr
 from shared import geometry
 from shared.config import PipelineConfig, dump_pipeline
 from shared.errors import SaltUsageError
-from shared.store import LatentStore, clip_ids_sha256, create_store
 from shared.ssv2 import SsV2Source
+from shared.store import LatentStore, clip_ids_sha256, create_store
 from shared.teacher import Teacher
 from shared.video import MIN_DECODED_SHARE
+
 from salt_cache.views import CROP_RATIO, CROP_SCALE
 
 

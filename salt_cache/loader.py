@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from shared import geometry
 from shared.config import BuildLoaderConfig, PipelineConfig, ViewConfig
 from shared.parent_death import worker_init
-from shared.store import CROP_BOX_FIELDS, LatentStore, pixels_shape
 from shared.ssv2 import ClipRecord
+from shared.store import CROP_BOX_FIELDS, LatentStore, pixels_shape
 from shared.video import ClipDecodeError
+
 from salt_cache.video import decode_clip_views
 
 
@@ -79,7 +80,7 @@ class ViewBatches(Dataset):
                     self.view.interpolation,
                     self.decode_threads,
                 )
-                for i, (view, indices, box) in zip(positions, made):
+                for i, (view, indices, box) in zip(positions, made, strict=False):
                     pixels[i], frame_index[i], crop_box[i] = view, indices, box
             except ClipDecodeError as exc:
                 for i in positions:

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from salt_cache.verify import VerifyReport, check_rows
 from shared.errors import SaltUsageError
 from shared.store import LatentStore, RowStatus
+
+from salt_cache.verify import VerifyReport, check_rows
 
 log = logging.getLogger(__name__)
 

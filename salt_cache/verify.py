@@ -225,7 +225,7 @@ def check_rows(store: LatentStore, report: VerifyReport, status: np.ndarray, thr
     bar = progress(store.rows, "verify", unit="row")
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         checks = pool.map(lambda shard: check_shard(store, shard[1], shard[2], status, ids), store.iter_shards())
-        for (_, start, stop), problems in zip(store.iter_shards(), checks):
+        for (_, start, stop), problems in zip(store.iter_shards(), checks, strict=False):
             report.problems.extend(problems)
             bar.update(stop - start)
     bar.close()

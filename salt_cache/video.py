@@ -25,6 +25,7 @@ from av.video.reformatter import VideoReformatter
 from shared.config import SamplingRule
 from shared.geometry import IMAGE_SIZE, NUM_FRAMES
 from shared.video import decode_frames
+
 from salt_cache.views import view_crop_box, view_seed
 
 SAMPLING_RULES = get_args(SamplingRule)

@@ -76,7 +76,7 @@ class ShardAssembler:
         self.remaining = len(self.payload.status)
 
     @classmethod
-    def empty(cls, store: LatentStore, shard: int, pool: BufferPool | None = None) -> "ShardAssembler":
+    def empty(cls, store: LatentStore, shard: int, pool: BufferPool | None = None) -> ShardAssembler:
         start, stop = store.shard_range(shard)
         n = stop - start
         pixels, latents = (
@@ -120,7 +120,7 @@ class ShardAssembler:
         if p.crop_box is not None:
             p.crop_box[local[ok]] = crop_box[ok]
         p.status[local] = np.where(ok, RowStatus.COMMITTED, RowStatus.FAILED)
-        for i, error in zip(local, errors):
+        for i, error in zip(local, errors, strict=False):
             p.error[i] = error
         self.remaining -= len(rows)
         if copier is None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import ContextManager, get_args
+from contextlib import AbstractContextManager
+from typing import get_args
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -47,7 +48,7 @@ def attention_backends(requested: str, device: torch.device) -> list[SDPBackend]
     return [getattr(SDPBackend, NAMED[requested])]
 
 
-def attention_context(backends: list[SDPBackend] | None) -> ContextManager[None]:
+def attention_context(backends: list[SDPBackend] | None) -> AbstractContextManager[None]:
     """``sdpa_kernel`` for ``backends`` (in that priority order where torch supports priorities)."""
     if backends is None:
         return contextlib.nullcontext()

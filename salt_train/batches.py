@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from shared.distributed import Dist
 from shared.errors import one_line
+
 from salt_train.checkpoint import TrainingStopped
-from salt_train.state import Position
 from salt_train.feed import BatchFeed
 from salt_train.metrics import HealthWindow
 from salt_train.run_checks import Checkpoints
 from salt_train.run_folder import MetricsLog
+from salt_train.state import Position
 from salt_train.workers import LoaderStalled, StopWaiting, waiting_for_batch
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from shared.device import resolve_device
 from shared.distributed import Dist
 from shared.flops import peak_bf16_tflops
 from shared.store import CHECKSUM_ALGORITHM, CHECKSUM_ARRAYS, LatentStore, RowStatus, ShardPayload, create_store
+
 from salt_train.data import check_stream, make_loader, ring_slots, stream_spec
 from salt_train.feed import BatchFeed, batch_to_device
 from salt_train.masks import mask_layout

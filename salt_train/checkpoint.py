@@ -41,9 +41,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from shared.errors import SaltUsageError, first_line, one_line
 from shared.distributed import Dist
+from shared.errors import SaltUsageError, first_line, one_line
 from shared.filesystem import PARTIAL_SUFFIX, atomic_dir, delete_dir, write_json_atomic
+
 from salt_train.state import Position, TrainState
 
 log = logging.getLogger(__name__)

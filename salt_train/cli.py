@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import typer
 import yaml
@@ -62,7 +62,7 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def _config(pipeline: Optional[str], sets: list[str], device: Optional[Device], **flags: Any) -> PipelineConfig:
+def _config(pipeline: str | None, sets: list[str], device: Device | None, **flags: Any) -> PipelineConfig:
     overrides = {**parse_sets(sets), **{k: v for k, v in flags.items() if v is not None}}
     if device is not None:
         overrides["train.device"] = device.value
@@ -70,17 +70,17 @@ def _config(pipeline: Optional[str], sets: list[str], device: Optional[Device], 
 
 
 # The options `run` and `teacher` share (one loop, two tasks): declared once.
-RunDir = Annotated[Optional[Path], typer.Option("--run-dir", help="run folder [runs/<pipeline>-<time>]")]
-MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop after N optimizer steps")]
+RunDir = Annotated[Path | None, typer.Option("--run-dir", help="run folder [runs/<pipeline>-<time>]")]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps", min=1, help="stop after N optimizer steps")]
 Resume = Annotated[
     bool,
     typer.Option(
         "--resume", help="continue the run in --run-dir (or this cache's latest run) from its last checkpoint"
     ),
 ]
-Snapshot = Annotated[Optional[SnapshotMode], typer.Option(help=f"{SNAPSHOT_HELP} [from the pipeline: auto]")]
+Snapshot = Annotated[SnapshotMode | None, typer.Option(help=f"{SNAPSHOT_HELP} [from the pipeline: auto]")]
 TrainDevice = Annotated[
-    Optional[Device], typer.Option(help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]")
+    Device | None, typer.Option(help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]")
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
@@ -88,7 +88,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 @app.command()
 def run(
     cache: Path = typer.Option(..., "--cache", help="the store salt-cache built (its snapshot is what training reads)"),
-    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
+    pipeline: str | None = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
     run_dir: RunDir = None,
     max_steps: MaxSteps = None,
     resume: Resume = False,
@@ -111,7 +111,7 @@ def teacher(
         "--cache",
         help="a store with pixels (salt-cache build --pixels-only makes one; latents, if any, are not read)",
     ),
-    pipeline: Optional[str] = typer.Option(
+    pipeline: str | None = typer.Option(
         None,
         help="recipe YAML or name in pipelines/ [ssv2]: its teacher_train "
         "section (size, decoder, schedule) and mask section",
@@ -137,12 +137,12 @@ def teacher(
 
 def _train_command(
     cache: Path,
-    pipeline: Optional[str],
-    run_dir: Optional[Path],
-    max_steps: Optional[int],
+    pipeline: str | None,
+    run_dir: Path | None,
+    max_steps: int | None,
     resume: bool,
     snapshot: Any,
-    device: Optional[Device],
+    device: Device | None,
     sets: list[str],
     verbose: bool,
     task_name: str,
@@ -160,11 +160,11 @@ def _train_command(
             "(--set may change the settings a resume allows)",
             file=sys.stderr,
         )
+    import torch
+
     from salt_train.checkpoint import CheckpointWriteError
     from salt_train.task import Task
     from salt_train.train import EXIT_STOPPED, LostPeer, RunRequest, TrainingStopped, run_training
-
-    import torch
 
     overrides = {**parse_sets(sets), **{key: value for key, value in flags.items() if value is not None}}
     request = RunRequest(
@@ -201,34 +201,34 @@ def evaluate(
     target: Path = typer.Argument(
         ..., help="a run folder (its newest checkpoint, else its export) or an exported encoder folder"
     ),
-    val_cache: Optional[Path] = typer.Option(
+    val_cache: Path | None = typer.Option(
         None,
         "--val-cache",
         help="store of held-out clips (salt-cache build --split validation) [from the recipe: eval.val_cache]",
     ),
-    train_cache: Optional[Path] = typer.Option(
+    train_cache: Path | None = typer.Option(
         None, "--train-cache", help="store the probes learn from [the run's own store]"
     ),
-    checkpoint: Optional[str] = typer.Option(
+    checkpoint: str | None = typer.Option(
         None, "--checkpoint", help="a kept checkpoint of the run (step-00000500, or its path)"
     ),
-    teacher: Optional[str] = typer.Option(
+    teacher: str | None = typer.Option(
         None,
         "--teacher",
         help="the store's teacher (hub id or folder): runs it on the transformed "
         "clips for the temporal probes' upper reference [not run]",
     ),
-    train_rows: Optional[int] = typer.Option(
+    train_rows: int | None = typer.Option(
         None, "--train-rows", help=f"train rows the probes learn on [eval.train_rows: {_DEFAULTS.eval.train_rows}]"
     ),
-    val_rows: Optional[int] = typer.Option(
+    val_rows: int | None = typer.Option(
         None, "--val-rows", help=f"validation rows they are scored on [eval.val_rows: {_DEFAULTS.eval.val_rows}]"
     ),
-    pipeline: Optional[str] = typer.Option(
+    pipeline: str | None = typer.Option(
         None, help="recipe for the eval settings of a bare export [ssv2]; a run folder uses its own"
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder [TARGET/eval]"),
-    device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
+    out: Path | None = typer.Option(None, "--out", help="output folder [TARGET/eval]"),
+    device: Device | None = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help="override an eval field, e.g. --set eval.probe_epochs=40"),
     protocol: Protocol = typer.Option(
         "fast",
@@ -302,7 +302,7 @@ def import_encoder(
     ),
     out: Path = typer.Argument(..., help="new folder for the exported encoder (pass it to salt-train eval)"),
     key: str = typer.Option("target_encoder", help="V-JEPA: the checkpoint entry holding the encoder"),
-    heads: Optional[int] = typer.Option(
+    heads: int | None = typer.Option(
         None, min=1, help="V-JEPA: attention heads [inferred for V-JEPA's widths 192, 384, 768, 1024, 1280, 1408]"
     ),
     uniform_power: bool = typer.Option(
@@ -339,9 +339,9 @@ def import_encoder(
 @app.command()
 def preflight(
     cache: Path = typer.Option(..., "--cache", help="the store to check"),
-    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
+    pipeline: str | None = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
     batches: int = typer.Option(30, min=1, help="batches for the worker stress test"),
-    device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
+    device: Device | None = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> int:
     """Checks to run before a long run: one batch's shapes and values, a worker stress test, /dev/shm use."""
@@ -357,19 +357,19 @@ def preflight(
 @app.command()
 def bench(
     cache: Path = typer.Option(..., "--cache", help="a store to read"),
-    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
+    pipeline: str | None = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
     batches: int = typer.Option(20, min=2, help="batches per measurement"),
-    synthetic: Optional[int] = typer.Option(
+    synthetic: int | None = typer.Option(
         None,
         "--synthetic",
         min=1,
         help="first write a store of N rows of the production shape (random "
         "D=1280 latents, no teacher) at --cache, if none is there",
     ),
-    device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
+    device: Device | None = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as numbers to this file"),
-    profile: Optional[Path] = typer.Option(
+    json_out: Path | None = typer.Option(None, "--json", help="also write the figures as numbers to this file"),
+    profile: Path | None = typer.Option(
         None, "--profile", help="write a torch.profiler trace of a few steps into this folder (chrome trace JSON)"
     ),
 ) -> int:
@@ -380,9 +380,10 @@ def bench(
     its DDP step on its slice of the global batch at once: the figures are the job's totals."""
     setup_logging()
     parent_death.install()
-    from salt_train.bench import run_bench, write_synthetic_store
     from shared.device import resolve_device
     from shared.distributed import backend_for, distributed
+
+    from salt_train.bench import run_bench, write_synthetic_store
 
     config = _config(pipeline, sets, device)
     if synthetic and not cache.exists() and is_console_rank():
@@ -399,11 +400,11 @@ def bench(
 @app.command()
 def scaling(
     cache: Path = typer.Option(..., "--cache", help="a store to read"),
-    pipeline: Optional[str] = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
+    pipeline: str | None = typer.Option(None, help="recipe YAML or name in pipelines/ [ssv2]"),
     processes: int = typer.Option(2, min=2, help="measure 1, 2, ... N torchrun processes on this machine"),
     threads: int = typer.Option(1, min=1, help="intra-op threads per process (OMP_NUM_THREADS)"),
     batches: int = typer.Option(20, min=2, help="batches per measurement"),
-    device: Optional[Device] = typer.Option(None, help=DEVICE_HELP),
+    device: Device | None = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> int:
     """Scaling efficiency of the loader and the DDP step from 1 to N processes (same global batch)."""

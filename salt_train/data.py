@@ -36,9 +36,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -51,8 +51,9 @@ from shared.errors import SaltUsageError
 from shared.parent_death import share_temp_dir, worker_init
 from shared.rows import ChecksumCache, committed_rows, read_rows
 from shared.store import LatentStore
-from salt_train.state import Position
+
 from salt_train.masks import make_masks
+from salt_train.state import Position
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import nn
 from safetensors.torch import save_file
+from torch import nn
 
 from shared import geometry
 from shared.errors import SaltUsageError, one_line
 from shared.filesystem import atomic_dir
+
 from salt_train.student import VideoViT, create_timm_vit
 
 EXPORT_FORMAT = "salt-video-vit"

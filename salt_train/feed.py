@@ -13,7 +13,7 @@ back when the next one is taken.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -60,7 +60,7 @@ class BatchFeed:
         self.unpinnable: set[int] = set()
         self.done = False
 
-    def __iter__(self) -> "BatchFeed":
+    def __iter__(self) -> BatchFeed:
         return self
 
     def __next__(self) -> dict:

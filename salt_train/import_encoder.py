@@ -38,6 +38,7 @@ from shared import geometry
 from shared.errors import SaltUsageError, first_line
 from shared.teacher import refuse_nonfinite_weights
 from shared.torch_file import load_weights_only, tensors_only
+
 from salt_train.export import TIMM_LAYER_NORM_EPS, export_encoder
 from salt_train.student import VideoViT, create_timm_vit
 
@@ -143,16 +144,13 @@ def vjepa_positions(width: int, uniform_power: bool) -> Tensor:
     """V-JEPA's fixed 3D sin-cos positions ``[1568, width]`` in token order ``t*196 + h*14 + w``: the
     time, row and column codes side by side (``uniform_power``: a third of the width each, rounded up to
     an even size and the end cut off; otherwise half for time and a quarter each for row and column)."""
-    if uniform_power:
-        sizes = (2 * math.ceil(width / 6),) * 3
-    else:
-        sizes = (width // 2, width // 4, width // 4)
+    sizes = (2 * math.ceil(width / 6),) * 3 if uniform_power else (width // 2, width // 4, width // 4)
     if any(size % 2 for size in sizes):
         raise SaltUsageError(f"width {width} has no 3D sin-cos layout (each axis needs an even share)")
     grid = torch.meshgrid(
         torch.arange(geometry.GRID_T), torch.arange(geometry.GRID_H), torch.arange(geometry.GRID_W), indexing="ij"
     )
-    codes = [_sincos(size, axis.reshape(-1).double()) for size, axis in zip(sizes, grid)]
+    codes = [_sincos(size, axis.reshape(-1).double()) for size, axis in zip(sizes, grid, strict=False)]
     return torch.cat(codes, dim=1)[:, :width].float()
 
 

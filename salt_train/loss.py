@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared.config import LossKind
+
 from salt_train.model import SaltStudent
 from salt_train.student import gather_tokens, view_tubelets
 from salt_train.target_norm import LAYER_NORM, TargetNorm, normalise_targets

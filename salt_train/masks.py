@@ -45,8 +45,8 @@ index tensors to the device.
 from __future__ import annotations
 
 import math
-from typing import get_args
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import torch
@@ -86,11 +86,11 @@ class MaskBatch:
     visible: tuple[torch.Tensor, ...]  # int64 [B, V_g] per group
     masked: tuple[torch.Tensor, ...]  # int64 [B, M_g] per group
 
-    def __getitem__(self, rows: slice) -> "MaskBatch":
+    def __getitem__(self, rows: slice) -> MaskBatch:
         """The masks of some samples (a rank's slice of the global batch)."""
         return MaskBatch(tuple(v[rows] for v in self.visible), tuple(m[rows] for m in self.masked))
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MaskBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskBatch:
         return MaskBatch(
             tuple(v.to(device, non_blocking=non_blocking) for v in self.visible),
             tuple(m.to(device, non_blocking=non_blocking) for m in self.masked),
@@ -131,7 +131,8 @@ def describe_masks(kind: str, ratio: float) -> str:
     """One line for logs and reports: the kind and each group's context and target counts."""
     layout = mask_layout(kind, ratio)
     if kind == "multiblock":
-        groups = ", ".join(f"{g.name} {c} context / {t} targets" for g, (c, t) in zip(MULTIBLOCK_GROUPS, layout))
+        pairs = zip(MULTIBLOCK_GROUPS, layout, strict=True)
+        groups = ", ".join(f"{g.name} {c} context / {t} targets" for g, (c, t) in pairs)
         return f"multiblock: {groups} tokens per clip (losses averaged)"
     context, targets = layout[0]
     return f"{kind}, ratio {ratio}: {targets} masked / {context} visible tokens per clip"

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -20,12 +21,13 @@ from shared.config import PipelineConfig, TrainConfig
 from shared.console import format_bytes, print_block, progress
 from shared.distributed import Dist
 from shared.store import LatentStore
-from salt_train.state import Position, TrainState
+
 from salt_train.data import StreamSpec, batch_bytes, shm_bound
 from salt_train.masks import describe_masks
 from salt_train.run_checks import SkippedSteps
 from salt_train.run_folder import MetricsLog
 from salt_train.snapshot import Snapshot
+from salt_train.state import Position, TrainState
 from salt_train.step import StepResult, resolve_compile_mode
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class HealthWindow:
         if not self.unread:
             return []
         flags = torch.stack([applied for _, _, applied in self.unread]).cpu().tolist()
-        skipped = [(step, rows.tolist()) for (step, rows, _), ok in zip(self.unread, flags) if not ok]
+        skipped = [(step, rows.tolist()) for (step, rows, _), ok in zip(self.unread, flags, strict=False) if not ok]
         self.unread = []
         if dist.enabled:  # every rank skipped the same steps (the flag comes from all-reduced gradients)
             skipped = [(step, sorted(sum(dist.all_gather(rows), []))) for step, rows in skipped]

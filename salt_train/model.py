@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from shared import geometry
 from shared.config import MaskConfig, ModelConfig, ModelMode
 from shared.flops import vit_forward_flops
+
 from salt_train.masks import mask_layout
 from salt_train.predictor import Predictor
 from salt_train.student import VideoViT, build_student, gather_tokens, tubelets

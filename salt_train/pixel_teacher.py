@@ -32,6 +32,7 @@ from shared.config import TeacherTrainConfig
 from shared.filesystem import atomic_dir
 from shared.flops import vit_forward_flops
 from shared.teacher import quiet_transformers
+
 from salt_train.predictor import Predictor
 from salt_train.student import TUBELET_FEATURES, gather_tokens, view_tubelets
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from shared import geometry
 from shared.errors import SaltUsageError
+
 from salt_train.student import gather_tokens
 
 
@@ -39,7 +40,7 @@ def sincos_positions_3d(width: int) -> Tensor:
         torch.arange(geometry.GRID_T), torch.arange(geometry.GRID_H), torch.arange(geometry.GRID_W), indexing="ij"
     )
     dims = [2 * (width // 4), 2 * (width // 8), 2 * (width // 8)]
-    parts = [_sincos_1d(d, axis.flatten()) for d, axis in zip(dims, (t, h, w)) if d > 0]
+    parts = [_sincos_1d(d, axis.flatten()) for d, axis in zip(dims, (t, h, w), strict=False) if d > 0]
     table = torch.cat(parts, dim=1) if parts else torch.zeros(geometry.NUM_TOKENS, 0, dtype=torch.float64)
     table = nn.functional.pad(table, (0, width - table.shape[1]))
     return table.float().unsqueeze(0)

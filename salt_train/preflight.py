@@ -25,6 +25,7 @@ from shared.config import PipelineConfig
 from shared.console import format_bytes
 from shared.device import resolve_device
 from shared.store import LatentStore
+
 from salt_train.data import (
     SHM_PATH,
     StoreStream,

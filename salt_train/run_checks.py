@@ -16,21 +16,25 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from shared.distributed import Dist
 from shared.store import LatentStore
+
 from salt_train.checkpoint import Checkpointer, TrainingStopped
 from salt_train.finite import nonfinite_latent_rows
 from salt_train.snapshot import Snapshot, check_manifest
 from salt_train.state import TrainState
 
-if TYPE_CHECKING:
-    from salt_train.metrics import HealthWindow
-
 log = logging.getLogger(__name__)
+
+
+class PendingFlags(Protocol):
+    """What SkippedSteps reads (metrics.HealthWindow; a protocol so that metrics may import this module)."""
+
+    def skipped_steps(self, dist: Dist) -> list[tuple[int, list[int]]]: ...
 
 
 class SkippedSteps:
@@ -38,7 +42,7 @@ class SkippedSteps:
 
     def __init__(
         self,
-        window: HealthWindow,
+        window: PendingFlags,
         state: TrainState,
         limit: int,
         store: LatentStore,

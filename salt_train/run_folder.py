@@ -21,14 +21,15 @@ import logging
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from shared.config import PipelineConfig, dump_pipeline, read_recipe_yaml
 from shared.errors import SaltUsageError
-from shared.latent_stats import LatentStats
 from shared.filesystem import sole_writer, write_json_atomic, write_text_atomic
+from shared.latent_stats import LatentStats
 
 log = logging.getLogger(__name__)
 

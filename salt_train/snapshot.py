@@ -34,10 +34,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, get_args
+from typing import get_args
 
 from shared.config import SnapshotMode
 from shared.console import format_bytes, progress
@@ -93,7 +94,7 @@ class Snapshot:
         }
 
     @classmethod
-    def from_record(cls, record: dict) -> "Snapshot":
+    def from_record(cls, record: dict) -> Snapshot:
         """The snapshot a run recorded (:meth:`to_record`); a damaged record is a usage error."""
         try:
             snapshot = cls(
@@ -263,7 +264,7 @@ def _check_name(name: str) -> None:
 
 
 @contextmanager
-def reading_snapshot(snapshot: "Snapshot") -> Iterator[None]:
+def reading_snapshot(snapshot: Snapshot) -> Iterator[None]:
     """Hold a shared lock on a snapshot while a run reads it: prune leaves it alone."""
     if snapshot.mode == "none":  # the live store itself: nothing to protect from prune
         yield
@@ -358,7 +359,7 @@ def _materialize(store: Path, root: Path, name: str, mode: str, owner: Path | No
             if len(files) > PROGRESS_MIN_FILES
             else None
         )
-        for rel, size, _ in files:
+        for rel, _size, _ in files:
             try:
                 if mode == "copy":
                     shutil.copyfile(store / rel, target / rel)

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shared.config import ModelConfig, PipelineConfig, TrainConfig
 from shared.distributed import Dist
+
 from salt_train.attention import attention_backends, attention_context
 from salt_train.feed import ON_DEVICE, to_device
 from salt_train.finite import guarded_step

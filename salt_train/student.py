@@ -16,8 +16,8 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from shared import geometry

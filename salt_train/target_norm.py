@@ -22,6 +22,7 @@ from shared.console import print_block
 from shared.errors import SaltUsageError
 from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, LatentStats, compute_stats
 from shared.store import LatentStore
+
 from salt_train import run_folder
 from salt_train.checkpoint import complete_checkpoints
 

@@ -17,6 +17,7 @@ from torch import nn
 from shared.config import PipelineConfig, ScheduleConfig
 from shared.errors import SaltUsageError
 from shared.store import LatentStore
+
 from salt_train.masks import describe_masks, mask_layout
 from salt_train.model import mask_groups, student_flops_per_clip
 

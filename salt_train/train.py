@@ -31,23 +31,24 @@ from shared.config import PipelineConfig
 from shared.console import print_block
 from shared.device import resolve_device
 from shared.distributed import Dist, backend_for, distributed, is_lost_peer, warn_if_oversubscribed
-from shared.filesystem import write_json_atomic
 from shared.errors import SaltUsageError, first_line
+from shared.filesystem import write_json_atomic
 from shared.latent_stats import LatentStats
 from shared.store import LatentStore
+
 from salt_train import checkpoint as ckpt
 from salt_train import run_folder
 from salt_train.batches import AgreedBatches
 from salt_train.checkpoint import Checkpointer, TrainingStopped
-from salt_train.state import Position, TrainState
 from salt_train.data import check_shm, check_stream, make_loader, stream_spec
+from salt_train.eval.quick import QuickEval
 from salt_train.feed import BatchFeed
 from salt_train.metrics import HealthWindow, Metrics, print_diagnostics
 from salt_train.model import SaltStudent
-from salt_train.eval.quick import QuickEval
 from salt_train.resume import changed_settings, resumed_config
 from salt_train.run_checks import Checkpoints, LiveStoreWatch, SkippedSteps, check_replicas
 from salt_train.snapshot import Snapshot, reading_snapshot, reuse_snapshot, take_snapshot
+from salt_train.state import Position, TrainState
 from salt_train.step import Stepper
 from salt_train.target_norm import LAYER_NORM, recorded_stats, training_target_norm
 from salt_train.task import STUDENT, TASKS, Task
@@ -103,7 +104,7 @@ class StopSignals:
         self.repeat_aborts = repeat_aborts
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -501,7 +502,7 @@ def _resume_state(
     damaged: list[str] = []
     for path in candidates:
 
-        def attempt() -> TrainState | str:
+        def attempt(path: Path = path) -> TrainState | str:
             try:
                 return ckpt.load_checkpoint(path, model, optimizer, stream)
             except ckpt.CheckpointUnreadable as exc:  # damaged: try the one before (a misfit model still raises)

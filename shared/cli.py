@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from enum import Enum
-from typing import Any, Sequence, get_args
+from typing import Any, get_args
 
 import click
 import typer

@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shared.errors import SaltUsageError, first_line
 
-
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 DEFAULT_PIPELINE = "ssv2"
 
@@ -143,7 +142,7 @@ class ScheduleConfig(_Section):
     max_steps: Count | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _floor_below_peak(self) -> "ScheduleConfig":
+    def _floor_below_peak(self) -> ScheduleConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self
@@ -221,7 +220,7 @@ class ModelConfig(_Section):
     target_norm: Literal["layer", "channel"] = "layer"
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelConfig":
+    def _heads_divide_width(self) -> ModelConfig:
         if self.predictor_width % self.predictor_heads:
             raise ValueError(
                 f"predictor_width {self.predictor_width} is not divisible by predictor_heads {self.predictor_heads}"
@@ -261,7 +260,7 @@ class TeacherTrainConfig(ScheduleConfig):
     decoder_heads: Count = Field(6, gt=0)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TeacherTrainConfig":
+    def _consistent(self) -> TeacherTrainConfig:
         if self.decoder_width % self.decoder_heads:
             raise ValueError(
                 f"decoder_width {self.decoder_width} is not divisible by decoder_heads {self.decoder_heads}"
@@ -302,7 +301,7 @@ class VjepaEvalConfig(_Section):
     seed: Seed = Field(0, description="clip subsets, clip positions, augmentation, probe initialisation, order")
 
     @model_validator(mode="after")
-    def _ranges(self) -> "VjepaEvalConfig":
+    def _ranges(self) -> VjepaEvalConfig:
         if self.frames_per_clip % 2:
             raise ValueError(
                 f"eval.vjepa.frames_per_clip {self.frames_per_clip} is odd: the encoder takes whole "
@@ -374,7 +373,7 @@ class EvalConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _check_few_frames(self) -> "EvalConfig":
+    def _check_few_frames(self) -> EvalConfig:
         bad = [t for t in self.few_frames if not (2 <= t < 16 and t % 2 == 0)]
         if bad:
             raise ValueError(

@@ -55,9 +55,10 @@ import os
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, ContextManager, Iterator, Literal
+from typing import Any, Literal
 
 from shared.errors import SaltUsageError
 
@@ -287,7 +288,7 @@ def _store_lock(store: Path, *, exclusive: bool, refusal: str) -> Iterator[None]
         yield
 
 
-def build_lock(store: Path) -> ContextManager[None]:
+def build_lock(store: Path) -> AbstractContextManager[None]:
     """A build's exclusive hold on the store (a second writer is refused, not interleaved)."""
     return _store_lock(
         store,
@@ -299,7 +300,7 @@ def build_lock(store: Path) -> ContextManager[None]:
     )
 
 
-def no_build_running(store: Path) -> ContextManager[None]:
+def no_build_running(store: Path) -> AbstractContextManager[None]:
     """Refuse a store a build is writing, and hold it shared meanwhile so no build starts while the
     files are cloned."""
     return _store_lock(
@@ -312,12 +313,12 @@ def no_build_running(store: Path) -> ContextManager[None]:
     )
 
 
-def reading_folder(folder: Path) -> ContextManager[bool]:
+def reading_folder(folder: Path) -> AbstractContextManager[bool]:
     """Hold a shared lock on ``folder`` while it is read: :func:`unless_in_use` leaves it alone."""
     return _flock(folder, exclusive=False, wait=True)
 
 
-def unless_in_use(folder: Path) -> ContextManager[bool]:
+def unless_in_use(folder: Path) -> AbstractContextManager[bool]:
     """An exclusive lock on ``folder`` if nobody reads or stages it (yields True), else yields False
     at once: what a cleaner takes before deleting ``folder``."""
     return _flock(folder, exclusive=True, wait=False)

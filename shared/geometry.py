@@ -29,7 +29,7 @@ PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pixel_statistics(device: torch.device, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """PIXEL_MEAN and PIXEL_STD as float32 tensors of ``shape`` (the channel axis of length 3) on
     ``device``, made once: a fresh host-to-device copy every step would be a synchronising copy.

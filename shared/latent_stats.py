@@ -30,8 +30,9 @@ never averaged in.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -171,7 +172,7 @@ class LatentStats:
         }
 
     @classmethod
-    def from_json(cls, record: dict[str, Any]) -> "LatentStats":
+    def from_json(cls, record: dict[str, Any]) -> LatentStats:
         fields = {key: record[key] for key in ("width", "rows_read", "committed", "sampled", "seed", "tokens")}
         arrays = {key: np.asarray(record[key], dtype=np.float64) for key in ("mean", "std", "max_abs", "energy")}
         if any(len(a) != fields["width"] for a in arrays.values()):
@@ -235,7 +236,7 @@ def iter_latent_rows(store: LatentStore, rows: np.ndarray) -> Iterator[tuple[int
             (data,) = read_rows(store, block, ("latents",), check=True)
         except Exception:  # a damaged row or shard file: read the rows one by one, to skip only the bad ones
             data = [_read_one(store, int(row)) for row in block]
-        yield from zip((int(row) for row in block), data)
+        yield from zip((int(row) for row in block), data, strict=False)
 
 
 def _read_one(store: LatentStore, row: int) -> np.ndarray | None:

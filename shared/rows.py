@@ -17,7 +17,7 @@ the checksum arrays once (two zarr reads per batch were ~18 ms of a 46 ms batch 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -104,7 +104,7 @@ def read_rows(
                 filled += b - a
         results.append(target)
     if check:
-        _check_checksums(store, rows, dict(zip(names, results)), checksums)
+        _check_checksums(store, rows, dict(zip(names, results, strict=False)), checksums)
     return tuple(results)
 
 
@@ -112,7 +112,7 @@ def read_row_range(
     store: LatentStore, start: int, stop: int, names: Sequence[str] = ("pixels", "latents")
 ) -> dict[str, np.ndarray]:
     """Contiguous rows ``[start, stop)`` by array name."""
-    return dict(zip(names, read_rows(store, np.arange(start, stop), names)))
+    return dict(zip(names, read_rows(store, np.arange(start, stop), names), strict=False))
 
 
 def _require_files(store: LatentStore, name: str, rows: np.ndarray) -> None:
@@ -130,9 +130,9 @@ def _check_checksums(
     checked = [name for name in CHECKSUM_ARRAYS if name in data]
     sums = [CHECKSUM_ARRAYS[name] for name in checked]
     if checksums is not None:
-        expected = {name: checksums.expected(sum_name, rows) for name, sum_name in zip(checked, sums)}
+        expected = {name: checksums.expected(sum_name, rows) for name, sum_name in zip(checked, sums, strict=False)}
     else:
-        expected = dict(zip(checked, read_rows(store, rows, sums)))
+        expected = dict(zip(checked, read_rows(store, rows, sums), strict=False))
     for k, row in enumerate(rows):
         for name in checked:
             problem = checksum_problem(name, data[name][k], expected[name][k])

@@ -14,8 +14,8 @@ torn one. Arrays of any other layout return ``None`` from :func:`open_shard_writ
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from numcodecs import Zstd

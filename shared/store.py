@@ -17,10 +17,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -157,7 +158,7 @@ class LatentStore:
 
     # ---- opening -----------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, writable: bool = False) -> "LatentStore":
+    def open(cls, path: str | Path, writable: bool = False) -> LatentStore:
         """Open an existing store; a missing path or a non-SALT group is a usage error."""
         path = Path(path)
         if not path.exists():
@@ -289,7 +290,7 @@ class LatentStore:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise SaltUsageError(f"store {self.path} is damaged: {problems[0]}{more}; run salt-cache verify on it")
 
-    def checked(self) -> "LatentStore":
+    def checked(self) -> LatentStore:
         """This store once :meth:`check_layout` passed (for reading it)."""
         self.check_layout()
         return self
@@ -367,7 +368,8 @@ class LatentStore:
         committed = payload.status == RowStatus.COMMITTED
 
         def sums(rows: np.ndarray) -> np.ndarray:
-            return np.array([row_checksum(row) if ok else 0 for row, ok in zip(rows, committed)], np.uint64)
+            pairs = zip(rows, committed, strict=True)
+            return np.array([row_checksum(row) if ok else 0 for row, ok in pairs], np.uint64)
 
         pixels_sums = sums(payload.pixels)
         latents_sums = None if self.pixels_only else sums(payload.latents)

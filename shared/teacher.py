@@ -19,8 +19,8 @@ from transformers.utils import logging as hf_logging
 
 from shared import geometry
 from shared.config import HUGE_RANDOM_TEACHER, TINY_TEACHER
-from shared.errors import SaltUsageError, first_line
 from shared.device import resolve_device
+from shared.errors import SaltUsageError, first_line
 
 log = logging.getLogger(__name__)
 

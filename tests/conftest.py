@@ -13,15 +13,17 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
 from shared.config import BuildLoaderConfig, TrainLoaderConfig
+
 from salt_cache.demo_data import TEMPLATES, render_motion, sample_object, write_demo_dataset, write_video
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import FAILING_KINDS, REPO, Build, SsV2Set, call_cli, copy_store, fast_pipeline
+
 from shared import geometry
 from shared.store import RowStatus
 
@@ -103,7 +103,7 @@ def test_build_frame_index_monotone_and_short_clip_repeats(reference_build: Buil
             assert len(np.unique(frames)) >= geometry.NUM_FRAMES // 2  # (jitter may pick a frame twice)
     short = frame_index[mixed_set.row("short")]
     assert len(np.unique(short)) < geometry.NUM_FRAMES
-    assert np.all((0 <= short) & (short < 8))
+    assert np.all((short >= 0) & (short < 8))
     # 16 equal segments of 8 frames: every frame exactly twice, whatever the jitter.
     np.testing.assert_array_equal(np.sort(short), np.repeat(np.arange(8), 2))
 
@@ -365,10 +365,11 @@ def test_teacher_batches_span_shards_and_pad_failed_rows_without_changing_the_st
     """Teacher batches of 5 rows over 3-row shards (so batches span shards, and failed clips are
     zero-padded rows of a constant-shape batch), committed by one writer thread: the same store
     as the reference's batches of 2 and four writers."""
-    from salt_cache.loader import ViewBatches, plan_batches
     from shared.config import load_pipeline
     from shared.ssv2 import discover
     from shared.store import LatentStore
+
+    from salt_cache.loader import ViewBatches, plan_batches
 
     pipeline = fast_pipeline(tmp_path / "pipeline.yaml", teacher__batch_size=5, store__writers=1)
     store = tmp_path / "latents.zarr"
@@ -410,6 +411,7 @@ def test_finite_rows_reads_the_fp16_exponent_bits_as_isfinite_does() -> None:
 
 def test_decode_workers_auto_leaves_two_cores_and_shares_them_between_ranks() -> None:
     from shared.config import BuildLoaderConfig
+
     from salt_cache.loader import decode_workers
 
     cores = len(os.sched_getaffinity(0))

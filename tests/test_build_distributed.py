@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import Build, CliResult, SsV2Set, call_cli, copy_store
-from shared.store import RowStatus
 from test_build import _open
 from torchrun_job import OUR_FRAME, children, run_job, start_job, stop_job
+
+from shared.store import RowStatus
 
 
 def run_torchrun(nproc: int, *args: str | Path, timeout: float = 120) -> CliResult:

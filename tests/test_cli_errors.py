@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import zarr
-
 from conftest import Build, CliResult, SsV2Set, copy_store, fast_pipeline, run_cli
 
 

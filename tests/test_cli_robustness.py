@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import VIDEO_DIR, call_cli, run_cli
-from salt_cache.demo_data import write_demo_dataset
 from test_cli_errors import assert_usage_error
+
+from salt_cache.demo_data import write_demo_dataset
 
 TINY = ("--train", "1", "--validation", "0", "--test", "0")
 
@@ -93,8 +93,9 @@ def test_bench_host_path_builds_at_the_production_width_without_a_teacher(corrup
 
 
 def test_bench_loader_rate_with_too_few_clips(corrupt_set: Path, tmp_path: Path) -> None:
-    from salt_cache.bench import bench_config, time_loader_decode
     from shared.ssv2 import discover
+
+    from salt_cache.bench import bench_config, time_loader_decode
 
     clips = discover(corrupt_set, "train").clips[:2]
     timing = time_loader_decode(clips, bench_config(batch_size=1, workers=2, writers=1), tmp_path)

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAILING_KINDS, copy_store
+
 from shared.config import load_pipeline
 from shared.errors import SaltUsageError
 from shared.rows import committed_rows, row_runs
 from shared.store import LatentStore
+
 from salt_train.data import (
     Position,
     StoreStream,
@@ -93,7 +94,7 @@ def test_ranks_split_each_global_batch(demo_reference) -> None:
     spec = spec_for(demo_reference.store, batch=4, epochs=1)
     whole = sequence(spec)
     halves = [sequence(replace(spec, rank=r, world_size=2)) for r in range(2)]
-    for (e, i, rows), first, second in zip(whole, *halves):
+    for (e, i, rows), first, second in zip(whole, *halves, strict=False):
         assert first[:2] == second[:2] == (e, i)
         assert set(first[2]).isdisjoint(second[2])
         assert sorted(first[2] + second[2]) == rows
@@ -207,7 +208,7 @@ def test_the_buffer_ring_delivers_the_stored_rows_with_their_masks_in_reused_buf
             spec, load_pipeline("demo").train_loader.model_copy(update={"num_workers": 0}), pin_memory=False
         )
     ]
-    assert len(in_process) == steps and all(all(map(torch.equal, a, b)) for a, b in zip(in_process, seen))
+    assert len(in_process) == steps and all(all(map(torch.equal, a, b)) for a, b in zip(in_process, seen, strict=False))
 
 
 def test_ranks_get_their_slice_of_the_global_batch_masks(demo_reference) -> None:

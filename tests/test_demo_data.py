@@ -8,8 +8,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-
 from conftest import render_motion_clip
+
 from salt_cache.demo_data import TEMPLATES, DemoDataExists, write_demo_dataset, write_video
 
 SPLITS = {"train": 4, "validation": 2, "test": 1}

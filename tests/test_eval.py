@@ -10,20 +10,21 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from salt_cache.demo_data import write_demo_dataset
 from shared.store import LatentStore
-from salt_train.target_norm import LAYER_NORM
-from salt_train.eval.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1
+
+from salt_cache.demo_data import write_demo_dataset
 from salt_train.eval import temporal
+from salt_train.eval.probes import ProbeSettings, attentive_probe, linear_probe, retrieval_top1
+from salt_train.target_norm import LAYER_NORM
 from tests.conftest import call_cli, call_train, fast_pipeline, train_pipeline
 
 TEACHER = "builtin:tiny-videomae"
@@ -431,6 +432,7 @@ def _pixel_slots(store_path: Path, orders: dict[str, Callable[[int], np.ndarray]
     """Slot-pooled pixel features of every committed row under each frame order: ``order(row)`` gives the
     16 frame indices of that row, None takes the eval's own variant of that name."""
     from shared.rows import read_rows
+
     from salt_train.eval.features import slot_pool
     from salt_train.eval.pixels import pixel_tokens
     from salt_train.eval.rows import eval_candidates
@@ -445,7 +447,7 @@ def _pixel_slots(store_path: Path, orders: dict[str, Callable[[int], np.ndarray]
             varied = (
                 temporal.Variant(name).apply(views, ids)
                 if order is None
-                else np.stack([view[order(int(row))] for view, row in zip(views, ids)])
+                else np.stack([view[order(int(row))] for view, row in zip(views, ids, strict=False)])
             )
             slots[name].append(slot_pool(pixel_tokens(torch.from_numpy(np.ascontiguousarray(varied)))))
     return rows, {name: torch.cat(parts) for name, parts in slots.items()}
@@ -479,7 +481,7 @@ def pixel_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     write_demo_dataset(root, train=96, validation=96, test=0, seed=11, height=120, width=160)
     pipeline = fast_pipeline(root / "build.yaml", store__shard_rows=8)
     stores = root / "pixels.zarr", root / "pixels-val.zarr"
-    for split, out in zip(("train", "validation"), stores):
+    for split, out in zip(("train", "validation"), stores, strict=False):
         result = call_cli(
             "build", "--src", root, "--split", split, "--out", out, "--pixels-only", "--pipeline", pipeline
         )
@@ -714,7 +716,7 @@ def test_two_evaluations_of_one_run_at_once_give_the_figures_each_gives_alone(st
     together = [launch("8"), launch("12")]
     outputs = [p.communicate(timeout=600) for p in together]
     assert all(p.returncode == 0 for p in together), [o[1][-2000:] for o in outputs]
-    for (stdout, _), train_rows in zip(outputs, ("8", "12")):
+    for (stdout, _), train_rows in zip(outputs, ("8", "12"), strict=False):
         alone = call_train(
             "eval",
             stores.run,
@@ -752,13 +754,13 @@ def test_an_output_folder_that_cannot_take_the_evaluation_is_one_line(stores: Ev
 
 def test_a_disk_that_fills_during_the_evaluation_is_one_line_and_keeps_no_scratch(tmp_path: Path) -> None:
     from shared.errors import SaltUsageError
+
     from salt_train.eval.output import scratch
     from tests.test_faults import small_tmpfs
 
     with small_tmpfs(tmp_path / "small", "64k") as small:
-        with pytest.raises(SaltUsageError, match="could not write under"):
-            with scratch(small) as spill:
-                (spill / "tokens.bin").write_bytes(b"\0" * 1_000_000)
+        with pytest.raises(SaltUsageError, match="could not write under"), scratch(small) as spill:
+            (spill / "tokens.bin").write_bytes(b"\0" * 1_000_000)
         assert list(small.iterdir()) == []
 
 

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from shared.config import VjepaEvalConfig
 from shared.ssv2 import discover
+
 from salt_train.eval.probes import AttentiveProbe
 from salt_train.eval.vjepa.augment import AugmentSettings, TrainAugment, eval_views
-from salt_train.eval.vjepa.data import ProtocolClips, VALIDATION, decode_clips, epoch_steps
+from salt_train.eval.vjepa.data import VALIDATION, ProtocolClips, decode_clips, epoch_steps
 from salt_train.eval.vjepa.optim import CosineSchedule, accumulate, decay_groups, make_optimizer, optimizer_step
 from salt_train.eval.vjepa.probe import averaged_softmax, build_probe, top_k_correct, view_logits
 from salt_train.eval.vjepa.views import (
@@ -34,14 +35,13 @@ from salt_train.eval.vjepa.views import (
 )
 from tests.conftest import TINY_STUDENT, Build, call_cli, call_train, fast_pipeline
 
-
 # ---- time and space --------------------------------------------------------------------------------------
 
 
 def test_clips_are_16_frames_4_apart_in_their_own_part_of_a_long_video_and_overlap_in_a_short_one() -> None:
     rng = np.random.default_rng(0)
     long = clip_frame_indices(300, clips=2, frames=16, step=4, rng=rng)  # parts of 150 frames > a 64-frame window
-    for clip, part in zip(long, ([0, 150], [150, 300])):
+    for clip, part in zip(long, ([0, 150], [150, 300]), strict=False):
         assert part[0] <= clip[0] and clip[-1] < part[1] and np.all(np.diff(clip) >= 4) and np.all(np.diff(clip) <= 5)
         assert clip[-1] - clip[0] in (63, 64)  # 16 frames over a 64-frame window, not the whole video
     assert not np.array_equal(long, clip_frame_indices(300, 2, 16, 4, np.random.default_rng(1)))  # seeded ends
@@ -143,7 +143,8 @@ def test_the_augmentation_is_a_function_of_its_seed_and_the_same_for_every_frame
     assert torch.equal(first, augment(frames, 11))
     assert not torch.equal(first, augment(frames, 12))
     assert random.getstate() == python_state and torch.equal(torch.get_rng_state(), torch_state)
-    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state))  # global generators kept
+    # The global generators are kept.
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state, strict=True))
     # One RandAugment draw and one crop for the whole clip: identical frames stay identical (no erasing here).
     still = np.repeat(frames[:1], 4, axis=0)
     plain = TrainAugment(AugmentSettings((0.08, 1.0), (0.75, 4 / 3), "rand-m7-n4-mstd0.5-inc1", 0.0))
@@ -194,7 +195,7 @@ def test_the_optimiser_decays_weights_only_on_a_cosine_without_warmup() -> None:
     lrs = [schedule.lr_at(s) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 100)))  # no warmup: starts at the top
     assert lrs[49] == pytest.approx(5e-4) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
     assert schedule.weight_decay_at(0) == pytest.approx(0.01, rel=1e-3)
     assert schedule.weight_decay_at(99) == pytest.approx(1e-6)
     optimizer = make_optimizer(probe, 0.01)
@@ -225,18 +226,18 @@ def test_gradient_accumulation_equals_the_large_batch() -> None:
     whole_grads, whole_weights = trained(8)
     for micro in (1, 2, 4):
         grads, weights = trained(micro)
-        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, whole_grads)), micro
-        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights, whole_weights)), micro
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, whole_grads, strict=False)), micro
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights, whole_weights, strict=False)), micro
     # The large batch's gradient is that of the mean loss over the global batch (the failed video counts 0).
     probe = build_probe(8, 5, 2, seed=1)
     (F.cross_entropy(logits_of(probe, inputs), labels, reduction="none") * keep).mean().backward()
-    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(probe.parameters(), whole_grads))
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(probe.parameters(), whole_grads, strict=False))
     # Steps are the same for any rank count: each rank's share of every global batch, equal micro-batch counts.
     settings = VjepaEvalConfig(batch_size=8, micro_batch_size=2)
     one = epoch_steps(20, settings, 0, 0, 1)
     two = [epoch_steps(20, settings, 0, r, 2) for r in range(2)]
     assert len(one) == 2 and all(len(s.micro_batches) == 4 for s in one)
-    for step, (a, b) in enumerate(zip(*two)):
+    for step, (a, b) in enumerate(zip(*two, strict=False)):
         assert len(a.micro_batches) == len(b.micro_batches) == 2
         assert sorted(np.concatenate(a.micro_batches + b.micro_batches)) == sorted(
             np.concatenate(one[step].micro_batches)

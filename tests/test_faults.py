@@ -18,19 +18,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import REPO, Build, call_cli, call_train, copy_store, train_pipeline
 from safetensors.torch import load_file
 
-from conftest import REPO, Build, call_cli, call_train, copy_store, train_pipeline
-from salt_train.preflight import process_tree
 from shared.store import RowStatus, row_checksum
+
+from salt_train.preflight import process_tree
 
 KILLS = int(os.environ.get("SALT_FAULT_KILLS", "1"))
 FORKSERVER = {"loader__num_workers": 2, "loader__multiprocessing_context": "forkserver"}

@@ -19,9 +19,8 @@ from typing import Any, get_args, get_origin
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import Build, call_cli, call_train, copy_store, run_cli, train_pipeline
+from safetensors.torch import load_file
 from test_faults import latest_weights, one_error_line, small_tmpfs, start, wait_for
 
 # ---- 1. one writer per run folder ------------------------------------------------------------
@@ -93,6 +92,7 @@ with sole_writer({str(tmp_path)!r}):
     import sys
 
     from conftest import REPO
+
     from shared.errors import SaltUsageError
     from shared.filesystem import sole_writer
 
@@ -101,9 +101,8 @@ with sole_writer({str(tmp_path)!r}):
     )
     try:
         assert parent.stdout.readline().strip() == "held"
-        with pytest.raises(SaltUsageError, match=f"PID {parent.pid}"):
-            with sole_writer(tmp_path):
-                pass
+        with pytest.raises(SaltUsageError, match=f"PID {parent.pid}"), sole_writer(tmp_path):
+            pass
         parent.kill()
         parent.wait()
         with sole_writer(tmp_path):  # the forked child still runs, and holds nothing

@@ -70,17 +70,15 @@ def test_atomic_dir_replaces_as_asked_and_a_failure_changes_nothing(replace: str
     final = tmp_path / "out"
     final.mkdir()
     (final / "a").write_text("old")
-    with pytest.raises(RuntimeError, match="mid-write"):
-        with atomic_dir(final, replace=replace) as partial:
-            (partial / "a").write_text("half")
-            raise RuntimeError("mid-write")
+    with pytest.raises(RuntimeError, match="mid-write"), atomic_dir(final, replace=replace) as partial:
+        (partial / "a").write_text("half")
+        raise RuntimeError("mid-write")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (final / "a").read_text() == "old"
 
     staged = atomic_dir(final, replace=replace)
     if replace == "empty":  # rename(2) replaces only an empty folder
-        with pytest.raises(OSError):
-            with staged as partial:
-                (partial / "a").write_text("new")
+        with pytest.raises(OSError), staged as partial:
+            (partial / "a").write_text("new")
         assert (final / "a").read_text() == "old"
         (final / "a").unlink()
         staged = atomic_dir(final, replace=replace)
@@ -95,26 +93,24 @@ def test_the_store_lock_refuses_a_second_build_and_a_snapshot(tmp_path: Path) ->
         pass
     assert not store_lock_path(store).exists()
     with build_lock(store):
-        with pytest.raises(SaltUsageError, match="another build is writing"):
-            with build_lock(store):
-                pass
-        with pytest.raises(SaltUsageError, match="being written by a running salt-cache build"):
-            with no_build_running(store):
-                pass
-    with no_build_running(store):  # a snapshot holds it shared: a build is refused meanwhile
-        with pytest.raises(SaltUsageError, match="another build is writing"):
-            with build_lock(store):
-                pass
+        with pytest.raises(SaltUsageError, match="another build is writing"), build_lock(store):
+            pass
+        with (
+            pytest.raises(SaltUsageError, match="being written by a running salt-cache build"),
+            no_build_running(store),
+        ):
+            pass
+    # A snapshot holds it shared: a build is refused meanwhile.
+    with no_build_running(store), pytest.raises(SaltUsageError, match="another build is writing"), build_lock(store):
+        pass
 
 
 def test_a_folder_read_or_staged_is_left_alone_by_a_cleaner(tmp_path: Path) -> None:
     folder = tmp_path / "snapshot"
     folder.mkdir()
-    with reading_folder(folder):
-        with unless_in_use(folder) as free:
-            assert not free
+    with reading_folder(folder), unless_in_use(folder) as free:
+        assert not free
     with unless_in_use(folder) as free:
         assert free
-    with atomic_dir(tmp_path / "taking") as partial:
-        with unless_in_use(partial) as free:
-            assert not free
+    with atomic_dir(tmp_path / "taking") as partial, unless_in_use(partial) as free:
+        assert not free

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import call_cli, call_train, copy_store, train_pipeline
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import call_cli, call_train, copy_store, train_pipeline
 from shared.latent_stats import (
     LAYER_NORM_EPS,
     OUTLIER_MULTIPLE,
@@ -192,10 +192,11 @@ def test_bad_store_is_one_line(make, fragment, tmp_path) -> None:
 def test_channel_standardisation_matches_numpy(planted) -> None:
     """The objective's transform: (x - mean) / std per channel with the run's statistics, then the per-token
     layer norm; the standardised latents have unit per-channel scale before that norm."""
+    from shared.config import ModelConfig
+
     from salt_train.loss import SaltObjective
     from salt_train.model import build_salt_student
     from salt_train.target_norm import TargetNorm, normalise_targets
-    from shared.config import ModelConfig
 
     stats = compute_stats(LatentStore.open(planted), rows=0)
     mean, std = stats.standardisation()

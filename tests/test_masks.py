@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.geometry import GRID_H, GRID_T, GRID_W, NUM_TOKENS, TOKENS_PER_FRAME
+
 from salt_train.masks import (
     MASK_KINDS,
     MULTIBLOCK_GROUPS,
@@ -89,7 +90,7 @@ def test_multiblock_never_shows_a_hidden_token(batch: int, seed: int, step: int)
     lies in a spatial position that any target occupies, at any time."""
     masks = make_masks("multiblock", 0.75, batch, seed, step)
     assert len(masks.visible) == len(masks.masked) == len(MULTIBLOCK_GROUPS) == 2
-    for group, visible, masked in zip(MULTIBLOCK_GROUPS, masks.visible, masks.masked):
+    for group, visible, masked in zip(MULTIBLOCK_GROUPS, masks.visible, masks.masked, strict=False):
         assert visible.shape == (batch, group.context) and masked.shape == (batch, group.targets)
         for row in range(batch):
             assert torch.all(visible[row, 1:] > visible[row, :-1]) and torch.all(masked[row, 1:] > masked[row, :-1])
@@ -142,7 +143,7 @@ def test_multiblock_coverage_is_close_to_vjepa() -> None:
     report = multiblock_coverage(draws=2048, seed=1)
     short, long = report["short-range"], report["long-range"]
     assert short["coverage"] == pytest.approx(0.63, abs=0.02) and long["coverage"] == pytest.approx(0.82, abs=0.02)
-    for group, figures in zip(MULTIBLOCK_GROUPS, (short, long)):
+    for group, figures in zip(MULTIBLOCK_GROUPS, (short, long), strict=False):
         assert abs(figures["coverage"] - figures["coverage_vjepa"]) < 0.01
         assert figures["redrawn_share"] < 0.15
         assert abs(figures["union_cells_p5"] - group.targets / GRID_T) <= 2

@@ -50,7 +50,7 @@ def test_warmup_is_linear_then_cosine_is_non_increasing(params: dict) -> None:
         if step:
             assert values[step] >= values[step - 1]
     after = values[warmup:total]
-    assert all(b <= a for a, b in zip(after, after[1:]))
+    assert all(b <= a for a, b in zip(after, after[1:], strict=False))
 
 
 @FEW

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import copy_store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import copy_store
 from shared.shard_reader import open_raw_rows
 from shared.store import LatentStore
 
@@ -149,12 +149,13 @@ def test_read_rows_equals_zarr_for_any_rows(reference_build, picks: list[int]) -
     store = LatentStore.open(reference_build.store)
     rows = np.array([p % store.rows for p in picks])
     expected = [store.arrays[name].oindex[rows] for name in ROW_ARRAYS]
-    for got, want in zip(read_rows(store, rows, ROW_ARRAYS), expected):
+    for got, want in zip(read_rows(store, rows, ROW_ARRAYS), expected, strict=False):
         np.testing.assert_array_equal(got, want)
     buffers = tuple(np.empty_like(want) for want in expected[:2])
     returned = read_rows(store, rows, ROW_ARRAYS[:2], out=buffers)
-    assert all(r is b for r, b in zip(returned, buffers))  # filled in place: the loader's ring relies on it
-    for got, want in zip(buffers, expected):
+    # Filled in place: the loader's ring relies on it.
+    assert all(r is b for r, b in zip(returned, buffers, strict=True))
+    for got, want in zip(buffers, expected, strict=False):
         np.testing.assert_array_equal(got, want)
 
 

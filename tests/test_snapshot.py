@@ -15,11 +15,17 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
+from xfs_mount import xfs_dir  # noqa: F401  (a pytest fixture)
+
+from shared.errors import SaltUsageError
+from shared.filesystem import clone_file
+from shared.rows import read_row_range
+from shared.store import LatentStore, RowStatus, ShardPayload, create_store, latents_shape, pixels_shape
 
 from salt_train.snapshot import (
     check_manifest,
@@ -30,11 +36,6 @@ from salt_train.snapshot import (
     store_manifest,
     take_snapshot,
 )
-from shared.errors import SaltUsageError
-from shared.filesystem import clone_file
-from shared.rows import read_row_range
-from shared.store import LatentStore, RowStatus, ShardPayload, create_store, latents_shape, pixels_shape
-from xfs_mount import xfs_dir  # noqa: F401  (a pytest fixture)
 
 WIDTH = 8  # teacher width: latents stay tiny, pixels (2.4 MB a row) make the bytes
 

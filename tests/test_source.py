@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from salt_cache.demo_data import TEMPLATES, write_demo_dataset
-from shared.ssv2 import discover, template_key
 from shared.errors import SaltUsageError
+from shared.ssv2 import discover, template_key
+
+from salt_cache.demo_data import TEMPLATES, write_demo_dataset
 
 LABELS = {template_key(t): str(i) for i, t in enumerate(TEMPLATES)}
 SPLITS = {"train": 4, "validation": 2, "test": 1}
@@ -67,7 +68,7 @@ def test_official_layout(official: Path) -> None:
     assert [c.clip_id for c in source.clips] == [r["id"] for r in train_rows]
     assert source.refused_ids == []
     assert source.missing_videos == 0
-    for clip, row in zip(source.clips, train_rows):
+    for clip, row in zip(source.clips, train_rows, strict=False):
         assert clip.path == source.video_dir / f"{row['id']}.webm" and clip.path.is_file()
         assert clip.template == row["template"]
         assert clip.label == TEMPLATES.index(row["template"])

@@ -20,12 +20,12 @@ import pytest
 import torch
 import yaml
 import zarr
-
 from conftest import REPO, Build, call_cli, call_train, copy_store, train_pipeline
 from test_faults import _alive, _flip, _shard_file, latest_weights, one_error_line, start, wait_for
+from xfs_mount import xfs_dir  # noqa: F401  (the fixture)
+
 from salt_train.preflight import process_tree
 from salt_train.workers import STOP_BOUND_S
-from xfs_mount import xfs_dir  # noqa: F401  (the fixture)
 
 FORKSERVER = {"train_loader__num_workers": 2, "train_loader__multiprocessing_context": "forkserver"}
 STEPS = 40  # more than the stopped run can take: the SIGSTOP lands after its first step

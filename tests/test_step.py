@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 import torch._dynamo
-
 from conftest import TINY_STUDENT
+
 from shared.config import load_pipeline
 from shared.store import LatentStore
+
 from salt_train.data import StoreStream, stream_spec
 from salt_train.step import Stepper, resolve_compile_mode, seeded_student
 
@@ -90,7 +91,7 @@ def test_the_objective_equals_the_student_on_normalised_pixels_and_the_loss(demo
                     regression_loss(
                         stepper.model(pixels, v, m, group=g), normalise_targets(gather_tokens(latents, m)), "mse"
                     )
-                    for g, (v, m) in enumerate(zip(visible, masked))
+                    for g, (v, m) in enumerate(zip(visible, masked, strict=False))
                 ]
             ).mean()
             torch.testing.assert_close(
@@ -100,6 +101,7 @@ def test_the_objective_equals_the_student_on_normalised_pixels_and_the_loss(demo
 
 def test_attention_choices_resolve_on_cpu() -> None:
     from torch.nn.attention import SDPBackend
+
     from salt_train.attention import attention_backends, attention_context
 
     cpu = torch.device("cpu")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from conftest import Build, call_cli, copy_store, run_cli
 from transformers import BertConfig, BertModel
 
-from conftest import Build, call_cli, copy_store, run_cli
 from shared.filesystem import build_lock
 
 

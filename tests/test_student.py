@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import timm
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from shared import geometry
 from shared.config import ModelConfig
 from shared.errors import SaltUsageError
+
 from salt_train.export import export_encoder, load_encoder
 from salt_train.loss import normalise_targets, regression_loss
 from salt_train.model import build_salt_student, student_flops_per_clip
@@ -507,8 +508,9 @@ def test_embedding_only_the_visible_tubelets_equals_the_conv3d_then_the_gather(s
 def test_predictor_has_one_mask_token_per_mask_group() -> None:
     # V-JEPA's predictor learns a mask token per mask group: multiblock's short- and long-range targets
     # start from different tokens, so the same context and target ids predict differently per group.
-    from salt_train.model import mask_groups
     from shared.config import MaskConfig
+
+    from salt_train.model import mask_groups
 
     assert mask_groups(MaskConfig(kind="multiblock")) == 2 and mask_groups(MaskConfig(kind="random")) == 1
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ from shared.errors import SaltUsageError
 from shared.rows import read_row_range
 from shared.store import LatentStore
 from shared.teacher import load_teacher, load_teacher_model
+
 from tests.conftest import call_cli
 
 WIDTH, DEPTH, HEADS = 32, 2, 2

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import REPO, Build, call_cli, call_train, run_train, write_pipeline
 from safetensors.torch import load_file
 
-from conftest import REPO, Build, call_cli, call_train, run_train, write_pipeline
 from shared.store import LatentStore, RowStatus
 
 # A teacher small enough for many CPU steps a second.
@@ -101,6 +101,7 @@ def test_the_teacher_encoder_is_videomae_on_the_context_tokens() -> None:
     VideoMAEModel's own forward; the targets are VideoMAE's per-patch normalised pixels."""
     from shared import geometry
     from shared.config import TeacherTrainConfig
+
     from salt_train.pixel_teacher import build_pixel_teacher, pixel_targets
     from salt_train.student import view_tubelets
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY_STUDENT, call_train, copy_store, run_train, train_pipeline
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_STUDENT, call_train, copy_store, run_train, train_pipeline
 from shared.store import create_store
 
 
@@ -219,8 +219,9 @@ def test_a_run_folder_is_never_overwritten(trained, reference_build, tmp_path) -
 
 
 def test_set_values_parse_like_the_recipe() -> None:
-    from salt_train.cli import parse_sets
     from shared.config import load_pipeline
+
+    from salt_train.cli import parse_sets
 
     sets = parse_sets(
         ["model.compile_mode=off", "train.lr=1e-4", "stream.verify_checksums=true", "train.max_steps=null"]

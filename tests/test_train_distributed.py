@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import Build, CliResult, call_train, train_pipeline
 from test_train import final_weights, metrics
 from torchrun_job import OUR_FRAME, run_job
@@ -102,7 +101,7 @@ def test_each_rank_steps_on_its_half_of_the_one_process_batch(runs: Runs) -> Non
 
     committed = set(committed_rows(LatentStore.open(runs.store)).tolist())
     per_epoch = len(committed) // BATCH
-    assert STEPS > per_epoch  # the run crosses an epoch boundary
+    assert per_epoch < STEPS  # the run crosses an epoch boundary
     distributed, single = rows_by_step(runs.ranks2), rows_by_step(runs.single)
     assert sorted(distributed) == sorted(single) == list(range(STEPS))
     for step in range(STEPS):
@@ -129,10 +128,11 @@ def test_loss_curve_and_weights_match_one_process(runs: Runs) -> None:
 def test_replicas_stay_identical(runs: Runs) -> None:
     from safetensors.torch import load_file
 
-    from salt_train.model import build_salt_student, mask_groups
-    from salt_train.run_folder import read_run_config
-    from salt_train.run_checks import replica_digest
     from shared.store import LatentStore
+
+    from salt_train.model import build_salt_student, mask_groups
+    from salt_train.run_checks import replica_digest
+    from salt_train.run_folder import read_run_config
 
     summary = json.loads((runs.ranks2 / "summary.json").read_text())
     assert summary["world_size"] == 2

@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 from conftest import call_train, train_pipeline
 from xfs_mount import xfs_dir  # noqa: F401  (the fixture)
+
 from shared.config import load_pipeline
 from shared.store import LatentStore
+
 from salt_train.data import make_loader, stream_spec
 from salt_train.snapshot import list_snapshots, prune_snapshots, reading_snapshot, take_snapshot
 

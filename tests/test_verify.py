@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from conftest import Build, SsV2Set, call_cli, copy_store
+
 from shared.store import RowStatus
 
 

@@ -9,6 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.geometry import IMAGE_SIZE, NUM_FRAMES
+from shared.video import ClipDecodeError
+
 from salt_cache.demo_data import write_video
 from salt_cache.video import (
     SAMPLING_RULES,
@@ -17,8 +20,6 @@ from salt_cache.video import (
     resized_size,
     sample_frame_indices,
 )
-from shared.geometry import IMAGE_SIZE, NUM_FRAMES
-from shared.video import ClipDecodeError
 
 FAST = settings(deadline=None, max_examples=200)
 
@@ -113,8 +114,8 @@ def test_resized_size_keeps_short_side_and_aspect(h: int, w: int) -> None:
 def test_center_crop_box_inside_and_centred(h: int, w: int) -> None:
     new_h, new_w = resized_size(h, w)
     top, left = center_crop_box(new_h, new_w)
-    assert 0 <= top and top + IMAGE_SIZE <= new_h
-    assert 0 <= left and left + IMAGE_SIZE <= new_w
+    assert top >= 0 and top + IMAGE_SIZE <= new_h
+    assert left >= 0 and left + IMAGE_SIZE <= new_w
     bottom, right = new_h - top - IMAGE_SIZE, new_w - left - IMAGE_SIZE
     assert abs(top - bottom) <= 1
     assert abs(left - right) <= 1

@@ -10,17 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import VIEWS_LIMIT, Build, call_cli, copy_store, fast_pipeline
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_faults import small_tmpfs
 
-from conftest import VIEWS_LIMIT, Build, call_cli, copy_store, fast_pipeline
 from shared.config import load_pipeline
 from shared.console import format_bytes
 from shared.store import LatentStore, RowStatus
+
 from salt_cache.disk_space import plan_space
 from salt_cache.views import CROP_RATIO, CROP_SCALE, random_resized_crop, recipe_for_split, view_crop_box
 from salt_train.data import StoreStream, epoch_views, stream_spec
-from test_faults import small_tmpfs
 
 ONE_VIEW_ARRAYS = (
     "pixels",
@@ -54,7 +55,7 @@ def _fallback_box(height: int, width: int) -> tuple[int, int, int, int]:
 @given(height=st.integers(16, 2000), width=st.integers(16, 2000), seed=st.integers(0, 2**32))
 def test_random_resized_crops_lie_inside_the_frame_within_v_jepa_ranges(height: int, width: int, seed: int) -> None:
     top, left, h, w = random_resized_crop(height, width, np.random.default_rng(seed))
-    assert 0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= height and left + w <= width
+    assert top >= 0 and left >= 0 and h > 0 and w > 0 and top + h <= height and left + w <= width
     # A drawn box is a real box of V-JEPA's scale and ratio rounded to whole pixels.
     area = height * width
     drawn = (
@@ -202,13 +203,14 @@ def test_the_stream_passes_over_the_clips_once_per_epoch(demo_views_reference: B
     # Two ranks: the same global batches, each rank its half.
     ranks = [list(StoreStream(stream_spec(store, config, rank=r, world_size=2)).positions()) for r in (0, 1)]
     single = list(StoreStream(spec).positions())
-    for (epoch, index, rows), (_, _, first), (_, _, second) in zip(single, *ranks):
+    for (_, _, rows), (_, _, first), (_, _, second) in zip(single, *ranks, strict=False):
         np.testing.assert_array_equal(rows, np.concatenate([first, second]))
 
 
 def test_evaluation_reads_view_0_of_each_clip(demo_views_reference: Build, demo_val_reference: Build) -> None:
-    from salt_train.eval.rows import check_compatible, draw_eval_rows
     from shared.errors import SaltUsageError
+
+    from salt_train.eval.rows import check_compatible, draw_eval_rows
 
     store = LatentStore.open(demo_views_reference.store)
     check_compatible(store, LatentStore.open(demo_val_reference.store))  # a one-view validation store fits it
@@ -293,8 +295,9 @@ def test_quick_eval_sizes_its_rows_by_the_clips_it_can_draw(
     asking for 20 and refusing the run's start."""
     import torch
 
-    from salt_train.eval.quick import QuickEval
     from shared.config import PipelineConfig
+
+    from salt_train.eval.quick import QuickEval
 
     config = PipelineConfig.model_validate({"eval": {"val_cache": str(demo_val_reference.store), "quick_rows": 64}})
     quick = QuickEval(

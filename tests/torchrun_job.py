@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, CliResult
 
 # Any frame of a Python traceback that runs through our own packages (torchrun's report is not ours).

@@ -40,6 +40,7 @@ from shared.console import print_block
 from shared.device import resolve_device
 from shared.errors import SaltUsageError, one_line
 from shared.store import LatentStore
+
 from salt_train import run_folder
 from salt_train.checkpoint import checkpoint_dir, latest_checkpoint, verify_checkpoint
 from salt_train.eval.features import (
@@ -52,12 +53,13 @@ from salt_train.eval.features import (
     extract,
     spilled_bytes,
 )
-from salt_train.eval.heldout import channel_means, heldout_figures
-from salt_train.eval.output import prepare_output, scratch
 from salt_train.eval.figures import attentive_figure, over_seeds, probe_settings, temporal_figures
-from salt_train.eval.frames import RULE as FEW_FRAMES_RULE, few_frame_figures, few_frame_spill
-from salt_train.eval.pixels import PixelFeatures
+from salt_train.eval.frames import RULE as FEW_FRAMES_RULE
+from salt_train.eval.frames import few_frame_figures, few_frame_spill
+from salt_train.eval.heldout import channel_means, heldout_figures
 from salt_train.eval.latency import encoder_latency
+from salt_train.eval.output import prepare_output, scratch
+from salt_train.eval.pixels import PixelFeatures
 from salt_train.eval.probes import linear_probe, retrieval_top1
 from salt_train.eval.report import COLUMNS, print_table, write_outputs
 from salt_train.eval.rows import RowSet, check_compatible, class_count, row_set

@@ -34,10 +34,11 @@ from shared import geometry
 from shared.console import format_bytes, progress
 from shared.rows import read_rows
 from shared.store import LatentStore
+
 from salt_train.data import normalised_pixels
+from salt_train.eval.temporal import Variant
 from salt_train.student import VideoViT
 from salt_train.target_norm import LAYER_NORM, TargetNorm
-from salt_train.eval.temporal import Variant
 
 
 class FeatureModel(Protocol):

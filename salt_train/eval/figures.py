@@ -8,11 +8,13 @@ the reason where a column has no model.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
 from shared.console import progress
+
 from salt_train.eval.features import Features, pool_tokens
 from salt_train.eval.probes import ProbeScore, ProbeSettings, attentive_probe, linear_probe, stack_tasks
 from salt_train.eval.stats import seeded_score
@@ -81,8 +83,9 @@ def attentive_figure(
     scores = []
     for probe_seed in progress(total=len(seeds), description=label, unit="seed", iterable=seeds):
         settings = attentive(probe_seed)
-        read_train = lambda ids: pool_tokens(train.tokens.read(train_ids[ids], settings.device), pool)  # noqa: E731
-        read_val = lambda ids: pool_tokens(val.tokens.read(val_ids[ids], settings.device), pool)  # noqa: E731
+        device = settings.device
+        read_train = lambda ids, d=device: pool_tokens(train.tokens.read(train_ids[ids], d), pool)  # noqa: E731
+        read_val = lambda ids, d=device: pool_tokens(val.tokens.read(val_ids[ids], d), pool)  # noqa: E731
         scores.append(attentive_probe(read_train, train_y, read_val, val_y, width, classes, settings, heads))
     return over_seeds(scores, val_rows, seed)
 

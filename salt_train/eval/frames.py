@@ -28,6 +28,7 @@ import numpy as np
 
 from shared import geometry
 from shared.config import EvalConfig
+
 from salt_train.eval.features import EncoderFeatures, ExtractionPlan, FeatureModel, extract, spilled_bytes
 from salt_train.eval.figures import SettingsFor, attentive_figure, temporal_figures
 from salt_train.eval.pixels import PixelFeatures

@@ -25,6 +25,7 @@ import torch
 from shared.config import LossKind, MaskConfig
 from shared.rows import read_rows
 from shared.store import LatentStore
+
 from salt_train.eval.stats import interval, resample_weights
 from salt_train.loss import SaltObjective, masked_targets
 from salt_train.masks import describe_masks, make_masks, mask_layout

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from shared import geometry
+
 from salt_train.eval.features import EncoderFeatures
 from salt_train.eval.frames import with_slots
 from salt_train.student import VideoViT

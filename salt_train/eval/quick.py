@@ -19,6 +19,7 @@ import torch
 
 from shared.config import EvalConfig, LossKind, MaskConfig
 from shared.store import LatentStore
+
 from salt_train.eval.features import EncoderFeatures, ExtractionPlan, extract
 from salt_train.eval.heldout import heldout_figures
 from salt_train.eval.probes import ProbeSettings, linear_probe

@@ -191,14 +191,14 @@ def write_plot(report: dict[str, Any], path: Path, metrics: Path | None) -> None
     figure, (curve, bars) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1, 1.6]})
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and "eval" not in r]
     if train:
-        curve.plot(*zip(*train), label="training loss", color="tab:blue")
+        curve.plot(*zip(*train, strict=False), label="training loss", color="tab:blue")
     evals = [
         (r["step"], r["eval"]["heldout_loss"])
         for r in records
         if isinstance(r.get("eval"), dict) and "heldout_loss" in r["eval"]
     ]
     if evals:
-        curve.plot(*zip(*evals), "o--", label="held-out loss (eval_every)", color="tab:orange")
+        curve.plot(*zip(*evals, strict=False), "o--", label="held-out loss (eval_every)", color="tab:orange")
     final = report["heldout"].get("student", {})
     if "loss" in final:
         step = train[-1][0] if train else 0
@@ -228,10 +228,10 @@ def write_plot(report: dict[str, Any], path: Path, metrics: Path | None) -> None
     for k, column in enumerate(COLUMNS):
         entries = [task.get(column, {}) for _, task in probes]
         values = [e.get("top1", 0.0) if "not_run" not in e else 0.0 for e in entries]
-        bounds = [e.get("top1_interval", (v, v)) for v, e in zip(values, entries)]
+        bounds = [e.get("top1_interval", (v, v)) for v, e in zip(values, entries, strict=False)]
         errors = [
-            [max(0.0, v - lo) for v, (lo, _) in zip(values, bounds)],
-            [max(0.0, hi - v) for v, (_, hi) in zip(values, bounds)],
+            [max(0.0, v - lo) for v, (lo, _) in zip(values, bounds, strict=False)],
+            [max(0.0, hi - v) for v, (_, hi) in zip(values, bounds, strict=False)],
         ]
         bars.bar(
             [i + (k - 1.5) * width for i in range(len(probes))],

@@ -115,7 +115,7 @@ def frame_indices(name: str, rows: np.ndarray, num_frames: int = NUM_FRAMES) -> 
     return np.tile(order, (count, 1))
 
 
-def tasks_at(num_frames: int) -> tuple["TemporalTask", ...]:
+def tasks_at(num_frames: int) -> tuple[TemporalTask, ...]:
     """The summarised (non-sanity) tasks whose every class is a distinct clip at ``num_frames`` frames:
     at 2 frames (one tubelet) only the arrow of time; pairs need two tubelets to swap or repeat."""
 

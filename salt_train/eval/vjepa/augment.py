@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from shared import geometry
 from shared.config import VjepaEvalConfig
 from shared.errors import SaltUsageError
 from shared.video import random_resized_crop
+
 from salt_train.eval.vjepa.views import resize_short_side, spatial_views
 
 ERASE_AREA = (0.02, 1 / 3)  # share of the frame
@@ -50,7 +51,7 @@ class AugmentSettings:
     erase_prob: float
 
     @classmethod
-    def from_config(cls, config: VjepaEvalConfig) -> "AugmentSettings":
+    def from_config(cls, config: VjepaEvalConfig) -> AugmentSettings:
         return cls(
             (config.crop_scale_min, config.crop_scale_max),
             (config.crop_ratio_min, config.crop_ratio_max),

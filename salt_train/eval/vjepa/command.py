@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from shared.distributed import Dist, backend_for, distributed, warn_if_oversubsc
 from shared.errors import SaltUsageError, one_line
 from shared.filesystem import write_json_atomic
 from shared.geometry import TOKENS_PER_FRAME, TUBELET_SIZE
+
 from salt_train import run_folder
 from salt_train.eval.command import (
     EVAL_FORMAT,
@@ -94,7 +95,7 @@ def _setup(request: EvalRequest, dist: Dist) -> Setup:
     return Setup(config, settings, subject, train, val, out_dir)
 
 
-def _autocast(device: torch.device) -> ContextManager:
+def _autocast(device: torch.device) -> AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
@@ -176,16 +177,16 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
         ]
         loader = make_loader(train_data, [m[0] for m in micro], epoch, settings.num_workers, pin)
         loss_sum, right, seen, failed = 0.0, 0, 0, 0
-        for (_, last, global_size), batch in zip(micro, loader):
+        for (_, last, global_size), batch in zip(micro, loader, strict=False):
             keep = torch.tensor([not e for e in batch["errors"]], dtype=torch.float32, device=device)
             labels = batch["labels"].to(device)
             tokens = encode(encoder, batch["pixels"], device)
             inputs = probe_inputs(tokens, len(labels), settings.clips, 1)
             logits_seen: list[torch.Tensor] = []
 
-            def logits_of(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-                logits_seen.append(view_logits(module, x)[0])
-                return logits_seen[-1]
+            def logits_of(module: torch.nn.Module, x: torch.Tensor, seen: list = logits_seen) -> torch.Tensor:
+                seen.append(view_logits(module, x)[0])
+                return seen[-1]
 
             with _autocast(device):
                 losses = accumulate(model, logits_of, inputs, labels, keep, global_size, dist.world_size, last)
@@ -197,7 +198,9 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
             right += int((logits_seen[0].detach().argmax(1) == labels)[ok].sum())
             seen += int(ok.sum())
             failed += len(labels) - int(ok.sum())
-            failures += [f"{train.clips[v].clip_id}: {e}" for v, e in zip(batch["videos"], batch["errors"]) if e]
+            failures += [
+                f"{train.clips[v].clip_id}: {e}" for v, e in zip(batch["videos"], batch["errors"], strict=True) if e
+            ]
             bar.update(len(labels) * dist.world_size)
         totals = np.sum(dist.all_gather(np.array([loss_sum, right, seen, failed], dtype=np.float64)), axis=0)
         videos_ok = max(1.0, totals[2])
@@ -278,7 +281,7 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
         },
         "decode_failures": {
             "train": failures[:100],
-            "val": [f"{val.clips[v].clip_id}: {e}" for v, e in zip(videos, errors) if e][:100],
+            "val": [f"{val.clips[v].clip_id}: {e}" for v, e in zip(videos, errors, strict=False) if e][:100],
         },
         "seconds": {
             "train": round(train_seconds, 1),

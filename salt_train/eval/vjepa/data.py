@@ -26,6 +26,7 @@ from shared.distributed import rank_share
 from shared.parent_death import worker_init
 from shared.ssv2 import ClipRecord
 from shared.video import ClipDecodeError, decode_frames
+
 from salt_train.eval.vjepa.augment import AugmentSettings, TrainAugment, eval_views
 from salt_train.eval.vjepa.views import clip_frame_indices
 
@@ -76,7 +77,7 @@ class ProtocolClips(Dataset):
             decoded = decode_clips(clip, self.settings, np.random.default_rng(int(seeds[0])))
             if training:
                 pixels = torch.stack(
-                    [self.augment(frames, int(seed))[None] for frames, seed in zip(decoded, seeds[1:])]
+                    [self.augment(frames, int(seed))[None] for frames, seed in zip(decoded, seeds[1:], strict=False)]
                 )
             else:
                 pixels = torch.stack([eval_views(frames, self.settings.spatial_views) for frames in decoded])
