@@ -70,7 +70,7 @@ class BlockGroup:
 
 # Counts: 8 x the 95th (context) and 5th (targets) percentiles of the spatial
 # union over V-JEPA's draw (147 and 98 cells short-range, 184 and 140 long-range;
-# `python -m salt_train.masks` measures them; tests/test_masks.py checks them).
+# `python -m salt_train.masks` measures them; tests/unit/test_masks.py checks them).
 MULTIBLOCK_GROUPS = (
     BlockGroup("short-range", blocks=8, scale=0.15, context=8 * (TOKENS_PER_FRAME - 147), targets=8 * 98),
     BlockGroup("long-range", blocks=2, scale=0.7, context=8 * (TOKENS_PER_FRAME - 184), targets=8 * 140),

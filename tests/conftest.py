@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
+from shared import geometry
 from shared.config import BuildLoaderConfig, TrainLoaderConfig
 
 from salt_cache.demo_data import TEMPLATES, render_motion, sample_object, write_demo_dataset, write_video
@@ -370,3 +371,13 @@ def train_pipeline(path: Path, **overrides: Any) -> Path:
 def cli() -> Callable[..., CliResult]:
     """Run ``python -m salt_cache`` as a subprocess."""
     return run_cli
+
+
+def token_position(index: int) -> tuple[int, int, int]:
+    """Inverse of :func:`shared.geometry.token_index`: ``(t, h, w)`` of a flat token index (the tests' own; the
+    package needs none)."""
+    if not 0 <= index < geometry.NUM_TOKENS:
+        raise ValueError(f"token index {index} outside [0, {geometry.NUM_TOKENS})")
+    t, rest = divmod(index, geometry.TOKENS_PER_FRAME)
+    h, w = divmod(rest, geometry.GRID_W)
+    return t, h, w

@@ -7,7 +7,7 @@ another 16-frame view of the same clip (a frame gather), so any encoder of the
 A probe is worth reporting only if raw pixels cannot pass it: the table's
 ``pixels`` column (:mod:`salt_train.eval.pixels`: per-tubelet downsampled frames
 and frame differences, pooled as encoder tokens are) runs the same readout,
-and ``tests/test_eval_floor.py`` measures it on demo clips. The encoder's
+and ``tests/e2e/test_eval.py`` measures it on demo clips. The encoder's
 tubelet holds 2 frames, so the cue to exclude is what a single tubelet or a
 slot's average shows: a held frame (two identical frames: zero difference), a
 new frame difference, a changed colour or motion energy. The probes:
@@ -30,7 +30,7 @@ new frame difference, a changed colour or motion energy. The probes:
   on average: pixels partly passed it.)
 
 The pixels figures of each design, old and new, are in EXPERIMENTS.md
-(2026-12-06, issue 17); ``tests/test_eval_floor.py`` keeps the new ones within
+(2026-12-06, issue 17); ``tests/e2e/test_eval.py`` keeps the new ones within
 10 points of chance and the old ones solved.
 
 Two more rows are kept as **sanity checks**, labelled so in the table and left

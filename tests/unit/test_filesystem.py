@@ -50,7 +50,7 @@ def test_a_kill_9_mid_write_leaves_the_old_version_whole(kind: str, tmp_path: Pa
         [sys.executable, "-c", _WRITE_AND_HANG, kind, str(final)],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )
     try:
         assert child.stdout.readline().strip() == "staged"

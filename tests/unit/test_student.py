@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import token_position
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -24,7 +25,6 @@ from salt_train.loss import normalise_targets, regression_loss
 from salt_train.model import build_salt_student, student_flops_per_clip
 from salt_train.predictor import Predictor, sincos_positions_3d
 from salt_train.student import VideoViT, build_student, gather_tokens, tubelets, view_tubelets
-from tests.test_geometry_and_config import token_position
 
 VIT = "vit_tiny_patch16_224"
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2}
@@ -450,7 +450,7 @@ def test_flops_in_a_fresh_process_before_any_model_is_built() -> None:
         "from salt_train.model import student_flops_per_clip; "
         "print(json.dumps(student_flops_per_clip(ModelConfig(), 1280, ((392, 1176),))))"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     in_process = student_flops_per_clip(ModelConfig(), 1280, ((392, 1176),))

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import token_position
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import geometry
 from shared.config import PIPELINES_DIR, PipelineConfig, dump_pipeline, load_pipeline
 from shared.errors import SaltUsageError
-from shared.geometry import GRID_H, GRID_T, GRID_W, NUM_TOKENS, TOKENS_PER_FRAME, token_index
+from shared.geometry import GRID_H, GRID_T, GRID_W, NUM_TOKENS, token_index
 
 # ---------------------------------------------------------------- geometry
 
@@ -25,15 +26,6 @@ def test_geometry_constants() -> None:
     assert geometry.TEACHER_WIDTH_HUGE == 1280 and geometry.STUDENT_WIDTH_BASE == 768
     assert geometry.as_dict()["num_tokens"] == 1568
     assert geometry.as_dict()["grid"] == [8, 14, 14]
-
-
-def token_position(index: int) -> tuple[int, int, int]:
-    """Inverse of :func:`token_index`: ``(t, h, w)`` of a flat token index (the tests' own; the package needs none)."""
-    if not 0 <= index < NUM_TOKENS:
-        raise ValueError(f"token index {index} outside [0, {NUM_TOKENS})")
-    t, rest = divmod(index, TOKENS_PER_FRAME)
-    h, w = divmod(rest, GRID_W)
-    return t, h, w
 
 
 @settings(deadline=None)
