@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from enum import Enum
-from typing import Any, TypeVar, cast, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import click
 import typer
 
-from shared.config import DeviceName
+from shared.config import DeviceName, SnapshotMode, TeacherAttention, TeacherCompileMode
 from shared.console import rank_tag
 from shared.errors import EXIT_USAGE, SaltUsageError, one_line
 
@@ -43,7 +43,13 @@ def choices(name: str, values: Any) -> Any:
     return Enum(name, [(value.replace("-", "_"), value) for value in get_args(values)], type=str)
 
 
+# The flags' choices, each a config Literal's values. Made here, not in each command's module: mypy takes an
+# imported name of type Any (what choices returns) as a type, and a module's own such name as an invalid one.
 Device = choices("Device", DeviceName)  # what --device accepts
+TeacherCompile = choices("TeacherCompile", TeacherCompileMode)
+TeacherAttentionChoice = choices("TeacherAttentionChoice", TeacherAttention)
+SnapshotChoice = choices("SnapshotMode", SnapshotMode)
+EvalProtocol = choices("Protocol", Literal["fast", "vjepa"])  # salt-train eval's two protocols
 
 
 DEVICE_HELP = "auto (CUDA when available), cpu or cuda"
