@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from shared import geometry
-from shared.config import PipelineConfig
+from shared.config import PipelineConfig, TeacherAttention, TeacherCompileMode
 from shared.console import format_bytes
 from shared.distributed import Dist
 from shared.errors import SaltUsageError
@@ -43,6 +43,7 @@ from shared.teacher import Teacher, load_teacher
 from shared.video import ClipDecodeError
 
 from salt_cache.build import run_build
+from salt_cache.identity import BuildTeacher
 from salt_cache.loader import ViewBatches, decode_workers, make_loader, plan_batches
 from salt_cache.video import decode_view
 
@@ -85,7 +86,8 @@ def time_decode(clips: list[ClipRecord], keep_views: int = 16) -> DecodeTiming:
         except ClipDecodeError:
             failed.add(clip.clip_id)
     plain = _rate(decoded, time.perf_counter() - started)
-    decoded, views = 0, []
+    decoded = 0
+    views: list[np.ndarray] = []
     started = time.perf_counter()
     for clip in clips:
         try:
@@ -168,9 +170,7 @@ class BuildTiming:
     host_ms_per_clip: float  # the main thread's CPU per clip, teacher launches excluded
 
 
-def time_build(
-    source: SsV2Source, teacher: Teacher | HostPathTeacher, config: PipelineConfig, scratch: Path
-) -> BuildTiming:
+def time_build(source: SsV2Source, teacher: BuildTeacher, config: PipelineConfig, scratch: Path) -> BuildTiming:
     """A real build of ``source`` into a scratch store, timed: in steady state (like the decode's,
     the final flush left out), over the whole build, and the main thread's host cost per clip."""
     report = run_build(source, teacher, config, scratch / "build.zarr", dist=Dist())
@@ -256,7 +256,11 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_config(
-    batch_size: int, workers: int, writers: int, teacher_compile: str = "auto", teacher_attention: str = "auto"
+    batch_size: int,
+    workers: int,
+    writers: int,
+    teacher_compile: TeacherCompileMode = "auto",
+    teacher_attention: TeacherAttention = "auto",
 ) -> PipelineConfig:
     """The production recipe's build settings, with the bench's batch, workers, writers and the teacher's
     compilation and attention kernel."""
@@ -281,8 +285,8 @@ def run_bench(
     host_path: bool = False,
     width: int = geometry.TEACHER_WIDTH_HUGE,
     writers: int = 4,
-    teacher_compile: str = "auto",
-    teacher_attention: str = "auto",
+    teacher_compile: TeacherCompileMode = "auto",
+    teacher_attention: TeacherAttention = "auto",
 ) -> tuple[dict[str, str], dict[str, float | None]]:
     """Printed figures, and the same as numbers, each with its unit in its name (``--json``; None: not measured)."""
     source = discover(src, "train", clips)

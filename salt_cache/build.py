@@ -30,13 +30,11 @@ from shared.console import format_bytes, print_block, progress
 from shared.distributed import Dist, rank_share, warn_if_oversubscribed
 from shared.errors import first_line
 from shared.filesystem import build_lock
-from shared.ssv2 import SsV2Source
 from shared.store import LatentStore
-from shared.teacher import Teacher
 
 from salt_cache.disk_space import SpacePlan, check_space, plan_space
 from salt_cache.fill import StoredViews, StoreSource
-from salt_cache.identity import open_matching_store, open_or_create_store, store_identity
+from salt_cache.identity import BuildSource, BuildTeacher, open_matching_store, open_or_create_store, store_identity
 from salt_cache.loader import ViewBatches, decode_workers, make_loader, plan_batches
 from salt_cache.repair import damaged_shards
 from salt_cache.writer import ShardAssembler, ShardWriter, drop_nonfinite
@@ -136,7 +134,7 @@ class TeacherBatch:
         return self.latents.numpy(), self.finite.numpy() if self.finite is not None else None
 
 
-def launch_teacher(teacher: Teacher, batch: dict) -> TeacherBatch:
+def launch_teacher(teacher: BuildTeacher, batch: dict) -> TeacherBatch:
     """Queue the teacher on the whole padded batch (failed rows are zeros: one shape for every
     batch); on CUDA the copy back is non-blocking too, and which rows are finite is decided there
     (a reduction on the device, 16 bytes back, no host pass over 64 MB of latents)."""
@@ -155,7 +153,7 @@ def launch_teacher(teacher: Teacher, batch: dict) -> TeacherBatch:
 class BatchCollector:
     """Logs failures, fills shard assemblers, and hands complete shards to the writer."""
 
-    def __init__(self, store: LatentStore, source: SsV2Source, writer: ShardWriter) -> None:
+    def __init__(self, store: LatentStore, source: BuildSource, writer: ShardWriter) -> None:
         self.store = store
         self.source = source
         self.writer = writer
@@ -267,8 +265,8 @@ class BuildReport:
 
 
 def run_build(
-    source: SsV2Source,
-    teacher: Teacher,
+    source: BuildSource,
+    teacher: BuildTeacher,
     config: PipelineConfig,
     out: Path,
     retry_failed: bool = False,
@@ -368,8 +366,8 @@ def _space_plan(
     out: Path,
     store: LatentStore | None,
     pending: list[int],
-    source: SsV2Source,
-    teacher: Teacher,
+    source: BuildSource,
+    teacher: BuildTeacher,
     config: PipelineConfig,
 ) -> SpacePlan:
     """The store's projected size and what the ``pending`` shards need; ``store`` None: one yet to create."""
@@ -384,8 +382,8 @@ def _space_plan(
 
 def _print_plan(
     store: LatentStore,
-    source: SsV2Source,
-    teacher: Teacher,
+    source: BuildSource,
+    teacher: BuildTeacher,
     config: PipelineConfig,
     shards: list[int],
     todo: int,
@@ -451,7 +449,12 @@ class RankWork:
 
 
 def _build_shards(
-    store: LatentStore, source: SsV2Source, teacher: Teacher, config: PipelineConfig, shards: list[int], dist: Dist
+    store: LatentStore,
+    source: BuildSource,
+    teacher: BuildTeacher,
+    config: PipelineConfig,
+    shards: list[int],
+    dist: Dist,
 ) -> RankWork:
     """Decode, encode and commit ``shards`` (this rank's share of the pending ones)."""
     plans = plan_batches(store, shards, config.teacher.batch_size)

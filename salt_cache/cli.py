@@ -10,8 +10,8 @@ from pathlib import Path
 import typer
 
 from shared import parent_death
-from shared.cli import DEVICE_HELP, Device, choices, make_app, run_app
-from shared.config import PipelineConfig, TeacherAttention, TeacherCompileMode, load_pipeline
+from shared.cli import DEVICE_HELP, Device, TeacherAttentionChoice, TeacherCompile, make_app, run_app
+from shared.config import PipelineConfig, load_pipeline
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
 from shared.latent_stats import DEFAULT_ROWS, SUMMARY_ROWS, compute_stats
@@ -107,6 +107,7 @@ def build(
     if pixels_only and teacher:
         raise SaltUsageError("--pixels-only stores no latents: drop --teacher")
     if out is None:  # beside the videos (--from-store needs --out); a --src that is no folder is discover()'s to refuse
+        assert src is not None  # refused above otherwise
         out = src / "latents.zarr"
         if src.is_dir():
             _check_out_path(out, "a store", named="the default store")
@@ -116,6 +117,7 @@ def build(
     parent_death.install()  # decode workers and the forkserver die with this process, even by kill -9
     from shared.ssv2 import discover
 
+    from salt_cache.identity import BuildSource
     from salt_cache.repair import recorded_recipe
 
     if from_store is not None:  # the pixels store's split decides its views per clip, as a decoding build's would
@@ -141,8 +143,9 @@ def build(
     if from_store is not None:
         from salt_cache.fill import open_pixels_source
 
-        source = open_pixels_source(from_store, config)
+        source: BuildSource = open_pixels_source(from_store, config)
     else:
+        assert src is not None  # refused above otherwise
         source = discover(src, config.cache.split, config.cache.limit)
     import torch
 
@@ -158,8 +161,9 @@ def build(
     with distributed("gloo") as dist, stop_on_sigterm():
         try:
             from salt_cache.fill import NoTeacher
+            from salt_cache.identity import BuildTeacher
 
-            model = (
+            model: BuildTeacher = (
                 NoTeacher()
                 if pixels_only
                 else dist.agree(
@@ -243,7 +247,7 @@ def verify(
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        summary = {
+        summary: dict[str, object] = {
             "rows": report.rows,
             "committed": report.committed,
             "failed": report.failed,
@@ -287,10 +291,6 @@ def demo_data(
         raise SaltUsageError(f"cannot write demo data to {out}: {exc.strerror or exc}") from None
     print_block(f"demo data in {out}", counts, stream=sys.stdout)
     return EXIT_OK
-
-
-TeacherCompile = choices("TeacherCompile", TeacherCompileMode)
-TeacherAttentionChoice = choices("TeacherAttentionChoice", TeacherAttention)
 
 
 @app.command()

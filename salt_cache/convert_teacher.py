@@ -90,6 +90,7 @@ def infer_config(state: dict[str, Tensor], heads: int | None, original: Path) ->
             finetuned = "patch_embed.proj.weight" in state  # the classification layout: no encoder. prefix
             hint = " (a fine-tuned checkpoint? this converts the pretraining layout, encoder.*)" if finetuned else ""
             raise SaltUsageError(f"{original} lacks {key}{hint}")
+    assert proj is not None and fc1 is not None  # refused above
     if proj.ndim != 5 or fc1.ndim != 2:
         raise SaltUsageError(
             f"{original}: {ENCODER}patch_embed.proj.weight has shape {tuple(proj.shape)}, not a Conv3d tubelet weight"
@@ -113,7 +114,8 @@ def infer_config(state: dict[str, Tensor], heads: int | None, original: Path) ->
         intermediate_size=int(fc1.shape[0]),
         hidden_act="gelu",
         layer_norm_eps=LAYER_NORM_EPS,
-        qkv_bias=f"{ENCODER}blocks.0.attn.q_bias" in state,
+        # transformers 5 calls it qv_bias and still takes qkv_bias; 4.x (allowed by pyproject) knows only qkv_bias.
+        qkv_bias=f"{ENCODER}blocks.0.attn.q_bias" in state,  # type: ignore[call-arg]
         use_mean_pooling=False,  # keeps the final norm, applied to every token
     )
 

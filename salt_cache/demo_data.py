@@ -214,7 +214,7 @@ def _render_dataset(
     (label_dir / "labels.json").write_text(json.dumps({names[t]: str(i) for i, t in enumerate(TEMPLATES)}, indent=2))
 
     for split, n in counts.items():
-        rows = []
+        rows: list[dict[str, str | list[str]]] = []
         for class_idx in rng.permutation(np.arange(n) % len(TEMPLATES)):
             clip_id, template = next(ids), TEMPLATES[class_idx]
             obj = sample_object(rng)

@@ -44,6 +44,10 @@ class NoTeacher:
     final_norm = False
     device = torch.device("cpu")
 
+    def identity(self) -> dict[str, object]:
+        """Never recorded (a pixels-only store has no teacher attribute): the build's teacher protocol asks for it."""
+        return {"name": self.name}
+
     def encode(self, views: torch.Tensor) -> torch.Tensor:
         return torch.zeros((views.shape[0], geometry.NUM_TOKENS, 0), dtype=torch.float16)
 

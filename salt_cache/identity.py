@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import av
 import torch
@@ -12,15 +13,52 @@ import zarr
 from shared import geometry
 from shared.config import PipelineConfig, dump_pipeline
 from shared.errors import SaltUsageError
-from shared.ssv2 import SsV2Source
+from shared.ssv2 import ClipRecord
 from shared.store import LatentStore, clip_ids_sha256, create_store
-from shared.teacher import Teacher
 from shared.video import MIN_DECODED_SHARE
 
 from salt_cache.views import CROP_RATIO, CROP_SCALE
 
 
-def store_identity(teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> dict[str, object]:
+class BuildSource(Protocol):
+    """Where a build's clips come from: the videos (shared.ssv2.SsV2Source) or a pixels store
+    (salt_cache.fill.StoreSource)."""
+
+    clips: list[ClipRecord]
+
+    def describe(self) -> dict[str, object]: ...
+
+    def to_attrs(self) -> dict[str, object]: ...
+
+
+class BuildTeacher(Protocol):
+    """What a build asks of its teacher: shared.teacher.Teacher, salt_cache.fill.NoTeacher (pixels only)
+    or salt_cache.bench.HostPathTeacher (fixed latents)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def weights_hash(self) -> str: ...
+
+    @property
+    def compute_dtype(self) -> str: ...
+
+    @property
+    def final_norm(self) -> bool: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def identity(self) -> dict[str, object]: ...
+
+    def encode(self, views: torch.Tensor) -> torch.Tensor: ...
+
+
+def store_identity(teacher: BuildTeacher, config: PipelineConfig, source: BuildSource) -> dict[str, object]:
     """What must match for a build to add rows to an existing store. A pixels-only store has no teacher
     (``content: pixels``); a store built from a pixels store records that store's identity too."""
     if not teacher.weights_hash:  # salt_cache.fill.NoTeacher
@@ -96,7 +134,7 @@ def open_matching_store(out: Path, identity: dict[str, object], writable: bool) 
     return store
 
 
-def open_or_create_store(out: Path, teacher: Teacher, config: PipelineConfig, source: SsV2Source) -> LatentStore:
+def open_or_create_store(out: Path, teacher: BuildTeacher, config: PipelineConfig, source: BuildSource) -> LatentStore:
     identity = store_identity(teacher, config, source)
     if out.exists():
         return open_matching_store(out, identity, writable=True)

@@ -110,9 +110,7 @@ def decode_workers(settings: BuildLoaderConfig, ranks_on_node: int = 1) -> int:
     return max(1, cores // max(1, ranks_on_node) - 2)
 
 
-def make_loader(
-    dataset: ViewBatches, config: PipelineConfig, device: torch.device, ranks_on_node: int = 1
-) -> DataLoader:
+def make_loader(dataset: Dataset, config: PipelineConfig, device: torch.device, ranks_on_node: int = 1) -> DataLoader:
     settings = config.build_loader
     workers = decode_workers(settings, ranks_on_node)
     kwargs: dict = {

@@ -138,8 +138,8 @@ def check_source_rows(store: LatentStore, report: VerifyReport) -> None:
     """clip_id and label have no per-row checksums: compare them with the digests taken at creation."""
     recorded = store.attrs.get("source_rows", {})
     try:
-        ids = [str(i) for i in store.array("clip_id")[:]]
-        labels = store.array("label")[:]
+        ids = [str(i) for i in np.asarray(store.array("clip_id")[:])]
+        labels = np.asarray(store.array("label")[:])
     except Exception as exc:
         report.problems.append(Problem(f"clip_id or label unreadable ({type(exc).__name__}: {exc})"))
         return
@@ -211,7 +211,7 @@ def check_shard(store: LatentStore, start: int, stop: int, status: np.ndarray, i
             needed = ("error",) if status[row] == RowStatus.FAILED else names  # a failed row: its reason only
             row_data, row_error = _read_shard(store, row, row + 1, needed)
             problem = f"unreadable ({row_error})" if row_data is None else _check_row(store, status[row], row_data, 0)
-        elif problem is None:
+        elif problem is None and data is not None:  # (data is None was the branch above)
             problem = _check_row(store, status[row], data, row - start)
         if problem:
             problems.append(Problem(problem, row, str(ids[row])))
@@ -287,11 +287,19 @@ def verify_store(path: str, deep: int = 0, device: str = "auto", threads: int = 
     store = LatentStore.open(path)
     teacher = load_recorded_teacher(store, device) if deep > 0 else None
     status = store.status()
-    report = VerifyReport(store=str(path), **status_counts(status))
+    counts = status_counts(status)
+    report = VerifyReport(
+        store=str(path),
+        rows=counts["rows"],
+        committed=counts["committed"],
+        failed=counts["failed"],
+        pending=counts["pending"],
+        other=counts["other"],
+    )
     if check_schema(store, report):
         check_rows(store, report, status, threads)
         if any(problem.row is not None for problem in report.problems):
             report.fix = repair_command(store)  # damaged, pending or unreadable rows: their shards rebuilt whole
-        if deep > 0:
+        if teacher is not None:  # loaded exactly when deep > 0
             deep_check(store, teacher, deep, report, status)
     return report

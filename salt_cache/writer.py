@@ -118,6 +118,7 @@ class ShardAssembler:
         p = self.payload
         p.frame_index[local[ok]] = frame_index[ok]
         if p.crop_box is not None:
+            assert crop_box is not None  # a store of several views: every batch carries its crop boxes
             p.crop_box[local[ok]] = crop_box[ok]
         p.status[local] = np.where(ok, RowStatus.COMMITTED, RowStatus.FAILED)
         for i, error in zip(local, errors, strict=False):

@@ -122,9 +122,11 @@ class AgreedBatches:
 
     def __iter__(self) -> Iterator[tuple[dict, Position]]:
         while self.state.step < self.steps:
+            feed = self.feed
+            assert feed is not None  # None only once close() ran, after the loop
             waited = time.perf_counter()
             batch, self.loader_failure = next_batch(
-                self.feed, self.stop_requested, self.stall_timeout_s, self.feed.describe_workers
+                feed, self.stop_requested, self.stall_timeout_s, feed.describe_workers
             )
             self.window.data_wait += time.perf_counter() - waited
             unreadable = batch is not None and "error" in batch
@@ -135,6 +137,7 @@ class AgreedBatches:
                 return
             if exhausted:
                 return
+            assert batch is not None  # this rank's None made exhausted true
             position = Position(batch["epoch"], batch["index"])
             following = next_position(position, self.steps_per_epoch)
             if skipping:

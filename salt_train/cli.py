@@ -12,22 +12,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 import yaml
 
-from shared import config, parent_death
-from shared.cli import DEVICE_HELP, Device, choices, make_app, run_app
+from shared import parent_death
+from shared.cli import DEVICE_HELP, Device, EvalProtocol, SnapshotChoice, make_app, run_app
 from shared.config import PipelineConfig, load_pipeline
 from shared.console import is_console_rank, print_block, rank_tag, setup_logging
 from shared.errors import EXIT_OK, EXIT_PROBLEMS, SaltUsageError
 
 _DEFAULTS = PipelineConfig()  # the schema's defaults are the ssv2 recipe
-
-
-SnapshotMode = choices("SnapshotMode", config.SnapshotMode)
-Protocol = choices("Protocol", Literal["fast", "vjepa"])  # salt-train eval's two protocols
 
 
 SNAPSHOT_HELP = (
@@ -78,7 +74,7 @@ Resume = Annotated[
         "--resume", help="continue the run in --run-dir (or this cache's latest run) from its last checkpoint"
     ),
 ]
-Snapshot = Annotated[SnapshotMode | None, typer.Option(help=f"{SNAPSHOT_HELP} [from the pipeline: auto]")]
+Snapshot = Annotated[SnapshotChoice | None, typer.Option(help=f"{SNAPSHOT_HELP} [from the pipeline: auto]")]
 TrainDevice = Annotated[
     Device | None, typer.Option(help=f"{DEVICE_HELP} [from the pipeline: {_DEFAULTS.train.device}]")
 ]
@@ -230,7 +226,7 @@ def evaluate(
     out: Path | None = typer.Option(None, "--out", help="output folder [TARGET/eval]"),
     device: Device | None = typer.Option(None, help=DEVICE_HELP),
     sets: list[str] = typer.Option([], "--set", help="override an eval field, e.g. --set eval.probe_epochs=40"),
-    protocol: Protocol = typer.Option(
+    protocol: EvalProtocol = typer.Option(
         "fast",
         help="fast: the table below, on cached views (minutes); vjepa: "
         "V-JEPA's frozen SSv2 protocol (16x2x3, the whole splits decoded again each "

@@ -42,6 +42,10 @@ class SaltObjective(nn.Module):
     Its parameters are the student's: DDP wraps it, checkpoints save ``student``.
     """
 
+    # Buffers (register_buffer below), declared for the type checker.
+    target_mean: Tensor | None
+    target_std: Tensor | None
+
     def __init__(self, student: SaltStudent, loss: LossKind, target_norm: TargetNorm = LAYER_NORM) -> None:
         super().__init__()
         self.student = student

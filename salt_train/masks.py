@@ -172,7 +172,9 @@ def blocks_union(rng: np.random.Generator, samples: int, blocks: int, height: in
     rows, cols = np.arange(GRID_H), np.arange(GRID_W)
     in_rows = (rows >= tops[..., None]) & (rows < tops[..., None] + height)  # [S, blocks, H]
     in_cols = (cols >= lefts[..., None]) & (cols < lefts[..., None] + width)  # [S, blocks, W]
-    return (in_rows[..., :, None] & in_cols[..., None, :]).any(axis=1)
+    return np.asarray(
+        (in_rows[..., :, None] & in_cols[..., None, :]).any(axis=1)
+    )  # numpy types any() as maybe a scalar
 
 
 def group_hidden(rng: np.random.Generator, batch_size: int, group: BlockGroup) -> tuple[np.ndarray, int]:

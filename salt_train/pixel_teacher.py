@@ -76,6 +76,7 @@ def pixel_targets(
     tubelet normalised to zero mean and unit unbiased std over its 512 values (VideoMAE's norm_pix_loss);
     ``norm_pix`` False: normalised with the per-value ImageNet ``mean`` and ``std`` instead."""
     if not norm_pix:
+        assert mean is not None and std is not None  # the ImageNet statistics come with norm_pix False
         return geometry.normalise_pixels(uint8_tubelets, mean, std)
     batch, tokens = uint8_tubelets.shape[:2]
     x = uint8_tubelets.float().div(255.0).reshape(batch, tokens, 3, -1)
@@ -86,6 +87,11 @@ def pixel_targets(
 
 class PixelTeacher(nn.Module):
     """The VideoMAE encoder and its pixel decoder; checkpoints hold both, the export the encoder only."""
+
+    # Buffers (register_buffer below), declared for the type checker.
+    positions: Tensor
+    tubelet_mean: Tensor
+    tubelet_std: Tensor
 
     def __init__(
         self, encoder: VideoMAEModel, decoder_width: int, decoder_depth: int, decoder_heads: int, groups: int

@@ -49,6 +49,8 @@ def sincos_positions_3d(width: int) -> Tensor:
 class Predictor(nn.Module):
     """Encoder outputs at ``visible`` plus mask tokens at ``masked`` -> predictions at ``masked``."""
 
+    pos_embed: Tensor  # a buffer (register_buffer below), declared for the type checker
+
     def __init__(self, encoder_width: int, width: int, depth: int, heads: int, out_width: int, groups: int = 1) -> None:
         super().__init__()
         if width % heads:
@@ -63,7 +65,9 @@ class Predictor(nn.Module):
         self.register_buffer("pos_embed", sincos_positions_3d(width), persistent=False)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # timm ViT's and V-JEPA's
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
+            # timm types norm_layer type[Module] but only calls it; its own ViT passes such a partial.
+            Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer)  # type: ignore[arg-type]
+            for _ in range(depth)
         )
         self.norm = norm_layer(width)
         self.head = nn.Linear(width, out_width)

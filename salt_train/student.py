@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -112,6 +113,10 @@ class PatchEmbed3d(nn.Module):
     and throw three quarters away).
     """
 
+    # Buffers (register_buffer below), declared for the type checker.
+    tubelet_mean: Tensor
+    tubelet_std: Tensor
+
     def __init__(self, width: int, bias: bool = True, norm: nn.Module | None = None) -> None:
         super().__init__()
         kernel = (geometry.TUBELET_SIZE, geometry.PATCH_SIZE, geometry.PATCH_SIZE)
@@ -131,6 +136,7 @@ class PatchEmbed3d(nn.Module):
         frames = geometry.TUBELET_SIZE
         self.proj.weight.copy_(proj2d.weight.unsqueeze(2).repeat(1, 1, frames, 1, 1) / frames)
         if self.proj.bias is not None:
+            assert proj2d.bias is not None  # built with a bias exactly when the 2D one has one
             self.proj.bias.copy_(proj2d.bias)
 
     def normalise(self, uint8_tubelets: Tensor) -> Tensor:
@@ -155,7 +161,8 @@ class VideoViT(nn.Module):
     per slot, so the pretrained spatial layout is intact at step 0.
     """
 
-    def __init__(self, vit: nn.Module, grad_checkpointing: bool = False) -> None:
+    # ``vit``: a timm ViT of any class (their attributes differ by class, so typed Any).
+    def __init__(self, vit: Any, grad_checkpointing: bool = False) -> None:
         super().__init__()
         self.width = int(vit.embed_dim)
         proj2d: nn.Conv2d = vit.patch_embed.proj
@@ -173,7 +180,7 @@ class VideoViT(nn.Module):
         self.grad_checkpointing = grad_checkpointing
 
     @staticmethod
-    def _spatial_positions(vit: nn.Module) -> Tensor:
+    def _spatial_positions(vit: Any) -> Tensor:
         """timm's 196 patch positions, without those of class/register tokens."""
         pos = vit.pos_embed.detach()
         prefix = int(getattr(vit, "num_prefix_tokens", 0))

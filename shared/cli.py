@@ -5,32 +5,36 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from enum import Enum
-from typing import Any, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import click
 import typer
 
-from shared.config import DeviceName
+from shared.config import DeviceName, SnapshotMode, TeacherAttention, TeacherCompileMode
 from shared.console import rank_tag
 from shared.errors import EXIT_USAGE, SaltUsageError, one_line
 
+_Error = TypeVar("_Error", bound=BaseException)
 
-def _click_flavours(name: str) -> tuple[type[BaseException], ...]:
-    """The class from click and from the copy of click that newer typer releases vendor."""
-    classes = [getattr(click.exceptions, name), getattr(typer, name, None)]
+
+def _click_flavours(click_class: type[_Error]) -> tuple[type[_Error], ...]:
+    """The class from click and from the copy of click that newer typer releases vendor (typed as click's:
+    a copy of the same code, so the same attributes)."""
+    name = click_class.__name__
+    classes = [click_class, getattr(typer, name, None)]
     try:
         from typer._click import exceptions as vendored  # newer typer releases ship their own click
 
         classes.append(getattr(vendored, name, None))
     except ImportError:
         pass
-    return tuple({c for c in classes if isinstance(c, type)})
+    return cast("tuple[type[_Error], ...]", tuple({c for c in classes if isinstance(c, type)}))
 
 
-_USAGE_ERRORS = _click_flavours("UsageError")
-_CLICK_ERRORS = _click_flavours("ClickException")
-_EXITS = _click_flavours("Exit")
-_ABORTS = _click_flavours("Abort")
+_USAGE_ERRORS = _click_flavours(click.exceptions.UsageError)
+_CLICK_ERRORS = _click_flavours(click.exceptions.ClickException)
+_EXITS = _click_flavours(click.exceptions.Exit)
+_INTERRUPTS: tuple[type[BaseException], ...] = (*_click_flavours(click.exceptions.Abort), KeyboardInterrupt)
 
 
 def choices(name: str, values: Any) -> Any:
@@ -39,7 +43,13 @@ def choices(name: str, values: Any) -> Any:
     return Enum(name, [(value.replace("-", "_"), value) for value in get_args(values)], type=str)
 
 
+# The flags' choices, each a config Literal's values. Made here, not in each command's module: mypy takes an
+# imported name of type Any (what choices returns) as a type, and a module's own such name as an invalid one.
 Device = choices("Device", DeviceName)  # what --device accepts
+TeacherCompile = choices("TeacherCompile", TeacherCompileMode)
+TeacherAttentionChoice = choices("TeacherAttentionChoice", TeacherAttention)
+SnapshotChoice = choices("SnapshotMode", SnapshotMode)
+EvalProtocol = choices("Protocol", Literal["fast", "vjepa"])  # salt-train eval's two protocols
 
 
 DEVICE_HELP = "auto (CUDA when available), cpu or cuda"
@@ -64,7 +74,7 @@ def run_app(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None)
         return EXIT_USAGE
     except _EXITS as err:
         return err.exit_code
-    except (*_ABORTS, KeyboardInterrupt):
+    except _INTERRUPTS:
         print(f"{prog_name}: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0

@@ -12,6 +12,7 @@ The defaults are the production recipe (``pipelines/ssv2.yaml``).
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -98,7 +99,8 @@ class BuildLoaderConfig(_LoaderSettings):
 
     # auto: salt_cache.loader.decode_workers (the cores this process may use, less two for the main thread
     # and the shard writers, shared by the node's ranks). A fixed 8 left half of a 16-core GPU box idle.
-    num_workers: Annotated[int, Field(ge=0, le=1024)] | Literal["auto"] = Field(
+    # A wider type than _LoaderSettings' int on purpose (nothing reads num_workers through the base class).
+    num_workers: Annotated[int, Field(ge=0, le=1024)] | Literal["auto"] = Field(  # type: ignore[assignment]
         "auto", description="decode processes per rank; 0 = in the main one; auto = the usable cores less 2"
     )
 
@@ -411,7 +413,7 @@ class PipelineConfig(_Section):
         return data
 
 
-def describe_validation_error(err: ValidationError, source: str, from_flags: set[str] = frozenset()) -> str:
+def describe_validation_error(err: ValidationError, source: str, from_flags: AbstractSet[str] = frozenset()) -> str:
     """All of a pydantic error's problems on one line: ``source: a.b: msg; c: msg``."""
     parts = []
     for problem in err.errors():

@@ -30,7 +30,7 @@ never averaged in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -177,7 +177,14 @@ class LatentStats:
         arrays = {key: np.asarray(record[key], dtype=np.float64) for key in ("mean", "std", "max_abs", "energy")}
         if any(len(a) != fields["width"] for a in arrays.values()):
             raise ValueError(f"statistics of {fields['width']} channels hold arrays of another length")
-        return cls(**fields, **arrays, skipped_rows=list(record.get("skipped_rows", [])))
+        return cls(
+            **fields,
+            mean=arrays["mean"],
+            std=arrays["std"],
+            max_abs=arrays["max_abs"],
+            energy=arrays["energy"],
+            skipped_rows=list(record.get("skipped_rows", [])),
+        )
 
 
 class ChannelAccumulator:
@@ -232,6 +239,7 @@ def iter_latent_rows(store: LatentStore, rows: np.ndarray) -> Iterator[tuple[int
     ``None`` for a row whose bytes do not match its stored checksum or cannot be read."""
     for start in range(0, len(rows), READ_BATCH):
         block = rows[start : start + READ_BATCH]
+        data: Iterable[np.ndarray | None]
         try:
             (data,) = read_rows(store, block, ("latents",), check=True)
         except Exception:  # a damaged row or shard file: read the rows one by one, to skip only the bad ones

@@ -99,7 +99,8 @@ def _worker_exit(signum: int, frame: object) -> None:
     object was made after the main process had its folder shares that one (the object carries it):
     while the main process lives, that folder is the main process's to remove at exit (removed under
     it, its exit printed a finaliser's traceback)."""
-    tempdir = multiprocessing.current_process()._config.get("tempdir")
+    # multiprocessing's private state (no public way to ask for a process's temp folder); not in typeshed.
+    tempdir = multiprocessing.current_process()._config.get("tempdir")  # type: ignore[attr-defined]
     main = _env_pid(MAIN_PID_ENV)
     if (
         isinstance(tempdir, str)
@@ -115,9 +116,9 @@ def _made_here(tempdir: str) -> bool:
     from multiprocessing import util
 
     return any(
-        getattr(finalizer, "_callback", None) is util._remove_temp_dir
+        getattr(finalizer, "_callback", None) is util._remove_temp_dir  # type: ignore[attr-defined]  # private
         and tempdir in (getattr(finalizer, "_args", None) or ())
-        for finalizer in list(util._finalizer_registry.values())
+        for finalizer in list(util._finalizer_registry.values())  # type: ignore[attr-defined]  # private
     )
 
 

@@ -17,16 +17,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import google_crc32c
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.metadata import ArrayV3Metadata
 
 from shared import geometry
 from shared.errors import SaltUsageError
@@ -80,7 +81,7 @@ def clip_ids_sha256(clip_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(clip_ids).encode()).hexdigest()
 
 
-def labels_sha256(labels: np.ndarray) -> str:
+def labels_sha256(labels: np.ndarray | Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(labels, dtype="<i4").tobytes()).hexdigest()
 
 
@@ -147,7 +148,8 @@ class LatentStore:
         self.path = path
         self.group = group
         self.arrays = arrays  # opened once: each group[name] re-reads the array's metadata
-        self.attrs: dict[str, Any] = dict(group.attrs.get(ATTRS_KEY, {}))
+        # open() checked that the SALT attributes are a mapping (zarr types them as any JSON value).
+        self.attrs: dict[str, Any] = dict(cast("dict[str, Any]", group.attrs.get(ATTRS_KEY, {})))
         self.shard_rows = int(self.attrs["shard_rows"])
         # Recorded only for several views per clip (create_store): a one-view store has no view arrays either.
         self.views_per_clip = int(self.attrs.get("views_per_clip", 1))
@@ -200,7 +202,8 @@ class LatentStore:
         with zarr.config.set({"array.write_empty_chunks": writable}):
             for name in names:
                 try:
-                    arrays[name] = group[name]
+                    # A folder of that name holding a group would fail every read: zarr types it Array | Group.
+                    arrays[name] = cast(zarr.Array, group[name])
                 except KeyError:
                     missing.append(name)
                 except Exception as exc:  # garbage in the array's zarr.json
@@ -270,11 +273,10 @@ class LatentStore:
                 )
             elif shape[:1] != (rows,):
                 problems.append(f"array {name} has {shape[0] if shape else 0} rows, status has {rows}")
-            if array.metadata.chunk_key_encoding.to_dict() != CHUNK_KEY_ENCODING:  # as shard_file() names files
-                problems.append(
-                    f"array {name} has chunk keys {array.metadata.chunk_key_encoding.to_dict()}, "
-                    f"not {CHUNK_KEY_ENCODING}"
-                )
+            metadata = array.metadata
+            keys = metadata.chunk_key_encoding.to_dict() if isinstance(metadata, ArrayV3Metadata) else "zarr v2's"
+            if keys != CHUNK_KEY_ENCODING:  # as shard_file() names files
+                problems.append(f"array {name} has chunk keys {keys}, not {CHUNK_KEY_ENCODING}")
         for name in self.data_arrays + ("status",):
             grid = rows_per_file(self.arrays[name])
             if grid != self.shard_rows:
@@ -373,7 +375,7 @@ class LatentStore:
 
         pixels_sums = sums(payload.pixels)
         latents_sums = None if self.pixels_only else sums(payload.latents)
-        values = {
+        values: dict[str, np.ndarray | None] = {
             "pixels": payload.pixels,
             "latents": payload.latents,
             "frame_index": payload.frame_index,
@@ -392,11 +394,13 @@ class LatentStore:
             for name in self.data_arrays:
                 self.shard_file(name, payload.index).unlink(missing_ok=True)
         for name in self.data_arrays:
+            value = values[name]
+            assert value is not None  # data_arrays names latents and crop_box only in stores that hold them
             writer = self._file_writers.get(name)
             if writer is not None:  # the big arrays: straight to the shard file (fsynced), in parallel threads
-                writer.write(self.shard_file(name, payload.index), values[name])
+                writer.write(self.shard_file(name, payload.index), value)
             else:
-                self.arrays[name][start:stop] = values[name]
+                self.arrays[name][start:stop] = value
         self._fsync_shard(payload.index, self.data_arrays)
         self.arrays["status"][start:stop] = payload.status.astype(np.uint8)
         self._fsync_shard(payload.index, ("status",))
@@ -467,7 +471,6 @@ def create_store(
             fill_value=0,
             dimension_names=("row", "frame", "height", "width", "channel"),
         )
-        small = {"chunks": (shard_rows,), "compressors": None}
         if teacher_width is not None:
             # fp16 latents compress ~1.06x (docs/DESIGN.md): stored raw, no codec CPU cost.
             group.create_array(
@@ -480,7 +483,9 @@ def create_store(
                 fill_value=0.0,
                 dimension_names=("row", "token", "channel"),
             )
-            group.create_array("latents_checksum", shape=(rows,), dtype="uint64", fill_value=0, **small)
+            group.create_array(
+                "latents_checksum", shape=(rows,), dtype="uint64", fill_value=0, chunks=(shard_rows,), compressors=None
+            )
         group.create_array(
             "frame_index",
             shape=(rows, geometry.NUM_FRAMES),
@@ -489,18 +494,29 @@ def create_store(
             fill_value=-1,
             compressors=None,
         )
-        group.create_array("status", shape=(rows,), dtype="uint8", fill_value=int(RowStatus.PENDING), **small)
-        group.create_array("pixels_checksum", shape=(rows,), dtype="uint64", fill_value=0, **small)
-        group.create_array("error", shape=(rows,), dtype=str, fill_value="", chunks=(shard_rows,))
-        group.create_array("clip_id", shape=(rows,), dtype=str, fill_value="", chunks=(max(shard_rows, 4096),))
         group.create_array(
+            "status",
+            shape=(rows,),
+            dtype="uint8",
+            fill_value=int(RowStatus.PENDING),
+            chunks=(shard_rows,),
+            compressors=None,
+        )
+        group.create_array(
+            "pixels_checksum", shape=(rows,), dtype="uint64", fill_value=0, chunks=(shard_rows,), compressors=None
+        )
+        group.create_array("error", shape=(rows,), dtype=str, fill_value="", chunks=(shard_rows,))
+        clip_id = group.create_array(
+            "clip_id", shape=(rows,), dtype=str, fill_value="", chunks=(max(shard_rows, 4096),)
+        )
+        label = group.create_array(
             "label", shape=(rows,), dtype="int32", fill_value=-1, chunks=(max(shard_rows, 4096),), compressors=None
         )
-        group["clip_id"][:] = np.array(clip_ids, dtype=str)
-        group["label"][:] = np.asarray(labels, dtype=np.int32)
+        clip_id[:] = np.array(clip_ids, dtype=str)
+        label[:] = np.asarray(labels, dtype=np.int32)
         view_attrs: dict[str, Any] = {}
         if views_per_clip > 1:
-            group.create_array(
+            view_index = group.create_array(
                 "view_index",
                 shape=(rows,),
                 dtype="int32",
@@ -508,7 +524,7 @@ def create_store(
                 chunks=(max(shard_rows, 4096),),
                 compressors=None,
             )
-            group["view_index"][:] = np.arange(rows, dtype=np.int32) % views_per_clip
+            view_index[:] = np.arange(rows, dtype=np.int32) % views_per_clip
             group.create_array(
                 "crop_box",
                 shape=(rows, len(CROP_BOX_FIELDS)),
@@ -519,31 +535,28 @@ def create_store(
                 dimension_names=("row", "field"),
             )
             view_attrs = {"views_per_clip": views_per_clip, "crop_box_fields": list(CROP_BOX_FIELDS)}
-        group.attrs.update(
-            {
-                ATTRS_KEY: {
-                    "format": STORE_FORMAT,
-                    "schema_version": SCHEMA_VERSION,
-                    "shard_rows": shard_rows,
-                    "geometry": geometry.as_dict(),
-                    "latent_dtype": "float16",
-                    "checksums": {
-                        "algorithm": CHECKSUM_ALGORITHM,
-                        "arrays": {
-                            name: sums
-                            for name, sums in CHECKSUM_ARRAYS.items()
-                            if teacher_width is not None or name not in LATENT_ARRAYS
-                        },
-                    },
-                    **({"pixels_only": True} if teacher_width is None else {}),
-                    "row_status": {s.name.lower(): int(s) for s in RowStatus},
-                    "source_rows": {
-                        "clip_id_sha256": clip_ids_sha256(list(clip_ids)),
-                        "label_sha256": labels_sha256(labels),
-                    },
-                    **view_attrs,
-                    **attrs,
-                }
-            }
-        )
+        salt_attrs: dict[str, Any] = {
+            "format": STORE_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "shard_rows": shard_rows,
+            "geometry": geometry.as_dict(),
+            "latent_dtype": "float16",
+            "checksums": {
+                "algorithm": CHECKSUM_ALGORITHM,
+                "arrays": {
+                    name: sums
+                    for name, sums in CHECKSUM_ARRAYS.items()
+                    if teacher_width is not None or name not in LATENT_ARRAYS
+                },
+            },
+            **({"pixels_only": True} if teacher_width is None else {}),
+            "row_status": {s.name.lower(): int(s) for s in RowStatus},
+            "source_rows": {
+                "clip_id_sha256": clip_ids_sha256(list(clip_ids)),
+                "label_sha256": labels_sha256(labels),
+            },
+            **view_attrs,
+            **attrs,
+        }
+        group.attrs.update({ATTRS_KEY: salt_attrs})
     return LatentStore.open(path, writable=True)

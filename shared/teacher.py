@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import PretrainedConfig, VideoMAEConfig, VideoMAEModel
@@ -174,14 +175,16 @@ def _load_pretrained(name: str, local: Path) -> VideoMAEModel:
             )
         # A pretraining checkpoint keeps its encoder's final norm (as ``videomae.layernorm``, which
         # VideoMAEModel loads as ``layernorm``): build the model with it, so that it must load.
-        overrides = {"use_mean_pooling": False} if is_pretrain_style(config) else {}
-        model, info = VideoMAEModel.from_pretrained(
+        overrides: dict[str, Any] = {"use_mean_pooling": False} if is_pretrain_style(config) else {}
+        loaded = VideoMAEModel.from_pretrained(
             str(local) if local.is_dir() else name,
             output_loading_info=True,
             attn_implementation="sdpa",
             dtype=torch.float32,
             **overrides,
         )
+        # output_loading_info=True returns (model, info); transformers' stubs know only the model.
+        model, info = cast("tuple[VideoMAEModel, dict[str, list[str]]]", loaded)
     except SaltUsageError:
         raise
     except Exception as exc:  # transformers raises many types for a bad or absent checkpoint
@@ -349,7 +352,7 @@ def load_teacher(
     refuse_nonfinite_weights(model.state_dict().items(), f"teacher {name}")
     model.requires_grad_(False).eval()
     fingerprint = weights_hash(model)
-    model.to(torch_device)
+    model.to(torch_device)  # type: ignore[arg-type]  # transformers' decorated .to() loses its self type
     return Teacher(
         model,
         name,
