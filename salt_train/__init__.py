@@ -2,7 +2,7 @@
 
 The public surface (``__all__``; modules, imported on use so that a command starts fast):
 
-- ``cli``: the ``salt-train`` command (``run``, ``teacher``, ``eval``, ``import-encoder``, ``preflight``, ``bench``, ...);
+- ``cli``: the ``salt-train`` command (``run``, ``teacher``, ``eval``, ``import-encoder``, ``preflight``, ...);
 - ``train``: the training loop (``salt-train run``; ``salt-train teacher`` runs the same loop on ``pixel_teacher``);
 - ``model``: the student (``build_salt_student``: a timm ViT encoder and the predictor); ``export``: ``load_encoder``;
 - ``eval``: ``salt-train eval``, the evaluation wing (its own ``__init__`` lists its modules).
