@@ -38,7 +38,7 @@ def drop_nonfinite(errors: list[str], finite: np.ndarray | None) -> list[str]:
 
 class BufferPool:
     """Shard buffers reused from shard to shard. A new 100 MB buffer per shard at D=1280 pays
-    its first-touch page faults every time (about 16 ms per clip on the developer box)."""
+    its first-touch page faults every time (the cost: EXPERIMENTS.md, issue 21)."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}

@@ -1,13 +1,12 @@
 """Fast reads of whole rows of the big sharded arrays (``latents`` raw, ``pixels`` zstd), beside zarr.
 
-Zarr's own path moves a 4 MB raw latent row at ~0.7 GB/s on the developer box;
-reading the same bytes with ``preadv`` straight into the caller's buffer moves
-~2.8 GB/s (3.7x, EXPERIMENTS.md), and the training loader needs ~5 GB/s at the
-GPU budget. We read a shard file's index (:mod:`shared.shard_format`) only when the
+Zarr's own path reads a raw latent row several times slower than ``preadv`` straight
+into the caller's buffer (EXPERIMENTS.md, issue 11), and the training loader needs
+~5 GB/s at the GPU budget (docs/DESIGN.md). We read a shard file's index (:mod:`shared.shard_format`) only when the
 array's metadata is exactly the layout :func:`shared.store.create_store` writes; any
 other layout returns ``None`` from :func:`open_raw_rows` and the caller uses zarr.
-Zstd rows are decompressed straight into the caller's buffer (zarr's path costs
-about 20 ms more per batch of 8 pixel rows, on its one event-loop thread).
+Zstd rows are decompressed straight into the caller's buffer (zarr's path decodes them
+on its one event-loop thread).
 """
 
 from __future__ import annotations

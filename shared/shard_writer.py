@@ -2,7 +2,7 @@
 
 Zarr's write path runs its codecs and shard assembly on one event-loop thread shared by
 every caller, so several build writer threads still committed shards at one core's pace
-(about 35 clips/s at D=1280 on the developer box, EXPERIMENTS.md). A shard written whole is
+(the figures: EXPERIMENTS.md, issue 11). A shard written whole is
 simple to lay out ourselves, as the Zarr v3 sharding spec says (:mod:`shared.shard_format`,
 the mirror of ``shared.shard_reader``): every inner chunk (one row) encoded with the array's own
 codecs (raw little-endian bytes, or the same numcodecs zstd frame zarr would write), then the index.
