@@ -252,6 +252,17 @@ def evaluate(
         overrides["eval.val_rows"] = val_rows
     # The recipe (a run folder's own, else --pipeline) and these overrides are checked once, by the protocol's
     # subject_config (salt_train/eval/command.py), with the recipe's messages.
+    request = EvalRequest(
+        target=target,
+        val_cache=val_cache,
+        train_cache=train_cache,
+        checkpoint=checkpoint,
+        teacher=teacher,
+        pipeline=pipeline,
+        overrides=overrides,
+        device=device.value if device else None,
+        out=out,
+    )
     if protocol.value == "vjepa":
         from salt_train.eval.vjepa.command import run_vjepa
 
@@ -262,32 +273,9 @@ def evaluate(
             )
 
         parent_death.install()  # its decoding workers die with this process
-        run_vjepa(
-            EvalRequest(
-                target=target,
-                val_cache=val_cache,
-                train_cache=train_cache,
-                checkpoint=checkpoint,
-                pipeline=pipeline,
-                overrides=overrides,
-                device=device.value if device else None,
-                out=out,
-            )
-        )
+        run_vjepa(request)
         return EXIT_OK
-    run_eval(
-        EvalRequest(
-            target=target,
-            val_cache=val_cache,
-            train_cache=train_cache,
-            checkpoint=checkpoint,
-            teacher=teacher,
-            pipeline=pipeline,
-            overrides=overrides,
-            device=device.value if device else None,
-            out=out,
-        )
-    )
+    run_eval(request)
     return EXIT_OK
 
 
