@@ -198,6 +198,12 @@ class MaskConfig(_Section):
     )
 
 
+def _heads_divide(section: BaseModel, width: str, heads: str) -> None:
+    """Attention needs whole heads: ``width`` a multiple of ``heads`` (both fields of ``section``)."""
+    if getattr(section, width) % getattr(section, heads):
+        raise ValueError(f"{width} {getattr(section, width)} is not divisible by {heads} {getattr(section, heads)}")
+
+
 class ModelConfig(_Section):
     """The student and its predictor."""
 
@@ -223,10 +229,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
-        if self.predictor_width % self.predictor_heads:
-            raise ValueError(
-                f"predictor_width {self.predictor_width} is not divisible by predictor_heads {self.predictor_heads}"
-            )
+        _heads_divide(self, "predictor_width", "predictor_heads")
         return self
 
 
@@ -263,10 +266,7 @@ class TeacherTrainConfig(ScheduleConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> TeacherTrainConfig:
-        if self.decoder_width % self.decoder_heads:
-            raise ValueError(
-                f"decoder_width {self.decoder_width} is not divisible by decoder_heads {self.decoder_heads}"
-            )
+        _heads_divide(self, "decoder_width", "decoder_heads")
         return self
 
 
