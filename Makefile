@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# ruff first: a lint failure stops before minutes of tests.
+# ruff and mypy first: a format, lint or type error stops before minutes of tests.
 test: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # Synthetic SSv2-layout clips -> a pixels-only train store -> SALT's stage 1: a tiny teacher trained on

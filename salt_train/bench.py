@@ -163,6 +163,7 @@ def step_rate(stepper: Stepper, batches, count: int, warmup: int = 2) -> float:
             break
     if stepper.device.type == "cuda":
         torch.cuda.synchronize()
+    assert started is not None  # the batches outlast the warmup
     return clips / (time.perf_counter() - started)
 
 
@@ -248,8 +249,9 @@ def repeat(batch: dict):
 
 def run_bench(
     cache: Path, config: PipelineConfig, batches: int = 20, dist: Dist = Dist(), profile: Path | None = None
-) -> tuple[dict[str, str], dict[str, float]]:
-    """Printed figures, and the same as numbers (``salt-train scaling`` compares them across K).
+) -> tuple[dict[str, str], dict[str, float | dict | None]]:
+    """Printed figures, and the same as numbers (``salt-train scaling`` compares them across K; None: no
+    bf16 peak known for this device; ``profile``: the profile summary, with ``--profile``).
 
     Under torchrun every rank runs its loader and its DDP step at the same time on its slice of
     the global batch: loader clips/s are summed over ranks, step clips/s count the global batch."""
@@ -260,7 +262,9 @@ def run_bench(
     files = shard_files(store)
     if dist.is_main:
         raw_read(files)  # warm the page cache
-    raw_bytes, raw_seconds = dist.broadcast(raw_read(files) if dist.is_main else None)
+    raw = dist.broadcast(raw_read(files) if dist.is_main else None)
+    assert raw is not None  # rank 0's read, on every rank
+    raw_bytes, raw_seconds = raw
     rows_on_disk = max(1, store.rows)
     bytes_per_clip = raw_bytes / rows_on_disk
     dist.barrier()  # the loaders start together; the job's rate is all clips over the union of the windows
@@ -310,7 +314,7 @@ def run_bench(
         figures["profile"] = f"{trace} (chrome://tracing or https://ui.perfetto.dev)"
     peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     per_gpu_peak = peak[1] * dist.world_size if peak is not None else None
-    numbers = {
+    numbers: dict[str, float | dict | None] = {
         "processes": dist.world_size,
         "threads": torch.get_num_threads(),
         "batch": spec.batch_size,

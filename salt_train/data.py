@@ -212,7 +212,7 @@ class BufferRing:
             raise ValueError(f"a buffer ring needs at least 3 slots per worker, got {slots}")
         self.state = torch.zeros(workers, slots, dtype=torch.int32).share_memory_()
         self.slots = slots
-        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # this worker's, made on first use
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # this worker's, made on first use
         self._next = 0
         self._parent = 0
 
@@ -243,7 +243,10 @@ class BufferRing:
             time.sleep(0.0005)
         self.state[worker, slot] = 1
         pixels, latents = self._buffers[slot]
-        return slot, pixels[: pixels_shape[0]], latents[: latents_shape[0]] if latents is not None else None
+        if latents is not None:
+            assert latents_shape is not None  # a latents buffer is made only from its shape
+            latents = latents[: latents_shape[0]]
+        return slot, pixels[: pixels_shape[0]], latents
 
     def release(self, worker: int, slot: int) -> None:
         self.state[worker, slot] = 0
@@ -291,7 +294,7 @@ class StoreStream(IterableDataset):
             self._checksums = ChecksumCache(self._store)
         return self._store
 
-    def masks(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+    def masks(self, epoch: int, index: int) -> dict[str, tuple[torch.Tensor, ...]]:
         """This rank's slice of global batch ``(epoch, index)``'s masks (none without ``mask_kind``)."""
         spec = self.spec
         if spec.mask_kind is None:
@@ -329,6 +332,7 @@ class StoreStream(IterableDataset):
             masks = self.masks(epoch, index)
         except Exception as exc:  # a damaged chunk or file: reported, counted, skipped
             if slot is not None:
+                assert self.ring is not None  # a slot comes from the ring
                 self.ring.release(worker, slot)
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             return {"error": reason, "rows": torch.from_numpy(rows), "epoch": epoch, "index": index, "worker": worker}

@@ -138,6 +138,7 @@ class BatchFeed:
         """Wait for the copies in flight, unpin the ring buffers (before the workers unmap them), then end
         the workers, in bounded time whatever they are doing (salt_train/workers.py)."""
         if self.cuda:
+            assert self.stream is not None  # made with self.cuda
             self.stream.synchronize()
             for ptr in self.pinned:
                 torch.cuda.cudart().cudaHostUnregister(ptr)

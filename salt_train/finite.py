@@ -22,7 +22,8 @@ def guarded_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> t
     """``optimizer.step()`` unless ``grad_norm`` is non-finite; returns the device-side "applied" flag."""
     finite = torch.isfinite(grad_norm).detach()
     if optimizer.defaults.get("fused"):
-        optimizer.found_inf = (~finite).to(torch.float32)  # read by the fused kernel on the device
+        # read by the fused kernel on the device; an attribute torch's Optimizer does not declare
+        optimizer.found_inf = (~finite).to(torch.float32)  # type: ignore[attr-defined]
         optimizer.step()
     elif bool(finite):  # other AdamW implementations take no flag: a host read (CPU-only in practice)
         optimizer.step()

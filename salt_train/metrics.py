@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as torch_dist
@@ -29,6 +29,10 @@ from salt_train.run_folder import MetricsLog
 from salt_train.snapshot import Snapshot
 from salt_train.state import Position, TrainState
 from salt_train.step import StepResult, resolve_compile_mode
+
+if TYPE_CHECKING:
+    from salt_train.model import SaltStudent
+    from salt_train.pixel_teacher import PixelTeacher
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +147,7 @@ class Metrics:
         quick_eval: Evaluation | None,
         device: torch.device,
         dist: Dist,
-        skipped: SkippedSteps,
+        skipped: SkippedSteps[HealthWindow],
     ) -> None:
         """``skipped``: the run's skipped-step accounting, over the window whose flags it reads."""
         self.train, self.steps, self.quick_eval, self.device, self.dist = train, steps, quick_eval, device, dist
@@ -174,7 +178,8 @@ class Metrics:
         log.info(health_line(record))
 
     def should_evaluate(self, step: int) -> bool:
-        return bool(self.train.eval_every) and step % self.train.eval_every == 0
+        every = self.train.eval_every
+        return step % every == 0 if every else False
 
     def evaluate(self, model: torch.nn.Module, step: int) -> None:
         """Rank 0 runs the quick evaluation and records it in metrics.jsonl; the others wait."""
@@ -205,7 +210,7 @@ def print_diagnostics(
     store: LatentStore,
     spec: StreamSpec,
     steps: int,
-    model: torch.nn.Module,
+    model: SaltStudent | PixelTeacher,
     flops: dict[str, float],
     dist: Dist,
     task_lines: dict[str, str] | None = None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -37,12 +37,15 @@ class PendingFlags(Protocol):
     def skipped_steps(self, dist: Dist) -> list[tuple[int, list[int]]]: ...
 
 
-class SkippedSteps:
+Window = TypeVar("Window", bound=PendingFlags)
+
+
+class SkippedSteps(Generic[Window]):
     """Accounts for the steps skipped since the last call, from ``window``'s pending flags, in ``state``."""
 
     def __init__(
         self,
-        window: PendingFlags,
+        window: Window,
         state: TrainState,
         limit: int,
         store: LatentStore,
@@ -129,7 +132,7 @@ class LiveStoreWatch:
 class Checkpoints:
     """A run's checkpoints with the checks around them; every rank calls :meth:`save`."""
 
-    def __init__(self, checkpointer: Checkpointer, skipped: SkippedSteps, live_store: LiveStoreWatch) -> None:
+    def __init__(self, checkpointer: Checkpointer, skipped: SkippedSteps[Any], live_store: LiveStoreWatch) -> None:
         self.checkpointer, self.skipped, self.live_store = checkpointer, skipped, live_store
 
     def save(self, last_step: bool = False) -> Path | None:

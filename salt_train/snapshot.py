@@ -438,6 +438,7 @@ def take_snapshot(store: Path, name: str, mode: str = "auto", owner: Path | None
         if mode == "none":
             log.info("--snapshot none: reading the live store %s; its manifest is recorded", store)
             return _live(store, name)
+        root: Path | None  # None: "auto" could not make it
         root = snapshot_root(store)
         try:
             root.mkdir(exist_ok=True)
@@ -450,6 +451,7 @@ def take_snapshot(store: Path, name: str, mode: str = "auto", owner: Path | None
             probe = store / "zarr.json"
             clones = root is not None and _clone_works(root, probe if probe.is_file() else None)
             if mode == "reflink" and not clones:
+                assert root is not None  # only "auto" goes on without its folder
                 raise _reflink_refusal(store, root)
             if mode == "auto" and clones:
                 mode = "reflink"
@@ -466,6 +468,7 @@ def take_snapshot(store: Path, name: str, mode: str = "auto", owner: Path | None
                     snapshot_root(store),
                 )
                 return _live(store, name)
+        assert root is not None  # "auto" without its folder read the live store above
         return _materialize(store, root, name, mode, owner)
 
 

@@ -10,6 +10,7 @@ MSE (or L1), under bf16 autocast on CUDA (fp32 on CPU); then backward, clip, Ada
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from salt_train.model import SaltStudent, build_salt_student, mask_groups
 from salt_train.optim import build_optimizer
 from salt_train.schedule import lr_at, set_lr
 from salt_train.target_norm import LAYER_NORM, TargetNorm
+
+if TYPE_CHECKING:
+    from salt_train.pixel_teacher import PixelTeacher
 
 
 def resolve_compile_mode(requested: str, device: torch.device) -> str:
@@ -59,7 +63,7 @@ class Stepper:
 
     def __init__(
         self,
-        student: SaltStudent,
+        student: SaltStudent | PixelTeacher,
         train: TrainConfig,
         model: ModelConfig,
         device: torch.device,
@@ -76,12 +80,13 @@ class Stepper:
         self.train = train
         self.device = device
         self.total_steps = total_steps
-        self.model: SaltStudent = student.to(device)
+        self.model: SaltStudent | PixelTeacher = student.to(device)
         self.optimizer = build_optimizer(self.model, lr=train.lr, weight_decay=train.weight_decay, device=device)
         self.compile_mode = resolve_compile_mode(model.compile_mode, device)
-        self.objective = (
-            objective if objective is not None else SaltObjective(self.model, model.loss, target_norm)
-        ).to(device)
+        if objective is None:
+            assert isinstance(self.model, SaltStudent)  # the default objective is SALT's, over a student
+            objective = SaltObjective(self.model, model.loss, target_norm)
+        self.objective = objective.to(device)
         trained: torch.nn.Module = self.objective
         if dist.enabled:
             trained = DistributedDataParallel(

@@ -98,10 +98,10 @@ def training_target_norm(
     recomputes them), else measured on the snapshot and recorded there. With ``layer``, a small sample
     of rows, for the block only."""
     if kind == "layer":
-        stats = compute_stats(store, rows=SUMMARY_ROWS, seed=seed)
-        print_block("target statistics (model.target_norm: layer)", stats.summary())
-        if stats.warns:
-            log.warning(stats.warning())
+        sample = compute_stats(store, rows=SUMMARY_ROWS, seed=seed)
+        print_block("target statistics (model.target_norm: layer)", sample.summary())
+        if sample.warns:
+            log.warning(sample.warning())
         return LAYER_NORM
     stats, source = recorded, f"read back from {run_dir / run_folder.TARGET_STATS}"
     if stats is None:

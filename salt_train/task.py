@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -19,7 +20,10 @@ from shared.errors import SaltUsageError
 from shared.store import LatentStore
 
 from salt_train.masks import describe_masks, mask_layout
-from salt_train.model import mask_groups, student_flops_per_clip
+from salt_train.model import SaltStudent, mask_groups, student_flops_per_clip
+
+if TYPE_CHECKING:
+    from salt_train.pixel_teacher import PixelTeacher
 
 TASKS = ("student", "teacher")
 
@@ -62,7 +66,7 @@ class Task:
         """The latents each batch carries (0: none)."""
         return store.teacher_width if self.name == "student" else 0
 
-    def build_model(self, config: PipelineConfig, latent_width: int) -> nn.Module:
+    def build_model(self, config: PipelineConfig, latent_width: int) -> SaltStudent | PixelTeacher:
         """The model at its seeded initialisation (``train.seed``)."""
         import torch
 
@@ -77,11 +81,14 @@ class Task:
         except ValueError as exc:
             raise SaltUsageError(str(exc)) from None
 
-    def objective(self, model: nn.Module, config: PipelineConfig) -> nn.Module | None:
+    def objective(self, model: SaltStudent | PixelTeacher, config: PipelineConfig) -> nn.Module | None:
         """The loss module over ``model``; None: the Stepper's default (SALT's, over the student)."""
-        from salt_train.pixel_teacher import PixelObjective
+        from salt_train.pixel_teacher import PixelObjective, PixelTeacher
 
-        return None if self.name == "student" else PixelObjective(model, config.teacher_train.norm_pix_loss)
+        if self.name == "student":
+            return None
+        assert isinstance(model, PixelTeacher)  # what build_model gave this task
+        return PixelObjective(model, config.teacher_train.norm_pix_loss)
 
     def flops(self, config: PipelineConfig, latent_width: int) -> dict[str, float]:
         from salt_train.pixel_teacher import teacher_flops_per_clip
@@ -93,8 +100,11 @@ class Task:
 
     def describe(self, config: PipelineConfig, model: nn.Module) -> dict[str, str]:
         """Lines of the start block that differ from the student's (none for the student)."""
+        from salt_train.pixel_teacher import PixelTeacher
+
         if self.name == "student":
             return {}
+        assert isinstance(model, PixelTeacher)  # what build_model gave this task
         encoder = sum(p.numel() for p in model.encoder.parameters())
         decoder = sum(p.numel() for p in model.decoder.parameters())
         shape = config.teacher_train
@@ -116,10 +126,12 @@ class Task:
         """What a finished run leaves for the next stage: the student's encoder (timm), or the teacher's
         ``save_pretrained`` folder (``salt-cache build --teacher OUT_DIR``)."""
         from salt_train.export import export_encoder
-        from salt_train.pixel_teacher import export_teacher
+        from salt_train.pixel_teacher import PixelTeacher, export_teacher
 
         if self.name == "student":
+            assert isinstance(model, SaltStudent)  # what build_model gave this task
             return export_encoder(model.encoder, config.model.student, dict(config.model.student_kwargs), out_dir)
+        assert isinstance(model, PixelTeacher)
         return export_teacher(model, out_dir)
 
 

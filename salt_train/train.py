@@ -22,7 +22,7 @@ import signal
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -53,6 +53,9 @@ from salt_train.step import Stepper
 from salt_train.target_norm import LAYER_NORM, recorded_stats, training_target_norm
 from salt_train.task import STUDENT, TASKS, Task
 from salt_train.workers import interrupt_wait
+
+if TYPE_CHECKING:
+    from salt_train.pixel_teacher import PixelTeacher
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +266,7 @@ def _train(
     config: PipelineConfig,
     run_dir: Path,
     snapshot: Snapshot,
-    student: SaltStudent,
+    student: SaltStudent | PixelTeacher,
     resume: bool,
     device: torch.device,
     dist: Dist,
@@ -414,6 +417,7 @@ def _finish(
         )
     if batches.interrupted:
         if main:
+            assert final is not None  # Checkpointer.save gives rank 0 its path
             log.warning(
                 "stopped at step %d of %d; checkpoint %s; %s (any number of ranks)",
                 state.step,
@@ -424,6 +428,7 @@ def _finish(
         return report
     replicas = check_replicas(checkpointer.model, dist, state.step)
     if main:
+        assert final is not None  # Checkpointer.save gives rank 0 its path
         report.export = _export(checkpointer, config, final, resume_hint, task)
         live_store.check(state.step)
         summary = {

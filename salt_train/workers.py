@@ -84,7 +84,7 @@ def waiting_for_batch(stall_timeout_s: float | None) -> Iterator[None]:
             timed = True
         except ValueError:  # not the main thread (tests calling in-process from a thread): no timer
             pass
-    if timed:
+    if timed and stall_timeout_s:  # timed only with a timeout
         signal.setitimer(signal.ITIMER_REAL, stall_timeout_s)
     _waiting = True
     try:

@@ -496,7 +496,7 @@ def _classification(
     train_ids, val_ids = np.flatnonzero(train_ok), np.flatnonzero(val_ok)
     train_y, val_y = train_set.labels[train_ids], val_set.labels[val_ids]
     val_rows = val_set.rows[val_ids]
-    sources = {
+    sources: dict[str, tuple[Features | None, Features | None, int]] = {
         name: (train_features[name], val_features[name], models[name].heads) for name in (PIXELS, RANDOM, STUDENT)
     }
     sources[TEACHER] = (train_latents, val_latents, int(train_store.attrs.get("teacher", {}).get("heads", 16)))

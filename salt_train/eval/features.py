@@ -23,7 +23,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from salt_train.data import normalised_pixels
 from salt_train.eval.temporal import Variant
 from salt_train.student import VideoViT
 from salt_train.target_norm import LAYER_NORM, TargetNorm
+
+if TYPE_CHECKING:
+    from shared.teacher import Teacher
 
 
 class FeatureModel(Protocol):
@@ -82,7 +85,7 @@ class TeacherFeatures:
     """The frozen teacher run on (transformed) views, its latents normed like the training targets."""
 
     name: str
-    teacher: object  # shared.teacher.Teacher (imported lazily: transformers is slow to import)
+    teacher: Teacher  # imported for the type checker only: transformers is slow to import
     target_norm: TargetNorm = LAYER_NORM
 
     def __post_init__(self) -> None:
@@ -104,6 +107,7 @@ class TokenBank:
         self.nbytes = int(np.prod(shape)) * 2
         self.on_disk = self.nbytes > memory_bytes
         self.path: Path | None = None
+        self.data: zarr.Array | np.ndarray
         if self.on_disk:
             self.path = spill_dir / f"{name}.zarr"
             shutil.rmtree(self.path, ignore_errors=True)
@@ -123,7 +127,7 @@ class TokenBank:
 
     def read(self, ids: np.ndarray, device: torch.device) -> torch.Tensor:
         """Rows ``ids`` (sorted) as float32 on ``device``."""
-        block = self.data[ids] if not self.on_disk else self.data.get_orthogonal_selection((ids,))
+        block = self.data[ids] if isinstance(self.data, np.ndarray) else self.data.get_orthogonal_selection((ids,))
         return torch.from_numpy(np.ascontiguousarray(block)).to(device).float()
 
     def release(self) -> None:
@@ -209,11 +213,12 @@ def extract(
     bar = progress(total=count, description=f"features ({label})", unit="clip")
     names = ("pixels", "latents") if with_latents else ("pixels",)
     starts = list(range(0, count, batch_size))
-    device = next((m.device for m in models.values() if getattr(m, "device", None) is not None), torch.device("cpu"))
+    device = next((d for m in models.values() if (d := getattr(m, "device", None)) is not None), torch.device("cpu"))
     with ThreadPoolExecutor(max_workers=1) as reading:  # the next batch is read while this one runs
         pending = reading.submit(read_rows, store, rows[:batch_size], names) if starts else None
         for n, start in enumerate(starts):
             ids = rows[start : start + batch_size]
+            assert pending is not None  # submitted before the loop and at the end of each step
             arrays = pending.result()
             if n + 1 < len(starts):
                 pending = reading.submit(read_rows, store, rows[starts[n + 1] : starts[n + 1] + batch_size], names)

@@ -47,8 +47,15 @@ class RowSums:
 
     @classmethod
     def zeros(cls, rows: int, groups: int, width: int) -> RowSums:
+        per_group, per_channel = (rows, groups), (rows, width)
         return cls(
-            *(np.zeros((rows, groups)) for _ in range(3)), *(np.zeros((rows, width)) for _ in range(3)), np.zeros(rows)
+            np.zeros(per_group),
+            np.zeros(per_group),
+            np.zeros(per_group),
+            np.zeros(per_channel),
+            np.zeros(per_channel),
+            np.zeros(per_channel),
+            np.zeros(rows),
         )
 
     def add(self, at: slice, group: int, error: torch.Tensor, targets: torch.Tensor) -> None:
@@ -132,9 +139,9 @@ def heldout_sums(
     for k, start in enumerate(range(0, len(rows), batch_size)):
         ids = rows[start : start + batch_size]
         at = slice(start, start + len(ids))
-        views, latents = read_rows(store, ids, ("pixels", "latents"))
+        read_views, read_latents = read_rows(store, ids, ("pixels", "latents"))
         masks = make_masks(mask.kind, mask.ratio, len(ids), seed, k).to(device)
-        views, latents = torch.from_numpy(views).to(device), torch.from_numpy(latents).to(device)
+        views, latents = torch.from_numpy(read_views).to(device), torch.from_numpy(read_latents).to(device)
         for name, objective in objectives.items():
             if objective is None:
                 continue

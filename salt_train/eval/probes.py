@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -148,7 +149,10 @@ def score_classifier(
     )
 
 
-def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def _seeded(seed: int, build: Callable[[], ModuleT]) -> ModuleT:
     """A module whose initial weights depend on ``seed`` alone, leaving the global generator as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -60,11 +60,14 @@ class AugmentSettings:
         )
 
 
-def make_randaugment(policy: str) -> object:
+def make_randaugment(policy: str) -> Callable[[Image.Image], Image.Image]:
     """timm's RandAugment for ``policy`` as V-JEPA builds it; a bad policy string is one line."""
     from timm.data.auto_augment import rand_augment_transform
 
-    hparams = {"translate_const": int(geometry.IMAGE_SIZE * TRANSLATE_SHARE), "interpolation": Image.BICUBIC}
+    hparams = {
+        "translate_const": int(geometry.IMAGE_SIZE * TRANSLATE_SHARE),
+        "interpolation": int(Image.Resampling.BICUBIC),
+    }
     try:
         return rand_augment_transform(policy, hparams)
     except (AssertionError, ValueError, KeyError, IndexError) as exc:
@@ -84,7 +87,9 @@ def _global_generators_kept() -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
-def same_draw_for_every_frame(transform: object, frames: np.ndarray, seed: int) -> np.ndarray:
+def same_draw_for_every_frame(
+    transform: Callable[[Image.Image], Image.Image], frames: np.ndarray, seed: int
+) -> np.ndarray:
     """uint8 ``[T, H, W, 3]`` through ``transform`` (PIL in, PIL out), the same random draw for each frame."""
     out = []
     with _global_generators_kept():

@@ -193,11 +193,11 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
             if last:
                 optimizer_step(model, optimizer, schedule, step, settings.grad_clip)
                 step += 1
-            ok = keep.bool()
+            kept = keep.bool()
             loss_sum += float(losses.sum())
-            right += int((logits_seen[0].detach().argmax(1) == labels)[ok].sum())
-            seen += int(ok.sum())
-            failed += len(labels) - int(ok.sum())
+            right += int((logits_seen[0].detach().argmax(1) == labels)[kept].sum())
+            seen += int(kept.sum())
+            failed += len(labels) - int(kept.sum())
             failures += [
                 f"{train.clips[v].clip_id}: {e}" for v, e in zip(batch["videos"], batch["errors"], strict=True) if e
             ]
@@ -232,13 +232,13 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
     videos = np.concatenate([g[0] for g in gathered])
     correct1, correct5 = np.concatenate([g[1] for g in gathered]), np.concatenate([g[2] for g in gathered])
     errors = [e for g in gathered for e in g[3]]
-    ok = np.array([not e for e in errors], dtype=bool)
-    if not ok.any():
+    decoded = np.array([not e for e in errors], dtype=bool)
+    if not decoded.any():
         raise SaltUsageError(f"no validation video of {val.root} could be decoded (first: {errors[0]})")
     score = seeded_score(
-        correct1[ok][None].astype(np.float64),
-        correct5[ok][None].astype(np.float64) if train.classes > 5 else None,
-        videos[ok],
+        correct1[decoded][None].astype(np.float64),
+        correct5[decoded][None].astype(np.float64) if train.classes > 5 else None,
+        videos[decoded],
         1 / train.classes,
         settings.seed,
     ).record()
@@ -276,7 +276,7 @@ def _evaluate(setup: Setup, dist: Dist, device: torch.device, started: float) ->
         "classification": {
             "attentive": score,
             "classes": train.classes,
-            "val_videos": int(ok.sum()),
+            "val_videos": int(decoded.sum()),
             "view_averaged": f"{settings.clips} clips x {settings.spatial_views} spatial views",
         },
         "decode_failures": {

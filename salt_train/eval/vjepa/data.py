@@ -112,7 +112,7 @@ def epoch_steps(videos: int, settings: VjepaEvalConfig, epoch: int, rank: int, w
     batch = settings.batch_size
     steps = []
     for start in range(0, videos - batch + 1, batch):
-        share = np.asarray(rank_share(order[start : start + batch], rank, world_size), dtype=np.int64)
+        share = np.asarray(rank_share(order[start : start + batch].tolist(), rank, world_size), dtype=np.int64)
         pieces = -(-len(share) // settings.micro_batch_size)
         steps.append(Step([np.sort(p) for p in np.array_split(share, pieces)], batch))
     return steps
