@@ -216,7 +216,7 @@ class ModelConfig(_Section):
     predictor_width: Count = Field(384, gt=0)
     predictor_depth: Count = Field(12, gt=0)
     predictor_heads: Count = Field(12, gt=0)
-    loss: LossKind = "mse"
+    loss: LossKind = "l1"  # V-JEPA's; kept by measurement (EXPERIMENTS.md, issue 18: mse no better beyond the interval)
     # auto: max-autotune on CUDA, off on CPU (inductor's CPU kernels gain little and compile for minutes).
     compile_mode: Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
     grad_checkpointing: bool = False
