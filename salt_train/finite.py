@@ -8,8 +8,10 @@ with the losses at log time (:class:`salt_train.metrics.HealthWindow`), and the
 skipped steps and their rows are logged (:class:`salt_train.run_checks.SkippedSteps`).
 
 The decision uses the gradient norm only: under DDP it is computed from the
-all-reduced gradients, so every rank skips the same steps (a non-finite loss always
-gives non-finite gradients, so nothing is missed).
+all-reduced gradients, so every rank skips the same steps. A non-finite loss does not
+always give non-finite gradients (L1's are signs), so the step multiplies the loss by a
+factor that is exactly 1.0 when it is finite and NaN when not before its backward
+(:meth:`salt_train.step.Stepper.step`): nothing non-finite is missed.
 """
 
 from __future__ import annotations

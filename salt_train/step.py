@@ -119,7 +119,10 @@ class Stepper:
             attention_context(self.attention),
         ):
             loss = self.forward(views, latents, visible, masked)  # in float32
-        loss.backward()
+        # A non-finite loss must skip the step even where its gradients are finite (L1's are signs): a factor of
+        # exactly 1.0, or NaN, carries it into every gradient and so into the all-reduced norm all ranks decide on.
+        carry_nonfinite = loss.detach() - loss.detach() + 1.0
+        (loss * carry_nonfinite).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
         applied = guarded_step(self.optimizer, grad_norm)  # a non-finite step is skipped on the device
         self.optimizer.zero_grad(set_to_none=True)

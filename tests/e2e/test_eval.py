@@ -734,7 +734,7 @@ def test_two_evaluations_of_one_run_at_once_give_the_figures_each_gives_alone(st
 
 
 def test_an_output_folder_that_cannot_take_the_evaluation_is_one_line(stores: EvalStores, tmp_path: Path) -> None:
-    from tests.test_faults import small_tmpfs
+    from tests.e2e.test_faults import small_tmpfs
 
     def refused(out: Path) -> str:
         result = call_train(
@@ -753,7 +753,7 @@ def test_an_output_folder_that_cannot_take_the_evaluation_is_one_line(stores: Ev
 
 
 def test_a_disk_that_fills_during_the_evaluation_is_one_line_and_keeps_no_scratch(tmp_path: Path) -> None:
-    from tests.test_faults import small_tmpfs
+    from tests.e2e.test_faults import small_tmpfs
 
     from shared.errors import SaltUsageError
 
