@@ -753,11 +753,10 @@ def test_an_output_folder_that_cannot_take_the_evaluation_is_one_line(stores: Ev
 
 
 def test_a_disk_that_fills_during_the_evaluation_is_one_line_and_keeps_no_scratch(tmp_path: Path) -> None:
-    from tests.e2e.test_faults import small_tmpfs
-
     from shared.errors import SaltUsageError
 
     from salt_train.eval.output import scratch
+    from tests.e2e.test_faults import small_tmpfs
 
     with small_tmpfs(tmp_path / "small", "64k") as small:
         with pytest.raises(SaltUsageError, match="could not write under"), scratch(small) as spill:
