@@ -89,7 +89,9 @@ def test_the_objective_equals_the_student_on_normalised_pixels_and_the_loss(demo
             expected = torch.stack(
                 [
                     regression_loss(
-                        stepper.model(pixels, v, m, group=g), normalise_targets(gather_tokens(latents, m)), "mse"
+                        stepper.model(pixels, v, m, group=g),
+                        normalise_targets(gather_tokens(latents, m)),
+                        config.model.loss,
                     )
                     for g, (v, m) in enumerate(zip(visible, masked, strict=False))
                 ]
