@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 COLUMNS = ("pixels", "random_init", "student", "teacher")
 
@@ -33,7 +34,7 @@ def rows(report: dict) -> list[tuple[str, list[str]]]:
 
 
 def main() -> None:
-    reports = [json.load(open(path)) for path in sys.argv[1:]]
+    reports = [json.loads(Path(path).read_text()) for path in sys.argv[1:]]
     print("| figure | " + " | ".join(f"{c} ({k + 1})" for k in range(len(reports)) for c in COLUMNS) + " |")
     print("| --- " * (1 + len(COLUMNS) * len(reports)) + "|")
     tables = [rows(r) for r in reports]
