@@ -32,6 +32,7 @@ from shared.flops import peak_bf16_tflops
 from shared.store import CHECKSUM_ALGORITHM, CHECKSUM_ARRAYS, LatentStore, RowStatus, ShardPayload, create_store
 
 from salt_train.data import check_stream, make_loader, ring_slots, stream_spec
+from salt_train.eval.profile import union_us
 from salt_train.feed import BatchFeed, batch_to_device
 from salt_train.masks import mask_layout
 from salt_train.model import student_flops_per_clip
@@ -188,16 +189,6 @@ def profile_steps(stepper: Stepper, batch: dict, out: Path, steps: int = 4) -> t
     return trace, profile_summary(profiler.events(), stepper.device.type == "cuda", steps)
 
 
-def _union_us(intervals: list[tuple[float, float]]) -> float:
-    """Microseconds covered by the union of ``(start, end)`` intervals."""
-    covered, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            covered += end - max(start, reach)
-            reach = end
-    return covered
-
-
 def profile_summary(events, on_cuda: bool, steps: int) -> dict:
     """The steps' top kernels by device time (CUDA; on CPU the top operators by CPU time) and how busy the
     device was: the union of kernel (CPU: ``aten::`` operator) time over the window of the profiled steps."""
@@ -218,7 +209,7 @@ def profile_summary(events, on_cuda: bool, steps: int) -> dict:
         return {"top": [], "busy_fraction": None, "kernels_per_step_count": None, "window_ms_per_step": None}
     window_start = min(e.time_range.start for e in step_events)
     window_end = max(max(e.time_range.end for e in step_events), max(e.time_range.end for e in work))
-    busy = _union_us([(e.time_range.start, e.time_range.end) for e in work]) / max(1.0, window_end - window_start)
+    busy = union_us([(e.time_range.start, e.time_range.end) for e in work]) / max(1.0, window_end - window_start)
     per_name: dict[str, list[float]] = {}
     for event in work:
         per_name.setdefault(event.name, []).append(total_us(event))

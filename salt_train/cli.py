@@ -233,6 +233,12 @@ def evaluate(
         "epoch: hours on GPUs, figures comparable with published ones; eval.vjepa.*), "
         "into TARGET/eval-vjepa/",
     ),
+    profile: bool = typer.Option(
+        False,
+        "--profile",
+        help="fast protocol: run under torch.profiler and write where the time goes, phase by phase "
+        "(eval/profile.txt, eval.json 'profile', a gzipped chrome trace); slows the evaluation",
+    ),
 ) -> int:
     """Measure an encoder: held-out distillation loss and per-channel R^2 (beside a mean-latent baseline), temporal
     probes (arrow of time, order, continuity; stride and clip retrieval as sanity checks), SSv2 attentive and
@@ -262,6 +268,7 @@ def evaluate(
         overrides=overrides,
         device=device.value if device else None,
         out=out,
+        profile=profile,
     )
     if protocol.value == "vjepa":
         from salt_train.eval.vjepa.command import run_vjepa

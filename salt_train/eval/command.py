@@ -61,6 +61,7 @@ from salt_train.eval.latency import encoder_latency
 from salt_train.eval.output import prepare_output, scratch
 from salt_train.eval.pixels import PixelFeatures
 from salt_train.eval.probes import linear_probe, retrieval_top1
+from salt_train.eval.profile import finish_profile, format_summary, mark_phase, start_profiler
 from salt_train.eval.report import COLUMNS, print_table, write_outputs
 from salt_train.eval.rows import RowSet, check_compatible, class_count, row_set
 from salt_train.eval.temporal import RETRIEVAL_PAIR, RETRIEVAL_SANITY, TASKS, VARIANTS
@@ -86,6 +87,7 @@ class EvalRequest:
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted recipe fields, e.g. eval.train_rows
     device: str | None = None
     out: Path | None = None
+    profile: bool = False  # torch.profiler over the whole evaluation: eval/profile.txt and its trace
 
 
 @dataclass
@@ -295,6 +297,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     )
     phases: dict[str, float] = {}  # wall seconds of each part (eval.json "seconds_by_phase"; make gpu-check reads it)
     mark = _phase_clock(phases, started)
+    profiler = start_profiler(device) if request.profile else None
     mark("setup")
     with scratch(out_dir) as spill:
         # Retrieval pairs halves of validation clips only: the train rows skip the second half.
@@ -404,6 +407,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
             mark("few_frames")
     latency = encoder_latency(subject.encoder, device, settings.latency_repeats)
     mark("latency")
+    profile = finish_profile(profiler, out_dir, device) if profiler is not None else None
 
     report = {
         "format": EVAL_FORMAT,
@@ -444,7 +448,11 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
         "seconds_by_phase": {name: round(seconds, 2) for name, seconds in phases.items()},
     }
+    if profile is not None:
+        report["profile"] = {"by_phase": profile, "trace": str(out_dir / "profile-trace.json.gz")}
     print_table(report)  # first: a failed write below still leaves the figures on screen
+    if profile is not None:
+        print(format_summary(profile, device.type == "cuda"))
     write_outputs(report, out_dir, subject.path / "metrics.jsonl" if subject.kind == "run" else None)
     return report
 
@@ -454,6 +462,7 @@ def _phase_clock(phases: dict[str, float], started: float):
     last = [started]
 
     def mark(name: str) -> None:
+        mark_phase(name)
         now = time.perf_counter()
         phases[name] = now - last[0]
         last[0] = now
