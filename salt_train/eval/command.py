@@ -264,7 +264,9 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     labelled = bool((train_set.labels >= 0).any() and (val_set.labels >= 0).any())
     memory = int(settings.feature_memory_gb * 1e9)
     seeds = [settings.seed + k for k in range(settings.probe_seeds)]
-    widths = {m: models[m].width for m in models} | {"teacher latents": val_store.teacher_width}
+    # Token banks: every encoder's and the store's latents (the teacher's own tokens of the views are those latents).
+    banked = {m: models[m].width for m in models if m != TEACHER}
+    widths = banked | {"teacher latents": val_store.teacher_width}
     spill_bytes = spilled_bytes(len(train_set.rows), widths, memory) + spilled_bytes(len(val_set.rows), widths, memory)
     # The few-frame banks come after the 16-frame ones are released: the larger of the two is the peak.
     few_widths = {m: models[m].width for m in (PIXELS, RANDOM, STUDENT)}
@@ -283,9 +285,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
             f"variants), {int((val_set.labels >= 0).sum())} labelled (held out: no shared clip)",
             "teacher (temporal)": teacher_note,
             "targets": target_norm.describe(),
-            "tokens": describe_bound(len(train_set.rows), {m: models[m].width for m in models}, memory)
-            if labelled
-            else "not kept (no labels)",
+            "tokens": describe_bound(len(train_set.rows), widths, memory) if labelled else "not kept (no labels)",
             "probes": f"{len(seeds)} seeds each ({', '.join(map(str, seeds))}), 95% bootstrap intervals over "
             f"validation rows",
             "few frames": (
@@ -532,6 +532,7 @@ def _classification(
             classes,
             heads,
             settings.probe_pool,
+            int(settings.feature_memory_gb * 1e9),
             seeds,
             attentive,
             settings.seed,

@@ -20,6 +20,7 @@ beyond it: the bound is printed before extraction starts.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,9 @@ class TeacherFeatures:
     name: str
     teacher: Teacher  # imported for the type checker only: transformers is slow to import
     target_norm: TargetNorm = LAYER_NORM
+    # Its tokens of the original views are the store's latents (the build ran this teacher on those very views,
+    # and encode() gives the store's float16): extract() runs it on the transformed variants only.
+    originals_in_store: bool = True
 
     def __post_init__(self) -> None:
         self.width = self.teacher.width
@@ -162,6 +166,25 @@ def pool_tokens(tokens: torch.Tensor, factor: int) -> torch.Tensor:
     return pooled.permute(0, 2, 3, 1).reshape(batch, -1, width)
 
 
+def held_rows(
+    bank: TokenBank, ids: np.ndarray, pool: int, device: torch.device, memory_bytes: int, chunk: int = 64
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """A reader of positions ``ids[k]`` of ``bank``'s rows, pooled ``pool x pool`` (:func:`pool_tokens`), for a
+    probe trained once per seed: pooled once and held on ``device`` (bf16 on CUDA, the probes' autocast
+    dtype; float32 elsewhere, the same numbers as pooling each batch) when that fits ``memory_bytes``, so
+    no epoch of any seed gathers, converts or pools rows again; else read and pooled batch by batch."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokens = bank.data.shape[1] // (pool * pool)
+    width = bank.data.shape[2]
+    if len(ids) * tokens * width * dtype.itemsize > memory_bytes:
+        return lambda k: pool_tokens(bank.read(ids[k], device), pool)
+    held = torch.empty(len(ids), tokens, width, dtype=dtype, device=device)
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        held[start : start + len(part)] = pool_tokens(bank.read(part, device), pool)
+    return lambda k: held[torch.as_tensor(k, device=device)]
+
+
 @dataclass(frozen=True)
 class ExtractionPlan:
     """Which rows of a store to read, and what to compute on them."""
@@ -191,11 +214,14 @@ def extract(
     temporal_index = np.cumsum(plan.temporal) - 1  # row position -> position among temporal rows
     temporal_count = int(plan.temporal.sum())
     slots = geometry.GRID_T if plan.frames is None else len(plan.frames) // geometry.TUBELET_SIZE
+    stored = {name for name, model in models.items() if getattr(model, "originals_in_store", False)}
+    if stored and plan.frames is not None:
+        raise ValueError(f"{sorted(stored)}: the store holds their 16-frame tokens only, not the few-frame ones")
     out: dict[str, Features] = {}
     for name, model in models.items():
         bank = (
             TokenBank(count, model.width, memory_bytes, spill_dir, f"{label}-{name}", slots * geometry.TOKENS_PER_FRAME)
-            if plan.keep_tokens
+            if plan.keep_tokens and name not in stored  # the label probes read the store's latents (with_latents)
             else None
         )
         out[name] = Features(
@@ -211,7 +237,7 @@ def extract(
         )
         latents_features = Features(bank, torch.empty(count, width))
     bar = progress(total=count, description=f"features ({label})", unit="clip")
-    names = ("pixels", "latents") if with_latents else ("pixels",)
+    names = ("pixels", "latents") if with_latents or stored else ("pixels",)
     starts = list(range(0, count, batch_size))
     device = next((d for m in models.values() if (d := getattr(m, "device", None)) is not None), torch.device("cpu"))
     with ThreadPoolExecutor(max_workers=1) as reading:  # the next batch is read while this one runs
@@ -225,29 +251,37 @@ def extract(
             # One upload per batch (of the plan's frames only); the temporal variants are frame gathers on the device.
             pixels = arrays[0] if plan.frames is None else np.ascontiguousarray(arrays[0][:, plan.frames])
             views = torch.from_numpy(pixels).to(device, non_blocking=True)
+            stored_tokens = target_norm.normalise(arrays[1]) if len(arrays) > 1 else None
             if latents_features is not None:
-                tokens = target_norm.normalise(arrays[1])
-                latents_features.mean[start : start + len(ids)] = tokens.mean(1)
+                assert stored_tokens is not None
+                latents_features.mean[start : start + len(ids)] = stored_tokens.mean(1)
                 if latents_features.tokens is not None:
-                    latents_features.tokens.write(start, tokens)
+                    latents_features.tokens.write(start, stored_tokens)
             in_temporal = plan.temporal[start : start + len(ids)]
             where = torch.as_tensor(temporal_index[start : start + len(ids)][in_temporal])
             subset = views[torch.as_tensor(in_temporal, device=device)] if in_temporal.any() else None
+            # Every transformed variant of the temporal rows, stacked: they run as full batches, not one small
+            # forward per variant (a batch with 3 temporal rows and 6 variants is one forward of 18 clips).
+            varied_names = [v for v in plan.variants if v != "original"]
+            varied = (
+                torch.cat([Variant(v).apply(subset, ids[in_temporal]) for v in varied_names])
+                if subset is not None and varied_names
+                else None
+            )
             for name, model in models.items():
                 features = out[name]
-                tokens = model.tokens(views)
+                tokens = stored_tokens if name in stored and stored_tokens is not None else model.tokens(views)
                 features.mean[start : start + len(ids)] = tokens.mean(1).cpu()
                 if features.tokens is not None:
                     features.tokens.write(start, tokens)
                 if subset is None:
                     continue
+                pooled = {"original": slot_pool(tokens[torch.as_tensor(in_temporal, device=tokens.device)])}
+                if varied is not None:
+                    chunks = [slot_pool(model.tokens(part)) for part in varied.split(batch_size)]
+                    pooled.update(zip(varied_names, torch.cat(chunks).split(len(subset)), strict=True))
                 for variant in plan.variants:
-                    varied = (
-                        tokens[torch.as_tensor(in_temporal, device=tokens.device)]
-                        if variant == "original"
-                        else model.tokens(Variant(variant).apply(subset, ids[in_temporal]))
-                    )
-                    features.slots[variant][where] = slot_pool(varied).cpu()
+                    features.slots[variant][where] = pooled[variant].cpu()
             bar.update(len(ids))
     bar.close()
     return out, latents_features

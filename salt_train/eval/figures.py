@@ -15,7 +15,7 @@ import numpy as np
 
 from shared.console import progress
 
-from salt_train.eval.features import Features, pool_tokens
+from salt_train.eval.features import Features, held_rows
 from salt_train.eval.probes import ProbeScore, ProbeSettings, attentive_probe, linear_probe, stack_tasks
 from salt_train.eval.stats import seeded_score
 from salt_train.eval.temporal import TemporalTask
@@ -72,20 +72,23 @@ def attentive_figure(
     classes: int,
     heads: int,
     pool: int,
+    memory_bytes: int,
     seeds: list[int],
     attentive: SettingsFor,
     seed: int,
     label: str = "attentive probe",
 ) -> dict[str, Any]:
-    """The attentive probe on one column's kept tokens (rows ``train_ids`` and ``val_ids`` of its banks)."""
+    """The attentive probe on one column's kept tokens (rows ``train_ids`` and ``val_ids`` of its banks),
+    pooled ``pool x pool``; ``memory_bytes`` bounds the pooled copy held for the seeds."""
     assert train.tokens is not None and val.tokens is not None
     width = train.mean.shape[1]
+    device = attentive(seeds[0]).device
+    # Pooled once for every seed (held on the probe's device where they fit), not gathered per batch per epoch.
+    read_train = held_rows(train.tokens, train_ids, pool, device, memory_bytes)
+    read_val = held_rows(val.tokens, val_ids, pool, device, memory_bytes)
     scores = []
     for probe_seed in progress(total=len(seeds), description=label, unit="seed", iterable=seeds):
         settings = attentive(probe_seed)
-        device = settings.device
-        read_train = lambda ids, d=device: pool_tokens(train.tokens.read(train_ids[ids], d), pool)  # noqa: E731
-        read_val = lambda ids, d=device: pool_tokens(val.tokens.read(val_ids[ids], d), pool)  # noqa: E731
         scores.append(attentive_probe(read_train, train_y, read_val, val_y, width, classes, settings, heads))
     return over_seeds(scores, val_rows, seed)
 

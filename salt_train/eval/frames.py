@@ -174,6 +174,7 @@ def _attentive(
             classes,
             models[name].heads,
             settings.probe_pool,
+            int(settings.feature_memory_gb * 1e9),
             seeds,
             attentive,
             settings.seed,

@@ -169,10 +169,13 @@ def attentive_probe(
     settings: ProbeSettings,
     heads: int,
 ) -> ProbeScore:
-    """V-JEPA's attentive probe on frozen tokens ``[rows, N, width]``, with the encoder's ``heads``."""
+    """V-JEPA's attentive probe on frozen tokens ``[rows, N, width]``, with the encoder's ``heads``; in bf16
+    autocast on CUDA (fp32 weights and optimiser, as V-JEPA's eval), fp32 elsewhere."""
     probe = _seeded(settings.seed, lambda: AttentiveProbe(width, classes, heads))
-    train_classifier(probe, train, train_labels, settings)
-    return score_classifier(probe, val, val_labels, classes, settings.batch_size)
+    device = settings.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        train_classifier(probe, train, train_labels, settings)
+        return score_classifier(probe, val, val_labels, classes, settings.batch_size)
 
 
 def linear_probe(

@@ -220,12 +220,47 @@ def test_eval_of_an_export_and_of_a_store_without_labels(stores: EvalStores, tmp
         "eval.linear_iterations=20",
         "--out",
         tmp_path / "eval",
+        "--profile",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["classification"] == {"skipped": "the validation store has no labels"}
     assert "not_run" in report["heldout"]["student"]  # an export has no predictor
     assert "skipped" in result.stdout
+    # --profile: the same phases as the wall clock's, each with its busy share and top operators
+    phases = report["profile"]["by_phase"]
+    assert list(phases) == list(report["seconds_by_phase"])
+    assert phases["features_train"]["top"] and 0 < phases["features_train"]["busy_fraction"] <= 1
+    assert (tmp_path / "eval" / "profile.txt").read_text().startswith("where the evaluation's time goes")
+    assert (tmp_path / "eval" / "profile-trace.json.gz").stat().st_size > 0
+
+
+def test_temporal_variants_run_batched_give_each_variant_s_own_features(stores: EvalStores, tmp_path: Path) -> None:
+    """extract() stacks every transformed variant of a batch's temporal rows into full batches: the pooled
+    features must be those of one forward per variant."""
+    from shared.teacher import load_teacher
+
+    from salt_train.eval.features import EncoderFeatures, ExtractionPlan, TeacherFeatures, extract, slot_pool
+    from salt_train.student import VideoViT, create_timm_vit
+    from tests.conftest import TINY_STUDENT
+
+    store = LatentStore.open(stores.val)
+    rows = np.arange(5)
+    temporal_rows = np.array([True, False, True, True, False])
+    torch.manual_seed(0)
+    model = EncoderFeatures(
+        "tiny", VideoViT(create_timm_vit("vit_tiny_patch16_224", TINY_STUDENT)), torch.device("cpu")
+    )
+    teacher = TeacherFeatures("teacher", load_teacher(TEACHER, device="cpu", dtype="float32"))
+    plan = ExtractionPlan(rows, temporal_rows, temporal.VARIANTS, keep_tokens=True, seed=0)
+    features, _ = extract(store, plan, {"tiny": model, "teacher": teacher}, 3, 1 << 30, tmp_path, "val")
+    views = torch.from_numpy(np.asarray(store.array("pixels")[: len(rows)])[temporal_rows])
+    for variant in temporal.VARIANTS:
+        for name, source in (("tiny", model), ("teacher", teacher)):
+            alone = slot_pool(source.tokens(temporal.Variant(variant).apply(views, rows[temporal_rows])))
+            # the teacher's original view is read from the store (the build ran it on that view), not run again
+            torch.testing.assert_close(features[name].slots[variant], alone, rtol=1e-4, atol=1e-4)
+    assert features["teacher"].tokens is None  # its label probe reads the store's latents: no second bank
 
 
 def test_few_frame_clips_and_encoders() -> None:
