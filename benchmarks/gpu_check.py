@@ -219,7 +219,11 @@ def read_eval(path: Path) -> Callable[[], dict[str, Any]]:
     def read() -> dict[str, Any]:
         report = json.loads(path.read_text())
         numbers = {"wall_s": report["seconds"]} | {f"{phase}_s": s for phase, s in report["seconds_by_phase"].items()}
-        return {"figures": with_units(numbers), "info": {"device": report["device"]}}
+        # --profile: how busy the device was in each phase, and where that phase's time went
+        by_phase = report.get("profile", {}).get("by_phase", {})
+        numbers |= {f"{phase}_busy_fraction": p["busy_fraction"] for phase, p in by_phase.items()}
+        top = {phase: p["top"][:3] for phase, p in by_phase.items()}
+        return {"figures": with_units(numbers), "info": {"device": report["device"], "top_by_phase": top}}
 
     return read
 
@@ -405,8 +409,11 @@ def plan(size: Sizes, out: Path) -> list[Step]:
         ),
         Step(
             "eval",
-            "the fast eval's wall time and its phases",
-            [py, "-m", "salt_train", "eval", str(run_dir), "--val-cache", str(val_store), "--device", size.device],
+            "the fast eval's wall time and its phases, profiled (device busy share and top kernels per phase)",
+            [
+                *(py, "-m", "salt_train", "eval", str(run_dir), "--val-cache", str(val_store)),
+                *("--device", size.device, "--profile"),
+            ],
             cap(150),
             needs=("eval_run", "eval_store_val"),
             read=read_eval(run_dir / "eval" / "eval.json"),

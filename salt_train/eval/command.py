@@ -61,7 +61,7 @@ from salt_train.eval.latency import encoder_latency
 from salt_train.eval.output import prepare_output, scratch
 from salt_train.eval.pixels import PixelFeatures
 from salt_train.eval.probes import linear_probe, retrieval_top1
-from salt_train.eval.profile import finish_profile, format_summary, mark_phase, start_profiler
+from salt_train.eval.profile import EvalProfiler, format_summary
 from salt_train.eval.report import COLUMNS, print_table, write_outputs
 from salt_train.eval.rows import RowSet, check_compatible, class_count, row_set
 from salt_train.eval.temporal import RETRIEVAL_PAIR, RETRIEVAL_SANITY, TASKS, VARIANTS
@@ -296,8 +296,10 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         },
     )
     phases: dict[str, float] = {}  # wall seconds of each part (eval.json "seconds_by_phase"; make gpu-check reads it)
-    mark = _phase_clock(phases, started)
-    profiler = start_profiler(device) if request.profile else None
+    profiler = EvalProfiler(out_dir, device) if request.profile else None
+    if profiler is not None:
+        profiler.start_phase()
+    mark = _phase_clock(phases, started, profiler)
     mark("setup")
     with scratch(out_dir) as spill:
         # Retrieval pairs halves of validation clips only: the train rows skip the second half.
@@ -407,7 +409,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
             mark("few_frames")
     latency = encoder_latency(subject.encoder, device, settings.latency_repeats)
     mark("latency")
-    profile = finish_profile(profiler, out_dir, device) if profiler is not None else None
+    profile = profiler.finish() if profiler is not None else None
 
     report = {
         "format": EVAL_FORMAT,
@@ -449,7 +451,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         "seconds_by_phase": {name: round(seconds, 2) for name, seconds in phases.items()},
     }
     if profile is not None:
-        report["profile"] = {"by_phase": profile, "trace": str(out_dir / "profile-trace.json.gz")}
+        report["profile"] = {"by_phase": profile, "traces": str(out_dir / "profile-PHASE.json.gz")}
     print_table(report)  # first: a failed write below still leaves the figures on screen
     if profile is not None:
         print(format_summary(profile, device.type == "cuda"))
@@ -457,15 +459,18 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     return report
 
 
-def _phase_clock(phases: dict[str, float], started: float):
-    """``mark(name)``: wall seconds since the previous mark (the first: since ``started``) into ``phases[name]``."""
+def _phase_clock(phases: dict[str, float], started: float, profiler: EvalProfiler | None):
+    """``mark(name)``: wall seconds since the previous mark (the first: since ``started``) into ``phases[name]``;
+    with ``--profile`` it also closes that phase's profiled window and opens the next one's."""
     last = [started]
 
     def mark(name: str) -> None:
-        mark_phase(name)
         now = time.perf_counter()
         phases[name] = now - last[0]
         last[0] = now
+        if profiler is not None:
+            profiler.end_phase(name, phases[name])
+            profiler.start_phase()
 
     return mark
 

@@ -37,6 +37,7 @@ from shared.rows import read_rows
 from shared.store import LatentStore
 
 from salt_train.data import normalised_pixels
+from salt_train.eval.profile import tick
 from salt_train.eval.temporal import Variant
 from salt_train.student import VideoViT
 from salt_train.target_norm import LAYER_NORM, TargetNorm
@@ -283,6 +284,7 @@ def extract(
                 for variant in plan.variants:
                     features.slots[variant][where] = pooled[variant].cpu()
             bar.update(len(ids))
+            tick()
     bar.close()
     return out, latents_features
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from salt_train.eval.profile import tick
+
 # Reads rows ``ids`` (sorted int64) of a feature table as float32 on a device.
 RowReader = Callable[[np.ndarray], Tensor]
 
@@ -121,6 +123,7 @@ def train_classifier(model: nn.Module, read: RowReader, labels: np.ndarray, sett
             loss.backward()
             optimizer.step()
             step += 1
+            tick()
     return model.eval()
 
 
@@ -206,6 +209,7 @@ def linear_probe(
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(probe(train_x), targets) + settings.weight_decay * probe.weight.square().sum()
         loss.backward()
+        tick()
         return loss
 
     optimizer.step(closure)

@@ -1,61 +1,35 @@
 """`salt-train eval --profile`: where the evaluation's time goes, phase by phase.
 
-The whole evaluation runs under ``torch.profiler``; each phase's end is marked by an empty
-profiler range (:func:`mark_phase`), so the trace splits into the same phases as eval.json's
-``seconds_by_phase``. :func:`phase_summary` gives, per phase, its wall time, how busy the compute
-device was (CUDA: the union of kernel time over the phase's window; CPU: the union of ``aten::``
-operators' time, so the rest is Python, numpy and waiting) and its top operators or kernels.
-A device that is busy 20% of a phase says the phase waits on the host, not on arithmetic.
+Each phase of the evaluation (eval.json's ``seconds_by_phase``) is profiled in a window of its own:
+``torch.profiler`` records from the phase's start for at most :data:`WINDOW_STEPS` iterations of its
+loop (extraction batches, probe optimiser steps: each calls :func:`tick`), then stops, so memory
+stays bounded however long the evaluation runs (a whole demo evaluation profiled in one piece is
+tens of millions of CPU events). Per phase it keeps the window's summary: how busy the compute
+device was (CUDA: the union of kernel time over the window; CPU: the union of ``aten::`` operators'
+time, the rest being Python, numpy and waiting) and its top operators or kernels, and writes the
+window's gzipped chrome trace. A device busy 20% of a phase says the phase waits on the host.
 """
 
 from __future__ import annotations
 
 import gzip
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-PHASE_MARK = "salt-eval phase end: "
-PHASE_START = "salt-eval start"
+WINDOW_STEPS = 30  # loop iterations recorded per phase
 TOP = 8  # operators (CPU) or kernels (CUDA) listed per phase
 
-
-def mark_phase(name: str) -> None:
-    """An empty profiler range at the end of phase ``name`` (nothing recorded without a profiler)."""
-    with torch.profiler.record_function(PHASE_MARK + name):
-        pass
+_recording: torch.profiler.profile | None = None  # the phase window being recorded, for tick()
 
 
-def start_profiler(device: torch.device) -> torch.profiler.profile:
-    """A started ``torch.profiler`` (CPU operators, and CUDA kernels on a GPU), its start marked."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    profiler = torch.profiler.profile(activities=activities)
-    profiler.start()
-    with torch.profiler.record_function(PHASE_START):
-        pass
-    return profiler
-
-
-def finish_profile(profiler: torch.profiler.profile, out_dir: Path, device: torch.device) -> dict[str, Any]:
-    """Stop ``profiler``, write its gzipped chrome trace (``out_dir/profile-trace.json.gz``) and
-    ``out_dir/profile.txt``; returns :func:`phase_summary`."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    profiler.stop()
-    on_cuda = device.type == "cuda"
-    summary = phase_summary(profiler.events(), on_cuda)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / "profile-trace.json"
-    profiler.export_chrome_trace(str(raw))
-    with raw.open("rb") as source, gzip.open(out_dir / "profile-trace.json.gz", "wb") as packed:
-        shutil.copyfileobj(source, packed)
-    raw.unlink()
-    (out_dir / "profile.txt").write_text(format_summary(summary, on_cuda) + "\n")
-    return summary
+def tick() -> None:
+    """One iteration of a phase's loop (a no-op unless ``--profile`` is recording)."""
+    if _recording is not None:
+        _recording.step()
 
 
 def union_us(intervals: list[tuple[float, float]]) -> float:
@@ -68,57 +42,107 @@ def union_us(intervals: list[tuple[float, float]]) -> float:
     return covered
 
 
+class EvalProfiler:
+    """Profiles each phase in its own bounded window: :meth:`start_phase`, then :meth:`end_phase`."""
+
+    def __init__(self, out_dir: Path, device: torch.device, steps: int = WINDOW_STEPS) -> None:
+        self.out_dir = out_dir
+        self.device = device
+        self.on_cuda = device.type == "cuda"
+        self.steps = steps
+        self.by_phase: dict[str, dict[str, Any]] = {}
+        self._window: dict[str, Any] = {}
+
+    def start_phase(self) -> None:
+        global _recording
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.on_cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._window = {}
+        with warnings.catch_warnings():  # "no warmup": on purpose, the window is the phase's own start
+            warnings.simplefilter("ignore", UserWarning)
+            window = torch.profiler.schedule(wait=0, warmup=0, active=self.steps, repeat=1)
+        profiler = torch.profiler.profile(activities=activities, schedule=window, on_trace_ready=self._keep)
+        profiler.start()
+        _recording = profiler
+
+    def _keep(self, profiler: torch.profiler.profile) -> None:
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        self._window = {"summary": summarise(profiler.events(), self.on_cuda), "profiler": profiler}
+
+    def end_phase(self, name: str, wall_s: float) -> None:
+        """Close the phase's window (if its loop had fewer iterations than the window), keep its summary
+        beside its whole wall time, and write its trace (``out_dir/profile-NAME.json.gz``)."""
+        global _recording
+        assert _recording is not None, "end_phase without start_phase"
+        _recording.stop()
+        _recording = None
+        summary = self._window.get("summary") or {"busy_fraction": None, "top": [], "window_s": 0.0}
+        self.by_phase[name] = {"wall_s": round(wall_s, 2), **summary}
+        profiler = self._window.get("profiler")
+        if profiler is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            raw = self.out_dir / f"profile-{name}.json"
+            profiler.export_chrome_trace(str(raw))
+            with raw.open("rb") as source, gzip.open(raw.with_suffix(".json.gz"), "wb") as packed:
+                shutil.copyfileobj(source, packed)
+            raw.unlink()
+        self._window = {}
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """Drop the window opened after the last phase; the summaries, also written as ``out_dir/profile.txt``."""
+        global _recording
+        if _recording is not None:
+            _recording.stop()
+            _recording = None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "profile.txt").write_text(format_summary(self.by_phase, self.on_cuda) + "\n")
+        return self.by_phase
+
+
 def _is_work(event: Any, on_cuda: bool) -> bool:
     if on_cuda:
         return event.device_type.name == "CUDA" and not getattr(event, "is_user_annotation", False)
     return event.device_type.name == "CPU" and event.name.startswith("aten::")
 
 
-def phase_summary(events: Any, on_cuda: bool) -> dict[str, dict[str, Any]]:
-    """Per phase (in order): ``wall_s``, ``busy_fraction`` and the ``top`` operators (CPU) or kernels (CUDA)
-    by time, each with its milliseconds, calls and share of the phase's work."""
-    marks = sorted(
-        (e.time_range.start, e.name.removeprefix(PHASE_MARK))
-        for e in events
-        if e.device_type.name == "CPU" and (e.name.startswith(PHASE_MARK) or e.name == PHASE_START)
-    )
-    windows = [(start, end, name) for (start, _), (end, name) in zip(marks, marks[1:], strict=False)]
-    buckets: dict[str, list[Any]] = {name: [] for _, _, name in windows}
-    for event in events:
-        if not _is_work(event, on_cuda):
-            continue
-        for start, end, name in windows:  # a handful of phases: a linear scan is enough
-            if start <= event.time_range.start < end:
-                buckets[name].append(event)
-                break
-    summary: dict[str, dict[str, Any]] = {}
-    for start, end, name in windows:
-        work = buckets[name]
-        wall = max(1.0, end - start)
-        busy = union_us([(e.time_range.start, min(e.time_range.end, end)) for e in work]) / wall
-        per_name: dict[str, list[float]] = {}
-        for event in work:
-            time_us = event.time_range.elapsed_us() if on_cuda else event.self_cpu_time_total
-            per_name.setdefault(event.name, []).append(time_us)
-        total = sum(sum(t) for t in per_name.values()) or 1.0
-        ranked = sorted(per_name.items(), key=lambda item: -sum(item[1]))[:TOP]
-        summary[name] = {
-            "wall_s": round(wall / 1e6, 2),
-            "busy_fraction": round(min(1.0, busy), 3),
-            "top": [
-                {"name": op[:100], "ms": round(sum(t) / 1e3, 1), "calls": len(t), "share": round(sum(t) / total, 3)}
-                for op, t in ranked
-            ],
-        }
-    return summary
+def summarise(events: Any, on_cuda: bool) -> dict[str, Any]:
+    """One window's ``busy_fraction`` (work over the window's span) and ``top`` operators (CPU) or kernels
+    (CUDA) by time, each with its milliseconds, calls and share of the window's work."""
+    spans = [(e.time_range.start, e.time_range.end) for e in events]
+    work = [e for e in events if _is_work(e, on_cuda)]
+    if not spans or not work:
+        return {"busy_fraction": None, "window_s": 0.0, "top": []}
+    window = max(1.0, max(end for _, end in spans) - min(start for start, _ in spans))
+    busy = union_us([(e.time_range.start, e.time_range.end) for e in work]) / window
+    per_name: dict[str, list[float]] = {}
+    for event in work:
+        per_name.setdefault(event.name, []).append(
+            event.time_range.elapsed_us() if on_cuda else event.self_cpu_time_total
+        )
+    total = sum(sum(t) for t in per_name.values()) or 1.0
+    ranked = sorted(per_name.items(), key=lambda item: -sum(item[1]))[:TOP]
+    return {
+        "busy_fraction": round(min(1.0, busy), 3),
+        "window_s": round(window / 1e6, 2),
+        "top": [
+            {"name": op[:100], "ms": round(sum(t) / 1e3, 1), "calls": len(t), "share": round(sum(t) / total, 3)}
+            for op, t in ranked
+        ],
+    }
 
 
-def format_summary(summary: dict[str, dict[str, Any]], on_cuda: bool) -> str:
-    """The summary as text (eval/profile.txt and the console)."""
+def format_summary(by_phase: dict[str, dict[str, Any]], on_cuda: bool) -> str:
+    """The summaries as text (eval/profile.txt and the console)."""
     what = "GPU kernels" if on_cuda else "aten operators"
-    lines = [f"where the evaluation's time goes (busy: {what} over the phase's wall time)"]
-    for name, phase in summary.items():
-        lines.append(f"{name}: {phase['wall_s']:.1f} s, busy {100 * phase['busy_fraction']:.0f}%")
+    lines = [
+        f"where the evaluation's time goes (busy: {what} over the profiled window, the first "
+        f"{WINDOW_STEPS} iterations of each phase's loop)"
+    ]
+    for name, phase in by_phase.items():
+        busy = "-" if phase["busy_fraction"] is None else f"{100 * phase['busy_fraction']:.0f}%"
+        lines.append(f"{name}: {phase['wall_s']:.1f} s, busy {busy} of a {phase['window_s']:.1f} s window")
         lines += [
             f"    {op['share'] * 100:5.1f}%  {op['ms']:10.1f} ms  {op['calls']:8d} calls  {op['name']}"
             for op in phase["top"]

@@ -232,7 +232,7 @@ def test_eval_of_an_export_and_of_a_store_without_labels(stores: EvalStores, tmp
     assert list(phases) == list(report["seconds_by_phase"])
     assert phases["features_train"]["top"] and 0 < phases["features_train"]["busy_fraction"] <= 1
     assert (tmp_path / "eval" / "profile.txt").read_text().startswith("where the evaluation's time goes")
-    assert (tmp_path / "eval" / "profile-trace.json.gz").stat().st_size > 0
+    assert (tmp_path / "eval" / "profile-features_train.json.gz").stat().st_size > 0
 
 
 def test_temporal_variants_run_batched_give_each_variant_s_own_features(stores: EvalStores, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from shared import geometry
 
 from salt_train.eval.features import TokenBank, held_rows, pool_tokens
-from salt_train.eval.profile import PHASE_START, format_summary, mark_phase, phase_summary
+from salt_train.eval.profile import EvalProfiler, tick
 
 
 def _bank(tmp_path: Path, memory_bytes: int) -> TokenBank:
@@ -38,22 +38,25 @@ def test_held_rows_give_the_numbers_of_pooling_each_batch(tmp_path: Path) -> Non
             assert held(batch).shape == (3, geometry.NUM_TOKENS // pool**2, 8)
 
 
-def test_the_profile_splits_real_work_by_phase() -> None:
+def test_the_profile_records_a_bounded_window_of_each_phase(tmp_path: Path) -> None:
     a = torch.randn(256, 256)
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-    profiler.start()
-    with torch.profiler.record_function(PHASE_START):
-        pass
-    for _ in range(20):
+    profiler = EvalProfiler(tmp_path, torch.device("cpu"), steps=5)
+    profiler.start_phase()
+    for _ in range(20):  # a phase's loop: only its first 5 iterations are recorded
         a @ a
-    mark_phase("matmuls")
-    for _ in range(20):
+        tick()
+    profiler.end_phase("matmuls", 1.5)
+    profiler.start_phase()
+    for _ in range(3):  # a phase without ticks is recorded whole
         torch.nn.functional.gelu(a)
-    mark_phase("activations")
-    profiler.stop()
-    summary = phase_summary(profiler.events(), on_cuda=False)
-    assert list(summary) == ["matmuls", "activations"]
-    assert summary["matmuls"]["top"][0]["name"] == "aten::mm" and summary["matmuls"]["top"][0]["calls"] == 20
-    assert summary["activations"]["top"][0]["name"] == "aten::gelu"
-    assert all(0.0 < phase["busy_fraction"] <= 1.0 for phase in summary.values())
-    assert "matmuls" in format_summary(summary, on_cuda=False)
+    profiler.end_phase("activations", 0.5)
+    profiler.start_phase()  # as after the evaluation's last phase: dropped by finish()
+    by_phase = profiler.finish()
+    assert list(by_phase) == ["matmuls", "activations"]
+    assert by_phase["matmuls"]["top"][0]["name"] == "aten::mm" and by_phase["matmuls"]["top"][0]["calls"] == 5
+    assert by_phase["matmuls"]["wall_s"] == 1.5  # the phase's whole wall time, beside its window's
+    assert by_phase["activations"]["top"][0] | {"ms": 0} == {"name": "aten::gelu", "ms": 0, "calls": 3, "share": 1.0}
+    assert all(0.0 < phase["busy_fraction"] <= 1.0 for phase in by_phase.values())
+    assert (tmp_path / "profile-matmuls.json.gz").stat().st_size > 0
+    assert "matmuls: 1.5 s" in (tmp_path / "profile.txt").read_text()
+    tick()  # nothing is recording any more: a no-op
