@@ -12,7 +12,8 @@ project's masks (salt_train/masks.py; multiblock: two groups), per group:
   fixed 3D sin-cos positions, narrow blocks) predicts the 1536 values of every target tubelet;
 - the loss is the MSE against the target tubelets' pixels normalised per patch, as VideoMAE's
   ``norm_pix_loss``: each colour channel of a 2x16x16 tubelet (512 values in [0, 1]) to zero
-  mean and unit (unbiased) standard deviation, + 1e-6 (``teacher_train.norm_pix_loss: false``:
+  mean and unit (unbiased) standard deviation, + ``teacher_train.norm_pix_eps`` (VideoMAE's 1e-6;
+  ``teacher_train.norm_pix_loss: false``:
   the ImageNet-normalised pixels themselves, VideoMAE's other option).
 
 The loss is the mean of the groups' losses, as the student's.
@@ -44,7 +45,7 @@ TEACHER_SIZES = {
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
 }
-NORM_PIX_EPS = 1e-6  # VideoMAE's
+NORM_PIX_EPS = 1e-6  # VideoMAE's (teacher_train.norm_pix_eps)
 
 
 def teacher_config(cfg: TeacherTrainConfig) -> VideoMAEConfig:
@@ -70,10 +71,14 @@ def teacher_config(cfg: TeacherTrainConfig) -> VideoMAEConfig:
 
 
 def pixel_targets(
-    uint8_tubelets: Tensor, norm_pix: bool = True, mean: Tensor | None = None, std: Tensor | None = None
+    uint8_tubelets: Tensor,
+    norm_pix: bool = True,
+    mean: Tensor | None = None,
+    std: Tensor | None = None,
+    eps: float = NORM_PIX_EPS,
 ) -> Tensor:
     """uint8 ``[B, M, 1536]`` tubelets (channel, frame, row, column) -> float32, each channel of each
-    tubelet normalised to zero mean and unit unbiased std over its 512 values (VideoMAE's norm_pix_loss);
+    tubelet normalised to zero mean and unit unbiased std (+ ``eps``) over its 512 values (VideoMAE's norm_pix_loss);
     ``norm_pix`` False: normalised with the per-value ImageNet ``mean`` and ``std`` instead."""
     if not norm_pix:
         assert mean is not None and std is not None  # the ImageNet statistics come with norm_pix False
@@ -82,7 +87,7 @@ def pixel_targets(
     x = uint8_tubelets.float().div(255.0).reshape(batch, tokens, 3, -1)
     mean = x.mean(dim=-1, keepdim=True)
     std = x.var(dim=-1, unbiased=True, keepdim=True).sqrt()
-    return ((x - mean) / (std + NORM_PIX_EPS)).reshape(batch, tokens, TUBELET_FEATURES)
+    return ((x - mean) / (std + eps)).reshape(batch, tokens, TUBELET_FEATURES)
 
 
 class PixelTeacher(nn.Module):
@@ -134,10 +139,11 @@ class PixelObjective(nn.Module):
     """The stage-1 step from what the loader delivers (uint8 views, no latents) to the loss, one module
     for ``torch.compile`` and DDP (its parameters are the teacher's)."""
 
-    def __init__(self, teacher: PixelTeacher, norm_pix: bool = True) -> None:
+    def __init__(self, teacher: PixelTeacher, norm_pix: bool = True, norm_pix_eps: float = NORM_PIX_EPS) -> None:
         super().__init__()
         self.teacher = teacher
         self.norm_pix = norm_pix
+        self.norm_pix_eps = norm_pix_eps
 
     def forward(
         self, views: Tensor, latents: Tensor | None, visible: tuple[Tensor, ...], masked: tuple[Tensor, ...]
@@ -153,6 +159,7 @@ class PixelObjective(nn.Module):
                 self.norm_pix,
                 self.teacher.tubelet_mean,
                 self.teacher.tubelet_std,
+                self.norm_pix_eps,
             )
             losses.append(F.mse_loss(predicted.float(), targets))
         return torch.stack(losses).mean()

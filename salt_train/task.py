@@ -88,7 +88,7 @@ class Task:
         if self.name == "student":
             return None
         assert isinstance(model, PixelTeacher)  # what build_model gave this task
-        return PixelObjective(model, config.teacher_train.norm_pix_loss)
+        return PixelObjective(model, config.teacher_train.norm_pix_loss, config.teacher_train.norm_pix_eps)
 
     def flops(self, config: PipelineConfig, latent_width: int) -> dict[str, float]:
         from salt_train.pixel_teacher import teacher_flops_per_clip
@@ -115,7 +115,7 @@ class Task:
             f"{encoder / 1e6:.1f}M encoder + {decoder / 1e6:.1f}M decoder params",
             "objective": "pixel reconstruction of the target tubelets, "
             + (
-                "normalised per patch (VideoMAE's norm_pix_loss)"
+                f"normalised per patch (VideoMAE's norm_pix_loss, eps {shape.norm_pix_eps:g})"
                 if shape.norm_pix_loss
                 else "ImageNet-normalised pixels (norm_pix_loss: false)"
             )

@@ -260,6 +260,13 @@ class TeacherTrainConfig(ScheduleConfig):
         "(VideoMAE's default), or the ImageNet-normalised pixels (VideoMAE's option; near-flat "
         "synthetic clips, whose per-patch std is mostly codec noise, learn more from these)",
     )
+    norm_pix_eps: float = Field(
+        1e-6,
+        gt=0,
+        le=1,
+        description="added to each tubelet channel's std (pixels in [0, 1]) before dividing, with norm_pix_loss "
+        "(VideoMAE's 1e-6); larger (e.g. 0.05) keeps near-flat tubelets, whose std is codec noise, near zero",
+    )
     decoder_width: Count = Field(384, gt=0, description="the light pixel decoder (VideoMAE's: 384 wide, 4 blocks)")
     decoder_depth: Count = Field(4, gt=0)
     decoder_heads: Count = Field(6, gt=0)

@@ -122,6 +122,13 @@ def test_the_teacher_encoder_is_videomae_on_the_context_tokens() -> None:
     torch.testing.assert_close(targets.std(-1), torch.ones(2, 5, 3), atol=1e-4, rtol=0)
     plain = pixel_targets(view_tubelets(views), False, teacher.tubelet_mean, teacher.tubelet_std)  # norm_pix_loss off
     torch.testing.assert_close(plain, view_tubelets(pixel_values.permute(0, 1, 3, 4, 2).contiguous()))
+    # teacher_train.norm_pix_eps: a flat tubelet with codec-like noise (std ~3/255) is amplified to unit std by
+    # VideoMAE's 1e-6, kept near zero by 0.05; a tubelet with an edge (std ~0.5) is nearly unchanged by either
+    flat = (torch.full((1, 1, 1536), 100.0) + torch.randn(1, 1, 1536) * 3).round().clamp(0, 255).to(torch.uint8)
+    edge = torch.zeros(1, 1, 1536, dtype=torch.uint8)
+    edge[..., ::2] = 255
+    assert pixel_targets(flat).std() > 0.9 and pixel_targets(flat, eps=0.05).std() < 0.3
+    torch.testing.assert_close(pixel_targets(edge, eps=0.05), pixel_targets(edge), rtol=0.1, atol=0.0)
 
 
 def test_the_trained_teacher_builds_a_store_that_verify_deep_matches(
