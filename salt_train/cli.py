@@ -236,8 +236,8 @@ def evaluate(
     profile: bool = typer.Option(
         False,
         "--profile",
-        help="fast protocol: run under torch.profiler and write where the time goes, phase by phase "
-        "(eval/profile.txt, eval.json 'profile', a gzipped chrome trace); slows the evaluation",
+        help="fast protocol: sample it with torch.profiler and write where the time goes, phase by phase "
+        "(eval/profile.txt, eval.json 'profile', a gzipped chrome trace per phase)",
     ),
 ) -> int:
     """Measure an encoder: held-out distillation loss and per-channel R^2 (beside a mean-latent baseline), temporal

@@ -87,7 +87,7 @@ class EvalRequest:
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted recipe fields, e.g. eval.train_rows
     device: str | None = None
     out: Path | None = None
-    profile: bool = False  # torch.profiler over the whole evaluation: eval/profile.txt and its trace
+    profile: bool = False  # torch.profiler samples of each phase: eval/profile.txt and a trace per phase
 
 
 @dataclass

@@ -3,6 +3,7 @@ and the profile that splits an evaluation's time by phase."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,25 +39,30 @@ def test_held_rows_give_the_numbers_of_pooling_each_batch(tmp_path: Path) -> Non
             assert held(batch).shape == (3, geometry.NUM_TOKENS // pool**2, 8)
 
 
-def test_the_profile_records_a_bounded_window_of_each_phase(tmp_path: Path) -> None:
+def test_the_profile_samples_each_phase_in_windows(tmp_path: Path) -> None:
     a = torch.randn(256, 256)
-    profiler = EvalProfiler(tmp_path, torch.device("cpu"), steps=5)
+    profiler = EvalProfiler(tmp_path, torch.device("cpu"), window_s=0.05, rest_s=0.05)
     profiler.start_phase()
-    for _ in range(20):  # a phase's loop: only its first 5 iterations are recorded
+    ended = time.perf_counter() + 0.6
+    matmuls = 0
+    while time.perf_counter() < ended:  # a phase's loop: windows of 0.05 s every 0.1 s are recorded
         a @ a
+        matmuls += 1
         tick()
-    profiler.end_phase("matmuls", 1.5)
+    profiler.end_phase("matmuls", 0.6)
     profiler.start_phase()
-    for _ in range(3):  # a phase without ticks is recorded whole
+    for _ in range(3):  # a short phase without ticks is one window, recorded whole
         torch.nn.functional.gelu(a)
-    profiler.end_phase("activations", 0.5)
+    profiler.end_phase("activations", 0.01)
     profiler.start_phase()  # as after the evaluation's last phase: dropped by finish()
     by_phase = profiler.finish()
     assert list(by_phase) == ["matmuls", "activations"]
-    assert by_phase["matmuls"]["top"][0]["name"] == "aten::mm" and by_phase["matmuls"]["top"][0]["calls"] == 5
-    assert by_phase["matmuls"]["wall_s"] == 1.5  # the phase's whole wall time, beside its window's
+    sampled = by_phase["matmuls"]
+    assert sampled["windows"] >= 3 and sampled["top"][0]["name"] == "aten::mm"
+    assert 0 < sampled["top"][0]["calls"] < matmuls  # sampled, not every call
+    assert sampled["wall_s"] == 0.6  # the phase's whole wall time, beside its sampled seconds
     assert by_phase["activations"]["top"][0] | {"ms": 0} == {"name": "aten::gelu", "ms": 0, "calls": 3, "share": 1.0}
     assert all(0.0 < phase["busy_fraction"] <= 1.0 for phase in by_phase.values())
     assert (tmp_path / "profile-matmuls.json.gz").stat().st_size > 0
-    assert "matmuls: 1.5 s" in (tmp_path / "profile.txt").read_text()
-    tick()  # nothing is recording any more: a no-op
+    assert "matmuls: 0.6 s" in (tmp_path / "profile.txt").read_text()
+    tick()  # nothing is profiled any more: a no-op
