@@ -65,6 +65,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> EvalStores:
         eval__temporal_rows=12,
         eval__batch_size=8,
         eval__probe_epochs=3,
+        eval__probe_pool=2,  # 2x2 pooled tokens before the attentive probe, as the demo: 4x cheaper on a CPU
         eval__linear_iterations=50,
     )
     run = root / "runs" / "tiny"
@@ -557,6 +558,7 @@ def test_pixels_cannot_pass_the_temporal_probes_but_solve_the_old_ones(pixel_sto
 def test_label_probes_on_shuffled_labels_sit_at_chance(stores: EvalStores) -> None:
     """Labels shuffled: every label probe, the pixels column included, has chance inside its interval."""
     from salt_train.eval.command import over_seeds
+    from salt_train.eval.features import pool_tokens
     from salt_train.eval.pixels import HEADS, pixel_tokens
 
     rng = np.random.default_rng(5)
@@ -568,9 +570,9 @@ def test_label_probes_on_shuffled_labels_sit_at_chance(stores: EvalStores) -> No
         from shared.rows import read_rows
 
         (views,) = read_rows(store, rows, ("pixels",))
-        features[split] = {
-            "teacher": latents,
-            "pixels": pixel_tokens(torch.from_numpy(views)),
+        features[split] = {  # tokens pooled 2x2 as the demo's eval.probe_pool: 4x cheaper
+            "teacher": pool_tokens(latents, 2),
+            "pixels": pool_tokens(pixel_tokens(torch.from_numpy(views)), 2),
             "labels": rng.permutation(labels),
             "rows": rows,
         }
