@@ -31,8 +31,8 @@ from shared.distributed import Dist
 from shared.flops import peak_bf16_tflops
 from shared.store import CHECKSUM_ALGORITHM, CHECKSUM_ARRAYS, LatentStore, RowStatus, ShardPayload, create_store
 
+from salt_train.busy_time import union_us
 from salt_train.data import check_stream, make_loader, ring_slots, stream_spec
-from salt_train.eval.profile import union_us
 from salt_train.feed import BatchFeed, batch_to_device
 from salt_train.masks import mask_layout
 from salt_train.model import student_flops_per_clip

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from salt_train.busy_time import union_us
+
 WINDOW_S = 2.0  # seconds recorded per window
 REST_S = 6.0  # seconds between windows (a quarter of a long phase is sampled)
 TOP = 8  # operators (CPU) or kernels (CUDA) listed per phase
@@ -34,16 +36,6 @@ def tick() -> None:
     ``--profile``)."""
     if _active is not None:
         _active.tick()
-
-
-def union_us(intervals: list[tuple[float, float]]) -> float:
-    """Microseconds covered by the union of ``(start, end)`` intervals."""
-    covered, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            covered += end - max(start, reach)
-            reach = end
-    return covered
 
 
 class _Phase:
