@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import REPO, Build, call_cli, call_train, copy_store, train_pipeline
+from conftest import FORKSERVER, REPO, Build, call_cli, call_train, copy_store, train_pipeline
 from safetensors.torch import load_file
 
 from shared.store import RowStatus, row_checksum
@@ -34,7 +34,6 @@ from shared.store import RowStatus, row_checksum
 from salt_train.preflight import process_tree
 
 KILLS = int(os.environ.get("SALT_FAULT_KILLS", "1"))
-FORKSERVER = {"loader__num_workers": 2, "loader__multiprocessing_context": "forkserver"}
 
 
 # ---- watching a process tree from outside -----------------------------------------------------
@@ -113,6 +112,38 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
         assert proc.poll() is None, f"ended (rc {proc.returncode}) early: {proc.stderr.read()[-2000:]}"
         assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
         time.sleep(0.05)
+
+
+def start_long_run(store: Path, tmp_path: Path, session: bool = False) -> tuple[subprocess.Popen, Path]:
+    """A 400-step run on two forkserver loader workers, started and past its first logged step (to be stopped
+    from outside); returns the process and its run folder."""
+    pipeline = train_pipeline(
+        tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000, train__log_every=1, **FORKSERVER
+    )
+    run_dir = tmp_path / "run"
+    proc = start(
+        "salt_train",
+        "run",
+        "--cache",
+        store,
+        "--pipeline",
+        pipeline,
+        "--run-dir",
+        run_dir,
+        tmpdir=tmp_path / "tmp",
+        session=session,
+    )
+    wait_for(run_dir / "metrics.jsonl", proc)
+    return proc, run_dir
+
+
+def forkserver_pid(proc: subprocess.Popen) -> int:
+    """The forkserver process under ``proc`` that started its loader workers."""
+    return next(
+        pid
+        for pid in process_tree(proc.pid)[1:]
+        if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text() and process_tree(pid)[1:]
+    )
 
 
 def latest_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -221,23 +252,7 @@ def test_kill_9_of_a_build_leaves_nothing_and_the_rerun_is_identical(
 
 
 def test_ctrl_c_to_the_process_group_checkpoints_and_resumes(demo_reference: Build, tmp_path: Path) -> None:
-    pipeline = train_pipeline(
-        tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000, train__log_every=1, **FORKSERVER
-    )
-    run_dir = tmp_path / "run"
-    proc = start(
-        "salt_train",
-        "run",
-        "--cache",
-        demo_reference.store,
-        "--pipeline",
-        pipeline,
-        "--run-dir",
-        run_dir,
-        tmpdir=tmp_path / "tmp",
-        session=True,
-    )
-    wait_for(run_dir / "metrics.jsonl", proc)
+    proc, run_dir = start_long_run(demo_reference.store, tmp_path, session=True)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the job
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
@@ -276,28 +291,8 @@ def test_sigterm_exits_143_with_a_checkpoint(demo_reference: Build, tmp_path: Pa
 
 
 def test_a_dead_loader_worker_stops_training_with_a_checkpoint(demo_reference: Build, tmp_path: Path) -> None:
-    pipeline = train_pipeline(
-        tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000, train__log_every=1, **FORKSERVER
-    )
-    run_dir = tmp_path / "run"
-    proc = start(
-        "salt_train",
-        "run",
-        "--cache",
-        demo_reference.store,
-        "--pipeline",
-        pipeline,
-        "--run-dir",
-        run_dir,
-        tmpdir=tmp_path / "tmp",
-    )
-    wait_for(run_dir / "metrics.jsonl", proc)
-    forkserver = [
-        pid
-        for pid in process_tree(proc.pid)[1:]
-        if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text() and process_tree(pid)[1:]
-    ]
-    worker = process_tree(forkserver[0])[1]
+    proc, run_dir = start_long_run(demo_reference.store, tmp_path)
+    worker = process_tree(forkserver_pid(proc))[1]
     os.kill(worker, signal.SIGKILL)  # what the OOM killer does
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr[-3000:]

@@ -20,14 +20,23 @@ import pytest
 import torch
 import yaml
 import zarr
-from conftest import REPO, Build, call_cli, call_train, copy_store, train_pipeline
-from test_faults import _alive, _flip, _shard_file, latest_weights, one_error_line, start, wait_for
+from conftest import FORKSERVER, REPO, Build, call_cli, call_train, copy_store, train_pipeline
+from test_faults import (
+    _alive,
+    _flip,
+    _shard_file,
+    forkserver_pid,
+    latest_weights,
+    one_error_line,
+    start,
+    start_long_run,
+    wait_for,
+)
 from xfs_mount import xfs_dir  # noqa: F401  (the fixture)
 
 from salt_train.preflight import process_tree
 from salt_train.workers import STOP_BOUND_S
 
-FORKSERVER = {"train_loader__num_workers": 2, "train_loader__multiprocessing_context": "forkserver"}
 STEPS = 40  # more than the stopped run can take: the SIGSTOP lands after its first step
 
 
@@ -46,10 +55,7 @@ def straight(demo_reference: Build, tmp_path_factory: pytest.TempPathFactory) ->
 def _stop_the_workers(proc: subprocess.Popen) -> tuple[list[int], list[int]]:
     """SIGSTOP both loader workers (as a read hung on NFS looks); returns them and the whole tree."""
     tree = process_tree(proc.pid)
-    forkserver = [
-        pid for pid in tree[1:] if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text() and process_tree(pid)[1:]
-    ]
-    workers = process_tree(forkserver[0])[1:]
+    workers = process_tree(forkserver_pid(proc))[1:]
     assert len(workers) == 2, (tree, workers)
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)
@@ -369,27 +375,9 @@ def test_a_resume_takes_a_set_that_fixes_a_wrong_val_cache(
 
 
 def test_kill_9_of_the_forkserver_is_one_line_without_a_traceback(demo_reference: Build, tmp_path: Path) -> None:
-    pipeline = train_pipeline(
-        tmp_path / "train.yaml", train__max_steps=400, train__checkpoint_every=1000, train__log_every=1, **FORKSERVER
-    )
-    run_dir = tmp_path / "run"
-    proc = start(
-        "salt_train",
-        "run",
-        "--cache",
-        demo_reference.store,
-        "--pipeline",
-        pipeline,
-        "--run-dir",
-        run_dir,
-        tmpdir=tmp_path / "tmp",
-    )
-    wait_for(run_dir / "metrics.jsonl", proc)
+    proc, _ = start_long_run(demo_reference.store, tmp_path)
     tree = process_tree(proc.pid)
-    forkserver = [
-        pid for pid in tree[1:] if "forkserver" in Path(f"/proc/{pid}/cmdline").read_text() and process_tree(pid)[1:]
-    ]
-    os.kill(forkserver[0], signal.SIGKILL)
+    os.kill(forkserver_pid(proc), signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr[-3000:]
     assert "a loader worker died" in one_error_line(stderr)  # and no traceback at all (one_error_line)
