@@ -144,7 +144,8 @@ class EvalProfiler:
             self._recording = None
         _active = None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "profile.txt").write_text(format_summary(self.by_phase, self.on_cuda) + "\n")
+        summary = format_summary(self.by_phase, self.on_cuda, self.window_s, self.rest_s)
+        (self.out_dir / "profile.txt").write_text(summary + "\n")
         return self.by_phase
 
 
@@ -154,12 +155,14 @@ def _is_work(event: Any, on_cuda: bool) -> bool:
     return event.device_type.name == "CPU" and event.name.startswith("aten::")
 
 
-def format_summary(by_phase: dict[str, dict[str, Any]], on_cuda: bool) -> str:
+def format_summary(
+    by_phase: dict[str, dict[str, Any]], on_cuda: bool, window_s: float = WINDOW_S, rest_s: float = REST_S
+) -> str:
     """The summaries as text (eval/profile.txt and the console)."""
     what = "GPU kernels" if on_cuda else "aten operators"
     lines = [
-        f"where the evaluation's time goes (busy: {what} over the sampled windows, {WINDOW_S:g} s every "
-        f"{WINDOW_S + REST_S:g} s of each phase)"
+        f"where the evaluation's time goes (busy: {what} over the sampled windows, {window_s:g} s every "
+        f"{window_s + rest_s:g} s of each phase)"
     ]
     for name, phase in by_phase.items():
         busy = "-" if phase["busy_fraction"] is None else f"{100 * phase['busy_fraction']:.0f}%"

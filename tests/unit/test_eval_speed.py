@@ -43,11 +43,12 @@ def test_the_profile_samples_each_phase_in_windows(tmp_path: Path) -> None:
     a = torch.randn(256, 256)
     profiler = EvalProfiler(tmp_path, torch.device("cpu"), window_s=0.05, rest_s=0.05)
     profiler.start_phase()
-    ended = time.perf_counter() + 0.6
-    matmuls = 0
-    while time.perf_counter() < ended:  # a phase's loop: windows of 0.05 s every 0.1 s are recorded
+    # A phase's loop: each iteration lasts at least 0.03 s, so every window (0.05 s) and every rest between them
+    # ends within two iterations whatever the machine's load: 20 iterations hold at least 5 windows.
+    matmuls = 20
+    for _ in range(matmuls):
         a @ a
-        matmuls += 1
+        time.sleep(0.03)
         tick()
     profiler.end_phase("matmuls", 0.6)
     profiler.start_phase()
